@@ -1,0 +1,86 @@
+"""Base config: every key, with a comment. Other config files import it and override.
+
+Run: python -m launch.train --config=configs/base.py --workdir=/tmp/flare_base
+"""
+import ml_collections as mlc
+
+from flare_jax import sharding
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  del arg
+  c = mlc.ConfigDict()
+
+  # --- model: shapes come from `variant` (flare_jax.model.config.VARIANTS) or from `init_from`. ---
+  c.model = mlc.ConfigDict()
+  c.model.variant = 'tiny'  # VARIANTS key; ignored when init_from names a converted checkpoint
+  c.model.dtype = 'bfloat16'  # compute dtype (params stay in param_dtype)
+  c.model.param_dtype = 'float32'  # master weights
+  c.model.remat = 'none'  # 'none' | 'block': rematerialise each decoder block in the backward
+  c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
+  c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule
+  c.model.attn_q_tile = 512  # query tile of the XLA attention path
+
+  # --- kernels: implementation per op; 'auto' picks the best for the backend. ---
+  c.kernels = mlc.ConfigDict()
+  c.kernels.gdn = 'auto'  # 'auto' | 'xla' | 'pallas' | 'triton'
+  c.kernels.attn = 'auto'  # 'auto' | 'xla'
+
+  # --- objective ---
+  c.objective = mlc.ConfigDict()
+  c.objective.name = 'flare'  # 'flare' (two-stream) | 'ar' (plain SFT, the cheap data-screening proxy)
+  c.objective.block_size = 4  # B: targets per noisy block (1..32)
+  c.objective.num_views = 2  # V: noisy views (1 or 2; 2 = complementary masks)
+  c.objective.logit_shift = True  # noisy slot p predicts token p+1, like the AR stream
+  c.objective.noise = 'uniform'  # 'uniform' | 'all_masked' | 'position_dependent'
+  c.objective.noise_eps = 1e-3  # t ~ U(eps, 1]
+  c.objective.gdn_schedule = 'lean'  # 'lean' (per-chunk states) | 'simple' (every boundary state)
+
+  # --- data (flare_jax.data.pipeline) ---
+  c.data = mlc.ConfigDict()
+  c.data.source = 'arithmetic'  # 'jsonl' | 'array_record' | 'stdlib' | 'arithmetic'
+  c.data.paths = ''  # comma-separated files for jsonl / array_record
+  c.data.tokenizer = 'byte'  # 'byte' | a directory with tokenizer.json ('' = the init checkpoint's)
+  c.data.seq_len = 128  # packed row length T
+  c.data.batch_size = 8  # global batch (rows per optimizer step, before accumulation split)
+  c.data.seed = 0  # shuffle seed
+  c.data.num_epochs = -1  # -1: repeat forever
+  c.data.on_malformed = 'skip'  # 'skip' (count and report with line numbers) | 'error'
+  c.data.long_docs = 'split'  # documents longer than seq_len: 'split' | 'truncate' | 'drop'
+  c.data.worker_count = 0  # grain worker processes (0 = in-process)
+  c.data.num_examples = 20000  # size of the generated 'arithmetic' source
+
+  # --- optimizer: AdamW, linear warmup then cosine decay ---
+  c.optim = mlc.ConfigDict()
+  c.optim.lr = 3e-4  # peak learning rate
+  c.optim.warmup_steps = 100  # linear warmup from 0
+  c.optim.min_lr_ratio = 0.1  # cosine floor as a fraction of lr
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # decoupled; not applied to norms, biases-like vectors or embeddings' scale
+  c.optim.grad_clip = 1.0  # global-norm clipping (<= 0 disables)
+  c.optim.grad_accum = 1  # micro-batches per step (batch_size must divide)
+
+  # --- training loop ---
+  c.train = mlc.ConfigDict()
+  c.train.num_steps = 1000  # optimizer steps
+  c.train.log_every = 10  # progress line + metrics every N steps
+  c.train.seed = 0  # params init / noise RNG
+  c.train.peak_flops = -1.0  # per-device peak FLOP/s for MFU; -1 = guess from the device kind
+
+  # --- mesh and sharding: strategy is picked by the mesh shape alone (size-1 axes are free). ---
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = sharding.DEFAULT_RULES  # logical axis -> mesh axis table (one source of truth)
+
+  # --- checkpoints ---
+  c.ckpt = mlc.ConfigDict()
+  c.ckpt.every = 200  # save every N steps (and at the end)
+  c.ckpt.keep = 3  # keep the N newest
+  c.ckpt.async_save = True  # orbax async checkpointing
+
+  c.init_from = ''  # '' = from scratch; else a converted checkpoint dir (python -m launch.convert_hf)
+  return c

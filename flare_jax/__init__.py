@@ -1,0 +1,1 @@
+"""flare-jax: FLARE (hybrid AR -> diffusion LM conversion) in JAX/Flax."""

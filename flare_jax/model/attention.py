@@ -1,0 +1,82 @@
+"""Gated softmax attention of Qwen3.5 (q/k RMSNorm, partial RoPE, sigmoid output gate, GQA)."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import config as config_lib
+from flare_jax.model import layers
+from pallas_kernels import attention as attn_ops
+
+
+class Attention(nnx.Module):
+  """Gated GQA attention.
+
+  Step A  qg = x Wq, viewed [B, T, Hq, 2, D]: per head [query | gate] (HF's interleaved layout).
+  Step B  q = RMSNorm(q), k = RMSNorm(x Wk), v = x Wv; partial rotate-half RoPE on the first
+          `rotary_dim` dims of q and k.
+  Step C  o = softmax(q k^T / sqrt(D) + visibility mask) v, with query head h using kv head h // (Hq/Hkv).
+  Step D  y = (o * sigmoid(gate)) Wo.
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, hq, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.q_proj = layers.Dense(d, 2 * hq * hd, (shd.EMBED, shd.HEADS), **kw)
+    self.k_proj = layers.Dense(d, hkv * hd, (shd.EMBED, shd.KV_HEADS), **kw)
+    self.v_proj = layers.Dense(d, hkv * hd, (shd.EMBED, shd.KV_HEADS), **kw)
+    self.o_proj = layers.Dense(hq * hd, d, (shd.HEADS, shd.EMBED), **kw)
+    self.q_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.k_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+
+  def project(self, x: jax.Array, positions: jax.Array):
+    """Returns q [B,T,Hq,D], k, v [B,T,Hkv,D] (normed and rotated) and gate [B,T,Hq*D]."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    qg = self.q_proj(x).reshape(b, t, hq, 2, hd)
+    q, gate = qg[:, :, :, 0], qg[:, :, :, 1].reshape(b, t, hq * hd)
+    q = self.q_norm(q)
+    k = self.k_norm(self.k_proj(x).reshape(b, t, hkv, hd))
+    v = self.v_proj(x).reshape(b, t, hkv, hd)
+    rope = dict(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
+    q = layers.apply_partial_rope(q, positions, **rope)
+    k = layers.apply_partial_rope(k, positions, **rope)
+    return q, k, v, gate
+
+  def output(self, o: jax.Array, gate: jax.Array) -> jax.Array:
+    b, t = o.shape[:2]
+    o = o.reshape(b, t, -1)
+    o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(o.dtype)
+    return self.o_proj(o)
+
+  def __call__(self, x: jax.Array, meta: attn_ops.TokenMeta, *,
+               cache: cache_lib.KVCache | None = None):
+    """Attention over the sequence itself, or (with `cache`) over the cache after writing x's keys.
+
+    Args:
+      x: [B, T, D].
+      meta: per-token metadata [B, T]. With a cache, tokens must be clean and consecutive: row b's
+        keys are written to slots meta.positions[b, 0] ... + T - 1.
+      cache: optional KVCache [B, S, Hkv, D].
+
+    Returns:
+      (y [B, T, D], updated cache or None).
+    """
+    q, k, v, gate = self.project(x, meta.positions)
+    q = shd.shard(q, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_HEADS, None))
+    impl = dict(implementation=self.cfg.attn_impl, q_tile=self.cfg.attn_q_tile)
+    if cache is None:
+      o = attn_ops.attention(q, k, v, meta, meta, **impl)
+      return self.output(o, gate), None
+    start = meta.positions[:, 0]
+    new_cache = cache_lib.KVCache(cache_lib.write_rows(cache.k, k, start),
+                                  cache_lib.write_rows(cache.v, v, start))
+    s = cache.k.shape[1]
+    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (x.shape[0], s))
+    key_meta = attn_ops.clean_meta(jnp.zeros_like(slots), slots)
+    query_meta = attn_ops.clean_meta(jnp.zeros_like(meta.positions), meta.positions)
+    o = attn_ops.attention(q, new_cache.k, new_cache.v, query_meta, key_meta, **impl)
+    return self.output(o, gate), new_cache

@@ -1,0 +1,40 @@
+"""Pre-norm decoder block: mixer (GDN or attention) + SwiGLU MLP, each with a residual."""
+import jax
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.model import attention
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import config as config_lib
+from flare_jax.model import gated_deltanet
+from flare_jax.model import layers
+from pallas_kernels.attention import mask as mask_lib
+
+
+class Block(nnx.Module):
+  """h = h + mixer(norm(h)); h = h + mlp(norm(h)). The mixer is GDN ('linear_attention') or attention."""
+
+  def __init__(self, cfg: config_lib.ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    self.layer_type = layer_type
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                          param_dtype=cfg.param_dtype)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps,
+                                                   param_dtype=cfg.param_dtype)
+    if layer_type == config_lib.FULL:
+      self.self_attn = attention.Attention(cfg, rngs=rngs)
+    else:
+      self.linear_attn = gated_deltanet.GatedDeltaNet(cfg, rngs=rngs)
+    self.mlp = layers.MLP(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.dtype,
+                          param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
+               cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None):
+    """Returns (h [B, T, D], updated layer cache or None)."""
+    x = self.input_layernorm(h)
+    if self.layer_type == config_lib.FULL:
+      x, cache = self.self_attn(x, meta, cache=cache)
+    else:
+      x, cache = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid)
+    h = h + x
+    h = h + self.mlp(self.post_attention_layernorm(h))
+    return shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache

@@ -1,0 +1,51 @@
+"""Decode caches: KV cache for softmax layers, conv window + recurrent state for GDN layers.
+
+Slot j of a KV cache holds the key/value of position j, so a key's position is its slot index and
+stale slots past a row's length are masked by causality alone.
+"""
+import flax
+import jax
+import jax.numpy as jnp
+
+from flare_jax.model import config as config_lib
+
+
+@flax.struct.dataclass
+class KVCache:
+  """k, v: [B, S, Hkv, D] in the compute dtype."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+@flax.struct.dataclass
+class GDNState:
+  """conv: [B, Kc-1, C] last pre-conv q|k|v inputs; recurrent: [B, HV, K, V] fp32."""
+
+  conv: jax.Array
+  recurrent: jax.Array
+
+
+LayerCache = KVCache | GDNState
+
+
+def init_cache(cfg: config_lib.ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
+  """An empty cache: zeros everywhere (a zero GDN state is the state before any token)."""
+  dtype = jnp.dtype(cfg.dtype)
+  layers = []
+  for layer_type in cfg.layer_types:
+    if layer_type == config_lib.FULL:
+      shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+      layers.append(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
+    else:
+      layers.append(GDNState(
+          conv=jnp.zeros((batch, cfg.linear_conv_kernel_dim - 1, cfg.linear_conv_dim), dtype),
+          recurrent=jnp.zeros((batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                               cfg.linear_value_head_dim), jnp.float32)))
+  return tuple(layers)
+
+
+def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """Writes new [B, T, ...] into buf [B, S, ...] at per-row offsets start [B]."""
+  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(
+      buf, new.astype(buf.dtype), start)

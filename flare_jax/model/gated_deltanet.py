@@ -1,0 +1,156 @@
+"""Gated DeltaNet mixer of Qwen3.5 (the "linear_attention" layers)."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import config as config_lib
+from flare_jax.model import layers
+from pallas_kernels import gated_delta_rule as gdr
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x * rsqrt(sum(x^2) + eps) over the last axis, fp32 (HF's l2norm; eps inside the sqrt)."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, window: jax.Array | None = None):
+  """Depthwise causal conv that never reads across a document boundary.
+
+  out[t, c] = sum_j w[j, c] * x[t - (Kc-1) + j, c], taking only inputs of t's segment; positions before
+  the sequence come from `window` (the previous Kc-1 inputs) and count as t's segment iff no document
+  starts between the sequence start and t.
+
+  Args:
+    x: [B, T, C] pre-conv inputs.
+    w: [Kc, C] taps; w[Kc-1] multiplies the current token (HF conv1d.weight[c, 0, j] = w[j, c]).
+    segment_ids: [B, T].
+    window: [B, Kc-1, C] or None (zeros).
+
+  Returns:
+    (out [B, T, C] in fp32, padded inputs [B, Kc-1+T, C]).
+  """
+  b, t, c = x.shape
+  kc = w.shape[0]
+  if window is None:
+    window = jnp.zeros((b, kc - 1, c), x.dtype)
+  xpad = jnp.concatenate([window.astype(x.dtype), x], axis=1)
+  seg_pad = jnp.concatenate([jnp.repeat(segment_ids[:, :1], kc - 1, axis=1), segment_ids], axis=1)
+  out = jnp.zeros((b, t, c), jnp.float32)
+  for j in range(kc):
+    same = (seg_pad[:, j:j + t] == segment_ids)[..., None]
+    tap = jnp.where(same, xpad[:, j:j + t].astype(jnp.float32), 0.0)
+    out = out + tap * w[j].astype(jnp.float32)
+  return out, xpad
+
+
+def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
+  """The Kc-1 inputs ending at each row's last valid token: xpad[b, n_valid[b] : n_valid[b]+Kc-1]."""
+  return jax.vmap(lambda xp, n: jax.lax.dynamic_slice_in_dim(xp, n, kc - 1, axis=0))(xpad, n_valid)
+
+
+class GatedDeltaNet(nnx.Module):
+  """Gated DeltaNet with grouped value heads (NV = r * NK).
+
+  Step A  qkv = x W_qkv ([q: NK*DK | k: NK*DK | v: NV*DV]), z = x W_z, b = x W_b, a = x W_a.
+  Step B  qkv = silu(causal depthwise conv(qkv)) (kernel Kc, no bias, no reads across documents).
+  Step C  beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias) (log decay, fp32);
+          q, k = l2norm(q), l2norm(k); value head h uses key head h // r.
+  Step D  per value head, S <- exp(g) S; S <- S + beta k (v - S^T k)^T; o = S^T q / sqrt(DK)
+          (chunked gated delta rule, fp32 state, reset at document starts).
+  Step E  y = (w * rmsnorm(o) * silu(z)) per value head, then out = y W_out.
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.hidden_size
+    nv, dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+    self.in_proj_qkv = layers.Dense(d, cfg.linear_conv_dim, (shd.EMBED, shd.GDN_PROJ), **kw)
+    self.in_proj_z = layers.Dense(d, nv * dv, (shd.EMBED, shd.HEADS), **kw)
+    self.in_proj_b = layers.Dense(d, nv, (shd.EMBED, shd.GDN_HEADS), **kw)
+    self.in_proj_a = layers.Dense(d, nv, (shd.EMBED, shd.GDN_HEADS), **kw)
+    self.out_proj = layers.Dense(nv * dv, d, (shd.HEADS, shd.EMBED), **kw)
+    pdt = layers.dtype_of(cfg.param_dtype)
+    conv_init = shd.param_init(nnx.initializers.normal(0.2), (shd.CONV, shd.GDN_PROJ))
+    self.conv_weight = nnx.Param(
+        conv_init(rngs.params(), (cfg.linear_conv_kernel_dim, cfg.linear_conv_dim), pdt))
+    # HF init: A ~ U(0, 16) -> A_log = log(A); dt_bias = ones. Kept fp32 (checkpoints store A_log fp32).
+    a_init = shd.param_init(
+        lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1e-2, 16.0)),
+        (shd.GDN_HEADS,))
+    self.A_log = nnx.Param(a_init(rngs.params(), (nv,), jnp.float32))
+    self.dt_bias = nnx.Param(
+        shd.param_init(nnx.initializers.ones, (shd.GDN_HEADS,))(rngs.params(), (nv,), pdt))
+    self.norm = layers.GatedRMSNorm(dv, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+
+  def mixer_inputs(self, x: jax.Array):
+    """Step A: pre-conv qkv [B,T,C], z [B,T,NV,DV], b and a [B,T,NV]."""
+    b, t, _ = x.shape
+    cfg = self.cfg
+    z = self.in_proj_z(x).reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+
+  def split_heads(self, qkv_conv: jax.Array):
+    """Step C (q/k/v part): post-conv [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and v [B,T,NV,DV]."""
+    cfg = self.cfg
+    b, t, _ = qkv_conv.shape
+    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
+    q = qkv_conv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+    k = qkv_conv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
+    v = qkv_conv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    return l2_normalize(q), l2_normalize(k), v
+
+  def gates(self, b_in: jax.Array, a_in: jax.Array):
+    """Step C (gates): beta = sigmoid(b); g = -exp(A_log) softplus(a + dt_bias), both fp32."""
+    beta = jax.nn.sigmoid(b_in.astype(jnp.float32))
+    a = a_in.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
+    g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
+    return g, beta
+
+  def output(self, o: jax.Array, z: jax.Array, dtype) -> jax.Array:
+    """Step E."""
+    b, t = o.shape[:2]
+    y = self.norm(o.astype(jnp.float32), z).astype(dtype)
+    return self.out_proj(y.reshape(b, t, -1))
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, *,
+               state: cache_lib.GDNState | None = None, valid: jax.Array | None = None):
+    """Runs the mixer over x; with `state`, continues a sequence and returns the next state.
+
+    Args:
+      x: [B, T, D] (already input-normed).
+      segment_ids: [B, T]; the recurrence and the conv restart where the id changes.
+      state: optional GDNState to continue from (decode / chunked prefill). Only the first segment of
+        each row continues it.
+      valid: optional bool [B, T], a per-row prefix of real tokens (right padding). Padding tokens are
+        identity steps and the returned conv window ends at the last valid token.
+
+    Returns:
+      (y [B, T, D], next GDNState or None when `state` is None).
+    """
+    cfg = self.cfg
+    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    qkv, xpad = causal_conv(qkv, self.conv_weight[...], segment_ids,
+                            None if state is None else state.conv)
+    q, k, v = self.split_heads(jax.nn.silu(qkv))
+    g, beta = self.gates(b_in, a_in)
+    if valid is not None:
+      g = jnp.where(valid[..., None], g, 0.0)
+      beta = jnp.where(valid[..., None], beta, 0.0)
+    dt = x.dtype  # the op computes in fp32 internally; bf16 operands halve its memory traffic
+    o, final = gdr.chunk_gated_delta_rule(
+        q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
+        scale=cfg.linear_key_head_dim ** -0.5,
+        initial_state=None if state is None else state.recurrent,
+        segment_ids=segment_ids, output_final_state=state is not None,
+        chunk_size=cfg.gdn_chunk_size, implementation=cfg.gdn_impl)
+    y = self.output(o, z, x.dtype)
+    if state is None:
+      return y, None
+    n_valid = (jnp.full(x.shape[:1], x.shape[1], jnp.int32) if valid is None
+               else jnp.sum(valid, axis=1, dtype=jnp.int32))
+    window = last_window(xpad, n_valid, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
+    return y, cache_lib.GDNState(conv=window, recurrent=final)

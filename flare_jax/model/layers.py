@@ -1,0 +1,112 @@
+"""Building blocks: Dense, Embedder, the two RMSNorm conventions, SwiGLU MLP and partial RoPE."""
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax import sharding as shd
+
+_INIT_STD = 0.02
+
+
+def dtype_of(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel, kernel [in, out] (HF weights are [out, in]: the importer transposes). No bias."""
+
+  def __init__(self, d_in: int, d_out: int, names: Sequence[str | None], *, dtype: str,
+               param_dtype: str, rngs: nnx.Rngs, std: float = _INIT_STD):
+    init = shd.param_init(nnx.initializers.normal(std), names)
+    self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), dtype_of(param_dtype)))
+    self.dtype = dtype_of(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class Embedder(nnx.Module):
+  """Token embedding [vocab, D]; `decode` is the tied LM head (logits = h @ E^T)."""
+
+  def __init__(self, vocab: int, d: int, *, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    init = shd.param_init(nnx.initializers.normal(_INIT_STD), (shd.VOCAB, shd.EMBED))
+    self.embedding = nnx.Param(init(rngs.params(), (vocab, d), dtype_of(param_dtype)))
+    self.dtype = dtype_of(dtype)
+
+  def encode(self, tokens: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def decode(self, h: jax.Array) -> jax.Array:
+    return jnp.dot(h.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+  """Zero-centred RMSNorm of Qwen3.5: y = x_hat * (1 + w), w initialised to 0, computed in fp32."""
+
+  def __init__(self, d: int, *, eps: float, param_dtype: str):
+    init = shd.param_init(nnx.initializers.zeros, (shd.NORM,))
+    self.scale = nnx.Param(init(jax.random.key(0), (d,), dtype_of(param_dtype)))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = rms_normalize(x, self.eps) * (1.0 + self.scale[...].astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+  """GDN output norm: y = w * x_hat * silu(z) with a plain weight w (init 1), per value head, fp32."""
+
+  def __init__(self, d: int, *, eps: float, param_dtype: str):
+    init = shd.param_init(nnx.initializers.ones, (shd.NORM,))
+    self.scale = nnx.Param(init(jax.random.key(0), (d,), dtype_of(param_dtype)))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+    y = rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)
+    return (y * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, d: int, f: int, *, dtype: str, param_dtype: str, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Dense(d, f, (shd.EMBED, shd.MLP), **kw)
+    self.up_proj = Dense(d, f, (shd.EMBED, shd.MLP), **kw)
+    self.down_proj = Dense(f, d, (shd.MLP, shd.EMBED), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_MLP))
+    return self.down_proj(h)
+
+
+def apply_partial_rope(x: jax.Array, positions: jax.Array, *, rotary_dim: int,
+                       theta: float) -> jax.Array:
+  """Rotate-half RoPE on the first `rotary_dim` features of each head; the rest pass through.
+
+  Args:
+    x: [B, T, H, D].
+    positions: [B, T] int.
+
+  Returns:
+    [B, T, H, D] in x.dtype (cos/sin computed in fp32, as transformers does).
+  """
+  if rotary_dim == 0:
+    return x
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # B T rot/2
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 rot
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+  half = rotary_dim // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)

@@ -1,0 +1,90 @@
+"""FlareLM: embeddings -> decoder blocks (layer pattern from the config) -> final norm -> logits."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.model import block as block_lib
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import config as config_lib
+from flare_jax.model import layers
+from pallas_kernels.attention import mask as mask_lib
+
+
+def default_meta(tokens: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> mask_lib.TokenMeta:
+  """Clean metadata for a [B, T] batch: one segment and arange positions unless given."""
+  b, t = tokens.shape
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, t), jnp.int32)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return mask_lib.clean_meta(segment_ids, positions)
+
+
+class FlareLM(nnx.Module):
+  """The Qwen3.5 text backbone with a (tied or untied) LM head.
+
+  Parameter names mirror Hugging Face (`embed_tokens`, `layers[i].linear_attn.in_proj_qkv`, ...), with
+  Dense kernels stored [in, out].
+  """
+
+  def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+    with shd.eager_sharding_if_mesh():
+      self._build(cfg, rngs)
+
+  def _build(self, cfg: config_lib.ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed_tokens = layers.Embedder(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                                        param_dtype=cfg.param_dtype, rngs=rngs)
+    self.layers = nnx.List([block_lib.Block(cfg, t, rngs=rngs) for t in cfg.layer_types])
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = layers.Dense(cfg.hidden_size, cfg.vocab_size, (shd.EMBED, shd.VOCAB),
+                                  dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+  def hidden_states(self, tokens: jax.Array, meta: mask_lib.TokenMeta, *,
+                    cache: tuple[cache_lib.LayerCache, ...] | None = None,
+                    valid: jax.Array | None = None):
+    """Final-normed hidden states [B, T, D] and the updated cache (None without a cache)."""
+    h = self.embed_tokens.encode(tokens)
+    h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
+    new_cache = []
+    for i, blk in enumerate(self.layers):
+      layer_cache = None if cache is None else cache[i]
+      if self.cfg.remat == 'block' and cache is None:
+        h, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid))(blk, h)
+      else:
+        h, layer_cache = blk(h, meta, cache=layer_cache, valid=valid)
+      new_cache.append(layer_cache)
+    return self.norm(h), (None if cache is None else tuple(new_cache))
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """LM head: [B, T, D] -> fp32 logits [B, T, vocab]."""
+    if self.cfg.tie_word_embeddings:
+      out = self.embed_tokens.decode(h)
+    else:
+      out = self.lm_head(h)
+    return shd.shard(out.astype(jnp.float32), (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_VOCAB))
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, meta: mask_lib.TokenMeta | None = None,
+               cache: tuple[cache_lib.LayerCache, ...] | None = None,
+               valid: jax.Array | None = None):
+    """Causal forward.
+
+    Args:
+      tokens: [B, T] int.
+      segment_ids: [B, T] document ids of a packed row (default: one document).
+      positions: [B, T] positions (default arange; restart at 0 per document in packed rows).
+      meta: full per-token metadata instead of segment_ids/positions.
+      cache: per-layer caches; tokens then continue each row at slot positions[b, 0].
+      valid: bool [B, T] prefix of real tokens (with a cache; right-padded prompts).
+
+    Returns:
+      (logits [B, T, vocab] fp32, updated cache or None).
+    """
+    if meta is None:
+      meta = default_meta(tokens, segment_ids, positions)
+    h, cache = self.hidden_states(tokens, meta, cache=cache, valid=valid)
+    return self.logits(h), cache

@@ -1,0 +1,123 @@
+"""Logical axis names, the rules table that maps them to mesh axes, and sharding helpers.
+
+Parameters and activations use different logical names so that one mesh axis is never used twice in a
+spec (style.md C6). Every name used anywhere must appear in `DEFAULT_RULES` (None = replicated).
+"""
+from collections.abc import Sequence
+
+import flax
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+# --- Parameter axes ---
+VOCAB = 'vocab'
+EMBED = 'embed'
+MLP = 'mlp'
+HEADS = 'heads'  # flattened (q heads x head dim) or GDN value-head projections
+KV_HEADS = 'kv_heads'
+GDN_PROJ = 'gdn_proj'  # GDN fused q|k|v projection / conv channels
+GDN_HEADS = 'gdn_heads'  # per-value-head vectors (A_log, dt_bias, a/b projections)
+NORM = 'norm'  # norm scales
+CONV = 'conv'  # short conv taps
+
+# --- Activation axes ---
+ACT_BATCH = 'act_batch'
+ACT_SEQ = 'act_seq'
+ACT_EMBED = 'act_embed'
+ACT_HEADS = 'act_heads'
+ACT_MLP = 'act_mlp'
+ACT_VOCAB = 'act_vocab'
+
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    (VOCAB, 'tensor'),
+    (EMBED, 'fsdp'),
+    (MLP, 'tensor'),
+    (HEADS, 'tensor'),
+    (KV_HEADS, 'tensor'),
+    (GDN_PROJ, 'tensor'),
+    (GDN_HEADS, None),
+    (NORM, None),
+    (CONV, None),
+    (ACT_BATCH, ('data', 'fsdp')),
+    (ACT_SEQ, None),
+    (ACT_EMBED, None),
+    (ACT_HEADS, 'tensor'),
+    (ACT_MLP, 'tensor'),
+    (ACT_VOCAB, 'tensor'),
+)
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+
+def logical_to_pspec(names: Sequence[str | None], rules=None) -> P:
+  """Maps logical names to a PartitionSpec; raises ValueError for a name with no rule."""
+  rules = dict(DEFAULT_RULES if rules is None else rules)
+  out = []
+  for name in names:
+    if name is None:
+      out.append(None)
+      continue
+    if name not in rules:
+      raise ValueError(f'logical axis {name!r} has no sharding rule; known: {sorted(rules)}')
+    out.append(rules[name])
+  return P(*out)
+
+
+def _active_rules():
+  rules = flax.core.spmd.get_logical_axis_rules()
+  return tuple(rules) if rules else None
+
+
+def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation to the sharding its logical names map to.
+
+  A no-op outside a mesh context (`jax.set_mesh`) with logical rules (`nnx.logical_axis_rules`), so
+  single-device code and tests need no mesh.
+  """
+  rules = _active_rules()
+  if rules is None or not mesh_is_active():
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_pspec(names, rules))
+
+
+def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
+  """Builds a Mesh(data, fsdp, tensor); one entry may be -1 (all remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'at most one mesh axis may be -1, got {shape}')
+  known = 1
+  for s in sizes:
+    if s != -1:
+      known *= s
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f'mesh {shape} does not divide {len(devices)} devices')
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = 1
+  for s in sizes:
+    total *= s
+  if total != len(devices):
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, have {len(devices)}')
+  return jax.make_mesh(
+      tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_is_active() -> bool:
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh is not None and not mesh.empty
+
+
+def eager_sharding_if_mesh():
+  """Context for building modules: params are sharded at creation only inside a mesh context.
+
+  Outside one (single-device use, tests) the logical names stay as metadata only, so a model can be built
+  anywhere; `nnx.get_partition_spec(nnx.state(model))` still derives the shardings from them.
+  """
+  return nnx.use_eager_sharding(mesh_is_active())
+
+
+def param_init(init, names: Sequence[str | None]):
+  """An initializer carrying logical-axis metadata (`nnx.with_partitioning`)."""
+  return nnx.with_partitioning(init, tuple(names))

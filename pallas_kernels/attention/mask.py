@@ -1,0 +1,55 @@
+"""The one visibility rule of flare-jax, evaluated from per-token metadata.
+
+Every token carries (segment, position, view, block_start):
+  * segment: document id within a packed row; tokens of different segments never see each other.
+  * view: 0 for the clean (causal) stream, v >= 1 for noisy view v.
+  * block_start: for a noisy token, the position of the first slot of its block (ignored for clean).
+
+  query \\ key          clean key, same segment                noisy key, same segment
+  clean query          key.pos <= query.pos (causal)          never
+  noisy query          key.pos <  query.block_start           same view and same block (bidirectional)
+
+Plain causal and packed-document attention are the special case where every token is clean. Kernels
+evaluate `visible` per tile, so it is written with broadcasting jnp ops only.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class TokenMeta(NamedTuple):
+  """Per-token metadata, each [B, T] int32."""
+
+  segment_ids: jax.Array
+  positions: jax.Array
+  views: jax.Array
+  block_starts: jax.Array
+
+
+def clean_meta(segment_ids: jax.Array, positions: jax.Array) -> TokenMeta:
+  """Metadata of a clean (causal) sequence: view 0 everywhere."""
+  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+  positions = jnp.asarray(positions, jnp.int32)
+  return TokenMeta(segment_ids, positions, jnp.zeros_like(positions), positions)
+
+
+def visible(q: TokenMeta, k: TokenMeta) -> jax.Array:
+  """Visibility of keys to queries. Fields broadcast like `q.x[..., :, None]` vs `k.x[..., None, :]`.
+
+  Args:
+    q: query metadata, fields [..., Tq].
+    k: key metadata, fields [..., Tk].
+
+  Returns:
+    bool [..., Tq, Tk].
+  """
+  qs, qp, qv, qb = (x[..., :, None] for x in q)
+  ks, kp, kv, kb = (x[..., None, :] for x in k)
+  same_segment = qs == ks
+  key_clean = kv == 0
+  # Last clean position a query may see: itself (clean) or the slot before its block (noisy).
+  horizon = jnp.where(qv == 0, qp, qb - 1)
+  sees_clean = key_clean & (kp <= horizon)
+  sees_noisy = (~key_clean) & (qv == kv) & (qb == kb)
+  return same_segment & (sees_clean | sees_noisy)

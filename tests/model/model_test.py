@@ -1,0 +1,136 @@
+"""FlareLM: shapes, packed documents, cached decoding, padding, conv and sharding metadata."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import config as config_lib
+from flare_jax.model import gated_deltanet
+from flare_jax.model import transformer
+
+L, F = config_lib.LINEAR, config_lib.FULL
+
+
+def _model(**overrides):
+  cfg = config_lib.VARIANTS['tiny'].replace(**{'dtype': 'float32', **overrides})
+  return transformer.FlareLM(cfg, rngs=nnx.Rngs(0)), cfg
+
+
+def _tokens(rng, b, t, vocab=256):
+  return jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_forward_shapes_and_dtypes(dtype, rng):
+  model, cfg = _model(dtype=dtype)
+  logits, cache = model(_tokens(rng, 2, 19))
+  assert logits.shape == (2, 19, cfg.vocab_size) and logits.dtype == jnp.float32
+  assert cache is None and bool(jnp.all(jnp.isfinite(logits)))
+  params = nnx.state(model, nnx.Param)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_untied_head_has_its_own_weights(rng):
+  model, _ = _model(tie_word_embeddings=False)
+  assert hasattr(model, 'lm_head')
+  tied, _ = _model()
+  assert not hasattr(tied, 'lm_head')
+  assert model(_tokens(rng, 1, 5))[0].shape[-1] == 272
+
+
+def test_packed_row_equals_each_document_alone(rng):
+  model, _ = _model(layer_types=(L, F, L))
+  lengths = [5, 70, 1, 20]  # crosses the GDN chunk (64) and has a one-token document
+  docs = [_tokens(rng, 1, n) for n in lengths]
+  tokens = jnp.concatenate(docs, axis=1)
+  seg = jnp.concatenate([jnp.full((1, n), i + 1, jnp.int32) for i, n in enumerate(lengths)], 1)
+  pos = jnp.concatenate([jnp.arange(n, dtype=jnp.int32)[None] for n in lengths], 1)
+  packed, _ = model(tokens, segment_ids=seg, positions=pos)
+  start = 0
+  for doc, n in zip(docs, lengths):
+    alone, _ = model(doc)
+    np.testing.assert_allclose(packed[0, start:start + n], alone[0], atol=2e-5, rtol=2e-5)
+    start += n
+
+
+def test_prefill_then_decode_matches_full_forward(rng):
+  model, cfg = _model(layer_types=(L, F, L, F))
+  tokens = _tokens(rng, 2, 50)
+  full, _ = model(tokens)
+  cache = cache_lib.init_cache(cfg, batch=2, max_len=64)
+  step = nnx.jit(lambda m, tok, pos, c: m(tok, positions=pos, cache=c))
+  pieces, t = [], 0
+  for n in (37, 1, 1, 5, 1, 5):  # a chunked prefill, single-token steps and multi-token extends
+    pos = jnp.broadcast_to(jnp.arange(t, t + n, dtype=jnp.int32), (2, n))
+    logits, cache = step(model, tokens[:, t:t + n], pos, cache)
+    pieces.append(logits)
+    t += n
+  np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=5e-5, rtol=5e-5)
+
+
+def test_right_padded_prefill_continues_each_row_exactly(rng):
+  model, cfg = _model(layer_types=(L, F))
+  lengths = np.array([7, 12])
+  tokens = _tokens(rng, 2, 12)
+  valid = jnp.asarray(np.arange(12)[None] < lengths[:, None])
+  cache = cache_lib.init_cache(cfg, batch=2, max_len=16)
+  pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+  _, cache = model(tokens, positions=pos, cache=cache, valid=valid)
+  nxt = _tokens(rng, 2, 1)
+  step_logits, _ = model(nxt, positions=jnp.asarray(lengths[:, None], jnp.int32), cache=cache)
+  for b, n in enumerate(lengths):
+    seq = jnp.concatenate([tokens[b:b + 1, :n], nxt[b:b + 1]], axis=1)
+    ref, _ = model(seq)
+    np.testing.assert_allclose(step_logits[b, 0], ref[0, -1], atol=5e-5, rtol=5e-5)
+
+
+def test_causal_conv_matches_a_loop_with_resets_and_window(rng):
+  b, t, c, kc = 2, 11, 3, 4
+  x = rng.standard_normal((b, t, c)).astype(np.float32)
+  w = rng.standard_normal((kc, c)).astype(np.float32)
+  window = rng.standard_normal((b, kc - 1, c)).astype(np.float32)
+  seg = np.array([[0] * 4 + [1] * 7, [2] * 11], np.int32)
+  out, _ = gated_deltanet.causal_conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(seg),
+                                      jnp.asarray(window))
+  ref = np.zeros((b, t, c))
+  for i in range(b):
+    for s in range(t):
+      for j in range(kc):
+        src = s - (kc - 1) + j
+        if src >= 0:
+          if seg[i, src] == seg[i, s]:
+            ref[i, s] += w[j] * x[i, src]
+        elif seg[i, s] == seg[i, 0]:  # still in the segment that continues the window
+          ref[i, s] += w[j] * window[i, kc - 1 + src]
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_remat_gives_the_same_gradients(rng):
+  tokens = _tokens(rng, 1, 9)
+  grads = []
+  for remat in ('none', 'block'):
+    model, _ = _model(remat=remat)
+    loss = lambda m: jnp.mean(m(tokens)[0] ** 2)
+    grads.append(jax.tree.leaves(nnx.grad(loss)(model)))
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_params_carry_logical_axes_and_shard_on_a_mesh(cpu_mesh, rng):
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32')
+  rules = shd.DEFAULT_RULES
+  with jax.set_mesh(cpu_mesh), nnx.logical_axis_rules(rules):
+    model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
+    kernel = model.layers[0].mlp.gate_proj.kernel[...]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+    tokens = _tokens(rng, 4, 16)
+    sharded = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
+  single = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(sharded, single(tokens)[0], atol=1e-5, rtol=1e-5)
+  specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(single, nnx.Param)))
+  assert len(specs) == len(jax.tree.leaves(nnx.state(single, nnx.Param)))
+  for spec in specs:  # every axis name maps through the rules table
+    shd.logical_to_pspec(tuple(spec))
