@@ -58,8 +58,9 @@ class Attention(nnx.Module):
 
     Args:
       x: [B, T, D].
-      meta: per-token metadata [B, T]. With a cache, tokens must be clean and consecutive: row b's
-        keys are written to slots meta.positions[b, 0] ... + T - 1.
+      meta: per-token metadata [B, T]. With a cache, row b's tokens are consecutive positions written
+        to slots meta.positions[b, 0] ... + T - 1, all of one document; they are clean (views 0), or
+        one noisy block (views 1, block_starts = meta.positions[:, 0]) whose cache the caller drops.
       cache: optional KVCache [B, S, Hkv, D].
 
     Returns:
@@ -74,9 +75,23 @@ class Attention(nnx.Module):
     start = meta.positions[:, 0]
     new_cache = cache_lib.KVCache(cache_lib.write_rows(cache.k, k, start),
                                   cache_lib.write_rows(cache.v, v, start))
-    s = cache.k.shape[1]
-    slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (x.shape[0], s))
-    key_meta = attn_ops.clean_meta(jnp.zeros_like(slots), slots)
-    query_meta = attn_ops.clean_meta(jnp.zeros_like(meta.positions), meta.positions)
-    o = attn_ops.attention(q, new_cache.k, new_cache.v, query_meta, key_meta, **impl)
+    o = attn_ops.attention(q, new_cache.k, new_cache.v, meta, _cache_key_meta(meta, cache.k.shape[1]),
+                           **impl)
     return self.output(o, gate), new_cache
+
+
+def _cache_key_meta(meta: attn_ops.TokenMeta, s: int) -> attn_ops.TokenMeta:
+  """Metadata of the S cache slots after row b's T new tokens were written at meta.positions[b, 0].
+
+  Slot j holds position j. The new slots take the new tokens' view/block (so a noisy block over the
+  cache is bidirectional inside itself); every other slot is clean. Stale slots past the new tokens
+  are invisible because their positions exceed every query's horizon.
+  """
+  b, t = meta.positions.shape
+  slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  rel = slots - meta.positions[:, :1]
+  is_new = (rel >= 0) & (rel < t)
+  take = lambda x: jnp.take_along_axis(x, jnp.clip(rel, 0, t - 1), axis=1)
+  views = jnp.where(is_new, take(meta.views), 0)
+  block_starts = jnp.where(is_new, take(meta.block_starts), slots)
+  return attn_ops.TokenMeta(jnp.zeros_like(slots), slots, views, block_starts)

@@ -10,6 +10,7 @@ from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import gated_deltanet
 from flare_jax.model import transformer
+from pallas_kernels.attention import mask as mask_lib
 
 L, F = config_lib.LINEAR, config_lib.FULL
 
@@ -69,6 +70,28 @@ def test_prefill_then_decode_matches_full_forward(rng):
     pieces.append(logits)
     t += n
   np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=5e-5, rtol=5e-5)
+
+
+def test_noisy_block_over_the_cache_matches_an_uncached_two_stream_forward(rng):
+  model, cfg = _model(layer_types=(L, F, L))
+  prefix_len, blk = 9, 4
+  prefix = _tokens(rng, 2, prefix_len)
+  block = _tokens(rng, 2, blk).at[:, 1:].set(cfg.resolved_mask_token_id)
+  cache = cache_lib.init_cache(cfg, batch=2, max_len=16)
+  pos = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (2, prefix_len))
+  _, cache = model(prefix, positions=pos, cache=cache)
+  bpos = jnp.broadcast_to(jnp.arange(prefix_len, prefix_len + blk, dtype=jnp.int32), (2, blk))
+  noisy = mask_lib.TokenMeta(jnp.zeros_like(bpos), bpos, jnp.ones_like(bpos),
+                             jnp.full_like(bpos, prefix_len))
+  cached, _ = model(block, meta=noisy, cache=cache)
+  # The same block appended to the clean prefix as a noisy view, without a cache.
+  clean = transformer.default_meta(prefix)
+  meta = mask_lib.TokenMeta(*(jnp.concatenate([a, b], 1) for a, b in zip(clean, noisy)))
+  ref, _ = model(jnp.concatenate([prefix, block], 1), meta=meta)
+  np.testing.assert_allclose(cached, ref[:, prefix_len:], atol=5e-5, rtol=5e-5)
+  # Bidirectional inside the block: the first slot's logits depend on a later slot's token.
+  other, _ = model(block.at[:, 3].set(5), meta=noisy, cache=cache)
+  assert float(jnp.max(jnp.abs(other[:, 0] - cached[:, 0]))) > 1e-4
 
 
 def test_right_padded_prefill_continues_each_row_exactly(rng):
