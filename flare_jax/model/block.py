@@ -28,13 +28,18 @@ class Block(nnx.Module):
                           param_dtype=cfg.param_dtype, rngs=rngs)
 
   def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
-               cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None):
-    """Returns (h [B, T, D], updated layer cache or None)."""
+               cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None,
+               return_replay: bool = False):
+    """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None)."""
     x = self.input_layernorm(h)
+    replay = None
     if self.layer_type == config_lib.FULL:
       x, cache = self.self_attn(x, meta, cache=cache)
+    elif return_replay:
+      x, cache, replay = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid,
+                                          return_replay=True)
     else:
       x, cache = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid)
     h = h + x
     h = h + self.mlp(self.post_attention_layernorm(h))
-    return shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache
+    return shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache, replay

@@ -26,6 +26,22 @@ class GDNState:
   recurrent: jax.Array
 
 
+@flax.struct.dataclass
+class GDNReplay:
+  """What a cached GDN pass saw, enough to recompute its state after any prefix of its T tokens.
+
+  q, k: [B, T, NK, DK] (l2-normed); v: [B, T, NV, DV]; g, beta: [B, T, NV]; xpad: [B, Kc-1+T, C] the
+  previous conv window followed by the T pre-conv inputs.
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  g: jax.Array
+  beta: jax.Array
+  xpad: jax.Array
+
+
 LayerCache = KVCache | GDNState
 
 

@@ -117,7 +117,8 @@ class GatedDeltaNet(nnx.Module):
     return self.out_proj(y.reshape(b, t, -1))
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, *,
-               state: cache_lib.GDNState | None = None, valid: jax.Array | None = None):
+               state: cache_lib.GDNState | None = None, valid: jax.Array | None = None,
+               return_replay: bool = False):
     """Runs the mixer over x; with `state`, continues a sequence and returns the next state.
 
     Args:
@@ -128,8 +129,11 @@ class GatedDeltaNet(nnx.Module):
       valid: optional bool [B, T], a per-row prefix of real tokens (right padding). Padding tokens are
         identity steps and the returned conv window ends at the last valid token.
 
+      return_replay: also return a GDNReplay (requires `state`), from which `replay_state` recomputes
+        the state after any prefix of the T tokens (speculative decoding rollback).
+
     Returns:
-      (y [B, T, D], next GDNState or None when `state` is None).
+      (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).
     """
     cfg = self.cfg
     qkv, z, b_in, a_in = self.mixer_inputs(x)
@@ -153,4 +157,24 @@ class GatedDeltaNet(nnx.Module):
     n_valid = (jnp.full(x.shape[:1], x.shape[1], jnp.int32) if valid is None
                else jnp.sum(valid, axis=1, dtype=jnp.int32))
     window = last_window(xpad, n_valid, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
-    return y, cache_lib.GDNState(conv=window, recurrent=final)
+    next_state = cache_lib.GDNState(conv=window, recurrent=final)
+    if return_replay:
+      return y, next_state, cache_lib.GDNReplay(q=q.astype(dt), k=k.astype(dt), v=v.astype(dt),
+                                                g=g, beta=beta, xpad=xpad)
+    return y, next_state
+
+  def replay_state(self, state: cache_lib.GDNState, replay: cache_lib.GDNReplay,
+                   n_keep: jax.Array) -> cache_lib.GDNState:
+    """The state after the first n_keep [B] tokens of a pass that started from `state`.
+
+    Steps t >= n_keep become identities (g = 0, beta = 0), so only the recurrence is recomputed.
+    """
+    cfg = self.cfg
+    keep = jnp.arange(replay.g.shape[1])[None] < n_keep[:, None]
+    _, final = gdr.chunk_gated_delta_rule(
+        replay.q, replay.k, replay.v, jnp.where(keep[..., None], replay.g, 0.0),
+        jnp.where(keep[..., None], replay.beta, 0.0), scale=cfg.linear_key_head_dim ** -0.5,
+        initial_state=state.recurrent, output_final_state=True,
+        chunk_size=cfg.gdn_chunk_size, implementation=cfg.gdn_impl)
+    window = last_window(replay.xpad, n_keep, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
+    return cache_lib.GDNState(conv=window, recurrent=final)

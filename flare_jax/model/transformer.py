@@ -45,19 +45,26 @@ class FlareLM(nnx.Module):
 
   def hidden_states(self, tokens: jax.Array, meta: mask_lib.TokenMeta, *,
                     cache: tuple[cache_lib.LayerCache, ...] | None = None,
-                    valid: jax.Array | None = None):
-    """Final-normed hidden states [B, T, D] and the updated cache (None without a cache)."""
+                    valid: jax.Array | None = None, return_gdn_replay: bool = False):
+    """Final-normed hidden states [B, T, D], the updated cache (None without a cache) and, with
+    `return_gdn_replay`, a per-layer tuple of GDNReplay (None for attention layers)."""
     h = self.embed_tokens.encode(tokens)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
-    new_cache = []
+    new_cache, replays = [], []
     for i, blk in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
       if self.cfg.remat == 'block' and cache is None:
-        h, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid))(blk, h)
+        h, _, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid))(blk, h)
+        replay = None
       else:
-        h, layer_cache = blk(h, meta, cache=layer_cache, valid=valid)
+        h, layer_cache, replay = blk(h, meta, cache=layer_cache, valid=valid,
+                                     return_replay=return_gdn_replay)
       new_cache.append(layer_cache)
-    return self.norm(h), (None if cache is None else tuple(new_cache))
+      replays.append(replay)
+    new_cache = None if cache is None else tuple(new_cache)
+    if return_gdn_replay:
+      return self.norm(h), new_cache, tuple(replays)
+    return self.norm(h), new_cache
 
   def logits(self, h: jax.Array) -> jax.Array:
     """LM head: [B, T, D] -> fp32 logits [B, T, vocab]."""
@@ -70,7 +77,7 @@ class FlareLM(nnx.Module):
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, meta: mask_lib.TokenMeta | None = None,
                cache: tuple[cache_lib.LayerCache, ...] | None = None,
-               valid: jax.Array | None = None):
+               valid: jax.Array | None = None, return_gdn_aux: bool = False):
     """Causal forward.
 
     Args:
@@ -80,11 +87,28 @@ class FlareLM(nnx.Module):
       meta: full per-token metadata instead of segment_ids/positions.
       cache: per-layer caches; tokens then continue each row at slot positions[b, 0].
       valid: bool [B, T] prefix of real tokens (with a cache; right-padded prompts).
+      return_gdn_aux: (with a cache) also return per-layer GDNReplay records for `rollback`.
 
     Returns:
-      (logits [B, T, vocab] fp32, updated cache or None).
+      (logits [B, T, vocab] fp32, updated cache or None[, replay records]).
     """
     if meta is None:
       meta = default_meta(tokens, segment_ids, positions)
+    if return_gdn_aux:
+      h, cache, replays = self.hidden_states(tokens, meta, cache=cache, valid=valid,
+                                             return_gdn_replay=True)
+      return self.logits(h), cache, replays
     h, cache = self.hidden_states(tokens, meta, cache=cache, valid=valid)
     return self.logits(h), cache
+
+  def rollback(self, before: tuple[cache_lib.LayerCache, ...], after: tuple[cache_lib.LayerCache, ...],
+               replays: tuple, n_keep: jax.Array) -> tuple[cache_lib.LayerCache, ...]:
+    """The cache after only the first n_keep [B] tokens of a cached pass (from `before` to `after`).
+
+    KV caches keep `after` (slots past the kept tokens are stale and masked by position); GDN states
+    are recomputed from `before` over the kept tokens.
+    """
+    out = []
+    for blk, b, a, r in zip(self.layers, before, after, replays):
+      out.append(a if r is None else blk.linear_attn.replay_state(b, r, n_keep))
+    return tuple(out)

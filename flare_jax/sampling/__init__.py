@@ -1,0 +1,1 @@
+"""Jitted batch decoding: AR, AR-Trust (draft + verify) and Diffusion-Trust (parallel denoising)."""

@@ -1,0 +1,301 @@
+"""Jitted batch decoding over the caches: AR, AR-Trust and Diffusion-Trust.
+
+State invariant between iterations: row b's cache holds the clean KV / GDN state of
+tokens[b, :length[b] - 1]; tokens[b, length[b] - 1] is the *pending* token, committed but not yet run
+through the model. Slot j of every buffer holds position j, so rows never need aligning.
+
+  AR               one clean pass over [pending] -> one token.
+  AR-Trust         a noisy pass over [pending, MASK x (B-1)] drafts B tokens (slot p predicts p+1, as in
+                   training with logit shift); one clean pass over [pending, d_1..d_B] verifies them;
+                   accept the longest agreeing prefix (greedy) or by exact speculative sampling, then one
+                   more token from the target. GDN states roll back to the accepted length by a masked
+                   replay of the verify pass's recurrence inputs.
+  Diffusion-Trust  repeated noisy passes over [pending, y_1..y_{B-1}] (y masked until committed) commit
+                   B targets by confidence; one clean pass then advances the caches over the block.
+"""
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flare_jax.model import cache as cache_lib
+from flare_jax.model import transformer
+from flare_jax.sampling import policies
+from pallas_kernels.attention import mask as mask_lib
+
+MODES = ('ar', 'ar_trust', 'diffusion_trust')
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Static decoding policy (hashable: one compile per config and input shape)."""
+
+  mode: str = 'ar'  # 'ar' | 'ar_trust' | 'diffusion_trust'
+  block_size: int = 4  # B: draft block (AR-Trust) / denoising block (Diffusion-Trust)
+  max_new_tokens: int = 128
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0
+  top_p: float = 1.0
+  commit: str = 'threshold'  # Diffusion-Trust: 'threshold' | 'fixed' (tokens_per_pass per pass)
+  threshold: float = 0.9
+  tokens_per_pass: int = 1
+  eos_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.mode not in MODES:
+      raise ValueError(f'unknown mode {self.mode!r}; known: {MODES}')
+    if not 1 <= self.block_size <= 32:
+      raise ValueError(f'block_size must be in 1..32, got {self.block_size}')
+    if self.max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
+    if self.commit not in ('threshold', 'fixed'):
+      raise ValueError(f"commit must be 'threshold' or 'fixed', got {self.commit!r}")
+    if self.commit == 'fixed' and self.tokens_per_pass < 1:
+      raise ValueError(f'tokens_per_pass must be >= 1, got {self.tokens_per_pass}')
+    if self.temperature < 0:
+      raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  @property
+  def slack(self) -> int:
+    """Extra buffer slots so one iteration's writes never run past the end."""
+    return self.block_size + 2
+
+
+@flax.struct.dataclass
+class DecodeState:
+  tokens: jax.Array  # [B, S] committed tokens (prompt + generated), slot = position
+  length: jax.Array  # [B] committed length; tokens[length-1] is pending
+  prompt_len: jax.Array  # [B]
+  done: jax.Array  # [B] bool
+  cache: tuple  # per-layer KVCache / GDNState
+  rng: jax.Array
+  step: jax.Array  # [] iterations so far
+  n_forward: jax.Array  # [B] model passes spent on the row while it was active
+  n_drafted: jax.Array  # [B] AR-Trust drafts proposed
+  n_accepted: jax.Array  # [B] AR-Trust drafts accepted
+
+
+@flax.struct.dataclass
+class DecodeResult:
+  tokens: jax.Array  # [B, max_new_tokens] generated tokens, pad_id after the end
+  num_tokens: jax.Array  # [B] generated tokens (EOS included)
+  n_forward: jax.Array  # [B]
+  n_drafted: jax.Array  # [B]
+  n_accepted: jax.Array  # [B]
+
+
+def _positions(start: jax.Array, t: int) -> jax.Array:
+  return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+
+
+def _clean_meta(start, t):
+  pos = _positions(start, t)
+  return mask_lib.clean_meta(jnp.zeros_like(pos), pos)
+
+
+def _noisy_meta(start, t):
+  pos = _positions(start, t)
+  return mask_lib.TokenMeta(jnp.zeros_like(pos), pos, jnp.ones_like(pos),
+                            jnp.broadcast_to(start[:, None], pos.shape))
+
+
+def _write(buf, new, start):
+  return cache_lib.write_rows(buf, new, start)
+
+
+def _read(buf, start, t):
+  return jax.vmap(lambda b, s: jax.lax.dynamic_slice_in_dim(b, s, t, axis=0))(buf, start)
+
+
+def _freeze(done, old, new):
+  """Keeps finished rows unchanged in every per-row leaf (leading dim B) of `new`."""
+  def pick(o, n):
+    d = done.reshape(done.shape + (1,) * (n.ndim - 1))
+    return jnp.where(d, o, n)
+  return jax.tree.map(pick, old, new)
+
+
+_ROW_FIELDS = ('tokens', 'length', 'done', 'cache', 'n_forward', 'n_drafted', 'n_accepted')
+
+
+def _eos_hit(tokens: jax.Array, count: jax.Array, eos_ids: tuple[int, ...]):
+  """First EOS among the first `count` of tokens [B, T]: (hit [B], number kept up to and incl. it)."""
+  if not eos_ids:
+    return jnp.zeros(tokens.shape[:1], bool), count
+  is_eos = jnp.isin(tokens, jnp.asarray(eos_ids)) & (jnp.arange(tokens.shape[1])[None] < count[:, None])
+  hit = jnp.any(is_eos, axis=1)
+  first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
+  return hit, jnp.where(hit, first + 1, count)
+
+
+class Sampler:
+  """Batch decoder for a FlareLM. Build once; `generate` compiles once per (config, batch, lengths)."""
+
+  def __init__(self, model: transformer.FlareLM):
+    self.graphdef, self.params = nnx.split(model)
+    self.model_cfg = model.cfg
+
+  def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
+               pad_id: int = 0) -> DecodeResult:
+    """Decodes a batch of right-padded prompts.
+
+    Args:
+      prompts: int [B, P] right-padded prompts.
+      prompt_lengths: int [B], each in 1..P.
+      cfg: decoding policy.
+      rng: key for sampling (required when temperature > 0).
+      pad_id: filler for generated slots past each row's end.
+
+    Raises:
+      ValueError: empty batch, empty prompt, lengths out of range, ids out of the vocabulary.
+    """
+    prompts = jnp.asarray(prompts, jnp.int32)
+    prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+      raise ValueError(f'prompts must be a non-empty [B, P] batch, got shape {prompts.shape}')
+    if prompt_lengths.shape != prompts.shape[:1]:
+      raise ValueError(f'prompt_lengths {prompt_lengths.shape} does not match batch {prompts.shape[0]}')
+    lo, hi = int(jnp.min(prompt_lengths)), int(jnp.max(prompt_lengths))
+    if lo < 1 or hi > prompts.shape[1]:
+      raise ValueError(f'prompt lengths must be in 1..{prompts.shape[1]}, got min {lo} max {hi}')
+    vocab = self.model_cfg.vocab_size
+    if int(jnp.min(prompts)) < 0 or int(jnp.max(prompts)) >= vocab:
+      raise ValueError(f'prompt ids must be in [0, {vocab}), got {int(jnp.min(prompts))}..'
+                       f'{int(jnp.max(prompts))}')
+    if cfg.temperature > 0 and rng is None:
+      raise ValueError('sampling with temperature > 0 needs an rng key')
+    rng = jax.random.key(0) if rng is None else rng
+    return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
+                     mask_id=self.model_cfg.resolved_mask_token_id, pad_id=pad_id)
+
+
+def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:
+  return prompt_width + cfg.max_new_tokens + cfg.slack
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id'))
+def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
+              pad_id: int) -> DecodeResult:
+  model = nnx.merge(graphdef, params)
+  b, p = prompts.shape
+  s = buffer_len(p, cfg)
+  tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
+  cache = cache_lib.init_cache(model.cfg, b, s)
+  # Prefill everything but each row's last prompt token (it becomes the pending token).
+  valid = jnp.arange(p)[None] < (prompt_lengths - 1)[:, None]
+  _, cache = model(prompts, meta=_clean_meta(jnp.zeros((b,), jnp.int32), p), cache=cache,
+                   valid=valid)
+  zeros = jnp.zeros((b,), jnp.int32)
+  state = DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
+                      done=jnp.zeros((b,), bool), cache=cache, rng=rng, step=jnp.zeros((), jnp.int32),
+                      n_forward=zeros + 1, n_drafted=zeros, n_accepted=zeros)
+  step_fn = {'ar': _ar_step, 'ar_trust': _ar_trust_step,
+             'diffusion_trust': _diffusion_step}[cfg.mode]
+  body = functools.partial(step_fn, model, cfg=cfg, mask_id=mask_id)
+  state = jax.lax.while_loop(
+      lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
+      lambda st: _finish(body(st), cfg), state)
+  n_new = jnp.minimum(state.length - state.prompt_len, cfg.max_new_tokens)
+  gen = _read(state.tokens, state.prompt_len, cfg.max_new_tokens)
+  gen = jnp.where(jnp.arange(cfg.max_new_tokens)[None] < n_new[:, None], gen, pad_id)
+  return DecodeResult(tokens=gen, num_tokens=n_new, n_forward=state.n_forward,
+                      n_drafted=state.n_drafted, n_accepted=state.n_accepted)
+
+
+def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache, **stats) -> DecodeState:
+  """Appends the first `count` of new_tokens [B, T] to each active row (stopping after an EOS)."""
+  hit, count = _eos_hit(new_tokens, count, cfg.eos_ids)
+  # Slots past the new length get junk from this write; nothing reads them before they are rewritten.
+  new = state.replace(tokens=_write(state.tokens, new_tokens, state.length),
+                      length=state.length + count, cache=cache, done=state.done | hit, **stats)
+  old_rows = {f: getattr(state, f) for f in _ROW_FIELDS}
+  new_rows = {f: getattr(new, f) for f in _ROW_FIELDS}
+  return new.replace(**_freeze(state.done, old_rows, new_rows))
+
+
+def _finish(state: DecodeState, cfg: SamplerConfig) -> DecodeState:
+  over = state.length - state.prompt_len >= cfg.max_new_tokens
+  return state.replace(done=state.done | over, step=state.step + 1,
+                       rng=jax.random.fold_in(state.rng, 1))
+
+
+def _pending(state: DecodeState) -> jax.Array:
+  return jnp.take_along_axis(state.tokens, (state.length - 1)[:, None], axis=1)
+
+
+def _ar_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
+  del mask_id
+  start = state.length - 1
+  logits, cache = model(_pending(state), meta=_clean_meta(start, 1), cache=state.cache)
+  rng = jax.random.fold_in(state.rng, 0)
+  nxt = policies.sample(rng, logits[:, 0], cfg.temperature, cfg.top_k, cfg.top_p)
+  one = jnp.ones_like(state.length)
+  return _commit(state, nxt[:, None], one, cfg, cache, n_forward=state.n_forward + 1)
+
+
+def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
+  bsz = cfg.block_size
+  b = state.length.shape[0]
+  start = state.length - 1
+  pending = _pending(state)
+  draft_rng, accept_rng = jax.random.split(jax.random.fold_in(state.rng, 0))
+  # --- Draft: one noisy pass; slot i predicts the token at position start + 1 + i. ---
+  block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
+  q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
+  drafts = policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+  q = policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+  # --- Verify: one clean pass over [pending, drafts]; keep the replay inputs of the GDN layers. ---
+  verify = jnp.concatenate([pending, drafts], axis=1)
+  p_logits, cache, aux = model(verify, meta=_clean_meta(start, bsz + 1), cache=state.cache,
+                               return_gdn_aux=True)
+  p = policies.probs_of(p_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+  n_acc, nxt = policies.speculative_accept(accept_rng, drafts, q, p, greedy=cfg.greedy)
+  # Committed tokens are pending + n accepted drafts; roll the GDN states back to exactly those.
+  cache = model.rollback(state.cache, cache, aux, n_acc + 1)
+  new_tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  new_tokens = jnp.where(jnp.arange(bsz + 1)[None] == n_acc[:, None], nxt[:, None], new_tokens)
+  return _commit(state, new_tokens, n_acc + 1, cfg, cache, n_forward=state.n_forward + 2,
+                 n_drafted=state.n_drafted + bsz, n_accepted=state.n_accepted + n_acc)
+
+
+def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
+  bsz = cfg.block_size
+  b = state.length.shape[0]
+  start = state.length - 1
+  pending = _pending(state)
+  meta = _noisy_meta(start, bsz)
+
+  # targets[:, j] is the token at position start + 1 + j; slot j+1 of the block holds target j.
+  def denoise(carry):
+    targets, masked, passes, rng = carry
+    block = jnp.concatenate([pending, jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
+    logits, _ = model(block, meta=meta, cache=state.cache)
+    rng, sub = jax.random.split(rng)
+    proposal = policies.sample(sub, logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
+    probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
+    conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
+    if cfg.commit == 'threshold':
+      sel = policies.threshold_commit(conf, masked, cfg.threshold)
+    else:
+      sel = policies.top_k_commit(conf, masked, cfg.tokens_per_pass)
+    active = jnp.any(masked, axis=1, keepdims=True)
+    sel = sel & active
+    return (jnp.where(sel, proposal, targets), masked & ~sel,
+            passes + active[:, 0].astype(jnp.int32), rng)
+
+  init = (jnp.zeros((b, bsz), jnp.int32), jnp.ones((b, bsz), bool), jnp.zeros((b,), jnp.int32),
+          jax.random.fold_in(state.rng, 0))
+  targets, _, passes, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), denoise, init)
+  # --- Commit pass: advance the clean caches over [pending, targets[:-1]]. ---
+  _, cache = model(jnp.concatenate([pending, targets[:, :-1]], axis=1),
+                   meta=_clean_meta(start, bsz), cache=state.cache)
+  return _commit(state, targets, jnp.full((b,), bsz, jnp.int32), cfg, cache,
+                 n_forward=state.n_forward + passes + 1)

@@ -1,0 +1,157 @@
+"""Sampler: greedy AR-Trust == AR, Diffusion-Trust (B=1, threshold 1) == AR, exact speculative sampling."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
+from flare_jax.sampling import policies
+from flare_jax.sampling import sampler as sampler_lib
+
+L, F = config_lib.LINEAR, config_lib.FULL
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', layer_types=(L, F, L))
+  return transformer.FlareLM(cfg, rngs=nnx.Rngs(3))
+
+
+def _ragged_prompts(rng, lengths, width, vocab=256):
+  prompts = rng.integers(0, vocab, (len(lengths), width)).astype(np.int32)
+  return prompts, np.asarray(lengths, np.int32)
+
+
+def _naive_greedy(model, prompt, n):
+  """Greedy decoding by full forwards over the growing sequence (no caches)."""
+  seq = list(prompt)
+  for _ in range(n):
+    logits, _ = model(jnp.asarray([seq], jnp.int32))
+    seq.append(int(jnp.argmax(logits[0, -1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_ar_matches_full_forward_decoding(tiny, rng):
+  prompts, lengths = _ragged_prompts(rng, [5, 9, 1], 9)
+  res = sampler_lib.Sampler(tiny).generate(prompts, lengths,
+                                           sampler_lib.SamplerConfig(mode='ar', max_new_tokens=6))
+  for b, n in enumerate(lengths):
+    assert list(np.asarray(res.tokens[b])) == _naive_greedy(tiny, prompts[b, :n], 6)
+  assert list(np.asarray(res.num_tokens)) == [6, 6, 6]
+
+
+@pytest.mark.parametrize('block', [1, 2, 4, 8])
+def test_greedy_ar_trust_equals_greedy_ar(tiny, rng, block):
+  prompts, lengths = _ragged_prompts(rng, [3, 11, 7, 1], 11)
+  sampler = sampler_lib.Sampler(tiny)
+  ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar', max_new_tokens=13))
+  spec = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+      mode='ar_trust', block_size=block, max_new_tokens=13))
+  np.testing.assert_array_equal(spec.tokens, ar.tokens)
+  assert np.all(np.asarray(spec.n_accepted) <= np.asarray(spec.n_drafted))
+
+
+def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar(tiny, rng):
+  prompts, lengths = _ragged_prompts(rng, [4, 8], 8)
+  sampler = sampler_lib.Sampler(tiny)
+  ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar', max_new_tokens=7))
+  dt = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+      mode='diffusion_trust', block_size=1, threshold=1.0, max_new_tokens=7))
+  np.testing.assert_array_equal(dt.tokens, ar.tokens)
+
+
+def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_k(tiny, rng):
+  prompts, lengths = _ragged_prompts(rng, [4, 6], 6)
+  sampler = sampler_lib.Sampler(tiny)
+  passes = []
+  for k in (1, 4):
+    res = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode='diffusion_trust', block_size=4, commit='fixed', tokens_per_pass=k, max_new_tokens=8))
+    assert list(np.asarray(res.num_tokens)) == [8, 8]
+    passes.append(np.asarray(res.n_forward))
+  # k=1: 4 denoising passes + 1 commit pass per block of 4; k=4: 1 + 1 (plus the prefill).
+  np.testing.assert_array_equal(passes[0], 1 + 2 * 5)
+  np.testing.assert_array_equal(passes[1], 1 + 2 * 2)
+
+
+def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
+  prompts, lengths = _ragged_prompts(rng, [5, 5], 5)
+  sampler = sampler_lib.Sampler(tiny)
+  free = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar', max_new_tokens=6))
+  eos = int(free.tokens[0, 2])
+  for mode in ('ar', 'ar_trust'):
+    res = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode=mode, max_new_tokens=6, eos_ids=(eos,)), pad_id=-1)
+    row = list(np.asarray(res.tokens[0]))
+    first = row.index(eos)
+    assert row[:first + 1] == list(np.asarray(free.tokens[0, :first + 1]))
+    assert row[first + 1:] == [-1] * (5 - first) and int(res.num_tokens[0]) == first + 1
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+  sampler = sampler_lib.Sampler(tiny)
+  cfg = sampler_lib.SamplerConfig()
+  with pytest.raises(ValueError, match='non-empty'):
+    sampler.generate(np.zeros((0, 4), np.int32), np.zeros((0,), np.int32), cfg)
+  with pytest.raises(ValueError, match='prompt lengths'):
+    sampler.generate(np.zeros((1, 4), np.int32), np.array([0]), cfg)
+  with pytest.raises(ValueError, match='prompt ids'):
+    sampler.generate(np.full((1, 4), 999, np.int32), np.array([4]), cfg)
+  with pytest.raises(ValueError, match='unknown mode'):
+    sampler_lib.SamplerConfig(mode='beam')
+  with pytest.raises(ValueError, match='rng'):
+    sampler.generate(np.zeros((1, 4), np.int32), np.array([4]),
+                     sampler_lib.SamplerConfig(temperature=1.0))
+
+
+def test_speculative_accept_is_exact_in_distribution():
+  """Monte Carlo over the acceptance rule alone: the emitted first token follows p_0 exactly."""
+  vocab, n = 5, 200_000
+  key = jax.random.key(0)
+  kq, kp, kd, ka = jax.random.split(key, 4)
+  q = jax.nn.softmax(jax.random.normal(kq, (1, 1, vocab)) * 2)
+  p = jax.nn.softmax(jax.random.normal(kp, (1, 2, vocab)) * 2)
+  drafts = jax.random.categorical(kd, jnp.log(q[0, 0]), shape=(n, 1)).astype(jnp.int32)
+  n_acc, nxt = policies.speculative_accept(ka, drafts, jnp.broadcast_to(q, (n, 1, vocab)),
+                                           jnp.broadcast_to(p, (n, 2, vocab)))
+  first = np.where(np.asarray(n_acc) >= 1, np.asarray(drafts[:, 0]), np.asarray(nxt))
+  freq = np.bincount(first, minlength=vocab) / n
+  np.testing.assert_allclose(freq, np.asarray(p[0, 0]), atol=5e-3)
+
+
+def test_sampled_ar_trust_matches_the_ar_distribution():
+  """Chi-square over (t1, t2) pairs sampled by AR-Trust against the model's exact AR probabilities."""
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', vocab_size=6, layer_types=(L, F))
+  model = transformer.FlareLM(cfg, rngs=nnx.Rngs(7))
+  prompt = np.array([[1, 3, 2]], np.int32)
+
+  def probs(seq):
+    logits, _ = model(jnp.asarray([seq], jnp.int32))
+    x = np.asarray(logits[0, -1], np.float64)
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+  p1 = probs(list(prompt[0]))
+  expected = np.array([[p1[a] * probs(list(prompt[0]) + [a])[b] for b in range(cfg.vocab_size)]
+                       for a in range(cfg.vocab_size)])
+  n = 6000
+  res = sampler_lib.Sampler(model).generate(
+      np.repeat(prompt, n, 0), np.full((n,), 3, np.int32),
+      sampler_lib.SamplerConfig(mode='ar_trust', block_size=2, temperature=1.0, max_new_tokens=2),
+      rng=jax.random.key(11))
+  pairs = np.asarray(res.tokens[:, :2])
+  counts = np.zeros_like(expected)
+  np.add.at(counts, (pairs[:, 0], pairs[:, 1]), 1)
+  # Pool cells with small expectation, then Pearson chi-square.
+  exp_counts = expected.ravel() * n
+  obs = counts.ravel()
+  big = exp_counts >= 5
+  exp_cells = np.append(exp_counts[big], exp_counts[~big].sum())
+  obs_cells = np.append(obs[big], obs[~big].sum())
+  stat = float(np.sum((obs_cells - exp_cells) ** 2 / np.maximum(exp_cells, 1e-9)))
+  dof = len(exp_cells) - 1
+  p_value = float(jax.scipy.special.gammaincc(dof / 2, stat / 2))
+  print(f'AR-Trust vs AR chi-square: stat={stat:.2f} dof={dof} p={p_value:.3f}')
+  assert p_value > 1e-3, (stat, dof, p_value)
