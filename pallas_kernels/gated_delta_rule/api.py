@@ -1,0 +1,83 @@
+"""Dispatch for the gated delta rule: one API over the XLA, Pallas and jax-triton implementations."""
+import jax
+
+from pallas_kernels.gated_delta_rule import xla
+
+IMPLEMENTATIONS = ('xla', 'pallas', 'triton')
+
+
+def _check(q, k, v, g, beta, initial_state, segment_ids):
+  problems = []
+  if q.ndim != 4 or k.shape != q.shape:
+    problems.append(f'q {q.shape} and k {k.shape} must both be [B, T, H, K]')
+  if v.ndim != 4 or v.shape[:2] != q.shape[:2]:
+    problems.append(f'v {v.shape} must be [B, T, HV, V] with the B, T of q {q.shape}')
+  elif q.ndim == 4 and v.shape[2] % q.shape[2]:
+    problems.append(f'HV={v.shape[2]} is not a multiple of H={q.shape[2]}')
+  for name, x in (('g', g), ('beta', beta)):
+    if x.shape != v.shape[:3]:
+      problems.append(f'{name} {x.shape} must be [B, T, HV] = {v.shape[:3]}')
+  if initial_state is not None and initial_state.shape != (
+      v.shape[0], v.shape[2], q.shape[-1], v.shape[-1]):
+    problems.append(f'initial_state {initial_state.shape} must be [B, HV, K, V] = '
+                    f'{(v.shape[0], v.shape[2], q.shape[-1], v.shape[-1])}')
+  if segment_ids is not None and segment_ids.shape != q.shape[:2]:
+    problems.append(f'segment_ids {segment_ids.shape} must be [B, T] = {q.shape[:2]}')
+  if problems:
+    raise ValueError('gated delta rule: ' + '; '.join(problems))
+
+
+def _resolve(implementation: str | None) -> str:
+  if implementation is None:
+    return 'xla'
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'unknown gated delta rule implementation {implementation!r}; '
+                     f'known: {IMPLEMENTATIONS} or None')
+  return implementation
+
+
+def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
+                           *, scale: float | None = None, initial_state: jax.Array | None = None,
+                           segment_ids: jax.Array | None = None, output_final_state: bool = False,
+                           chunk_size: int = 64, implementation: str | None = None):
+  """Chunked gated delta rule (training / prefill).
+
+  Args:
+    q, k: [B, T, H, K], l2-normalised by the caller; v: [B, T, HV, V] with HV a multiple of H.
+    g: [B, T, HV] log-decay (<= 0, in log space); beta: [B, T, HV].
+    scale: multiplies q (default K ** -0.5).
+    initial_state: [B, HV, K, V] seeding t = 0 (zeros if None).
+    segment_ids: [B, T]; the state resets to zero where the id changes.
+    output_final_state: also return the fp32 state after the last token.
+    chunk_size: tokens per chunk.
+    implementation: None (best for the backend) | 'xla' | 'pallas' | 'triton'.
+
+  Returns:
+    (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] fp32 or None).
+
+  Raises:
+    ValueError: unknown implementation or inconsistent shapes.
+  """
+  _check(q, k, v, g, beta, initial_state, segment_ids)
+  impl = _resolve(implementation)
+  kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+            output_final_state=output_final_state, chunk_size=chunk_size)
+  if impl == 'pallas':
+    from pallas_kernels.gated_delta_rule import pallas  # pylint: disable=g-import-not-at-top
+    return pallas.chunk_gated_delta_rule_pallas(q, k, v, g, beta, **kw)
+  if impl == 'triton':
+    from pallas_kernels.gated_delta_rule import triton  # pylint: disable=g-import-not-at-top
+    return triton.chunk_gated_delta_rule_triton(q, k, v, g, beta, **kw)
+  return xla.chunk_gated_delta_rule_xla(q, k, v, g, beta, **kw)
+
+
+def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                               beta: jax.Array, *, scale: float | None = None,
+                               initial_state: jax.Array | None = None,
+                               segment_ids: jax.Array | None = None,
+                               output_final_state: bool = False):
+  """Token-by-token gated delta rule, for a few tokens at a time (decoding). Same contract as above."""
+  _check(q, k, v, g, beta, initial_state, segment_ids)
+  return xla.recurrent_gated_delta_rule_xla(
+      q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+      output_final_state=output_final_state)

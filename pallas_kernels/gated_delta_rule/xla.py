@@ -1,0 +1,131 @@
+"""Fast pure-JAX chunked gated delta rule with document resets: the CPU path and the kernels' fallback.
+
+All intra-chunk work (the UT transform, W, U, the decayed q k^T) runs for every chunk at once; only the
+state pass is a `lax.scan` over chunks. Documents may start anywhere: inside a chunk, tokens interact
+only with earlier tokens of their own segment, the entering state reaches only the segment active at the
+chunk start, and only the chunk's last segment writes the leaving state.
+"""
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import reference
+
+
+class ChunkIntra(NamedTuple):
+  """Per-chunk quantities, [B, N, HV, C, ...] fp32 (q already scaled)."""
+
+  q: jax.Array  # C K
+  k: jax.Array  # C K
+  w: jax.Array  # C K: T diag(beta e^G carry) K
+  u: jax.Array  # C V: T diag(beta) V
+  qk: jax.Array  # C C: (q k^T * decay) restricted to the same segment, j <= i
+  q_in: jax.Array  # C K: rows of q e^G that read the entering state (zero outside the carry segment)
+  k_out: jax.Array  # C K: rows of k e^{G_C - G} that write the leaving state (last segment only)
+  keep: jax.Array  # []: e^{G_C} if the entering state survives the chunk, else 0
+
+
+def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
+  b, t, _, kd = q.shape
+  hv, vd = v.shape[2], v.shape[3]
+  c = chunk_size
+  n = -(-t // c)
+  pad = n * c - t
+  f32 = lambda x: x.astype(jnp.float32)
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, t), jnp.int32)
+  starts = reference.segment_starts(segment_ids, b, t)
+  # Padding continues the last segment with identity steps (g = 0, beta = 0).
+  padt = lambda x, mode='constant': jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2),
+                                            mode=mode)
+  seg = padt(segment_ids, 'edge')
+  starts = padt(starts)
+  chunked = lambda x: jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 3, 2) if x.ndim == 4 else (
+      jnp.moveaxis(x.reshape(b, n, c, x.shape[2]), 3, 2))
+  qc = chunked(padt(reference.expand_heads(f32(q), hv) * scale))  # B N HV C K
+  kc = chunked(padt(reference.expand_heads(f32(k), hv)))
+  vc = chunked(padt(f32(v)))  # B N HV C V
+  gc = chunked(padt(f32(g)))  # B N HV C
+  bc = chunked(padt(f32(beta)))
+  segc = seg.reshape(b, n, 1, c)
+  first_resets = starts.reshape(b, n, c)[..., 0][..., None, None]  # B N 1 1
+
+  cum = jnp.cumsum(gc, axis=-1)
+  tri = jnp.tril(jnp.ones((c, c), bool))
+  same = segc[..., :, None] == segc[..., None, :]  # B N 1 C C
+  causal_same = tri & same
+  decay = jnp.exp(jnp.where(causal_same, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+  kkt = kc @ jnp.swapaxes(kc, -1, -2)
+  strict = causal_same & ~jnp.eye(c, dtype=bool)
+  a = jnp.where(strict, bc[..., :, None] * kkt * decay, 0.0)
+  carry = (segc == segc[..., :1]) & ~first_resets  # B N 1 C: reads the entering state
+  eye = jnp.eye(c, dtype=jnp.float32)
+  rhs = jnp.concatenate([kc * (bc * jnp.exp(cum) * carry)[..., None], vc * bc[..., None]], -1)
+  sol = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  w, u = sol[..., :kd], sol[..., kd:]
+  qk = (qc @ jnp.swapaxes(kc, -1, -2)) * decay
+  q_in = qc * (jnp.exp(cum) * carry)[..., None]
+  last = cum[..., -1:]
+  writes = segc == segc[..., -1:]
+  k_out = kc * (jnp.exp(last - cum) * writes)[..., None]
+  keep = jnp.exp(last[..., 0]) * carry[..., -1]  # B N HV
+  return ChunkIntra(qc, kc, w, u, qk, q_in, k_out, keep), (b, t, n, c, hv, vd)
+
+
+def _state_pass(intra: ChunkIntra, s0):
+  """Scan over chunks. Returns (entering states h [B, N, HV, K, V], v_new [B, N, HV, C, V], final)."""
+
+  def step(s, x):
+    w, u, k_out, keep = x
+    v_new = u - w @ s
+    s_next = keep[..., None, None] * s + jnp.swapaxes(k_out, -1, -2) @ v_new
+    return s_next, (s, v_new)
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (intra.w, intra.u, intra.k_out, intra.keep))
+  final, (h, v_new) = jax.lax.scan(step, s0, xs)
+  return jnp.moveaxis(h, 0, 1), jnp.moveaxis(v_new, 0, 1), final
+
+
+def chunk_gated_delta_rule_fwd_h(q, k, v, g, beta, *, scale=None, initial_state=None,
+                                 segment_ids=None, chunk_size=64):
+  """The chunk checkpoints: every chunk's entering state and corrected values.
+
+  Returns:
+    (h [B, N, HV, K, V] state entering chunk n (before any reset at the chunk's first token),
+     v_new [B, T, HV, V] corrected values V' = U - W S0, final state [B, HV, K, V]), all fp32.
+  """
+  kd = q.shape[-1]
+  scale = kd ** -0.5 if scale is None else scale
+  intra, (b, t, n, c, hv, vd) = _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size)
+  s0 = _initial(initial_state, b, hv, kd, vd)
+  h, v_new, final = _state_pass(intra, s0)
+  v_new = jnp.moveaxis(v_new, 2, 3).reshape(b, n * c, hv, vd)[:, :t]
+  return h, v_new, final
+
+
+def _initial(initial_state, b, hv, kd, vd):
+  if initial_state is None:
+    return jnp.zeros((b, hv, kd, vd), jnp.float32)
+  return initial_state.astype(jnp.float32)
+
+
+def chunk_gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
+                               segment_ids=None, output_final_state=False, chunk_size=64):
+  """Chunked gated delta rule (see `reference` for the recurrence and argument shapes)."""
+  kd = q.shape[-1]
+  scale = kd ** -0.5 if scale is None else scale
+  intra, (b, t, n, c, hv, vd) = _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size)
+  s0 = _initial(initial_state, b, hv, kd, vd)
+  h, v_new, final = _state_pass(intra, s0)
+  o = intra.q_in @ h + intra.qk @ v_new  # B N HV C V
+  o = jnp.moveaxis(o, 2, 3).reshape(b, n * c, hv, vd)[:, :t]
+  return o.astype(v.dtype), (final if output_final_state else None)
+
+
+def recurrent_gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
+                                   segment_ids=None, output_final_state=False):
+  """Token loop: cheapest for a few tokens (decoding)."""
+  return reference.naive_recurrent_gated_delta_rule(
+      q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+      output_final_state=output_final_state)
