@@ -51,6 +51,20 @@ def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
   return jax.vmap(lambda xp, n: jax.lax.dynamic_slice_in_dim(xp, n, kc - 1, axis=0))(xpad, n_valid)
 
 
+# Up to this many tokens a cached pass runs the token recurrence instead of padding to a whole chunk.
+_RECURRENT_MAX_TOKENS = 16
+
+
+def _delta_rule(cfg: config_lib.ModelConfig, q, k, v, g, beta, *, initial_state, segment_ids,
+                output_final_state):
+  kw = dict(scale=cfg.linear_key_head_dim ** -0.5, initial_state=initial_state,
+            segment_ids=segment_ids, output_final_state=output_final_state)
+  if initial_state is not None and q.shape[1] <= _RECURRENT_MAX_TOKENS:
+    return gdr.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+  return gdr.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.gdn_chunk_size,
+                                    implementation=cfg.gdn_impl, **kw)
+
+
 class GatedDeltaNet(nnx.Module):
   """Gated DeltaNet with grouped value heads (NV = r * NK).
 
@@ -145,12 +159,9 @@ class GatedDeltaNet(nnx.Module):
       g = jnp.where(valid[..., None], g, 0.0)
       beta = jnp.where(valid[..., None], beta, 0.0)
     dt = x.dtype  # the op computes in fp32 internally; bf16 operands halve its memory traffic
-    o, final = gdr.chunk_gated_delta_rule(
-        q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
-        scale=cfg.linear_key_head_dim ** -0.5,
-        initial_state=None if state is None else state.recurrent,
-        segment_ids=segment_ids, output_final_state=state is not None,
-        chunk_size=cfg.gdn_chunk_size, implementation=cfg.gdn_impl)
+    o, final = _delta_rule(cfg, q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
+                           initial_state=None if state is None else state.recurrent,
+                           segment_ids=segment_ids, output_final_state=state is not None)
     y = self.output(o, z, x.dtype)
     if state is None:
       return y, None
@@ -171,10 +182,9 @@ class GatedDeltaNet(nnx.Module):
     """
     cfg = self.cfg
     keep = jnp.arange(replay.g.shape[1])[None] < n_keep[:, None]
-    _, final = gdr.chunk_gated_delta_rule(
-        replay.q, replay.k, replay.v, jnp.where(keep[..., None], replay.g, 0.0),
-        jnp.where(keep[..., None], replay.beta, 0.0), scale=cfg.linear_key_head_dim ** -0.5,
-        initial_state=state.recurrent, output_final_state=True,
-        chunk_size=cfg.gdn_chunk_size, implementation=cfg.gdn_impl)
+    _, final = _delta_rule(cfg, replay.q, replay.k, replay.v,
+                           jnp.where(keep[..., None], replay.g, 0.0),
+                           jnp.where(keep[..., None], replay.beta, 0.0),
+                           initial_state=state.recurrent, segment_ids=None, output_final_state=True)
     window = last_window(replay.xpad, n_keep, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
     return cache_lib.GDNState(conv=window, recurrent=final)

@@ -20,6 +20,14 @@ def _model(**overrides):
   return transformer.FlareLM(cfg, rngs=nnx.Rngs(0)), cfg
 
 
+def _fwd(model, tokens, **kw):
+  """A jitted forward (eager op-by-op dispatch is slow on CPU)."""
+  return _jit_forward(model, tokens, **kw)
+
+
+_jit_forward = nnx.jit(lambda m, t, **kw: m(t, **kw))
+
+
 def _tokens(rng, b, t, vocab=256):
   return jnp.asarray(rng.integers(0, vocab, (b, t)), jnp.int32)
 
@@ -27,7 +35,7 @@ def _tokens(rng, b, t, vocab=256):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_forward_shapes_and_dtypes(dtype, rng):
   model, cfg = _model(dtype=dtype)
-  logits, cache = model(_tokens(rng, 2, 19))
+  logits, cache = _fwd(model, _tokens(rng, 2, 19))
   assert logits.shape == (2, 19, cfg.vocab_size) and logits.dtype == jnp.float32
   assert cache is None and bool(jnp.all(jnp.isfinite(logits)))
   params = nnx.state(model, nnx.Param)
@@ -49,10 +57,10 @@ def test_packed_row_equals_each_document_alone(rng):
   tokens = jnp.concatenate(docs, axis=1)
   seg = jnp.concatenate([jnp.full((1, n), i + 1, jnp.int32) for i, n in enumerate(lengths)], 1)
   pos = jnp.concatenate([jnp.arange(n, dtype=jnp.int32)[None] for n in lengths], 1)
-  packed, _ = model(tokens, segment_ids=seg, positions=pos)
+  packed, _ = _fwd(model, tokens, segment_ids=seg, positions=pos)
   start = 0
   for doc, n in zip(docs, lengths):
-    alone, _ = model(doc)
+    alone, _ = _fwd(model, doc)
     np.testing.assert_allclose(packed[0, start:start + n], alone[0], atol=2e-5, rtol=2e-5)
     start += n
 
@@ -60,7 +68,7 @@ def test_packed_row_equals_each_document_alone(rng):
 def test_prefill_then_decode_matches_full_forward(rng):
   model, cfg = _model(layer_types=(L, F, L, F))
   tokens = _tokens(rng, 2, 50)
-  full, _ = model(tokens)
+  full, _ = _fwd(model, tokens)
   cache = cache_lib.init_cache(cfg, batch=2, max_len=64)
   step = nnx.jit(lambda m, tok, pos, c: m(tok, positions=pos, cache=c))
   pieces, t = [], 0
@@ -79,18 +87,18 @@ def test_noisy_block_over_the_cache_matches_an_uncached_two_stream_forward(rng):
   block = _tokens(rng, 2, blk).at[:, 1:].set(cfg.resolved_mask_token_id)
   cache = cache_lib.init_cache(cfg, batch=2, max_len=16)
   pos = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (2, prefix_len))
-  _, cache = model(prefix, positions=pos, cache=cache)
+  _, cache = _fwd(model, prefix, positions=pos, cache=cache)
   bpos = jnp.broadcast_to(jnp.arange(prefix_len, prefix_len + blk, dtype=jnp.int32), (2, blk))
   noisy = mask_lib.TokenMeta(jnp.zeros_like(bpos), bpos, jnp.ones_like(bpos),
                              jnp.full_like(bpos, prefix_len))
-  cached, _ = model(block, meta=noisy, cache=cache)
+  cached, _ = _fwd(model, block, meta=noisy, cache=cache)
   # The same block appended to the clean prefix as a noisy view, without a cache.
   clean = transformer.default_meta(prefix)
   meta = mask_lib.TokenMeta(*(jnp.concatenate([a, b], 1) for a, b in zip(clean, noisy)))
-  ref, _ = model(jnp.concatenate([prefix, block], 1), meta=meta)
+  ref, _ = _fwd(model, jnp.concatenate([prefix, block], 1), meta=meta)
   np.testing.assert_allclose(cached, ref[:, prefix_len:], atol=5e-5, rtol=5e-5)
   # Bidirectional inside the block: the first slot's logits depend on a later slot's token.
-  other, _ = model(block.at[:, 3].set(5), meta=noisy, cache=cache)
+  other, _ = _fwd(model, block.at[:, 3].set(5), meta=noisy, cache=cache)
   assert float(jnp.max(jnp.abs(other[:, 0] - cached[:, 0]))) > 1e-4
 
 
@@ -101,12 +109,12 @@ def test_right_padded_prefill_continues_each_row_exactly(rng):
   valid = jnp.asarray(np.arange(12)[None] < lengths[:, None])
   cache = cache_lib.init_cache(cfg, batch=2, max_len=16)
   pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
-  _, cache = model(tokens, positions=pos, cache=cache, valid=valid)
+  _, cache = _fwd(model, tokens, positions=pos, cache=cache, valid=valid)
   nxt = _tokens(rng, 2, 1)
-  step_logits, _ = model(nxt, positions=jnp.asarray(lengths[:, None], jnp.int32), cache=cache)
+  step_logits, _ = _fwd(model, nxt, positions=jnp.asarray(lengths[:, None], jnp.int32), cache=cache)
   for b, n in enumerate(lengths):
     seq = jnp.concatenate([tokens[b:b + 1, :n], nxt[b:b + 1]], axis=1)
-    ref, _ = model(seq)
+    ref, _ = _fwd(model, seq)
     np.testing.assert_allclose(step_logits[b, 0], ref[0, -1], atol=5e-5, rtol=5e-5)
 
 
@@ -137,7 +145,7 @@ def test_remat_gives_the_same_gradients(rng):
   for remat in ('none', 'block'):
     model, _ = _model(remat=remat)
     loss = lambda m: jnp.mean(m(tokens)[0] ** 2)
-    grads.append(jax.tree.leaves(nnx.grad(loss)(model)))
+    grads.append(jax.tree.leaves(nnx.jit(nnx.grad(loss))(model)))
   for a, b in zip(*grads):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 

@@ -25,11 +25,13 @@ def _ragged_prompts(rng, lengths, width, vocab=256):
 
 
 def _naive_greedy(model, prompt, n):
-  """Greedy decoding by full forwards over the growing sequence (no caches)."""
+  """Greedy decoding by full forwards over the growing sequence (no caches), padded to one shape."""
+  width = len(prompt) + n
+  fwd = nnx.jit(lambda m, t: m(t)[0])
   seq = list(prompt)
   for _ in range(n):
-    logits, _ = model(jnp.asarray([seq], jnp.int32))
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    padded = jnp.asarray([seq + [0] * (width - len(seq))], jnp.int32)  # causal: padding is unseen
+    seq.append(int(jnp.argmax(fwd(model, padded)[0, len(seq) - 1])))
   return seq[len(prompt):]
 
 
@@ -127,9 +129,10 @@ def test_sampled_ar_trust_matches_the_ar_distribution():
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(7))
   prompt = np.array([[1, 3, 2]], np.int32)
 
+  fwd = nnx.jit(lambda m, t: m(t)[0])
+
   def probs(seq):
-    logits, _ = model(jnp.asarray([seq], jnp.int32))
-    x = np.asarray(logits[0, -1], np.float64)
+    x = np.asarray(fwd(model, jnp.asarray([seq], jnp.int32))[0, -1], np.float64)
     e = np.exp(x - x.max())
     return e / e.sum()
 
