@@ -1,0 +1,49 @@
+"""FlareLM checkpoint -> Hugging Face `Qwen3_5ForCausalLM` layout (safetensors + config + tokenizer)."""
+import json
+import os
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from flare_jax.checkpoint import hf_mapping
+from flare_jax.checkpoint import model_io
+from flare_jax.model import config as config_lib
+
+_DTYPES = {'bfloat16': ml_dtypes.bfloat16, 'float32': np.float32, 'float16': np.float16}
+
+
+def hf_tensors(params: dict, cfg: config_lib.ModelConfig, dtype: str = 'bfloat16') -> dict:
+  """Our params (pure dict) as HF-named numpy arrays (A_log and the GDN norm stay fp32)."""
+  if dtype not in _DTYPES:
+    raise ValueError(f'unknown export dtype {dtype!r}; known: {sorted(_DTYPES)}')
+  out = {}
+  for e in hf_mapping.entries(cfg):
+    value = np.asarray(hf_mapping.get_path(params, e.path), np.float32)
+    out[e.hf_name] = np.ascontiguousarray(
+        e.transform.to_hf(value).astype(np.float32 if e.keep_fp32 else _DTYPES[dtype]))
+  return out
+
+
+def write_hf_dir(params: dict, cfg: config_lib.ModelConfig, directory: str,
+                 dtype: str = 'bfloat16') -> None:
+  """Writes model.safetensors + config.json into an existing directory."""
+  save_file(hf_tensors(params, cfg, dtype), os.path.join(directory, 'model.safetensors'),
+            metadata={'format': 'pt'})
+  hf_config = config_lib.to_hf_text_config(cfg)
+  hf_config['dtype'] = dtype
+  with open(os.path.join(directory, 'config.json'), 'w') as f:
+    json.dump(hf_config, f, indent=2)
+
+
+def export_hf(ckpt_dir: str, out_dir: str, *, dtype: str = 'bfloat16', overwrite: bool = False,
+              log: Callable[[str], None] = print) -> None:
+  """Exports a model checkpoint (see model_io) as a Hugging Face Qwen3.5 text model, atomically."""
+  cfg = model_io.load_config(ckpt_dir)
+  params = model_io.load_params(ckpt_dir)
+  with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
+    write_hf_dir(params, cfg, tmp, dtype)
+    copied = model_io.copy_tokenizer_files(ckpt_dir, tmp)
+  log(f'wrote {out_dir}: model.safetensors ({dtype}), config.json'
+      + (f', {", ".join(copied)}' if copied else ''))

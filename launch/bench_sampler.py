@@ -1,0 +1,141 @@
+"""Decoding throughput of AR, AR-Trust and Diffusion-Trust on a random model, with reference points.
+
+python -m launch.bench_sampler --variant=2b --batch=1,8 --prompt_len=128 --new_tokens=256
+
+Prints, per (mode, concurrency): generated tokens/s, model passes per generated token, ms per pass, and for
+AR the step time against the HBM-bandwidth floor ((weights + cache bytes) / measured copy bandwidth).
+`--hf` also times transformers' `generate` on a random model of the same config in a separate process.
+Fixed output length (EOS ignored), greedy decoding, random weights.
+"""
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
+from flare_jax.sampling import sampler as sampler_lib
+
+_VARIANT = flags.DEFINE_string('variant', '2b', 'flare_jax.model.config.VARIANTS key.')
+_BATCH = flags.DEFINE_list('batch', ['1', '8'], 'Concurrency levels.')
+_PROMPT_LEN = flags.DEFINE_integer('prompt_len', 128, 'Prompt tokens per row.')
+_NEW = flags.DEFINE_integer('new_tokens', 256, 'Generated tokens per row.')
+_BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block.')
+_KS = flags.DEFINE_list('k', ['1', '2', '4'], 'Diffusion-Trust tokens committed per pass.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per case (median reported).')
+_HF = flags.DEFINE_bool('hf', False, 'Also time transformers generate (separate process).')
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+
+
+def _hbm_bandwidth() -> float:
+  """Measured device copy bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
+  x = jnp.ones((256, 1024, 1024), jnp.float32)
+  f = jax.jit(lambda a: a * 1.0001)
+  f(x).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(10):
+    y = f(x)
+  y.block_until_ready()
+  return 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _time(fn, repeats):
+  out = fn()
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), out
+
+
+def _hf_generate(cfg: config_lib.ModelConfig, batch: int, prompt_len: int, new: int) -> float:
+  """tokens/s of transformers' generate (random init, bf16, greedy), in its own process."""
+  code = f'''
+import json, time, torch, transformers
+hf = json.loads({json.dumps(json.dumps(config_lib.to_hf_text_config(cfg)))})
+hf.pop("flare"); hf.pop("architectures"); hf.pop("model_type")
+conf = transformers.Qwen3_5TextConfig(**hf)
+with torch.device("cuda"):
+  model = transformers.Qwen3_5ForCausalLM(conf).to(torch.bfloat16).eval()
+ids = torch.randint(0, 1000, ({batch}, {prompt_len}), device="cuda")
+kw = dict(max_new_tokens={new}, min_new_tokens={new}, do_sample=False, pad_token_id=0)
+model.generate(ids, **kw); torch.cuda.synchronize()
+t0 = time.perf_counter(); model.generate(ids, **kw); torch.cuda.synchronize()
+print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
+'''
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900)
+  for line in out.stdout.splitlines():
+    if line.startswith('HF_TOKS'):
+      return float(line.split()[1])
+  print(out.stderr[-2000:])
+  return float('nan')
+
+
+def main(argv):
+  del argv
+  cfg = config_lib.VARIANTS[_VARIANT.value].replace(dtype='bfloat16', param_dtype='bfloat16')
+  model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
+  sampler = sampler_lib.Sampler(model)
+  weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
+  bw = _hbm_bandwidth()
+  print(f'device: {jax.devices()[0].device_kind}; model {_VARIANT.value}: '
+        f'{weight_bytes / 2**30:.2f} GiB bf16 weights; measured HBM copy bandwidth {bw / 1e9:.0f} GB/s')
+  rng = np.random.default_rng(0)
+  modes = [('ar', dict(mode='ar')), ('ar_trust', dict(mode='ar_trust', block_size=_BLOCK.value))]
+  modes += [(f'diffusion_trust k={k}', dict(mode='diffusion_trust', block_size=_BLOCK.value,
+                                            commit='fixed', tokens_per_pass=int(k)))
+            for k in _KS.value]
+  rows = []
+  for batch in map(int, _BATCH.value):
+    prompts = rng.integers(0, 1000, (batch, _PROMPT_LEN.value)).astype(np.int32)
+    lengths = np.full((batch,), _PROMPT_LEN.value, np.int32)
+    cache_bytes = None
+    for name, kw in modes:
+      scfg = sampler_lib.SamplerConfig(max_new_tokens=_NEW.value, **kw)
+      seconds, res = _time(lambda: sampler.generate(prompts, lengths, scfg), _REPEATS.value)
+      passes = float(np.mean(np.asarray(res.n_forward) - 1))  # minus the prefill
+      toks = batch * _NEW.value
+      row = dict(mode=name, batch=batch, tokens_per_s=toks / seconds,
+                 passes_per_token=passes / _NEW.value, ms_per_pass=1e3 * seconds / max(passes, 1),
+                 acceptance=float(np.sum(res.n_accepted) / max(np.sum(res.n_drafted), 1)))
+      if name == 'ar':
+        if cache_bytes is None:
+          from flare_jax.model import cache as cache_lib  # pylint: disable=g-import-not-at-top
+          s = sampler_lib.buffer_len(_PROMPT_LEN.value, scfg)
+          cache_bytes = _tree_bytes(jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, s)))
+        floor_ms = 1e3 * (weight_bytes + cache_bytes) / bw
+        row['bandwidth_floor_ms'] = floor_ms
+        row['step_vs_floor'] = row['ms_per_pass'] / floor_ms
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+    if _HF.value:
+      hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
+      rows.append(dict(mode='hf_generate', batch=batch, tokens_per_s=hf))
+      print(json.dumps(rows[-1]), flush=True)
+  print('\n| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | acceptance |')
+  print('|---|---|---|---|---|---|---|')
+  for r in rows:
+    print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r.get('passes_per_token', 0):.2f} "
+          f"| {r.get('ms_per_pass', 0):.2f} | {r.get('step_vs_floor', float('nan')):.2f} "
+          f"| {r.get('acceptance', 0):.2f} |")
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)
