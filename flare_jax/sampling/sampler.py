@@ -43,6 +43,7 @@ class SamplerConfig:
   threshold: float = 0.9
   tokens_per_pass: int = 1
   eos_ids: tuple[int, ...] = ()
+  cache_len: int = 0  # 0: sized to the prompts + max_new_tokens; else a hard limit (error if exceeded)
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -156,6 +157,11 @@ class Sampler:
     Raises:
       ValueError: empty batch, empty prompt, lengths out of range, ids out of the vocabulary.
     """
+    prompts, prompt_lengths, rng = self._validate(prompts, prompt_lengths, cfg, rng)
+    return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
+                     mask_id=self.model_cfg.resolved_mask_token_id, pad_id=pad_id)
+
+  def _validate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng):
     prompts = jnp.asarray(prompts, jnp.int32)
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
     if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
@@ -171,42 +177,85 @@ class Sampler:
                        f'{int(jnp.max(prompts))}')
     if cfg.temperature > 0 and rng is None:
       raise ValueError('sampling with temperature > 0 needs an rng key')
-    rng = jax.random.key(0) if rng is None else rng
-    return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
-                     mask_id=self.model_cfg.resolved_mask_token_id, pad_id=pad_id)
+    need = buffer_len(prompts.shape[1], cfg)
+    if cfg.cache_len and need > cfg.cache_len:
+      raise ValueError(f'prompt width {prompts.shape[1]} + max_new_tokens {cfg.max_new_tokens} + '
+                       f'{cfg.slack} slack = {need} slots exceed cache_len {cfg.cache_len}')
+    return prompts, prompt_lengths, jax.random.key(0) if rng is None else rng
+
+  def stream(self, prompt, cfg: SamplerConfig, rng: jax.Array | None = None):
+    """Decodes one prompt (a list of ids), yielding the newly committed token ids after every iteration.
+
+    Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
+    """
+    prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
+    state = _start(self.graphdef, self.params, prompts, lengths, rng, cfg=cfg, pad_id=0)
+    emitted = 0
+    while True:
+      state = _advance(self.graphdef, self.params, state, cfg=cfg,
+                       mask_id=self.model_cfg.resolved_mask_token_id)
+      n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
+      if n_new > emitted:
+        start = int(state.prompt_len[0]) + emitted
+        yield [int(t) for t in state.tokens[0, start:start + n_new - emitted]]
+        emitted = n_new
+      if bool(state.done[0]) or int(state.step) >= cfg.max_new_tokens:
+        return
 
 
 def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:
+  """Slots of the token buffer and of every cache: prompt, new tokens and one iteration's overshoot."""
   return prompt_width + cfg.max_new_tokens + cfg.slack
+
+
+def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id: int):
+  """Prefills everything but each row's last prompt token (it becomes the pending token)."""
+  b, p = prompts.shape
+  s = buffer_len(p, cfg)
+  tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
+  cache = cache_lib.init_cache(model.cfg, b, s)
+  valid = jnp.arange(p)[None] < (prompt_lengths - 1)[:, None]
+  _, cache = model(prompts, meta=_clean_meta(jnp.zeros((b,), jnp.int32), p), cache=cache,
+                   valid=valid)
+  zeros = jnp.zeros((b,), jnp.int32)
+  return DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
+                     done=jnp.zeros((b,), bool), cache=cache, rng=rng,
+                     step=jnp.zeros((), jnp.int32), n_forward=zeros + 1, n_drafted=zeros,
+                     n_accepted=zeros)
+
+
+def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int) -> DecodeState:
+  step_fn = {'ar': _ar_step, 'ar_trust': _ar_trust_step,
+             'diffusion_trust': _diffusion_step}[cfg.mode]
+  return _finish(step_fn(model, state, cfg=cfg, mask_id=mask_id), cfg)
+
+
+def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult:
+  n_new = jnp.minimum(state.length - state.prompt_len, cfg.max_new_tokens)
+  gen = _read(state.tokens, state.prompt_len, cfg.max_new_tokens)
+  gen = jnp.where(jnp.arange(cfg.max_new_tokens)[None] < n_new[:, None], gen, pad_id)
+  return DecodeResult(tokens=gen, num_tokens=n_new, n_forward=state.n_forward,
+                      n_drafted=state.n_drafted, n_accepted=state.n_accepted)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id'))
 def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
   model = nnx.merge(graphdef, params)
-  b, p = prompts.shape
-  s = buffer_len(p, cfg)
-  tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
-  cache = cache_lib.init_cache(model.cfg, b, s)
-  # Prefill everything but each row's last prompt token (it becomes the pending token).
-  valid = jnp.arange(p)[None] < (prompt_lengths - 1)[:, None]
-  _, cache = model(prompts, meta=_clean_meta(jnp.zeros((b,), jnp.int32), p), cache=cache,
-                   valid=valid)
-  zeros = jnp.zeros((b,), jnp.int32)
-  state = DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
-                      done=jnp.zeros((b,), bool), cache=cache, rng=rng, step=jnp.zeros((), jnp.int32),
-                      n_forward=zeros + 1, n_drafted=zeros, n_accepted=zeros)
-  step_fn = {'ar': _ar_step, 'ar_trust': _ar_trust_step,
-             'diffusion_trust': _diffusion_step}[cfg.mode]
-  body = functools.partial(step_fn, model, cfg=cfg, mask_id=mask_id)
-  state = jax.lax.while_loop(
-      lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
-      lambda st: _finish(body(st), cfg), state)
-  n_new = jnp.minimum(state.length - state.prompt_len, cfg.max_new_tokens)
-  gen = _read(state.tokens, state.prompt_len, cfg.max_new_tokens)
-  gen = jnp.where(jnp.arange(cfg.max_new_tokens)[None] < n_new[:, None], gen, pad_id)
-  return DecodeResult(tokens=gen, num_tokens=n_new, n_forward=state.n_forward,
-                      n_drafted=state.n_drafted, n_accepted=state.n_accepted)
+  state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id)
+  state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
+                             lambda st: _iteration(model, st, cfg, mask_id), state)
+  return _result(state, cfg, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id'))
+def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id):
+  return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id'), donate_argnames='state')
+def _advance(graphdef, params, state, *, cfg, mask_id):
+  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id)
 
 
 def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache, **stats) -> DecodeState:

@@ -92,6 +92,17 @@ def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
     assert row[first + 1:] == [-1] * (5 - first) and int(res.num_tokens[0]) == first + 1
 
 
+@pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
+def test_streaming_yields_exactly_the_batch_output(tiny, rng, mode):
+  prompt = list(rng.integers(0, 256, 6))
+  cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=9, commit='fixed', tokens_per_pass=2)
+  sampler = sampler_lib.Sampler(tiny)
+  pieces = list(sampler.stream(prompt, cfg))
+  batch = sampler.generate(np.asarray([prompt]), np.asarray([6]), cfg)
+  assert sum(pieces, []) == list(np.asarray(batch.tokens[0]))
+  assert all(pieces)
+
+
 def test_bad_inputs_raise_clear_errors(tiny):
   sampler = sampler_lib.Sampler(tiny)
   cfg = sampler_lib.SamplerConfig()
@@ -103,6 +114,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
     sampler.generate(np.full((1, 4), 999, np.int32), np.array([4]), cfg)
   with pytest.raises(ValueError, match='unknown mode'):
     sampler_lib.SamplerConfig(mode='beam')
+  with pytest.raises(ValueError, match='exceed cache_len 16'):
+    sampler.generate(np.zeros((1, 10), np.int32), np.array([10]),
+                     sampler_lib.SamplerConfig(max_new_tokens=8, cache_len=16))
   with pytest.raises(ValueError, match='rng'):
     sampler.generate(np.zeros((1, 4), np.int32), np.array([4]),
                      sampler_lib.SamplerConfig(temperature=1.0))

@@ -1,0 +1,1 @@
+"""Data: tokenizers (and, later, grain sources and packing)."""

@@ -1,0 +1,116 @@
+"""Decodes prompts with a converted or trained checkpoint: AR, AR-Trust or Diffusion-Trust.
+
+python -m launch.sample --ckpt=DIR --mode=ar_trust --prompt="def add(a, b):"
+python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.jsonl --output=out.jsonl
+
+--prompts is JSONL with a "prompt" field per line. One prompt streams its text as it is committed;
+several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket).
+The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+
+from flare_jax.checkpoint import model_io
+from flare_jax.data import tokenizer as tokenizer_lib
+from flare_jax.sampling import sampler as sampler_lib
+
+_CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
+_MODE = flags.DEFINE_enum('mode', 'ar', list(sampler_lib.MODES), 'Decoding mode.')
+_PROMPT = flags.DEFINE_string('prompt', None, 'One prompt (streams its output).')
+_PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file of {"prompt": ...} lines.')
+_OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory (default: the checkpoint's).")
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
+_BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block size.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus filter (1 = off).')
+_COMMIT = flags.DEFINE_enum('commit', 'threshold', ['threshold', 'fixed'], 'Diffusion-Trust rule.')
+_THRESHOLD = flags.DEFINE_float('threshold', 0.9, 'Diffusion-Trust confidence threshold.')
+_PER_PASS = flags.DEFINE_integer('tokens_per_pass', 2, "Tokens per pass for --commit=fixed.")
+_BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts per jitted batch.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
+
+
+def _read_prompts() -> list[str]:
+  if (_PROMPT.value is None) == (_PROMPTS.value is None):
+    raise app.UsageError('pass exactly one of --prompt or --prompts')
+  if _PROMPT.value is not None:
+    return [_PROMPT.value]
+  prompts = []
+  with open(_PROMPTS.value) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        prompt = json.loads(line)['prompt']
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise app.UsageError(f'{_PROMPTS.value}:{n}: expected {{"prompt": "..."}} ({e})') from e
+      if not isinstance(prompt, str) or not prompt:
+        raise app.UsageError(f'{_PROMPTS.value}:{n}: "prompt" must be a non-empty string')
+      prompts.append(prompt)
+  if not prompts:
+    raise app.UsageError(f'{_PROMPTS.value} has no prompts')
+  return prompts
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  prompts = _read_prompts()
+  model = model_io.load_model(_CKPT.value, dtype=_DTYPE.value)
+  tok_spec = _TOKENIZER.value or (
+      _CKPT.value if os.path.isfile(os.path.join(_CKPT.value, 'tokenizer.json')) else 'byte')
+  tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
+  eos = {tokenizer.eos_id} | ({model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
+  cfg = sampler_lib.SamplerConfig(
+      mode=_MODE.value, block_size=_BLOCK.value, max_new_tokens=_MAX_NEW.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, commit=_COMMIT.value,
+      threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value, eos_ids=tuple(sorted(eos)))
+  sampler = sampler_lib.Sampler(model)
+  rng = jax.random.key(_SEED.value)
+  encoded = [tokenizer.encode(p) for p in prompts]
+  if any(not ids for ids in encoded):
+    raise app.UsageError('a prompt encodes to no tokens')
+  out = open(_OUTPUT.value, 'w') if _OUTPUT.value else sys.stdout
+  if len(prompts) == 1 and not _OUTPUT.value:
+    print(prompts[0], end='', flush=True)
+    for piece in sampler.stream(encoded[0], cfg, rng):
+      print(tokenizer.decode(piece), end='', flush=True)
+    print()
+    return
+  done = 0
+  for i in range(0, len(prompts), _BATCH.value):
+    chunk = encoded[i:i + _BATCH.value]
+    width = -(-max(map(len, chunk)) // 64) * 64
+    batch = np.full((_BATCH.value, width), tokenizer.pad_id, np.int32)
+    lengths = np.ones((_BATCH.value,), np.int32)  # filler rows: one token, discarded
+    for r, ids in enumerate(chunk):
+      batch[r, :len(ids)] = ids
+      lengths[r] = len(ids)
+    t0 = time.perf_counter()
+    res = jax.device_get(sampler.generate(batch, lengths, cfg, jax.random.fold_in(rng, i)))
+    secs = time.perf_counter() - t0
+    for r, ids in enumerate(chunk):
+      n = int(res.num_tokens[r])
+      out.write(json.dumps({
+          'prompt': prompts[i + r], 'completion': tokenizer.decode(res.tokens[r, :n]),
+          'tokens': n, 'forward_passes': int(res.n_forward[r]),
+          'acceptance': (float(res.n_accepted[r]) / max(int(res.n_drafted[r]), 1)
+                         if cfg.mode == 'ar_trust' else None)}) + '\n')
+    done += len(chunk)
+    print(f'[{done}/{len(prompts)}] batch of {len(chunk)} in {secs:.1f} s', file=sys.stderr)
+  if out is not sys.stdout:
+    out.close()
+
+
+if __name__ == '__main__':
+  app.run(main)
