@@ -29,12 +29,17 @@ class Block(nnx.Module):
 
   def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
                cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None,
-               return_replay: bool = False):
-    """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None)."""
+               return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'lean'):
+    """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None).
+
+    With num_views > 0 the row is a two-stream row (clean stream then the noisy views, no cache).
+    """
     x = self.input_layernorm(h)
     replay = None
     if self.layer_type == config_lib.FULL:
       x, cache = self.self_attn(x, meta, cache=cache)
+    elif num_views:
+      x = self.linear_attn.two_stream(x, meta, num_views, gdn_schedule)
     elif return_replay:
       x, cache, replay = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid,
                                           return_replay=True)

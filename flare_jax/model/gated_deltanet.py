@@ -7,7 +7,9 @@ from flare_jax import sharding as shd
 from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import layers
+from flare_jax.model import two_stream_gdn
 from pallas_kernels import gated_delta_rule as gdr
+from pallas_kernels.attention import mask as mask_lib
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -173,6 +175,45 @@ class GatedDeltaNet(nnx.Module):
       return y, next_state, cache_lib.GDNReplay(q=q.astype(dt), k=k.astype(dt), v=v.astype(dt),
                                                 g=g, beta=beta, xpad=xpad)
     return y, next_state
+
+  def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
+                 schedule: str = 'lean') -> jax.Array:
+    """The mixer over a two-stream row: clean stream [0, T) then `num_views` noisy views of T slots.
+
+    The views share one block layout (their masks differ). See `two_stream_gdn` for the schedule.
+
+    Args:
+      x: [B, (1+V)T, D]; meta: [B, (1+V)T] metadata (noisy block_starts are positions).
+
+    Returns:
+      [B, (1+V)T, D].
+    """
+    cfg = self.cfg
+    b, n, _ = x.shape
+    t = n // (1 + num_views)
+    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    seg = meta.segment_ids[:, :t]
+    pos = meta.positions[:, t:2 * t]
+    # Noisy block starts as slot indices of the row (positions restart at each document).
+    starts = jnp.arange(t)[None] - (pos - meta.block_starts[:, t:2 * t])
+    w = self.conv_weight[...]
+    clean_conv, _ = causal_conv(qkv[:, :t], w, seg)
+    noisy_pre = qkv[:, t:].reshape(b, num_views, t, -1)
+    noisy_conv = two_stream_gdn.noisy_conv(qkv[:, :t], noisy_pre, w, seg, starts)
+    conv = jnp.concatenate([clean_conv, noisy_conv.reshape(b, num_views * t, -1)], axis=1)
+    q, k, v = self.split_heads(jax.nn.silu(conv))
+    g, beta = self.gates(b_in, a_in)
+    dt = x.dtype
+    clean = (q[:, :t].astype(dt), k[:, :t].astype(dt), v[:, :t].astype(dt), g[:, :t], beta[:, :t])
+    o_clean, _ = _delta_rule(cfg, *clean, initial_state=None, segment_ids=seg,
+                             output_final_state=False)
+    views = lambda a: a[:, t:].reshape(b, num_views, t, *a.shape[2:])
+    o_noisy = two_stream_gdn.noisy_delta_rule(
+        clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts,
+        scale=cfg.linear_key_head_dim ** -0.5, schedule=schedule, chunk_size=cfg.gdn_chunk_size)
+    o = jnp.concatenate([o_clean.astype(jnp.float32),
+                         o_noisy.reshape(b, num_views * t, *o_noisy.shape[3:])], axis=1)
+    return self.output(o, z, dt)
 
   def replay_state(self, state: cache_lib.GDNState, replay: cache_lib.GDNReplay,
                    n_keep: jax.Array) -> cache_lib.GDNState:

@@ -1,0 +1,209 @@
+"""Gated DeltaNet over a two-stream row: the clean stream plus V noisy views (pure JAX, with gradients).
+
+A noisy slot j of a block starting at slot bs = block_starts[j] is processed by the recurrence seeded with
+the CLEAN state after token bs - 1 (zero if that token is in another document or bs = 0), causally over
+the block's own slots; the state is dropped after the block. Its short conv reads pre-conv inputs at
+positions < bs from the clean stream (same document only) and positions >= bs from its own view.
+
+Two schedules compute the same thing:
+  * simple: run the clean recurrence token by token keeping the state after every token, gather the
+    seeds. Memory O(T) states per layer (every block boundary at B = 1).
+  * lean: keep only the chunk checkpoints of the chunked clean pass (state entering each chunk, O(T/C))
+    and, chunk by chunk of the noisy view under `jax.checkpoint`, rebuild the few seeds that chunk needs
+    from its checkpoint with the prefix identity
+        S_after(p) = e^{G_p} h_c + sum_{i <= p in chunk c, same document} e^{G_p - G_i} k_i v'_i^T
+    (G the in-chunk cumulative log-decay, v' the corrected values). The reference for the fused kernels.
+"""
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import reference
+from pallas_kernels.gated_delta_rule import xla as gdr_xla
+
+SCHEDULES = ('simple', 'lean')
+
+
+def _gather_time(x, idx):
+  """x [B, T, ...] at per-row indices idx [B, S] -> [B, S, ...]."""
+  return jax.vmap(lambda a, i: a[i])(x, idx)
+
+
+def noisy_conv(x_clean, x_noisy, w, segment_ids, block_starts):
+  """Causal depthwise conv of the noisy views with windows reaching into the clean stream.
+
+  Args:
+    x_clean: [B, T, C] clean pre-conv inputs; x_noisy: [B, V, T, C]; w: [Kc, C].
+    segment_ids, block_starts: [B, T] (shared by the views: slot j has position j).
+
+  Returns:
+    [B, V, T, C] fp32 conv outputs (before the activation).
+  """
+  b, v, t, c = x_noisy.shape
+  kc = w.shape[0]
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  out = jnp.zeros((b, v, t, c), jnp.float32)
+  for back in range(kc):  # tap w[kc-1-back] multiplies the input `back` slots earlier
+    src = pos - back
+    srcc = jnp.maximum(src, 0)
+    ok = (src >= 0) & (_gather_time(segment_ids, srcc) == segment_ids)
+    from_noisy = srcc >= block_starts  # B T
+    clean_val = _gather_time(x_clean, srcc).astype(jnp.float32)  # B T C
+    noisy_val = jnp.take_along_axis(x_noisy, srcc[:, None, :, None], axis=2).astype(jnp.float32)
+    val = jnp.where(from_noisy[:, None, :, None], noisy_val, clean_val[:, None])
+    out = out + jnp.where(ok[:, None, :, None], val, 0.0) * w[kc - 1 - back].astype(jnp.float32)
+  return out
+
+
+def _seeded_scan(q, k, v, g, beta, seeds, is_first, scale):
+  """Token recurrence that restarts from seeds[j] at every block-first slot j.
+
+  q, k: [B, S, HV, K] (expanded, fp32); v: [B, S, HV, V]; g, beta: [B, S, HV];
+  seeds: [B, S, HV, K, V] (only read where is_first); is_first: [B, S]. Returns o [B, S, HV, V].
+  """
+  b, s, hv, kd = k.shape
+  vd = v.shape[-1]
+
+  def step(state, x):
+    q_t, k_t, v_t, g_t, b_t, seed, first = x
+    state = jnp.where(first[:, None, None, None], seed, state)
+    state = state * jnp.exp(g_t)[..., None, None]
+    d = b_t[..., None] * (v_t - jnp.einsum('bhkv,bhk->bhv', state, k_t))
+    state = state + jnp.einsum('bhk,bhv->bhkv', k_t, d)
+    return state, jnp.einsum('bhkv,bhk->bhv', state, q_t) * scale
+
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta, seeds, is_first))
+  _, o = jax.lax.scan(step, jnp.zeros((b, hv, kd, vd), jnp.float32), xs)
+  return jnp.moveaxis(o, 0, 1)
+
+
+def _clean_states_after_every_token(k, v, g, beta, segment_ids):
+  """Simple schedule's clean pass: fp32 state after each token [B, T, HV, K, V]."""
+  b, t, hv, kd = k.shape
+  vd = v.shape[-1]
+  starts = reference.segment_starts(segment_ids, b, t)
+
+  def step(s, x):
+    k_t, v_t, g_t, b_t, start = x
+    s = jnp.where(start[:, None, None, None], 0.0, s) * jnp.exp(g_t)[..., None, None]
+    d = b_t[..., None] * (v_t - jnp.einsum('bhkv,bhk->bhv', s, k_t))
+    s = s + jnp.einsum('bhk,bhv->bhkv', k_t, d)
+    return s, s
+
+  xs = tuple(jnp.moveaxis(a, 1, 0) for a in (k, v, g, beta, starts))
+  _, states = jax.lax.scan(step, jnp.zeros((b, hv, kd, vd), jnp.float32), xs)
+  return jnp.moveaxis(states, 0, 1)
+
+
+def _seed_positions(segment_ids, block_starts):
+  """Per slot: the clean position whose state seeds its block, and whether that seed is non-zero."""
+  prev = block_starts - 1
+  valid = (prev >= 0) & (_gather_time(segment_ids, jnp.maximum(prev, 0)) == segment_ids)
+  return jnp.maximum(prev, 0), valid
+
+
+def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule='lean',
+                     chunk_size=64, max_block=32):
+  """Noisy-view outputs of the gated delta rule under the two-stream state schedule.
+
+  Args:
+    clean: (q, k, v, g, beta) of the clean stream: q, k [B, T, H, K] l2-normed, v [B, T, HV, V],
+      g (log space), beta [B, T, HV].
+    noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
+    segment_ids, block_starts: [B, T].
+    schedule: 'simple' | 'lean'.
+    max_block: upper bound on block length (lean: how far a chunk's blocks reach back).
+
+  Returns:
+    o [B, V, T, HV, V] fp32.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f'unknown GDN schedule {schedule!r}; known: {SCHEDULES}')
+  f32 = lambda a: a.astype(jnp.float32)
+  qc, kc, vc, gc, bc = clean
+  hv = vc.shape[2]
+  kc_e = reference.expand_heads(f32(kc), hv)
+  qn, kn, vn, gn, bn = (f32(a) for a in noisy)
+  nv = qn.shape[1]
+  qn = jnp.repeat(qn, hv // qn.shape[3], axis=3)
+  kn = jnp.repeat(kn, hv // kn.shape[3], axis=3)
+  b, t = segment_ids.shape
+  seed_pos, seed_valid = _seed_positions(segment_ids, block_starts)
+  is_first = jnp.arange(t)[None] == block_starts  # B T
+  merge = lambda a: a.reshape(b * nv, *a.shape[2:])  # fold views into the batch
+  per_view = lambda a: jnp.broadcast_to(a[:, None], (b, nv) + a.shape[1:])
+
+  if schedule == 'simple':
+    states = _clean_states_after_every_token(kc_e, f32(vc), f32(gc), f32(bc), segment_ids)
+    seeds = _gather_time(states, seed_pos) * seed_valid[..., None, None, None]
+    o = _seeded_scan(merge(qn), merge(kn), merge(vn), merge(gn), merge(bn),
+                     merge(per_view(seeds)), merge(per_view(is_first)), scale)
+    return o.reshape(b, nv, t, *o.shape[2:])
+
+  # --- lean: chunk checkpoints only; rebuild each noisy chunk's seeds inside a remat'd map. ---
+  c = chunk_size
+  h, v_new, _ = gdr_xla.chunk_gated_delta_rule_fwd_h(qc, kc, vc, gc, bc, scale=scale,
+                                                     segment_ids=segment_ids, chunk_size=c)
+  n = h.shape[1]
+  back = max_block  # slots a chunk's blocks can start before it
+  width = c + back
+  pad_t = n * c + back
+  padt = lambda a, mode='constant': jnp.pad(
+      a, ((0, 0), (back, pad_t - back - a.shape[1])) + ((0, 0),) * (a.ndim - 2), mode=mode)
+  # Clean per-token quantities for the prefix identity, padded so every window slices in range.
+  g_cum = _chunk_cumsum(f32(gc), c)  # B T HV: in-chunk inclusive cumulative log-decay
+  seg_starts = reference.segment_starts(segment_ids, b, t)
+  args = dict(k=padt(kc_e), v_new=padt(v_new), g_cum=padt(g_cum), seg=padt(segment_ids, 'edge'),
+              seg_starts=padt(seg_starts))
+  noisy_p = [padt(jnp.moveaxis(a, 1, 2)) for a in (qn, kn, vn, gn, bn)]  # B T' V ...
+  is_first_p = padt(is_first)
+  seed_pos_p = padt(seed_pos)
+  seed_valid_p = padt(seed_valid)
+
+  def chunk_out(ci):
+    lo = ci * c  # window [lo - back, lo + c) in original slots == [lo, lo + width) padded
+    win = lambda a: jax.lax.dynamic_slice_in_dim(a, lo, width, axis=1)
+    sp = win(seed_pos_p)  # B W original seed positions
+    seeds = _rebuild_states(sp, h, c, args) * win(seed_valid_p)[..., None, None, None]
+    q_w, k_w, v_w, g_w, b_w = (jnp.moveaxis(win(a), 2, 1) for a in noisy_p)  # B V W ...
+    o = _seeded_scan(merge(q_w), merge(k_w), merge(v_w), merge(g_w), merge(b_w),
+                     merge(per_view(seeds)), merge(per_view(win(is_first_p))), scale)
+    return o.reshape(b, nv, width, *o.shape[2:])[:, :, back:]
+
+  outs = jax.lax.map(jax.checkpoint(chunk_out), jnp.arange(n))  # N B V C HV V
+  outs = jnp.moveaxis(outs, 0, 2).reshape(b, nv, n * c, hv, -1)
+  return outs[:, :, :t]
+
+
+def _chunk_cumsum(g, c):
+  b, t, hv = g.shape
+  n = -(-t // c)
+  gp = jnp.pad(g, ((0, 0), (0, n * c - t), (0, 0)))
+  return jnp.cumsum(gp.reshape(b, n, c, hv), axis=2).reshape(b, n * c, hv)[:, :t]
+
+
+def _rebuild_states(pos, h, c, clean):
+  """Clean state after each position pos [B, W] from chunk checkpoints (prefix identity).
+
+  S_after(p) = [p's document continues from the chunk start] e^{G_p} h_{c(p)}
+               + sum_{i in chunk c(p), i <= p, same document} e^{G_p - G_i} k_i v'_i^T.
+  `clean` arrays are padded by `back` slots at the front (index = position + back).
+  """
+  offset = clean['seg'].shape[1] - (h.shape[1] * c)  # = back (front padding)
+  chunk = pos // c
+  start = chunk * c
+  idx = start[..., None] + jnp.arange(c)  # B W C: positions of p's chunk
+  take = lambda a: jax.vmap(lambda x, i: x[i])(a, idx + offset)  # B W C ...
+  k_ch, v_ch, g_ch = take(clean['k']), take(clean['v_new']), take(clean['g_cum'])
+  seg_ch, starts_ch = take(clean['seg']), take(clean['seg_starts'])
+  seg_p = jax.vmap(lambda x, i: x[i])(clean['seg'], pos + offset)  # B W
+  g_p = jax.vmap(lambda x, i: x[i])(clean['g_cum'], pos + offset)  # B W HV
+  rel = jnp.arange(c)[None, None]  # 1 1 C
+  upto = rel <= (pos - start)[..., None]
+  contrib = upto & (seg_ch == seg_p[..., None])  # B W C
+  decay = jnp.where(contrib[..., None], jnp.exp(g_p[:, :, None] - g_ch), 0.0)  # B W C HV
+  inner = jnp.einsum('bwch,bwchk,bwchv->bwhkv', decay, k_ch, v_ch)
+  # The checkpoint reaches p only if no document starts in the chunk up to and including p.
+  reset_before = jnp.any(starts_ch & upto, axis=-1)  # B W
+  h_c = jax.vmap(lambda x, i: x[i])(h, chunk)  # B W HV K V
+  carry = jnp.where(reset_before, 0.0, 1.0)[..., None, None, None]
+  return carry * jnp.exp(g_p)[..., None, None] * h_c + inner
