@@ -200,7 +200,9 @@ def _rebuild_states(pos, h, c, clean):
   rel = jnp.arange(c)[None, None]  # 1 1 C
   upto = rel <= (pos - start)[..., None]
   contrib = upto & (seg_ch == seg_p[..., None])  # B W C
-  decay = jnp.where(contrib[..., None], jnp.exp(g_p[:, :, None] - g_ch), 0.0)  # B W C HV
+  # Mask the exponent, not the result: exp of a masked (positive) difference would overflow and
+  # poison the gradient with inf * 0.
+  decay = jnp.exp(jnp.where(contrib[..., None], g_p[:, :, None] - g_ch, -jnp.inf))  # B W C HV
   inner = jnp.einsum('bwch,bwchk,bwchv->bwhkv', decay, k_ch, v_ch)
   # The checkpoint reaches p only if no document starts in the chunk up to and including p.
   reset_before = jnp.any(starts_ch & upto, axis=-1)  # B W
