@@ -1,0 +1,128 @@
+"""train_and_evaluate(config, workdir): the one training loop."""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from flare_jax import sharding as shd
+from flare_jax.train import checkpointing
+from flare_jax.train import metrics as metrics_lib
+from flare_jax.train import objectives
+from flare_jax.train import optim
+from flare_jax.train import state as state_lib
+from flare_jax.train import step as step_lib
+
+
+class NonFiniteLossError(RuntimeError):
+  """Raised when a step's loss is NaN/inf; the last good checkpoint is kept."""
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+  logging.info(msg)
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains per config `c`, writing checkpoints and metrics to `workdir`; resumes if it has a checkpoint.
+
+  Returns:
+    The last logged metrics.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  model_cfg = state_lib.resolve_model_config(c)
+  mesh = shd.make_mesh(dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor))
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  _log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}, '
+       f'processes: {jax.process_count()}, mesh: {dict(mesh.shape)}')
+  _log(f'model: {json.dumps(model_cfg.to_dict(), sort_keys=True)}')
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(c.to_json_best_effort(indent=2))
+
+  from flare_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from flare_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  tok_spec = c.data.tokenizer or c.init_from
+  if not tok_spec:
+    raise ValueError('data.tokenizer is empty and there is no init_from checkpoint to take it from')
+  tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, model embeds {model_cfg.vocab_size}')
+  data_iter = pipeline.make_iterator(c.data, tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  report = getattr(data_iter, 'report', None)
+  if callable(report):
+    _log(report())
+
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  load_params = None
+  if c.init_from:
+    from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top
+    load_params = lambda param_shardings: model_io.load_params(c.init_from, param_shardings)
+  train = state_lib.create_train_state(model_cfg, tx, mesh, rules, c.train.seed, load_params)
+  manager = checkpointing.make_manager(workdir, c.ckpt.keep, c.ckpt.async_save)
+  start_step, train.state = checkpointing.restore_latest(manager, train.state, data_iter)
+  start_step = 0 if start_step is None else start_step
+  if start_step:
+    _log(f'resumed from {workdir}/ckpt at step {start_step}')
+
+  loss_fn = objectives.make_loss_fn(c, model_cfg)
+  validate = objectives.make_batch_validator(c, model_cfg)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
+    batch_sharding = jax.sharding.NamedSharding(
+        mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    base_rng = jax.random.key(c.train.seed + 1)
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, c.train.peak_flops)
+    streams = objectives.num_streams(c)
+    flops_per_step = metrics_lib.train_flops_per_row(
+        model_cfg, c.data.seq_len, streams) * c.data.batch_size
+    last: dict[str, float] = {}
+    t_last, steps_since = time.time(), 0
+    for step in range(start_step, c.train.num_steps):
+      host_batch = next(data_iter)
+      validate(host_batch)
+      batch = _global_batch(host_batch, batch_sharding)
+      train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
+      steps_since += 1
+      done = step + 1
+      if done % c.train.log_every == 0 or done == c.train.num_steps or done % c.ckpt.every == 0:
+        m = jax.device_get(m)
+        if not np.isfinite(m['loss']):
+          bad = os.path.join(workdir, f'nonfinite_batch_step{done}.npz')
+          if jax.process_index() == 0:
+            np.savez(bad, **host_batch)
+          manager.wait_until_finished()
+          raise NonFiniteLossError(
+              f'non-finite loss {m["loss"]} at step {done}; batch saved to {bad}; last good '
+              f'checkpoint: step {manager.latest_step()}')
+        dt = time.time() - t_last
+        tokens = steps_since * c.data.batch_size * c.data.seq_len
+        last = {k: float(v) for k, v in m.items()}
+        last['lr'] = float(optim.learning_rate_schedule(c.optim, c.train.num_steps)(step))
+        last['tokens_per_s'] = tokens / dt
+        last['step_time_s'] = dt / steps_since
+        if peak:
+          last['mfu'] = flops_per_step / (dt / steps_since) / (peak * jax.device_count())
+        writer.write(done, last)
+        _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
+            f'{k}={v:.4g}' for k, v in last.items() if k not in ('n_targets',)))
+        t_last, steps_since = time.time(), 0
+      if done % c.ckpt.every == 0 or done == c.train.num_steps:
+        checkpointing.save(manager, done, train.state, data_iter)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return last
+

@@ -1,0 +1,71 @@
+"""The jitted train step: a pure function of (state, batch, rng), with gradient accumulation."""
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# loss_fn(model, batch, rng) -> (mean loss over the batch's targets, metrics). metrics must hold
+# 'n_targets' (the count the mean is over) and may hold other per-batch means (e.g. 'loss_ar').
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _split_micro(batch, accum: int):
+  def split(x):
+    if x.shape[0] % accum:
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into grad_accum={accum} micro-batches')
+    return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, state_shardings, loss_fn: LossFn, grad_accum: int):
+  """Returns step(state, batch, rng) -> (state, metrics), jitted with the state donated.
+
+  With accumulation, micro-batch losses are weighted by their target counts, so the step optimises the
+  same token-mean loss as one big batch.
+  """
+
+  def grads_of(model, batch, rng):
+    def weighted(m):
+      loss, metrics = loss_fn(m, batch, rng)
+      return loss * metrics['n_targets'], metrics
+    (total, metrics), grads = nnx.value_and_grad(weighted, has_aux=True)(model)
+    return total, metrics, grads
+
+  def step(state, batch, rng):
+    model, opt = nnx.merge(graphdef, state)
+    if grad_accum == 1:
+      total, metrics, grads = grads_of(model, batch, rng)
+      weights = {k: metrics['n_targets'] for k in metrics}
+      sums = {k: v * metrics['n_targets'] for k, v in metrics.items()}
+    else:
+      micro = _split_micro(batch, grad_accum)
+      zero_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+
+      def body(carry, xs):
+        mb, i = xs
+        acc_total, acc_grads, acc_sums, acc_n = carry
+        total, metrics, grads = grads_of(model, mb, jax.random.fold_in(rng, i))
+        n = metrics['n_targets']
+        acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
+        acc_sums = {k: acc_sums[k] + metrics[k] * n for k in acc_sums}
+        return (acc_total + total, acc_grads, acc_sums, acc_n + n), None
+
+      _, shapes, _ = jax.eval_shape(lambda: grads_of(model, jax.tree.map(lambda x: x[0], micro), rng))
+      sums0 = {k: jnp.zeros((), jnp.float32) for k in shapes}
+      (total, grads, sums, n_total), _ = jax.lax.scan(
+          body, (jnp.zeros((), jnp.float32), zero_grads, sums0, jnp.zeros((), jnp.float32)),
+          (micro, jnp.arange(grad_accum)))
+      weights = {k: n_total for k in sums}
+      metrics = {'n_targets': n_total}
+    n = jnp.maximum(metrics['n_targets'], 1.0)
+    grads = jax.tree.map(lambda g: g / n, grads)
+    opt.update(model, grads)
+    out = {k: sums[k] / jnp.maximum(weights[k], 1.0) for k in sums if k != 'n_targets'}
+    out['loss'] = total / n
+    out['n_targets'] = metrics['n_targets']
+    out['grad_norm'] = optax.global_norm(grads)
+    return nnx.state((model, opt)), out
+
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
