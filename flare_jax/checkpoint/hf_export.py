@@ -1,7 +1,8 @@
-"""FlareLM checkpoint -> Hugging Face `Qwen3_5ForCausalLM` layout (safetensors + config + tokenizer)."""
+"""FlareLM checkpoint -> HF `Qwen3_5ForCausalLM` layout (safetensors, config.json, tokenizer)."""
 import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -37,13 +38,34 @@ def write_hf_dir(params: dict, cfg: config_lib.ModelConfig, directory: str,
     json.dump(hf_config, f, indent=2)
 
 
-def export_hf(ckpt_dir: str, out_dir: str, *, dtype: str = 'bfloat16', overwrite: bool = False,
-              log: Callable[[str], None] = print) -> None:
-  """Exports a model checkpoint (see model_io) as a Hugging Face Qwen3.5 text model, atomically."""
-  cfg = model_io.load_config(ckpt_dir)
-  params = model_io.load_params(ckpt_dir)
+def export_hf(source: Any, out_dir: str, *, dtype: str = 'bfloat16', overwrite: bool = False,
+              tokenizer_dir: str | None = None, log: Callable[[str], None] = print) -> None:
+  """Exports a model as a Hugging Face Qwen3.5 text model (`Qwen3_5ForCausalLM`), atomically.
+
+  Args:
+    source: a model checkpoint directory (see model_io), a FlareLM, or a `(params, cfg)` pair
+      (params: pure dict or `nnx.State`).
+    out_dir: output directory: model.safetensors, config.json and tokenizer files.
+    dtype: tensor dtype ('bfloat16', 'float32', 'float16'); A_log and the GDN norm stay fp32.
+    overwrite: replace an existing non-empty `out_dir`.
+    tokenizer_dir: where tokenizer files come from (default: the checkpoint directory, if any).
+    log: progress sink.
+
+  Raises:
+    ValueError: unknown dtype, not a checkpoint, or an existing non-empty `out_dir`.
+  """
+  if dtype not in _DTYPES:
+    raise ValueError(f'unknown export dtype {dtype!r}; known: {sorted(_DTYPES)}')
+  if isinstance(source, (str, os.PathLike)):
+    source = os.fspath(source)
+    cfg, params = model_io.load_config(source), model_io.load_params(source)
+    tokenizer_dir = tokenizer_dir or source
+  elif isinstance(source, tuple):
+    params, cfg = model_io.params_of(source[0]), source[1]
+  else:
+    params, cfg = model_io.params_of(source), source.cfg
   with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
     write_hf_dir(params, cfg, tmp, dtype)
-    copied = model_io.copy_tokenizer_files(ckpt_dir, tmp)
+    copied = model_io.copy_tokenizer_files(tokenizer_dir, tmp) if tokenizer_dir else []
   log(f'wrote {out_dir}: model.safetensors ({dtype}), config.json'
       + (f', {", ".join(copied)}' if copied else ''))

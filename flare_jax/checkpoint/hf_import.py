@@ -1,9 +1,9 @@
 """Hugging Face Qwen3.5 safetensors -> FlareLM checkpoint, one tensor at a time.
 
 Accepts the text-only layout (`Qwen3_5ForCausalLM`, keys `model.*`) and the multimodal wrapper
-(`Qwen3_5ForConditionalGeneration`, keys `model.language_model.*`; vision and MTP tensors are skipped and
-reported). Every parameter must be filled exactly once; every problem (missing, unexpected, mis-shaped
-tensors) is reported in one error before anything is written.
+(`Qwen3_5ForConditionalGeneration`, keys `model.language_model.*`; vision and MTP tensors are
+skipped and reported). Every parameter must be filled exactly once; every problem (missing,
+unexpected, mis-shaped tensors) is reported in one error before anything is written.
 """
 import collections
 import json
@@ -12,13 +12,11 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-from flax import nnx
 from safetensors import safe_open
 
 from flare_jax.checkpoint import hf_mapping
 from flare_jax.checkpoint import model_io
 from flare_jax.model import config as config_lib
-from flare_jax.model import transformer
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -30,6 +28,9 @@ def tensor_files(hf_dir: str) -> dict[str, str]:
   if os.path.isfile(index):
     with open(index) as f:
       weight_map = json.load(f)['weight_map']
+    absent = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(hf_dir, f))})
+    if absent:
+      raise ValueError(f'{INDEX_FILE} in {hf_dir} names shards that are absent: {absent}')
     return {name: os.path.join(hf_dir, fname) for name, fname in weight_map.items()}
   single = os.path.join(hf_dir, SINGLE_FILE)
   if not os.path.isfile(single):
@@ -75,11 +76,34 @@ def _shapes(files: dict[str, str]) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+def _check_mapping_covers(entries: list[hf_mapping.Entry], abstract: dict) -> None:
+  """The name map must address every parameter leaf exactly once (hf_mapping vs the model)."""
+  paths = [e.path for e in entries]
+  leaves = {tuple(getattr(k, 'key', getattr(k, 'idx', None)) for k in p)
+            for p, _ in jax.tree.leaves_with_path(abstract)}
+  dup = sorted({p for p in paths if paths.count(p) > 1}, key=str)
+  unmapped = sorted(leaves - set(paths), key=str)
+  unknown = sorted(set(paths) - leaves, key=str)
+  if dup or unmapped or unknown:
+    raise ValueError(f'hf_mapping does not match FlareLM: duplicated {dup}, unmapped {unmapped}, '
+                     f'unknown {unknown}')
+
+
+def _same_tensor(files: dict[str, str], a: str, b: str) -> bool:
+  with safe_open(files[a], framework='np') as fa, safe_open(files[b], framework='np') as fb:
+    x, y = fa.get_tensor(a), fb.get_tensor(b)
+    return x.shape == y.shape and bool(np.array_equal(x, y))
+
+
 def plan_import(hf_dir: str, **config_overrides):
-  """Validates a checkpoint against the model it describes, reading shapes only.
+  """Validates a checkpoint against the model it describes, reading shapes (and, for a tied config
+  that stores lm_head.weight too, that tensor and the embedding).
+
+  The head is tied as transformers ties it: per the (text) config's `tie_word_embeddings`, but tied
+  when `lm_head.weight` is absent and untied when it is present and differs from the embedding.
 
   Returns:
-    (ModelConfig, list of hf_mapping.Entry, tensor files, skipped-group counts).
+    (ModelConfig, list of hf_mapping.Entry, tensor files, skipped-group counts, notes to log).
 
   Raises:
     ValueError: unsupported architecture, or every missing / unexpected / mis-shaped tensor by name.
@@ -89,8 +113,17 @@ def plan_import(hf_dir: str, **config_overrides):
   wrapper = any(n.startswith(hf_mapping.WRAPPER_PREFIX) for n in files)
   prefix = hf_mapping.WRAPPER_PREFIX if wrapper else hf_mapping.TEXT_PREFIX
   cfg = config_lib.from_hf_config(hf)
+  notes = []
+  embed = f'{prefix}embed_tokens.weight'
   if not cfg.tie_word_embeddings and 'lm_head.weight' not in files:
-    cfg = cfg.replace(tie_word_embeddings=True)  # what transformers does for a head-less checkpoint
+    cfg = cfg.replace(tie_word_embeddings=True)
+    notes.append('config says untied but there is no lm_head.weight: tying the head to the '
+                 'embedding (as transformers does)')
+  elif (cfg.tie_word_embeddings and 'lm_head.weight' in files and embed in files
+        and not _same_tensor(files, 'lm_head.weight', embed)):
+    cfg = cfg.replace(tie_word_embeddings=False)
+    notes.append('config says tied but lm_head.weight differs from the embedding: importing an '
+                 'untied head (as transformers does)')
   cfg = cfg.replace(**config_overrides)
   entries = hf_mapping.entries(cfg, prefix)
   expected = {e.hf_name: e for e in entries}
@@ -104,8 +137,8 @@ def plan_import(hf_dir: str, **config_overrides):
       unexpected.append(name)
   missing = [n for n in expected if n not in files]
   shapes = _shapes({n: files[n] for n in expected if n in files})
-  abstract = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: transformer.FlareLM(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  abstract = model_io.abstract_params(cfg)
+  _check_mapping_covers(entries, abstract)
   misshaped = []
   for name, shape in shapes.items():
     e = expected[name]
@@ -121,7 +154,7 @@ def plan_import(hf_dir: str, **config_overrides):
     problems.append(f'mis-shaped tensors ({len(misshaped)}): {"; ".join(misshaped)}')
   if problems:
     raise ValueError(f'cannot import {hf_dir}: ' + ' | '.join(problems))
-  return cfg, entries, files, skipped
+  return cfg, entries, files, skipped, notes
 
 
 def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | None = None,
@@ -129,27 +162,40 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | Non
                           **config_overrides) -> config_lib.ModelConfig:
   """Converts a Hugging Face Qwen3.5 checkpoint into a FlareLM checkpoint at `out_dir`.
 
-  Peak host memory is the output params plus one tensor. Nothing is written unless everything checks.
+  Peak host memory is the output params plus one tensor. Nothing is written unless all checks pass.
+
+  Args:
+    hf_dir: config.json + model.safetensors (or shards + model.safetensors.index.json) + tokenizer.
+    out_dir: the model checkpoint directory written (see model_io), atomically.
+    mask_token_id: the reserved [MASK] id (default: the config's, else vocab_size - 1).
+    overwrite: replace an existing non-empty `out_dir`.
+    log: progress sink (a line per shard).
+    **config_overrides: ModelConfig fields to set, e.g. dtype='float32', param_dtype='bfloat16'.
 
   Raises:
     ValueError: see `plan_import`; a mask_token_id the tokenizer can produce; an existing out_dir.
   """
+  out_abs = os.path.abspath(out_dir)
+  if os.path.isdir(out_abs) and os.listdir(out_abs) and not overwrite:
+    raise ValueError(f'output directory {out_abs} exists and is not empty (pass overwrite)')
   if mask_token_id is not None:
     config_overrides['mask_token_id'] = mask_token_id
-  cfg, entries, files, skipped = plan_import(hf_dir, **config_overrides)
+  cfg, entries, files, skipped, notes = plan_import(hf_dir, **config_overrides)
   mask = cfg.resolved_mask_token_id
   if mask in _tokenizer_ids(hf_dir):
     raise ValueError(f'mask_token_id {mask} is a token the checkpoint tokenizer produces; pick a '
                      f'reserved id (e.g. one past the tokenizer vocabulary) with --mask_token_id')
+  n_full = sum(t == config_lib.FULL for t in cfg.layer_types)
   log(f'{hf_dir}: {len(entries)} tensors -> {cfg.num_layers} layers '
-      f'({sum(t == config_lib.FULL for t in cfg.layer_types)} attention), hidden {cfg.hidden_size}, '
+      f'({n_full} attention), hidden {cfg.hidden_size}, '
       f'vocab {cfg.vocab_size}, {"tied" if cfg.tie_word_embeddings else "untied"} head, '
       f'[MASK]={mask}')
+  for note in notes:
+    log(note)
   if skipped:
     log('skipped (not part of the text model): ' +
         ', '.join(f'{g}.* ({n} tensors)' for g, n in sorted(skipped.items())))
-  abstract = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: transformer.FlareLM(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  abstract = model_io.abstract_params(cfg)
   params = jax.tree.map(lambda _: None, abstract)
   by_file = collections.defaultdict(list)
   for e in entries:
@@ -159,11 +205,11 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | Non
     with safe_open(path, framework='np') as f:
       for e in group:
         target = hf_mapping.get_path(abstract, e.path)
-        value = e.transform.to_ours(f.get_tensor(e.hf_name)).astype(target.dtype)
+        value = e.transform.to_ours(f.get_tensor(e.hf_name)).astype(target.dtype, copy=False)
         hf_mapping.set_path(params, e.path, np.ascontiguousarray(value))
   with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
     model_io.write_params(params, cfg, tmp)
     copied = model_io.copy_tokenizer_files(hf_dir, tmp)
-  log(f'wrote {out_dir} (params + {model_io.CONFIG_FILE}'
-      + (f' + {", ".join(copied)})' if copied else ')'))
+  extra = f' + {", ".join(copied)}' if copied else ''
+  log(f'wrote {out_dir} (params + {model_io.CONFIG_FILE}{extra})')
   return cfg

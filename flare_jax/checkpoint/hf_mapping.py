@@ -1,7 +1,7 @@
 """The one map between Hugging Face Qwen3.5 tensor names and FlareLM parameter paths.
 
-Each entry names an HF tensor, our parameter path (in `nnx.to_pure_dict` form) and the transform between
-the two layouts; import and export both read this table.
+Each entry names an HF tensor, our parameter path (in `nnx.to_pure_dict` form) and the transform
+between the two layouts; import and export both read this table.
 """
 import dataclasses
 

@@ -9,6 +9,8 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -48,6 +50,7 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the tokenizer / generation files present in `src_dir`; returns their names."""
   copied = []
   for name in TOKENIZER_FILES:
     src = os.path.join(src_dir, name)
@@ -65,17 +68,51 @@ def write_params(params: dict, cfg: config_lib.ModelConfig, directory: str) -> N
     ckptr.wait_until_finished()
 
 
-def save_model(model: transformer.FlareLM, out_dir: str, *, tokenizer_dir: str | None = None,
+def params_of(model_or_params: Any) -> dict:
+  """The parameters of a FlareLM, an `nnx.State` or a pure dict, as a pure dict."""
+  if isinstance(model_or_params, nnx.Module):
+    return nnx.to_pure_dict(nnx.state(model_or_params, nnx.Param))
+  if isinstance(model_or_params, nnx.State):
+    return nnx.to_pure_dict(model_or_params)
+  if isinstance(model_or_params, Mapping):
+    return dict(model_or_params)
+  raise TypeError(f'expected a FlareLM, nnx.State or dict of params, got {type(model_or_params)}')
+
+
+def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfig | None = None,
+               tokenizer_dir: str | None = None, extra_files: Iterable[str] = (),
                overwrite: bool = False) -> None:
-  """Saves a model's params + config (+ tokenizer files from `tokenizer_dir`) atomically."""
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  """Saves params + config (+ tokenizer files from `tokenizer_dir`, + `extra_files`) atomically.
+
+  Args:
+    model_or_params: a FlareLM, or its param `nnx.State` / pure dict (then `cfg` is required).
+    out_dir: the checkpoint directory; replaced only when everything was written.
+    cfg: the model config (defaults to `model.cfg`).
+    tokenizer_dir: a directory whose tokenizer files (TOKENIZER_FILES) are copied.
+    extra_files: further files copied into `out_dir` under their base names.
+    overwrite: replace an existing non-empty `out_dir`.
+
+  Raises:
+    ValueError: no config, a missing extra file, or an existing non-empty `out_dir`.
+  """
+  cfg = cfg if cfg is not None else getattr(model_or_params, 'cfg', None)
+  if cfg is None:
+    raise ValueError('save_model needs cfg= when given params rather than a FlareLM')
+  extra_files = list(extra_files)
+  missing = [f for f in extra_files if not os.path.isfile(f)]
+  if missing:
+    raise ValueError(f'extra files not found: {missing}')
+  params = params_of(model_or_params)
   with atomic_output_dir(out_dir, overwrite) as tmp:
-    write_params(params, model.cfg, tmp)
+    write_params(params, cfg, tmp)
     if tokenizer_dir:
       copy_tokenizer_files(tokenizer_dir, tmp)
+    for f in extra_files:
+      shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
 
 
 def load_config(ckpt_dir: str) -> config_lib.ModelConfig:
+  """The ModelConfig stored in a model checkpoint directory."""
   path = os.path.join(ckpt_dir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise ValueError(f'{ckpt_dir} is not a model checkpoint: no {CONFIG_FILE} '
@@ -83,32 +120,67 @@ def load_config(ckpt_dir: str) -> config_lib.ModelConfig:
   return config_lib.ModelConfig.load(path)
 
 
-def _abstract_params(cfg: config_lib.ModelConfig) -> dict:
+def abstract_params(cfg: config_lib.ModelConfig) -> dict:
+  """ShapeDtypeStructs of a FlareLM's params (pure dict), without allocating them."""
   model = nnx.eval_shape(lambda: transformer.FlareLM(cfg, rngs=nnx.Rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_params(ckpt_dir: str, param_shardings: dict | None = None) -> dict:
-  """Restores params (pure dict) straight onto `param_shardings` (a matching pure dict of shardings),
-  or onto the default device."""
-  cfg = load_config(ckpt_dir)
-  abstract = _abstract_params(cfg)
+def _check_same_shapes(saved: dict, wanted: dict) -> None:
+  diffs = []
+  for (path, a), (_, b) in zip(jax.tree.leaves_with_path(saved), jax.tree.leaves_with_path(wanted)):
+    if a.shape != b.shape:
+      diffs.append(f'{jax.tree_util.keystr(path)}: stored {a.shape}, requested {b.shape}')
+  if jax.tree.structure(saved) != jax.tree.structure(wanted):
+    diffs.append('different parameter trees')
+  if diffs:
+    raise ValueError('config overrides change parameter shapes: ' + '; '.join(diffs))
+
+
+def load_params(ckpt_dir: str, param_shardings: Any = None, *,
+                cfg: config_lib.ModelConfig | None = None) -> dict:
+  """Restores params (pure dict) straight onto their shardings, never via a full host copy.
+
+  Args:
+    ckpt_dir: a model checkpoint directory.
+    param_shardings: a pure dict of `jax.sharding.Sharding` matching the params, one Sharding for
+      every leaf, or None (the default device).
+    cfg: the config to restore for (default: the stored one); it may change dtypes (arrays are cast
+      to its `param_dtype`) but not shapes.
+
+  Raises:
+    ValueError: not a checkpoint, or `cfg` changes parameter shapes.
+  """
+  stored = load_config(ckpt_dir)
+  abstract = abstract_params(stored if cfg is None else cfg)
+  if cfg is not None:
+    _check_same_shapes(abstract_params(stored), abstract)
   if param_shardings is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    param_shardings = jax.tree.map(lambda _: sharding, abstract)
+    param_shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  if isinstance(param_shardings, jax.sharding.Sharding):
+    param_shardings = jax.tree.map(lambda _, s=param_shardings: s, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, param_shardings)
   with ocp.StandardCheckpointer() as ckptr:
     return ckptr.restore(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR), target)
 
 
-def load_model(ckpt_dir: str, **config_overrides) -> transformer.FlareLM:
-  """A FlareLM with the checkpoint's params; `config_overrides` may change numerics (e.g. dtype), not
-  shapes."""
-  cfg = load_config(ckpt_dir).replace(**config_overrides)
+def load_model(ckpt_dir: str, *, overrides: Mapping[str, Any] | None = None,
+               shardings: Any = None, **config_overrides) -> transformer.FlareLM:
+  """A FlareLM with the checkpoint's params, built on the abstract model (no random init).
+
+  Args:
+    ckpt_dir: a model checkpoint directory.
+    overrides: ModelConfig fields to change (numerics such as dtype / param_dtype / kernel choices;
+      not shapes). Keyword arguments are merged into it (`load_model(d, dtype='float32')`).
+    shardings: as `load_params`' `param_shardings`.
+  """
+  overrides = {**(overrides or {}), **config_overrides}
+  cfg = load_config(ckpt_dir).replace(**overrides)
   model = nnx.eval_shape(lambda: transformer.FlareLM(cfg, rngs=nnx.Rngs(0)))
-  params = load_params(ckpt_dir)
+  params = load_params(ckpt_dir, shardings, cfg=cfg)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, params)
   nnx.update(model, state)
   return model
+

@@ -1,4 +1,4 @@
-"""Logit parity between a Hugging Face checkpoint run by transformers and our converted checkpoint."""
+"""Logit parity of a Hugging Face checkpoint (run by transformers) and our converted checkpoint."""
 import numpy as np
 
 
@@ -19,7 +19,7 @@ def flare_logits(ckpt_dir: str, tokens: np.ndarray) -> np.ndarray:
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top
-  model = model_io.load_model(ckpt_dir, dtype='float32')
+  model = model_io.load_model(ckpt_dir, dtype='float32', param_dtype='float32')
   with jax.default_matmul_precision('highest'):
     logits, _ = nnx.jit(lambda m, t: m(t))(model, jax.numpy.asarray(tokens))
   return np.asarray(logits)

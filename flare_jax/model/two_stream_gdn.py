@@ -1,18 +1,20 @@
-"""Gated DeltaNet over a two-stream row: the clean stream plus V noisy views (pure JAX, with gradients).
+"""Gated DeltaNet over a two-stream row: the clean stream plus V noisy views (pure JAX, gradients).
 
-A noisy slot j of a block starting at slot bs = block_starts[j] is processed by the recurrence seeded with
-the CLEAN state after token bs - 1 (zero if that token is in another document or bs = 0), causally over
-the block's own slots; the state is dropped after the block. Its short conv reads pre-conv inputs at
-positions < bs from the clean stream (same document only) and positions >= bs from its own view.
+A noisy slot j of a block starting at slot bs = block_starts[j] is processed by the recurrence
+seeded with the CLEAN state after token bs - 1 (zero if that token is in another document or
+bs = 0), causally over the block's own slots; the state is dropped after the block. Its short conv
+reads pre-conv inputs at positions < bs from the clean stream (same document only) and positions
+>= bs from its own view.
 
 Two schedules compute the same thing:
   * simple: run the clean recurrence token by token keeping the state after every token, gather the
     seeds. Memory O(T) states per layer (every block boundary at B = 1).
-  * lean: keep only the chunk checkpoints of the chunked clean pass (state entering each chunk, O(T/C))
-    and, chunk by chunk of the noisy view under `jax.checkpoint`, rebuild the few seeds that chunk needs
-    from its checkpoint with the prefix identity
+  * lean: keep only the chunk checkpoints of the chunked clean pass (state entering each chunk,
+    O(T/C)) and, chunk by chunk of the noisy view under `jax.checkpoint`, rebuild the few seeds that
+    chunk needs from its checkpoint with the prefix identity
         S_after(p) = e^{G_p} h_c + sum_{i <= p in chunk c, same document} e^{G_p - G_i} k_i v'_i^T
-    (G the in-chunk cumulative log-decay, v' the corrected values). The reference for the fused kernels.
+    (G the in-chunk cumulative log-decay, v' the corrected values). The reference for the fused
+    kernels.
 """
 import jax
 import jax.numpy as jnp

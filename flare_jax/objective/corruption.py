@@ -6,8 +6,8 @@ Per view and block a ratio t ~ U(eps, 1] is drawn (keyed by the block's first sl
     min(1, 2 t (i + 1) / (n + 1)), so later slots are masked more at the same mean ratio (after
     Efficient-DLM, whose exact schedule is not public).
   * 'all_masked': every maskable slot is masked in every view.
-With two views (V=2) and a random schedule the second view masks exactly the maskable slots the first
-leaves visible (complementary masks), so every maskable slot is hidden in exactly one view.
+With two views (V=2) and a random schedule the second view masks exactly the maskable slots the
+first leaves visible (complementary masks), so every maskable slot is hidden in exactly one view.
 """
 from typing import NamedTuple
 

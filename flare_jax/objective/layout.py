@@ -35,8 +35,9 @@ def block_layout(tokens, segment_ids, response_mask, *, block_size: int,
                  logit_shift: bool = True) -> BlockLayout:
   """Cuts each run of consecutive targets into blocks of `block_size` targets.
 
-  Logit shift: the block of targets s..e occupies slots s-1..e-1 (slot s-1 holds the real token before
-  the block and is never masked; slot p predicts token p+1), so target e has no slot of its own.
+  Logit shift: the block of targets s..e occupies slots s-1..e-1 (slot s-1 holds the real token
+  before the block and is never masked; slot p predicts token p+1), so target e has no slot of its
+  own.
   No shift: the block occupies slots s..e and slot p predicts token p.
   """
   b, t = tokens.shape

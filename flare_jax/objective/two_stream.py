@@ -1,4 +1,4 @@
-"""The FLARE training loss (two-stream, token-equal) and the plain AR loss, plus batch validation."""
+"""The FLARE training loss (two-stream, token-equal), the plain AR loss and batch validation."""
 import dataclasses
 
 import jax
@@ -8,6 +8,7 @@ import numpy as np
 from flare_jax.objective import corruption
 from flare_jax.objective import layout as layout_lib
 from flare_jax.objective import losses
+from pallas_kernels.attention import mask as mask_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,8 @@ def validate_batch(batch: dict, *, vocab_size: int, mask_id: int) -> None:
 
   Raises:
     ValueError: naming the bad values (missing keys, shapes, ids out of range, the MASK id in the
-      input, positions that do not restart at 0 and count up by 1 inside each document).
+      input, a document split into several runs, positions that do not restart at 0 and count up
+      by 1 inside each document).
   """
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
@@ -55,7 +57,19 @@ def validate_batch(batch: dict, *, vocab_size: int, mask_id: int) -> None:
   if (tok[seg > 0] == mask_id).any():
     rows = np.unique(np.nonzero((tok == mask_id) & (seg > 0))[0])[:8]
     raise ValueError(f'the MASK id {mask_id} appears in the input tokens (rows {rows.tolist()}); '
-                     'it must be reserved (set model.mask_token_id to an id the tokenizer never emits)')
+                     'it must be reserved (set model.mask_token_id to an id the tokenizer never '
+                     'emits)')
+  if seg.min() < 0:
+    bad = np.unique(seg[seg < 0])[:8]
+    raise ValueError(f'segment_ids must be >= 0 (0 = padding); got {bad.tolist()}')
+  for r in range(seg.shape[0]):
+    runs = seg[r][np.r_[True, seg[r, 1:] != seg[r, :-1]]]
+    runs = runs[runs > 0]
+    ids, counts = np.unique(runs, return_counts=True)
+    if (counts > 1).any():
+      split = ids[counts > 1][:8].tolist()
+      raise ValueError(f'row {r}: document(s) {split} are split into several runs of segment_ids; '
+                       'each document must be one contiguous run')
   same = seg[:, 1:] == seg[:, :-1]
   expected = np.where(same, pos[:, :-1] + 1, 0)
   bad = (seg[:, 1:] > 0) & (pos[:, 1:] != expected)
@@ -75,19 +89,15 @@ def ar_loss(model, batch: dict, rng=None):
   b = tokens.shape[0]
   labels = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], 1)
   weights = jnp.concatenate([tgt[:, 1:], jnp.zeros((b, 1), bool)], 1).astype(jnp.float32)
-  h, _ = model.hidden_states(tokens, _clean_meta(batch))
+  h, _ = model.hidden_states(tokens, mask_lib.clean_meta(batch['segment_ids'], batch['positions']))
   n = jnp.maximum(jnp.sum(weights), 1.0)
   nll = losses.weighted_nll_sum(model, h, labels, weights)
   return nll / n, {'loss_ar': nll / n, 'n_targets': jnp.sum(weights)}
 
 
-def _clean_meta(batch):
-  from pallas_kernels.attention import mask as mask_lib  # pylint: disable=g-import-not-at-top
-  return mask_lib.clean_meta(batch['segment_ids'], batch['positions'])
-
-
 def build_input(batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
                 mask_id: int) -> layout_lib.TwoStreamInput:
+  """Layout + noise + model input of a [B, T] batch: tokens [B, (1+V)T], metadata, loss labels."""
   lay = layout_lib.block_layout(batch['tokens'], batch['segment_ids'], batch['response_mask'],
                                 block_size=cfg.block_size, logit_shift=cfg.logit_shift)
   noise = corruption.corrupt(rng, lay, num_views=cfg.num_views, schedule=cfg.noise,
@@ -96,7 +106,8 @@ def build_input(batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
                                      noise.masked, mask_id, cfg.logit_shift)
 
 
-def two_stream_hidden(model, inp: layout_lib.TwoStreamInput, cfg: ObjectiveConfig):
+def two_stream_hidden(model, inp: layout_lib.TwoStreamInput, cfg: ObjectiveConfig) -> jax.Array:
+  """Final hidden states [B, (1+V)T, D] of the two-stream pass."""
   return model.hidden_states(inp.tokens, inp.meta, num_views=cfg.num_views,
                              gdn_schedule=cfg.gdn_schedule)[0]
 
@@ -105,7 +116,9 @@ def flare_loss(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig):
   """Token-equal two-stream loss: (sum AR NLL + sum diffusion NLL) / number of response targets.
 
   Returns:
-    (loss, {'loss_ar', 'loss_diff', 'n_targets', 'n_hidden'}), each loss normalised by n_targets.
+    (loss, metrics): metrics hold 'loss_ar' and 'loss_diff' (sums over n_targets, so loss is their
+    sum), 'n_targets', and 'hidden_frac_view{v}' (v = 1..V): the fraction of targets view v hides.
+    All but n_targets are per-target means, as the train step's accumulation expects.
   """
   inp = build_input(batch, rng, cfg, model.cfg.resolved_mask_token_id)
   h = two_stream_hidden(model, inp, cfg)
@@ -115,6 +128,8 @@ def flare_loss(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig):
   diff = losses.weighted_nll_sum(model, h[:, t:], inp.noisy_labels.reshape(b, v * t),
                                  inp.noisy_weights.reshape(b, v * t), cfg.loss_tile)
   n = jnp.maximum(inp.n_targets.astype(jnp.float32), 1.0)
-  return (ar + diff) / n, {'loss_ar': ar / n, 'loss_diff': diff / n,
-                           'n_targets': inp.n_targets.astype(jnp.float32),
-                           'n_hidden': jnp.sum(inp.noisy_weights)}
+  metrics = {'loss_ar': ar / n, 'loss_diff': diff / n,
+             'n_targets': inp.n_targets.astype(jnp.float32)}
+  for i in range(v):
+    metrics[f'hidden_frac_view{i + 1}'] = jnp.sum(inp.noisy_weights[:, i] > 0) / n
+  return (ar + diff) / n, metrics

@@ -90,14 +90,18 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         model_cfg, c.data.seq_len, streams) * c.data.batch_size
     last: dict[str, float] = {}
     t_last, steps_since = time.time(), 0
-    for step in range(start_step, c.train.num_steps):
+    end = c.train.num_steps
+    if c.train.stop_after > 0:
+      end = min(end, start_step + c.train.stop_after)
+    for step in range(start_step, end):
       host_batch = next(data_iter)
       validate(host_batch)
       batch = _global_batch(host_batch, batch_sharding)
       train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
       steps_since += 1
       done = step + 1
-      if done % c.train.log_every == 0 or done == c.train.num_steps or done % c.ckpt.every == 0:
+      last_step = done == end
+      if done % c.train.log_every == 0 or last_step or done % c.ckpt.every == 0:
         m = jax.device_get(m)
         if not np.isfinite(m['loss']):
           bad = os.path.join(workdir, f'nonfinite_batch_step{done}.npz')
@@ -119,10 +123,22 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
             f'{k}={v:.4g}' for k, v in last.items() if k not in ('n_targets',)))
         t_last, steps_since = time.time(), 0
-      if done % c.ckpt.every == 0 or done == c.train.num_steps:
+      if done % c.ckpt.every == 0 or last_step:
         checkpointing.save(manager, done, train.state, data_iter)
   manager.wait_until_finished()
   manager.close()
   writer.close()
+  if end == c.train.num_steps:
+    _export_model(train, workdir, tok_spec)
   return last
+
+
+def _export_model(train: state_lib.TrainState, workdir: str, tokenizer_dir: str) -> None:
+  """Writes workdir/model: params + model_config.json (+ tokenizer files), for sampling and export."""
+  from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top
+  model, _ = nnx.merge(train.graphdef, train.state)
+  out = os.path.join(workdir, 'model')
+  model_io.save_model(model, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+                      overwrite=True)
+  _log(f'wrote {out} (python -m launch.sample --ckpt={out} / python -m launch.export_hf --ckpt={out})')
 

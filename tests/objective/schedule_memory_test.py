@@ -1,5 +1,5 @@
-"""The lean GDN schedule keeps chunk checkpoints only: its compiled memory stays well below the simple
-schedule's, which stores a state per token."""
+"""The lean GDN schedule keeps chunk checkpoints only: its compiled memory stays well below the
+simple schedule's, which stores a state per token."""
 import jax
 import jax.numpy as jnp
 

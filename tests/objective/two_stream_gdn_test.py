@@ -1,0 +1,142 @@
+"""GDN noisy-block schedules: both equal a brute-force recurrence per block, agree in gradients, and
+agree inside the model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
+from flare_jax.model import two_stream_gdn
+from flare_jax.objective import layout as layout_lib
+from flare_jax.objective import two_stream
+from pallas_kernels import gated_delta_rule as gdr
+
+H, HV, K, DV, CHUNK = 1, 2, 8, 8, 16
+SCALE = K ** -0.5
+
+
+def _rows(t=52):
+  """Two packed rows (documents crossing chunk boundaries, padding) with response masks."""
+  seg = np.zeros((2, t), np.int32)
+  resp = np.zeros((2, t), bool)
+  for r, docs in enumerate([[(0, 23, 4), (23, 45, 0), (45, 52, 2)], [(0, 37, 9), (37, 48, 1)]]):
+    for i, (lo, hi, prompt) in enumerate(docs):
+      seg[r, lo:hi] = i + 1
+      resp[r, lo + prompt:hi] = True
+  return seg, resp
+
+
+def _inputs(rng, b, t, views):
+  def qk(*shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  def stream(*lead):
+    return (qk(*lead, t, H, K), qk(*lead, t, H, K), rng.normal(size=(*lead, t, HV, DV)),
+            -rng.uniform(0.01, 0.5, (*lead, t, HV)), rng.uniform(0.2, 0.9, (*lead, t, HV)))
+
+  to = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)
+  return to(stream(b)), to(stream(b, views))
+
+
+def _recurrence(q, k, v, g, beta):
+  """numpy gated delta rule from a zero state: q, k [S, HV, K], v [S, HV, V] ... -> o [S, HV, V]."""
+  state = np.zeros((HV, K, DV))
+  out = []
+  for t in range(q.shape[0]):
+    state = state * np.exp(g[t])[:, None, None]
+    d = beta[t][:, None] * (v[t] - np.einsum('hkv,hk->hv', state, k[t]))
+    state = state + np.einsum('hk,hv->hkv', k[t], d)
+    out.append(np.einsum('hkv,hk->hv', state, q[t]) * SCALE)
+  return np.stack(out)
+
+
+def _brute_force(clean, noisy, seg, starts):
+  """Per noisy slot: the recurrence over [its document's clean tokens before its block ++ the
+  block's slots of its view up to itself]."""
+  clean = [np.repeat(np.asarray(x), HV // H, axis=2) if i < 2 else np.asarray(x)
+           for i, x in enumerate(clean)]
+  noisy = [np.repeat(np.asarray(x), HV // H, axis=3) if i < 2 else np.asarray(x)
+           for i, x in enumerate(noisy)]
+  b, views, t = noisy[0].shape[:3]
+  out = np.zeros((b, views, t, HV, DV))
+  for r in range(b):
+    for j in range(t):
+      bs = int(starts[r, j])
+      doc_start = int(np.argmax(seg[r] == seg[r, j]))
+      for v in range(views):
+        seq = [np.concatenate([c[r, doc_start:bs], n[r, v, bs:j + 1]])
+               for c, n in zip(clean, noisy)]
+        out[r, v, j] = _recurrence(*seq)[-1]
+  return out
+
+
+@pytest.mark.parametrize('block, views, shift', [(1, 2, True), (3, 2, True), (5, 1, True),
+                                                 (4, 2, False), (32, 2, True)],
+                         ids=['b1v2', 'b3v2', 'b5v1', 'b4v2_noshift', 'b32v2'])
+def test_both_schedules_equal_a_brute_force_recurrence_per_block(rng, block, views, shift):
+  seg, resp = _rows()
+  b, t = seg.shape
+  lay = layout_lib.block_layout(jnp.zeros((b, t), jnp.int32), jnp.asarray(seg), jnp.asarray(resp),
+                                block_size=block, logit_shift=shift)
+  starts = np.asarray(lay.block_start)
+  clean, noisy = _inputs(rng, b, t, views)
+  want = _brute_force(clean, noisy, seg, starts)
+  # The numpy recurrence follows the op's conventions: it reproduces the clean chunked op.
+  o_clean, _ = gdr.chunk_gated_delta_rule(*clean, scale=SCALE, segment_ids=jnp.asarray(seg),
+                                          chunk_size=CHUNK)
+  np.testing.assert_allclose(o_clean[0, :23], _recurrence(*(
+      np.repeat(np.asarray(x[0, :23]), HV // H, 1) if i < 2 else np.asarray(x[0, :23])
+      for i, x in enumerate(clean))), atol=1e-5, rtol=1e-5)
+  for schedule in two_stream_gdn.SCHEDULES:
+    got = jax.jit(lambda c, n, schedule=schedule: two_stream_gdn.noisy_delta_rule(
+        c, n, jnp.asarray(seg), jnp.asarray(starts), scale=SCALE, schedule=schedule,
+        chunk_size=CHUNK))(clean, noisy)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=schedule)
+
+
+def test_simple_and_lean_schedules_have_equal_gradients(rng):
+  seg, resp = _rows()
+  b, t = seg.shape
+  lay = layout_lib.block_layout(jnp.zeros((b, t), jnp.int32), jnp.asarray(seg), jnp.asarray(resp),
+                                block_size=6)
+  clean, noisy = _inputs(rng, b, t, 2)
+  cot = jnp.asarray(rng.normal(size=(b, 2, t, HV, DV)), jnp.float32)
+
+  def grads(schedule):
+    f = lambda c, n: jnp.sum(cot * two_stream_gdn.noisy_delta_rule(
+        c, n, jnp.asarray(seg), lay.block_start, scale=SCALE, schedule=schedule, chunk_size=CHUNK))
+    return jax.tree.leaves(jax.jit(jax.grad(f, argnums=(0, 1)))(clean, noisy))
+
+  simple, lean = grads('simple'), grads('lean')
+  names = [f'{s} {x}' for s in ('clean', 'noisy') for x in ('q', 'k', 'v', 'g', 'beta')]
+  for name, a, c in zip(names, simple, lean):
+    # Noisy outputs depend on every input but the clean queries.
+    assert (float(jnp.max(jnp.abs(a))) > 0) == (name != 'clean q'), name
+    np.testing.assert_allclose(a, c, atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+def test_schedules_agree_inside_the_model_with_parameter_gradients(rng):
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', layer_types=(config_lib.LINEAR,),
+                                            gdn_chunk_size=16)
+  model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
+  seg, resp = _rows()
+  pos = np.concatenate([np.arange(n) for n in np.unique(seg[0], return_counts=True)[1]])
+  batch = dict(tokens=jnp.asarray(rng.integers(0, 256, (1, seg.shape[1])), jnp.int32),
+               segment_ids=jnp.asarray(seg[:1]), positions=jnp.asarray(pos[None], jnp.int32),
+               response_mask=jnp.asarray(resp[:1]))
+  obj = two_stream.ObjectiveConfig(block_size=3, num_views=2)
+  inp = two_stream.build_input(batch, jax.random.key(0), obj, 271)
+  outs, grads = [], []
+  for schedule in two_stream_gdn.SCHEDULES:
+    def f(m, schedule=schedule):
+      h, _ = m.hidden_states(inp.tokens, inp.meta, num_views=2, gdn_schedule=schedule)
+      return jnp.sum(jnp.sin(m.logits(h))), h
+    (_, h), g = nnx.jit(nnx.value_and_grad(f, has_aux=True))(model)
+    outs.append(h)
+    grads.append(jax.tree.leaves(nnx.state(g)))
+  np.testing.assert_allclose(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+  for a, c in zip(*grads):
+    np.testing.assert_allclose(a, c, atol=2e-4, rtol=2e-4)

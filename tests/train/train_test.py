@@ -1,0 +1,67 @@
+"""Trainer (through the CLI): kill-and-resume, loss falls, FLARE conversion of an AR model, export."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import flare_tiny
+from flare_jax.checkpoint import hf_export
+from flare_jax.checkpoint import hf_import
+
+
+def _jsonl(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def _train(workdir, *overrides):
+  """Runs the training CLI in a fresh single-device process (the tests' 8 fake devices stripped)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py', f'--workdir={workdir}',
+         '--config.data.seq_len=32', '--config.ckpt.async_save=False', *overrides]
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path):
+  common = ('--config.train.num_steps=8', '--config.ckpt.every=3', '--config.objective.name=ar',
+            '--config.train.log_every=1')
+  _train(tmp_path / 'full', *common)
+  _train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
+  log = _train(tmp_path / 'resumed', *common)
+  assert 'resumed from' in log and 'at step 4' in log
+  full = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'full' / 'metrics.jsonl')}
+  resumed = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'resumed' / 'metrics.jsonl')}
+  assert sorted(resumed) == list(range(1, 9))
+  for step in range(1, 9):
+    assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
+  assert full[8] < 0.9 * full[1]  # 8 steps of the tiny model: the loss is already falling
+
+
+def test_flare_conversion_of_an_ar_model_lowers_loss_diff_and_keeps_loss_ar(tmp_path):
+  _train(tmp_path / 'ar', '--config.train.num_steps=60', '--config.objective.name=ar',
+         '--config.train.log_every=20', '--config.optim.warmup_steps=5')
+  hf_export.export_hf(str(tmp_path / 'ar' / 'model'), str(tmp_path / 'hf'), dtype='float32',
+                      log=lambda _: None)
+  hf_import.convert_hf_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'converted'),
+                                  log=lambda _: None)
+  _train(tmp_path / 'flare', '--config.train.num_steps=40', '--config.objective.name=flare',
+         '--config.train.log_every=5', '--config.optim.lr=1e-3', '--config.optim.warmup_steps=5',
+         f'--config.init_from={tmp_path / "converted"}', '--config.data.tokenizer=byte')
+  rows = _jsonl(tmp_path / 'flare' / 'metrics.jsonl')
+  first, last = rows[0], rows[-1]
+  assert last["loss_diff"] < 0.9 * first["loss_diff"], (first, last)
+  assert last['loss_ar'] < 1.1 * first['loss_ar'], (first, last)
+
+
+def test_misspelt_override_fails_loudly():
+  c = flare_tiny.get_config()
+  c.lock()
+  with pytest.raises(AttributeError):
+    c.optim.learning_rate = 1.0
+  with pytest.raises(ValueError, match='unknown config argument'):
+    flare_tiny.get_config('stepz=3')
