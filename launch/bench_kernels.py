@@ -1,0 +1,214 @@
+"""Latency and peak device memory of the chunked gated delta rule: xla, pallas, triton and fla.
+
+python -m launch.bench_kernels --shapes=1x4096,8x4096,4x16384 --impls=xla,pallas,triton,fla
+
+Every (implementation, shape) case runs in its own subprocess, so peak memory is per case and JAX never
+shares a process with PyTorch (JAX preallocates GPU memory; fla's platform check fails beside it).
+A case reports the median latency of `--repeats` timed calls after `--warmup` calls (each call timed to
+`block_until_ready` / `torch.cuda.synchronize`) for the forward alone and for forward + backward
+(gradients of q, k, v, g, beta for a random output cotangent), and the peak bytes in use after each.
+Inputs: q, k l2-normalised, v normal, g = logsigmoid(U(0,1)) (fp32), beta = sigmoid(U(0,1)); H = HV.
+
+fla (PyTorch) refuses its gated backward on Hopper with Triton < 3.7.1 (fla issue #640, a Triton
+miscompile of chunk_bwd_dqkwg); for timing only, this script bypasses that guard
+(`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`) and says so in its output.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_SHAPES = flags.DEFINE_list('shapes', ['1x4096', '8x4096', '4x16384'], 'BxT cases.')
+_IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'triton', 'fla'],
+                           'Implementations: xla, pallas, triton (JAX api) and fla (PyTorch).')
+_HEADS = flags.DEFINE_integer('heads', 16, 'Heads (H = HV).')
+_DK = flags.DEFINE_integer('dk', 128, 'Key head size.')
+_DV = flags.DEFINE_integer('dv', 128, 'Value head size.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'q, k, v dtype.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile, autotune).')
+_MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
+_TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "impl:B:T" and print RESULT.')
+
+_GIB = 1024 ** 3
+
+
+def _median_ms(fn, sync, warmup, repeats):
+  for _ in range(warmup):
+    sync(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    sync(fn())
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def _jax_case(impl, b, t):
+  """One JAX implementation through the api; returns the result dict."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
+
+  h, dk, dv = _HEADS.value, _DK.value, _DV.value
+  dtype = jnp.dtype(_DTYPE.value)
+  ks = jax.random.split(jax.random.key(0), 6)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(jax.random.normal(ks[0], (b, t, h, dk))).astype(dtype)
+  k = unit(jax.random.normal(ks[1], (b, t, h, dk))).astype(dtype)
+  v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
+  g = jax.nn.log_sigmoid(jax.random.uniform(ks[3], (b, t, h)))
+  beta = jax.nn.sigmoid(jax.random.uniform(ks[4], (b, t, h)))
+  do = jax.random.normal(ks[5], (b, t, h, dv)).astype(dtype)
+  args = (q, k, v, g, beta)
+  jax.block_until_ready((args, do))
+  fn = functools.partial(api.chunk_gated_delta_rule, implementation=impl)
+  fwd = jax.jit(lambda *a: fn(*a)[0])
+
+  @jax.jit
+  def fwdbwd(q, k, v, g, beta, do):
+    _, vjp = jax.vjp(lambda *a: fn(*a)[0], q, k, v, g, beta)
+    return vjp(do)
+
+  dev = jax.devices()[0]
+  peak = lambda: (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
+  res = {'impl': impl, 'B': b, 'T': t, 'device': dev.device_kind, 'jax': jax.__version__}
+  if 'fwd' in _MODES.value:
+    res['fwd_ms'] = _median_ms(lambda: fwd(*args), jax.block_until_ready, _WARMUP.value,
+                               _REPEATS.value)
+    res['fwd_peak_gib'] = peak()
+  if 'fwdbwd' in _MODES.value:
+    res['fwdbwd_ms'] = _median_ms(lambda: fwdbwd(*args, do), jax.block_until_ready,
+                                  _WARMUP.value, _REPEATS.value)
+    res['peak_gib'] = peak()
+  return res
+
+
+def _fla_case(b, t):
+  """fla's chunk_gated_delta_rule (PyTorch) with the Hopper guard bypassed for timing."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  import fla  # pylint: disable=g-import-not-at-top
+  import fla.ops.common.chunk_o as chunk_o  # pylint: disable=g-import-not-at-top
+  from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # pylint: disable=g-import-not-at-top
+
+  bypassed = not chunk_o.TRITON_ABOVE_3_7_1
+  chunk_o.TRITON_ABOVE_3_7_1 = True  # fla #640 guard (speed only; see the module docstring)
+  h, dk, dv = _HEADS.value, _DK.value, _DV.value
+  dtype = getattr(torch, _DTYPE.value)
+  dev = 'cuda'
+  torch.manual_seed(0)
+  q = F.normalize(torch.randn(b, t, h, dk, device=dev), dim=-1).to(dtype).requires_grad_()
+  k = F.normalize(torch.randn(b, t, h, dk, device=dev), dim=-1).to(dtype).requires_grad_()
+  v = torch.randn(b, t, h, dv, device=dev).to(dtype).requires_grad_()
+  g = F.logsigmoid(torch.rand(b, t, h, device=dev)).requires_grad_()
+  beta = torch.rand(b, t, h, device=dev).sigmoid().requires_grad_()
+  do = torch.randn(b, t, h, dv, device=dev).to(dtype)
+  sync = lambda _: torch.cuda.synchronize()
+
+  def fwd():
+    with torch.no_grad():
+      return chunk_gated_delta_rule(q, k, v, g, beta)[0]
+
+  def fwdbwd():
+    for x in (q, k, v, g, beta):
+      x.grad = None
+    o = chunk_gated_delta_rule(q, k, v, g, beta)[0]
+    o.backward(do)
+
+  res = {'impl': 'fla', 'B': b, 'T': t, 'device': torch.cuda.get_device_name(),
+         'fla': getattr(fla, '__version__', '?'), 'guard_bypassed': bypassed}
+  if 'fwd' in _MODES.value:
+    torch.cuda.reset_peak_memory_stats()
+    res['fwd_ms'] = _median_ms(fwd, sync, _WARMUP.value, _REPEATS.value)
+    res['fwd_peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
+  if 'fwdbwd' in _MODES.value:
+    torch.cuda.reset_peak_memory_stats()
+    res['fwdbwd_ms'] = _median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value)
+    res['peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
+  return res
+
+
+def _run_child(spec):
+  impl, b, t = spec.split(':')
+  b, t = int(b), int(t)
+  res = _fla_case(b, t) if impl == 'fla' else _jax_case(impl, b, t)
+  print('RESULT ' + json.dumps(res), flush=True)
+
+
+def _spawn(impl, b, t):
+  argv = [sys.executable, '-m', 'launch.bench_kernels', f'--child={impl}:{b}:{t}']
+  for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP):
+    argv.append(f'--{flag.name}={flag.value}')
+  argv.append(f'--modes={",".join(_MODES.value)}')
+  t0 = time.time()
+  try:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT.value,
+                          env=dict(os.environ), check=False)
+  except subprocess.TimeoutExpired:
+    return {'impl': impl, 'B': b, 'T': t, 'error': f'timeout after {_TIMEOUT.value} s'}
+  for line in proc.stdout.splitlines():
+    if line.startswith('RESULT '):
+      res = json.loads(line[len('RESULT '):])
+      res['wall_s'] = round(time.time() - t0, 1)
+      return res
+  tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+  return {'impl': impl, 'B': b, 'T': t, 'error': ' | '.join(tail)}
+
+
+def _fmt(x, spec='.2f'):
+  return '-' if x is None else format(x, spec)
+
+
+def _table(results):
+  fla = {(r['B'], r['T']): r for r in results if r['impl'] == 'fla' and 'error' not in r}
+  head = ('| impl | B | T | fwd ms | fwd+bwd ms | peak GiB | fwd / fla | fwd+bwd / fla | '
+          'peak / fla |')
+  lines = [head, '|' + '---|' * 9]
+  ratio = lambda r, ref, key: (r.get(key) / ref[key] if ref and r.get(key) and ref.get(key)
+                               else None)
+  for r in results:
+    if 'error' in r:
+      lines.append(f"| {r['impl']} | {r['B']} | {r['T']} | error: {r['error'][:300]} |")
+      continue
+    ref = fla.get((r['B'], r['T']))
+    lines.append(
+        f"| {r['impl']} | {r['B']} | {r['T']} | {_fmt(r.get('fwd_ms'))} | "
+        f"{_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('peak_gib'))} | "
+        f"{_fmt(ratio(r, ref, 'fwd_ms'))} | {_fmt(ratio(r, ref, 'fwdbwd_ms'))} | "
+        f"{_fmt(ratio(r, ref, 'peak_gib'))} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    _run_child(_CHILD.value)
+    return
+  results = []
+  for shape in _SHAPES.value:
+    b, t = (int(x) for x in shape.lower().split('x'))
+    for impl in _IMPLS.value:
+      res = _spawn(impl, b, t)
+      print(json.dumps(res), flush=True)
+      results.append(res)
+  print(f'\nH={_HEADS.value} dk={_DK.value} dv={_DV.value} {_DTYPE.value}; median of '
+        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios are impl / fla (lower is better).')
+  if any(r.get('guard_bypassed') for r in results):
+    print('fla: Hopper guard for Triton < 3.7.1 (fla #640) bypassed for timing.')
+  print(_table(results))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,115 @@
+"""What the two kernel families (pallas.py, triton.py) share: tile sizes, padding and segment masks.
+
+Both families run the same padded problem: T padded to a multiple of the chunk size, K and V to powers
+of two >= 16 (Triton's block shapes and `tl.dot` minimum). Padding is exact: padded tokens have zero
+q/k/v and g = beta = 0 (identity steps in the last segment); padded feature columns are zero.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import backend
+
+MAX_HEAD_DIM = 256
+CHUNK_SIZES = (16, 32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Launch parameters shared by both kernel families.
+
+  Attributes:
+    bv: V tile of the two sequential state passes (forward state pass and backward dS pass); each
+      program keeps a [K, bv] fp32 state in registers and walks every chunk of one (batch, head).
+    num_warps, num_stages: for the sequential state passes.
+    bv_out: V tile of the output kernel and the intra-chunk dv kernel.
+    num_warps_chunk, num_stages_chunk: for the kernels parallel over chunks (UT transform, output,
+      intra-chunk dv).
+    num_warps_bwd: for the fused per-chunk backward kernel (dq, dk, dv, dbeta, dg), which holds the
+      most live [C, K] / [C, V] / [K, V] tiles.
+  """
+
+  bv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  bv_out: int = 128
+  num_warps_chunk: int = 4
+  num_stages_chunk: int = 2
+  num_warps_bwd: int = 8
+
+  @classmethod
+  def get_default(cls, head_dim: int = 128, device_kind: str = '') -> 'BlockSizes':
+    """Defaults by key/value head size (padded to a power of two) and device kind.
+
+    Args:
+      head_dim: the padded value head size V (power of two, >= 16).
+      device_kind: `jax.devices()[0].device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
+    """
+    del device_kind  # One setting for Ampere and Hopper so far (fla autotunes over the same space).
+    bv = min(head_dim, 64)
+    bv_out = min(head_dim, 128)
+    return cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_chunk=4,
+               num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4)
+
+
+def block_sizes_for(vp: int) -> BlockSizes:
+  kind = '' if backend.default_backend() == 'cpu' else jax.devices()[0].device_kind
+  return BlockSizes.get_default(vp, kind)
+
+
+def check_inputs(q, k, v, chunk_size: int, family: str) -> None:
+  """Raises ValueError, naming the values, for inputs the kernels do not take (the api falls back)."""
+  if chunk_size not in CHUNK_SIZES:
+    raise ValueError(f'{chunk_size=} must be one of {CHUNK_SIZES} for the {family} gated delta rule')
+  kd, vd = q.shape[-1], v.shape[-1]
+  if kd > MAX_HEAD_DIM or vd > MAX_HEAD_DIM:
+    raise ValueError(f'K={kd} and V={vd} must be <= {MAX_HEAD_DIM} for the {family} gated delta rule')
+  if q.dtype != k.dtype or k.dtype != v.dtype:
+    raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
+  if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f'dtype {q.dtype} is not supported by the {family} gated delta rule '
+                     '(float32, bfloat16, float16)')
+
+
+def padded_dims(t: int, kd: int, vd: int, chunk_size: int) -> tuple[int, int, int]:
+  """(Tp, Kp, Vp): T to a chunk multiple, K and V to powers of two >= 16."""
+  return (backend.cdiv(t, chunk_size) * chunk_size, max(16, backend.next_pow2(kd)),
+          max(16, backend.next_pow2(vd)))
+
+
+def pad_to(x: jax.Array, shape) -> jax.Array:
+  """Zero-pads the trailing end of every axis up to `shape` (a no-op when already there)."""
+  pads = [(0, s - d) for s, d in zip(shape, x.shape)]
+  return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
+
+
+def pad_inputs(q, k, v, g, beta, h0, chunk_size):
+  """Pads (q, k, v [B,T,*,X]; g, beta [B,T,HV] -> fp32; h0 [B,HV,K,V] -> fp32) to the kernel shapes."""
+  b, t, hq, kd = q.shape
+  hv, vd = v.shape[2:]
+  tp, kp, vp = padded_dims(t, kd, vd, chunk_size)
+  f32 = jnp.float32
+  return (pad_to(q, (b, tp, hq, kp)), pad_to(k, (b, tp, hq, kp)), pad_to(v, (b, tp, hv, vp)),
+          pad_to(g.astype(f32), (b, tp, hv)), pad_to(beta.astype(f32), (b, tp, hv)),
+          pad_to(h0.astype(f32), (b, hv, kp, vp)))
+
+
+def segment_masks(segment_ids: jax.Array, tp: int, chunk_size: int):
+  """fp32 [B, Tp] (segment number, carry, writes) for documents starting anywhere.
+
+  segment number: nondecreasing count of segment starts (padding continues the last segment);
+  carry: the token belongs to the segment active when its chunk starts (it reads the entering state);
+  writes: the token belongs to its chunk's last segment (it writes the leaving state).
+  """
+  b, t = segment_ids.shape
+  n = tp // chunk_size
+  starts = jnp.concatenate([jnp.zeros((b, 1), jnp.int32),
+                            (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)], 1)
+  num = jnp.pad(jnp.cumsum(starts, axis=1), ((0, 0), (0, tp - t)), mode='edge')
+  chunks = num.reshape(b, n, chunk_size)
+  before = jnp.concatenate([chunks[:, :1, 0], chunks[:, :-1, -1]], axis=1)  # token before the chunk
+  carry = chunks == before[..., None]
+  writes = chunks == chunks[..., -1:]
+  f = lambda x: x.reshape(b, tp).astype(jnp.float32)
+  return f(num), f(carry), f(writes)

@@ -1,0 +1,490 @@
+"""Chunked gated delta rule as `@triton.jit` kernels launched with jax-triton (GPU only).
+
+The same algorithm, kernel split, padding and segment masks as `pallas.py` (see its docstring and
+kernels.md sections 2-4), written against Triton directly: pointer arithmetic on the padded
+[B, Tp, H(V), X] layouts, one program per (chunk, batch x value head) for the parallel kernels and per
+(V tile, batch x value head) for the two sequential state passes. jax-triton 0.3.1 (`out_shape=`).
+
+triton is imported in a try/except and jax_triton only when called: importing this module on a CPU-only
+machine never fails; calling it there raises a ValueError (the api falls back).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gated_delta_rule import configs
+
+_F32 = jnp.float32
+
+
+try:  # Only the GPU machine has triton; importing this module elsewhere must not fail.
+  import triton  # pylint: disable=g-import-not-at-top
+  import triton.language as tl  # pylint: disable=g-import-not-at-top
+except ImportError:  # pragma: no cover - CPU-only environments
+  triton = None
+
+if triton is not None:
+
+  @triton.jit
+  def ut_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
+    """(I + A)^-1 for strictly lower [C, C] fp32 A: 16x16 diagonal blocks by forward substitution
+    (rows i, 16+i, ... at once), then T = (I + N)^-1 D with N = D L nilpotent (pallas._ut_inverse)."""
+    o = tl.arange(0, C)
+    r = o[:, None]
+    c = o[None, :]
+    blk = (r // 16) == (c // 16)
+    rsub = r % 16
+    a_bd = tl.where(blk, a, 0.0)
+    eye = tl.where(r == c, 1.0, 0.0)
+    x = eye
+    for i in range(1, 16):
+      sel = rsub == i
+      av = tl.sum(tl.where(sel, a_bd, 0.0), axis=0)
+      y = tl.sum(av[:, None] * x, axis=0)
+      x = tl.where(sel & blk, eye - y[None, :], x)
+    if C > 16:
+      neg_n = -tl.dot(x, tl.where(blk, 0.0, a), input_precision=PREC)
+      acc = eye + neg_n
+      if C > 32:
+        p = tl.dot(neg_n, neg_n, input_precision=PREC)
+        acc = tl.dot(acc, eye + p, input_precision=PREC)
+      x = tl.dot(acc, x, input_precision=PREC)
+    return x
+
+  @triton.jit
+  def intra_kernel(k, v, g, beta, seg, carry, w, u, gc, tm,
+                   TP: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                   V: tl.constexpr, C: tl.constexpr, HAS_SEG: tl.constexpr, STORE_T: tl.constexpr,
+                   PREC: tl.constexpr, IO_PREC: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = tl.arange(0, V)
+    tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
+    b_k = tl.load(k + (tok * H + kh)[:, None] * K + o_k[None, :])
+    b_v = tl.load(v + (tok * HV + i_h)[:, None] * V + o_v[None, :])
+    b_g = tl.load(g + tok * HV + i_h)
+    b_b = tl.load(beta + tok * HV + i_h)
+    b_gc = tl.cumsum(b_g, axis=0)
+    strict = o_c[:, None] > o_c[None, :]
+    ks = b_b * tl.exp(b_gc)
+    if HAS_SEG:
+      b_seg = tl.load(seg + tok)
+      strict = strict & (b_seg[:, None] == b_seg[None, :])
+      ks = ks * tl.load(carry + tok)
+    kk = tl.dot(b_k, tl.trans(b_k), input_precision=IO_PREC)
+    a = tl.where(strict, b_b[:, None] * kk * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0)
+    t = ut_inverse(a, C, PREC).to(b_k.dtype)
+    b_w = tl.dot(t, (b_k * ks[:, None]).to(b_k.dtype), input_precision=IO_PREC)
+    b_u = tl.dot(t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=IO_PREC)
+    tl.store(w + (tok * HV + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty))
+    tl.store(u + (tok * HV + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty))
+    tl.store(gc + tok * HV + i_h, b_gc)
+    if STORE_T:
+      tl.store(tm + (tok * HV + i_h)[:, None] * C + o_c[None, :], t.to(tm.dtype.element_ty))
+
+  @triton.jit
+  def state_pass_kernel(k, w, u, gc, h0, carry, writes, h, vn, ht,
+                        TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
+                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                        HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    st = (i_bh * K + o_k).to(tl.int64)[:, None] * V + o_v[None, :]
+    b_s = tl.load(h0 + st)
+    for n in range(NT):
+      hoff = ((i_bh * NT + n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      tl.store(h + hoff, b_s.to(h.dtype.element_ty))
+      tok = (i_b * TP + n * C + o_c).to(tl.int64)
+      b_w = tl.load(w + (tok * HV + i_h)[:, None] * K + o_k[None, :])
+      p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+      b_vn = tl.load(u + p_v).to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype),
+                                                      input_precision=IO_PREC)
+      tl.store(vn + p_v, b_vn.to(vn.dtype.element_ty))
+      b_gc = tl.load(gc + tok * HV + i_h)
+      gl = tl.load(gc + (i_b * TP + n * C + C - 1).to(tl.int64) * HV + i_h)
+      kdec = tl.exp(gl - b_gc)
+      keep = tl.exp(gl)
+      if HAS_SEG:
+        kdec = kdec * tl.load(writes + tok)
+        keep = keep * tl.load(carry + i_b * TP + n * C + C - 1)
+      b_kt = tl.load(k + (tok * H + kh)[None, :] * K + o_k[:, None])  # [K, C]
+      b_s = keep * b_s + tl.dot(b_kt, (b_vn * kdec[:, None]).to(b_kt.dtype),
+                                input_precision=IO_PREC)
+    tl.store(ht + st, b_s)
+
+  @triton.jit
+  def output_kernel(q, k, h, vn, gc, seg, carry, o,
+                    TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                    SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    NV: tl.constexpr = V // BV
+    i_v = tl.program_id(0) % NV
+    i_n = tl.program_id(0) // NV
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
+    b_q = tl.load(q + (tok * H + kh)[:, None] * K + o_k[None, :])
+    b_kt = tl.load(k + (tok * H + kh)[None, :] * K + o_k[:, None])
+    b_h = tl.load(h + ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :])
+    p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+    b_vn = tl.load(vn + p_v)
+    b_gc = tl.load(gc + tok * HV + i_h)
+    causal = o_c[:, None] >= o_c[None, :]
+    qdec = tl.exp(b_gc)
+    if HAS_SEG:
+      b_seg = tl.load(seg + tok)
+      causal = causal & (b_seg[:, None] == b_seg[None, :])
+      qdec = qdec * tl.load(carry + tok)
+    qk = tl.dot(b_q, b_kt, input_precision=IO_PREC)
+    qk = tl.where(causal, qk * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0)
+    b_o = (tl.dot(b_q, b_h.to(b_q.dtype), input_precision=IO_PREC) * qdec[:, None]
+           + tl.dot(qk.to(b_vn.dtype), b_vn, input_precision=IO_PREC))
+    tl.store(o + p_v, (b_o * SCALE).to(o.dtype.element_ty))
+
+  @triton.jit
+  def dv_local_kernel(q, k, gc, do, seg, dv,
+                      TP: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                      V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, SCALE: tl.constexpr,
+                      HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    NV: tl.constexpr = V // BV
+    i_v = tl.program_id(0) % NV
+    i_n = tl.program_id(0) // NV
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
+    b_k = tl.load(k + (tok * H + kh)[:, None] * K + o_k[None, :])
+    b_qt = tl.load(q + (tok * H + kh)[None, :] * K + o_k[:, None])
+    b_gc = tl.load(gc + tok * HV + i_h)
+    # Entry (j, i) = k_j.q_i exp(G_i - G_j) for i >= j: (Q K^T * D)^T.
+    upper = o_c[:, None] <= o_c[None, :]
+    if HAS_SEG:
+      b_seg = tl.load(seg + tok)
+      upper = upper & (b_seg[:, None] == b_seg[None, :])
+    kq = tl.dot(b_k, b_qt, input_precision=IO_PREC)
+    kq = tl.where(upper, kq * tl.exp(b_gc[None, :] - b_gc[:, None]), 0.0) * SCALE
+    p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+    b_do = tl.load(do + p_v)
+    b_dv = tl.dot(kq.to(b_do.dtype), b_do, input_precision=IO_PREC)
+    tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty))
+
+  @triton.jit
+  def dhu_kernel(q, k, w, gc, do, dvl, dht, carry, writes, dh, dv2, dh0,
+                 TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
+                 K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                 SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    st = (i_bh * K + o_k).to(tl.int64)[:, None] * V + o_v[None, :]
+    b_ds = tl.load(dht + st)
+    for i in range(NT):
+      n = NT - 1 - i
+      hoff = ((i_bh * NT + n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      tl.store(dh + hoff, b_ds.to(dh.dtype.element_ty))
+      tok = (i_b * TP + n * C + o_c).to(tl.int64)
+      b_gc = tl.load(gc + tok * HV + i_h)
+      gl = tl.load(gc + (i_b * TP + n * C + C - 1).to(tl.int64) * HV + i_h)
+      kdec = tl.exp(gl - b_gc)
+      qdec = tl.exp(b_gc)
+      keep = tl.exp(gl)
+      if HAS_SEG:
+        kdec = kdec * tl.load(writes + tok)
+        qdec = qdec * tl.load(carry + tok)
+        keep = keep * tl.load(carry + i_b * TP + n * C + C - 1)
+      b_k = tl.load(k + (tok * H + kh)[:, None] * K + o_k[None, :])
+      p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+      b_dv = tl.load(dvl + p_v).to(tl.float32) + kdec[:, None] * tl.dot(
+          b_k, b_ds.to(b_k.dtype), input_precision=IO_PREC)
+      tl.store(dv2 + p_v, b_dv.to(dv2.dtype.element_ty))
+      b_qt = tl.load(q + (tok * H + kh)[None, :] * K + o_k[:, None])
+      b_wt = tl.load(w + (tok * HV + i_h)[None, :] * K + o_k[:, None])
+      b_do = tl.load(do + p_v)
+      b_ds = (keep * b_ds
+              + SCALE * tl.dot((b_qt * qdec[None, :]).to(b_do.dtype), b_do,
+                               input_precision=IO_PREC)
+              - tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=IO_PREC))
+    tl.store(dh0 + st, b_ds)
+
+  @triton.jit
+  def bwd_chunk_kernel(q, k, v, vn, do, dv2, h, dh, gc, beta, tm, seg, carry, writes,
+                       dq, dk, dv, db, dg,
+                       TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+                       HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // HV
+    i_h = i_bh % HV
+    kh = i_h // (HV // H)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = tl.arange(0, V)
+    tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
+    p_qk = (tok * H + kh)[:, None] * K + o_k[None, :]
+    p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+    p_st = ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+    b_q = tl.load(q + p_qk)
+    b_k = tl.load(k + p_qk)
+    b_vn = tl.load(vn + p_v)
+    b_do = tl.load(do + p_v)
+    b_dv2 = tl.load(dv2 + p_v)
+    b_h = tl.load(h + p_st)
+    b_dh = tl.load(dh + p_st)
+    b_gc = tl.load(gc + tok * HV + i_h)
+    b_b = tl.load(beta + tok * HV + i_h)
+    gl = tl.load(gc + (i_b * TP + i_n * C + C - 1).to(tl.int64) * HV + i_h)
+    causal = o_c[:, None] >= o_c[None, :]
+    strict = o_c[:, None] > o_c[None, :]
+    qdec = tl.exp(b_gc)
+    kdec = tl.exp(gl - b_gc)
+    keep = tl.exp(gl)
+    if HAS_SEG:
+      b_seg = tl.load(seg + tok)
+      same = b_seg[:, None] == b_seg[None, :]
+      causal = causal & same
+      strict = strict & same
+      b_carry = tl.load(carry + tok)
+      qdec = qdec * b_carry
+      kdec = kdec * tl.load(writes + tok)
+      keep = keep * tl.load(carry + i_b * TP + i_n * C + C - 1)
+    qf = b_q.to(tl.float32)
+    kf = b_k.to(tl.float32)
+    dt_ = b_q.dtype
+    # Output and leaving-state terms.
+    b_dq = tl.dot(b_do, tl.trans(b_h).to(dt_), input_precision=IO_PREC) * (SCALE * qdec)[:, None]
+    b_dk = tl.dot(b_vn, tl.trans(b_dh).to(dt_), input_precision=IO_PREC) * kdec[:, None]
+    b_dw = -tl.dot(b_dv2, tl.trans(b_h).to(dt_), input_precision=IO_PREC)
+    dg_last = keep * tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32)) + tl.sum(b_dk * kf)
+    b_ds = tl.dot(b_do, tl.trans(b_vn), input_precision=IO_PREC)
+    b_ds = tl.where(causal, b_ds * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0) * SCALE
+    b_dq += tl.dot(b_ds.to(dt_), b_k, input_precision=IO_PREC)
+    b_dk += tl.dot(tl.trans(b_ds).to(dt_), b_q, input_precision=IO_PREC)
+    dgc = (tl.sum(b_dq * qf, axis=1) - tl.sum(b_dk * kf, axis=1)
+           + tl.where(o_c == C - 1, dg_last, 0.0))
+    # WY backward: W = T diag(beta e^G) K, U = T diag(beta) V.
+    b_v = tl.load(v + p_v)
+    b_t = tl.load(tm + (tok * HV + i_h)[:, None] * C + o_c[None, :])
+    b_tt = tl.trans(b_t)
+    kscale = b_b * qdec
+    b_dt = (tl.dot(b_dw.to(dt_), tl.trans((b_k * kscale[:, None]).to(dt_)),
+                   input_precision=IO_PREC)
+            + tl.dot(b_dv2, tl.trans((b_v * b_b[:, None]).to(dt_)), input_precision=IO_PREC))
+    b_dkb = tl.dot(b_tt, b_dw.to(dt_), input_precision=IO_PREC)
+    b_dvb = tl.dot(b_tt, b_dv2, input_precision=IO_PREC)
+    dkb_k = tl.sum(b_dkb * kf, axis=1)
+    b_dk += b_dkb * kscale[:, None]
+    b_db = dkb_k * qdec + tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+    dgc += dkb_k * kscale
+    tl.store(dv + p_v, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty))
+    b_da = tl.dot(tl.dot(b_tt, b_dt.to(dt_), input_precision=IO_PREC).to(dt_), b_tt,
+                  input_precision=IO_PREC)
+    b_da = tl.where(strict, -b_da * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0)
+    kk = tl.dot(b_k, tl.trans(b_k), input_precision=IO_PREC)
+    dab = b_da * b_b[:, None]
+    b_dk += (tl.dot(dab.to(dt_), b_k, input_precision=IO_PREC)
+             + tl.dot(tl.trans(dab).to(dt_), b_k, input_precision=IO_PREC))
+    b_db += tl.sum(b_da * kk, axis=1)
+    ada = dab * kk
+    dgc += tl.sum(ada, axis=1) - tl.sum(ada, axis=0)
+    p_dqk = (tok * HV + i_h)[:, None] * K + o_k[None, :]
+    tl.store(dq + p_dqk, b_dq)
+    tl.store(dk + p_dqk, b_dk)
+    tl.store(db + tok * HV + i_h, b_db)
+    tl.store(dg + tok * HV + i_h, tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc)
+
+  _KERNELS = dict(intra=intra_kernel, state_pass=state_pass_kernel, output=output_kernel,
+                  dv_local=dv_local_kernel, dhu=dhu_kernel, bwd_chunk=bwd_chunk_kernel)
+
+
+def _kernels():
+  if triton is None:
+    raise ValueError('the triton gated delta rule needs the triton package')
+  return _KERNELS
+
+
+def _jt():
+  try:
+    import jax_triton  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # CPU-only jax, or jax_triton missing
+    raise ValueError(f'the triton gated delta rule needs jax_triton and a GPU: {e}') from e
+  return jax_triton
+
+
+class _Dims:
+  """Static sizes of one call (after padding) and the dot precisions for its dtype."""
+
+  def __init__(self, q, v, chunk_size):
+    self.b, self.tp, self.h, self.kd = q.shape
+    self.hv, self.vd = v.shape[2], v.shape[3]
+    self.c = chunk_size
+    self.n = self.tp // chunk_size
+    self.grp = self.hv // self.h
+    f32 = q.dtype == _F32
+    # IEEE for fp32 inputs (matches the fp32 reference); fla's choice (TF32 merges) for 16-bit inputs.
+    self.prec = 'ieee' if f32 else 'tf32'
+    self.io_prec = 'ieee' if f32 else 'tf32'
+
+  def meta(self, **kw):
+    return dict(TP=self.tp, H=self.h, HV=self.hv, K=self.kd, V=self.vd, C=self.c, **kw)
+
+
+def _dummy():
+  return jnp.zeros((1,), _F32)
+
+
+def _segs3(segs):
+  return tuple(segs) if segs else (_dummy(),) * 3
+
+
+def _forward(q, k, v, g, beta, h0, segs, chunk_size, store_t=False):
+  jt = _jt()
+  kn = _kernels()
+  d = _Dims(q, v, chunk_size)
+  bs = configs.block_sizes_for(d.vd)
+  seg, carry, writes = _segs3(segs)
+  cdt = k.dtype
+  tshape = (d.b, d.tp, d.hv, d.c) if store_t else (1,)
+  w, u, gc, tm = jt.triton_call(
+      k, v, g, beta, seg, carry, kernel=kn['intra'],
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32),
+                 jax.ShapeDtypeStruct(tshape, cdt)],
+      grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_chunk, num_stages=bs.num_stages_chunk,
+      **d.meta(HAS_SEG=bool(segs), STORE_T=store_t, PREC=d.prec, IO_PREC=d.io_prec))
+  bv = min(bs.bv, d.vd)
+  h, vn, ht = jt.triton_call(
+      k, w, u, gc, h0, carry, writes, kernel=kn['state_pass'],
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
+      grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
+      **d.meta(NT=d.n, BV=bv, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
+  return d, bs, w, gc, h, vn, ht, (tm if store_t else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size'))
+def _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size):
+  return _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size)[0]
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size'))
+def _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size):
+  t, kd, vd = q.shape[1], q.shape[3], v.shape[3]
+  pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
+  d, bs, _, gc, h, vn, ht, _ = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size)
+  seg, carry, _ = _segs3(segs)
+  bv = min(bs.bv_out, d.vd)
+  o = _jt().triton_call(
+      pq, pk, h, vn, gc, seg, carry, kernel=_kernels()['output'],
+      out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), v.dtype),
+      grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_chunk,
+      num_stages=bs.num_stages_chunk,
+      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
+  return (o[:, :t, :, :vd], ht[:, :, :kd, :vd]), (q, k, v, g, beta, h0, segs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gdr_bwd(scale, chunk_size, res, cts):
+  jt = _jt()
+  kn = _kernels()
+  q, k, v, g, beta, h0, segs = res
+  do, dht = cts
+  b, t, hq, kd = q.shape
+  vd = v.shape[3]
+  pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
+  d, bs, w, gc, h, vn, _, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size, store_t=True)
+  seg, carry, writes = _segs3(segs)
+  cdt = pq.dtype
+  pdo = configs.pad_to(do.astype(cdt), (b, d.tp, d.hv, d.vd))
+  pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
+  has_seg = bool(segs)
+  bvo = min(bs.bv_out, d.vd)
+  dvl = jt.triton_call(
+      pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
+      out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+      grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_chunk,
+      num_stages=bs.num_stages_chunk,
+      **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+  bv = min(bs.bv, d.vd)
+  dh, dv2, dh0 = jt.triton_call(
+      pq, pk, w, gc, pdo, dvl, pdht, carry, writes, kernel=kn['dhu'],
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+                 jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
+      grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
+      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+  dq, dk, dv, db, dg = jt.triton_call(
+      pq, pk, pv, vn, pdo, dv2, h, dh, gc, pb, tm, seg, carry, writes, kernel=kn['bwd_chunk'],
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), _F32),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32)],
+      grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_chunk,
+      **d.meta(NT=d.n, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+  if d.grp > 1:  # value heads sharing a key head
+    dq = dq.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
+    dk = dk.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
+  return (dq[:, :t, :, :kd].astype(q.dtype), dk[:, :t, :, :kd].astype(k.dtype),
+          dv[:, :t, :, :vd].astype(v.dtype), dg[:, :t].astype(g.dtype),
+          db[:, :t].astype(beta.dtype), dh0[:, :, :kd, :vd].astype(h0.dtype),
+          jax.tree.map(jnp.zeros_like, segs))
+
+
+_gdr.defvjp(_gdr_fwd, _gdr_bwd)
+
+
+def chunk_gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state=None,
+                                  segment_ids=None, output_final_state=False, chunk_size=64):
+  """Chunked gated delta rule with jax-triton kernels (forward and backward; GPU only).
+
+  Same contract as `pallas.chunk_gated_delta_rule_pallas` (without `interpret`).
+
+  Raises:
+    ValueError: no GPU / jax_triton, or a chunk size, head size or dtype the kernels do not take.
+  """
+  configs.check_inputs(q, k, v, chunk_size, 'Triton')
+  if jax.default_backend() != 'gpu':
+    raise ValueError(f'the triton gated delta rule needs a GPU (backend is '
+                     f'{jax.default_backend()!r})')
+  _jt()
+  b, t, _, kd = q.shape
+  hv, vd = v.shape[2:]
+  scale = float(kd ** -0.5 if scale is None else scale)
+  h0 = (jnp.zeros((b, hv, kd, vd), _F32) if initial_state is None
+        else initial_state.astype(_F32))
+  segs = ()
+  if segment_ids is not None:
+    tp = configs.padded_dims(t, kd, vd, chunk_size)[0]
+    segs = configs.segment_masks(segment_ids, tp, chunk_size)
+  o, ht = _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size)
+  return o, (ht if output_final_state else None)

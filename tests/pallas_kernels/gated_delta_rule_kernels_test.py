@@ -1,0 +1,176 @@
+"""Gated delta rule kernels (Pallas, jax-triton) against the pure-JAX oracles.
+
+CPU: the Pallas kernels in interpret mode at small awkward shapes (T = 63, 100, 257; K = 60; GVA;
+documents starting inside chunks and at chunk starts), fp32, against the token-loop oracle: outputs,
+final state and every gradient (dq, dk, dv, dg, dbeta, d initial state).
+GPU: both families at the benchmark shapes in bf16 against an fp32 reference, with fla's relative-RMS
+limits; and an fp32 awkward-shape case with document resets (Triton 3.6 miscompiles some gated
+backward kernels on Hopper, fla #640: the gradients must be checked on the device).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels._common import testing
+from pallas_kernels.gated_delta_rule import configs
+from pallas_kernels.gated_delta_rule import pallas
+from pallas_kernels.gated_delta_rule import reference
+from pallas_kernels.gated_delta_rule import triton as gdr_triton
+from pallas_kernels.gated_delta_rule import xla
+
+GRAD_NAMES = ('dq', 'dk', 'dv', 'dg', 'dbeta', 'dh0')
+
+
+def _inputs(rng, b, t, h, hv, kd, vd, *, with_state=True, dtype=jnp.float32):
+  """q, k unit-norm; g log-sigmoid-like in [-0.7, -0.05]; beta in (0, 1); optional h0 (fp32)."""
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(rng.standard_normal((b, t, h, kd)))
+  k = unit(rng.standard_normal((b, t, h, kd)))
+  v = rng.standard_normal((b, t, hv, vd))
+  g = -rng.uniform(0.05, 0.7, (b, t, hv))
+  beta = rng.uniform(0.0, 1.0, (b, t, hv))
+  h0 = rng.standard_normal((b, hv, kd, vd)) if with_state else None
+  cast = lambda x, dt: None if x is None else jnp.asarray(x, dt)
+  return (cast(q, dtype), cast(k, dtype), cast(v, dtype), cast(g, jnp.float32),
+          cast(beta, jnp.float32), cast(h0, jnp.float32))
+
+
+def _segments(b, t, cuts):
+  seg = np.zeros((b, t), np.int32)
+  for c in cuts:
+    seg[:, c:] += 1
+  return jnp.asarray(seg)
+
+
+def _vjp(fn, args, seg, seed):
+  """(o, final state) and (dq, dk, dv, dg, dbeta, dh0) for random cotangents of both outputs (the
+  same values, up to dtype rounding, for every implementation given the same seed)."""
+  def run(q, k, v, g, beta, h0):
+    return fn(q, k, v, g, beta, initial_state=h0, segment_ids=seg, output_final_state=True)
+
+  outs, vjp = jax.vjp(run, *args)
+  keys = jax.random.split(jax.random.key(seed), len(outs))
+  cot = tuple(jax.random.normal(key, x.shape, jnp.float32).astype(x.dtype)
+              for key, x in zip(keys, outs))
+  return outs, vjp(cot)
+
+
+CASES = [  # (b, t, h, hv, kd, vd, chunk, document cuts, with initial state)
+    (1, 63, 1, 1, 16, 16, 64, [], True),
+    (2, 100, 2, 4, 60, 24, 64, [37], True),  # K = 60, GVA, a document starting mid-chunk
+    (1, 257, 1, 2, 8, 12, 64, [64, 65, 128, 200], False),  # resets at chunk starts, 1-token doc
+    (1, 40, 2, 2, 6, 6, 16, [16, 17, 33], True),
+    (1, 70, 1, 1, 20, 8, 32, [5, 40], True),
+]
+IDS = ['t63', 't100_k60_gva_reset', 't257_resets_no_h0', 'chunk16', 'chunk32']
+
+
+@pytest.mark.parametrize('b, t, h, hv, kd, vd, chunk, cuts, with_state', CASES, ids=IDS)
+def test_pallas_interpret_matches_recurrent_oracle(rng, b, t, h, hv, kd, vd, chunk, cuts,
+                                                   with_state):
+  args = _inputs(rng, b, t, h, hv, kd, vd, with_state=with_state)
+  seg = _segments(b, t, cuts) if cuts else None
+  kern = functools.partial(pallas.chunk_gated_delta_rule_pallas, chunk_size=chunk, interpret=True)
+  (o, s), grads = _vjp(kern, args, seg, 1)
+  (o_ref, s_ref), grads_ref = _vjp(reference.naive_recurrent_gated_delta_rule, args, seg,
+                                   1)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4, err_msg='o')
+  np.testing.assert_allclose(s, s_ref, atol=2e-5, rtol=1e-4, err_msg='final state')
+  for name, a, b in zip(GRAD_NAMES, grads, grads_ref):
+    if b is None:  # no initial state
+      assert a is None, name
+      continue
+    np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=name)
+
+
+def test_pallas_interpret_bf16_within_fla_limits(rng):
+  """bf16 inputs (16-bit dots, bf16 intermediates) against the fp32 oracle."""
+  args32 = _inputs(rng, 1, 128, 1, 2, 32, 32)
+  args16 = tuple(x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(args32))
+  seg = _segments(1, 128, [50])
+  kern = functools.partial(pallas.chunk_gated_delta_rule_pallas, interpret=True)
+  (o, s), grads = _vjp(kern, args16, seg, 2)
+  (o_ref, s_ref), grads_ref = _vjp(reference.naive_recurrent_gated_delta_rule, args32, seg,
+                                   2)
+  assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+  testing.assert_close('o', o, o_ref, 5e-3)
+  testing.assert_close('final state', s, s_ref, 5e-3)
+  limits = (8e-3, 8e-3, 8e-3, 2e-2, 2e-2, 8e-3)
+  for name, a, b, lim in zip(GRAD_NAMES, grads, grads_ref, limits):
+    testing.assert_close(name, a, b, lim)
+
+
+def test_segment_masks_for_documents_starting_anywhere():
+  seg = jnp.asarray([[7, 7, 7, 3, 3, 3, 3, 9]], jnp.int32)  # starts at 3 and 7; chunk 4, T 8 -> 12
+  num, carry, writes = configs.segment_masks(seg, 12, 4)
+  np.testing.assert_array_equal(num, [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2]])
+  # chunk 0 carries segment 0 (t < 3); chunk 1 (t 4..7) carries segment 1 until t = 7 starts
+  # segment 2; chunk 2 (padding) continues segment 2.
+  np.testing.assert_array_equal(carry, [[1, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(writes, [[0, 0, 0, 1, 0, 0, 0, 1, 1, 1, 1, 1]])
+
+
+def test_bad_arguments_raise_value_errors():
+  x = jnp.zeros((1, 8, 1, 8))
+  gb = jnp.zeros((1, 8, 1))
+  with pytest.raises(ValueError, match='chunk_size=48'):
+    pallas.chunk_gated_delta_rule_pallas(x, x, x, gb, gb, chunk_size=48, interpret=True)
+  big = jnp.zeros((1, 8, 1, 512))
+  with pytest.raises(ValueError, match='K=512'):
+    pallas.chunk_gated_delta_rule_pallas(big, big, x, gb, gb, interpret=True)
+  with pytest.raises(ValueError, match='dtype'):
+    pallas.chunk_gated_delta_rule_pallas(x.astype(jnp.int32), x.astype(jnp.int32),
+                                         x.astype(jnp.int32), gb, gb, interpret=True)
+  if jax.default_backend() != 'gpu':
+    with pytest.raises(ValueError, match='GPU'):
+      gdr_triton.chunk_gated_delta_rule_triton(x, x, x, gb, gb)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+IMPLS = {
+    'pallas': pallas.chunk_gated_delta_rule_pallas,
+    'triton': gdr_triton.chunk_gated_delta_rule_triton,
+}
+LIMITS = {'o': 5e-3, 'final state': 5e-3, 'dq': 8e-3, 'dk': 8e-3, 'dv': 8e-3, 'dg': 2e-2,
+          'dbeta': 2e-2, 'dh0': 8e-3}
+
+
+def _fp32_reference(args, seg, seed):
+  """The chunked XLA form at HIGHEST matmul precision (the token loop's autodiff would need the
+  state of every step: 64 GB at B4 T16384)."""
+  with jax.default_matmul_precision('highest'):
+    f = jax.jit(lambda *a: _vjp(xla.chunk_gated_delta_rule_xla, a, seg, seed))
+    return f(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('impl', sorted(IMPLS))
+@pytest.mark.parametrize('b, t', [(1, 4096), (8, 4096), (4, 16384)], ids=['b1t4k', 'b8t4k',
+                                                                          'b4t16k'])
+def test_gpu_bf16_benchmark_shapes_within_fla_limits(impl, b, t):
+  rng = np.random.default_rng(0)
+  args32 = _inputs(rng, b, t, 16, 16, 128, 128)
+  args16 = tuple(x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(args32))
+  got = jax.jit(lambda *a: _vjp(IMPLS[impl], a, None, 3))(*args16)
+  want = _fp32_reference(args32, None, 3)
+  names = ('o', 'final state') + GRAD_NAMES
+  for name, a, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
+    testing.assert_close(f'{impl} {name}', a, w, LIMITS[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('impl', sorted(IMPLS))
+def test_gpu_fp32_awkward_shapes_with_resets(impl):
+  rng = np.random.default_rng(0)
+  args = _inputs(rng, 2, 1000, 2, 4, 60, 100)
+  seg = _segments(2, 1000, [1, 64, 300, 301, 777])
+  got = jax.jit(lambda *a: _vjp(IMPLS[impl], a, seg, 4))(*args)
+  want = _fp32_reference(args, seg, 4)
+  names = ('o', 'final state') + GRAD_NAMES
+  for name, a, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
+    testing.assert_close(f'{impl} {name}', a, w, 1e-4)
