@@ -1,1 +1,1 @@
-"""Data: tokenizers (and, later, grain sources and packing)."""
+"""Data: tokenizers, example sources, packing into rows, and the grain input pipeline."""

@@ -1,118 +1,189 @@
-"""The grain input pipeline: source -> shard by process -> shuffle -> repeat -> tokenize -> fit length
--> first-fit pack into rows of seq_len -> batch. Deterministic for a given config and seed, and its
-iterator state is checkpointable (grain.checkpoint) so a resumed run sees exactly the same batches.
+"""The grain input pipeline: source -> this process's shard -> shuffle (per epoch) -> repeat ->
+tokenize -> fit long documents -> first-fit pack into rows of seq_len -> batch [-> worker
+processes].
 
-data_cfg fields: source ('jsonl'|'array_record'|'stdlib'|'arithmetic'), paths (comma-separated),
-seq_len, batch_size (global rows), seed, num_epochs (-1 = forever), on_malformed ('skip'|'error'),
-long_docs ('split'|'truncate'|'drop'), worker_count (0 = in-process), num_examples (arithmetic).
-Rows: tokens, segment_ids (0 = padding, documents 1..n), positions (restart per document),
-response_mask.
+Same config and seed -> same batches (worker_count is part of the config: grain's multiprocess
+prefetch changes the order of packed rows, deterministically). The iterator's state is a grain
+checkpoint (`get_state`/`set_state`, `grain.checkpoint.CheckpointSave/CheckpointRestore` via orbax),
+so a resumed run sees exactly the batches it would have seen.
+
+`data_cfg` fields (an ml_collections ConfigDict or any object with these attributes):
+  source        'jsonl' | 'array_record' | 'stdlib' | 'arithmetic'
+  paths         files for jsonl / array_record: a list of str or a comma-separated str
+  seq_len       packed row length T (>= 2)
+  batch_size    global rows per step; divided evenly over processes
+  seed          shuffle and packing seed, in [0, 2**32)
+  num_epochs    passes over the data; None or -1 = forever. A finite pass ends with a batch filled
+                up with all-padding rows (segment_ids 0), so no row is lost and shapes stay fixed
+  on_malformed  jsonl: 'skip' (count, report with file:line) | 'error' (raise at start-up)
+  long_docs     documents longer than seq_len: 'split' | 'truncate' | 'drop' (counted in `report()`)
+  worker_count  grain worker processes (0 = in-process)
+Optional fields: num_examples (size of the 'arithmetic' source, default 20000), packing_bins (rows
+packed at once, default 16). The split argument picks 'train' / 'heldout' for 'stdlib' and
+'arithmetic' (another seed); for files, the files are the split.
 """
 import dataclasses
-import json
+from typing import Any, Sequence
 
 import grain
 import numpy as np
-from grain import experimental as grain_exp
 
 from flare_jax.data import packing
 from flare_jax.data import sources
 
-_PACK_BINS = 8  # rows packed at once (more bins: less padding, more cross-epoch mixing)
+SOURCES = ('jsonl', 'array_record', 'stdlib', 'arithmetic')
+_DEFAULT_NUM_EXAMPLES = 20000
+_DEFAULT_PACKING_BINS = 16
+_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=64)
 
 
-def make_source(data_cfg, split: str = 'train'):
-  paths = [p for p in str(data_cfg.paths).split(',') if p]
+def make_source(data_cfg: Any, split: str = 'train'):
+  """The example source named by `data_cfg.source` (see the module docstring).
+
+  Raises:
+    ValueError: an unknown source or split, or the source's own errors (missing files, ...).
+  """
+  if split not in ('train', 'heldout'):
+    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
   kind = data_cfg.source
   if kind == 'jsonl':
-    return sources.JsonlSource(paths, data_cfg.on_malformed)
+    return sources.JsonlSource(data_cfg.paths, on_malformed=data_cfg.on_malformed)
   if kind == 'array_record':
-    return sources.ArrayRecordSource(paths)
+    return sources.ArrayRecordSource(data_cfg.paths)
   if kind == 'stdlib':
     return sources.StdlibSource(split)
   if kind == 'arithmetic':
-    return sources.ArithmeticSource(data_cfg.num_examples, seed=data_cfg.seed + (split != 'train'))
-  raise ValueError(f"unknown data.source {kind!r}; known: 'jsonl', 'array_record', 'stdlib', "
-                   "'arithmetic'")
+    n = getattr(data_cfg, 'num_examples', None) or _DEFAULT_NUM_EXAMPLES
+    seed = data_cfg.seed if split == 'train' else data_cfg.seed + 1_000_003
+    return sources.SyntheticArithmeticSource(n, seed=seed)
+  raise ValueError(f'unknown data.source {kind!r}; known: {SOURCES}')
+
+
+def _num_epochs(data_cfg: Any) -> int | None:
+  n = data_cfg.num_epochs
+  if n is None or n < 0:
+    return None
+  if n == 0:
+    raise ValueError('data.num_epochs must be positive, or None / -1 for forever; got 0')
+  return int(n)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Tokenize(grain.transforms.Map):
-  tokenizer: object
+  tokenizer: Any
 
-  def map(self, example):
-    return packing.tokenize(example, self.tokenizer)
+  def map(self, example: dict) -> dict[str, np.ndarray]:
+    return packing.tokenize_example(example, self.tokenizer)
 
 
 @dataclasses.dataclass(frozen=True)
-class _FitLength(grain_exp.FlatMapTransform):
+class _StackRows:
+  """Stacks rows into a batch [B, T]; a short last batch is filled up with all-padding rows."""
+  batch_size: int
   seq_len: int
-  policy: str
-  max_fan_out: int = 1 << 16
+  pad_id: int
 
-  def flat_map(self, element):
-    return packing.fit_length(element, self.seq_len, self.policy)
-
-
-def _to_row(packed: dict) -> dict:
-  return {'tokens': packed['tokens'], 'segment_ids': packed['tokens_segment_ids'].astype(np.int32),
-          'positions': packed['tokens_positions'].astype(np.int32),
-          'response_mask': packed['response_mask'].astype(bool)}
+  def __call__(self, rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    rows = list(rows) + [packing.empty_row(self.seq_len, self.pad_id)] * (
+        self.batch_size - len(rows))
+    return {k: np.stack([r[k] for r in rows]) for k in packing.ROW_KEYS}
 
 
-def make_dataset(data_cfg, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                 split: str = 'train'):
-  """The grain IterDataset of per-process batches [batch_size // process_count, seq_len]."""
-  if data_cfg.batch_size % process_count:
-    raise ValueError(f'data.batch_size={data_cfg.batch_size} does not divide over '
-                     f'{process_count} processes')
-  source = make_source(data_cfg, split)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=data_cfg.seed)
-  ds = ds.repeat(None if data_cfg.num_epochs < 0 else data_cfg.num_epochs)
-  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset()
-  ds = grain_exp.FlatMapIterDataset(ds, _FitLength(data_cfg.seq_len, data_cfg.long_docs))
-  t = data_cfg.seq_len
-  ds = grain_exp.FirstFitPackIterDataset(
-      ds, length_struct={'tokens': t, 'response_mask': t}, num_packing_bins=_PACK_BINS,
-      seed=data_cfg.seed, shuffle_bins=True)
-  ds = ds.map(_to_row).batch(data_cfg.batch_size // process_count, drop_remainder=True)
-  if data_cfg.worker_count > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.worker_count))
-  return ds, source
+class _WithReport(grain.IterDataset):
+  """Adds `report()` (source summary + long-document counts) to the pipeline's iterator."""
+
+  def __init__(self, parent: grain.IterDataset, source: Any, long_docs: str):
+    super().__init__(parent)
+    self._source, self._long_docs = source, long_docs
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return DataIterator(self._parent.__iter__(), self._source, self._long_docs)
 
 
-class _Iterator:
-  """A grain iterator that also reports what the source skipped."""
+class DataIterator(grain.DatasetIterator):
+  """The pipeline's iterator: grain state passes through unchanged; adds `report()`."""
 
-  def __init__(self, ds, source):
-    self._it = iter(ds)
-    self._source = source
+  def __init__(self, parent: grain.DatasetIterator, source: Any, long_docs: str):
+    super().__init__(parent)
+    self._source, self._long_docs = source, long_docs
 
-  def __iter__(self):
-    return self
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
 
-  def __next__(self):
-    return next(self._it)
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
 
-  # grain.checkpoint's handler stores a non-DatasetIterator's state as bytes.
-  def get_state(self) -> bytes:
-    return json.dumps(self._it.get_state()).encode()
-
-  def set_state(self, state: bytes) -> None:
-    self._it.set_state(json.loads(state))
-
-  def start_prefetch(self) -> None:
-    start = getattr(self._it, 'start_prefetch', None)
-    if callable(start):
-      start()
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
 
   def report(self) -> str:
-    return self._source.report()
+    """One line for the log: the source (malformed lines) and what happened to long documents."""
+    c = packing.live_long_doc_counts(self._parent)
+    if c is None:  # the documents are processed in worker processes: read their states
+      c = packing.long_doc_counts(self._parent.get_state())
+    return (f'{self._source.report()}; this process so far: {c["documents"]} documents '
+            f'({c["tokens"]} tokens); longer than seq_len ({self._long_docs}): {c["split"]} split, '
+            f'{c["truncated"]} truncated, {c["dropped"]} dropped; {c["untrainable_pieces"]} pieces '
+            f'with no trained token left out; {c["tokens_lost"]} tokens lost')
 
 
-def make_iterator(data_cfg, tokenizer, *, process_index: int = 0, process_count: int = 1,
-                  split: str = 'train'):
-  ds, source = make_dataset(data_cfg, tokenizer, process_index=process_index,
-                            process_count=process_count, split=split)
-  return _Iterator(ds, source)
+def make_dataset(data_cfg: Any, tokenizer, *, process_index: int = 0, process_count: int = 1,
+                 split: str = 'train') -> grain.IterDataset:
+  """The grain IterDataset of this process's batches (see `make_iterator`)."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  if data_cfg.batch_size <= 0 or data_cfg.batch_size % process_count:
+    raise ValueError(f'data.batch_size={data_cfg.batch_size} must be a positive multiple of the '
+                     f'process count {process_count}')
+  if not 0 <= data_cfg.seed < 2**32:
+    raise ValueError(f'data.seed must be in [0, 2**32), got {data_cfg.seed}')
+  if data_cfg.long_docs not in packing.LONG_DOC_POLICIES:
+    raise ValueError(f'data.long_docs must be one of {packing.LONG_DOC_POLICIES}, got '
+                     f'{data_cfg.long_docs!r}')
+  batch = data_cfg.batch_size // process_count
+  seq_len = int(data_cfg.seq_len)
+  num_epochs = _num_epochs(data_cfg)
+  source = make_source(data_cfg, split)
+  if len(source) < process_count:
+    raise ValueError(f'{len(source)} examples cannot be sharded over {process_count} processes')
+
+  # --- Stage 1: random access: this process's shard (index-based), shuffled anew each epoch ---
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = ds.shuffle(seed=int(data_cfg.seed)).repeat(num_epochs)
+  ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+  # --- Stage 2: documents -> packed rows -> batches ---
+  ds = packing.FitLengthIterDataset(ds, seq_len, data_cfg.long_docs)
+  bins = getattr(data_cfg, 'packing_bins', None) or _DEFAULT_PACKING_BINS
+  ds = packing.pack_documents(ds, seq_len, pad_id=tokenizer.pad_id, num_bins=bins,
+                              seed=int(data_cfg.seed))
+  ds = ds.batch(batch, drop_remainder=False, batch_fn=_StackRows(batch, seq_len, tokenizer.pad_id))
+  if data_cfg.worker_count > 0:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():  # grain's workers read their absl flags
+      raise ValueError('data.worker_count > 0 needs parsed absl flags: run under absl.app.run (as '
+                       'launch/ does) or call absl.flags.FLAGS.mark_as_parsed() first')
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.worker_count)))
+  return _WithReport(ds, source, data_cfg.long_docs)
+
+
+def make_iterator(data_cfg: Any, tokenizer, *, process_index: int = 0, process_count: int = 1,
+                  split: str = 'train') -> DataIterator:
+  """This process's batch iterator.
+
+  Args:
+    data_cfg: the data config (fields in the module docstring).
+    tokenizer: a `tokenizer.Tokenizer`.
+    process_index, process_count: this process reads examples process_index, process_index +
+      process_count, ... of the source.
+    split: 'train' | 'heldout' (see the module docstring).
+
+  Returns:
+    A grain DatasetIterator of {tokens int32, segment_ids int32, positions int32, response_mask
+    bool}, each [batch_size // process_count, seq_len]; `report()` summarizes the data for the log.
+    A finite pass ends with StopIteration.
+
+  Raises:
+    ValueError: a batch size that does not divide over the processes, bad fields, source errors.
+  """
+  return iter(make_dataset(data_cfg, tokenizer, process_index=process_index,
+                           process_count=process_count, split=split))

@@ -1,175 +1,281 @@
-"""Example sources (random access, grain-compatible): JSONL, ArrayRecord, the Python standard library's
-own source files (the embedded default corpus) and a generated arithmetic task.
+"""Random-access example sources (grain `RandomAccessDataSource`-like: len + getitem -> dict).
 
-An example is a dict with either "text", or "prompt" and "response", or "messages" (chat turns).
+An example is a dict of one of three kinds (extra keys are ignored):
+  {"text": str}                                 a plain document; every token is trained;
+  {"prompt": str, "response": str}              only the response is trained;
+  {"messages": [{"role": str, "content": str}, ...]}  chat turns ending with an assistant
+      turn, rendered by the tokenizer's chat template; only the last assistant turn is trained.
+Sources: JSONL and ArrayRecord files, the Python standard library's own .py files (the embedded
+default corpus, no downloads) and a generated arithmetic task for CI.
 """
 import dataclasses
 import hashlib
 import json
 import os
 import sysconfig
+from typing import Iterable, Sequence
 
 import numpy as np
 
+_MAX_REPORTED = 10  # malformed lines listed in errors and reports
 
-def _check_example(ex) -> str | None:
-  """Why an example is malformed, or None."""
-  if not isinstance(ex, dict):
-    return 'not a JSON object'
-  if 'text' in ex:
-    return None if isinstance(ex['text'], str) and ex['text'] else '"text" must be a non-empty string'
-  if 'prompt' in ex or 'response' in ex:
-    ok = all(isinstance(ex.get(k), str) for k in ('prompt', 'response')) and ex['response']
-    return None if ok else '"prompt"/"response" must be strings with a non-empty response'
-  if 'messages' in ex:
-    msgs = ex['messages']
-    ok = isinstance(msgs, list) and msgs and all(
-        isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str)
-        for m in msgs) and msgs[-1]['role'] == 'assistant'
-    return None if ok else '"messages" must be role/content turns ending with an assistant turn'
-  return 'needs "text", "prompt"+"response" or "messages"'
+
+def validate_example(example) -> str | None:
+  """Why `example` is not a usable example (a short reason), or None when it is."""
+  if not isinstance(example, dict):
+    return f'expected a JSON object, got {type(example).__name__}'
+  kinds = [k for k in ('text', 'prompt', 'response', 'messages') if k in example]
+  if kinds == ['text']:
+    text = example['text']
+    return None if isinstance(text, str) and text else '"text" must be a non-empty string'
+  if kinds == ['prompt', 'response']:
+    if not isinstance(example['prompt'], str) or not isinstance(example['response'], str):
+      return '"prompt" and "response" must be strings'
+    return None if example['response'] else '"response" must be non-empty'
+  if kinds == ['messages']:
+    msgs = example['messages']
+    if not isinstance(msgs, list) or not msgs:
+      return '"messages" must be a non-empty list'
+    for i, m in enumerate(msgs):
+      if not (isinstance(m, dict) and isinstance(m.get('role'), str)
+              and isinstance(m.get('content'), str)):
+        return f'messages[{i}] must be {{"role": str, "content": str}}'
+    if msgs[-1]['role'] != 'assistant' or not msgs[-1]['content']:
+      return 'the last message must be a non-empty assistant turn'
+    return None
+  if not kinds:
+    return 'needs "text", "prompt"+"response" or "messages"'
+  return f'ambiguous or incomplete fields {kinds}: use "text", "prompt"+"response" or "messages"'
 
 
 @dataclasses.dataclass
-class MalformedReport:
+class MalformedLines:
+  """Malformed lines seen while indexing: the count and the first few 'file:line: reason'."""
   count: int = 0
-  examples: list = dataclasses.field(default_factory=list)  # first few 'file:line: why'
+  first: list[str] = dataclasses.field(default_factory=list)
 
   def add(self, where: str, why: str) -> None:
     self.count += 1
-    if len(self.examples) < 10:
-      self.examples.append(f'{where}: {why}')
+    if len(self.first) < _MAX_REPORTED:
+      self.first.append(f'{where}: {why}')
 
-  def summary(self, total: int) -> str:
-    if not self.count:
-      return f'data: {total} examples, none malformed'
-    return (f'data: {total} examples; skipped {self.count} malformed lines, e.g. '
-            + '; '.join(self.examples))
+  def describe(self) -> str:
+    more = f' (and {self.count - len(self.first)} more)' if self.count > len(self.first) else ''
+    return f'{self.count} malformed lines: ' + '; '.join(self.first) + more
+
+
+def _as_paths(paths: str | Sequence[str]) -> list[str]:
+  if isinstance(paths, str):
+    paths = paths.split(',')
+  out = [p.strip() for p in paths if p and p.strip()]
+  if not out:
+    raise ValueError('no data paths given')
+  missing = [p for p in out if not os.path.isfile(p)]
+  if missing:
+    raise ValueError(f'data files not found: {missing}')
+  return out
 
 
 class JsonlSource:
-  """JSON lines, indexed once by byte offset (O(1) access). Malformed lines are counted with their
-  file:line and skipped, or fatal with on_malformed='error'."""
+  """JSON-lines files, indexed once by byte offset so that `__getitem__` is O(1) (one pread).
 
-  def __init__(self, paths, on_malformed: str = 'skip'):
+  Every line is parsed and validated while indexing. Malformed lines (bad JSON or UTF-8, wrong or
+  missing fields, non-string values, empty text) are recorded with their file:line; with
+  on_malformed='skip' they are left out and `report()` summarizes them, with 'error' construction
+  raises. Blank lines are ignored.
+  """
+
+  def __init__(self, paths: str | Sequence[str], on_malformed: str = 'skip'):
+    """Args: paths: files (a list or a comma-separated string); on_malformed: 'skip' | 'error'.
+
+    Raises:
+      ValueError: a missing file, an unknown on_malformed, malformed lines with 'error', or no
+        usable example at all.
+    """
     if on_malformed not in ('skip', 'error'):
       raise ValueError(f"on_malformed must be 'skip' or 'error', got {on_malformed!r}")
-    self._index: list[tuple[str, int]] = []
-    self.malformed = MalformedReport()
-    for path in paths:
+    self._paths = _as_paths(paths)
+    self.malformed = MalformedLines()
+    file_ids, offsets, lengths = [], [], []
+    for file_id, path in enumerate(self._paths):
       with open(path, 'rb') as f:
         offset = 0
-        for n, line in enumerate(f, 1):
+        for line_no, line in enumerate(f, 1):
           if line.strip():
             try:
-              why = _check_example(json.loads(line))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-              why = f'invalid JSON ({e.msg if hasattr(e, "msg") else e})'
+              why = validate_example(json.loads(line.decode('utf-8')))
+            except UnicodeDecodeError as e:
+              why = f'invalid UTF-8 ({e.reason})'
+            except json.JSONDecodeError as e:
+              why = f'invalid JSON ({e.msg})'
             if why is None:
-              self._index.append((path, offset))
+              file_ids.append(file_id)
+              offsets.append(offset)
+              lengths.append(len(line))
             else:
-              self.malformed.add(f'{path}:{n}', why)
+              self.malformed.add(f'{path}:{line_no}', why)
           offset += len(line)
     if self.malformed.count and on_malformed == 'error':
-      raise ValueError(f'{self.malformed.count} malformed lines: ' + '; '.join(self.malformed.examples))
-    if not self._index:
-      raise ValueError(f'no usable examples in {list(paths)}')
+      raise ValueError(f'{self.malformed.describe()} (on_malformed=error)')
+    if not offsets:
+      raise ValueError(f'no usable examples in {self._paths}'
+                       + (f'; {self.malformed.describe()}' if self.malformed.count else ''))
+    self._file_ids = np.asarray(file_ids, np.int32)
+    self._offsets = np.asarray(offsets, np.int64)
+    self._lengths = np.asarray(lengths, np.int64)
+    self._fds: dict[int, int] = {}  # opened lazily per process; pread is thread-safe
 
   def __len__(self) -> int:
-    return len(self._index)
+    return len(self._offsets)
 
-  def __getitem__(self, i: int) -> dict:
-    path, offset = self._index[i]
-    with open(path, 'rb') as f:
-      f.seek(offset)
-      return json.loads(f.readline())
+  def __getitem__(self, index: int) -> dict:
+    file_id = int(self._file_ids[index])
+    fd = self._fds.get(file_id)
+    if fd is None:  # grain reads from several threads: keep the first fd opened, close the others
+      opened = os.open(self._paths[file_id], os.O_RDONLY)
+      fd = self._fds.setdefault(file_id, opened)
+      if fd != opened:
+        os.close(opened)
+    line = os.pread(fd, int(self._lengths[index]), int(self._offsets[index]))
+    return json.loads(line.decode('utf-8'))
 
   def report(self) -> str:
-    return self.malformed.summary(len(self))
+    if not self.malformed.count:
+      return f'data: {len(self)} JSONL examples, no malformed lines'
+    return f'data: {len(self)} JSONL examples; skipped {self.malformed.describe()}'
+
+  def __getstate__(self):  # file descriptors do not travel to grain worker processes
+    state = dict(self.__dict__)
+    state['_fds'] = {}
+    return state
+
+  def __del__(self):
+    for fd in getattr(self, '_fds', {}).values():
+      try:
+        os.close(fd)
+      except OSError:
+        pass
 
 
 class ArrayRecordSource:
-  """ArrayRecord files whose records are UTF-8 JSON examples (see `write_array_record`)."""
+  """ArrayRecord files whose records are UTF-8 JSON examples (write them with `write_array_record`).
 
-  def __init__(self, paths):
+  Records are validated when read; a malformed one raises ValueError naming its index.
+  """
+
+  def __init__(self, paths: str | Sequence[str]):
     import grain  # pylint: disable=g-import-not-at-top
-    self._src = grain.sources.ArrayRecordDataSource(list(paths))
+    self._paths = _as_paths(paths)
+    self._src = grain.sources.ArrayRecordDataSource(self._paths)
 
   def __len__(self) -> int:
     return len(self._src)
 
-  def __getitem__(self, i: int) -> dict:
-    ex = json.loads(self._src[i])
-    why = _check_example(ex)
+  def __getitem__(self, index: int) -> dict:
+    record = self._src[index]
+    try:
+      example = json.loads(record.decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ValueError(f'array_record {self._paths} record {index}: not UTF-8 JSON ({e})') from e
+    why = validate_example(example)
     if why:
-      raise ValueError(f'array_record example {i}: {why}')
-    return ex
+      raise ValueError(f'array_record {self._paths} record {index}: {why}')
+    return example
 
   def report(self) -> str:
-    return f'data: {len(self)} array_record examples'
+    return f'data: {len(self)} ArrayRecord examples in {len(self._paths)} file(s)'
 
 
-def write_array_record(examples, path: str) -> None:
+def write_array_record(examples: Iterable[dict], path: str) -> int:
+  """Writes examples as UTF-8 JSON records to an ArrayRecord file (e.g. to convert JSONL).
+
+  Returns:
+    The number of records written.
+
+  Raises:
+    ValueError: an invalid example (nothing is left behind at `path`).
+  """
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
-  for ex in examples:
-    writer.write(json.dumps(ex).encode('utf-8'))
+  n = 0
+  try:
+    for n, example in enumerate(examples, 1):
+      why = validate_example(example)
+      if why:
+        raise ValueError(f'example {n - 1}: {why}')
+      writer.write(json.dumps(example, ensure_ascii=False).encode('utf-8'))
+  except BaseException:
+    writer.close()
+    os.remove(path)
+    raise
   writer.close()
+  return n
 
 
-def _stdlib_files() -> list[str]:
+_STDLIB_SKIP_DIRS = frozenset(
+    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test', '__pycache__'})
+
+
+def stdlib_files() -> list[str]:
+  """The standard library's .py files (sorted relative paths), without site-packages and tests."""
   root = sysconfig.get_paths()['stdlib']
   out = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in ('site-packages', 'test', 'tests',
-                                                          'idlelib', 'lib2to3', '__pycache__'))
-    out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith('.py')]
-  return out
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+    rel = os.path.relpath(dirpath, root)
+    out += [os.path.normpath(os.path.join(rel, f)) for f in filenames if f.endswith('.py')]
+  return sorted(p.replace(os.sep, '/') for p in out)
+
+
+def stdlib_split(relpath: str, heldout_percent: int = 5) -> str:
+  """'heldout' for about `heldout_percent`% of files (a hash of the relative path), else 'train'."""
+  bucket = int.from_bytes(hashlib.sha256(relpath.encode('utf-8')).digest()[:8], 'little') % 100
+  return 'heldout' if bucket < heldout_percent else 'train'
 
 
 class StdlibSource:
-  """The Python standard library's .py files as {"text"} documents: a real corpus on every machine.
-
-  The split is by a hash of the relative path (about 5% held out), so it is the same everywhere.
-  """
+  """The Python standard library's own .py files as {"text"} documents: a real corpus on every
+  machine. The split is by a hash of each file's relative path, so it is the same everywhere (the
+  file set depends on the Python version). Empty files are left out."""
 
   def __init__(self, split: str = 'train', heldout_percent: int = 5):
     if split not in ('train', 'heldout'):
       raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    root = sysconfig.get_paths()['stdlib']
-    self._files = []
-    for path in _stdlib_files():
-      h = int(hashlib.sha1(os.path.relpath(path, root).encode()).hexdigest(), 16) % 100
-      if (h < heldout_percent) == (split == 'heldout'):
-        self._files.append(path)
+    self._root = sysconfig.get_paths()['stdlib']
+    self.files = [p for p in stdlib_files() if stdlib_split(p, heldout_percent) == split
+                  and os.path.getsize(os.path.join(self._root, p)) > 0]
+    if not self.files:
+      raise ValueError(f'no standard library files found under {self._root}')
 
   def __len__(self) -> int:
-    return len(self._files)
+    return len(self.files)
 
-  def __getitem__(self, i: int) -> dict:
-    with open(self._files[i], encoding='utf-8', errors='replace') as f:
+  def __getitem__(self, index: int) -> dict:
+    with open(os.path.join(self._root, self.files[index]), encoding='utf-8',
+              errors='replace') as f:
       return {'text': f.read()}
 
   def report(self) -> str:
-    return f'data: {len(self)} Python standard library files'
+    return f'data: {len(self)} Python standard library files under {self._root}'
 
 
-class ArithmeticSource:
-  """Generated prompt/response pairs 'a+b=' -> 'c' (and a-b, a*b): a task small models learn fast."""
+class SyntheticArithmeticSource:
+  """Generated {"prompt": "12+7=", "response": "19"} examples (+, - and *, operands 0..99)."""
 
   def __init__(self, n: int = 20000, seed: int = 0):
+    if n <= 0:
+      raise ValueError(f'n must be positive, got {n}')
     rng = np.random.default_rng(seed)
-    self._a = rng.integers(0, 100, n)
-    self._b = rng.integers(0, 100, n)
+    self._a, self._b = rng.integers(0, 100, n), rng.integers(0, 100, n)
     self._op = rng.integers(0, 3, n)
 
   def __len__(self) -> int:
     return len(self._a)
 
-  def __getitem__(self, i: int) -> dict:
-    a, b, op = int(self._a[i]), int(self._b[i]), int(self._op[i])
-    sym, val = [('+', a + b), ('-', a - b), ('*', a * b)][op]
-    return {'prompt': f'{a}{sym}{b}=', 'response': str(val)}
+  def __getitem__(self, index: int) -> dict:
+    a, b = int(self._a[index]), int(self._b[index])
+    sym, value = (('+', a + b), ('-', a - b), ('*', a * b))[int(self._op[index])]
+    return {'prompt': f'{a}{sym}{b}=', 'response': str(value)}
 
   def report(self) -> str:
     return f'data: {len(self)} generated arithmetic examples'

@@ -1,90 +1,285 @@
-"""Tokenizers: a built-in byte-level tokenizer and the checkpoint's own `tokenizer.json` (HF tokenizers).
+"""Tokenizers: a built-in byte-level one and a checkpoint's own `tokenizer.json` (HF tokenizers).
 
-Both expose encode / decode, eos_id, pad_id, vocab_size and special_ids. No tokenizer ever produces the
-model's [MASK] id (the last embedding row by default).
+Both follow the `Tokenizer` protocol. No tokenizer ever produces the model's [MASK] id (the last row
+of the embedding table, which is larger than any tokenizer vocabulary used here).
 """
 import json
 import os
-from typing import Protocol
+import re
+from typing import Any, Protocol, Sequence
+
+# The built-in chat format (ChatML-like), used when a checkpoint has no chat template.
+IM_START, IM_END = '<|im_start|>', '<|im_end|>'
 
 
 class Tokenizer(Protocol):
-  vocab_size: int
-  eos_id: int
-  pad_id: int
-  special_ids: frozenset[int]
+  """What the data pipeline and the sampler need from a tokenizer."""
+
+  @property
+  def vocab_size(self) -> int:
+    ...
+
+  @property
+  def eos_id(self) -> int:
+    ...
+
+  @property
+  def pad_id(self) -> int:
+    ...
+
+  @property
+  def bos_id(self) -> int | None:
+    ...
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    ...
 
   def encode(self, text: str) -> list[int]:
     ...
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Sequence[int]) -> str:
     ...
+
+  def render_chat(self, messages: list[dict]) -> tuple[str, str]:
+    ...
+
+
+def builtin_render_chat(messages: list[dict]) -> tuple[str, str]:
+  """Renders chat turns in the built-in format, `<|im_start|>{role}\\n{content}<|im_end|>\\n` each.
+
+  Args:
+    messages: [{'role': str, 'content': str}, ...], the last one an assistant turn.
+
+  Returns:
+    (prompt, response): the prompt is every earlier turn plus the last turn's header
+    `<|im_start|>assistant\\n`; the response is the last turn's content plus `<|im_end|>`.
+
+  Raises:
+    ValueError: no messages, or the last one is not an assistant turn.
+  """
+  _check_chat(messages)
+  prompt = ''.join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages[:-1])
+  return prompt + f'{IM_START}assistant\n', messages[-1]['content'] + IM_END
+
+
+def _check_chat(messages: list[dict]) -> None:
+  if not messages or messages[-1].get('role') != 'assistant':
+    raise ValueError('a chat example must end with an assistant message; got roles '
+                     f"{[m.get('role') for m in messages]}")
 
 
 class ByteTokenizer:
-  """UTF-8 bytes 0..255, then <|endoftext|>=256 (eos), <|pad|>=257, <|im_start|>=258, <|im_end|>=259."""
+  """UTF-8 bytes are ids 0..255; then <|endoftext|>=256 (eos), <|pad|>=257, <|im_start|>=258,
+  <|im_end|>=259. `encode` maps those four strings in the text to their ids (as HF tokenizers do for
+  added special tokens); `decode` renders them back: encode(decode(ids)) == ids for valid UTF-8."""
 
-  SPECIALS = ('<|endoftext|>', '<|pad|>', '<|im_start|>', '<|im_end|>')
+  SPECIALS = ('<|endoftext|>', '<|pad|>', IM_START, IM_END)
 
   def __init__(self):
-    self.eos_id, self.pad_id, self.im_start_id, self.im_end_id = 256, 257, 258, 259
-    self.vocab_size = 260
-    self.special_ids = frozenset(range(256, 260))
+    self._special_to_id = {s: 256 + i for i, s in enumerate(self.SPECIALS)}
+    self._split = re.compile('(' + '|'.join(re.escape(s) for s in self.SPECIALS) + ')')
+
+  vocab_size = property(lambda self: 260)
+  eos_id = property(lambda self: 256)
+  pad_id = property(lambda self: 257)
+  bos_id = property(lambda self: None)
+  special_ids = property(lambda self: frozenset(range(256, 260)))
 
   def encode(self, text: str) -> list[int]:
-    return list(text.encode('utf-8'))
+    ids = []
+    for piece in self._split.split(text):
+      special = self._special_to_id.get(piece)
+      ids.extend([special] if special is not None else piece.encode('utf-8'))
+    return ids
 
-  def decode(self, ids) -> str:
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode('utf-8', errors='replace')
+  def decode(self, ids: Sequence[int]) -> str:
+    """Bytes are decoded as UTF-8 (invalid sequences become U+FFFD), specials as their strings, ids
+    outside the vocabulary as U+FFFD."""
+    out, run = [], bytearray()
+    for i in (int(i) for i in ids):
+      if 0 <= i < 256:
+        run.append(i)
+        continue
+      out.append(run.decode('utf-8', errors='replace'))
+      run = bytearray()
+      out.append(self.SPECIALS[i - 256] if 256 <= i < 260 else '\ufffd')
+    out.append(run.decode('utf-8', errors='replace'))
+    return ''.join(out)
+
+  def render_chat(self, messages: list[dict]) -> tuple[str, str]:
+    return builtin_render_chat(messages)
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding='utf-8') as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON: {e}') from e
 
 
 class HFTokenizer:
-  """A checkpoint's `tokenizer.json` through the `tokenizers` library."""
+  """A checkpoint's `tokenizer.json` through the `tokenizers` library, with its chat template.
 
-  def __init__(self, directory: str):
-    from tokenizers import Tokenizer as _Tok  # pylint: disable=g-import-not-at-top
+  Build it with `HFTokenizer.from_dir(directory)`. Encoding never adds special tokens by itself (the
+  pipeline adds bos / eos explicitly).
+  """
+
+  def __init__(self, tok: Any, *, eos_id: int, pad_id: int, bos_id: int | None,
+               chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+    """Args: tok: a `tokenizers.Tokenizer`; eos_id / pad_id / bos_id: special ids; chat_template:
+    a jinja2 chat template (None: the built-in format); special_tokens: names such as 'eos_token' ->
+    their strings, passed to the template."""
+    self._tok = tok
+    self._eos_id, self._pad_id, self._bos_id = int(eos_id), int(pad_id), bos_id
+    self._chat_template = chat_template
+    self._special_tokens = dict(special_tokens or {})
+    self._compiled = None  # the jinja2 template, compiled on first use (not pickled)
+    decoder = tok.get_added_tokens_decoder()
+    self._special_ids = frozenset(
+        [i for i, t in decoder.items() if t.special] + [self._eos_id, self._pad_id]
+        + ([] if bos_id is None else [bos_id]))
+
+  @classmethod
+  def from_dir(cls, directory: str) -> 'HFTokenizer':
+    """Loads `directory/tokenizer.json` and its special ids and chat template.
+
+    eos / pad / bos come from `tokenizer_config.json` (eos_token, pad_token, bos_token), else from
+    `generation_config.json`, else `config.json` (*_token_id; the first of a list). pad falls back
+    to eos; bos may be absent (None). The chat template is `tokenizer_config.json`'s
+    `chat_template`, else `chat_template.jinja`; without one, chats use the built-in format.
+
+    Raises:
+      ValueError: no tokenizer.json, unreadable config files, or no eos token anywhere.
+    """
+    from tokenizers import Tokenizer as _HfTok  # pylint: disable=g-import-not-at-top
     path = os.path.join(directory, 'tokenizer.json')
     if not os.path.isfile(path):
       raise ValueError(f'{directory} has no tokenizer.json')
-    self._tok = _Tok.from_file(path)
-    meta = {}
-    for name in ('config.json', 'generation_config.json', 'tokenizer_config.json'):
-      p = os.path.join(directory, name)
-      if os.path.isfile(p):
-        with open(p) as f:
-          meta.update({k: v for k, v in json.load(f).items() if v is not None})
-    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-    self.eos_id = self._token_id(meta.get('eos_token'), meta.get('eos_token_id'))
-    pad = self._token_id(meta.get('pad_token'), meta.get('pad_token_id'))
-    self.pad_id = self.eos_id if pad is None else pad
-    self.special_ids = frozenset(
-        t.id for t in self._tok.get_added_tokens_decoder().values() if t.special) if hasattr(
-            self._tok, 'get_added_tokens_decoder') else frozenset()
-    if self.eos_id is None:
-      raise ValueError(f'{directory}: cannot find the eos token in its config files')
+    tok = _HfTok.from_file(path)
+    tok_cfg = _read_json(os.path.join(directory, 'tokenizer_config.json'))
+    id_cfgs = [_read_json(os.path.join(directory, n))
+               for n in ('generation_config.json', 'config.json')]
+    # Some configs nest the language-model settings (multimodal wrappers).
+    id_cfgs += [c['text_config'] for c in id_cfgs if isinstance(c.get('text_config'), dict)]
 
-  def _token_id(self, token, token_id):
-    if isinstance(token_id, list):
-      token_id = token_id[0] if token_id else None
-    if token_id is not None:
-      return int(token_id)
-    if isinstance(token, dict):
-      token = token.get('content')
-    return None if token is None else self._tok.token_to_id(token)
+    def resolve(name: str) -> int | None:
+      token = tok_cfg.get(f'{name}_token')
+      if isinstance(token, dict):
+        token = token.get('content')
+      if isinstance(token, str):
+        token_id = tok.token_to_id(token)
+        if token_id is None:
+          raise ValueError(f'{directory}: {name}_token {token!r} is not in tokenizer.json')
+        return token_id
+      for cfg in id_cfgs:
+        token_id = cfg.get(f'{name}_token_id')
+        if isinstance(token_id, list):
+          token_id = token_id[0] if token_id else None
+        if token_id is not None:
+          return int(token_id)
+      return None
+
+    eos_id, pad_id, bos_id = resolve('eos'), resolve('pad'), resolve('bos')
+    if eos_id is None:
+      raise ValueError(f'{directory}: no eos token in tokenizer_config.json, '
+                       'generation_config.json or config.json')
+    template = tok_cfg.get('chat_template')
+    if isinstance(template, list):  # [{'name': 'default', 'template': ...}, ...]
+      named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
+      template = named.get('default')
+    jinja_path = os.path.join(directory, 'chat_template.jinja')
+    if not isinstance(template, str) and os.path.isfile(jinja_path):
+      with open(jinja_path, encoding='utf-8') as f:
+        template = f.read()
+    specials = {}
+    for name in ('bos_token', 'eos_token', 'pad_token', 'unk_token'):
+      value = tok_cfg.get(name)
+      value = value.get('content') if isinstance(value, dict) else value
+      if isinstance(value, str):
+        specials[name] = value
+    return cls(tok, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id,
+               chat_template=template if isinstance(template, str) else None,
+               special_tokens=specials)
+
+  vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
+  eos_id = property(lambda self: self._eos_id)
+  pad_id = property(lambda self: self._pad_id)
+  bos_id = property(lambda self: self._bos_id)
+  special_ids = property(lambda self: self._special_ids)
 
   def encode(self, text: str) -> list[int]:
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: Sequence[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def render_chat(self, messages: list[dict]) -> tuple[str, str]:
+    """(prompt, response) through the checkpoint's chat template (jinja2), else the built-in format.
+
+    The prompt is the template applied to all but the last message with the generation prompt
+    (the assistant header); the response is what the full conversation adds to it, trailing
+    whitespace removed (the pipeline appends eos).
+
+    Raises:
+      ValueError: the last message is not an assistant turn, or the template renders the full
+        conversation so that it does not start with the prompt.
+    """
+    if self._chat_template is None:
+      return builtin_render_chat(messages)
+    _check_chat(messages)
+    prompt = self._render(messages[:-1], add_generation_prompt=True)
+    full = self._render(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+      raise ValueError('the chat template renders the conversation so that it does not start with '
+                       'the rendered prompt; cannot tell the response apart: prompt '
+                       f'{prompt[-80:]!r} vs full {full[:len(prompt)][-80:]!r}')
+    return prompt, full[len(prompt):].rstrip()
+
+  def _render(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    if self._compiled is None:
+      self._compiled = _compile_template(self._chat_template)
+    return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                 **self._special_tokens)
+
+  def __getstate__(self):  # grain worker processes pickle the pipeline
+    state = dict(self.__dict__)
+    state['_compiled'] = None
+    return state
+
+
+def _compile_template(source: str):
+  """Compiles a chat template in a jinja2 sandbox, with the helpers HF chat templates expect."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  import jinja2  # pylint: disable=g-import-not-at-top
+  from jinja2 import ext as jinja_ext  # pylint: disable=g-import-not-at-top
+  from jinja2 import sandbox  # pylint: disable=g-import-not-at-top
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                              extensions=[jinja_ext.loopcontrols])
+  env.filters['tojson'] = lambda x, indent=None, ensure_ascii=False: json.dumps(
+      x, indent=indent, ensure_ascii=ensure_ascii)
+  env.globals['raise_exception'] = raise_exception
+  env.globals['strftime_now'] = lambda fmt: datetime.datetime.now().strftime(fmt)
+  return env.from_string(source)
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """'byte' or a directory holding tokenizer.json (a converted checkpoint carries its tokenizer)."""
+  """'byte' or a directory holding tokenizer.json (a converted checkpoint carries its tokenizer).
+
+  Raises:
+    ValueError: an unknown spec, or a directory without tokenizer.json.
+  """
   if spec == 'byte':
     return ByteTokenizer()
   if os.path.isdir(spec):
     if os.path.isfile(os.path.join(spec, 'tokenizer.json')):
-      return HFTokenizer(spec)
-    raise ValueError(f'{spec} has no tokenizer.json; pass --tokenizer=byte for the byte tokenizer')
+      return HFTokenizer.from_dir(spec)
+    raise ValueError(f"{spec} has no tokenizer.json; use 'byte' for the built-in byte tokenizer")
   raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a directory with tokenizer.json")

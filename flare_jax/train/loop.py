@@ -125,6 +125,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         t_last, steps_since = time.time(), 0
       if done % c.ckpt.every == 0 or last_step:
         checkpointing.save(manager, done, train.state, data_iter)
+        if callable(report):
+          _log(report())
   manager.wait_until_finished()
   manager.close()
   writer.close()

@@ -1,37 +1,156 @@
-"""Tokenizers: byte-level round trip and a checkpoint tokenizer.json built in the test."""
+"""Tokenizers: the byte tokenizer, and a checkpoint tokenizer.json + chat template built here."""
 import json
+import pickle
 
 import pytest
 from tokenizers import Tokenizer
+from tokenizers import decoders
 from tokenizers import models
 from tokenizers import pre_tokenizers
+from tokenizers import trainers
 
+from flare_jax.data import packing
 from flare_jax.data import tokenizer as tokenizer_lib
 
+CHAT = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi there'},
+        {'role': 'assistant', 'content': 'Hello.'}, {'role': 'user', 'content': 'Sum 2+2?'},
+        {'role': 'assistant', 'content': 'It is 4.'}]
 
-def test_byte_tokenizer_round_trips_unicode_and_reserves_specials():
+# A ChatML template in the style of Qwen's (trim_blocks / lstrip_blocks apply).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# Independent expectation of CHAT through ChatML (written out by hand).
+CHATML_PROMPT = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n'
+                 '<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nSum 2+2?<|im_end|>\n'
+                 '<|im_start|>assistant\n')
+
+
+def test_byte_tokenizer_round_trips_unicode_and_reserves_ids():
   tok = tokenizer_lib.load_tokenizer('byte')
-  text = 'héllo, 世界 ✓'
+  text = 'héllo, 世界 ✓ 🙂\n\ttab'
   ids = tok.encode(text)
-  assert all(0 <= i < 256 for i in ids) and tok.decode(ids) == text
-  assert tok.eos_id == 256 and tok.vocab_size == 260 and tok.eos_id in tok.special_ids
-  assert tok.decode(ids + [tok.eos_id]) == text
+  assert ids == list(text.encode('utf-8'))
+  assert tok.decode(ids) == text
+  assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == (260, 256, 257, None)
+  assert tok.special_ids == {256, 257, 258, 259}
 
 
-def test_hf_tokenizer_from_a_checkpoint_directory(tmp_path):
-  vocab = {'<unk>': 0, '<|endoftext|>': 1, 'hello': 2, 'world': 3}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-  tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  tok.save(str(tmp_path / 'tokenizer.json'))
-  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|endoftext|>'}))
-  hf = tokenizer_lib.load_tokenizer(str(tmp_path))
-  assert hf.encode('hello world') == [2, 3]
-  assert hf.eos_id == 1 and hf.pad_id == 1 and hf.vocab_size == 4
-  assert 'hello' in hf.decode([2, 3])
+def test_byte_tokenizer_specials_encode_and_decode():
+  tok = tokenizer_lib.ByteTokenizer()
+  ids = tok.encode('a<|im_start|>b<|im_end|><|endoftext|>')
+  assert ids == [97, 258, 98, 259, 256]
+  assert tok.decode(ids) == 'a<|im_start|>b<|im_end|><|endoftext|>'
+  assert tok.decode([0xe4, 0xb8]) == '\ufffd'  # a cut UTF-8 sequence does not raise
+  assert tok.decode([97, 300]) == 'a\ufffd'  # ids past the vocabulary (e.g. [MASK]) are visible
 
 
-def test_missing_tokenizer_is_a_clear_error(tmp_path):
+def test_builtin_chat_format():
+  prompt, response = tokenizer_lib.ByteTokenizer().render_chat(CHAT)
+  assert prompt == CHATML_PROMPT
+  assert response == 'It is 4.<|im_end|>'
+  with pytest.raises(ValueError, match='must end with an assistant message'):
+    tokenizer_lib.builtin_render_chat(CHAT[:-1])
+
+
+def _write_checkpoint_tokenizer(directory, *, tokenizer_config=None, files=None):
+  """A tiny BPE tokenizer trained here, saved as a checkpoint's tokenizer.json (+ configs)."""
+  tok = Tokenizer(models.BPE(unk_token='<unk>'))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+      vocab_size=300,
+      special_tokens=['<unk>', '<s>', '<|endoftext|>', '<|im_start|>', '<|im_end|>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  corpus = ['hello world', 'the sum of two and two is four', 'Be brief. Hi there, hello!'] * 20
+  tok.train_from_iterator(corpus, trainer)
+  tok.save(str(directory / 'tokenizer.json'))
+  if tokenizer_config is not None:
+    (directory / 'tokenizer_config.json').write_text(json.dumps(tokenizer_config))
+  for name, content in (files or {}).items():
+    (directory / name).write_text(content)
+  return tok
+
+
+def test_hf_tokenizer_ids_round_trip_and_chat_template(tmp_path):
+  raw = _write_checkpoint_tokenizer(tmp_path, tokenizer_config={
+      'eos_token': '<|im_end|>', 'pad_token': None, 'bos_token': None,
+      'chat_template': CHATML_TEMPLATE})
+  tok = tokenizer_lib.load_tokenizer(str(tmp_path))
+  assert isinstance(tok, tokenizer_lib.HFTokenizer)
+  text = 'hello world, the sum is four!'
+  ids = tok.encode(text)
+  assert ids == raw.encode(text, add_special_tokens=False).ids and tok.decode(ids) == text
+  assert tok.eos_id == raw.token_to_id('<|im_end|>') and tok.pad_id == tok.eos_id
+  assert tok.bos_id is None and tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)
+  assert {raw.token_to_id(s) for s in ('<|endoftext|>', '<|im_start|>', '<|im_end|>')} <= (
+      tok.special_ids)
+  prompt, response = tok.render_chat(CHAT)
+  assert prompt == CHATML_PROMPT and response == 'It is 4.<|im_end|>'
+  prompt_ids = tok.encode(prompt)  # specials in the rendered text become their single ids
+  assert prompt_ids.count(raw.token_to_id('<|im_start|>')) == 5
+  assert prompt_ids.count(raw.token_to_id('<|im_end|>')) == 4
+  doc = packing.tokenize_example({'messages': CHAT}, tok)  # eos (= <|im_end|>) ends it once
+  assert doc['tokens'][-2] != tok.eos_id and doc['tokens'][-1] == tok.eos_id
+  assert tok.decode(doc['tokens'][doc['response_mask']]) == 'It is 4.<|im_end|>'
+  clone = pickle.loads(pickle.dumps(tok))  # grain worker processes get a pickled copy
+  assert clone.render_chat(CHAT) == (prompt, response) and clone.encode(text) == ids
+
+
+def test_hf_tokenizer_config_fallbacks(tmp_path):
+  raw = _write_checkpoint_tokenizer(tmp_path, files={
+      'generation_config.json': json.dumps({'eos_token_id': [4, 2], 'bos_token_id': 1}),
+      'config.json': json.dumps({'eos_token_id': 2, 'pad_token_id': 0}),
+      'chat_template.jinja': CHATML_TEMPLATE})
+  assert raw.token_to_id('<|im_end|>') == 4
+  tok = tokenizer_lib.HFTokenizer.from_dir(str(tmp_path))
+  # generation_config before config.json; the first of a list; pad from config.json.
+  assert (tok.eos_id, tok.bos_id, tok.pad_id) == (4, 1, 0)
+  assert tok.render_chat(CHAT)[0] == CHATML_PROMPT  # the template came from chat_template.jinja
+
+
+def test_hf_tokenizer_named_templates_and_builtin_fallback(tmp_path):
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  _write_checkpoint_tokenizer(tmp_path / 'a', tokenizer_config={
+      'eos_token': {'content': '<|endoftext|>'},
+      'chat_template': [{'name': 'tool_use', 'template': 'x'},
+                        {'name': 'default', 'template': CHATML_TEMPLATE}]})
+  _write_checkpoint_tokenizer(tmp_path / 'b', tokenizer_config={'eos_token': '<|endoftext|>'})
+  for sub in ('a', 'b'):
+    tok = tokenizer_lib.load_tokenizer(str(tmp_path / sub))
+    assert tok.render_chat(CHAT) == (CHATML_PROMPT, 'It is 4.<|im_end|>')
+
+
+def test_chat_template_that_rewrites_history_is_an_error(tmp_path):
+  # Renders the final assistant turn with a different header than the generation prompt.
+  bad = CHATML_TEMPLATE.replace("{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}",
+                                "{% if add_generation_prompt %}{{ '<|im_start|>bot\\n' }}")
+  _write_checkpoint_tokenizer(tmp_path, tokenizer_config={'eos_token': '<|im_end|>',
+                                                          'chat_template': bad})
+  tok = tokenizer_lib.load_tokenizer(str(tmp_path))
+  with pytest.raises(ValueError, match='does not start with the rendered prompt'):
+    tok.render_chat(CHAT)
+  with pytest.raises(ValueError, match='must end with an assistant message'):
+    tok.render_chat(CHAT[:2])
+
+
+def test_missing_files_and_tokens_are_clear_errors(tmp_path):
   with pytest.raises(ValueError, match='has no tokenizer.json'):
     tokenizer_lib.load_tokenizer(str(tmp_path))
+  with pytest.raises(ValueError, match='has no tokenizer.json'):
+    tokenizer_lib.HFTokenizer.from_dir(str(tmp_path))
   with pytest.raises(ValueError, match="unknown tokenizer 'gpt2'"):
     tokenizer_lib.load_tokenizer('gpt2')
+  _write_checkpoint_tokenizer(tmp_path)
+  with pytest.raises(ValueError, match='no eos token'):
+    tokenizer_lib.load_tokenizer(str(tmp_path))
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<nope>'}))
+  with pytest.raises(ValueError, match="eos_token '<nope>' is not in tokenizer.json"):
+    tokenizer_lib.load_tokenizer(str(tmp_path))
+  (tmp_path / 'tokenizer_config.json').write_text('{oops')
+  with pytest.raises(ValueError, match='is not valid JSON'):
+    tokenizer_lib.load_tokenizer(str(tmp_path))
