@@ -218,6 +218,18 @@ VARIANTS: dict[str, ModelConfig] = {
         layer_types=(LINEAR, FULL), num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
         linear_value_head_dim=16, eos_token_id=256, dtype='float32'),
+    # The CPU demo's model (launch.demo): 4 layers (3 GDN + 1 attention), D=128, byte vocabulary.
+    'small': ModelConfig(
+        vocab_size=272, hidden_size=128, intermediate_size=384,
+        layer_types=(LINEAR, LINEAR, LINEAR, FULL), num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+        linear_value_head_dim=32, eos_token_id=256, dtype='float32'),
+    # The GPU demo's model: 8 layers, D=512, byte vocabulary.
+    'medium': ModelConfig(
+        vocab_size=272, hidden_size=512, intermediate_size=1536,
+        layer_types=(LINEAR, LINEAR, LINEAR, FULL) * 2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, linear_num_key_heads=4, linear_num_value_heads=8,
+        linear_key_head_dim=64, linear_value_head_dim=64, eos_token_id=256, dtype='bfloat16'),
     '0.8b': _qwen35(1024, 3584, 24, 8, 2, 16, 16, True),
     '2b': _qwen35(2048, 6144, 24, 8, 2, 16, 16, True),
     '4b': _qwen35(2560, 9216, 32, 16, 4, 16, 32, True),

@@ -1,9 +1,16 @@
 """Dispatch for the gated delta rule: one API over the XLA, Pallas and jax-triton implementations."""
+import functools
+
+from absl import logging
 import jax
 
+from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import configs
 from pallas_kernels.gated_delta_rule import xla
 
 IMPLEMENTATIONS = ('xla', 'pallas', 'triton')
+# Best measured implementation per backend (launch/bench_kernels on an H200; see the issue notes).
+DEFAULT_BY_BACKEND = {'gpu': 'triton'}
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids):
@@ -29,11 +36,31 @@ def _check(q, k, v, g, beta, initial_state, segment_ids):
 
 def _resolve(implementation: str | None) -> str:
   if implementation is None:
-    return 'xla'
+    return DEFAULT_BY_BACKEND.get(backend.default_backend(), 'xla')
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'unknown gated delta rule implementation {implementation!r}; '
                      f'known: {IMPLEMENTATIONS} or None')
   return implementation
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(impl: str, reason: str) -> None:
+  logging.warning('gated delta rule: %s kernels cannot take this call (%s); using xla', impl, reason)
+
+
+def _kernel_or_fallback(impl: str, q, k, v, chunk_size: int) -> str:
+  """`impl`, or 'xla' (logged once per reason) when the kernels cannot take these inputs."""
+  if impl == 'xla':
+    return impl
+  try:
+    configs.check_inputs(q, k, v, chunk_size, impl)
+    if backend.default_backend() != 'gpu':
+      raise ValueError(f'the {impl} kernels need a GPU (backend is '
+                       f'{backend.default_backend()!r})')
+  except ValueError as e:
+    _log_fallback_once(impl, str(e))
+    return 'xla'
+  return impl
 
 
 def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
@@ -50,7 +77,9 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     segment_ids: [B, T]; the state resets to zero where the id changes.
     output_final_state: also return the fp32 state after the last token.
     chunk_size: tokens per chunk.
-    implementation: None (best for the backend) | 'xla' | 'pallas' | 'triton'.
+    implementation: None (the backend's best: triton on GPU, xla elsewhere) | 'xla' | 'pallas' |
+      'triton'. Inputs a kernel cannot take (chunk size, head size, dtype) run on xla instead, said
+      once in the log.
 
   Returns:
     (o [B, T, HV, V] in v.dtype, final state [B, HV, K, V] fp32 or None).
@@ -59,7 +88,7 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     ValueError: unknown implementation or inconsistent shapes.
   """
   _check(q, k, v, g, beta, initial_state, segment_ids)
-  impl = _resolve(implementation)
+  impl = _kernel_or_fallback(_resolve(implementation), q, k, v, chunk_size)
   kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
             output_final_state=output_final_state, chunk_size=chunk_size)
   if impl == 'pallas':

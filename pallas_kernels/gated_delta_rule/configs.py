@@ -13,6 +13,7 @@ from pallas_kernels._common import backend
 
 MAX_HEAD_DIM = 256
 CHUNK_SIZES = (16, 32, 64)
+MAX_FP32_KEY_DIM = 64  # padded K; larger fp32 tiles overflow shared memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,10 @@ def check_inputs(q, k, v, chunk_size: int, family: str) -> None:
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     raise ValueError(f'dtype {q.dtype} is not supported by the {family} gated delta rule '
                      '(float32, bfloat16, float16)')
+  if q.dtype == jnp.float32 and max(16, backend.next_pow2(kd)) > MAX_FP32_KEY_DIM:
+    # Measured on an H200: fp32 tiles at K=128 ask for ~288 KiB of shared memory (limit 227 KiB).
+    raise ValueError(f'float32 inputs with K={kd} exceed GPU shared memory in the {family} gated '
+                     f'delta rule (float32 takes K <= {MAX_FP32_KEY_DIM}; use bfloat16)')
 
 
 def padded_dims(t: int, kd: int, vd: int, chunk_size: int) -> tuple[int, int, int]:

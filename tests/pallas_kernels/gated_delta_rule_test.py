@@ -8,6 +8,7 @@ import pytest
 from jax import test_util as jtu
 
 from pallas_kernels import gated_delta_rule as gdr
+from pallas_kernels.gated_delta_rule import api
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import xla
 
@@ -165,3 +166,19 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match='initial_state'):
     gdr.chunk_gated_delta_rule(x, x, jnp.zeros((1, 4, 2, 8)), jnp.zeros((1, 4, 2)),
                                jnp.zeros((1, 4, 2)), initial_state=jnp.zeros((1, 2, 8, 7)))
+
+
+def test_kernel_choice_falls_back_to_xla_off_gpu(rng):
+  """On CPU a requested kernel family runs the XLA path (logged), with identical results."""
+  b, t, h, kd, vd = 1, 40, 2, 16, 16
+  q, k = (jnp.asarray(rng.standard_normal((b, t, h, kd)), jnp.float32) for _ in range(2))
+  q, k = q / jnp.linalg.norm(q, axis=-1, keepdims=True), k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  v = jnp.asarray(rng.standard_normal((b, t, h, vd)), jnp.float32)
+  g = -jnp.asarray(rng.uniform(0.01, 0.5, (b, t, h)), jnp.float32)
+  beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, h)), jnp.float32)
+  want, _ = api.chunk_gated_delta_rule(q, k, v, g, beta, implementation='xla')
+  for impl in ('pallas', 'triton', None):
+    got, _ = api.chunk_gated_delta_rule(q, k, v, g, beta, implementation=impl)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match='unknown gated delta rule implementation'):
+    api.chunk_gated_delta_rule(q, k, v, g, beta, implementation='cuda')

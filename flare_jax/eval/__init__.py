@@ -1,0 +1,1 @@
+"""Evaluation: task files, scorers and the jitted batch harness."""

@@ -1,0 +1,233 @@
+"""Jitted batch evaluation: generation per decoding mode, log-likelihood choices, perplexity.
+
+Every generation batch has the same shape (prompts right-padded to one width, the last batch filled
+with repeats that are not scored), so each mode compiles once per task. Speed figures exclude that
+compile: the first batch is run once untimed.
+"""
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flare_jax.eval import scorers
+from flare_jax.sampling import sampler as sampler_lib
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  """Totals over the scored sequences of one mode."""
+
+  seconds: float = 0.0
+  tokens: int = 0
+  forward_passes: int = 0  # decode passes (prefill not counted)
+  drafted: int = 0
+  accepted: int = 0
+
+  def summary(self) -> dict[str, float]:
+    return {
+        'tokens_per_s': self.tokens / self.seconds if self.seconds else 0.0,
+        'passes_per_token': self.forward_passes / max(self.tokens, 1),
+        'acceptance_rate': self.accepted / self.drafted if self.drafted else float('nan'),
+        'tokens': self.tokens,
+    }
+
+
+def progress(prefix: str) -> Callable[[int, int], None]:
+  """A one-line progress bar on stderr: call with (done, total)."""
+  def show(done: int, total: int) -> None:
+    width = 30
+    fill = width * done // max(total, 1)
+    end = '\n' if done >= total else ''
+    sys.stderr.write(f'\r{prefix} [{"#" * fill}{"." * (width - fill)}] {done}/{total}{end}')
+    sys.stderr.flush()
+  return show
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multiple: int = 32):
+  """Right-padded [N, W] prompt ids (W a multiple of `multiple`) and lengths [N]; prompts longer than
+  `max_prompt_len` keep their last tokens. Raises ValueError on an empty prompt."""
+  ids = []
+  for i, text in enumerate(texts):
+    row = tokenizer.encode(text)[-max_prompt_len:]
+    if not row:
+      raise ValueError(f'prompt {i} encodes to no tokens')
+    ids.append(row)
+  width = -(-max(map(len, ids)) // multiple) * multiple
+  out = np.full((len(ids), width), tokenizer.pad_id, np.int32)
+  for i, row in enumerate(ids):
+    out[i, :len(row)] = row
+  return out, np.array([len(r) for r in ids], np.int32)
+
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.SamplerConfig, *,
+                   batch_size: int = 16, max_prompt_len: int = 512, seed: int = 0,
+                   on_progress: Callable[[int, int], None] | None = None):
+  """Decodes every prompt with `cfg`. Returns (output texts, GenerationStats)."""
+  ids, lengths = encode_prompts(tokenizer, prompts, max_prompt_len)
+  n = len(prompts)
+  pad = (-n) % batch_size
+  ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+  lengths = np.concatenate([lengths, np.repeat(lengths[-1:], pad)])
+  sampler = sampler_lib.Sampler(model)
+  rng = jax.random.key(seed)
+  batches = len(ids) // batch_size
+  jax.block_until_ready(sampler.generate(ids[:batch_size], lengths[:batch_size], cfg, rng))  # compile
+  stats, outputs = GenerationStats(), []
+  for i in range(batches):
+    sl = slice(i * batch_size, (i + 1) * batch_size)
+    t0 = time.perf_counter()
+    res = jax.device_get(sampler.generate(ids[sl], lengths[sl], cfg, jax.random.fold_in(rng, i)))
+    stats.seconds += time.perf_counter() - t0
+    keep = min(batch_size, n - i * batch_size)
+    for b in range(keep):
+      count = int(res.num_tokens[b])
+      outputs.append(tokenizer.decode(_strip_stop(res.tokens[b, :count], cfg.eos_ids)))
+    stats.tokens += int(res.num_tokens[:keep].sum())
+    stats.forward_passes += int((res.n_forward[:keep] - 1).sum())
+    stats.drafted += int(res.n_drafted[:keep].sum())
+    stats.accepted += int(res.n_accepted[:keep].sum())
+    if on_progress:
+      on_progress(i + 1, batches)
+  return outputs, stats
+
+
+def _strip_stop(tokens, stop_ids) -> list[int]:
+  tokens = [int(t) for t in tokens]
+  return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
+
+
+@nnx.jit
+def _next_token_logprobs(model, tokens, lengths):
+  """log p(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1], zero past each row's length."""
+  logits, _ = model(tokens)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+  picked = jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  valid = jnp.arange(1, tokens.shape[1])[None] < lengths[:, None]
+  return jnp.where(valid, picked, 0.0)
+
+
+def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64):
+  width = -(-max(map(len, rows)) // multiple) * multiple
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out, np.array([len(r) for r in rows], np.int32)
+
+
+def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 16,
+                   on_progress=None) -> list[list[float]]:
+  """Per example, the summed log-likelihood of each choice's tokens after its prompt."""
+  rows, spans = [], []
+  for ex in examples:
+    prompt = tokenizer.encode(ex['prompt'])
+    for choice in ex['choices']:
+      rows.append(prompt + tokenizer.encode(choice))
+      spans.append((len(prompt), len(rows[-1])))
+  scores = []
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    tokens, lengths = _padded(chunk, tokenizer.pad_id)
+    lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+    for j in range(min(batch_size, len(rows) - i)):
+      start, end = spans[i + j]
+      scores.append(float(lp[j, start - 1:end - 1].sum()))
+    if on_progress:
+      on_progress(min(i + batch_size, len(rows)), len(rows))
+  out, k = [], 0
+  for ex in examples:
+    out.append(scores[k:k + len(ex['choices'])])
+    k += len(ex['choices'])
+  return out
+
+
+def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
+               batch_size: int = 16, max_rows: int = 0) -> dict[str, float]:
+  """Token-level perplexity of the AR path over `texts` cut into rows of `seq_len` tokens.
+  Returns {'nll': mean nats per predicted token, 'perplexity', 'tokens'}."""
+  rows = []
+  for text in texts:
+    ids = tokenizer.encode(text)
+    rows += [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+  rows = [r for r in rows if len(r) > 1][:max_rows or None]
+  if not rows:
+    raise ValueError('no text to score')
+  total, count = 0.0, 0
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    tokens, lengths = _padded(chunk, tokenizer.pad_id, multiple=seq_len)
+    lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+    real = min(batch_size, len(rows) - i)
+    total -= float(lp[:real].sum())
+    count += int((lengths[:real] - 1).sum())
+  nll = total / count
+  return {'nll': nll, 'perplexity': float(np.exp(nll)), 'tokens': count}
+
+
+def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *,
+                  code_timeout_s: float = 10.0) -> list[float]:
+  if kind == 'numeric':
+    return [scorers.score_numeric(o, ex['answer']) for o, ex in zip(outputs, examples)]
+  if kind == 'exact':
+    return [scorers.score_exact_line(o, ex['target']) for o, ex in zip(outputs, examples)]
+  if kind == 'code':
+    return [scorers.score_code(o, ex['tests'], timeout_s=code_timeout_s)
+            for o, ex in zip(outputs, examples)]
+  raise ValueError(f'{kind!r} tasks are not scored from generated text')
+
+
+def stop_ids(tokenizer, kind: str) -> tuple[int, ...]:
+  """EOS, plus the newline token for single-line answers (exact, numeric) when it is one token."""
+  ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  newline = tokenizer.encode('\n')
+  if kind in ('exact', 'numeric') and len(newline) == 1:
+    ids.append(newline[0])
+  return tuple(ids)
+
+
+def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
+             modes: dict[str, sampler_lib.SamplerConfig] | None = None, *, batch_size: int = 16,
+             max_prompt_len: int = 512, code_timeout_s: float = 10.0,
+             keep_outputs: bool = False) -> dict[str, dict]:
+  """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
+  added to each config's eos_ids). 'choice': one 'loglik' entry (decoding mode does not apply)."""
+  if kind == 'choice':
+    logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
+                             on_progress=progress('choice'))
+    correct = [float(scorers.best_choice(ll) == ex['label']) for ll, ex in zip(logliks, examples)]
+    return {'loglik': {'accuracy': float(np.mean(correct)), 'n': len(examples)}}
+  results = {}
+  for name, cfg in (modes or {}).items():
+    cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(set(cfg.eos_ids) | set(stop_ids(tokenizer, kind)))))
+    outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in examples], cfg,
+                                    batch_size=batch_size, max_prompt_len=max_prompt_len,
+                                    on_progress=progress(f'{name:>24s}'))
+    scores = score_outputs(kind, examples, outputs, code_timeout_s=code_timeout_s)
+    results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
+    if keep_outputs:
+      results[name]['outputs'] = outputs
+  return results
+
+
+def mode_config(spec: str, max_new_tokens: int) -> sampler_lib.SamplerConfig:
+  """A SamplerConfig from 'ar' | 'ar_trust[:b=4]' | 'diffusion_trust[:b=4,threshold=0.9 | k=2]'
+  (b: block size; k: fixed tokens per pass; greedy). Raises ValueError on an unknown field."""
+  mode, _, rest = spec.partition(':')
+  kw = dict(mode=mode, max_new_tokens=max_new_tokens)
+  for item in filter(None, rest.split(',')):
+    key, _, value = item.partition('=')
+    if key == 'b':
+      kw['block_size'] = int(value)
+    elif key == 'threshold':
+      kw.update(commit='threshold', threshold=float(value))
+    elif key == 'k':
+      kw.update(commit='fixed', tokens_per_pass=int(value))
+    else:
+      raise ValueError(f'unknown mode field {key!r} in {spec!r} (known: b, threshold, k)')
+  return sampler_lib.SamplerConfig(**kw)

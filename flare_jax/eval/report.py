@@ -1,0 +1,82 @@
+"""The demo's markdown report and quality-vs-throughput plot, from launch.demo's results dict."""
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_TASK_METRIC = {'nextline': 'next-line exact match', 'arithmetic': 'arithmetic accuracy'}
+
+
+def rows(results: dict):
+  """(task, model, mode, metrics) for every evaluated setting."""
+  for task, by_model in results['tasks'].items():
+    for model, by_mode in by_model.items():
+      for mode, m in by_mode.items():
+        yield task, model, mode, m
+
+
+def table(results: dict) -> str:
+  lines = ['| task | model | mode | accuracy | passes / token | tokens / s | acceptance |',
+           '|---|---|---|---|---|---|---|']
+  for task, model, mode, m in rows(results):
+    acc = m.get('acceptance_rate', float('nan'))
+    lines.append(f"| {task} | {model} | `{mode}` | {m['accuracy']:.3f} | "
+                 f"{m['passes_per_token']:.3f} | {m['tokens_per_s']:.1f} | "
+                 f"{'-' if acc != acc else f'{acc:.3f}'} |")
+  return '\n'.join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+  tasks = list(results['tasks'])
+  fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    for model, by_mode in results['tasks'][task].items():
+      for mode, m in by_mode.items():
+        marker = 'o' if model == 'flare_model' else 's'
+        ax.scatter(m['tokens_per_s'], m['accuracy'], marker=marker)
+        ax.annotate(f'{mode}' + (' (AR model)' if model != 'flare_model' else ''),
+                    (m['tokens_per_s'], m['accuracy']), fontsize=7, xytext=(3, 3),
+                    textcoords='offset points')
+    ax.set_xlabel('throughput (tokens / s, batch decode)')
+    ax.set_ylabel(_TASK_METRIC.get(task, 'accuracy'))
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+  fig.suptitle('FLARE demo: quality vs throughput per decoding setting')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write(results: dict, workdir: str) -> str:
+  """Writes report.md and quality_vs_speed.png into workdir; returns the markdown."""
+  ppl = results['perplexity']
+  checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in results['checks'].items())
+  md = f"""# FLARE demo report
+
+Model: `{results['config']['model']['variant']}` ({results['config']['model']['dtype']}), byte-level;
+trained AR for {results['config']['train']['num_steps']} steps, then FLARE for
+{results['config']['demo']['flare_steps']} steps. Total time {results['seconds']:.0f} s.
+
+## Checks
+{checks}
+
+## Held-out perplexity (AR path, standard-library files never trained on)
+| model | nats / token | perplexity | tokens |
+|---|---|---|---|
+""" + '\n'.join(f"| {k} | {v['nll']:.4f} | {v['perplexity']:.3f} | {v['tokens']} |"
+                for k, v in ppl.items()) + f"""
+
+## Quality and speed per decoding setting
+`b`: block size; `threshold`: Diffusion-Trust confidence to commit; `k`: tokens committed per pass.
+Passes / token counts decode forward passes (prefill excluded): plain AR is 1.0.
+
+{table(results)}
+
+![quality vs throughput](quality_vs_speed.png)
+"""
+  with open(os.path.join(workdir, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(md)
+  plot(results, os.path.join(workdir, 'quality_vs_speed.png'))
+  return md
