@@ -131,7 +131,8 @@ def main(argv):
   _say('(c) evaluation')
   tok = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   paths = heldout_tasks(workdir, c.demo.eval_examples)
-  modes = {s: harness.mode_config(s, c.demo.max_new_tokens) for s in c.demo.modes.split(';')}
+  modes = {s: harness.mode_config(s, c.demo.max_new_tokens)
+           for s in harness.parse_modes(c.demo.modes)}
   heldout_text = [sources.StdlibSource('heldout')[i]['text'] for i in range(20)]
   results = {'config': c.to_dict(), 'perplexity': {}, 'tasks': {}}
   kw = dict(batch_size=c.demo.eval_batch_size)
@@ -145,10 +146,10 @@ def main(argv):
       kind, examples = tasks.load_task(path)
       res = harness.evaluate(model, tok, kind, examples, task_modes, keep_outputs=True, **kw)
       results['tasks'].setdefault(task, {})[label] = res
-  flare = results['tasks']
+  by_mode = {task: results['tasks'][task]['flare_model'] for task in paths}
   results['checks'] = {
       f'{task}: greedy AR-Trust == AR': all(
-          flare[task]['flare_model'][m]['outputs'] == flare[task]['flare_model']['ar']['outputs']
+          by_mode[task][m]['outputs'] == by_mode[task]['ar']['outputs']
           for m in modes if m.startswith('ar_trust'))
       for task in paths}
   results['seconds'] = time.time() - t_start

@@ -33,12 +33,6 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenize
 _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, .results.json).')
 
 
-def split_modes(text: str) -> list[str]:
-  """'ar;ar_trust:b=4;diffusion_trust:b=4,k=2' (';' between modes) or 'ar,ar_trust' -> mode specs."""
-  sep = ';' if (';' in text or ':' in text) else ','
-  return [m.strip() for m in text.split(sep) if m.strip()]
-
-
 def _tokenizer(ckpt: str):
   spec = _TOKENIZER.value
   if not spec:
@@ -58,7 +52,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
-  modes = {spec: harness.mode_config(spec, _NEW.value) for spec in split_modes(_MODES.value)}
+  modes = {spec: harness.mode_config(spec, _NEW.value)
+           for spec in harness.parse_modes(_MODES.value)}
   model = model_io.load_model(_CKPT.value)
   tok = _tokenizer(_CKPT.value)
   print(f'{_TASK.value}: {len(examples)} {kind} examples; modes: {list(modes) if kind != "choice" else "loglik"}')

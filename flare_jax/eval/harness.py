@@ -48,6 +48,20 @@ def progress(prefix: str) -> Callable[[int, int], None]:
   return show
 
 
+def _fill(chunk: list, batch_size: int) -> list:
+  """The last batch filled to `batch_size` with repeats of its last row (one compiled shape)."""
+  return chunk + [chunk[-1]] * (batch_size - len(chunk))
+
+
+def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64):
+  """Right-padded int32 [N, W] (W a multiple of `multiple`) and lengths [N]."""
+  width = -(-max(map(len, rows)) // multiple) * multiple
+  out = np.full((len(rows), width), pad_id, np.int32)
+  for i, r in enumerate(rows):
+    out[i, :len(r)] = r
+  return out, np.array([len(r) for r in rows], np.int32)
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multiple: int = 32):
   """Right-padded [N, W] prompt ids (W a multiple of `multiple`) and lengths [N]; prompts longer than
   `max_prompt_len` keep their last tokens. Raises ValueError on an empty prompt."""
@@ -57,11 +71,7 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multipl
     if not row:
       raise ValueError(f'prompt {i} encodes to no tokens')
     ids.append(row)
-  width = -(-max(map(len, ids)) // multiple) * multiple
-  out = np.full((len(ids), width), tokenizer.pad_id, np.int32)
-  for i, row in enumerate(ids):
-    out[i, :len(row)] = row
-  return out, np.array([len(r) for r in ids], np.int32)
+  return _padded(ids, tokenizer.pad_id, multiple)
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.SamplerConfig, *,
@@ -111,14 +121,6 @@ def _next_token_logprobs(model, tokens, lengths):
   return jnp.where(valid, picked, 0.0)
 
 
-def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64):
-  width = -(-max(map(len, rows)) // multiple) * multiple
-  out = np.full((len(rows), width), pad_id, np.int32)
-  for i, r in enumerate(rows):
-    out[i, :len(r)] = r
-  return out, np.array([len(r) for r in rows], np.int32)
-
-
 def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 16,
                    on_progress=None) -> list[list[float]]:
   """Per example, the summed log-likelihood of each choice's tokens after its prompt."""
@@ -130,8 +132,7 @@ def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: in
       spans.append((len(prompt), len(rows[-1])))
   scores = []
   for i in range(0, len(rows), batch_size):
-    chunk = rows[i:i + batch_size]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    chunk = _fill(rows[i:i + batch_size], batch_size)
     tokens, lengths = _padded(chunk, tokenizer.pad_id)
     lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
     for j in range(min(batch_size, len(rows) - i)):
@@ -159,8 +160,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
     raise ValueError('no text to score')
   total, count = 0.0, 0
   for i in range(0, len(rows), batch_size):
-    chunk = rows[i:i + batch_size]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    chunk = _fill(rows[i:i + batch_size], batch_size)
     tokens, lengths = _padded(chunk, tokenizer.pad_id, multiple=seq_len)
     lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
     real = min(batch_size, len(rows) - i)
@@ -213,6 +213,12 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
     if keep_outputs:
       results[name]['outputs'] = outputs
   return results
+
+
+def parse_modes(text: str) -> list[str]:
+  """'ar;ar_trust:b=4;diffusion_trust:b=4,k=2' (';' between modes) or 'ar,ar_trust' -> mode specs."""
+  sep = ';' if (';' in text or ':' in text) else ','
+  return [m.strip() for m in text.split(sep) if m.strip()]
 
 
 def mode_config(spec: str, max_new_tokens: int) -> sampler_lib.SamplerConfig:
