@@ -23,8 +23,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # --- kernels: implementation per op; 'auto' picks the best for the backend. ---
   c.kernels = mlc.ConfigDict()
-  c.kernels.gdn = 'auto'  # 'auto' | 'xla' | 'pallas' | 'triton'
-  c.kernels.attn = 'auto'  # 'auto' | 'xla'
+  c.kernels.gdn = 'auto'  # 'auto' (triton on GPU, else xla) | 'xla' | 'pallas' | 'triton'
+  c.kernels.attn = 'auto'  # 'auto' (pallas on GPU, else xla) | 'xla' | 'pallas'
 
   # --- objective ---
   c.objective = mlc.ConfigDict()

@@ -42,7 +42,7 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype of matmuls/activations
   param_dtype: str = 'float32'  # master weights
   gdn_impl: str | None = None  # None | 'xla' | 'pallas' | 'triton' (None: best for the backend)
-  attn_impl: str | None = None  # None | 'xla' (| kernels added later)
+  attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
   gdn_chunk_size: int = 64
   attn_q_tile: int = 512  # query tile of the XLA attention path (memory O(tile x keys))
   remat: str = 'none'  # 'none' | 'block' (rematerialise each block in the backward)

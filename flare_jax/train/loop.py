@@ -98,8 +98,13 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       validate(host_batch)
       batch = _global_batch(host_batch, batch_sharding)
       train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
-      steps_since += 1
       done = step + 1
+      if step == start_step:  # compiles: keep it out of the throughput window
+        jax.block_until_ready(m)
+        _log(f'step {done}: compiled and ran in {time.time() - t_last:.1f} s')
+        t_last = time.time()
+      else:
+        steps_since += 1
       last_step = done == end
       if done % c.train.log_every == 0 or last_step or done % c.ckpt.every == 0:
         m = jax.device_get(m)
@@ -112,13 +117,13 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
               f'non-finite loss {m["loss"]} at step {done}; batch saved to {bad}; last good '
               f'checkpoint: step {manager.latest_step()}')
         dt = time.time() - t_last
-        tokens = steps_since * c.data.batch_size * c.data.seq_len
         last = {k: float(v) for k, v in m.items()}
         last['lr'] = float(optim.learning_rate_schedule(c.optim, c.train.num_steps)(step))
-        last['tokens_per_s'] = tokens / dt
-        last['step_time_s'] = dt / steps_since
-        if peak:
-          last['mfu'] = flops_per_step / (dt / steps_since) / (peak * jax.device_count())
+        if steps_since:
+          last['tokens_per_s'] = steps_since * c.data.batch_size * c.data.seq_len / dt
+          last['step_time_s'] = dt / steps_since
+          if peak:
+            last['mfu'] = flops_per_step / (dt / steps_since) / (peak * jax.device_count())
         writer.write(done, last)
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
             f'{k}={v:.4g}' for k, v in last.items() if k not in ('n_targets',)))

@@ -62,8 +62,10 @@ def create_train_state(model_cfg: config_lib.ModelConfig, tx, mesh, rules, seed:
     shardings = jax.tree.map(lambda p: jax.sharding.NamedSharding(mesh, p), pspecs,
                              is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
-    def _init(params):
-      model = transformer.FlareLM(model_cfg, rngs=nnx.Rngs(seed))
+    # The key is an argument, not a constant: with a constant seed XLA tries to constant-fold the
+    # random init of every weight at compile time (minutes for a 248k-row embedding).
+    def _init(key, params):
+      model = transformer.FlareLM(model_cfg, rngs=nnx.Rngs(key))
       if params is not None:
         loaded = nnx.state(model, nnx.Param)
         nnx.replace_by_pure_dict(loaded, params)
@@ -73,5 +75,5 @@ def create_train_state(model_cfg: config_lib.ModelConfig, tx, mesh, rules, seed:
     init_params = None
     if load_params is not None:
       init_params = load_params(nnx.to_pure_dict(shardings[0]))  # shardings of (model, optimizer)
-    state = jax.jit(_init, out_shardings=shardings)(init_params)
+    state = jax.jit(_init, out_shardings=shardings)(jax.random.key(seed), init_params)
   return TrainState(graphdef=graphdef, state=state, shardings=shardings)

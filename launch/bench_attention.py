@@ -1,0 +1,293 @@
+"""Latency and memory of the softmax attention paths: XLA reference, Pallas flash kernel, cuDNN.
+
+python -m launch.bench_attention                      # both cases below, on a GPU
+python -m launch.bench_attention --cases=two_stream --block_k=32 --impls=pallas
+
+Cases (defaults are Qwen3.5's softmax layers: 16 query heads, 4 kv heads, D = 256, bf16):
+  causal      clean-only causal row of --seq tokens: xla, pallas, and cuDNN through
+              `jax.nn.dot_product_attention(..., implementation='cudnn', is_causal=True)`.
+  two_stream  a FLARE training row, --seq clean tokens + --views noisy views with blocks of
+              --block_size (1 + views) * seq tokens, metadata from flare_jax.objective.layout (one
+              document, --prompt prompt tokens): xla and pallas. Also reports the visible fraction
+              of the score matrix and the fraction of (64 x 64) tiles the Pallas forward visits.
+
+Every (case, implementation) runs in its own subprocess, so the peak is per case. Reported per case:
+the median of --repeats timed calls after --warmup calls (each timed to block_until_ready), for the
+forward alone and for forward + backward (dq, dk, dv for a random cotangent);
+`peak GiB` = `memory_stats()['peak_bytes_in_use']` of the device after all calls (includes the
+inputs, the same for every implementation); `temp GiB` = the compiled forward + backward's scratch
+(`jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`), i.e. what the implementation
+itself needs beyond inputs and outputs.
+
+Without a GPU the script stops with an error, unless --cpu_smoke: then it runs a tiny shape with the
+Pallas kernels interpreted (the numbers only show that the script works).
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
+_IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
+                           'xla, pallas, cudnn (cudnn: causal case only).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Rows per call.')
+_SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')
+_VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views of the two_stream case.')
+_BLOCK_SIZE = flags.DEFINE_integer('block_size', 4, 'Diffusion block size of the two_stream case.')
+_PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt tokens (no blocks) of the two_stream row.')
+_HEADS = flags.DEFINE_integer('heads', 16, 'Query heads.')
+_KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'Key/value heads.')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 256, 'Head size D.')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'],
+                           'q, k, v dtype.')
+_Q_TILE = flags.DEFINE_integer('q_tile', 512, 'Query tile of the XLA path.')
+_BLOCK_Q = flags.DEFINE_integer('block_q', 0, 'Pallas forward q tile (0: default).')
+_BLOCK_K = flags.DEFINE_integer('block_k', 0, 'Pallas forward k tile (0: default).')
+_NUM_WARPS = flags.DEFINE_integer('num_warps', 0, 'Pallas forward warps (0: default).')
+_BWD_BLOCKS = flags.DEFINE_list('bwd_blocks', [],
+                                'Pallas backward tiles q_dq,k_dq,q_dkv,k_dkv (empty: default).')
+_NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas pipelining stages (0: default).')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
+_MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
+_TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_CPU_SMOKE = flags.DEFINE_bool('cpu_smoke', False,
+                               'No GPU: run a tiny shape with interpreted kernels (script check).')
+_CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "case:impl" and print RESULT.')
+
+_GIB = 1024 ** 3
+_TILE = 64  # tile of the reported visited-tile fraction
+
+
+def _median_ms(fn, warmup, repeats):
+  import jax  # pylint: disable=g-import-not-at-top
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def _shape():
+  """(B, T, views, H, Hkv, D): the flags, or a tiny shape under --cpu_smoke."""
+  if _CPU_SMOKE.value:
+    return 1, 48, 2, 4, 2, 32
+  return (_BATCH.value, _SEQ.value, _VIEWS.value, _HEADS.value, _KV_HEADS.value,
+          _HEAD_DIM.value)
+
+
+def _metadata(case, b, t, views):
+  """TokenMeta [B, N] of the case: clean causal (N = T) or a two-stream row (N = (1 + V) T)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flare_jax.objective import layout  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import mask  # pylint: disable=g-import-not-at-top
+  seg = jnp.ones((b, t), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if case == 'causal':
+    return mask.clean_meta(seg, pos)
+  tokens = jnp.zeros((b, t), jnp.int32)
+  prompt = min(_PROMPT.value, t // 4)
+  lay = layout.block_layout(tokens, seg, pos >= prompt, block_size=_BLOCK_SIZE.value)
+  masked = jnp.zeros((b, views, t), bool)
+  return layout.two_stream_input(tokens, seg, pos, lay, masked, mask_id=1).meta
+
+
+def _block_sizes(d, dtype):
+  """Default Pallas block sizes with the flag overrides applied (None: all defaults)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from pallas_kernels._common import backend  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
+  bs = pallas.BlockSizes.get_default(max(16, backend.next_pow2(d)), dtype)
+  over = {k: v for k, v in (('block_q', _BLOCK_Q.value), ('block_k', _BLOCK_K.value),
+                            ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value))
+          if v}
+  if _BWD_BLOCKS.value:
+    names = ('block_q_dq', 'block_k_dq', 'block_q_dkv', 'block_k_dkv')
+    over.update(zip(names, (int(x) for x in _BWD_BLOCKS.value)))
+  return dataclasses.replace(bs, **over)
+
+
+def _attention_fn(impl, meta, d, dtype):
+  """(q, k, v) -> o for one implementation."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import xla  # pylint: disable=g-import-not-at-top
+  scale = d ** -0.5
+  if impl == 'xla':
+    return lambda q, k, v: xla.attention_xla(q, k, v, meta, meta, scale=scale,
+                                             q_tile=_Q_TILE.value)
+  if impl == 'pallas':
+    bs = _block_sizes(d, dtype)
+    return lambda q, k, v: pallas.attention_pallas(q, k, v, meta, meta, scale=scale,
+                                                   block_sizes=bs,
+                                                   interpret=_CPU_SMOKE.value)
+  if impl == 'cudnn':
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                                        implementation='cudnn')
+  raise ValueError(f'unknown implementation {impl!r}')
+
+
+def _visibility(meta):
+  """(visible fraction of the score matrix, fraction of 64 x 64 tiles the Pallas forward visits)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import mask  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def fractions(meta):
+    b, n = meta.positions.shape
+
+    def count(i):  # keys visible to query i, summed over the batch
+      return jnp.sum(mask.visible(mask.TokenMeta(*(x[:, i, None] for x in meta)), meta))
+
+    visible = jnp.sum(jax.lax.map(count, jnp.arange(n), batch_size=256)) / (b * n * n)
+    return visible, pallas.visited_tile_fraction(meta, meta, _TILE, _TILE)
+
+  return tuple(float(x) for x in fractions(meta))
+
+
+def _run_case(case, impl):
+  """Times one (case, implementation) in this process; returns the result dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  b, t, views, h, hkv, d = _shape()
+  dtype = jnp.dtype(_DTYPE.value)
+  meta = _metadata(case, b, t, views)
+  n = meta.positions.shape[1]
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (b, n, h, d), dtype)
+  k = jax.random.normal(ks[1], (b, n, hkv, d), dtype)
+  v = jax.random.normal(ks[2], (b, n, hkv, d), dtype)
+  do = jax.random.normal(ks[3], (b, n, h, d), dtype)
+  jax.block_until_ready((q, k, v, do, meta))
+  fn = _attention_fn(impl, meta, d, dtype)
+  fwd = jax.jit(fn)
+
+  @jax.jit
+  def fwdbwd(q, k, v, do):
+    _, vjp = jax.vjp(fn, q, k, v)
+    return vjp(do)
+
+  dev = jax.devices()[0]
+  res = {'case': case, 'impl': impl, 'B': b, 'N': n, 'device': dev.device_kind,
+         'jax': jax.__version__}
+  if case == 'two_stream':
+    res['visible'], res['tiles_visited'] = _visibility(meta)
+  analysis = fwdbwd.lower(q, k, v, do).compile().memory_analysis()
+  temp = getattr(analysis, 'temp_size_in_bytes', None) if analysis is not None else None
+  res['temp_gib'] = None if temp is None else temp / _GIB
+  if 'fwd' in _MODES.value:
+    res['fwd_ms'] = _median_ms(lambda: fwd(q, k, v), _WARMUP.value, _REPEATS.value)
+  if 'fwdbwd' in _MODES.value:
+    res['fwdbwd_ms'] = _median_ms(lambda: fwdbwd(q, k, v, do), _WARMUP.value, _REPEATS.value)
+  res['peak_gib'] = (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
+  return res
+
+
+def _spawn(case, impl):
+  argv = [sys.executable, '-m', 'launch.bench_attention', f'--child={case}:{impl}']
+  for flag in (_BATCH, _SEQ, _VIEWS, _BLOCK_SIZE, _PROMPT, _HEADS, _KV_HEADS, _HEAD_DIM, _DTYPE,
+               _Q_TILE, _BLOCK_Q, _BLOCK_K, _NUM_WARPS, _NUM_STAGES, _REPEATS, _WARMUP,
+               _CPU_SMOKE):
+    argv.append(f'--{flag.name}={flag.value}')
+  argv.append(f'--modes={",".join(_MODES.value)}')
+  if _BWD_BLOCKS.value:
+    argv.append(f'--bwd_blocks={",".join(_BWD_BLOCKS.value)}')
+  t0 = time.time()
+  err = {'case': case, 'impl': impl}
+  try:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT.value,
+                          env=dict(os.environ), check=False)
+  except subprocess.TimeoutExpired:
+    return dict(err, error=f'timeout after {_TIMEOUT.value} s')
+  for line in proc.stdout.splitlines():
+    if line.startswith('RESULT '):
+      res = json.loads(line[len('RESULT '):])
+      res['wall_s'] = round(time.time() - t0, 1)
+      return res
+  tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+  return dict(err, error=' | '.join(tail))
+
+
+def _fmt(x, spec='.2f'):
+  return '-' if x is None else format(x, spec)
+
+
+def _table(results):
+  """Markdown table; ratios are implementation / xla of the same case (lower is better)."""
+  ref = {r['case']: r for r in results if r['impl'] == 'xla' and 'error' not in r}
+  keys = ('fwd_ms', 'fwdbwd_ms', 'peak_gib', 'temp_gib')
+  lines = ['| case | impl | fwd ms | fwd+bwd ms | peak GiB | temp GiB | fwd / xla | '
+           'fwd+bwd / xla | peak / xla | temp / xla |', '|' + '---|' * 10]
+  for r in results:
+    if 'error' in r:
+      lines.append(f"| {r['case']} | {r['impl']} | error: {r['error'][:400]} |")
+      continue
+    base = ref.get(r['case'], {})
+    ratio = lambda key: (r[key] / base[key] if r.get(key) and base.get(key) else None)
+    lines.append(f"| {r['case']} | {r['impl']} | "
+                 + ' | '.join(_fmt(r.get(key)) for key in keys) + ' | '
+                 + ' | '.join(_fmt(ratio(key)) for key in keys) + ' |')
+  return '\n'.join(lines)
+
+
+def _check_device():
+  """Exits with an error (status 1) without a GPU, unless --cpu_smoke. Asks a subprocess, so that
+  this process never initialises (and preallocates) the GPU the cases need."""
+  if _CPU_SMOKE.value:
+    return
+  probe = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                         capture_output=True, text=True, check=False, env=dict(os.environ))
+  found = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else probe.stderr[-300:]
+  if found != 'gpu':
+    sys.exit(f'error: launch.bench_attention times GPU kernels, but the JAX backend is {found!r}. '
+             'Run it on a CUDA machine, or pass --cpu_smoke to check the script on a tiny '
+             'interpreted shape.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if _CHILD.value:
+    case, impl = _CHILD.value.split(':')
+    print('RESULT ' + json.dumps(_run_case(case, impl)), flush=True)
+    return
+  _check_device()
+  if _CPU_SMOKE.value:
+    logging.warning('--cpu_smoke: tiny shape, interpreted Pallas kernels; the numbers mean '
+                    'nothing.')
+  results = []
+  for case in _CASES.value:
+    for impl in _IMPLS.value:
+      if impl == 'cudnn' and (case != 'causal' or _CPU_SMOKE.value):
+        continue  # cuDNN has no metadata masks (and no CPU build)
+      res = _spawn(case, impl)
+      print(json.dumps(res), flush=True)
+      results.append(res)
+  b, t, views, h, hkv, d = _shape()
+  print(f'\nB={b} T={t} Hq={h} Hkv={hkv} D={d} {_DTYPE.value}; median of {_REPEATS.value} after '
+        f'{_WARMUP.value} warm-up; ratios are impl / xla of the same case (lower is better).')
+  for r in results:
+    if r.get('visible') is not None and r['impl'] == 'pallas':
+      print(f"{r['case']}: N={r['N']} ((1 + {views}) x {t}), block {_BLOCK_SIZE.value}: visible "
+            f"fraction of the score matrix {r['visible']:.4f}; {_TILE}x{_TILE} tiles visited "
+            f"{r['tiles_visited']:.4f}")
+  print(_table(results))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,133 @@
+"""Train-step throughput of the objectives side by side: step time, tokens/s, MFU and step memory.
+
+python -m launch.bench_train --config=configs/flare_0p8b.py --objectives=ar,flare --steps=10
+
+Each objective builds the same model (same config, seed and mesh) and times `--steps` jitted train
+steps on one real batch from the config's data pipeline, after `--warmup` untimed steps; compile time is
+reported apart. tokens/s counts row tokens (batch x seq_len), so the objectives compare on the data they
+consume; MFU counts the FLOPs of every stream (a `flare` row is processed as 1 + V streams).
+Step memory is XLA's compiled estimate for the step (arguments + outputs + temporaries, minus aliased
+donated state); peak is the device allocator's peak so far in this process (so it never goes down).
+"""
+import copy
+import json
+import time
+
+import jax
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from flare_jax import sharding as shd
+from flare_jax.data import pipeline
+from flare_jax.data import tokenizer as tokenizer_lib
+from flare_jax.train import metrics as metrics_lib
+from flare_jax.train import objectives
+from flare_jax.train import optim
+from flare_jax.train import state as state_lib
+from flare_jax.train import step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_OBJECTIVES = flags.DEFINE_list('objectives', ['ar', 'flare'], 'Objectives to compare.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+
+_GIB = 1024 ** 3
+
+
+def _one_batch(c, mesh, rules):
+  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer or c.init_from)
+  host = next(pipeline.make_iterator(c.data, tokenizer))
+  sharding = jax.sharding.NamedSharding(mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
+
+
+def _peak_bytes() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get('peak_bytes_in_use', float('nan')))
+
+
+def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, float]:
+  """Times `steps` train steps of `objective` on config `c`; returns the measurements."""
+  c = copy.deepcopy(c)
+  c.objective.name = objective
+  model_cfg = state_lib.resolve_model_config(c)
+  mesh = shd.make_mesh(dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor))
+  rules = tuple(tuple(r) for r in c.sharding_rules)
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  train = state_lib.create_train_state(model_cfg, tx, mesh, rules, c.train.seed)
+  batch = _one_batch(c, mesh, rules)
+  rng = jax.random.key(0)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    step_fn = step_lib.make_train_step(train.graphdef, train.shardings,
+                                       objectives.make_loss_fn(c, model_cfg), c.optim.grad_accum)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(train.state, batch, rng).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    state = train.state
+    for _ in range(warmup):
+      state, m = compiled(state, batch, rng)
+    jax.block_until_ready(state)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled(state, batch, rng)
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t0) / steps
+  streams = objectives.num_streams(c)
+  rows, seq = c.data.batch_size, c.data.seq_len
+  flops = metrics_lib.train_flops_per_row(model_cfg, seq, streams) * rows
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, c.train.peak_flops)
+  out = dict(objective=objective, streams=streams, compile_s=compile_s, step_ms=step_s * 1e3,
+             tokens_per_s=rows * seq / step_s, stream_tokens_per_s=streams * rows * seq / step_s,
+             tflops_per_s=flops / step_s / 1e12, loss=float(m['loss']), peak_gib=_peak_bytes() / _GIB)
+  if peak:
+    out['mfu'] = flops / step_s / (peak * jax.device_count())
+  if mem is not None:
+    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                  - mem.alias_size_in_bytes)
+    out['step_mem_gib'] = step_bytes / _GIB
+  del state, train, compiled
+  return out
+
+
+def _table(results: list[dict[str, float]]) -> str:
+  base = results[0]
+  cols = ('objective', 'streams', 'step_ms', 'tokens_per_s', 'tflops_per_s', 'mfu', 'step_mem_gib',
+          'peak_gib', 'compile_s', 'loss')
+  lines = ['| ' + ' | '.join(cols) + ' | step time vs ' + base['objective'] + ' |',
+           '|' + '---|' * (len(cols) + 1)]
+  for r in results:
+    cells = []
+    for k in cols:
+      v = r.get(k, float('nan'))
+      cells.append(v if isinstance(v, str) else f'{v:.4g}')
+    lines.append('| ' + ' | '.join(cells) + f' | {r["step_ms"] / base["step_ms"]:.2f}x |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  c = _CONFIG.value
+  if not np.all([o in objectives.OBJECTIVES for o in _OBJECTIVES.value]):
+    raise app.UsageError(f'--objectives must be among {objectives.OBJECTIVES}')
+  print(f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; model {c.model.variant}, '
+        f'batch {c.data.batch_size} x seq {c.data.seq_len}, dtype {c.model.dtype}, '
+        f'remat {c.model.remat}, V={c.objective.num_views}, block {c.objective.block_size}', flush=True)
+  results = []
+  for objective in _OBJECTIVES.value:
+    r = bench_objective(c, objective, _STEPS.value, _WARMUP.value)
+    print(json.dumps(r), flush=True)
+    results.append(r)
+  print(_table(results))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  app.run(main)

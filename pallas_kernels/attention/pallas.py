@@ -1,0 +1,441 @@
+"""Flash attention under metadata visibility in Pallas: Triton lowering on GPU, `interpret` on CPU.
+
+FlashAttention-2 with per-token metadata masks (`mask.visible`, evaluated on every visited tile) and
+block sparsity from a conservative tile table:
+
+  forward   grid (T/bq, B, H): one q tile [bq, D] walks the k tiles it may see, online softmax in
+            fp32 -> o [B, T, H, D] and the log-sum-exp lse [B, H, T] (saved for the backward).
+  dq        grid (T/bq, B, H): the same walk, dq = scale * sum_k dS k with P = exp(S - lse) and
+            dS = P * (dO V^T - delta), delta = rowsum(O * dO) (computed in XLA).
+  dk, dv    grid (S/bk, B, Hkv): one k tile walks, for each of the H/Hkv query heads of its group,
+            the q tiles that may see it: dv += P^T dO, dk += scale * dS^T q.
+
+Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
+clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
+pair as "may be visible" unless the summaries prove that no pair inside is. It is conservative (it
+may mark a tile whose pairs are all invisible, never the opposite), so skipping unmarked tiles is
+exact. The table is compacted into per-tile visit lists [count, tile ids ascending ...]; each
+program loops over its list only, so skipped tiles cost nothing, not even a branch.
+
+Rows that see nothing: their softmax denominator is 0; they output zeros and get zero gradients (as
+`xla.attention_xla`). Padding: D to a power of two >= 16 (Triton's `tl.dot` and load sizes), T and
+S to block multiples with metadata that nothing sees and that sees nothing (see `_pad_meta`).
+Positions must lie in (-2**30, 2**30).
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import backend
+from pallas_kernels.attention import mask as mask_lib
+
+MAX_HEAD_DIM = 256
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+_F32 = jnp.float32
+_NEG = -1e30  # masked score and initial row max: finite, so a fully masked tile gives no inf - inf
+_DEAD_LSE = 1e30  # lse of a row that sees nothing: exp(s - lse) == 0 for every score
+_I32_MAX = np.iinfo(np.int32).max
+_I32_MIN = np.iinfo(np.int32).min
+_PAD_POS = 2**30  # padded keys sit at +_PAD_POS (past every horizon), padded queries at -_PAD_POS
+_N_FIELDS = len(mask_lib.TokenMeta._fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiles and launch parameters of the three kernels (each tile size a power of two >= 16).
+
+  Attributes:
+    block_q, block_k, num_warps: forward (q tile stays in registers, k/v tiles stream).
+    block_q_dq, block_k_dq, num_warps_dq: dq kernel (q, dO tiles stay; k/v stream).
+    block_q_dkv, block_k_dkv, num_warps_dkv: dk/dv kernel (k, v tiles stay; q, dO stream).
+    num_stages: software pipelining depth of the streamed tiles (shared memory ~ stages x tiles).
+  """
+
+  block_q: int = 64
+  block_k: int = 64
+  num_warps: int = 8
+  block_q_dq: int = 64
+  block_k_dq: int = 32
+  num_warps_dq: int = 8
+  block_q_dkv: int = 64
+  block_k_dkv: int = 32
+  num_warps_dkv: int = 8
+  num_stages: int = 2
+
+  @classmethod
+  def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
+    """Defaults by bytes per (padded) row of q/k/v, sized for H100/H200 shared memory (227 KiB).
+
+    Forward shared memory ~ (bq + 2 * stages * bk) * row bytes: at D=256 bf16 (512 B rows),
+    128/64/2 stages is 192 KiB. The fp32 accumulators ([bq, D] forward and dq; two [bk, D] in dk/dv)
+    live in registers, hence 8 warps from D=128 on.
+
+    Args:
+      head_dim: padded head size (power of two >= 16).
+      dtype: dtype of q, k, v.
+      device_kind: `jax.devices()[0].device_kind` (unused so far: one setting for Ampere/Hopper).
+    """
+    del device_kind
+    row_bytes = head_dim * jnp.dtype(dtype).itemsize
+    warps = 4 if head_dim <= 64 else 8
+    if row_bytes <= 256:  # bf16 D <= 128, fp32 D <= 64
+      return cls(128, 64, warps, 64, 64, warps, 64, 64, warps)
+    if row_bytes <= 512:  # bf16 D = 256, fp32 D = 128: best of a sweep on an H200 (causal, T=4096)
+      return cls(128, 64, 8, 128, 32, 8, 32, 64, 8)
+    return cls(32, 32, 8, 32, 32, 8, 32, 32, 8)  # fp32 D = 256
+
+  def tiles(self) -> tuple[int, ...]:
+    return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv,
+            self.block_k_dkv)
+
+
+def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+  """Why the kernels cannot take these inputs (the api then falls back to xla), or None."""
+  d = q.shape[-1]
+  if d > MAX_HEAD_DIM:
+    return f'head dim D={d} > {MAX_HEAD_DIM}'
+  if not q.dtype == k.dtype == v.dtype:
+    return f'q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})'
+  if q.dtype not in DTYPES:
+    return f'dtype {q.dtype} (kernels take float32, bfloat16, float16)'
+  return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile visibility (outside the kernels): conservative table and visit lists.
+# ---------------------------------------------------------------------------------------------
+def _tile_summary(meta: mask_lib.TokenMeta, block: int) -> dict[str, jax.Array]:
+  """Per-tile bounds of the metadata, each [B, L / block] int32 (L a multiple of `block`).
+
+  seg_lo/hi: segment range; horizon_hi: latest clean position any token of the tile may see as a
+  query (its own position if clean, block start - 1 if noisy); clean_lo: earliest position of a
+  clean token; view_lo/hi, start_lo/hi: ranges of view and block start over the noisy tokens.
+  Empty sets give (lo, hi) = (INT32_MAX, INT32_MIN), which overlap nothing.
+  """
+  b, length = meta.positions.shape
+  seg, pos, view, start = (x.reshape(b, length // block, block) for x in meta)
+  noisy = view != 0
+  lo = lambda x, keep: jnp.min(jnp.where(keep, x, _I32_MAX), axis=-1)
+  hi = lambda x, keep: jnp.max(jnp.where(keep, x, _I32_MIN), axis=-1)
+  every = jnp.ones_like(noisy)
+  return dict(seg_lo=lo(seg, every), seg_hi=hi(seg, every),
+              horizon_hi=hi(jnp.where(noisy, start - 1, pos), every),
+              clean_lo=lo(pos, ~noisy), view_lo=lo(view, noisy), view_hi=hi(view, noisy),
+              start_lo=lo(start, noisy), start_hi=hi(start, noisy))
+
+
+def tile_visibility(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
+                    block_k: int) -> jax.Array:
+  """Conservative "may be visible" table of (q tile, k tile) pairs.
+
+  Mirrors `mask.visible` on tile bounds: a pair is marked unless the segment ranges are disjoint, or
+  both (a) no clean key of the k tile is at or before the latest horizon of the q tile and (b) the
+  noisy view ranges or the noisy block-start ranges of the two tiles are disjoint. Hence every
+  visible (query, key) pair lies in a marked tile.
+
+  Args:
+    q_meta: fields [B, T], T a multiple of block_q.
+    k_meta: fields [B, S], S a multiple of block_k.
+
+  Returns:
+    bool [B, T / block_q, S / block_k].
+  """
+  q = {n: x[:, :, None] for n, x in _tile_summary(q_meta, block_q).items()}
+  k = {n: x[:, None, :] for n, x in _tile_summary(k_meta, block_k).items()}
+  overlap = lambda a, b: (q[a] <= k[b]) & (k[a] <= q[b])
+  sees_clean = k['clean_lo'] <= q['horizon_hi']
+  sees_noisy = overlap('view_lo', 'view_hi') & overlap('start_lo', 'start_hi')
+  return overlap('seg_lo', 'seg_hi') & (sees_clean | sees_noisy)
+
+
+def visited_tile_fraction(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
+                          block_k: int) -> jax.Array:
+  """Fraction of (q tile, k tile) pairs the forward kernel visits (metadata padded as it pads)."""
+  tp = backend.cdiv(q_meta.positions.shape[1], block_q) * block_q
+  sp = backend.cdiv(k_meta.positions.shape[1], block_k) * block_k
+  table = tile_visibility(_fields(_pad_meta(q_meta, tp, query=True)),
+                          _fields(_pad_meta(k_meta, sp, query=False)), block_q, block_k)
+  return jnp.mean(table)
+
+
+def _visit_lists(table: jax.Array) -> jax.Array:
+  """[B, n, m] bool -> int32 [B, n, m + 1]: per row, the count of marked tiles, then their ids in
+  ascending order (entries past the count are unused)."""
+  count = jnp.sum(table, axis=-1, dtype=jnp.int32)
+  order = jnp.argsort(jnp.logical_not(table).astype(jnp.int32), axis=-1, stable=True)
+  return jnp.concatenate([count[..., None], order.astype(jnp.int32)], axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel helpers.
+# ---------------------------------------------------------------------------------------------
+def _dot(a, b, *, ta=False, tb=False):
+  """a @ b with optional transposed operands, fp32 accumulation; IEEE fp32 for fp32 operands (so
+  interpret mode and GPU agree with the reference to ~1e-6), tensor-core MMA for 16-bit ones."""
+  prec = jax.lax.Precision.HIGHEST if a.dtype == _F32 else jax.lax.Precision.DEFAULT
+  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+
+
+def _load_meta(ref, rows) -> mask_lib.TokenMeta:
+  """TokenMeta of a [4, L] metadata ref (fields stacked in TokenMeta order) at `rows`."""
+  return mask_lib.TokenMeta(*(ref[f, rows] for f in range(_N_FIELDS)))
+
+
+def _probs(q, k, q_meta, k_meta, lse, scale):
+  """P = exp(scale q k^T - lse) on visible pairs, 0 elsewhere: [bq, bk] fp32."""
+  s = _dot(q, k, tb=True) * scale
+  vis = mask_lib.visible(q_meta, k_meta)
+  return jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Refs arrive as (inputs..., outputs...).
+# ---------------------------------------------------------------------------------------------
+def _fwd_kernel(visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *, scale, bk):
+  """One (q tile, batch, head): online softmax over the k tiles in its visit list."""
+  q = q_ref[...]
+  q_meta = _load_meta(qm_ref, slice(None))
+  bq, d = q.shape
+
+  def body(n, carry):
+    acc, m, l = carry
+    rows = pl.ds(visit_ref[n + 1] * bk, bk)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows))
+    s = jnp.where(vis, _dot(q, k, tb=True) * scale, _NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_new, l
+
+  init = (jnp.zeros((bq, d), _F32), jnp.full((bq,), _NEG, _F32), jnp.zeros((bq,), _F32))
+  acc, m, l = jax.lax.fori_loop(0, visit_ref[0], body, init)
+  seen = l > 0.0
+  o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _DEAD_LSE)
+
+
+def _dq_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, dq_ref,
+               *, scale, bk):
+  """One (q tile, batch, head): dq = scale * sum over visited k tiles of dS k."""
+  q, do = q_ref[...], do_ref[...]
+  lse, delta = lse_ref[...], delta_ref[...]
+  q_meta = _load_meta(qm_ref, slice(None))
+
+  def body(n, dq):
+    rows = pl.ds(visit_ref[n + 1] * bk, bk)
+    k, v = k_ref[rows, :], v_ref[rows, :]
+    p = _probs(q, k, q_meta, _load_meta(km_ref, rows), lse, scale)
+    ds = p * (_dot(do, v, tb=True) - delta[:, None])
+    return dq + _dot(ds.astype(k.dtype), k)
+
+  dq = jax.lax.fori_loop(0, visit_ref[0], body, jnp.zeros(q.shape, _F32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, dk_ref,
+                 dv_ref, *, scale, bq, groups):
+  """One (k tile, batch, kv head): sums over the `groups` query heads sharing this kv head and, for
+  each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D]; lse_ref,
+  delta_ref: [groups, Tp]."""
+  k, v = k_ref[...], v_ref[...]
+  k_meta = _load_meta(km_ref, slice(None))
+
+  def head(g, carry):
+    def body(n, carry):
+      dk, dv = carry
+      rows = pl.ds(visit_ref[n + 1] * bq, bq)
+      q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+      p = _probs(q, k, _load_meta(qm_ref, rows), k_meta, lse_ref[g, rows], scale)
+      ds = p * (_dot(do, v, tb=True) - delta_ref[g, rows][:, None])
+      dv = dv + _dot(p.astype(do.dtype), do, ta=True)
+      dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+      return dk, dv
+
+    return jax.lax.fori_loop(0, visit_ref[0], body, carry)
+
+  zeros = jnp.zeros(k.shape, _F32)
+  dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# pallas_call wrappers. q, o, do: [B, Tp, H, Dp]; k, v: [B, Sp, Hkv, Dp]; metadata [B, 4, L].
+# ---------------------------------------------------------------------------------------------
+def _params(interpret, num_warps, num_stages):
+  if interpret:
+    return None
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def _fields(meta_stack: jax.Array) -> mask_lib.TokenMeta:
+  return mask_lib.TokenMeta(*(meta_stack[:, f] for f in range(_N_FIELDS)))
+
+
+def _forward_call(q, k, v, qm, km, *, scale, bs: BlockSizes, interpret):
+  b, tp, h, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  bq, bk, grp = bs.block_q, bs.block_k, h // hkv
+  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk))
+  in_specs = [
+      pl.BlockSpec((None, None, sp // bk + 1), lambda i, b_, h_: (b_, i, 0)),
+      pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+      pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
+      pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
+      pl.BlockSpec((None, _N_FIELDS, bq), lambda i, b_, h_: (b_, 0, i)),
+      pl.BlockSpec((None, _N_FIELDS, sp), lambda i, b_, h_: (b_, 0, 0)),
+  ]
+  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
+               pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))]
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), _F32)]
+  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk)
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(tp // bq, b, h), in_specs=in_specs, out_specs=out_specs,
+      compiler_params=_params(interpret, bs.num_warps, bs.num_stages), interpret=interpret,
+      name='flash_attention_fwd')(visit, q, k, v, qm, km)
+
+
+def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
+  b, tp, h, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  bq, bk, grp = bs.block_q_dq, bs.block_k_dq, h // hkv
+  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk))
+  q_tile = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
+  kv_all = pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0))
+  row = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
+  in_specs = [
+      pl.BlockSpec((None, None, sp // bk + 1), lambda i, b_, h_: (b_, i, 0)),
+      q_tile, kv_all, kv_all, q_tile, row, row,
+      pl.BlockSpec((None, _N_FIELDS, bq), lambda i, b_, h_: (b_, 0, i)),
+      pl.BlockSpec((None, _N_FIELDS, sp), lambda i, b_, h_: (b_, 0, 0)),
+  ]
+  kernel = functools.partial(_dq_kernel, scale=scale, bk=bk)
+  return pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(tp // bq, b, h),
+      in_specs=in_specs, out_specs=q_tile,
+      compiler_params=_params(interpret, bs.num_warps_dq, bs.num_stages), interpret=interpret,
+      name='flash_attention_dq')(visit, q, k, v, do, lse, delta, qm, km)
+
+
+def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
+  b, tp, h, d = q.shape
+  sp, hkv = k.shape[1], k.shape[2]
+  bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
+  # Transposed table: for each k tile, the q tiles that may see it.
+  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk).swapaxes(1, 2))
+  q_group = pl.BlockSpec((None, tp, grp, d), lambda j, b_, g_: (b_, 0, g_, 0))
+  kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_, 0))
+  rows = pl.BlockSpec((None, grp, tp), lambda j, b_, g_: (b_, g_, 0))
+  in_specs = [
+      pl.BlockSpec((None, None, tp // bq + 1), lambda j, b_, g_: (b_, j, 0)),
+      q_group, kv_tile, kv_tile, q_group, rows, rows,
+      pl.BlockSpec((None, _N_FIELDS, tp), lambda j, b_, g_: (b_, 0, 0)),
+      pl.BlockSpec((None, _N_FIELDS, bk), lambda j, b_, g_: (b_, 0, j)),
+  ]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=grp)
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(sp // bk, b, hkv), in_specs=in_specs,
+      out_specs=[kv_tile, kv_tile],
+      compiler_params=_params(interpret, bs.num_warps_dkv, bs.num_stages), interpret=interpret,
+      name='flash_attention_dkdv')(visit, q, k, v, do, lse, delta, qm, km)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom_vjp over padded inputs.
+# ---------------------------------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash(q, k, v, qm, km, scale, bs, interpret):
+  return _flash_fwd(q, k, v, qm, km, scale, bs, interpret)[0]
+
+
+def _flash_fwd(q, k, v, qm, km, scale, bs, interpret):
+  o, lse = _forward_call(q, k, v, qm, km, scale=scale, bs=bs, interpret=interpret)
+  return o, (q, k, v, qm, km, o, lse)
+
+
+def _flash_bwd(scale, bs, interpret, res, do):
+  q, k, v, qm, km, o, lse = res
+  do = do.astype(q.dtype)
+  delta = jnp.einsum('bthd,bthd->bht', o.astype(_F32), do.astype(_F32))
+  kw = dict(scale=scale, bs=bs, interpret=interpret)
+  dq = _dq_call(q, k, v, do, lse, delta, qm, km, **kw)
+  dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
+  return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_meta(meta: mask_lib.TokenMeta, length: int, *, query: bool) -> jax.Array:
+  """Stacks metadata [B, L] into [B, 4, length] int32, padding the tail so that padded tokens take
+  no part: padded queries are clean at position -2**30 (their horizon precedes every real key) and
+  padded keys clean at position 2**30 (past every real horizon), whatever the segment ids."""
+  pos = -_PAD_POS if query else _PAD_POS
+  fill = dict(segment_ids=-1, positions=pos, views=0, block_starts=pos)
+  fields = []
+  for name, x in zip(mask_lib.TokenMeta._fields, meta):
+    x = jnp.asarray(x, jnp.int32)
+    fields.append(jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=fill[name]))
+  return jnp.stack(fields, axis=1)
+
+
+def _pad_to(x, shape):
+  pads = [(0, s - n) for s, n in zip(shape, x.shape)]
+  return x if all(p == (0, 0) for p in pads) else jnp.pad(x, pads)
+
+
+def attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.TokenMeta,
+                     k_meta: mask_lib.TokenMeta, *, scale: float | None = None,
+                     block_sizes: BlockSizes | None = None,
+                     interpret: bool | None = None) -> jax.Array:
+  """Flash attention of q over k, v with visibility `mask.visible(q_meta, k_meta)`.
+
+  Args:
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D], H a multiple of Hkv (query head h uses kv head
+      h // (H / Hkv)); one dtype among float32, bfloat16, float16; D <= 256.
+    q_meta: fields [B, T] int32; k_meta: fields [B, S] int32 (positions in (-2**30, 2**30)).
+    scale: score scale (default D ** -0.5).
+    block_sizes: tiles and launch parameters (default `BlockSizes.get_default`).
+    interpret: run the Pallas interpreter (default: when the backend is not a GPU).
+
+  Returns:
+    [B, T, H, D] in q.dtype; a query that sees no key gets zeros (and passes zero gradients).
+    Differentiable in q, k, v (custom_vjp with dq and dk/dv kernels).
+
+  Raises:
+    ValueError: inputs the kernels do not take (`unsupported_reason`) or bad block sizes.
+  """
+  reason = unsupported_reason(q, k, v)
+  if reason:
+    raise ValueError(f'Pallas attention: {reason}')
+  b, t, h, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if interpret is None:
+    interpret = backend.default_backend() != 'gpu'
+  dp = max(16, backend.next_pow2(d))
+  if block_sizes is None:
+    kind = '' if interpret else jax.devices()[0].device_kind
+    block_sizes = BlockSizes.get_default(dp, q.dtype, kind)
+  bs = block_sizes
+  if any(x < 16 or x & (x - 1) for x in bs.tiles()):
+    raise ValueError(f'block sizes must be powers of two >= 16, got {bs}')
+  tp = backend.cdiv(t, max(bs.block_q, bs.block_q_dq, bs.block_q_dkv))
+  tp *= max(bs.block_q, bs.block_q_dq, bs.block_q_dkv)
+  sp = backend.cdiv(s, max(bs.block_k, bs.block_k_dq, bs.block_k_dkv))
+  sp *= max(bs.block_k, bs.block_k_dq, bs.block_k_dkv)
+  scale = float(d ** -0.5 if scale is None else scale)
+  o = _flash(_pad_to(q, (b, tp, h, dp)), _pad_to(k, (b, sp, hkv, dp)), _pad_to(v, (b, sp, hkv, dp)),
+             _pad_meta(q_meta, tp, query=True), _pad_meta(k_meta, sp, query=False), scale, bs,
+             interpret)
+  return o[:, :t, :, :d]
