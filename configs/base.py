@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.long_docs = 'split'  # documents longer than seq_len: 'split' | 'truncate' | 'drop'
   c.data.worker_count = 0  # grain worker processes (0 = in-process)
   c.data.num_examples = 20000  # size of the generated 'arithmetic' source
+  c.data.packing_bins = 16  # rows the first-fit packer fills at once (more = tighter packing)
 
   # --- optimizer: AdamW, linear warmup then cosine decay ---
   c.optim = mlc.ConfigDict()

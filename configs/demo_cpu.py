@@ -21,10 +21,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.objective.num_views = 2
   c.data.source = 'jsonl'  # launch.demo writes the corpus and sets data.paths
   c.data.tokenizer = 'byte'
-  # One GDN chunk per row: on jaxlib 0.10.2 XLA:CPU, the lean two-stream step hangs (an executable that
-  # never completes) once a row spans two or more chunks; single-chunk rows run. GPUs are unaffected.
   c.data.seq_len = 128
-  c.model.gdn_chunk_size = 128
   c.data.batch_size = 8
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 30

@@ -14,7 +14,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.variant = 'medium'
   c.model.dtype = 'bfloat16'
   c.data.seq_len = 1024
-  c.model.gdn_chunk_size = 64
   c.data.batch_size = 32
   c.optim.lr = 1e-3
   c.train.num_steps = 3000

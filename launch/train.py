@@ -1,7 +1,9 @@
 """Trains FLARE (or plain AR SFT). Logic lives in flare_jax.train.loop; this file only parses flags.
 
 python -m launch.train --config=configs/flare_tiny.py --workdir=/tmp/tiny [--config.optim.lr=1e-3 ...]
-Multi-process (one process per GPU or host): add --multihost (calls jax.distributed.initialize()).
+Multi-process (one process per GPU or host): add --multihost; jax.distributed.initialize() finds the
+cluster (SLURM, Open MPI, Kubernetes, ...) or takes --coordinator_address, --num_processes and
+--process_id. Every process gets the same flags and --workdir (a shared filesystem).
 """
 import jax
 from absl import app
@@ -14,13 +16,19 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_c
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output dir (resumes if it has a checkpoint).',
                                required=True)
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize().')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0 (multihost; default: auto-detect).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes (multihost).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (multihost).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   if _MULTIHOST.value:
-    jax.distributed.initialize()
+    # Only the CPU backend reads this (cross-process CPU collectives); GPUs use NCCL.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from flare_jax.model import config as config_lib
@@ -26,9 +27,22 @@ TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_ma
                    'added_tokens.json')
 
 
+def _is_primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """Barrier across processes (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, overwrite: bool = False):
   """Yields a temporary directory beside `out_dir` that replaces it only if the block succeeds.
+
+  With several processes (a shared filesystem), every process yields the same directory; process 0
+  creates it and renames it once all processes are done, so collective writers (orbax) agree on paths.
 
   Raises:
     ValueError: `out_dir` exists, is not empty and overwrite is False.
@@ -38,15 +52,27 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
     raise ValueError(f'output directory {out_dir} exists and is not empty (pass overwrite)')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(out_dir) + '.tmp-', dir=parent)
+  prefix = '.' + os.path.basename(out_dir) + '.tmp-'
+  if jax.process_count() > 1:
+    tmp = os.path.join(parent, prefix + 'multiprocess')
+    if _is_primary():
+      shutil.rmtree(tmp, ignore_errors=True)
+      os.makedirs(tmp)
+    _sync(f'atomic_output_dir:create:{out_dir}')
+  else:
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
   try:
     yield tmp
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _is_primary():
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(out_dir):
-    shutil.rmtree(out_dir)
-  os.rename(tmp, out_dir)
+  _sync(f'atomic_output_dir:written:{out_dir}')
+  if _is_primary():
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+  _sync(f'atomic_output_dir:renamed:{out_dir}')
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -61,8 +87,12 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
 
 
 def write_params(params: dict, cfg: config_lib.ModelConfig, directory: str) -> None:
-  """Writes params (pure dict) and the config into an existing (temporary) directory."""
-  cfg.save(os.path.join(directory, CONFIG_FILE))
+  """Writes params (pure dict) and the config into an existing (temporary) directory.
+
+  Collective with several processes: all of them call it (orbax writes each process's shards).
+  """
+  if _is_primary():
+    cfg.save(os.path.join(directory, CONFIG_FILE))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, PARAMS_DIR), params)
     ckptr.wait_until_finished()
@@ -105,10 +135,11 @@ def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfi
   params = params_of(model_or_params)
   with atomic_output_dir(out_dir, overwrite) as tmp:
     write_params(params, cfg, tmp)
-    if tokenizer_dir:
-      copy_tokenizer_files(tokenizer_dir, tmp)
-    for f in extra_files:
-      shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+    if _is_primary():
+      if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, tmp)
+      for f in extra_files:
+        shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
 
 
 def load_config(ckpt_dir: str) -> config_lib.ModelConfig:

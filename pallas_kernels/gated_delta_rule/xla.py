@@ -26,6 +26,41 @@ class ChunkIntra(NamedTuple):
   keep: jax.Array  # []: e^{G_C} if the entering state survives the chunk, else 0
 
 
+_EXACT = jax.lax.Precision.HIGHEST  # full fp32 (no TF32 on GPU): errors compound through the levels
+
+
+def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+  """(I + a)^-1 for strictly lower-triangular a [..., C, C], by recursive 2x2 block inversion.
+
+  Bottom-up over block sizes s = 1, 2, 4, ...: each pair of diagonal blocks merges as
+  [[A11, 0], [A21, A22]]^-1 = [[X11, 0], [-X22 A21 X11, X22]] (fla's solve_tril does the same).
+  Only batched matmuls, slices and concatenations: no LAPACK custom call. On XLA:CPU (jaxlib 0.10.2)
+  `solve_triangular` lowers to lapack_strsm_ffi, which splits a large batch over the intra-op thread
+  pool and blocks waiting for the pieces (jax::ParallelBatchMap); when the thunk executor runs
+  independent solves at once (the backward has several, and every fake device runs its own), they
+  can occupy every pool thread and the step deadlocks with the process idle. C that is not a power
+  of two is padded with identity rows.
+  """
+  c = a.shape[-1]
+  p = 1 << max(c - 1, 0).bit_length()
+  if p != c:
+    a = jnp.pad(a, ((0, 0),) * (a.ndim - 2) + ((0, p - c), (0, p - c)))
+  lead = a.shape[:-2]
+  inv = jnp.ones(lead + (p, 1, 1), a.dtype)  # inverses of the 1x1 diagonal blocks
+  s = 1
+  while s < p:
+    nb = p // s
+    blocks = a.reshape(lead + (nb, s, nb, s))
+    # Block (2j+1, 2j) of each pair: the diagonal of the [odd rows, even cols] block grid.
+    a21 = jnp.moveaxis(jnp.diagonal(blocks[..., 1::2, :, 0::2, :], axis1=-4, axis2=-2), -1, -3)
+    x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]  # ... nb/2 s s
+    x21 = -jnp.matmul(jnp.matmul(x22, a21, precision=_EXACT), x11, precision=_EXACT)
+    inv = jnp.concatenate([jnp.concatenate([x11, jnp.zeros_like(x11)], -1),
+                           jnp.concatenate([x21, x22], -1)], -2)
+    s *= 2
+  return inv[..., 0, :c, :c]
+
+
 def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
   b, t, _, kd = q.shape
   hv, vd = v.shape[2], v.shape[3]
@@ -60,9 +95,8 @@ def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
   strict = causal_same & ~jnp.eye(c, dtype=bool)
   a = jnp.where(strict, bc[..., :, None] * kkt * decay, 0.0)
   carry = (segc == segc[..., :1]) & ~first_resets  # B N 1 C: reads the entering state
-  eye = jnp.eye(c, dtype=jnp.float32)
   rhs = jnp.concatenate([kc * (bc * jnp.exp(cum) * carry)[..., None], vc * bc[..., None]], -1)
-  sol = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  sol = jnp.matmul(_unit_lower_inverse(a), rhs, precision=_EXACT)  # (I + A)^-1 rhs
   w, u = sol[..., :kd], sol[..., kd:]
   qk = (qc @ jnp.swapaxes(kc, -1, -2)) * decay
   q_in = qc * (jnp.exp(cum) * carry)[..., None]

@@ -1,0 +1,79 @@
+"""Two JAX processes (CPU, gloo collectives) train like one: `launch.train --multihost`.
+
+Each process reads its own shard of the data. With four documents that each fill one row and a
+global batch of four, every step's global batch holds the same rows in both runs (in another order),
+so the `ar` losses (means over the batch) must agree up to float reduction order.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_DOCS = [
+    'alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho',
+    'the quick brown fox jumps over the lazy dog while the cat sleeps under the warm table',
+    'def f(x):\n    return x * x + 1\n\nprint(f(3))\nfor i in range(10):\n    print(i, f(i))\n',
+    '1+1=2 2+2=4 3+3=6 4+4=8 5+5=10 6+6=12 7+7=14 8+8=16 9+9=18 10+10=20 11+11=22',
+]
+_STEPS = 5
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _train_cmd(docs: str, workdir: str) -> list[str]:
+  return [sys.executable, '-m', 'launch.train', f'--workdir={workdir}',
+          f'--config=configs/flare_tiny.py:objective=ar,steps={_STEPS}',
+          '--config.data.source=jsonl', f'--config.data.paths={docs}',
+          '--config.data.seq_len=32', '--config.data.batch_size=4',
+          '--config.data.long_docs=truncate', '--config.data.packing_bins=1',
+          '--config.train.log_every=1', '--config.optim.warmup_steps=0']
+
+
+def _losses(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['loss'] for line in f]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  docs = tmp_path / 'docs.jsonl'
+  docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')  # one CPU device per process
+  port = _free_port()
+  multi = str(tmp_path / 'multi')
+  procs = [subprocess.Popen(
+      _train_cmd(str(docs), multi) + ['--multihost', f'--coordinator_address=localhost:{port}',
+                                      '--num_processes=2', f'--process_id={i}'],
+      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = []
+  for p in procs:
+    try:
+      outs.append(p.communicate(timeout=400)[0])
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      pytest.fail('the two-process run did not finish in 400 s')
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  assert 'processes: 2' in outs[0]
+  single = str(tmp_path / 'single')
+  run = subprocess.run(_train_cmd(str(docs), single), cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=400)
+  assert run.returncode == 0, run.stderr[-3000:]
+
+  multi_losses, single_losses = _losses(multi), _losses(single)
+  assert len(multi_losses) == len(single_losses) == _STEPS
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  assert multi_losses[-1] < multi_losses[0]
+  # Both processes wrote their shards of one checkpoint and one exported model.
+  assert os.path.isfile(os.path.join(multi, 'model', 'model_config.json'))
+  assert not [n for n in os.listdir(multi) if '.tmp-' in n]
