@@ -24,14 +24,14 @@ Pallas kernels interpreted (the numbers only show that the script works).
 """
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 from absl import logging
+
+from launch import bench_util
 
 _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
@@ -65,17 +65,6 @@ _CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "case:impl" an
 _GIB = 1024 ** 3
 _TILE = 64  # tile of the reported visited-tile fraction
 
-
-def _median_ms(fn, warmup, repeats):
-  import jax  # pylint: disable=g-import-not-at-top
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def _shape():
@@ -188,9 +177,11 @@ def _run_case(case, impl):
   temp = getattr(analysis, 'temp_size_in_bytes', None) if analysis is not None else None
   res['temp_gib'] = None if temp is None else temp / _GIB
   if 'fwd' in _MODES.value:
-    res['fwd_ms'] = _median_ms(lambda: fwd(q, k, v), _WARMUP.value, _REPEATS.value)
+    res['fwd_ms'] = bench_util.median_ms(lambda: fwd(q, k, v), jax.block_until_ready,
+                                         _WARMUP.value, _REPEATS.value)
   if 'fwdbwd' in _MODES.value:
-    res['fwdbwd_ms'] = _median_ms(lambda: fwdbwd(q, k, v, do), _WARMUP.value, _REPEATS.value)
+    res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(q, k, v, do), jax.block_until_ready,
+                                            _WARMUP.value, _REPEATS.value)
   res['peak_gib'] = (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
   return res
 
@@ -204,24 +195,7 @@ def _spawn(case, impl):
   argv.append(f'--modes={",".join(_MODES.value)}')
   if _BWD_BLOCKS.value:
     argv.append(f'--bwd_blocks={",".join(_BWD_BLOCKS.value)}')
-  t0 = time.time()
-  err = {'case': case, 'impl': impl}
-  try:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT.value,
-                          env=dict(os.environ), check=False)
-  except subprocess.TimeoutExpired:
-    return dict(err, error=f'timeout after {_TIMEOUT.value} s')
-  for line in proc.stdout.splitlines():
-    if line.startswith('RESULT '):
-      res = json.loads(line[len('RESULT '):])
-      res['wall_s'] = round(time.time() - t0, 1)
-      return res
-  tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-  return dict(err, error=' | '.join(tail))
-
-
-def _fmt(x, spec='.2f'):
-  return '-' if x is None else format(x, spec)
+  return bench_util.run_child(argv, _TIMEOUT.value, {'case': case, 'impl': impl})
 
 
 def _table(results):
@@ -237,8 +211,8 @@ def _table(results):
     base = ref.get(r['case'], {})
     ratio = lambda key: (r[key] / base[key] if r.get(key) and base.get(key) else None)
     lines.append(f"| {r['case']} | {r['impl']} | "
-                 + ' | '.join(_fmt(r.get(key)) for key in keys) + ' | '
-                 + ' | '.join(_fmt(ratio(key)) for key in keys) + ' |')
+                 + ' | '.join(bench_util.fmt(r.get(key)) for key in keys) + ' | '
+                 + ' | '.join(bench_util.fmt(ratio(key)) for key in keys) + ' |')
   return '\n'.join(lines)
 
 
@@ -261,7 +235,7 @@ def main(argv):
     raise app.UsageError('Too many command-line arguments.')
   if _CHILD.value:
     case, impl = _CHILD.value.split(':')
-    print('RESULT ' + json.dumps(_run_case(case, impl)), flush=True)
+    bench_util.print_result(_run_case(case, impl))
     return
   _check_device()
   if _CPU_SMOKE.value:
@@ -284,9 +258,7 @@ def main(argv):
             f"fraction of the score matrix {r['visible']:.4f}; {_TILE}x{_TILE} tiles visited "
             f"{r['tiles_visited']:.4f}")
   print(_table(results))
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(results, f, indent=1)
+  bench_util.write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -14,14 +14,12 @@ miscompile of chunk_bwd_dqkwg); for timing only, this script bypasses that guard
 (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`) and says so in its output.
 """
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
+
+from launch import bench_util
 
 _SHAPES = flags.DEFINE_list('shapes', ['1x4096', '8x4096', '4x16384'], 'BxT cases.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'triton', 'fla'],
@@ -39,16 +37,6 @@ _CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "impl:B:T" and
 
 _GIB = 1024 ** 3
 
-
-def _median_ms(fn, sync, warmup, repeats):
-  for _ in range(warmup):
-    sync(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    sync(fn())
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def _jax_case(impl, b, t):
@@ -82,12 +70,12 @@ def _jax_case(impl, b, t):
   peak = lambda: (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
   res = {'impl': impl, 'B': b, 'T': t, 'device': dev.device_kind, 'jax': jax.__version__}
   if 'fwd' in _MODES.value:
-    res['fwd_ms'] = _median_ms(lambda: fwd(*args), jax.block_until_ready, _WARMUP.value,
-                               _REPEATS.value)
+    res['fwd_ms'] = bench_util.median_ms(lambda: fwd(*args), jax.block_until_ready,
+                                         _WARMUP.value, _REPEATS.value)
     res['fwd_peak_gib'] = peak()
   if 'fwdbwd' in _MODES.value:
-    res['fwdbwd_ms'] = _median_ms(lambda: fwdbwd(*args, do), jax.block_until_ready,
-                                  _WARMUP.value, _REPEATS.value)
+    res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(*args, do), jax.block_until_ready,
+                                            _WARMUP.value, _REPEATS.value)
     res['peak_gib'] = peak()
   return res
 
@@ -128,11 +116,11 @@ def _fla_case(b, t):
          'fla': getattr(fla, '__version__', '?'), 'guard_bypassed': bypassed}
   if 'fwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwd_ms'] = _median_ms(fwd, sync, _WARMUP.value, _REPEATS.value)
+    res['fwd_ms'] = bench_util.median_ms(fwd, sync, _WARMUP.value, _REPEATS.value)
     res['fwd_peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
   if 'fwdbwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwdbwd_ms'] = _median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value)
+    res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value)
     res['peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
   return res
 
@@ -141,7 +129,7 @@ def _run_child(spec):
   impl, b, t = spec.split(':')
   b, t = int(b), int(t)
   res = _fla_case(b, t) if impl == 'fla' else _jax_case(impl, b, t)
-  print('RESULT ' + json.dumps(res), flush=True)
+  bench_util.print_result(res)
 
 
 def _spawn(impl, b, t):
@@ -149,23 +137,7 @@ def _spawn(impl, b, t):
   for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP):
     argv.append(f'--{flag.name}={flag.value}')
   argv.append(f'--modes={",".join(_MODES.value)}')
-  t0 = time.time()
-  try:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=_TIMEOUT.value,
-                          env=dict(os.environ), check=False)
-  except subprocess.TimeoutExpired:
-    return {'impl': impl, 'B': b, 'T': t, 'error': f'timeout after {_TIMEOUT.value} s'}
-  for line in proc.stdout.splitlines():
-    if line.startswith('RESULT '):
-      res = json.loads(line[len('RESULT '):])
-      res['wall_s'] = round(time.time() - t0, 1)
-      return res
-  tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-  return {'impl': impl, 'B': b, 'T': t, 'error': ' | '.join(tail)}
-
-
-def _fmt(x, spec='.2f'):
-  return '-' if x is None else format(x, spec)
+  return bench_util.run_child(argv, _TIMEOUT.value, {'impl': impl, 'B': b, 'T': t})
 
 
 def _table(results):
@@ -181,10 +153,10 @@ def _table(results):
       continue
     ref = fla.get((r['B'], r['T']))
     lines.append(
-        f"| {r['impl']} | {r['B']} | {r['T']} | {_fmt(r.get('fwd_ms'))} | "
-        f"{_fmt(r.get('fwdbwd_ms'))} | {_fmt(r.get('peak_gib'))} | "
-        f"{_fmt(ratio(r, ref, 'fwd_ms'))} | {_fmt(ratio(r, ref, 'fwdbwd_ms'))} | "
-        f"{_fmt(ratio(r, ref, 'peak_gib'))} |")
+        f"| {r['impl']} | {r['B']} | {r['T']} | {bench_util.fmt(r.get('fwd_ms'))} | "
+        f"{bench_util.fmt(r.get('fwdbwd_ms'))} | {bench_util.fmt(r.get('peak_gib'))} | "
+        f"{bench_util.fmt(ratio(r, ref, 'fwd_ms'))} | {bench_util.fmt(ratio(r, ref, 'fwdbwd_ms'))} | "
+        f"{bench_util.fmt(ratio(r, ref, 'peak_gib'))} |")
   return '\n'.join(lines)
 
 
@@ -205,9 +177,7 @@ def main(argv):
   if any(r.get('guard_bypassed') for r in results):
     print('fla: Hopper guard for Triton < 3.7.1 (fla #640) bypassed for timing.')
   print(_table(results))
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(results, f, indent=1)
+  bench_util.write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

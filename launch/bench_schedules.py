@@ -1,0 +1,147 @@
+"""Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked.
+
+python -m launch.bench_schedules                      # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
+python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape; CPU runs too
+
+One GDN layer's noisy pass (`two_stream_gdn.noisy_delta_rule` / `noisy_delta_rule_chunked`): the
+clean stream's q, k, v, g, beta plus --views noisy views of one row per batch element (one document:
+--prompt prompt tokens, then response cut into blocks of --block_size with logit shift, the layout
+of flare_jax.objective.layout). Every schedule runs in its own subprocess (an OOM in one leaves the
+others). Reported per schedule and mode (fwd: outputs; fwdbwd: gradients of all ten inputs for a
+random cotangent): the median of --repeats timed calls after --warmup calls, each timed to
+block_until_ready, and `temp` = the compiled executable's scratch
+(`jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`). Ratios are schedule / chunked.
+Defaults: on a GPU the shape above; without one a small CPU smoke shape (B=1, T=256, HV=2, K=V=32).
+"""
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from launch import bench_util
+
+_SCHEDULES = flags.DEFINE_list('schedules', ['simple', 'lean', 'chunked'],
+                               'simple, lean (token scans) and chunked (chunk-parallel).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
+_SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
+_VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
+_BLOCK_SIZE = flags.DEFINE_integer('block_size', 4, 'Diffusion block size (also max_block).')
+_PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt tokens (no blocks), at most T / 4.')
+_HEADS = flags.DEFINE_integer('heads', None, 'Value heads HV (default: 16 on GPU, 2 on CPU).')
+_KEY_HEADS = flags.DEFINE_integer('key_heads', None, 'q/k heads H (default: HV).')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', None, 'K = V head size (default: 128 GPU, 32 CPU).')
+_CHUNK = flags.DEFINE_integer('chunk', 64, 'Chunk size of the lean and chunked schedules.')
+_CHUNKS_PER_STEP = flags.DEFINE_integer('chunks_per_step', 0,
+                                        'chunked: windows per lax.map step (0: all at once).')
+_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
+                           'q, k, v dtype (g, beta fp32), as the model passes them.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
+_MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
+_TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
+_OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_CHILD = flags.DEFINE_string('child', '', 'Internal: run one schedule and print RESULT.')
+
+_GIB = 1024 ** 3
+
+
+def _shape(gpu: bool):
+  """(B, T, V, H, HV, K) from the flags and the backend's defaults."""
+  hv = _HEADS.value or (16 if gpu else 2)
+  return (_BATCH.value, _SEQ.value or (4096 if gpu else 256), _VIEWS.value,
+          _KEY_HEADS.value or hv, hv, _HEAD_DIM.value or (128 if gpu else 32))
+
+
+def _inputs(b, t, views, h, hv, d, dtype):
+  """Random clean and noisy (q, k, v, g, beta), l2-normed q, k; segment ids and block starts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flare_jax.objective import layout  # pylint: disable=g-import-not-at-top
+  keys = iter(jax.random.split(jax.random.key(0), 10))
+
+  def stream(*lead):
+    qk = lambda: jax.nn.standardize(jax.random.normal(next(keys), (*lead, t, h, d)), axis=-1)
+    return (qk().astype(dtype) * d ** -0.5, qk().astype(dtype) * d ** -0.5,
+            jax.random.normal(next(keys), (*lead, t, hv, d)).astype(dtype),
+            jax.nn.log_sigmoid(jax.random.uniform(next(keys), (*lead, t, hv))) / 8,
+            jax.nn.sigmoid(jax.random.uniform(next(keys), (*lead, t, hv))))
+
+  seg = jnp.ones((b, t), jnp.int32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  prompt = min(_PROMPT.value, t // 4)
+  starts = layout.block_layout(seg, seg, pos >= prompt, block_size=_BLOCK_SIZE.value).block_start
+  return stream(b), stream(b, views), seg, starts
+
+
+def _run_child(schedule: str) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
+  from flare_jax.model import two_stream_gdn_chunked  # pylint: disable=g-import-not-at-top
+  gpu = jax.default_backend() == 'gpu'
+  b, t, views, h, hv, d = _shape(gpu)
+  clean, noisy, seg, starts = _inputs(b, t, views, h, hv, d, jnp.dtype(_DTYPE.value))
+  kw = dict(scale=d ** -0.5, chunk_size=_CHUNK.value, max_block=_BLOCK_SIZE.value)
+  if schedule == 'chunked':
+    f = lambda c, n: two_stream_gdn_chunked.noisy_delta_rule_chunked(
+        c, n, seg, starts, chunks_per_step=_CHUNKS_PER_STEP.value or None, **kw)
+  else:
+    f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
+  cot = jax.random.normal(jax.random.key(1), (b, views, t, hv, d), jnp.float32)
+  fns = dict(fwd=f, fwdbwd=jax.grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
+  res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
+             HV=hv, K=d, block=_BLOCK_SIZE.value, chunk=_CHUNK.value)
+  for mode in _MODES.value:
+    compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
+    mem = compiled.memory_analysis()
+    res[f'{mode}_temp_gib'] = None if mem is None else mem.temp_size_in_bytes / _GIB
+    res[f'{mode}_ms'] = bench_util.median_ms(lambda compiled=compiled: compiled(clean, noisy),
+                                             jax.block_until_ready, _WARMUP.value,
+                                             _REPEATS.value)
+  bench_util.print_result(res)
+
+
+def _table(results) -> str:
+  base = {m: next((r.get(f'{m}_ms') for r in results if r['schedule'] == 'chunked'), None)
+          for m in ('fwd', 'fwdbwd')}
+  ratio = lambda x, m: '-' if x is None or not base[m] else f'{x / base[m]:.1f}x'
+  lines = ['| schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | fwd / chunked '
+           '| fwd+bwd / chunked |', '|---|---|---|---|---|---|---|']
+  for r in results:
+    if 'error' in r:
+      lines.append(f"| {r['schedule']} | failed: {r['error'][-200:]} |")
+      continue
+    g = lambda k: r.get(k)
+    lines.append(
+        f"| {r['schedule']} | {bench_util.fmt(g('fwd_ms'), '.1f')} | "
+        f"{bench_util.fmt(g('fwdbwd_ms'), '.1f')} | {bench_util.fmt(g('fwd_temp_gib'), '.3f')} | "
+        f"{bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')} | {ratio(g('fwd_ms'), 'fwd')} | "
+        f"{ratio(g('fwdbwd_ms'), 'fwdbwd')} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  if _CHILD.value:
+    _run_child(_CHILD.value)
+    return
+  results = []
+  for schedule in _SCHEDULES.value:
+    child = [sys.executable, '-m', 'launch.bench_schedules', f'--child={schedule}'] + [
+        a for a in sys.argv[1:] if not a.startswith('--out')]
+    res = bench_util.run_child(child, _TIMEOUT.value, dict(schedule=schedule))
+    print(json.dumps(res), flush=True)
+    results.append(res)
+  first = next((r for r in results if 'error' not in r), {})
+  print(f"\n{first.get('device', '?')}: B={first.get('B')} T={first.get('T')} V={first.get('V')} "
+        f"H={first.get('H')} HV={first.get('HV')} K=V={first.get('K')} block={first.get('block')} "
+        f"chunk={first.get('chunk')} {_DTYPE.value}; median of {_REPEATS.value} after "
+        f'{_WARMUP.value} warm-up; ratios are schedule / chunked (lower is better).')
+  print(_table(results))
+  bench_util.write_json(_OUT.value, results)
+
+
+if __name__ == '__main__':
+  app.run(main)
