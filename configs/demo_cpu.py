@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.demo.flare_lr = 1e-3  # stage 2 peak learning rate
   c.demo.stdlib_files = 150  # training files from the standard library (0 = all)
   c.demo.arithmetic_examples = 40000
+  c.demo.arithmetic_max_operand = 10  # operands 0..9: facts a small model learns in minutes
   c.demo.eval_examples = 48  # per task
   c.demo.eval_batch_size = 16
   c.demo.max_new_tokens = 40

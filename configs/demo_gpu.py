@@ -21,6 +21,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.demo.flare_steps = 1500
   c.train.log_every = 100
   c.demo.stdlib_files = 0
+  c.demo.arithmetic_max_operand = 100
   c.demo.eval_examples = 256
   c.demo.eval_batch_size = 64
   c.demo.ppl_rows = 256

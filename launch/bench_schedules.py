@@ -1,7 +1,7 @@
 """Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked.
 
-python -m launch.bench_schedules                      # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
-python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape; CPU runs too
+python -m launch.bench_schedules                    # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
+python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape, CPU too
 
 One GDN layer's noisy pass (`two_stream_gdn.noisy_delta_rule` / `noisy_delta_rule_chunked`): the
 clean stream's q, k, v, g, beta plus --views noisy views of one row per batch element (one document:
@@ -26,7 +26,8 @@ _SCHEDULES = flags.DEFINE_list('schedules', ['simple', 'lean', 'chunked'],
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
-_BLOCK_SIZE = flags.DEFINE_integer('block_size', 4, 'Diffusion block size (also max_block).')
+_BLOCK_SIZE = flags.DEFINE_integer('block_size', 4, 'Diffusion block size.')
+_MAX_BLOCK = flags.DEFINE_integer('max_block', 0, 'max_block of lean / chunked (0: block_size).')
 _PROMPT = flags.DEFINE_integer('prompt', 128, 'Prompt tokens (no blocks), at most T / 4.')
 _HEADS = flags.DEFINE_integer('heads', None, 'Value heads HV (default: 16 on GPU, 2 on CPU).')
 _KEY_HEADS = flags.DEFINE_integer('key_heads', None, 'q/k heads H (default: HV).')
@@ -82,7 +83,8 @@ def _run_child(schedule: str) -> None:
   gpu = jax.default_backend() == 'gpu'
   b, t, views, h, hv, d = _shape(gpu)
   clean, noisy, seg, starts = _inputs(b, t, views, h, hv, d, jnp.dtype(_DTYPE.value))
-  kw = dict(scale=d ** -0.5, chunk_size=_CHUNK.value, max_block=_BLOCK_SIZE.value)
+  kw = dict(scale=d ** -0.5, chunk_size=_CHUNK.value,
+            max_block=_MAX_BLOCK.value or _BLOCK_SIZE.value)
   if schedule == 'chunked':
     f = lambda c, n: two_stream_gdn_chunked.noisy_delta_rule_chunked(
         c, n, seg, starts, chunks_per_step=_CHUNKS_PER_STEP.value or None, **kw)
@@ -91,7 +93,7 @@ def _run_child(schedule: str) -> None:
   cot = jax.random.normal(jax.random.key(1), (b, views, t, hv, d), jnp.float32)
   fns = dict(fwd=f, fwdbwd=jax.grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
-             HV=hv, K=d, block=_BLOCK_SIZE.value, chunk=_CHUNK.value)
+             HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()
@@ -137,8 +139,9 @@ def main(argv):
   first = next((r for r in results if 'error' not in r), {})
   print(f"\n{first.get('device', '?')}: B={first.get('B')} T={first.get('T')} V={first.get('V')} "
         f"H={first.get('H')} HV={first.get('HV')} K=V={first.get('K')} block={first.get('block')} "
-        f"chunk={first.get('chunk')} {_DTYPE.value}; median of {_REPEATS.value} after "
-        f'{_WARMUP.value} warm-up; ratios are schedule / chunked (lower is better).')
+        f"max_block={first.get('max_block')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
+        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios are schedule / chunked (lower is '
+        'better).')
   print(_table(results))
   bench_util.write_json(_OUT.value, results)
 

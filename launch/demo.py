@@ -40,14 +40,14 @@ def _say(msg: str) -> None:
   print(f'[demo {time.strftime("%H:%M:%S")}] {msg}', flush=True)
 
 
-def write_corpus(path: str, num_files: int, num_arith: int) -> str:
+def write_corpus(path: str, num_files: int, num_arith: int, max_operand: int) -> str:
   """Training JSONL: standard-library train-split files as {"text"} and arithmetic {"prompt",
   "response"} examples, interleaved by a seeded shuffle. Returns a one-line description."""
   src = sources.StdlibSource('train')
   files = range(len(src)) if not num_files else random.Random(0).sample(range(len(src)),
                                                                       min(num_files, len(src)))
   lines = [json.dumps(src[i]) for i in files]
-  arith = sources.SyntheticArithmeticSource(num_arith, seed=0)
+  arith = sources.SyntheticArithmeticSource(num_arith, seed=0, max_operand=max_operand)
   lines += [json.dumps(arith[i]) for i in range(len(arith))]
   random.Random(1).shuffle(lines)
   tmp = path + '.tmp'
@@ -57,7 +57,7 @@ def write_corpus(path: str, num_files: int, num_arith: int) -> str:
   return f'{len(files)} standard-library files + {len(arith)} arithmetic examples'
 
 
-def heldout_tasks(workdir: str, n: int, seed: int = 0) -> dict[str, str]:
+def heldout_tasks(workdir: str, n: int, max_operand: int, seed: int = 0) -> dict[str, str]:
   """Writes the held-out tasks; returns {name: path}. Next-line: a context of up to 12 lines from a
   held-out file, the target its next non-blank line (at least 8 characters). Arithmetic: generated
   with another seed than the training set (the operand space is small, so some overlap)."""
@@ -72,7 +72,7 @@ def heldout_tasks(workdir: str, n: int, seed: int = 0) -> dict[str, str]:
     target = lines[i].rstrip() if i < len(lines) else ''
     if len(target.strip()) >= 8:
       nextline.append({'prompt': '\n'.join(lines[max(0, i - 12):i]) + '\n', 'target': target})
-  arith = sources.SyntheticArithmeticSource(n, seed=12345)
+  arith = sources.SyntheticArithmeticSource(n, seed=12345, max_operand=max_operand)
   paths = {'nextline': os.path.join(workdir, 'task_nextline.jsonl'),
            'arithmetic': os.path.join(workdir, 'task_arithmetic.jsonl')}
   tasks.write_task(paths['nextline'], nextline)
@@ -113,7 +113,8 @@ def main(argv):
 
   corpus = os.path.join(workdir, 'train.jsonl')
   if not os.path.exists(corpus):
-    _say('corpus: ' + write_corpus(corpus, c.demo.stdlib_files, c.demo.arithmetic_examples))
+    _say('corpus: ' + write_corpus(corpus, c.demo.stdlib_files, c.demo.arithmetic_examples,
+                                     c.demo.arithmetic_max_operand))
 
   user = _config_overrides(sys.argv[1:])
   data = ['--config.data.source=jsonl', f'--config.data.paths={corpus}']
@@ -130,7 +131,7 @@ def main(argv):
 
   _say('(c) evaluation')
   tok = tokenizer_lib.load_tokenizer(c.data.tokenizer)
-  paths = heldout_tasks(workdir, c.demo.eval_examples)
+  paths = heldout_tasks(workdir, c.demo.eval_examples, c.demo.arithmetic_max_operand)
   modes = {s: harness.mode_config(s, c.demo.max_new_tokens)
            for s in harness.parse_modes(c.demo.modes)}
   heldout_text = [sources.StdlibSource('heldout')[i]['text'] for i in range(20)]

@@ -260,13 +260,15 @@ class StdlibSource:
 
 
 class SyntheticArithmeticSource:
-  """Generated {"prompt": "12+7=", "response": "19"} examples (+, - and *, operands 0..99)."""
+  """Generated {"prompt": "12+7=", "response": "19"} examples (+, - and *, operands 0..max_operand-1)."""
 
-  def __init__(self, n: int = 20000, seed: int = 0):
+  def __init__(self, n: int = 20000, seed: int = 0, max_operand: int = 100):
     if n <= 0:
       raise ValueError(f'n must be positive, got {n}')
+    if max_operand < 1:
+      raise ValueError(f'max_operand must be >= 1, got {max_operand}')
     rng = np.random.default_rng(seed)
-    self._a, self._b = rng.integers(0, 100, n), rng.integers(0, 100, n)
+    self._a, self._b = rng.integers(0, max_operand, n), rng.integers(0, max_operand, n)
     self._op = rng.integers(0, 3, n)
 
   def __len__(self) -> int:

@@ -53,11 +53,13 @@ def write(results: dict, workdir: str) -> str:
   """Writes report.md and quality_vs_speed.png into workdir; returns the markdown."""
   ppl = results['perplexity']
   checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in results['checks'].items())
+  cfg = results['config']
   md = f"""# FLARE demo report
 
-Model: `{results['config']['model']['variant']}` ({results['config']['model']['dtype']}), byte-level;
-trained AR for {results['config']['train']['num_steps']} steps, then FLARE for
-{results['config']['demo']['flare_steps']} steps. Total time {results['seconds']:.0f} s.
+Model: `{cfg['model']['variant']}` ({cfg['model']['dtype']}), byte-level; trained AR for
+{cfg['train']['num_steps']} steps, then FLARE for {cfg['demo']['flare_steps']} steps.
+Total time {results['seconds']:.0f} s. Tasks: next line of held-out standard-library files (exact
+match); arithmetic with operands 0..{cfg['demo'].get('arithmetic_max_operand', 100) - 1} (+, -, *).
 
 ## Checks
 {checks}

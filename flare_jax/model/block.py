@@ -29,7 +29,8 @@ class Block(nnx.Module):
 
   def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
                cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None,
-               return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'lean'):
+               return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'chunked',
+               max_block: int = 32):
     """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None).
 
     With num_views > 0 the row is a two-stream row (clean stream then the noisy views, no cache).
@@ -39,7 +40,7 @@ class Block(nnx.Module):
     if self.layer_type == config_lib.FULL:
       x, cache = self.self_attn(x, meta, cache=cache)
     elif num_views:
-      x = self.linear_attn.two_stream(x, meta, num_views, gdn_schedule)
+      x = self.linear_attn.two_stream(x, meta, num_views, gdn_schedule, max_block)
     elif return_replay:
       x, cache, replay = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid,
                                           return_replay=True)

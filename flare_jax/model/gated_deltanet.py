@@ -177,10 +177,11 @@ class GatedDeltaNet(nnx.Module):
     return y, next_state
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
-                 schedule: str = 'lean') -> jax.Array:
+                 schedule: str = 'chunked', max_block: int = 32) -> jax.Array:
     """The mixer over a two-stream row: clean stream [0, T) then `num_views` noisy views of T slots.
 
-    The views share one block layout (their masks differ). See `two_stream_gdn` for the schedule.
+    The views share one block layout (their masks differ). See `two_stream_gdn` for the schedules;
+    max_block bounds the block length in slots (the objective's block size).
 
     Args:
       x: [B, (1+V)T, D]; meta: [B, (1+V)T] metadata (noisy block_starts are positions).
@@ -210,7 +211,8 @@ class GatedDeltaNet(nnx.Module):
     views = lambda a: a[:, t:].reshape(b, num_views, t, *a.shape[2:])
     o_noisy = two_stream_gdn.noisy_delta_rule(
         clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts,
-        scale=cfg.linear_key_head_dim ** -0.5, schedule=schedule, chunk_size=cfg.gdn_chunk_size)
+        scale=cfg.linear_key_head_dim ** -0.5, schedule=schedule, chunk_size=cfg.gdn_chunk_size,
+        max_block=max_block)
     o = jnp.concatenate([o_clean.astype(jnp.float32),
                          o_noisy.reshape(b, num_views * t, *o_noisy.shape[3:])], axis=1)
     return self.output(o, z, dt)

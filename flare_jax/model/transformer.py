@@ -46,19 +46,20 @@ class FlareLM(nnx.Module):
   def hidden_states(self, tokens: jax.Array, meta: mask_lib.TokenMeta, *,
                     cache: tuple[cache_lib.LayerCache, ...] | None = None,
                     valid: jax.Array | None = None, return_gdn_replay: bool = False,
-                    num_views: int = 0, gdn_schedule: str = 'lean'):
+                    num_views: int = 0, gdn_schedule: str = 'chunked', max_block: int = 32):
     """Final-normed hidden states [B, T, D], the updated cache (None without a cache) and, with
     `return_gdn_replay`, a per-layer tuple of GDNReplay (None for attention layers).
 
     num_views > 0: `tokens` is a two-stream row [B, (1+V)T] (clean stream, then V noisy views sharing
-    the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'lean' or 'simple'.
+    the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'chunked', 'lean' or
+    'simple' and max_block bounds the noisy block length in slots (the objective's block size).
     """
     h = self.embed_tokens.encode(tokens)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
     new_cache, replays = [], []
     for i, blk in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      stream = dict(num_views=num_views, gdn_schedule=gdn_schedule)
+      stream = dict(num_views=num_views, gdn_schedule=gdn_schedule, max_block=max_block)
       if self.cfg.remat == 'block' and cache is None:
         h, _, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid, **stream))(blk, h)
         replay = None

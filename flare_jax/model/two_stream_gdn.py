@@ -6,23 +6,26 @@ bs = 0), causally over the block's own slots; the state is dropped after the blo
 reads pre-conv inputs at positions < bs from the clean stream (same document only) and positions
 >= bs from its own view.
 
-Two schedules compute the same thing:
+Three schedules compute the same thing:
   * simple: run the clean recurrence token by token keeping the state after every token, gather the
     seeds. Memory O(T) states per layer (every block boundary at B = 1).
   * lean: keep only the chunk checkpoints of the chunked clean pass (state entering each chunk,
     O(T/C)) and, chunk by chunk of the noisy view under `jax.checkpoint`, rebuild the few seeds that
     chunk needs from its checkpoint with the prefix identity
         S_after(p) = e^{G_p} h_c + sum_{i <= p in chunk c, same document} e^{G_p - G_i} k_i v'_i^T
-    (G the in-chunk cumulative log-decay, v' the corrected values). The reference for the fused
-    kernels.
+    (G the in-chunk cumulative log-decay, v' the corrected values).
+  * chunked (default; `two_stream_gdn_chunked`): the same checkpoints, but every noisy block is one
+    step of the chunked delta rule whose seed enters only through row products, all blocks at
+    once: no token scan, no seed states. The algorithm of the fused kernels.
 """
 import jax
 import jax.numpy as jnp
 
+from flare_jax.model import two_stream_gdn_chunked
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import xla as gdr_xla
 
-SCHEDULES = ('simple', 'lean')
+SCHEDULES = ('simple', 'lean', 'chunked')
 
 
 def _gather_time(x, idx):
@@ -103,7 +106,7 @@ def _seed_positions(segment_ids, block_starts):
   return jnp.maximum(prev, 0), valid
 
 
-def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule='lean',
+def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule='chunked',
                      chunk_size=64, max_block=32):
   """Noisy-view outputs of the gated delta rule under the two-stream state schedule.
 
@@ -112,14 +115,19 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
       g (log space), beta [B, T, HV].
     noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
     segment_ids, block_starts: [B, T].
-    schedule: 'simple' | 'lean'.
-    max_block: upper bound on block length (lean: how far a chunk's blocks reach back).
+    schedule: 'simple' | 'lean' | 'chunked'.
+    max_block: upper bound on block length in slots (the objective's block size); lean and chunked
+      size their windows by it. Longer blocks give wrong outputs (not checked).
 
   Returns:
     o [B, V, T, HV, V] fp32.
   """
   if schedule not in SCHEDULES:
     raise ValueError(f'unknown GDN schedule {schedule!r}; known: {SCHEDULES}')
+  if schedule == 'chunked':
+    return two_stream_gdn_chunked.noisy_delta_rule_chunked(
+        clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,
+        max_block=max_block)
   f32 = lambda a: a.astype(jnp.float32)
   qc, kc, vc, gc, bc = clean
   hv = vc.shape[2]
@@ -152,7 +160,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
   padt = lambda a, mode='constant': jnp.pad(
       a, ((0, 0), (back, pad_t - back - a.shape[1])) + ((0, 0),) * (a.ndim - 2), mode=mode)
   # Clean per-token quantities for the prefix identity, padded so every window slices in range.
-  g_cum = _chunk_cumsum(f32(gc), c)  # B T HV: in-chunk inclusive cumulative log-decay
+  g_cum = gdr_xla.chunk_cumsum(f32(gc), c)  # B T HV: in-chunk inclusive cumulative log-decay
   seg_starts = reference.segment_starts(segment_ids, b, t)
   args = dict(k=padt(kc_e), v_new=padt(v_new), g_cum=padt(g_cum), seg=padt(segment_ids, 'edge'),
               seg_starts=padt(seg_starts))
@@ -174,13 +182,6 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
   outs = jax.lax.map(jax.checkpoint(chunk_out), jnp.arange(n))  # N B V C HV V
   outs = jnp.moveaxis(outs, 0, 2).reshape(b, nv, n * c, hv, -1)
   return outs[:, :, :t]
-
-
-def _chunk_cumsum(g, c):
-  b, t, hv = g.shape
-  n = -(-t // c)
-  gp = jnp.pad(g, ((0, 0), (0, n * c - t), (0, 0)))
-  return jnp.cumsum(gp.reshape(b, n, c, hv), axis=2).reshape(b, n * c, hv)[:, :t]
 
 
 def _rebuild_states(pos, h, c, clean):

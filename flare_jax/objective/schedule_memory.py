@@ -23,7 +23,8 @@ def temp_bytes(schedule: str, t: int, block_size: int, *, views: int = 2, heads:
 
   def out_sum(c, n):
     return jnp.sum(two_stream_gdn.noisy_delta_rule(c, n, seg, starts, scale=dim ** -0.5,
-                                                   schedule=schedule, chunk_size=chunk))
+                                                   schedule=schedule, chunk_size=chunk,
+                                                   max_block=block_size))
 
   fn = jax.grad(out_sum, argnums=(0, 1)) if backward else out_sum
   return jax.jit(fn).lower(clean, noisy).compile().memory_analysis().temp_size_in_bytes

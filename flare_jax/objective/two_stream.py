@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flare_jax.model import two_stream_gdn
 from flare_jax.objective import corruption
 from flare_jax.objective import layout as layout_lib
 from flare_jax.objective import losses
@@ -18,7 +19,7 @@ class ObjectiveConfig:
   logit_shift: bool = True
   noise: str = 'uniform'  # corruption.NOISE_SCHEDULES
   noise_eps: float = 1e-3
-  gdn_schedule: str = 'lean'  # 'lean' | 'simple'
+  gdn_schedule: str = 'chunked'  # two_stream_gdn.SCHEDULES: 'chunked' | 'lean' | 'simple'
   loss_tile: int = 512
 
   def __post_init__(self):
@@ -30,6 +31,9 @@ class ObjectiveConfig:
       raise ValueError(f'unknown noise {self.noise!r}; known: {corruption.NOISE_SCHEDULES}')
     if not 0 < self.noise_eps < 1:
       raise ValueError(f'noise_eps must be in (0, 1), got {self.noise_eps}')
+    if self.gdn_schedule not in two_stream_gdn.SCHEDULES:
+      raise ValueError(f'unknown gdn_schedule {self.gdn_schedule!r}; known: '
+                       f'{two_stream_gdn.SCHEDULES}')
 
 
 BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'response_mask')
@@ -109,7 +113,7 @@ def build_input(batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
 def two_stream_hidden(model, inp: layout_lib.TwoStreamInput, cfg: ObjectiveConfig) -> jax.Array:
   """Final hidden states [B, (1+V)T, D] of the two-stream pass."""
   return model.hidden_states(inp.tokens, inp.meta, num_views=cfg.num_views,
-                             gdn_schedule=cfg.gdn_schedule)[0]
+                             gdn_schedule=cfg.gdn_schedule, max_block=cfg.block_size)[0]
 
 
 def flare_loss(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig):

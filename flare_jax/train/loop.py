@@ -4,7 +4,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from absl import logging

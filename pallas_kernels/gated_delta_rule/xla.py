@@ -29,17 +29,17 @@ class ChunkIntra(NamedTuple):
 _EXACT = jax.lax.Precision.HIGHEST  # full fp32 (no TF32 on GPU): errors compound through the levels
 
 
-def _unit_lower_inverse(a: jax.Array) -> jax.Array:
+def unit_lower_inverse(a: jax.Array) -> jax.Array:
   """(I + a)^-1 for strictly lower-triangular a [..., C, C], by recursive 2x2 block inversion.
 
   Bottom-up over block sizes s = 1, 2, 4, ...: each pair of diagonal blocks merges as
   [[A11, 0], [A21, A22]]^-1 = [[X11, 0], [-X22 A21 X11, X22]] (fla's solve_tril does the same).
-  Only batched matmuls, slices and concatenations: no LAPACK custom call. On XLA:CPU (jaxlib 0.10.2)
-  `solve_triangular` lowers to lapack_strsm_ffi, which splits a large batch over the intra-op thread
-  pool and blocks waiting for the pieces (jax::ParallelBatchMap); when the thunk executor runs
-  independent solves at once (the backward has several, and every fake device runs its own), they
-  can occupy every pool thread and the step deadlocks with the process idle. C that is not a power
-  of two is padded with identity rows.
+  Only batched matmuls, strided slices and concatenations (no gather, no LAPACK custom call). On
+  XLA:CPU (jaxlib 0.10.2) `solve_triangular` lowers to lapack_strsm_ffi, which splits a large batch
+  over the intra-op thread pool and blocks waiting for the pieces (jax::ParallelBatchMap); when the
+  thunk executor runs independent solves at once (the backward has several, and every fake device
+  runs its own), they can occupy every pool thread and the step deadlocks with the process idle.
+  C that is not a power of two is padded with identity rows.
   """
   c = a.shape[-1]
   p = 1 << max(c - 1, 0).bit_length()
@@ -50,15 +50,23 @@ def _unit_lower_inverse(a: jax.Array) -> jax.Array:
   s = 1
   while s < p:
     nb = p // s
-    blocks = a.reshape(lead + (nb, s, nb, s))
-    # Block (2j+1, 2j) of each pair: the diagonal of the [odd rows, even cols] block grid.
-    a21 = jnp.moveaxis(jnp.diagonal(blocks[..., 1::2, :, 0::2, :], axis1=-4, axis2=-2), -1, -3)
-    x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]  # ... nb/2 s s
+    # Blocks (2j+1, 2j) of the nb x nb grid: flat index nb + j (2 nb + 2) of the (row, col) grid.
+    grid = jnp.swapaxes(a.reshape(lead + (nb, s, nb, s)), -3, -2).reshape(lead + (nb * nb, s, s))
+    a21 = grid[..., nb::2 * nb + 2, :, :]  # ... nb/2 s s
+    x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
     x21 = -jnp.matmul(jnp.matmul(x22, a21, precision=_EXACT), x11, precision=_EXACT)
     inv = jnp.concatenate([jnp.concatenate([x11, jnp.zeros_like(x11)], -1),
                            jnp.concatenate([x21, x22], -1)], -2)
     s *= 2
   return inv[..., 0, :c, :c]
+
+
+def chunk_cumsum(g: jax.Array, c: int) -> jax.Array:
+  """g [B, T, HV] -> inclusive cumulative sum inside each chunk of c tokens, [B, T, HV]."""
+  b, t, hv = g.shape
+  n = -(-t // c)
+  gp = jnp.pad(g, ((0, 0), (0, n * c - t), (0, 0)))
+  return jnp.cumsum(gp.reshape(b, n, c, hv), axis=2).reshape(b, n * c, hv)[:, :t]
 
 
 def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
@@ -96,7 +104,7 @@ def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
   a = jnp.where(strict, bc[..., :, None] * kkt * decay, 0.0)
   carry = (segc == segc[..., :1]) & ~first_resets  # B N 1 C: reads the entering state
   rhs = jnp.concatenate([kc * (bc * jnp.exp(cum) * carry)[..., None], vc * bc[..., None]], -1)
-  sol = jnp.matmul(_unit_lower_inverse(a), rhs, precision=_EXACT)  # (I + A)^-1 rhs
+  sol = jnp.matmul(unit_lower_inverse(a), rhs, precision=_EXACT)  # (I + A)^-1 rhs
   w, u = sol[..., :kd], sol[..., kd:]
   qk = (qc @ jnp.swapaxes(kc, -1, -2)) * decay
   q_in = qc * (jnp.exp(cum) * carry)[..., None]
