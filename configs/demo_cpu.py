@@ -26,14 +26,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 30
   c.optim.weight_decay = 0.0
-  c.train.num_steps = 400
+  c.train.num_steps = 900
   c.train.log_every = 50
   c.ckpt.every = 1000
   c.demo = mlc.ConfigDict()
-  c.demo.flare_steps = 60  # stage 2 optimizer steps
+  c.demo.flare_steps = 150  # stage 2 optimizer steps
   c.demo.flare_lr = 1e-3  # stage 2 peak learning rate
   c.demo.stdlib_files = 150  # training files from the standard library (0 = all)
-  c.demo.arithmetic_examples = 40000
+  c.demo.arithmetic_examples = 100000
   c.demo.arithmetic_max_operand = 10  # operands 0..9: facts a small model learns in minutes
   c.demo.eval_examples = 48  # per task
   c.demo.eval_batch_size = 16

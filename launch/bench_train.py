@@ -2,12 +2,13 @@
 
 python -m launch.bench_train --config=configs/flare_0p8b.py --objectives=ar,flare --steps=10
 
-Each objective builds the same model (same config, seed and mesh) and times `--steps` jitted train
-steps on one real batch from the config's data pipeline, after `--warmup` untimed steps; compile time is
-reported apart. tokens/s counts row tokens (batch x seq_len), so the objectives compare on the data they
-consume; MFU counts the FLOPs of every stream (a `flare` row is processed as 1 + V streams).
-Step memory is XLA's compiled estimate for the step (arguments + outputs + temporaries, minus aliased
-donated state); peak is the device allocator's peak so far in this process (so it never goes down).
+Each objective builds the same model (same config, seed and mesh) and times `--steps` jitted
+train steps on one real batch from the config's data pipeline, after `--warmup` untimed steps;
+compile time is reported apart. tokens/s counts row tokens (batch x seq_len), so the objectives
+compare on the data they consume; MFU counts the FLOPs of every stream (a `flare` row is processed
+as 1 + V streams). Step memory is XLA's compiled estimate for the step (arguments + outputs +
+temporaries, minus aliased donated state); peak is the device allocator's peak so far in this
+process (so it never goes down).
 """
 import copy
 import json
@@ -41,7 +42,8 @@ _GIB = 1024 ** 3
 def _one_batch(c, mesh, rules):
   tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer or c.init_from)
   host = next(pipeline.make_iterator(c.data, tokenizer))
-  sharding = jax.sharding.NamedSharding(mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
+  pspec = shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules)
+  sharding = jax.sharding.NamedSharding(mesh, pspec)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in host.items()}
 
 
@@ -83,7 +85,8 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
   peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, c.train.peak_flops)
   out = dict(objective=objective, streams=streams, compile_s=compile_s, step_ms=step_s * 1e3,
              tokens_per_s=rows * seq / step_s, stream_tokens_per_s=streams * rows * seq / step_s,
-             tflops_per_s=flops / step_s / 1e12, loss=float(m['loss']), peak_gib=_peak_bytes() / _GIB)
+             tflops_per_s=flops / step_s / 1e12, loss=float(m['loss']),
+             peak_gib=_peak_bytes() / _GIB)
   if peak:
     out['mfu'] = flops / step_s / (peak * jax.device_count())
   if mem is not None:
@@ -117,7 +120,8 @@ def main(argv):
     raise app.UsageError(f'--objectives must be among {objectives.OBJECTIVES}')
   print(f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; model {c.model.variant}, '
         f'batch {c.data.batch_size} x seq {c.data.seq_len}, dtype {c.model.dtype}, '
-        f'remat {c.model.remat}, V={c.objective.num_views}, block {c.objective.block_size}', flush=True)
+        f'remat {c.model.remat}, V={c.objective.num_views}, block {c.objective.block_size}',
+        flush=True)
   results = []
   for objective in _OBJECTIVES.value:
     r = bench_objective(c, objective, _STEPS.value, _WARMUP.value)

@@ -10,7 +10,8 @@ from typing import Any
 _RESULT = 'RESULT '
 
 
-def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int, repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
+              repeats: int) -> float:
   """Median wall time in ms of `repeats` calls of fn (each synced with `sync`), after `warmup`."""
   for _ in range(warmup):
     sync(fn())

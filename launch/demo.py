@@ -94,7 +94,8 @@ def train_stage(workdir: str, name: str, overrides: list[str]) -> str:
     _say(f'{name}: reusing {model_dir}')
     return model_dir
   t0 = time.time()
-  cmd = [sys.executable, '-m', 'launch.train', f'--config={config_flags.get_config_filename(flags.FLAGS["config"])}',
+  config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+  cmd = [sys.executable, '-m', 'launch.train', f'--config={config_file}',
          f'--workdir={workdir}', *overrides]
   proc = subprocess.run(cmd, check=False)
   if proc.returncode:

@@ -42,7 +42,8 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
   """Yields a temporary directory beside `out_dir` that replaces it only if the block succeeds.
 
   With several processes (a shared filesystem), every process yields the same directory; process 0
-  creates it and renames it once all processes are done, so collective writers (orbax) agree on paths.
+  creates it and renames it once all processes are done, so collective writers (orbax) agree on
+  paths.
 
   Raises:
     ValueError: `out_dir` exists, is not empty and overwrite is False.

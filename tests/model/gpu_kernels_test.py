@@ -53,9 +53,10 @@ def _xla_results(dtype: str, head_dim: int):
 def test_model_loss_and_grads_match_xla_path(impl, dtype, head_dim):
   """float32: the kernel path equals the XLA path (relative RMS 1e-4 per gradient).
 
-  bfloat16: against the float32 XLA model, every gradient's relative RMS error is within 2e-2 (fla's
-  loosest kernel limit, for dg/dbeta) and the loss within 1e-2; the bf16 XLA path's errors are printed
-  beside the kernel's for comparison (the kernels keep bf16 intermediates, as fla does).
+  bfloat16: against the float32 XLA model, every gradient's relative RMS error is within 2e-2
+  (fla's loosest kernel limit, for dg/dbeta) and the loss within 1e-2; the bf16 XLA path's errors
+  are printed beside the kernel's for comparison (the kernels keep bf16 intermediates, as fla
+  does).
   """
   if jax.default_backend() != 'gpu':
     pytest.skip('needs a GPU')
