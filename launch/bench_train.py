@@ -15,7 +15,6 @@ import json
 import time
 
 import jax
-import numpy as np
 from absl import app
 from absl import flags
 from flax import nnx
@@ -116,7 +115,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   c = _CONFIG.value
-  if not np.all([o in objectives.OBJECTIVES for o in _OBJECTIVES.value]):
+  if not all(o in objectives.OBJECTIVES for o in _OBJECTIVES.value):
     raise app.UsageError(f'--objectives must be among {objectives.OBJECTIVES}')
   print(f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; model {c.model.variant}, '
         f'batch {c.data.batch_size} x seq {c.data.seq_len}, dtype {c.model.dtype}, '
