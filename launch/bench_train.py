@@ -65,14 +65,22 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings,
                                        objectives.make_loss_fn(c, model_cfg), c.optim.grad_accum)
+    print(f'{objective}: lowering and compiling the train step ...', flush=True)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(train.state, batch, rng).compile()
+    lowered = step_fn.lower(train.state, batch, rng)
+    lower_s = time.perf_counter() - t0
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    print(f'{objective}: lowered in {lower_s:.1f} s, compiled in {compile_s - lower_s:.1f} s',
+          flush=True)
     mem = compiled.memory_analysis()
     state = train.state
-    for _ in range(warmup):
+    for i in range(warmup):
+      t1 = time.perf_counter()
       state, m = compiled(state, batch, rng)
-    jax.block_until_ready(state)
+      jax.block_until_ready(state)
+      print(f'{objective}: warm-up step {i + 1}/{warmup}: {time.perf_counter() - t1:.2f} s',
+            flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
       state, m = compiled(state, batch, rng)

@@ -5,6 +5,8 @@ Multi-process (one process per GPU or host): add --multihost; jax.distributed.in
 cluster (SLURM, Open MPI, Kubernetes, ...) or takes --coordinator_address, --num_processes and
 --process_id. Every process gets the same flags and --workdir (a shared filesystem).
 """
+import os
+
 import jax
 from absl import app
 from absl import flags
@@ -29,7 +31,12 @@ def main(argv):
     # Only the CPU backend reads this (cross-process CPU collectives); GPUs use NCCL.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  c, workdir = _CONFIG.value, _WORKDIR.value
+  cache = c.train.compilation_cache
+  if cache:  # process-wide, before the first compile: a restarted run reuses its executables
+    jax.config.update('jax_compilation_cache_dir',
+                      os.path.join(workdir, 'xla_cache') if cache == 'workdir' else cache)
+  loop.train_and_evaluate(c, workdir)
 
 
 if __name__ == '__main__':

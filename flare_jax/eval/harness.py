@@ -121,6 +121,28 @@ def _next_token_logprobs(model, tokens, lengths):
   return jnp.where(valid, picked, 0.0)
 
 
+@nnx.jit
+def _last_logits(model, tokens, lengths):
+  """Next-token logits after each row's last token: [B, vocab] fp32 (rows right-padded)."""
+  logits, _ = model(tokens)
+  return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], 1)[:, 0].astype(jnp.float32)
+
+
+def top2_gaps(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+  """Top-1 minus top-2 next-token logit after each text, [len(texts)]: how near the greedy choice
+  there is to a tie (a gap below the logits' rounding error can flip between two computations)."""
+  rows = [tokenizer.encode(t) for t in texts]
+  if not rows or not all(rows):
+    raise ValueError('top2_gaps needs non-empty texts')
+  gaps = []
+  for i in range(0, len(rows), batch_size):
+    chunk = _fill(rows[i:i + batch_size], batch_size)
+    tokens, lengths = _padded(chunk, tokenizer.pad_id)
+    top = jax.lax.top_k(_last_logits(model, jnp.asarray(tokens), jnp.asarray(lengths)), 2)[0]
+    gaps.append(np.asarray(top[:, 0] - top[:, 1])[:min(batch_size, len(rows) - i)])
+  return np.concatenate(gaps)
+
+
 def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 16,
                    on_progress=None) -> list[list[float]]:
   """Per example, the summed log-likelihood of each choice's tokens after its prompt."""

@@ -1,6 +1,8 @@
 """The demo's markdown report and quality-vs-throughput plot, from launch.demo's results dict."""
 import os
 
+import numpy as np
+
 import matplotlib
 
 matplotlib.use('Agg')
@@ -49,10 +51,29 @@ def plot(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+def agreement_lines(results: dict) -> str:
+  """Greedy AR-Trust vs AR at the model's own compute dtype, with the logit gaps where they differ."""
+  dtype = results['config']['model']['dtype']
+  lines = []
+  for task, by_mode in results.get('agreement', {}).items():
+    for mode, a in by_mode.items():
+      line = f"- {task}, `{mode}` at {dtype} compute: {a['identical']}/{a['n']} outputs identical to AR"
+      gaps = a.get('gap_at_difference')
+      if gaps:
+        line += (f"; top-2 logit gap at the first differing token: median {np.median(gaps):.3f}, "
+                 f"max {max(gaps):.3f} (median at the first generated token: "
+                 f"{a['median_gap_at_first_token']:.3f})")
+      lines.append(line)
+  return '\n'.join(lines)
+
+
 def write(results: dict, workdir: str) -> str:
   """Writes report.md and quality_vs_speed.png into workdir; returns the markdown."""
   ppl = results['perplexity']
   checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in results['checks'].items())
+  agreement = agreement_lines(results)
+  if agreement:
+    checks += '\n\n' + agreement
   cfg = results['config']
   md = f"""# FLARE demo report
 

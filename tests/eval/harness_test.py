@@ -72,3 +72,15 @@ def test_mode_config_parsing():
     harness.mode_config('beam', 8)
   with pytest.raises(ValueError, match='no tokens'):
     harness.encode_prompts(TOK, ['ok', ''], 64)
+
+
+def test_top2_gaps_match_direct_forward(model):
+  texts = ['a', 'hello world', 'def main():\n', '1+2=', 'xyz']  # 5 rows: a padded last batch
+  got = harness.top2_gaps(model, TOK, texts, batch_size=2)
+  for text, gap in zip(texts, got):
+    logits, _ = model(np.asarray([TOK.encode(text)], np.int32))
+    top = np.sort(np.asarray(logits[0, -1], np.float64))[::-1]
+    np.testing.assert_allclose(gap, top[0] - top[1], rtol=1e-4, atol=1e-5)
+  assert (got >= 0).all()
+  with pytest.raises(ValueError, match='non-empty'):
+    harness.top2_gaps(model, TOK, ['a', ''])

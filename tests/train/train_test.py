@@ -40,6 +40,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path):
   for step in range(1, 9):
     assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
   assert full[8] < 0.9 * full[1]  # 8 steps of the tiny model: the loss is already falling
+  assert any(n.startswith('jit_step') for n in os.listdir(tmp_path / 'full' / 'xla_cache'))
 
 
 def test_flare_conversion_of_an_ar_model_lowers_loss_diff_and_keeps_loss_ar(tmp_path):
