@@ -1,4 +1,4 @@
-"""Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked.
+"""Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked, pallas.
 
 python -m launch.bench_schedules                    # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
 python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape, CPU too
@@ -21,8 +21,11 @@ from absl import flags
 
 from launch import bench_util
 
-_SCHEDULES = flags.DEFINE_list('schedules', ['simple', 'lean', 'chunked'],
-                               'simple, lean (token scans) and chunked (chunk-parallel).')
+_SCHEDULES = flags.DEFINE_list(
+    'schedules', ['simple', 'lean', 'chunked', 'pallas', 'clean'],
+    'simple, lean (token scans), chunked (chunk-parallel XLA) and pallas (the fused kernel; its '
+    'backward is still the chunked schedule\'s autodiff); clean: the clean stream\'s own chunked '
+    'pass alone (the backend\'s default kernel), the unit of the (1 + V) x clean-pass target.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -79,18 +82,25 @@ def _run_child(schedule: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
-  from flare_jax.model import two_stream_gdn_chunked  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import api as gdr_api  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
   gpu = jax.default_backend() == 'gpu'
   b, t, views, h, hv, d = _shape(gpu)
   clean, noisy, seg, starts = _inputs(b, t, views, h, hv, d, jnp.dtype(_DTYPE.value))
   kw = dict(scale=d ** -0.5, chunk_size=_CHUNK.value,
             max_block=_MAX_BLOCK.value or _BLOCK_SIZE.value)
   if schedule == 'chunked':
-    f = lambda c, n: two_stream_gdn_chunked.noisy_delta_rule_chunked(
+    f = lambda c, n: two_stream_xla.noisy_delta_rule_chunked(
         c, n, seg, starts, chunks_per_step=_CHUNKS_PER_STEP.value or None, **kw)
+  elif schedule == 'clean':
+    f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
+                                                    chunk_size=_CHUNK.value)[0]
+  elif schedule == 'pallas':
+    f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw)
   else:
     f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
-  cot = jax.random.normal(jax.random.key(1), (b, views, t, hv, d), jnp.float32)
+  cot = jax.random.normal(jax.random.key(1), jax.eval_shape(f, clean, noisy).shape, jnp.float32)
   fns = dict(fwd=f, fwdbwd=jax.grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value)

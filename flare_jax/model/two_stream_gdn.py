@@ -14,14 +14,15 @@ Three schedules compute the same thing:
     chunk needs from its checkpoint with the prefix identity
         S_after(p) = e^{G_p} h_c + sum_{i <= p in chunk c, same document} e^{G_p - G_i} k_i v'_i^T
     (G the in-chunk cumulative log-decay, v' the corrected values).
-  * chunked (default; `two_stream_gdn_chunked`): the same checkpoints, but every noisy block is one
-    step of the chunked delta rule whose seed enters only through row products, all blocks at
-    once: no token scan, no seed states. The algorithm of the fused kernels.
+  * chunked (default; `pallas_kernels.gated_delta_rule.two_stream_xla`): the same checkpoints,
+    but every noisy block is one step of the chunked delta rule whose seed enters only through
+    row products, all blocks at once: no token scan, no seed states. The algorithm of the fused
+    kernel (`two_stream_pallas`).
 """
 import jax
 import jax.numpy as jnp
 
-from flare_jax.model import two_stream_gdn_chunked
+from pallas_kernels.gated_delta_rule import two_stream_xla
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import xla as gdr_xla
 
@@ -125,7 +126,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
   if schedule not in SCHEDULES:
     raise ValueError(f'unknown GDN schedule {schedule!r}; known: {SCHEDULES}')
   if schedule == 'chunked':
-    return two_stream_gdn_chunked.noisy_delta_rule_chunked(
+    return two_stream_xla.noisy_delta_rule_chunked(
         clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,
         max_block=max_block)
   f32 = lambda a: a.astype(jnp.float32)

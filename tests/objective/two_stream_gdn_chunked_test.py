@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from flare_jax.model import two_stream_gdn
-from flare_jax.model import two_stream_gdn_chunked as chunked
+from pallas_kernels.gated_delta_rule import two_stream_xla as chunked
 from flare_jax.objective import layout as layout_lib
 
 K, DV = 8, 8

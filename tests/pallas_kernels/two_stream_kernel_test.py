@@ -1,0 +1,198 @@
+"""The Pallas two-stream GDN noisy kernel against the pure-JAX schedules ('chunked', 'simple').
+
+CPU, interpret mode, fp32, small awkward shapes: T off the chunk grid, block sizes 1..8, one and
+two views, GQA (H = 1, HV = 2), K = V in {16, 20} (padded in the kernel), packed documents starting
+mid-chunk, prompts without blocks, a V tile smaller than V; the custom_vjp gradients; the Triton
+lowering for CUDA (no GPU needed).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flare_jax.model import two_stream_gdn
+from pallas_kernels.gated_delta_rule import two_stream_xla as chunked
+from pallas_kernels.gated_delta_rule import two_stream_pallas
+from tests.objective import two_stream_gdn_chunked_test as helpers
+
+NAMES = [f'{s} {x}' for s in ('clean', 'noisy') for x in ('q', 'k', 'v', 'g', 'beta')]
+_FAST = {'xla_backend_optimization_level': 0}  # the tests are compile-bound
+_STATIC = ('scale', 'chunk_size', 'max_block')
+_KERNEL = jax.jit(two_stream_pallas.noisy_delta_rule_pallas, compiler_options=_FAST,
+                  static_argnames=_STATIC + ('interpret',))
+_CHUNKED = jax.jit(chunked.noisy_delta_rule_chunked, compiler_options=_FAST,
+                   static_argnames=_STATIC)
+
+
+def _inputs(rng, b, t, views, h, hv, kd, vd):
+  """(clean, noisy) fp32 streams: l2-normed q, k; g in [-0.5, -0.01]; beta in [0.2, 0.9]."""
+  def qk(*shape):
+    x = rng.normal(size=shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  def stream(*lead):
+    return (qk(*lead, t, h, kd), qk(*lead, t, h, kd), rng.normal(size=(*lead, t, hv, vd)),
+            -rng.uniform(0.01, 0.5, (*lead, t, hv)), rng.uniform(0.2, 0.9, (*lead, t, hv)))
+
+  to = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)
+  return to(stream(b)), to(stream(b, views))
+
+
+def _layout(rng, kind, t, block):
+  if kind == 'random':  # packed documents of 1..45 tokens, random blocks of 1..block slots
+    seg, starts = helpers._random_layout(rng, 2, t, block)
+  else:  # prompt + response documents through layout.block_layout ('real_noshift': no shift)
+    seg, starts = helpers._real_layout(t, block, kind == 'real')
+  helpers._block_lengths_ok(starts, block)
+  return jnp.asarray(seg), jnp.asarray(starts)
+
+
+def _close(got, want, rtol=1e-4):
+  """Max error relative to the largest reference output."""
+  err = float(jnp.max(jnp.abs(got - want)))
+  assert np.all(np.isfinite(got))
+  assert err <= rtol * float(jnp.max(jnp.abs(want))), err
+
+
+CASES = {  # t, max_block, chunk, layout, views, h, hv, kd (= vd)
+    't37_b1_v1_k16': (37, 1, 16, 'random', 1, 1, 2, 16),
+    't37_b3_v2_k20': (37, 3, 64, 'random', 2, 1, 2, 20),
+    't100_b4_real_v2_k16': (100, 4, 64, 'real', 2, 1, 2, 16),
+    't100_b8_v1_k20': (100, 8, 16, 'random', 1, 1, 2, 20),
+    't100_b3_real_noshift_v2_k20': (100, 3, 32, 'real_noshift', 2, 1, 2, 20),
+    # Row tiles of 32: the tile solve merges two 16-row substitutions.
+    't100_b20_v1_k16': (100, 20, 64, 'random', 1, 1, 2, 16),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_kernel_equals_chunked_schedule(rng, case):
+  t, block, chunk, kind, views, h, hv, kd = CASES[case]
+  seg, starts = _layout(rng, kind, t, block)
+  clean, noisy = _inputs(rng, 2, t, views, h, hv, kd, kd)
+  scale = kd ** -0.5
+  got = _KERNEL(clean, noisy, seg, starts, scale=scale, chunk_size=chunk, max_block=block,
+                interpret=True)
+  want = _CHUNKED(clean, noisy, seg, starts, scale=scale, chunk_size=chunk, max_block=block)
+  assert got.shape == want.shape == (2, views, t, hv, kd) and got.dtype == jnp.float32
+  _close(got, want)
+
+
+def test_kernel_equals_simple_schedule_under_strong_decay(rng):
+  """Against the token-scan oracle; g down to -20 and beta = 1 (e^G underflows in blocks)."""
+  t, block, kd = 100, 4, 16
+  seg, starts = _layout(rng, 'real', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, kd, kd)
+  strong = lambda xs: xs[:3] + (xs[3] * 40, jnp.ones_like(xs[4]))
+  for c, n in ((clean, noisy), (strong(clean), strong(noisy))):
+    got = _KERNEL(c, n, seg, starts, scale=kd ** -0.5, max_block=block, interpret=True)
+    want = jax.jit(two_stream_gdn.noisy_delta_rule, compiler_options=_FAST,
+                   static_argnames=('scale', 'schedule'))(c, n, seg, starts, scale=kd ** -0.5,
+                                                          schedule='simple')
+    _close(got, want)
+
+
+def test_v_tiles(rng):
+  """V = 40 (padded to 64) in tiles of 16: four programs per (window, row, head, view)."""
+  t, block = 100, 4
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 40)
+  got = jax.jit(two_stream_pallas._noisy, static_argnums=(4, 5, 6, 7, 8))(
+      clean, noisy, seg, starts, 0.25, 16, block, 16, True)
+  _close(got, _CHUNKED(clean, noisy, seg, starts, scale=0.25, chunk_size=16, max_block=block))
+
+
+def test_noisy_block_perturbation_stays_in_its_block(rng):
+  t, block, kd = 100, 8, 16
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, kd, kd)
+  j = 57
+  bump = lambda x: x.at[0, 1, j].add(0.3)  # row 0, view 1, slot j: v and beta
+  moved = (noisy[0], noisy[1], bump(noisy[2]), noisy[3], bump(noisy[4]))
+  run = lambda n: np.asarray(_KERNEL(clean, n, seg, starts, scale=0.25, chunk_size=16,
+                                     max_block=block, interpret=True))
+  changed = np.abs(run(moved) - run(noisy)).max(axis=(3, 4))  # B V T
+  starts = np.asarray(starts)
+  own = (starts[0] == starts[0, j]) & (np.arange(t) >= j)
+  assert np.all(changed[0, 1][own] > 0)
+  assert np.all(changed[0, 1][~own] == 0) and np.all(changed[0, 0] == 0) and np.all(changed[1] == 0)
+
+
+def test_gradients_equal_chunked_schedule(rng):
+  t, block, kd = 37, 3, 20
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, kd, kd)
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, kd)), jnp.float32)
+  kw = dict(scale=kd ** -0.5, chunk_size=16, max_block=block)
+
+  def grads(fn):
+    loss = lambda c, n: jnp.sum(cot * fn(c, n, seg, starts, **kw))
+    return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=_FAST)(
+        clean, noisy))
+
+  got = grads(lambda *a, **k: two_stream_pallas.noisy_delta_rule_pallas(*a, **k, interpret=True))
+  want = grads(chunked.noisy_delta_rule_chunked)
+  for name, g, w in zip(NAMES, got, want):
+    assert (float(jnp.max(jnp.abs(w))) > 0) == (name != 'clean q'), name
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize('dtype, kd, block', [(jnp.bfloat16, 128, 4), (jnp.float32, 60, 32)],
+                         ids=['bf16_k128_b4', 'fp32_k60_b32'])
+def test_kernel_lowers_to_triton_for_cuda(dtype, kd, block):
+  """Without a GPU: the kernel lowers through Pallas' Triton backend (power-of-two tensors, dot
+  shapes and dtypes). Triton's own compile (registers, shared memory) is left to a GPU run."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  b, views, t, h, hv = 1, 2, 200, 2, 4
+  sds = jax.ShapeDtypeStruct
+
+  def stream(*lead):
+    return (sds((*lead, t, h, kd), dtype), sds((*lead, t, h, kd), dtype),
+            sds((*lead, t, hv, kd), dtype), sds((*lead, t, hv), jnp.float32),
+            sds((*lead, t, hv), jnp.float32))
+
+  fn = lambda c, n, s, bs: two_stream_pallas.noisy_delta_rule_pallas(
+      c, n, s, bs, scale=kd ** -0.5, max_block=block, interpret=False)
+  exported = export.export(
+      jax.jit(fn), platforms=['cuda'],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
+          stream(b), stream(b, views), sds((b, t), jnp.int32), sds((b, t), jnp.int32))
+  module = exported.mlir_module()
+  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 1
+  assert 'name = "two_stream_noisy_fwd"' in module
+
+
+def test_rejects_bad_arguments(rng):
+  seg, starts = _layout(rng, 'random', 20, 4)
+  clean, noisy = _inputs(rng, 2, 20, 1, 1, 2, 16, 16)
+  with pytest.raises(ValueError, match='max_block'):
+    two_stream_pallas.noisy_delta_rule_pallas(clean, noisy, seg, starts, scale=0.25, max_block=0)
+  bad = (noisy[0][:, :, :, :1].repeat(3, axis=3),) + noisy[1:]  # H = 3 does not divide HV = 2
+  with pytest.raises(ValueError, match='multiple'):
+    two_stream_pallas.noisy_delta_rule_pallas(clean, bad, seg, starts, scale=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (Triton): the benchmark shape in bf16 and an awkward fp32 shape with packed documents.
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize('t, block, kind, dtype, kd, limit', [
+    (4096, 4, 'real', jnp.bfloat16, 128, 5e-3),  # fla's output limit (RMS ratio)
+    (1000, 32, 'random', jnp.float32, 60, 1e-5),
+], ids=['t4k_bf16_k128_block4', 't1000_fp32_k60_block32'])
+def test_gpu_kernel_matches_chunked_schedule(rng, t, block, kind, dtype, kd, limit):
+  """Two rows; H = HV = 16 at K = 128 (the benchmark shape), else GQA 2 -> 4 heads."""
+  from pallas_kernels._common import testing  # pylint: disable=g-import-not-at-top
+  seg, starts = _layout(rng, kind, t, block)
+  h, hv = (16, 16) if kd == 128 else (2, 4)
+  clean, noisy = _inputs(rng, 2, t, 2, h, hv, kd, kd)
+  cast = lambda xs: tuple(x.astype(dtype) if i < 3 else x for i, x in enumerate(xs))
+  kw = dict(scale=kd ** -0.5, max_block=block)
+  got = jax.jit(lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw))(
+      cast(clean), cast(noisy))
+  with jax.default_matmul_precision('highest'):
+    want = jax.jit(lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, **kw))(
+        clean, noisy)
+  print(f'two-stream noisy kernel 2x{t} block {block} {jnp.dtype(dtype).name}: RMS ratio '
+        f'{testing.rms_ratio(got, want):.2e} (limit {limit:.0e})')
+  testing.assert_close('o', got, want, limit)
