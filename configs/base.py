@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # --- objective ---
   c.objective = mlc.ConfigDict()
-  c.objective.name = 'flare'  # 'flare' (two-stream) | 'ar' (plain SFT, the cheap data-screening proxy)
+  # 'flare' (two-stream) | 'ar' (plain SFT, the cheap data-screening proxy)
+  c.objective.name = 'flare'
   c.objective.block_size = 4  # B: targets per noisy block (1..32)
   c.objective.num_views = 2  # V: noisy views (1 or 2; 2 = complementary masks)
   c.objective.logit_shift = True  # noisy slot p predicts token p+1, like the AR stream
@@ -60,7 +61,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # decoupled; not applied to norms, biases-like vectors or embeddings' scale
+  # decoupled; not applied to norms, biases-like vectors or embeddings' scale
+  c.optim.weight_decay = 0.1
   c.optim.grad_clip = 1.0  # global-norm clipping (<= 0 disables)
   c.optim.grad_accum = 1  # micro-batches per step (batch_size must divide)
 
@@ -73,7 +75,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # JAX persistent compilation cache: '' (off) | 'workdir' (workdir/xla_cache) | a directory. A
   # restarted run skips recompiling its step (minutes for the 0.8B+ presets).
   c.train.compilation_cache = 'workdir'
-  c.train.stop_after = -1  # stop this invocation after N steps (checkpointing first); -1 = run to the end
+  # stop this invocation after N steps (checkpointing first); -1 = run to the end
+  c.train.stop_after = -1
 
   # --- mesh and sharding: strategy is picked by the mesh shape alone (size-1 axes are free). ---
   c.mesh = mlc.ConfigDict()
@@ -88,5 +91,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.ckpt.keep = 3  # keep the N newest
   c.ckpt.async_save = True  # orbax async checkpointing
 
-  c.init_from = ''  # '' = from scratch; else a converted checkpoint dir (python -m launch.convert_hf)
+  # '' = from scratch; else a converted checkpoint dir (python -m launch.convert_hf)
+  c.init_from = ''
   return c

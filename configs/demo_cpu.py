@@ -3,7 +3,8 @@ standard library's own source plus generated arithmetic, trained AR from scratch
 
 Run: python -m launch.demo --config=configs/demo_cpu.py --workdir=runs/demo
 The top-level keys are stage 1 (AR from scratch); stage 2 (FLARE, initialised from stage 1's model)
-takes objective 'flare' and the demo.flare_* settings. Override anything: --config.demo.eval_examples=32
+takes objective 'flare' and the demo.flare_* settings. Override anything:
+--config.demo.eval_examples=32
 """
 import ml_collections as mlc
 
@@ -40,5 +41,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.demo.max_new_tokens = 40
   c.demo.ppl_rows = 64  # held-out rows of seq_len tokens for perplexity
   c.demo.modes = ('ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9;'
-                  'diffusion_trust:b=4,threshold=0.7;diffusion_trust:b=4,k=2;diffusion_trust:b=8,k=4')
+                  'diffusion_trust:b=4,threshold=0.7;diffusion_trust:b=4,k=2;'
+                  'diffusion_trust:b=8,k=4')
   return c

@@ -2,7 +2,8 @@
 
 Compares the objectives' step time, tokens/s and MFU on the same model and data:
 Run: python -m launch.train --config=configs/flare_0p8b.py:objective=ar --workdir=/runs/ar_0p8b
-     python -m launch.train --config=configs/flare_0p8b.py:objective=flare --workdir=/runs/flare_0p8b
+     python -m launch.train --config=configs/flare_0p8b.py:objective=flare \
+       --workdir=/runs/flare_0p8b
 """
 import ml_collections as mlc
 

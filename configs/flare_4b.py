@@ -1,8 +1,11 @@
-"""FLARE conversion of a Qwen3.5-4B-shaped model (shapes from flare_jax.model.config.VARIANTS['4b']).
+"""FLARE conversion of a Qwen3.5-4B-shaped model (shapes from
+flare_jax.model.config.VARIANTS['4b']).
 
-Convert the checkpoint first:  python -m launch.convert_hf --hf_dir=/path/Qwen3.5-4B --out=/ckpt/q35_4b
+Convert the checkpoint first:
+  python -m launch.convert_hf --hf_dir=/path/Qwen3.5-4B --out=/ckpt/q35_4b
 Run: python -m launch.train --config=configs/flare_4b.py --workdir=/runs/flare_4b \
-       --config.init_from=/ckpt/q35_4b --config.data.source=jsonl --config.data.paths=/data/sft.jsonl
+       --config.init_from=/ckpt/q35_4b --config.data.source=jsonl \
+       --config.data.paths=/data/sft.jsonl
 """
 import ml_collections as mlc
 

@@ -1,7 +1,7 @@
 """Logical axis names, the rules table that maps them to mesh axes, and sharding helpers.
 
-Parameters and activations use different logical names so that one mesh axis is never used twice in a
-spec (style.md C6). Every name used anywhere must appear in `DEFAULT_RULES` (None = replicated).
+Parameters and activations use different logical names so that one mesh axis is never used twice in
+a spec (style.md C6). Every name used anywhere must appear in `DEFAULT_RULES` (None = replicated).
 """
 from collections.abc import Sequence
 
@@ -99,7 +99,8 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
   for s in sizes:
     total *= s
   if total != len(devices):
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, have {len(devices)}')
+    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {total} devices, '
+                     f'have {len(devices)}')
   return jax.make_mesh(
       tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
@@ -112,8 +113,8 @@ def mesh_is_active() -> bool:
 def eager_sharding_if_mesh():
   """Context for building modules: params are sharded at creation only inside a mesh context.
 
-  Outside one (single-device use, tests) the logical names stay as metadata only, so a model can be built
-  anywhere; `nnx.get_partition_spec(nnx.state(model))` still derives the shardings from them.
+  Outside one (single-device use, tests) the logical names stay as metadata only, so a model can be
+  built anywhere; `nnx.get_partition_spec(nnx.state(model))` still derives the shardings from them.
   """
   return nnx.use_eager_sharding(mesh_is_active())
 

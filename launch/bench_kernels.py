@@ -2,10 +2,11 @@
 
 python -m launch.bench_kernels --shapes=1x4096,8x4096,4x16384 --impls=xla,pallas,triton,fla
 
-Every (implementation, shape) case runs in its own subprocess, so peak memory is per case and JAX never
-shares a process with PyTorch (JAX preallocates GPU memory; fla's platform check fails beside it).
-A case reports the median latency of `--repeats` timed calls after `--warmup` calls (each call timed to
-`block_until_ready` / `torch.cuda.synchronize`) for the forward alone and for forward + backward
+Every (implementation, shape) case runs in its own subprocess, so peak memory is per case and JAX
+never shares a process with PyTorch (JAX preallocates GPU memory; fla's platform check fails beside
+it).
+A case reports the median latency of `--repeats` timed calls after `--warmup` calls (each call timed
+to `block_until_ready` / `torch.cuda.synchronize`) for the forward alone and for forward + backward
 (gradients of q, k, v, g, beta for a random output cotangent), and the peak bytes in use after each.
 Inputs: q, k l2-normalised, v normal, g = logsigmoid(U(0,1)) (fp32), beta = sigmoid(U(0,1)); H = HV.
 
@@ -155,7 +156,8 @@ def _table(results):
     lines.append(
         f"| {r['impl']} | {r['B']} | {r['T']} | {bench_util.fmt(r.get('fwd_ms'))} | "
         f"{bench_util.fmt(r.get('fwdbwd_ms'))} | {bench_util.fmt(r.get('peak_gib'))} | "
-        f"{bench_util.fmt(ratio(r, ref, 'fwd_ms'))} | {bench_util.fmt(ratio(r, ref, 'fwdbwd_ms'))} | "
+        f"{bench_util.fmt(ratio(r, ref, 'fwd_ms'))} | "
+        f"{bench_util.fmt(ratio(r, ref, 'fwdbwd_ms'))} | "
         f"{bench_util.fmt(ratio(r, ref, 'peak_gib'))} |")
   return '\n'.join(lines)
 

@@ -2,9 +2,11 @@
 
 python -m launch.bench_sampler --variant=2b --batch=1,8 --prompt_len=128 --new_tokens=256
 
-Prints, per (mode, concurrency): generated tokens/s, model passes per generated token, ms per pass, and for
-AR the step time against the HBM-bandwidth floor ((weights + cache bytes) / measured copy bandwidth).
-`--hf` also times transformers' `generate` on a random model of the same config in a separate process.
+Prints, per (mode, concurrency): generated tokens/s, model passes per generated token, ms per pass,
+and for AR the step time against the HBM-bandwidth floor ((weights + cache bytes) / measured copy
+bandwidth).
+`--hf` also times transformers' `generate` on a random model of the same config in a separate
+process.
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import json
@@ -98,7 +100,8 @@ def main(argv):
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
   bw = _hbm_bandwidth()
   print(f'device: {jax.devices()[0].device_kind}; model {_VARIANT.value}: '
-        f'{weight_bytes / 2**30:.2f} GiB bf16 weights; measured HBM copy bandwidth {bw / 1e9:.0f} GB/s')
+        f'{weight_bytes / 2**30:.2f} GiB bf16 weights; '
+        f'measured HBM copy bandwidth {bw / 1e9:.0f} GB/s')
   rng = np.random.default_rng(0)
   modes = [('ar', dict(mode='ar')), ('ar_trust', dict(mode='ar_trust', block_size=_BLOCK.value))]
   modes = [m for m in modes if m[0] in _MODES.value]
@@ -136,7 +139,8 @@ def main(argv):
   print('\n| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | acceptance |')
   print('|---|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r.get('passes_per_token', 0):.2f} "
+    print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+          f"{r.get('passes_per_token', 0):.2f} "
           f"| {r.get('ms_per_pass', 0):.2f} | {r.get('step_vs_floor', float('nan')):.2f} "
           f"| {r.get('acceptance', 0):.2f} |")
   if _OUT.value:

@@ -17,7 +17,8 @@ from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
 from flare_jax.eval import tasks
 
-_CKPT = flags.DEFINE_string('ckpt', None, 'Model dir (launch.train workdir/model or convert_hf out).',
+_CKPT = flags.DEFINE_string('ckpt', None,
+                            'Model dir (launch.train workdir/model or convert_hf out).',
                             required=True)
 _TASK = flags.DEFINE_string('task', None, 'Task JSONL file.', required=True)
 _MODES = flags.DEFINE_string('modes', 'ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9',
@@ -30,7 +31,8 @@ _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their la
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenizer.json "
                                  "('' = the checkpoint's tokenizer, else byte).")
-_OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, .results.json).')
+_OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, '
+                           '.results.json).')
 
 
 def _tokenizer(ckpt: str):
@@ -56,7 +58,8 @@ def main(argv):
            for spec in harness.parse_modes(_MODES.value)}
   model = model_io.load_model(_CKPT.value)
   tok = _tokenizer(_CKPT.value)
-  print(f'{_TASK.value}: {len(examples)} {kind} examples; modes: {list(modes) if kind != "choice" else "loglik"}')
+  print(f'{_TASK.value}: {len(examples)} {kind} examples; '
+        f'modes: {list(modes) if kind != "choice" else "loglik"}')
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
                              max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value)
   print_table(results)

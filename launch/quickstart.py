@@ -2,10 +2,12 @@
 
 python -m launch.quickstart --workdir=runs/quickstart
 
-1. builds a tiny random hybrid model (GDN + attention) and writes it as a Hugging Face Qwen3.5 checkpoint
-   (model.safetensors + config.json), 2. converts it with the importer (every tensor checked),
-3. reloads the converted checkpoint and decodes a batch of ragged byte-level prompts with AR, AR-Trust and
-Diffusion-Trust, 4. checks greedy AR-Trust == greedy AR token for token and reports passes per token.
+1. builds a tiny random hybrid model (GDN + attention) and writes it as a Hugging Face Qwen3.5
+   checkpoint (model.safetensors + config.json), 2. converts it with the importer (every tensor
+   checked),
+3. reloads the converted checkpoint and decodes a batch of ragged byte-level prompts with AR,
+AR-Trust and Diffusion-Trust, 4. checks greedy AR-Trust == greedy AR token for token and reports
+passes per token.
 The weights are random, so the text is noise; the point is the machinery.
 """
 import os

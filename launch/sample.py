@@ -4,7 +4,8 @@ python -m launch.sample --ckpt=DIR --mode=ar_trust --prompt="def add(a, b):"
 python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.jsonl --output=out.jsonl
 
 --prompts is JSONL with a "prompt" field per line. One prompt streams its text as it is committed;
-several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket).
+several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per
+bucket).
 The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
 """
 import json
@@ -26,7 +27,8 @@ _MODE = flags.DEFINE_enum('mode', 'ar', list(sampler_lib.MODES), 'Decoding mode.
 _PROMPT = flags.DEFINE_string('prompt', None, 'One prompt (streams its output).')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file of {"prompt": ...} lines.')
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory (default: the checkpoint's).")
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
+                                 "(default: the checkpoint's).")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
 _BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block size.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
@@ -70,7 +72,8 @@ def main(argv):
   tok_spec = _TOKENIZER.value or (
       _CKPT.value if os.path.isfile(os.path.join(_CKPT.value, 'tokenizer.json')) else 'byte')
   tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
-  eos = {tokenizer.eos_id} | ({model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
+  eos = {tokenizer.eos_id} | (
+      {model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
   cfg = sampler_lib.SamplerConfig(
       mode=_MODE.value, block_size=_BLOCK.value, max_new_tokens=_MAX_NEW.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, commit=_COMMIT.value,

@@ -1,4 +1,5 @@
-"""Shared pytest setup: 8 fake CPU devices for sharding tests, GPU-marker skipping, common fixtures."""
+"""Shared pytest setup: 8 fake CPU devices for sharding tests, GPU-marker skipping,
+common fixtures."""
 import os
 
 os.environ['XLA_FLAGS'] = (

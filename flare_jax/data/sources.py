@@ -260,7 +260,8 @@ class StdlibSource:
 
 
 class SyntheticArithmeticSource:
-  """Generated {"prompt": "12+7=", "response": "19"} examples (+, - and *, operands 0..max_operand-1)."""
+  """Generated {"prompt": "12+7=", "response": "19"} examples (+, - and *, operands
+  0..max_operand-1)."""
 
   def __init__(self, n: int = 20000, seed: int = 0, max_operand: int = 100):
     if n <= 0:

@@ -2,7 +2,8 @@
 
 numeric   GSM8K style: the last number in the output ("#### 42", "= 42", "42.0", "1,234") equals
           the reference number.
-exact     next-line completion: the first output line equals the reference line (trailing spaces off).
+exact     next-line completion: the first output line equals the reference line (trailing
+          spaces off).
 code      the output is a Python program; it passes when `program + tests` exits 0 in a fresh
           interpreter (isolated mode, time limit, sockets disabled, temporary working directory).
 choice    multiple choice scores by log-likelihood in harness.py; `best_choice` picks the answer.

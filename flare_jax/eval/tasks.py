@@ -35,7 +35,8 @@ def _problem(example, kind: str) -> str | None:
 
 
 def load_task(path: str, limit: int = 0) -> tuple[str, list[dict]]:
-  """Reads a task file. Returns (kind, examples). Raises ValueError naming every bad line (up to 10)."""
+  """Reads a task file. Returns (kind, examples). Raises ValueError naming every bad line
+  (up to 10)."""
   examples, bad, kind = [], [], None
   with open(path, encoding='utf-8') as f:
     for lineno, line in enumerate(f, 1):

@@ -16,7 +16,8 @@ class Attention(nnx.Module):
   Step A  qg = x Wq, viewed [B, T, Hq, 2, D]: per head [query | gate] (HF's interleaved layout).
   Step B  q = RMSNorm(q), k = RMSNorm(x Wk), v = x Wv; partial rotate-half RoPE on the first
           `rotary_dim` dims of q and k.
-  Step C  o = softmax(q k^T / sqrt(D) + visibility mask) v, with query head h using kv head h // (Hq/Hkv).
+  Step C  o = softmax(q k^T / sqrt(D) + visibility mask) v, with query head h using kv head
+          h // (Hq/Hkv).
   Step D  y = (o * sigmoid(gate)) Wo.
   """
 
@@ -58,9 +59,10 @@ class Attention(nnx.Module):
 
     Args:
       x: [B, T, D].
-      meta: per-token metadata [B, T]. With a cache, row b's tokens are consecutive positions written
-        to slots meta.positions[b, 0] ... + T - 1, all of one document; they are clean (views 0), or
-        one noisy block (views 1, block_starts = meta.positions[:, 0]) whose cache the caller drops.
+      meta: per-token metadata [B, T]. With a cache, row b's tokens are consecutive positions
+        written to slots meta.positions[b, 0] ... + T - 1, all of one document; they are clean
+        (views 0), or one noisy block (views 1, block_starts = meta.positions[:, 0]) whose cache the
+        caller drops.
       cache: optional KVCache [B, S, Hkv, D].
 
     Returns:
@@ -75,8 +77,8 @@ class Attention(nnx.Module):
     start = meta.positions[:, 0]
     new_cache = cache_lib.KVCache(cache_lib.write_rows(cache.k, k, start),
                                   cache_lib.write_rows(cache.v, v, start))
-    o = attn_ops.attention(q, new_cache.k, new_cache.v, meta, _cache_key_meta(meta, cache.k.shape[1]),
-                           **impl)
+    o = attn_ops.attention(q, new_cache.k, new_cache.v, meta,
+                           _cache_key_meta(meta, cache.k.shape[1]), **impl)
     return self.output(o, gate), new_cache
 
 

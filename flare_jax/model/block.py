@@ -12,7 +12,8 @@ from pallas_kernels.attention import mask as mask_lib
 
 
 class Block(nnx.Module):
-  """h = h + mixer(norm(h)); h = h + mlp(norm(h)). The mixer is GDN ('linear_attention') or attention."""
+  """h = h + mixer(norm(h)); h = h + mlp(norm(h)).
+  The mixer is GDN ('linear_attention') or attention."""
 
   def __init__(self, cfg: config_lib.ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
     self.layer_type = layer_type

@@ -1,7 +1,7 @@
 """ModelConfig: the frozen, hashable description of a Qwen3.5-style hybrid model.
 
-Field names follow the Hugging Face `Qwen3_5TextConfig` so `from_hf_config` is a plain mapping. Model
-sizes are data (`VARIANTS`), not classes.
+Field names follow the Hugging Face `Qwen3_5TextConfig` so `from_hf_config` is a plain mapping.
+Model sizes are data (`VARIANTS`), not classes.
 """
 import dataclasses
 import json
@@ -17,8 +17,9 @@ _DTYPES = ('float32', 'bfloat16', 'float16')
 class ModelConfig:
   """Shapes, numerics and kernel choices of a FlareLM.
 
-  `mask_token_id` is the reserved [MASK] id used by the diffusion stream; None means the last row of the
-  embedding table (`vocab_size - 1`), which real Qwen3.5 tokenizers never produce (the table is padded).
+  `mask_token_id` is the reserved [MASK] id used by the diffusion stream; None means the last row of
+  the embedding table (`vocab_size - 1`), which real Qwen3.5 tokenizers never produce (the table is
+  padded).
   """
 
   vocab_size: int
@@ -61,7 +62,8 @@ class ModelConfig:
           f'{self.linear_num_value_heads=} not a multiple of {self.linear_num_key_heads=}')
     if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:
       problems.append(f'rotary dim {self.rotary_dim} (head_dim {self.head_dim}, '
-                      f'partial_rotary_factor {self.partial_rotary_factor}) must be even and <= head_dim')
+                      f'partial_rotary_factor {self.partial_rotary_factor}) must be even '
+                      'and <= head_dim')
     if not 0 <= self.resolved_mask_token_id < self.vocab_size:
       problems.append(f'mask_token_id {self.mask_token_id} outside [0, {self.vocab_size})')
     for name in ('dtype', 'param_dtype'):
@@ -126,7 +128,8 @@ def default_layer_types(num_layers: int, full_attention_interval: int = 4) -> tu
 
 _HF_FIELDS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_attention_heads',
               'num_key_value_heads', 'head_dim', 'linear_num_key_heads', 'linear_num_value_heads',
-              'linear_key_head_dim', 'linear_value_head_dim', 'linear_conv_kernel_dim', 'rms_norm_eps')
+              'linear_key_head_dim', 'linear_value_head_dim', 'linear_conv_kernel_dim',
+              'rms_norm_eps')
 HF_TEXT_MODEL_TYPES = ('qwen3_5_text',)
 HF_WRAPPER_MODEL_TYPES = ('qwen3_5',)
 

@@ -18,12 +18,13 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, window: jax.Array | None = None):
+def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array,
+                window: jax.Array | None = None):
   """Depthwise causal conv that never reads across a document boundary.
 
-  out[t, c] = sum_j w[j, c] * x[t - (Kc-1) + j, c], taking only inputs of t's segment; positions before
-  the sequence come from `window` (the previous Kc-1 inputs) and count as t's segment iff no document
-  starts between the sequence start and t.
+  out[t, c] = sum_j w[j, c] * x[t - (Kc-1) + j, c], taking only inputs of t's segment; positions
+  before the sequence come from `window` (the previous Kc-1 inputs) and count as t's segment iff no
+  document starts between the sequence start and t.
 
   Args:
     x: [B, T, C] pre-conv inputs.
@@ -49,11 +50,13 @@ def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, window: jax.
 
 
 def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
-  """The Kc-1 inputs ending at each row's last valid token: xpad[b, n_valid[b] : n_valid[b]+Kc-1]."""
+  """The Kc-1 inputs ending at each row's last valid token:
+  xpad[b, n_valid[b] : n_valid[b]+Kc-1]."""
   return jax.vmap(lambda xp, n: jax.lax.dynamic_slice_in_dim(xp, n, kc - 1, axis=0))(xpad, n_valid)
 
 
-# Up to this many tokens a cached pass runs the token recurrence instead of padding to a whole chunk.
+# Up to this many tokens a cached pass runs the token recurrence instead of
+# padding to a whole chunk.
 _RECURRENT_MAX_TOKENS = 16
 
 
@@ -93,7 +96,8 @@ class GatedDeltaNet(nnx.Module):
     conv_init = shd.param_init(nnx.initializers.normal(0.2), (shd.CONV, shd.GDN_PROJ))
     self.conv_weight = nnx.Param(
         conv_init(rngs.params(), (cfg.linear_conv_kernel_dim, cfg.linear_conv_dim), pdt))
-    # HF init: A ~ U(0, 16) -> A_log = log(A); dt_bias = ones. Kept fp32 (checkpoints store A_log fp32).
+    # HF init: A ~ U(0, 16) -> A_log = log(A); dt_bias = ones. Kept fp32
+    # (checkpoints store A_log fp32).
     a_init = shd.param_init(
         lambda key, shape, dtype: jnp.log(jax.random.uniform(key, shape, dtype, 1e-2, 16.0)),
         (shd.GDN_HEADS,))
@@ -110,7 +114,8 @@ class GatedDeltaNet(nnx.Module):
     return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
   def split_heads(self, qkv_conv: jax.Array):
-    """Step C (q/k/v part): post-conv [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and v [B,T,NV,DV]."""
+    """Step C (q/k/v part): post-conv [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and
+    v [B,T,NV,DV]."""
     cfg = self.cfg
     b, t, _ = qkv_conv.shape
     kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
@@ -140,13 +145,13 @@ class GatedDeltaNet(nnx.Module):
     Args:
       x: [B, T, D] (already input-normed).
       segment_ids: [B, T]; the recurrence and the conv restart where the id changes.
-      state: optional GDNState to continue from (decode / chunked prefill). Only the first segment of
-        each row continues it.
-      valid: optional bool [B, T], a per-row prefix of real tokens (right padding). Padding tokens are
-        identity steps and the returned conv window ends at the last valid token.
+      state: optional GDNState to continue from (decode / chunked prefill). Only the first segment
+        of each row continues it.
+      valid: optional bool [B, T], a per-row prefix of real tokens (right padding). Padding tokens
+        are identity steps and the returned conv window ends at the last valid token.
 
-      return_replay: also return a GDNReplay (requires `state`), from which `replay_state` recomputes
-        the state after any prefix of the T tokens (speculative decoding rollback).
+      return_replay: also return a GDNReplay (requires `state`), from which `replay_state`
+        recomputes the state after any prefix of the T tokens (speculative decoding rollback).
 
     Returns:
       (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).

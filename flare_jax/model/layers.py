@@ -15,7 +15,8 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 class Dense(nnx.Module):
-  """y = x @ kernel, kernel [in, out] (HF weights are [out, in]: the importer transposes). No bias."""
+  """y = x @ kernel, kernel [in, out] (HF weights are [out, in]: the importer transposes).
+  No bias."""
 
   def __init__(self, d_in: int, d_out: int, names: Sequence[str | None], *, dtype: str,
                param_dtype: str, rngs: nnx.Rngs, std: float = _INIT_STD):
@@ -62,7 +63,8 @@ class RMSNorm(nnx.Module):
 
 
 class GatedRMSNorm(nnx.Module):
-  """GDN output norm: y = w * x_hat * silu(z) with a plain weight w (init 1), per value head, fp32."""
+  """GDN output norm: y = w * x_hat * silu(z) with a plain weight w (init 1),
+  per value head, fp32."""
 
   def __init__(self, d: int, *, eps: float, param_dtype: str):
     init = shd.param_init(nnx.initializers.ones, (shd.NORM,))

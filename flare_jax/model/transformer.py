@@ -25,8 +25,8 @@ def default_meta(tokens: jax.Array, segment_ids: jax.Array | None = None,
 class FlareLM(nnx.Module):
   """The Qwen3.5 text backbone with a (tied or untied) LM head.
 
-  Parameter names mirror Hugging Face (`embed_tokens`, `layers[i].linear_attn.in_proj_qkv`, ...), with
-  Dense kernels stored [in, out].
+  Parameter names mirror Hugging Face (`embed_tokens`, `layers[i].linear_attn.in_proj_qkv`, ...),
+  with Dense kernels stored [in, out].
   """
 
   def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
@@ -50,9 +50,10 @@ class FlareLM(nnx.Module):
     """Final-normed hidden states [B, T, D], the updated cache (None without a cache) and, with
     `return_gdn_replay`, a per-layer tuple of GDNReplay (None for attention layers).
 
-    num_views > 0: `tokens` is a two-stream row [B, (1+V)T] (clean stream, then V noisy views sharing
-    the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'chunked', 'lean' or
-    'simple' and max_block bounds the noisy block length in slots (the objective's block size).
+    num_views > 0: `tokens` is a two-stream row [B, (1+V)T] (clean stream, then V noisy views
+    sharing the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'chunked',
+    'lean' or 'simple' and max_block bounds the noisy block length in slots (the objective's block
+    size).
     """
     h = self.embed_tokens.encode(tokens)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
@@ -108,8 +109,9 @@ class FlareLM(nnx.Module):
     h, cache = self.hidden_states(tokens, meta, cache=cache, valid=valid)
     return self.logits(h), cache
 
-  def rollback(self, before: tuple[cache_lib.LayerCache, ...], after: tuple[cache_lib.LayerCache, ...],
-               replays: tuple, n_keep: jax.Array) -> tuple[cache_lib.LayerCache, ...]:
+  def rollback(self, before: tuple[cache_lib.LayerCache, ...],
+               after: tuple[cache_lib.LayerCache, ...], replays: tuple,
+               n_keep: jax.Array) -> tuple[cache_lib.LayerCache, ...]:
     """The cache after only the first n_keep [B] tokens of a cached pass (from `before` to `after`).
 
     KV caches keep `after` (slots past the kept tokens are stale and masked by position); GDN states

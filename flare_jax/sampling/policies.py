@@ -47,17 +47,18 @@ def sample(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0
   """Draws tokens [...] from logits [..., vocab] (argmax when temperature == 0)."""
   if temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, warp_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+  return jax.random.categorical(
+      rng, warp_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
 def speculative_accept(rng: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array,
                        greedy: bool = False):
   """Exact speculative sampling over K drafts with one extra token from the target.
 
-  Draft i (sampled from q_i) is accepted with probability min(1, p_i(d)/q_i(d)), left to right; at the
-  first rejection the replacement is drawn from norm(max(0, p_i - q_i)); if all K are accepted the
-  bonus token is drawn from p_K. With one-hot q and p (greedy) this is "accept while the draft equals
-  the target's argmax, then append the target's argmax".
+  Draft i (sampled from q_i) is accepted with probability min(1, p_i(d)/q_i(d)), left to right; at
+  the first rejection the replacement is drawn from norm(max(0, p_i - q_i)); if all K are accepted
+  the bonus token is drawn from p_K. With one-hot q and p (greedy) this is "accept while the draft
+  equals the target's argmax, then append the target's argmax".
 
   Args:
     rng: key.
@@ -107,7 +108,8 @@ def threshold_commit(confidence: jax.Array, masked: jax.Array, threshold: float)
 
 
 def top_k_commit(confidence: jax.Array, masked: jax.Array, k: int) -> jax.Array:
-  """Fixed schedule: commit the k most confident masked slots of each row (fewer if fewer remain)."""
+  """Fixed schedule: commit the k most confident masked slots of each row
+  (fewer if fewer remain)."""
   conf = jnp.where(masked, confidence, -1.0)
   rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
   return masked & (rank < k)

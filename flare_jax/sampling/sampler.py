@@ -1,17 +1,18 @@
 """Jitted batch decoding over the caches: AR, AR-Trust and Diffusion-Trust.
 
 State invariant between iterations: row b's cache holds the clean KV / GDN state of
-tokens[b, :length[b] - 1]; tokens[b, length[b] - 1] is the *pending* token, committed but not yet run
-through the model. Slot j of every buffer holds position j, so rows never need aligning.
+tokens[b, :length[b] - 1]; tokens[b, length[b] - 1] is the *pending* token, committed but not yet
+run through the model. Slot j of every buffer holds position j, so rows never need aligning.
 
   AR               one clean pass over [pending] -> one token.
-  AR-Trust         a noisy pass over [pending, MASK x (B-1)] drafts B tokens (slot p predicts p+1, as in
-                   training with logit shift); one clean pass over [pending, d_1..d_B] verifies them;
-                   accept the longest agreeing prefix (greedy) or by exact speculative sampling, then one
-                   more token from the target. GDN states roll back to the accepted length by a masked
-                   replay of the verify pass's recurrence inputs.
-  Diffusion-Trust  repeated noisy passes over [pending, y_1..y_{B-1}] (y masked until committed) commit
-                   B targets by confidence; one clean pass then advances the caches over the block.
+  AR-Trust         a noisy pass over [pending, MASK x (B-1)] drafts B tokens (slot p predicts p+1,
+                   as in training with logit shift); one clean pass over [pending, d_1..d_B]
+                   verifies them; accept the longest agreeing prefix (greedy) or by exact
+                   speculative sampling, then one more token from the target. GDN states roll back
+                   to the accepted length by a masked replay of the verify pass's recurrence inputs.
+  Diffusion-Trust  repeated noisy passes over [pending, y_1..y_{B-1}] (y masked until committed)
+                   commit B targets by confidence; one clean pass then advances the caches over the
+                   block.
 """
 import dataclasses
 import functools
@@ -43,7 +44,8 @@ class SamplerConfig:
   threshold: float = 0.9
   tokens_per_pass: int = 1
   eos_ids: tuple[int, ...] = ()
-  cache_len: int = 0  # 0: sized to the prompts + max_new_tokens; else a hard limit (error if exceeded)
+  # 0: sized to the prompts + max_new_tokens; else a hard limit (error if exceeded)
+  cache_len: int = 0
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -127,17 +129,20 @@ _ROW_FIELDS = ('tokens', 'length', 'done', 'cache', 'n_forward', 'n_drafted', 'n
 
 
 def _eos_hit(tokens: jax.Array, count: jax.Array, eos_ids: tuple[int, ...]):
-  """First EOS among the first `count` of tokens [B, T]: (hit [B], number kept up to and incl. it)."""
+  """First EOS among the first `count` of tokens [B, T]:
+  (hit [B], number kept up to and incl. it)."""
   if not eos_ids:
     return jnp.zeros(tokens.shape[:1], bool), count
-  is_eos = jnp.isin(tokens, jnp.asarray(eos_ids)) & (jnp.arange(tokens.shape[1])[None] < count[:, None])
+  is_eos = jnp.isin(tokens, jnp.asarray(eos_ids)) & (
+      jnp.arange(tokens.shape[1])[None] < count[:, None])
   hit = jnp.any(is_eos, axis=1)
   first = jnp.argmax(is_eos, axis=1).astype(jnp.int32)
   return hit, jnp.where(hit, first + 1, count)
 
 
 class Sampler:
-  """Batch decoder for a FlareLM. Build once; `generate` compiles once per (config, batch, lengths)."""
+  """Batch decoder for a FlareLM.
+  Build once; `generate` compiles once per (config, batch, lengths)."""
 
   def __init__(self, model: transformer.FlareLM):
     self.graphdef, self.params = nnx.split(model)
@@ -167,7 +172,8 @@ class Sampler:
     if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
       raise ValueError(f'prompts must be a non-empty [B, P] batch, got shape {prompts.shape}')
     if prompt_lengths.shape != prompts.shape[:1]:
-      raise ValueError(f'prompt_lengths {prompt_lengths.shape} does not match batch {prompts.shape[0]}')
+      raise ValueError(f'prompt_lengths {prompt_lengths.shape} does not match batch '
+                       f'{prompts.shape[0]}')
     lo, hi = int(jnp.min(prompt_lengths)), int(jnp.max(prompt_lengths))
     if lo < 1 or hi > prompts.shape[1]:
       raise ValueError(f'prompt lengths must be in 1..{prompts.shape[1]}, got min {lo} max {hi}')
@@ -184,7 +190,8 @@ class Sampler:
     return prompts, prompt_lengths, jax.random.key(0) if rng is None else rng
 
   def stream(self, prompt, cfg: SamplerConfig, rng: jax.Array | None = None):
-    """Decodes one prompt (a list of ids), yielding the newly committed token ids after every iteration.
+    """Decodes one prompt (a list of ids), yielding the newly committed token ids
+    after every iteration.
 
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
@@ -204,7 +211,8 @@ class Sampler:
 
 
 def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:
-  """Slots of the token buffer and of every cache: prompt, new tokens and one iteration's overshoot."""
+  """Slots of the token buffer and of every cache: prompt, new tokens and
+  one iteration's overshoot."""
   return prompt_width + cfg.max_new_tokens + cfg.slack
 
 
@@ -258,10 +266,12 @@ def _advance(graphdef, params, state, *, cfg, mask_id):
   return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id)
 
 
-def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache, **stats) -> DecodeState:
+def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache,
+            **stats) -> DecodeState:
   """Appends the first `count` of new_tokens [B, T] to each active row (stopping after an EOS)."""
   hit, count = _eos_hit(new_tokens, count, cfg.eos_ids)
-  # Slots past the new length get junk from this write; nothing reads them before they are rewritten.
+  # Slots past the new length get junk from this write; nothing reads
+  # them before they are rewritten.
   new = state.replace(tokens=_write(state.tokens, new_tokens, state.length),
                       length=state.length + count, cache=cache, done=state.done | hit, **stats)
   old_rows = {f: getattr(state, f) for f in _ROW_FIELDS}
@@ -329,7 +339,8 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
     rng, sub = jax.random.split(rng)
     proposal = policies.sample(sub, logits, cfg.temperature, cfg.top_k, cfg.top_p)
     # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
-    probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
+    probs = jax.nn.softmax(
+        policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
     conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
     if cfg.commit == 'threshold':
       sel = policies.threshold_commit(conf, masked, cfg.threshold)

@@ -1,7 +1,7 @@
 """Training checkpoints: one orbax CheckpointManager with items 'state' and 'data_iter'.
 
-'state' holds params, optimizer state, the step and the base RNG key (as pure arrays); 'data_iter' is the
-grain iterator, so a resumed run consumes exactly the data an uninterrupted run would.
+'state' holds params, optimizer state, the step and the base RNG key (as pure arrays); 'data_iter'
+is the grain iterator, so a resumed run consumes exactly the data an uninterrupted run would.
 """
 import os
 

@@ -33,7 +33,8 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 
 def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains per config `c`, writing checkpoints and metrics to `workdir`; resumes if it has a checkpoint.
+  """Trains per config `c`, writing checkpoints and metrics to `workdir`;
+  resumes if it has a checkpoint.
 
   Returns:
     The last logged metrics.
@@ -56,7 +57,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     raise ValueError('data.tokenizer is empty and there is no init_from checkpoint to take it from')
   tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
   if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, model embeds {model_cfg.vocab_size}')
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, '
+                     f'model embeds {model_cfg.vocab_size}')
   data_iter = pipeline.make_iterator(c.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
   report = getattr(data_iter, 'report', None)
@@ -140,11 +142,14 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _export_model(train: state_lib.TrainState, workdir: str, tokenizer_dir: str) -> None:
-  """Writes workdir/model: params + model_config.json (+ tokenizer files), for sampling and export."""
+  """Writes workdir/model: params + model_config.json (+ tokenizer files),
+  for sampling and export."""
   from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top
   model, _ = nnx.merge(train.graphdef, train.state)
   out = os.path.join(workdir, 'model')
-  model_io.save_model(model, out, tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+  model_io.save_model(model, out,
+                      tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
                       overwrite=True)
-  _log(f'wrote {out} (python -m launch.sample --ckpt={out} / python -m launch.export_hf --ckpt={out})')
+  _log(f'wrote {out} (python -m launch.sample --ckpt={out} / '
+       f'python -m launch.export_hf --ckpt={out})')
 

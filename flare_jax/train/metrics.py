@@ -20,7 +20,8 @@ def peak_flops_per_device(device_kind: str, override: float = -1.0) -> float | N
 
 
 def matmul_params(cfg: config_lib.ModelConfig) -> int:
-  """Parameters touched by a matmul per token (projections, MLP, LM head); embeddings lookups excluded."""
+  """Parameters touched by a matmul per token (projections, MLP, LM head);
+  embeddings lookups excluded."""
   d = cfg.hidden_size
   attn = d * (2 * cfg.num_attention_heads * cfg.head_dim) + 2 * d * (
       cfg.num_key_value_heads * cfg.head_dim) + cfg.num_attention_heads * cfg.head_dim * d
@@ -36,8 +37,8 @@ def train_flops_per_row(cfg: config_lib.ModelConfig, seq_len: int, streams: int,
                         visible_fraction: float = 1.0) -> float:
   """Training FLOPs (fwd + bwd = 3x fwd) for one packed row processed as `streams` x seq_len tokens.
 
-  Counts matmul params (2 FLOPs per MAC), causal attention scores/values over the visible keys, and the
-  gated delta rule's state products (~6 K V per token and value head, chunked form).
+  Counts matmul params (2 FLOPs per MAC), causal attention scores/values over the visible keys, and
+  the gated delta rule's state products (~6 K V per token and value head, chunked form).
   """
   tokens = streams * seq_len
   dense = 2 * matmul_params(cfg) * tokens

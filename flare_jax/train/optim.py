@@ -12,7 +12,8 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 
 
 def _decay_mask(params):
-  """Weight decay on matrices only (kernels, embeddings, conv taps), not on norm scales or gate vectors."""
+  """Weight decay on matrices only (kernels, embeddings, conv taps),
+  not on norm scales or gate vectors."""
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 

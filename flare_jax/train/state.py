@@ -1,4 +1,5 @@
-"""Model config resolution and the sharded train state (model + optimizer) built without a host copy."""
+"""Model config resolution and the sharded train state (model + optimizer)
+built without a host copy."""
 import dataclasses
 import os
 from typing import Any
@@ -21,7 +22,8 @@ class TrainState:
 
 
 def resolve_model_config(c: mlc.ConfigDict) -> config_lib.ModelConfig:
-  """The ModelConfig a run trains: the init checkpoint's or the named variant, plus config overrides."""
+  """The ModelConfig a run trains: the init checkpoint's or the named variant,
+  plus config overrides."""
   if c.init_from:
     path = os.path.join(c.init_from, 'model_config.json')
     if not os.path.exists(path):
@@ -30,7 +32,8 @@ def resolve_model_config(c: mlc.ConfigDict) -> config_lib.ModelConfig:
     cfg = config_lib.ModelConfig.load(path)
   else:
     if c.model.variant not in config_lib.VARIANTS:
-      raise ValueError(f'unknown model.variant {c.model.variant!r}; known: {sorted(config_lib.VARIANTS)}')
+      raise ValueError(f'unknown model.variant {c.model.variant!r}; '
+                       f'known: {sorted(config_lib.VARIANTS)}')
     cfg = config_lib.VARIANTS[c.model.variant]
   impl = lambda name: None if name == 'auto' else name
   overrides = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
@@ -46,8 +49,8 @@ def create_train_state(model_cfg: config_lib.ModelConfig, tx, mesh, rules, seed:
   """Builds model + optimizer directly in their shardings (jitted init with out_shardings).
 
   Args:
-    load_params: optional callable(param_shardings as a pure dict) -> pure-dict params placed on those
-      shardings (e.g. restored from a converted checkpoint); they replace the random init.
+    load_params: optional callable(param_shardings as a pure dict) -> pure-dict params placed on
+      those shardings (e.g. restored from a converted checkpoint); they replace the random init.
   """
 
   def _create():

@@ -14,7 +14,8 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def _split_micro(batch, accum: int):
   def split(x):
     if x.shape[0] % accum:
-      raise ValueError(f'batch of {x.shape[0]} rows does not split into grad_accum={accum} micro-batches')
+      raise ValueError(f'batch of {x.shape[0]} rows does not split into '
+                       f'grad_accum={accum} micro-batches')
     return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
   return jax.tree.map(split, batch)
 
@@ -22,8 +23,8 @@ def _split_micro(batch, accum: int):
 def make_train_step(graphdef, state_shardings, loss_fn: LossFn, grad_accum: int):
   """Returns step(state, batch, rng) -> (state, metrics), jitted with the state donated.
 
-  With accumulation, micro-batch losses are weighted by their target counts, so the step optimises the
-  same token-mean loss as one big batch.
+  With accumulation, micro-batch losses are weighted by their target counts, so the step optimises
+  the same token-mean loss as one big batch.
   """
 
   def grads_of(model, batch, rng):
@@ -52,7 +53,8 @@ def make_train_step(graphdef, state_shardings, loss_fn: LossFn, grad_accum: int)
         acc_sums = {k: acc_sums[k] + metrics[k] * n for k in acc_sums}
         return (acc_total + total, acc_grads, acc_sums, acc_n + n), None
 
-      _, shapes, _ = jax.eval_shape(lambda: grads_of(model, jax.tree.map(lambda x: x[0], micro), rng))
+      _, shapes, _ = jax.eval_shape(
+          lambda: grads_of(model, jax.tree.map(lambda x: x[0], micro), rng))
       sums0 = {k: jnp.zeros((), jnp.float32) for k in shapes}
       (total, grads, sums, n_total), _ = jax.lax.scan(
           body, (jnp.zeros((), jnp.float32), zero_grads, sums0, jnp.zeros((), jnp.float32)),

@@ -1,4 +1,5 @@
-"""Softmax attention whose visibility comes from per-token metadata (plain causal, packed, two-stream)."""
+"""Softmax attention whose visibility comes from per-token metadata
+(plain causal, packed, two-stream)."""
 from pallas_kernels.attention.api import attention
 from pallas_kernels.attention.mask import TokenMeta, clean_meta, visible
 

@@ -7,7 +7,8 @@ Every token carries (segment, position, view, block_start):
 
   query \\ key          clean key, same segment                noisy key, same segment
   clean query          key.pos <= query.pos (causal)          never
-  noisy query          key.pos <  query.block_start           same view and same block (bidirectional)
+  noisy query          key.pos <  query.block_start           same view and same block
+                                                              (bidirectional)
 
 Plain causal and packed-document attention are the special case where every token is clean. Kernels
 evaluate `visible` per tile, so it is written with broadcasting jnp ops only.
@@ -35,7 +36,8 @@ def clean_meta(segment_ids: jax.Array, positions: jax.Array) -> TokenMeta:
 
 
 def visible(q: TokenMeta, k: TokenMeta) -> jax.Array:
-  """Visibility of keys to queries. Fields broadcast like `q.x[..., :, None]` vs `k.x[..., None, :]`.
+  """Visibility of keys to queries.
+  Fields broadcast like `q.x[..., :, None]` vs `k.x[..., None, :]`.
 
   Args:
     q: query metadata, fields [..., Tq].

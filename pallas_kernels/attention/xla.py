@@ -1,7 +1,8 @@
 """Pure-JAX attention under metadata visibility, tiled over queries.
 
-Memory is O(B * H * q_tile * S): each query tile builds its own mask and scores, and the tile function is
-rematerialised in the backward pass, so neither a [T, S] mask nor a [T, S] score tensor ever exists.
+Memory is O(B * H * q_tile * S): each query tile builds its own mask and scores, and the tile
+function is rematerialised in the backward pass, so neither a [T, S] mask nor a [T, S] score tensor
+ever exists.
 """
 import functools
 
@@ -29,7 +30,8 @@ def attention_xla(q, k, v, q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMet
   """Softmax attention with GQA and metadata visibility.
 
   Args:
-    q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv (query head h uses kv head h // (H/Hkv)).
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H a multiple of Hkv (query head h
+      uses kv head h // (H/Hkv)).
     q_meta: fields [B, T]; k_meta: fields [B, S].
     scale: score scale (usually D ** -0.5).
     q_tile: queries per tile.

@@ -1,4 +1,5 @@
-"""The gated delta rule (Gated DeltaNet's recurrence): chunked and recurrent forms behind one API."""
+"""The gated delta rule (Gated DeltaNet's recurrence): chunked and recurrent forms
+behind one API."""
 from pallas_kernels.gated_delta_rule.api import chunk_gated_delta_rule
 from pallas_kernels.gated_delta_rule.api import recurrent_gated_delta_rule
 

@@ -1,4 +1,5 @@
-"""Dispatch for the gated delta rule: one API over the XLA, Pallas and jax-triton implementations."""
+"""Dispatch for the gated delta rule:
+one API over the XLA, Pallas and jax-triton implementations."""
 import functools
 
 from absl import logging
@@ -45,7 +46,8 @@ def _resolve(implementation: str | None) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _log_fallback_once(impl: str, reason: str) -> None:
-  logging.warning('gated delta rule: %s kernels cannot take this call (%s); using xla', impl, reason)
+  logging.warning('gated delta rule: %s kernels cannot take this call (%s); using xla', impl,
+                  reason)
 
 
 def _kernel_or_fallback(impl: str, q, k, v, chunk_size: int) -> str:
@@ -105,7 +107,8 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
                                initial_state: jax.Array | None = None,
                                segment_ids: jax.Array | None = None,
                                output_final_state: bool = False):
-  """Token-by-token gated delta rule, for a few tokens at a time (decoding). Same contract as above."""
+  """Token-by-token gated delta rule, for a few tokens at a time (decoding).
+  Same contract as above."""
   _check(q, k, v, g, beta, initial_state, segment_ids)
   return xla.recurrent_gated_delta_rule_xla(
       q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,

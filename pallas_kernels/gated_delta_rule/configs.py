@@ -1,8 +1,9 @@
 """What the two kernel families (pallas.py, triton.py) share: tile sizes, padding and segment masks.
 
-Both families run the same padded problem: T padded to a multiple of the chunk size, K and V to powers
-of two >= 16 (Triton's block shapes and `tl.dot` minimum). Padding is exact: padded tokens have zero
-q/k/v and g = beta = 0 (identity steps in the last segment); padded feature columns are zero.
+Both families run the same padded problem: T padded to a multiple of the chunk size, K and V to
+powers of two >= 16 (Triton's block shapes and `tl.dot` minimum). Padding is exact: padded tokens
+have zero q/k/v and g = beta = 0 (identity steps in the last segment); padded feature columns
+are zero.
 """
 import dataclasses
 
@@ -60,12 +61,15 @@ def block_sizes_for(vp: int) -> BlockSizes:
 
 
 def check_inputs(q, k, v, chunk_size: int, family: str) -> None:
-  """Raises ValueError, naming the values, for inputs the kernels do not take (the api falls back)."""
+  """Raises ValueError, naming the values, for inputs the kernels do not take
+  (the api falls back)."""
   if chunk_size not in CHUNK_SIZES:
-    raise ValueError(f'{chunk_size=} must be one of {CHUNK_SIZES} for the {family} gated delta rule')
+    raise ValueError(f'{chunk_size=} must be one of {CHUNK_SIZES} for the {family} '
+                     'gated delta rule')
   kd, vd = q.shape[-1], v.shape[-1]
   if kd > MAX_HEAD_DIM or vd > MAX_HEAD_DIM:
-    raise ValueError(f'K={kd} and V={vd} must be <= {MAX_HEAD_DIM} for the {family} gated delta rule')
+    raise ValueError(f'K={kd} and V={vd} must be <= {MAX_HEAD_DIM} for the {family} '
+                     'gated delta rule')
   if q.dtype != k.dtype or k.dtype != v.dtype:
     raise ValueError(f'q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}')
   if q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
@@ -90,7 +94,8 @@ def pad_to(x: jax.Array, shape) -> jax.Array:
 
 
 def pad_inputs(q, k, v, g, beta, h0, chunk_size):
-  """Pads (q, k, v [B,T,*,X]; g, beta [B,T,HV] -> fp32; h0 [B,HV,K,V] -> fp32) to the kernel shapes."""
+  """Pads (q, k, v [B,T,*,X]; g, beta [B,T,HV] -> fp32; h0 [B,HV,K,V] -> fp32)
+  to the kernel shapes."""
   b, t, hq, kd = q.shape
   hv, vd = v.shape[2:]
   tp, kp, vp = padded_dims(t, kd, vd, chunk_size)
@@ -104,7 +109,8 @@ def segment_masks(segment_ids: jax.Array, tp: int, chunk_size: int):
   """fp32 [B, Tp] (segment number, carry, writes) for documents starting anywhere.
 
   segment number: nondecreasing count of segment starts (padding continues the last segment);
-  carry: the token belongs to the segment active when its chunk starts (it reads the entering state);
+  carry: the token belongs to the segment active when its chunk starts (it reads the entering
+    state);
   writes: the token belongs to its chunk's last segment (it writes the leaving state).
   """
   b, t = segment_ids.shape

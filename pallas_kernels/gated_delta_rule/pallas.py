@@ -1,7 +1,7 @@
 """Chunked gated delta rule in Pallas: Triton lowering on GPU, `interpret=True` on CPU.
 
-The WY / UT-transform form of kernels.md section 2, split like fla's kernels (section 3). Per chunk of C
-tokens with entering state S0, G = cumsum(g) inside the chunk and decay D_ij = exp(G_i - G_j):
+The WY / UT-transform form of kernels.md section 2, split like fla's kernels (section 3). Per chunk
+of C tokens with entering state S0, G = cumsum(g) inside the chunk and decay D_ij = exp(G_i - G_j):
 
   forward                                            backward (recompute, then reverse state pass)
   1 _intra:  A = strict(beta_i k_i.k_j D_ij)        1 _intra again (stores T for the WY backward)
@@ -15,10 +15,11 @@ tokens with entering state S0, G = cumsum(g) inside the chunk and decay D_ij = e
                                                        cumsum inside the chunk) from O, S_C and WY.
 
 Document resets (segment_ids) are masks inside chunks, as in `xla.py`: scores only within a segment
-(`same`), the entering state reaches only tokens of the segment active at the chunk start (`carry`), only
-the chunk's last segment writes the leaving state (`writes`), and the entering state survives only if
-the chunk's last token still carries it. Shapes are padded to what the Triton lowering takes: T to a
-multiple of C, K and V to powers of two >= 16 (padding is exact: zero keys/values, g = beta = 0).
+(`same`), the entering state reaches only tokens of the segment active at the chunk start (`carry`),
+only the chunk's last segment writes the leaving state (`writes`), and the entering state survives
+only if the chunk's last token still carries it. Shapes are padded to what the Triton lowering
+takes: T to a multiple of C, K and V to powers of two >= 16 (padding is exact: zero keys/values,
+g = beta = 0).
 """
 import functools
 
@@ -88,10 +89,11 @@ def _decay(gc, mask):
 def _ut_inverse(a, merge_precision):
   """(I + A)^-1 for strictly lower-triangular [C, C] A (fp32), C in {16, 32, 64}.
 
-  The 16x16 diagonal blocks are inverted together by forward substitution: at step i, rows i, 16+i, ...
-  are updated at once (their column supports are disjoint blocks, so one summed row vector carries all
-  of them). The off-diagonal blocks follow from T = (I + N)^-1 D with D the block-diagonal inverse and
-  N = D L (L the strictly block-lower part of A, N nilpotent of order C/16):
+  The 16x16 diagonal blocks are inverted together by forward substitution: at step i, rows i,
+  16+i, ... are updated at once (their column supports are disjoint blocks, so one summed row
+  vector carries all of them). The off-diagonal blocks follow from T = (I + N)^-1 D with D the
+  block-diagonal inverse and N = D L (L the strictly block-lower part of A, N nilpotent of order
+  C/16):
   (I + N)^-1 = prod_k (I + (-N)^(2^k)).
   """
   c = a.shape[0]
@@ -122,7 +124,8 @@ def _ut_inverse(a, merge_precision):
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. Refs arrive in the order (inputs..., outputs...); optional segment refs are unpacked by flag.
+# Kernels. Refs arrive in the order (inputs..., outputs...); optional segment refs are unpacked by
+# flag.
 # ---------------------------------------------------------------------------------------------
 def _intra_kernel(*refs, has_seg, store_t, cdt):
   k_ref, v_ref, g_ref, b_ref, *rest = refs

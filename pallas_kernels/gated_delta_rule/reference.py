@@ -1,7 +1,7 @@
 """Readable oracles for the gated delta rule (fp32). Only tests and the XLA path's checks use them.
 
-Per value head, state S in R^{K x V}, for token t with key k_t, query q_t, value v_t, log-decay g_t <= 0
-and write strength beta_t:
+Per value head, state S in R^{K x V}, for token t with key k_t, query q_t, value v_t,
+log-decay g_t <= 0 and write strength beta_t:
 
     S   <- exp(g_t) * S
     d_t  = beta_t * (v_t - S^T k_t)
@@ -66,8 +66,10 @@ def naive_chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=
   """The chunked (WY / UT-transform) form written plainly, one segment per row (no resets).
 
   Per chunk with entering state S0, cumulative log-decay G_i, decay D_ij = exp(G_i - G_j) (j <= i):
-    A = strict_lower(beta_i k_i.k_j D_ij); T = (I + A)^-1; W = T diag(beta e^G) K; U = T diag(beta) V
-    V' = U - W S0;  O = diag(e^G) Q S0 + (Q K^T * D) V';  S_C = e^{G_C} S0 + K^T diag(e^{G_C - G}) V'
+    A = strict_lower(beta_i k_i.k_j D_ij); T = (I + A)^-1; W = T diag(beta e^G) K;
+    U = T diag(beta) V
+    V' = U - W S0;  O = diag(e^G) Q S0 + (Q K^T * D) V';
+    S_C = e^{G_C} S0 + K^T diag(e^{G_C - G}) V'
   """
   b, t, _, kd = q.shape
   hv, vd = v.shape[2], v.shape[3]
@@ -101,6 +103,7 @@ def naive_chunk_gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=
     o = (qc * jnp.exp(cum)[..., None]) @ s + ((qc @ jnp.swapaxes(kc, -1, -2)) * decay) @ v_new
     outs.append(o)
     last = cum[..., -1:]
-    s = jnp.exp(last)[..., None] * s + jnp.swapaxes(kc * jnp.exp(last - cum)[..., None], -1, -2) @ v_new
+    s = jnp.exp(last)[..., None] * s + jnp.swapaxes(
+        kc * jnp.exp(last - cum)[..., None], -1, -2) @ v_new
   o = jnp.moveaxis(jnp.concatenate(outs, axis=2), 1, 2)[:, :t]
   return o.astype(v.dtype), (s if output_final_state else None)

@@ -2,11 +2,12 @@
 
 The same algorithm, kernel split, padding and segment masks as `pallas.py` (see its docstring and
 kernels.md sections 2-4), written against Triton directly: pointer arithmetic on the padded
-[B, Tp, H(V), X] layouts, one program per (chunk, batch x value head) for the parallel kernels and per
-(V tile, batch x value head) for the two sequential state passes. jax-triton 0.3.1 (`out_shape=`).
+[B, Tp, H(V), X] layouts, one program per (chunk, batch x value head) for the parallel kernels and
+per (V tile, batch x value head) for the two sequential state passes.
+jax-triton 0.3.1 (`out_shape=`).
 
-triton is imported in a try/except and jax_triton only when called: importing this module on a CPU-only
-machine never fails; calling it there raises a ValueError (the api falls back).
+triton is imported in a try/except and jax_triton only when called: importing this module on a
+CPU-only machine never fails; calling it there raises a ValueError (the api falls back).
 """
 import functools
 
@@ -29,7 +30,8 @@ if triton is not None:
   @triton.jit
   def ut_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
     """(I + A)^-1 for strictly lower [C, C] fp32 A: 16x16 diagonal blocks by forward substitution
-    (rows i, 16+i, ... at once), then T = (I + N)^-1 D with N = D L nilpotent (pallas._ut_inverse)."""
+    (rows i, 16+i, ... at once), then T = (I + N)^-1 D with N = D L nilpotent
+    (pallas._ut_inverse)."""
     o = tl.arange(0, C)
     r = o[:, None]
     c = o[None, :]
@@ -347,7 +349,8 @@ class _Dims:
     self.n = self.tp // chunk_size
     self.grp = self.hv // self.h
     f32 = q.dtype == _F32
-    # IEEE for fp32 inputs (matches the fp32 reference); fla's choice (TF32 merges) for 16-bit inputs.
+    # IEEE for fp32 inputs (matches the fp32 reference); fla's choice (TF32 merges) for 16-bit
+    # inputs.
     self.prec = 'ieee' if f32 else 'tf32'
     self.io_prec = 'ieee' if f32 else 'tf32'
 

@@ -1,9 +1,10 @@
-"""Fast pure-JAX chunked gated delta rule with document resets: the CPU path and the kernels' fallback.
+"""Fast pure-JAX chunked gated delta rule with document resets:
+the CPU path and the kernels' fallback.
 
-All intra-chunk work (the UT transform, W, U, the decayed q k^T) runs for every chunk at once; only the
-state pass is a `lax.scan` over chunks. Documents may start anywhere: inside a chunk, tokens interact
-only with earlier tokens of their own segment, the entering state reaches only the segment active at the
-chunk start, and only the chunk's last segment writes the leaving state.
+All intra-chunk work (the UT transform, W, U, the decayed q k^T) runs for every chunk at once; only
+the state pass is a `lax.scan` over chunks. Documents may start anywhere: inside a chunk, tokens
+interact only with earlier tokens of their own segment, the entering state reaches only the segment
+active at the chunk start, and only the chunk's last segment writes the leaving state.
 """
 from typing import NamedTuple
 
@@ -21,7 +22,8 @@ class ChunkIntra(NamedTuple):
   w: jax.Array  # C K: T diag(beta e^G carry) K
   u: jax.Array  # C V: T diag(beta) V
   qk: jax.Array  # C C: (q k^T * decay) restricted to the same segment, j <= i
-  q_in: jax.Array  # C K: rows of q e^G that read the entering state (zero outside the carry segment)
+  q_in: jax.Array  # C K: rows of q e^G that read the entering state (zero outside the carry
+                   # segment)
   k_out: jax.Array  # C K: rows of k e^{G_C - G} that write the leaving state (last segment only)
   keep: jax.Array  # []: e^{G_C} if the entering state survives the chunk, else 0
 
@@ -116,7 +118,8 @@ def _prepare(q, k, v, g, beta, segment_ids, scale, chunk_size):
 
 
 def _state_pass(intra: ChunkIntra, s0):
-  """Scan over chunks. Returns (entering states h [B, N, HV, K, V], v_new [B, N, HV, C, V], final)."""
+  """Scan over chunks.
+  Returns (entering states h [B, N, HV, K, V], v_new [B, N, HV, C, V], final)."""
 
   def step(s, x):
     w, u, k_out, keep = x

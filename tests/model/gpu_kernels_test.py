@@ -1,4 +1,5 @@
-"""GPU: a FlareLM forward and backward with the GDN kernels matches the XLA path (packed documents)."""
+"""GPU: a FlareLM forward and backward with the GDN kernels matches the XLA path
+(packed documents)."""
 import functools
 
 import jax

@@ -52,7 +52,8 @@ def test_two_stream_rule_table():
   assert not vis[:t, t:].any()
 
 
-@pytest.mark.parametrize('t, tile', [(37, 8), (64, 64), (50, 512)], ids=['ragged', 'exact', 'single'])
+@pytest.mark.parametrize('t, tile', [(37, 8), (64, 64), (50, 512)],
+                         ids=['ragged', 'exact', 'single'])
 def test_tiled_attention_matches_dense(t, tile):
   rng = np.random.default_rng(0)
   b, h, hkv, d = 2, 4, 2, 8

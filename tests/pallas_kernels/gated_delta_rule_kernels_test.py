@@ -3,9 +3,9 @@
 CPU: the Pallas kernels in interpret mode at small awkward shapes (T = 63, 100, 257; K = 60; GVA;
 documents starting inside chunks and at chunk starts), fp32, against the token-loop oracle: outputs,
 final state and every gradient (dq, dk, dv, dg, dbeta, d initial state).
-GPU: both families at the benchmark shapes in bf16 against an fp32 reference, with fla's relative-RMS
-limits; and an fp32 awkward-shape case with document resets (Triton 3.6 miscompiles some gated
-backward kernels on Hopper, fla #640: the gradients must be checked on the device).
+GPU: both families at the benchmark shapes in bf16 against an fp32 reference, with fla's
+relative-RMS limits; and an fp32 awkward-shape case with document resets (Triton 3.6 miscompiles
+some gated backward kernels on Hopper, fla #640: the gradients must be checked on the device).
 """
 import functools
 

@@ -1,4 +1,5 @@
-"""Gated delta rule: the oracles against a NumPy loop, and the chunked XLA form against the oracles."""
+"""Gated delta rule: the oracles against a NumPy loop,
+and the chunked XLA form against the oracles."""
 import functools
 
 import jax
@@ -86,8 +87,8 @@ def test_chunked_matches_recurrent_outputs_state_and_gradients(rng, t, h, hv, kd
 
   chunked = functools.partial(xla.chunk_gated_delta_rule_xla, chunk_size=chunk)
   args = (q, k, v, g, beta, h0)
-  (o_ref, s_ref), vjp_ref = jax.vjp(functools.partial(run, reference.naive_recurrent_gated_delta_rule),
-                                    *args)
+  (o_ref, s_ref), vjp_ref = jax.vjp(
+      functools.partial(run, reference.naive_recurrent_gated_delta_rule), *args)
   (o, s), vjp = jax.vjp(functools.partial(run, chunked), *args)
   np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4)
   np.testing.assert_allclose(s, s_ref, atol=2e-5, rtol=1e-4)
@@ -172,7 +173,8 @@ def test_kernel_choice_falls_back_to_xla_off_gpu(rng):
   """On CPU a requested kernel family runs the XLA path (logged), with identical results."""
   b, t, h, kd, vd = 1, 40, 2, 16, 16
   q, k = (jnp.asarray(rng.standard_normal((b, t, h, kd)), jnp.float32) for _ in range(2))
-  q, k = q / jnp.linalg.norm(q, axis=-1, keepdims=True), k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  q, k = (q / jnp.linalg.norm(q, axis=-1, keepdims=True),
+          k / jnp.linalg.norm(k, axis=-1, keepdims=True))
   v = jnp.asarray(rng.standard_normal((b, t, h, vd)), jnp.float32)
   g = -jnp.asarray(rng.uniform(0.01, 0.5, (b, t, h)), jnp.float32)
   beta = jnp.asarray(rng.uniform(0.1, 0.9, (b, t, h)), jnp.float32)

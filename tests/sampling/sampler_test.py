@@ -1,4 +1,5 @@
-"""Sampler: greedy AR-Trust == AR, Diffusion-Trust (B=1, threshold 1) == AR, exact speculative sampling."""
+"""Sampler: greedy AR-Trust == AR, Diffusion-Trust (B=1, threshold 1) == AR,
+exact speculative sampling."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,7 +139,8 @@ def test_speculative_accept_is_exact_in_distribution():
 
 
 def test_sampled_ar_trust_matches_the_ar_distribution():
-  """Chi-square over (t1, t2) pairs sampled by AR-Trust against the model's exact AR probabilities."""
+  """Chi-square over (t1, t2) pairs sampled by AR-Trust
+  against the model's exact AR probabilities."""
   cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', vocab_size=6, layer_types=(L, F))
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(7))
   prompt = np.array([[1, 3, 2]], np.int32)

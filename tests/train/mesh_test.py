@@ -133,7 +133,8 @@ def test_flare_steps_on_a_mesh_match_one_device_and_state_is_sharded(mesh_shape)
   _check_sharding(state, mesh_shape)
 
 
-@pytest.mark.slow  # ~20-30 s more (two more compiles); the flare tests above are the acceptance test
+# ~20-30 s more (two more compiles); the flare tests above are the acceptance test
+@pytest.mark.slow
 def test_ar_steps_on_a_3d_mesh_match_one_device():
   reference = _single_device_losses('ar')
   assert np.all(np.isfinite(reference)) and reference[-1] < reference[0], reference

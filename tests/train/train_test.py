@@ -1,4 +1,5 @@
-"""Trainer (through the CLI): kill-and-resume, loss falls, FLARE conversion of an AR model, export."""
+"""Trainer (through the CLI): kill-and-resume, loss falls, FLARE conversion of an AR model,
+export."""
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ def _jsonl(path):
 def _train(workdir, *overrides):
   """Runs the training CLI in a fresh single-device process (the tests' 8 fake devices stripped)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py', f'--workdir={workdir}',
-         '--config.data.seq_len=32', '--config.ckpt.async_save=False', *overrides]
+  cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py',
+         f'--workdir={workdir}', '--config.data.seq_len=32', '--config.ckpt.async_save=False',
+         *overrides]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   assert out.returncode == 0, out.stderr[-3000:]
