@@ -83,7 +83,8 @@ def _run_child(schedule: str) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import api as gdr_api  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import two_stream_pallas
   from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
   gpu = jax.default_backend() == 'gpu'
   b, t, views, h, hv, d = _shape(gpu)

@@ -6,9 +6,10 @@ python -m launch.demo --config=configs/demo_gpu.py --workdir=runs/demo_gpu (one 
 
 (a) trains a small hybrid (GDN + attention) AR model from scratch (objective 'ar'),
 (b) converts it with the FLARE objective (two-stream training initialised from (a)),
-(c) evaluates AR, AR-Trust and Diffusion-Trust settings on held-out standard-library files (next-line
-    completion exact match; AR perplexity before and after conversion) and on a generated arithmetic
-    task, checking greedy AR-Trust == greedy AR token for token,
+(c) evaluates AR, AR-Trust and Diffusion-Trust settings on held-out standard-library files
+    (next-line completion exact match; AR perplexity before and after conversion) and on a generated
+    arithmetic task, checking greedy AR-Trust == greedy AR token for token (re-decoded in fp32 when
+    the model computes in 16 bits),
 (d) writes workdir/report.md, workdir/results.json and workdir/quality_vs_speed.png.
 A workdir holding finished stages reuses them (delete it to start over).
 """
@@ -78,8 +79,9 @@ def heldout_tasks(workdir: str, n: int, max_operand: int, seed: int = 0) -> dict
   paths = {'nextline': os.path.join(workdir, 'task_nextline.jsonl'),
            'arithmetic': os.path.join(workdir, 'task_arithmetic.jsonl')}
   tasks.write_task(paths['nextline'], nextline)
+  problems = [arith[i] for i in range(n)]
   tasks.write_task(paths['arithmetic'],
-                   [{'prompt': arith[i]['prompt'], 'answer': arith[i]['response']} for i in range(n)])
+                   [{'prompt': a['prompt'], 'answer': a['response']} for a in problems])
   return paths
 
 
@@ -129,14 +131,14 @@ def ar_trust_checks(model, model_dir, tok, examples, modes, task_results, batch_
   the one-token step round differently, so near-ties can flip, and the check re-decodes in fp32.
   """
   trust = [m for m in modes if m.startswith('ar_trust')]
-  agreement = {
-      task: {m: ar_trust_agreement(model, tok, rows, task_results[task]['flare_model']['ar']['outputs'],
-                                   task_results[task]['flare_model'][m]['outputs'], batch_size)
-             for m in trust}
-      for task, (_, rows) in examples.items()}
+  outputs = lambda task, mode: task_results[task]['flare_model'][mode]['outputs']
+  agreement = {task: {m: ar_trust_agreement(model, tok, rows, outputs(task, 'ar'), outputs(task, m),
+                                            batch_size) for m in trust}
+               for task, (_, rows) in examples.items()}
   dtype = model_io.load_config(model_dir).dtype
   if dtype == 'float32':
-    checks = {f'{task}: greedy AR-Trust == AR': all(a['identical'] == a['n'] for a in by_mode.values())
+    checks = {f'{task}: greedy AR-Trust == AR': all(a['identical'] == a['n']
+                                                    for a in by_mode.values())
               for task, by_mode in agreement.items()}
     return agreement, checks
   _say(f'exactness check: greedy AR and AR-Trust again in float32 compute (model dtype {dtype})')

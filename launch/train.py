@@ -1,6 +1,6 @@
 """Trains FLARE (or plain AR SFT). Logic lives in flare_jax.train.loop; this file only parses flags.
 
-python -m launch.train --config=configs/flare_tiny.py --workdir=/tmp/tiny [--config.optim.lr=1e-3 ...]
+python -m launch.train --config=configs/flare_tiny.py --workdir=/tmp/tiny [--config.optim.lr=1e-3]
 Multi-process (one process per GPU or host): add --multihost; jax.distributed.initialize() finds the
 cluster (SLURM, Open MPI, Kubernetes, ...) or takes --coordinator_address, --num_processes and
 --process_id. Every process gets the same flags and --workdir (a shared filesystem).

@@ -63,8 +63,8 @@ def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64):
 
 
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multiple: int = 32):
-  """Right-padded [N, W] prompt ids (W a multiple of `multiple`) and lengths [N]; prompts longer than
-  `max_prompt_len` keep their last tokens. Raises ValueError on an empty prompt."""
+  """Right-padded [N, W] prompt ids (W a multiple of `multiple`) and lengths [N]; prompts longer
+  than `max_prompt_len` keep their last tokens. Raises ValueError on an empty prompt."""
   ids = []
   for i, text in enumerate(texts):
     row = tokenizer.encode(text)[-max_prompt_len:]
@@ -86,7 +86,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.Sa
   sampler = sampler_lib.Sampler(model)
   rng = jax.random.key(seed)
   batches = len(ids) // batch_size
-  jax.block_until_ready(sampler.generate(ids[:batch_size], lengths[:batch_size], cfg, rng))  # compile
+  # Compile (untimed):
+  jax.block_until_ready(sampler.generate(ids[:batch_size], lengths[:batch_size], cfg, rng))
   stats, outputs = GenerationStats(), []
   for i in range(batches):
     sl = slice(i * batch_size, (i + 1) * batch_size)
@@ -226,7 +227,8 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
     return {'loglik': {'accuracy': float(np.mean(correct)), 'n': len(examples)}}
   results = {}
   for name, cfg in (modes or {}).items():
-    cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(set(cfg.eos_ids) | set(stop_ids(tokenizer, kind)))))
+    eos = set(cfg.eos_ids) | set(stop_ids(tokenizer, kind))
+    cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
     outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in examples], cfg,
                                     batch_size=batch_size, max_prompt_len=max_prompt_len,
                                     on_progress=progress(f'{name:>24s}'))
@@ -238,7 +240,8 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
 
 
 def parse_modes(text: str) -> list[str]:
-  """'ar;ar_trust:b=4;diffusion_trust:b=4,k=2' (';' between modes) or 'ar,ar_trust' -> mode specs."""
+  """'ar;ar_trust:b=4;diffusion_trust:b=4,k=2' (';' between modes) or 'ar,ar_trust' -> mode
+  specs."""
   sep = ';' if (';' in text or ':' in text) else ','
   return [m.strip() for m in text.split(sep) if m.strip()]
 

@@ -52,12 +52,14 @@ def plot(results: dict, path: str) -> None:
 
 
 def agreement_lines(results: dict) -> str:
-  """Greedy AR-Trust vs AR at the model's own compute dtype, with the logit gaps where they differ."""
+  """Greedy AR-Trust vs AR at the model's own compute dtype, with the logit gaps where they
+  differ."""
   dtype = results['config']['model']['dtype']
   lines = []
   for task, by_mode in results.get('agreement', {}).items():
     for mode, a in by_mode.items():
-      line = f"- {task}, `{mode}` at {dtype} compute: {a['identical']}/{a['n']} outputs identical to AR"
+      line = (f"- {task}, `{mode}` at {dtype} compute: {a['identical']}/{a['n']} outputs "
+              'identical to AR')
       gaps = a.get('gap_at_difference')
       if gaps:
         line += (f"; top-2 logit gap at the first differing token: median {np.median(gaps):.3f}, "
@@ -70,7 +72,8 @@ def agreement_lines(results: dict) -> str:
 def write(results: dict, workdir: str) -> str:
   """Writes report.md and quality_vs_speed.png into workdir; returns the markdown."""
   ppl = results['perplexity']
-  checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**" for name, ok in results['checks'].items())
+  checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**"
+                     for name, ok in results['checks'].items())
   agreement = agreement_lines(results)
   if agreement:
     checks += '\n\n' + agreement

@@ -1,5 +1,5 @@
-"""launch.demo's AR-Trust exactness check: agreement counts, logit gaps where outputs differ, and the
-float32 re-decode for a 16-bit model."""
+"""launch.demo's AR-Trust exactness check: agreement counts, logit gaps where outputs differ, and
+the float32 re-decode for a 16-bit model."""
 import numpy as np
 import pytest
 from flax import nnx

@@ -1,4 +1,5 @@
-"""The evaluation harness on a random tiny model: batching does not change results, and speed stats add up."""
+"""The evaluation harness on a random tiny model: batching does not change results, and speed stats
+add up."""
 import jax
 import numpy as np
 import pytest
@@ -64,7 +65,8 @@ def test_generation_is_independent_of_batching_and_counts_add_up(model):
 
 def test_mode_config_parsing():
   cfg = harness.mode_config('diffusion_trust:b=8,k=4', 32)
-  assert (cfg.mode, cfg.block_size, cfg.commit, cfg.tokens_per_pass) == ('diffusion_trust', 8, 'fixed', 4)
+  assert (cfg.mode, cfg.block_size, cfg.commit, cfg.tokens_per_pass) == (
+      'diffusion_trust', 8, 'fixed', 4)
   assert harness.mode_config('diffusion_trust:threshold=0.7', 8).threshold == 0.7
   with pytest.raises(ValueError, match='unknown mode field'):
     harness.mode_config('ar:temp=1', 8)

@@ -90,7 +90,8 @@ def test_load_task_kinds_and_malformed_lines(tmp_path):
   with pytest.raises(ValueError) as e:
     tasks.load_task(str(bad))
   msg = str(e.value)
-  assert '3 malformed' in msg and 'bad.jsonl:2' in msg and 'bad.jsonl:3' in msg and 'bad.jsonl:4' in msg
+  assert '3 malformed' in msg
+  assert 'bad.jsonl:2' in msg and 'bad.jsonl:3' in msg and 'bad.jsonl:4' in msg
   label = tmp_path / 'label.jsonl'
   label.write_text(json.dumps({'prompt': 'a', 'choices': ['x', 'y'], 'label': 2}) + '\n')
   with pytest.raises(ValueError, match='label'):
