@@ -61,8 +61,8 @@ class Attention(nnx.Module):
       x: [B, T, D].
       meta: per-token metadata [B, T]. With a cache, row b's tokens are consecutive positions
         written to slots meta.positions[b, 0] ... + T - 1, all of one document; they are clean
-        (views 0), or one noisy block (views 1, block_starts = meta.positions[:, 0]) whose cache the
-        caller drops.
+        (views 0), one noisy block (views 1) whose cache the caller drops, or clean tokens followed
+        by one noisy block (Diffusion-Trust's advance fused with its next pass).
       cache: optional KVCache [B, S, Hkv, D].
 
     Returns:

@@ -11,8 +11,10 @@ run through the model. Slot j of every buffer holds position j, so rows never ne
                    speculative sampling, then one more token from the target. GDN states roll back
                    to the accepted length by a masked replay of the verify pass's recurrence inputs.
   Diffusion-Trust  repeated noisy passes over [pending, y_1..y_{B-1}] (y masked until committed)
-                   commit B targets by confidence; one clean pass then advances the caches over the
-                   block.
+                   commit B targets by confidence. One pass then both advances the caches over
+                   the finished block (clean) and runs the next block's first noisy pass: the
+                   noisy block is seeded by the state right after the clean one, so it is a plain
+                   continuation; the GDN states roll back to the end of the clean block.
 """
 import dataclasses
 import functools
@@ -67,8 +69,9 @@ class SamplerConfig:
 
   @property
   def slack(self) -> int:
-    """Extra buffer slots so one iteration's writes never run past the end."""
-    return self.block_size + 2
+    """Extra buffer slots so one iteration's writes never run past the end (Diffusion-Trust
+    writes a clean block and the next noisy block)."""
+    return 2 * self.block_size + 2
 
 
 @flax.struct.dataclass
@@ -83,6 +86,9 @@ class DecodeState:
   n_forward: jax.Array  # [B] model passes spent on the row while it was active
   n_drafted: jax.Array  # [B] AR-Trust drafts proposed
   n_accepted: jax.Array  # [B] AR-Trust drafts accepted
+  # Diffusion-Trust: the next block after its first noisy pass (run with the previous advance).
+  block_targets: jax.Array  # [B, block_size] int32 committed targets
+  block_masked: jax.Array  # [B, block_size] bool, still masked
 
 
 @flax.struct.dataclass
@@ -229,7 +235,8 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
   return DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
                      done=jnp.zeros((b,), bool), cache=cache, rng=rng,
                      step=jnp.zeros((), jnp.int32), n_forward=zeros + 1, n_drafted=zeros,
-                     n_accepted=zeros)
+                     n_accepted=zeros, block_targets=jnp.zeros((b, cfg.block_size), jnp.int32),
+                     block_masked=jnp.ones((b, cfg.block_size), bool))
 
 
 def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int) -> DecodeState:
@@ -324,38 +331,51 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
                  n_drafted=state.n_drafted + bsz, n_accepted=state.n_accepted + n_acc)
 
 
+def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
+  """One denoising pass's commits from its logits [B, bsz, V]: (targets, masked), rows with nothing
+  masked left unchanged."""
+  proposal = policies.sample(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
+  # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
+  probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
+  conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
+  if cfg.commit == 'threshold':
+    sel = policies.threshold_commit(conf, masked, cfg.threshold)
+  else:
+    sel = policies.top_k_commit(conf, masked, cfg.tokens_per_pass)
+  sel = sel & jnp.any(masked, axis=1, keepdims=True)
+  return jnp.where(sel, proposal, targets), masked & ~sel
+
+
 def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
   bsz = cfg.block_size
   b = state.length.shape[0]
   start = state.length - 1
   pending = _pending(state)
-  meta = _noisy_meta(start, bsz)
 
   # targets[:, j] is the token at position start + 1 + j; slot j+1 of the block holds target j.
   def denoise(carry):
     targets, masked, passes, rng = carry
     block = jnp.concatenate([pending, jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
-    logits, _ = model(block, meta=meta, cache=state.cache)
+    logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
     rng, sub = jax.random.split(rng)
-    proposal = policies.sample(sub, logits, cfg.temperature, cfg.top_k, cfg.top_p)
-    # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
-    probs = jax.nn.softmax(
-        policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
-    conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
-    if cfg.commit == 'threshold':
-      sel = policies.threshold_commit(conf, masked, cfg.threshold)
-    else:
-      sel = policies.top_k_commit(conf, masked, cfg.tokens_per_pass)
-    active = jnp.any(masked, axis=1, keepdims=True)
-    sel = sel & active
-    return (jnp.where(sel, proposal, targets), masked & ~sel,
-            passes + active[:, 0].astype(jnp.int32), rng)
+    active = jnp.any(masked, axis=1)
+    targets, masked = _denoise_update(logits, targets, masked, sub, cfg)
+    return targets, masked, passes + active.astype(jnp.int32), rng
 
-  init = (jnp.zeros((b, bsz), jnp.int32), jnp.ones((b, bsz), bool), jnp.zeros((b,), jnp.int32),
+  init = (state.block_targets, state.block_masked, jnp.zeros((b,), jnp.int32),
           jax.random.fold_in(state.rng, 0))
   targets, _, passes, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), denoise, init)
-  # --- Commit pass: advance the clean caches over [pending, targets[:-1]]. ---
-  _, cache = model(jnp.concatenate([pending, targets[:, :-1]], axis=1),
-                   meta=_clean_meta(start, bsz), cache=state.cache)
+  # --- One pass: advance the clean caches over [pending, targets[:-1]] and run the next block's
+  # first noisy pass over [targets[-1], MASK x (bsz-1)] right after it. ---
+  nxt = jnp.concatenate([targets[:, -1:], jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
+  clean, noisy = _clean_meta(start, bsz), _noisy_meta(start + bsz, bsz)
+  meta = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=1), clean, noisy)
+  logits, after, replays = model(jnp.concatenate([pending, targets[:, :-1], nxt], axis=1),
+                                 meta=meta, cache=state.cache, return_gdn_aux=True)
+  cache = model.rollback(state.cache, after, replays, jnp.full((b,), bsz, jnp.int32))
+  next_targets, next_masked = _denoise_update(
+      logits[:, bsz:], jnp.zeros_like(targets), jnp.ones_like(state.block_masked),
+      jax.random.fold_in(state.rng, 2), cfg)
+  state = state.replace(block_targets=next_targets, block_masked=next_masked)
   return _commit(state, targets, jnp.full((b,), bsz, jnp.int32), cfg, cache,
                  n_forward=state.n_forward + passes + 1)

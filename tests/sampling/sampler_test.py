@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.sampling import policies
@@ -74,9 +75,45 @@ def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_
         mode='diffusion_trust', block_size=4, commit='fixed', tokens_per_pass=k, max_new_tokens=8))
     assert list(np.asarray(res.num_tokens)) == [8, 8]
     passes.append(np.asarray(res.n_forward))
-  # k=1: 4 denoising passes + 1 commit pass per block of 4; k=4: 1 + 1 (plus the prefill).
-  np.testing.assert_array_equal(passes[0], 1 + 2 * 5)
-  np.testing.assert_array_equal(passes[1], 1 + 2 * 2)
+  # Per block of 4: 4 / k denoising passes, the first of them (after the first block) fused with
+  # the previous block's commit pass; plus the prefill and the last commit pass.
+  np.testing.assert_array_equal(passes[0], 1 + 2 * 4 + 1)
+  np.testing.assert_array_equal(passes[1], 1 + 2 * 1 + 1)
+
+
+def _unfused_diffusion_trust(model, prompt, cfg):
+  """Greedy Diffusion-Trust on one row with separate passes: noisy passes over the cache until the
+  block is committed, then its own clean pass advancing the cache (no fusion with the next block)."""
+  bsz, mask_id = cfg.block_size, model.cfg.resolved_mask_token_id
+  cache = cache_lib.init_cache(model.cfg, 1, sampler_lib.buffer_len(len(prompt), cfg))
+  at = lambda p: jnp.asarray([p], jnp.int32)
+  fwd = nnx.jit(lambda m, t, meta, c: m(t, meta=meta, cache=c))
+  _, cache = fwd(model, jnp.asarray([prompt[:-1]], jnp.int32),
+                 sampler_lib._clean_meta(at(0), len(prompt) - 1), cache)
+  seq = list(prompt)
+  while len(seq) - len(prompt) < cfg.max_new_tokens:
+    start = at(len(seq) - 1)
+    targets, masked = jnp.zeros((1, bsz), jnp.int32), jnp.ones((1, bsz), bool)
+    while bool(jnp.any(masked)):
+      block = jnp.concatenate([at(seq[-1:]), jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
+      logits, _ = fwd(model, block, sampler_lib._noisy_meta(start, bsz), cache)
+      targets, masked = sampler_lib._denoise_update(logits, targets, masked, None, cfg)
+    block = jnp.concatenate([at(seq[-1:]), targets[:, :-1]], axis=1)
+    _, cache = fwd(model, block, sampler_lib._clean_meta(start, bsz), cache)
+    seq += [int(t) for t in targets[0]]
+  return seq[len(prompt):len(prompt) + cfg.max_new_tokens]
+
+
+@pytest.mark.parametrize('commit', ['threshold', 'fixed'])
+def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit):
+  """The advance over a finished block shares its pass with the next block's first noisy pass."""
+  prompts, lengths = _ragged_prompts(rng, [5, 3], 5)
+  cfg = sampler_lib.SamplerConfig(mode='diffusion_trust', block_size=4, commit=commit,
+                                  threshold=0.02, tokens_per_pass=2, max_new_tokens=10)
+  res = sampler_lib.Sampler(tiny).generate(prompts, lengths, cfg)
+  for row in range(2):
+    want = _unfused_diffusion_trust(tiny, list(prompts[row, :lengths[row]]), cfg)
+    assert list(np.asarray(res.tokens[row])) == want, row
 
 
 def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
