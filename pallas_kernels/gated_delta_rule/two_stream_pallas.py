@@ -233,16 +233,9 @@ def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   is `jax.vjp` of that pure-JAX schedule (no backward kernel yet).
 
   Args:
-    clean: (q, k, v, g, beta) of the clean stream: q, k [B, T, H, K] l2-normed, v [B, T, HV, V],
-      g (log space), beta [B, T, HV].
-    noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
-    segment_ids, block_starts: [B, T]. Every block (slots sharing a block start) must be contiguous,
-      inside one document and at most `max_block` slots long (not checked: longer blocks give wrong
-      outputs).
-    scale: output scale (q is not pre-scaled).
+    clean, noisy, segment_ids, block_starts, scale, max_block: as there.
     chunk_size: chunk length C of the clean pass and of the noisy windows; raised to a power of two
       >= max(16, max_block) (the result does not depend on C).
-    max_block: upper bound on block length in slots (the objective's block size).
     interpret: run the kernel in the Pallas interpreter; None: off GPU only.
 
   Returns:

@@ -14,13 +14,14 @@ SCALE = K ** -0.5
 NAMES = [f'{s} {x}' for s in ('clean', 'noisy') for x in ('q', 'k', 'v', 'g', 'beta')]
 
 
-def _inputs(rng, b, t, views, h, hv):
+def _inputs(rng, b, t, views, h, hv, kd=K, vd=DV):
+  """(clean, noisy) fp32 streams: l2-normed q, k; g in [-0.5, -0.01]; beta in [0.2, 0.9]."""
   def qk(*shape):
     x = rng.normal(size=shape)
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
   def stream(*lead):
-    return (qk(*lead, t, h, K), qk(*lead, t, h, K), rng.normal(size=(*lead, t, hv, DV)),
+    return (qk(*lead, t, h, kd), qk(*lead, t, h, kd), rng.normal(size=(*lead, t, hv, vd)),
             -rng.uniform(0.01, 0.5, (*lead, t, hv)), rng.uniform(0.2, 0.9, (*lead, t, hv)))
 
   to = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)

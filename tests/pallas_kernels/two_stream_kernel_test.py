@@ -24,18 +24,7 @@ _CHUNKED = jax.jit(chunked.noisy_delta_rule_chunked, compiler_options=_FAST,
                    static_argnames=_STATIC)
 
 
-def _inputs(rng, b, t, views, h, hv, kd, vd):
-  """(clean, noisy) fp32 streams: l2-normed q, k; g in [-0.5, -0.01]; beta in [0.2, 0.9]."""
-  def qk(*shape):
-    x = rng.normal(size=shape)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-  def stream(*lead):
-    return (qk(*lead, t, h, kd), qk(*lead, t, h, kd), rng.normal(size=(*lead, t, hv, vd)),
-            -rng.uniform(0.01, 0.5, (*lead, t, hv)), rng.uniform(0.2, 0.9, (*lead, t, hv)))
-
-  to = lambda xs: tuple(jnp.asarray(x, jnp.float32) for x in xs)
-  return to(stream(b)), to(stream(b, views))
+_inputs = helpers._inputs  # (rng, b, t, views, h, hv, kd, vd) -> fp32 (clean, noisy)
 
 
 def _layout(rng, kind, t, block):

@@ -83,7 +83,8 @@ def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_
 
 def _unfused_diffusion_trust(model, prompt, cfg):
   """Greedy Diffusion-Trust on one row with separate passes: noisy passes over the cache until the
-  block is committed, then its own clean pass advancing the cache (no fusion with the next block)."""
+  block is committed, then its own clean pass advancing the cache (not fused with the next
+  block's first pass)."""
   bsz, mask_id = cfg.block_size, model.cfg.resolved_mask_token_id
   cache = cache_lib.init_cache(model.cfg, 1, sampler_lib.buffer_len(len(prompt), cfg))
   at = lambda p: jnp.asarray([p], jnp.int32)
