@@ -17,6 +17,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.dtype = 'bfloat16'  # compute dtype (params stay in param_dtype)
   c.model.param_dtype = 'float32'  # master weights
   c.model.remat = 'none'  # 'none' | 'block': rematerialise each decoder block in the backward
+  # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer)
+  c.model.scan_layers = False
   c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
   c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule
   c.model.attn_q_tile = 512  # query tile of the XLA attention path

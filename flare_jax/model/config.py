@@ -47,6 +47,9 @@ class ModelConfig:
   gdn_chunk_size: int = 64
   attn_q_tile: int = 512  # query tile of the XLA attention path (memory O(tile x keys))
   remat: str = 'none'  # 'none' | 'block' (rematerialise each block in the backward)
+  # Uncached passes scan over repeats of the layer pattern (one traced and compiled group body
+  # instead of every layer); the params stay per layer and are stacked inside the step.
+  scan_layers: bool = False
 
   def __post_init__(self):
     problems = []

@@ -22,6 +22,15 @@ def default_meta(tokens: jax.Array, segment_ids: jax.Array | None = None,
   return mask_lib.clean_meta(segment_ids, positions)
 
 
+def layer_period(layer_types: tuple[str, ...]) -> int | None:
+  """The shortest p with layer_types == layer_types[:p] * (N / p) and at least two repeats."""
+  n = len(layer_types)
+  for p in range(1, n // 2 + 1):
+    if n % p == 0 and tuple(layer_types) == tuple(layer_types[:p]) * (n // p):
+      return p
+  return None
+
+
 class FlareLM(nnx.Module):
   """The Qwen3.5 text backbone with a (tied or untied) LM head.
 
@@ -57,10 +66,13 @@ class FlareLM(nnx.Module):
     """
     h = self.embed_tokens.encode(tokens)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
+    stream = dict(num_views=num_views, gdn_schedule=gdn_schedule, max_block=max_block)
+    period = layer_period(self.cfg.layer_types)
+    if cache is None and not return_gdn_replay and self.cfg.scan_layers and period:
+      return self.norm(self._scan_blocks(h, meta, valid, period, stream)), None
     new_cache, replays = [], []
     for i, blk in enumerate(self.layers):
       layer_cache = None if cache is None else cache[i]
-      stream = dict(num_views=num_views, gdn_schedule=gdn_schedule, max_block=max_block)
       if self.cfg.remat == 'block' and cache is None:
         h, _, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid, **stream))(blk, h)
         replay = None
@@ -73,6 +85,29 @@ class FlareLM(nnx.Module):
     if return_gdn_replay:
       return self.norm(h), new_cache, tuple(replays)
     return self.norm(h), new_cache
+
+  def _scan_blocks(self, h, meta, valid, period: int, stream: dict) -> jax.Array:
+    """The blocks as a lax.scan over the N / period repeats of the layer pattern: block j of every
+    repeat shares one graph, their params are stacked along a new leading axis."""
+    groups = len(self.layers) // period
+    graphdefs, stacked = [], []
+    for j in range(period):
+      splits = [nnx.split(self.layers[g * period + j]) for g in range(groups)]
+      graphdefs.append(splits[0][0])
+      stacked.append(jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in splits]))
+
+    def apply(graphdef, state, h_):
+      return nnx.merge(graphdef, state)(h_, meta, valid=valid, **stream)[0]
+
+    if self.cfg.remat == 'block':
+      apply = jax.checkpoint(apply, static_argnums=(0,))
+
+    def group(h_, states):
+      for graphdef, state in zip(graphdefs, states):
+        h_ = apply(graphdef, state, h_)
+      return h_, None
+
+    return jax.lax.scan(group, h, tuple(stacked))[0]
 
   def logits(self, h: jax.Array) -> jax.Array:
     """LM head: [B, T, D] -> fp32 logits [B, T, vocab]."""

@@ -37,6 +37,7 @@ def resolve_model_config(c: mlc.ConfigDict) -> config_lib.ModelConfig:
     cfg = config_lib.VARIANTS[c.model.variant]
   impl = lambda name: None if name == 'auto' else name
   overrides = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
+                   scan_layers=c.model.scan_layers,
                    gdn_chunk_size=c.model.gdn_chunk_size, attn_q_tile=c.model.attn_q_tile,
                    gdn_impl=impl(c.kernels.gdn), attn_impl=impl(c.kernels.attn))
   if c.model.mask_token_id >= 0:

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
 from flare_jax.objective import losses
 from flare_jax.objective import two_stream
 
@@ -63,3 +65,31 @@ def test_flare_loss_accounting(make_row, make_model):
   np.testing.assert_allclose(float(loss), float(m['loss_ar'] + m['loss_diff']), rtol=1e-6)
   np.testing.assert_allclose(float(m['loss_ar']), float(ar), rtol=1e-5)
   assert float(m['loss_diff']) > 0
+
+
+@pytest.mark.parametrize('remat', ['none', 'block'])
+def test_scanned_layers_give_the_same_loss_and_gradients(make_row, remat):
+  """scan_layers: the pattern (GDN, attention) x 2 as a lax.scan over stacked params equals the
+  per-layer loop, for the two-stream loss and every parameter's gradient."""
+  cfg = config_lib.VARIANTS['tiny'].replace(
+      dtype='float32', gdn_chunk_size=16, remat=remat,
+      layer_types=(config_lib.LINEAR, config_lib.FULL) * 2)
+  batch = make_row(lengths=(12, 9), prompt=(2, 1))
+  objective = two_stream.ObjectiveConfig(block_size=3)
+  loss_fn = lambda m: two_stream.flare_loss(m, batch, jax.random.key(5), objective)[0]
+  (want, want_g), (got, got_g) = (
+      nnx.jit(nnx.value_and_grad(loss_fn))(transformer.FlareLM(c, rngs=nnx.Rngs(0)))
+      for c in (cfg, cfg.replace(scan_layers=True)))
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  for (path, g), (_, w) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(got_g)),
+                               jax.tree_util.tree_leaves_with_path(nnx.state(want_g))):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_layer_period():
+  L, F = config_lib.LINEAR, config_lib.FULL
+  assert transformer.layer_period((L, L, L, F) * 6) == 4
+  assert transformer.layer_period((L, F, L, F)) == 2
+  assert transformer.layer_period((L, L)) == 1
+  assert transformer.layer_period((L, F)) is None  # one repeat: nothing to scan
+  assert transformer.layer_period((L, L, F)) is None
