@@ -331,18 +331,29 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
                  n_drafted=state.n_drafted + bsz, n_accepted=state.n_accepted + n_acc)
 
 
+def _needed(targets, masked, eos_ids: tuple[int, ...]):
+  """Masked slots still worth denoising [B, bsz]: not after a committed EOS (never emitted)."""
+  if not eos_ids:
+    return masked
+  eos = jnp.isin(targets, jnp.asarray(eos_ids)) & ~masked
+  after_eos = (jnp.cumsum(eos, axis=1) - eos) > 0
+  return masked & ~after_eos
+
+
 def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
   """One denoising pass's commits from its logits [B, bsz, V]: (targets, masked), rows with nothing
-  masked left unchanged."""
+  needed left unchanged. Slots after a committed EOS stay masked (so they stay [MASK] in the block
+  the other slots see) but are never committed."""
   proposal = policies.sample(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
   probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
   conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
+  needed = _needed(targets, masked, cfg.eos_ids)
   if cfg.commit == 'threshold':
-    sel = policies.threshold_commit(conf, masked, cfg.threshold)
+    sel = policies.threshold_commit(conf, needed, cfg.threshold)
   else:
-    sel = policies.top_k_commit(conf, masked, cfg.tokens_per_pass)
-  sel = sel & jnp.any(masked, axis=1, keepdims=True)
+    sel = policies.top_k_commit(conf, needed, cfg.tokens_per_pass)
+  sel = sel & jnp.any(needed, axis=1, keepdims=True)
   return jnp.where(sel, proposal, targets), masked & ~sel
 
 
@@ -358,13 +369,14 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
     block = jnp.concatenate([pending, jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
     logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
     rng, sub = jax.random.split(rng)
-    active = jnp.any(masked, axis=1)
+    active = jnp.any(_needed(targets, masked, cfg.eos_ids), axis=1)
     targets, masked = _denoise_update(logits, targets, masked, sub, cfg)
     return targets, masked, passes + active.astype(jnp.int32), rng
 
   init = (state.block_targets, state.block_masked, jnp.zeros((b,), jnp.int32),
           jax.random.fold_in(state.rng, 0))
-  targets, _, passes, _ = jax.lax.while_loop(lambda c: jnp.any(c[1]), denoise, init)
+  targets, _, passes, _ = jax.lax.while_loop(
+      lambda c: jnp.any(_needed(c[0], c[1], cfg.eos_ids)), denoise, init)
   # --- One pass: advance the clean caches over [pending, targets[:-1]] and run the next block's
   # first noisy pass over [targets[-1], MASK x (bsz-1)] right after it. ---
   nxt = jnp.concatenate([targets[:, -1:], jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)

@@ -1,5 +1,7 @@
 """Sampler: greedy AR-Trust == AR, Diffusion-Trust (B=1, threshold 1) == AR,
 exact speculative sampling."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,38 +85,54 @@ def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_
 
 def _unfused_diffusion_trust(model, prompt, cfg):
   """Greedy Diffusion-Trust on one row with separate passes: noisy passes over the cache until the
-  block is committed, then its own clean pass advancing the cache (not fused with the next
-  block's first pass)."""
+  block is committed (up to its first EOS), then its own clean pass advancing the cache (not fused
+  with the next block's first pass). Returns (generated tokens, passes after the prefill)."""
   bsz, mask_id = cfg.block_size, model.cfg.resolved_mask_token_id
   cache = cache_lib.init_cache(model.cfg, 1, sampler_lib.buffer_len(len(prompt), cfg))
   at = lambda p: jnp.asarray([p], jnp.int32)
   fwd = nnx.jit(lambda m, t, meta, c: m(t, meta=meta, cache=c))
   _, cache = fwd(model, jnp.asarray([prompt[:-1]], jnp.int32),
                  sampler_lib._clean_meta(at(0), len(prompt) - 1), cache)
-  seq = list(prompt)
-  while len(seq) - len(prompt) < cfg.max_new_tokens:
+  seq, passes = list(prompt), 0
+  while len(seq) - len(prompt) < cfg.max_new_tokens and not set(seq[len(prompt):]) & set(
+      cfg.eos_ids):
     start = at(len(seq) - 1)
     targets, masked = jnp.zeros((1, bsz), jnp.int32), jnp.ones((1, bsz), bool)
-    while bool(jnp.any(masked)):
+    while bool(jnp.any(sampler_lib._needed(targets, masked, cfg.eos_ids))):
       block = jnp.concatenate([at(seq[-1:]), jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
       logits, _ = fwd(model, block, sampler_lib._noisy_meta(start, bsz), cache)
       targets, masked = sampler_lib._denoise_update(logits, targets, masked, None, cfg)
+      passes += 1
     block = jnp.concatenate([at(seq[-1:]), targets[:, :-1]], axis=1)
     _, cache = fwd(model, block, sampler_lib._clean_meta(start, bsz), cache)
-    seq += [int(t) for t in targets[0]]
-  return seq[len(prompt):len(prompt) + cfg.max_new_tokens]
+    passes += 1
+    new = [int(t) for t in targets[0]]
+    ends = [i for i, t in enumerate(new) if t in cfg.eos_ids]
+    seq += new[:ends[0] + 1] if ends else new
+  return seq[len(prompt):len(prompt) + cfg.max_new_tokens], passes
 
 
 @pytest.mark.parametrize('commit', ['threshold', 'fixed'])
-def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit):
-  """The advance over a finished block shares its pass with the next block's first noisy pass."""
+@pytest.mark.parametrize('with_eos', [False, True], ids=['no_eos', 'eos'])
+def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit, with_eos):
+  """The advance over a finished block shares its pass with the next block's first noisy pass:
+  same tokens, one pass fewer per block after the first. With an EOS, slots after a committed EOS
+  are not denoised."""
   prompts, lengths = _ragged_prompts(rng, [5, 3], 5)
   cfg = sampler_lib.SamplerConfig(mode='diffusion_trust', block_size=4, commit=commit,
                                   threshold=0.02, tokens_per_pass=2, max_new_tokens=10)
-  res = sampler_lib.Sampler(tiny).generate(prompts, lengths, cfg)
+  sampler = sampler_lib.Sampler(tiny)
+  if with_eos:  # a token the free run emits in its second block
+    eos = int(sampler.generate(prompts, lengths, cfg).tokens[0, 5])
+    cfg = dataclasses.replace(cfg, eos_ids=(eos,))
+  res = sampler.generate(prompts, lengths, cfg)
   for row in range(2):
-    want = _unfused_diffusion_trust(tiny, list(prompts[row, :lengths[row]]), cfg)
-    assert list(np.asarray(res.tokens[row])) == want, row
+    want, passes = _unfused_diffusion_trust(tiny, list(prompts[row, :lengths[row]]), cfg)
+    n = int(res.num_tokens[row])
+    assert list(np.asarray(res.tokens[row, :n])) == want, row
+    blocks = -(-n // cfg.block_size) if not with_eos or n == 10 else None
+    if blocks:  # no EOS cut: every block but the first saves its first pass
+      assert int(res.n_forward[row]) - 1 == passes - (blocks - 1), row
 
 
 def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
@@ -212,3 +230,14 @@ def test_sampled_ar_trust_matches_the_ar_distribution():
   p_value = float(jax.scipy.special.gammaincc(dof / 2, stat / 2))
   print(f'AR-Trust vs AR chi-square: stat={stat:.2f} dof={dof} p={p_value:.3f}')
   assert p_value > 1e-3, (stat, dof, p_value)
+
+
+def test_slots_after_a_committed_eos_are_not_needed():
+  targets = jnp.asarray([[5, 9, 7, 1], [9, 0, 0, 0], [5, 9, 7, 1]], jnp.int32)
+  masked = jnp.asarray([[True, False, True, True], [True, True, True, True],
+                        [True, True, False, True]])
+  got = sampler_lib._needed(targets, masked, (9,))
+  np.testing.assert_array_equal(got, [[True, False, False, False],  # after the EOS at slot 1
+                                      [True, True, True, True],  # the 9 is still masked
+                                      [True, True, False, True]])  # no committed EOS
+  np.testing.assert_array_equal(sampler_lib._needed(targets, masked, ()), masked)
