@@ -341,8 +341,8 @@ def _needed(targets, masked, eos_ids: tuple[int, ...]):
 
 
 def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
-  """One denoising pass's commits from its logits [B, bsz, V]: (targets, masked), rows with nothing
-  needed left unchanged. Slots after a committed EOS stay masked (so they stay [MASK] in the block
+  """One denoising pass's commits from its logits [B, bsz, V]: (targets, masked, active [B]: the
+  row still needed the pass), rows with nothing needed left unchanged. Slots after a committed EOS stay masked (so they stay [MASK] in the block
   the other slots see) but are never committed."""
   proposal = policies.sample(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
@@ -353,8 +353,9 @@ def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
     sel = policies.threshold_commit(conf, needed, cfg.threshold)
   else:
     sel = policies.top_k_commit(conf, needed, cfg.tokens_per_pass)
-  sel = sel & jnp.any(needed, axis=1, keepdims=True)
-  return jnp.where(sel, proposal, targets), masked & ~sel
+  active = jnp.any(needed, axis=1)
+  sel = sel & active[:, None]
+  return jnp.where(sel, proposal, targets), masked & ~sel, active
 
 
 def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
@@ -369,8 +370,7 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
     block = jnp.concatenate([pending, jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
     logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
     rng, sub = jax.random.split(rng)
-    active = jnp.any(_needed(targets, masked, cfg.eos_ids), axis=1)
-    targets, masked = _denoise_update(logits, targets, masked, sub, cfg)
+    targets, masked, active = _denoise_update(logits, targets, masked, sub, cfg)
     return targets, masked, passes + active.astype(jnp.int32), rng
 
   init = (state.block_targets, state.block_masked, jnp.zeros((b,), jnp.int32),
@@ -382,12 +382,13 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
   nxt = jnp.concatenate([targets[:, -1:], jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
   clean, noisy = _clean_meta(start, bsz), _noisy_meta(start + bsz, bsz)
   meta = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=1), clean, noisy)
-  logits, after, replays = model(jnp.concatenate([pending, targets[:, :-1], nxt], axis=1),
-                                 meta=meta, cache=state.cache, return_gdn_aux=True)
+  h, after, replays = model.hidden_states(
+      jnp.concatenate([pending, targets[:, :-1], nxt], axis=1), meta, cache=state.cache,
+      return_gdn_replay=True)
   cache = model.rollback(state.cache, after, replays, jnp.full((b,), bsz, jnp.int32))
-  next_targets, next_masked = _denoise_update(
-      logits[:, bsz:], jnp.zeros_like(targets), jnp.ones_like(state.block_masked),
-      jax.random.fold_in(state.rng, 2), cfg)
+  next_targets, next_masked, _ = _denoise_update(
+      model.logits(h[:, bsz:]), jnp.zeros_like(targets), jnp.ones_like(state.block_masked),
+      jax.random.fold_in(state.rng, 2), cfg)  # the LM head only on the noisy half
   state = state.replace(block_targets=next_targets, block_masked=next_masked)
   return _commit(state, targets, jnp.full((b,), bsz, jnp.int32), cfg, cache,
                  n_forward=state.n_forward + passes + 1)

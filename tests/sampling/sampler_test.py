@@ -101,7 +101,7 @@ def _unfused_diffusion_trust(model, prompt, cfg):
     while bool(jnp.any(sampler_lib._needed(targets, masked, cfg.eos_ids))):
       block = jnp.concatenate([at(seq[-1:]), jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
       logits, _ = fwd(model, block, sampler_lib._noisy_meta(start, bsz), cache)
-      targets, masked = sampler_lib._denoise_update(logits, targets, masked, None, cfg)
+      targets, masked, _ = sampler_lib._denoise_update(logits, targets, masked, None, cfg)
       passes += 1
     block = jnp.concatenate([at(seq[-1:]), targets[:, :-1]], axis=1)
     _, cache = fwd(model, block, sampler_lib._clean_meta(start, bsz), cache)
