@@ -8,7 +8,7 @@ it).
 A case reports the median latency of `--repeats` timed calls after `--warmup` calls (each call timed
 to `block_until_ready` / `torch.cuda.synchronize`) for the forward alone and for forward + backward
 (gradients of q, k, v, g, beta for a random output cotangent), and the peak bytes in use after each.
-Inputs: q, k l2-normalised, v normal, g = logsigmoid(U(0,1)) (fp32), beta = sigmoid(U(0,1)); H = HV.
+Inputs: `launch.gdn_cases.random_inputs` (the same distributions for fla).
 
 fla (PyTorch) refuses its gated backward on Hopper with Triton < 3.7.1 (fla issue #640, a Triton
 miscompile of chunk_bwd_dqkwg); for timing only, this script bypasses that guard
@@ -39,34 +39,13 @@ _CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "impl:B:T" and
 _GIB = 1024 ** 3
 
 
-
 def _jax_case(impl, b, t):
   """One JAX implementation through the api; returns the result dict."""
-  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
+  from launch import gdn_cases  # pylint: disable=g-import-not-at-top
 
-  h, dk, dv = _HEADS.value, _DK.value, _DV.value
-  dtype = jnp.dtype(_DTYPE.value)
-  ks = jax.random.split(jax.random.key(0), 6)
-  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  q = unit(jax.random.normal(ks[0], (b, t, h, dk))).astype(dtype)
-  k = unit(jax.random.normal(ks[1], (b, t, h, dk))).astype(dtype)
-  v = jax.random.normal(ks[2], (b, t, h, dv)).astype(dtype)
-  g = jax.nn.log_sigmoid(jax.random.uniform(ks[3], (b, t, h)))
-  beta = jax.nn.sigmoid(jax.random.uniform(ks[4], (b, t, h)))
-  do = jax.random.normal(ks[5], (b, t, h, dv)).astype(dtype)
-  args = (q, k, v, g, beta)
-  jax.block_until_ready((args, do))
-  fn = functools.partial(api.chunk_gated_delta_rule, implementation=impl)
-  fwd = jax.jit(lambda *a: fn(*a)[0])
-
-  @jax.jit
-  def fwdbwd(q, k, v, g, beta, do):
-    _, vjp = jax.vjp(lambda *a: fn(*a)[0], q, k, v, g, beta)
-    return vjp(do)
-
+  args, do = gdn_cases.random_inputs(b, t, _HEADS.value, _DK.value, _DV.value, _DTYPE.value)
+  fwd, fwdbwd = gdn_cases.jitted_calls(impl)
   dev = jax.devices()[0]
   peak = lambda: (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
   res = {'impl': impl, 'B': b, 'T': t, 'device': dev.device_kind, 'jax': jax.__version__}

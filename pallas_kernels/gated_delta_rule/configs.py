@@ -41,23 +41,33 @@ class BlockSizes:
   num_warps_bwd: int = 8
 
   @classmethod
-  def get_default(cls, head_dim: int = 128, device_kind: str = '') -> 'BlockSizes':
-    """Defaults by key/value head size (padded to a power of two) and device kind.
+  def get_default(cls, head_dim: int = 128, device_kind: str = '',
+                  family: str = 'triton') -> 'BlockSizes':
+    """Defaults by value head size (padded to a power of two), device kind and kernel family.
 
     Args:
       head_dim: the padded value head size V (power of two, >= 16).
       device_kind: `jax.devices()[0].device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
+      family: 'triton' | 'pallas'.
     """
-    del device_kind  # One setting for Ampere and Hopper so far (fla autotunes over the same space).
     bv = min(head_dim, 64)
     bv_out = min(head_dim, 128)
-    return cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_chunk=4,
+    base = cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_chunk=4,
                num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4)
+    if family == 'triton' and head_dim == 128 and _is_hopper(device_kind):
+      # launch.tune_gdn_kernels on an H200 (B x T = 8x4096 and 4x16384, H=16, bf16): two warps
+      # for the chunk-parallel kernels and three stages for the state passes, 5-10% faster.
+      return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
+    return base
 
 
-def block_sizes_for(vp: int) -> BlockSizes:
+def _is_hopper(device_kind: str) -> bool:
+  return any(name in device_kind for name in ('H100', 'H200', 'H800', 'H20', 'GH200'))
+
+
+def block_sizes_for(vp: int, family: str) -> BlockSizes:
   kind = '' if backend.default_backend() == 'cpu' else jax.devices()[0].device_kind
-  return BlockSizes.get_default(vp, kind)
+  return BlockSizes.get_default(vp, kind, family)
 
 
 def check_inputs(q, k, v, chunk_size: int, family: str) -> None:

@@ -441,7 +441,7 @@ def _bwd_chunk(q, k, v, vn, do, dv2, h, dh, gc, beta, t, segs, d: _Dims, bs, *, 
 def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=False):
   """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None)."""
   d = _Dims(q, v, chunk_size)
-  bs = configs.block_sizes_for(d.vd)
+  bs = configs.block_sizes_for(d.vd, 'pallas')
   w, u, gc, *t = _intra(k, v, g, beta, segs, d, bs, store_t=store_t, interpret=interpret)
   h, vn, ht = _state_pass(k, w, u, gc, h0, segs, d, bs, interpret=interpret)
   return d, bs, w, gc, h, vn, ht, (t[0] if t else None)
