@@ -58,25 +58,39 @@ def _time_ms(bs: configs.BlockSizes, args, do) -> float | None:
     return None
 
 
+def coordinate_descent(default: configs.BlockSizes, time_ms, *, candidates=None, rounds: int = 1,
+                       max_tile: int = 128, log=print):
+  """(best BlockSizes, its ms, the default's ms): each field in turn takes the candidate value
+  with the lowest `time_ms(BlockSizes)` (None = failed, skipped), the others fixed.
+
+  Raises:
+    RuntimeError: the default itself fails.
+  """
+  candidates = CANDIDATES if candidates is None else candidates
+  best = default
+  best_ms = default_ms = time_ms(default)
+  if default_ms is None:
+    raise RuntimeError(f'the default BlockSizes fail: {default}')
+  log(f'default {default_ms:.3f} ms  {default}')
+  for rnd in range(rounds):
+    for field, values in candidates.items():
+      for value in values:
+        if value == getattr(best, field) or (field in ('bv', 'bv_out') and value > max_tile):
+          continue
+        trial = dataclasses.replace(best, **{field: value})
+        ms = time_ms(trial)
+        log(f'  round {rnd} {field}={value}: {bench_util.fmt(ms, ".3f")} ms (best {best_ms:.3f})')
+        if ms is not None and ms < best_ms:
+          best, best_ms = trial, ms
+  return best, best_ms, default_ms
+
+
 def tune_shape(b: int, t: int, default: configs.BlockSizes) -> dict:
   """Coordinate descent over CANDIDATES for one (B, T); returns default/best times and sizes."""
   args, do = gdn_cases.random_inputs(b, t, _HEADS.value, _DK.value, _DV.value, _DTYPE.value)
-  best = default
-  best_ms = default_ms = _time_ms(default, args, do)
-  if default_ms is None:
-    raise RuntimeError(f'the default BlockSizes fail at B={b} T={t}: {default}')
-  print(f'{b}x{t} default {default_ms:.3f} ms  {default}', flush=True)
-  for rnd in range(_ROUNDS.value):
-    for field, values in CANDIDATES.items():
-      for value in values:
-        if value == getattr(best, field) or (field in ('bv', 'bv_out') and value > _DV.value):
-          continue
-        trial = dataclasses.replace(best, **{field: value})
-        ms = _time_ms(trial, args, do)
-        print(f'  round {rnd} {field}={value}: {bench_util.fmt(ms, ".3f")} ms '
-              f'(best {best_ms:.3f})', flush=True)
-        if ms is not None and ms < best_ms:
-          best, best_ms = trial, ms
+  best, best_ms, default_ms = coordinate_descent(
+      default, lambda bs: _time_ms(bs, args, do), rounds=_ROUNDS.value, max_tile=_DV.value,
+      log=lambda line: print(f'{b}x{t} {line}', flush=True))
   return dict(B=b, T=t, default_ms=default_ms, tuned_ms=best_ms,
               tuned=dataclasses.asdict(best), default=dataclasses.asdict(default))
 
