@@ -3,16 +3,18 @@
 The WY / UT-transform form of kernels.md section 2, split like fla's kernels (section 3). Per chunk
 of C tokens with entering state S0, G = cumsum(g) inside the chunk and decay D_ij = exp(G_i - G_j):
 
-  forward                                            backward (recompute, then reverse state pass)
-  1 _intra:  A = strict(beta_i k_i.k_j D_ij)        1 _intra again (stores T for the WY backward)
-             T = (I + A)^-1  (16-row blocks)          2 _state_pass again -> h, v_new
-             W = T diag(beta e^G) K, U = T diag(beta) V 3 _dv_local: scale (Q K^T * D)^T dO
-  2 _state_pass (serial over chunks per (b, h, V-tile), S in fp32):
-             v_new = U - W S0, store h = S0,          4 _dhu (serial, reverse): dv2 = dv_local +
-             S <- e^{G_C} S0 + K^T diag(e^{G_C - G}) v_new   diag(e^{G_C-G}) K dS; dS <- e^{G_C} dS
-  3 _output: O = scale (diag(e^G) Q S0 + (Q K^T * D) v_new)  + scale (e^G Q)^T dO - W^T dv2
-                                                     5 _bwd_chunk: dq, dk, dv, dbeta, dg (reverse
-                                                       cumsum inside the chunk) from O, S_C and WY.
+  forward                                            backward (from the saved W, G, h, v_new, T)
+  1 _intra:  A = strict(beta_i k_i.k_j D_ij)        1 _dv_local: scale (Q K^T * D)^T dO
+             T = (I + A)^-1  (16-row blocks)          2 _dhu (serial, reverse): dv2 = dv_local +
+             W = T diag(beta e^G) K, U = T diag(beta) V  diag(e^{G_C-G}) K dS; dS <- e^{G_C} dS
+  2 _state_pass (serial over chunks per (b, h, V-tile), S in fp32):   + scale (e^G Q)^T dO - W^T dv2
+             v_new = U - W S0, store h = S0,          3 _bwd_chunk: dq, dk, dv, dbeta, dg (reverse
+             S <- e^{G_C} S0 + K^T diag(e^{G_C - G}) v_new   cumsum inside the chunk) from O, S_C
+  3 _output: O = scale (diag(e^G) Q S0 + (Q K^T * D) v_new)    and WY.
+
+Unlike fla, which recomputes W, U and h in its backward, the forward keeps W, G, h, v_new and T
+(T stored only when differentiating): no second _intra and _state_pass, for about 1.5x the bytes of
+q, k, v held between the passes.
 
 Document resets (segment_ids) are masks inside chunks, as in `xla.py`: scores only within a segment
 (`same`), the entering state reaches only tokens of the segment active at the chunk start (`carry`),
@@ -450,30 +452,36 @@ def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=F
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk_size', 'interpret'))
 def _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret):
-  return _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret)[0]
+  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, False)[0]
 
 
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk_size', 'interpret'))
 def _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret):
+  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, True)
+
+
+def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_backward):
+  """((o, final state), residuals): as in triton.py, the residuals keep the forward's w, g cumsum,
+  chunk states, corrected values and T, so the backward recomputes nothing."""
   t, vd = q.shape[1], v.shape[3]
   kd = q.shape[3]
   pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
-  d, bs, _, gc, h, vn, ht, _ = _forward(pq, pk, pv, pg, pb, ph0, segs, scale, chunk_size,
-                                        interpret)
+  d, bs, w, gc, h, vn, ht, tmat = _forward(pq, pk, pv, pg, pb, ph0, segs, scale, chunk_size,
+                                           interpret, store_t=for_backward)
   o = _output(pq, pk, h, vn, gc, segs, d, bs, scale=scale, out_dtype=v.dtype, interpret=interpret)
   out = (o[:, :t, :, :vd], ht[:, :, :kd, :vd])
-  return out, (q, k, v, g, beta, h0, segs)
+  return out, ((q, k, v, g, beta, h0, segs, w, gc, h, vn, tmat) if for_backward else None)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _gdr_bwd(scale, chunk_size, interpret, res, cts):
-  q, k, v, g, beta, h0, segs = res
+  q, k, v, g, beta, h0, segs, w, gc, h, vn, tmat = res
   do, dht = cts
   b, t, hq, kd = q.shape
   vd = v.shape[3]
-  pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
-  d, bs, w, gc, h, vn, _, tmat = _forward(pq, pk, pv, pg, pb, ph0, segs, scale, chunk_size,
-                                          interpret, store_t=True)
+  pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
+  d = _Dims(pq, pv, chunk_size)
+  bs = configs.block_sizes_for(d.vd, 'pallas')
   pdo = configs.pad_to(do.astype(pv.dtype), (b, d.tp, d.hv, d.vd))
   pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
   dvl = _dv_local(pq, pk, gc, pdo, segs, d, bs, scale=scale, interpret=interpret)

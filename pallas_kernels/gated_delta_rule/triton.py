@@ -406,8 +406,8 @@ def _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size):
 
 def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, for_backward):
   """((o, final state), residuals). The residuals keep the forward's intermediates (w, g cumsum,
-  chunk states h, corrected values vn, the UT matrix T), so the backward recomputes nothing:
-  about 1.5x the bytes of q, k, v more held between the passes than fla, which recomputes them."""
+  chunk states h, corrected values vn, the UT matrix T), so the backward recomputes nothing (see
+  pallas.py's docstring)."""
   t, kd, vd = q.shape[1], q.shape[3], v.shape[3]
   pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d, bs, w, gc, h, vn, ht, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size,
