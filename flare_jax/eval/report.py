@@ -73,7 +73,7 @@ def write(results: dict, workdir: str) -> str:
   """Writes report.md and quality_vs_speed.png into workdir; returns the markdown."""
   ppl = results['perplexity']
   checks = '\n'.join(f"- {name}: **{'yes' if ok else 'NO'}**"
-                     for name, ok in results['checks'].items())
+                     for name, ok in results['checks'].items()) or '- (not run yet)'
   agreement = agreement_lines(results)
   if agreement:
     checks += '\n\n' + agreement

@@ -37,16 +37,45 @@ def test_agreement_counts_and_gap_at_the_first_difference():
   assert demo.ar_trust_agreement(model, TOK, ROWS, ar, ar, batch_size=2) == dict(identical=3, n=3)
 
 
-def test_checks_re_decode_a_16_bit_model_in_float32(bf16_model_dir):
-  model = model_io.load_model(bf16_model_dir)
+def _toy_results(model_dir):
+  model = model_io.load_model(model_dir)
   modes = {s: harness.mode_config(s, 5) for s in ('ar', 'ar_trust:b=3')}
-  examples = {'toy': ('numeric', ROWS)}
-  results = {'toy': {'flare_model': harness.evaluate(model, TOK, 'numeric', ROWS, modes,
-                                                     keep_outputs=True, batch_size=2)}}
-  agreement, checks = demo.ar_trust_checks(model, bf16_model_dir, TOK, examples, modes, results, 2)
-  assert list(checks) == ['toy: greedy AR-Trust == AR (float32 compute)']
-  assert checks['toy: greedy AR-Trust == AR (float32 compute)'] is True
-  assert agreement['toy']['ar_trust:b=3']['n'] == 3
+  res = harness.evaluate(model, TOK, 'numeric', ROWS, modes, keep_outputs=True, batch_size=2)
+  res['ar_trust:b=3']['outputs'] = list(res['ar']['outputs'])  # agree everywhere, to start with
+  return model, modes, {'toy': ('numeric', ROWS)}, {'toy': {'flare_model': res}}
+
+
+def test_checks_decode_only_the_differing_rows_again_in_float32(bf16_model_dir, monkeypatch):
+  model, modes, examples, results = _toy_results(bf16_model_dir)
+  decoded = []
+  evaluate = harness.evaluate
+  monkeypatch.setattr(harness, 'evaluate',
+                      lambda m, tok, kind, rows, *a, **kw: decoded.append(rows) or
+                      evaluate(m, tok, kind, rows, *a, **kw))
+  assert demo.ar_trust_checks(bf16_model_dir, TOK, examples, modes, results, 2) == {
+      'toy: greedy AR-Trust == AR': True}
+  assert not decoded  # all rows agree in bfloat16: nothing decoded again
+
+  # A flipped near-tie in row 1: only that row is decoded again, in float32, where both paths agree.
+  results['toy']['flare_model']['ar_trust:b=3']['outputs'][1] += 'x'
+  checks = demo.ar_trust_checks(bf16_model_dir, TOK, examples, modes, results, 2)
+  assert checks == {'toy: greedy AR-Trust == AR (bfloat16; 1 differing row(s) decoded again in '
+                    'float32 compute)': True}
+  assert decoded == [[ROWS[1]]]
+
+  agreement = demo.ar_trust_agreements(model, TOK, examples, modes, results, 2)
+  assert (agreement['toy']['ar_trust:b=3']['identical'], agreement['toy']['ar_trust:b=3']['n']) == (
+      2, 3)
   lines = report.agreement_lines({'config': {'model': {'dtype': 'bfloat16'}},
                                   'agreement': agreement})
-  assert 'toy, `ar_trust:b=3` at bfloat16 compute:' in lines and '/3 outputs identical' in lines
+  assert 'toy, `ar_trust:b=3` at bfloat16 compute: 2/3 outputs identical' in lines
+
+
+def test_a_float32_model_that_differs_fails_the_check(tmp_path):
+  cfg = config_lib.VARIANTS['tiny']
+  model_dir = str(tmp_path / 'model')
+  model_io.save_model(transformer.FlareLM(cfg, rngs=nnx.Rngs(0)), model_dir, cfg=cfg)
+  _, modes, examples, results = _toy_results(model_dir)
+  results['toy']['flare_model']['ar_trust:b=3']['outputs'][0] += 'x'
+  assert demo.ar_trust_checks(model_dir, TOK, examples, modes, results, 2) == {
+      'toy: greedy AR-Trust == AR': False}
