@@ -34,15 +34,16 @@ from pallas_kernels.gated_delta_rule import two_stream_xla
 from pallas_kernels.gated_delta_rule import xla as gdr_xla
 
 _F32 = jnp.float32
-_EXACT = jax.lax.Precision.HIGHEST
+_EXACT = jax.lax.Precision.HIGHEST  # fp32 inputs, and the unit-lower solve always
+_MMA = jax.lax.Precision.DEFAULT  # 16-bit inputs: TF32 tensor-core products, as the chunked kernels
 _FAR = 2 ** 30  # `lo` of slots whose seed state is zero: no clean token is that far
 _BLOCK_V = 64  # V tile (keeps the [K, V] checkpoint tile and the [S, V] carries in registers)
 
 
-def _mm(a, b, *, tb=False):
-  """fp32 a @ b (b optionally transposed), IEEE on GPU."""
+def _mm(a, b, prec, *, tb=False):
+  """fp32 a @ b (b optionally transposed) at `prec` (_EXACT: IEEE on GPU; _MMA: TF32)."""
   # pylint: disable-next=protected-access
-  return gdr_pallas._dot(a, b, _F32, tb=tb, precision=_EXACT)
+  return gdr_pallas._dot(a, b, _F32, tb=tb, precision=prec)
 
 
 def _iota(shape, dim):
@@ -50,7 +51,7 @@ def _iota(shape, dim):
 
 
 def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, carry_ref,
-                  kc_ref, vc_ref, gc_ref, h_ref, o_ref, *, c, s, n_tiles, scale):
+                  kc_ref, vc_ref, gc_ref, h_ref, o_ref, *, c, s, n_tiles, scale, prec):
   """One window of one view: noisy outputs of slots [nC, nC + n_tiles S).
 
   Refs (per program): q, k [Tp, K], v [Tp, BV], g, beta [Tp] fp32 (the whole padded noisy row of
@@ -58,9 +59,10 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
   position of the seed's local sum, _FAR if the seed state is zero; the seed's chunk if it also
   reads the checkpoint, else -1); clean chunk n: kc [C, K], vc = v' [C, BV], gc = G [C]; h [K, BV]
   the state entering chunk n. Output o [n_tiles S, BV]; only rows of blocks seeded in chunk n are
-  meaningful.
+  meaningful. Products run at `prec`; the unit-lower solve always in IEEE fp32.
   """
   n = pl.program_id(0)
+  mm = lambda a, b, tb=False: _mm(a, b, prec, tb=tb)
   kp, bv = q_ref.shape[-1], o_ref.shape[-1]
   k_ctx, v_ctx, g_ctx, h = kc_ref[...], vc_ref[...], gc_ref[...], h_ref[...]
   ipos = n * c + _iota((s, c), 1)  # S C: clean positions of chunk n
@@ -82,12 +84,12 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
     # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
     d_ii = jnp.exp(jnp.where(causal, gam[:, None] - gam[None, :], -jnp.inf))
     d_ip = jnp.exp(jnp.where(same_p, gam[:, None] - gam_p[None, :], -jnp.inf))
-    a_ii = jnp.where(strict, beta[:, None] * _mm(k, k, tb=True) * d_ii, 0.0)
-    a_ip = beta[:, None] * _mm(k, k_p, tb=True) * d_ip
+    a_ii = jnp.where(strict, beta[:, None] * mm(k, k, tb=True) * d_ii, 0.0)
+    a_ip = beta[:, None] * mm(k, k_p, tb=True) * d_ip
     t_ii = gdr_pallas._ut_inverse(a_ii, _EXACT)  # pylint: disable=protected-access
     eg = jnp.exp(gam)
-    w = _mm(t_ii, k * (beta * eg)[:, None] - _mm(a_ip, w_p))
-    u = _mm(t_ii, v * beta[:, None] - _mm(a_ip, u_p))
+    w = mm(t_ii, k * (beta * eg)[:, None] - mm(a_ip, w_p))
+    u = mm(t_ii, v * beta[:, None] - mm(a_ip, u_p))
 
     # --- Rows times the seed state, from h_n and clean chunk n (prefix identity). ---
     g_seed = jnp.sum(jnp.where(ipos == seed[:, None], g_ctx[None, :], 0.0), axis=1)  # one-hot
@@ -96,11 +98,11 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
     coef = jnp.where(carry == n, jnp.exp(g_seed), 0.0)
 
     def cross(x):  # x S(seed) row by row, x [S, K]
-      return _mm(_mm(x, k_ctx, tb=True) * e, v_ctx) + coef[:, None] * _mm(x, h)
+      return mm(mm(x, k_ctx, tb=True) * e, v_ctx) + coef[:, None] * mm(x, h)
 
     vn = u - cross(w)  # corrected values
-    o = (cross(q * eg[:, None]) + _mm(_mm(q, k, tb=True) * d_ii, vn)
-         + _mm(_mm(q, k_p, tb=True) * d_ip, vn_p))
+    o = (cross(q * eg[:, None]) + mm(mm(q, k, tb=True) * d_ii, vn)
+         + mm(mm(q, k_p, tb=True) * d_ip, vn_p))
     o_ref[pl.ds(i * s, s), :] = (scale * o).astype(o_ref.dtype)
     return k, g, gam, bs, w, u, vn
 
@@ -175,7 +177,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   wd = c + s
   out_spec = pl.BlockSpec((None, None, None, wd, None, bv),
                           lambda i, r, j, u, e: (r, u, i, 0, j, e))
-  kernel = functools.partial(_noisy_kernel, c=c, s=s, n_tiles=wd // s, scale=scale)
+  prec = _EXACT if noisy[0].dtype == _F32 else _MMA
+  kernel = functools.partial(_noisy_kernel, c=c, s=s, n_tiles=wd // s, scale=scale, prec=prec)
   o = pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((b, nv, n, wd, hv, vdp), _F32),
       grid=(n, b, hv, nv, vdp // bv),
