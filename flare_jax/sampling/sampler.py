@@ -131,7 +131,10 @@ def _freeze(done, old, new):
   return jax.tree.map(pick, old, new)
 
 
-_ROW_FIELDS = ('tokens', 'length', 'done', 'cache', 'n_forward', 'n_drafted', 'n_accepted')
+# Fields frozen once a row is done. Not the caches: a finished row's cache is never read for any
+# output again (rows are independent), and its writes stay inside the buffer because its length is
+# frozen; freezing them would read and rewrite every cache leaf at every step.
+_ROW_FIELDS = ('tokens', 'length', 'done', 'n_forward', 'n_drafted', 'n_accepted')
 
 
 def _eos_hit(tokens: jax.Array, count: jax.Array, eos_ids: tuple[int, ...]):
@@ -342,8 +345,8 @@ def _needed(targets, masked, eos_ids: tuple[int, ...]):
 
 def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
   """One denoising pass's commits from its logits [B, bsz, V]: (targets, masked, active [B]: the
-  row still needed the pass), rows with nothing needed left unchanged. Slots after a committed EOS stay masked (so they stay [MASK] in the block
-  the other slots see) but are never committed."""
+  row still needed the pass), rows with nothing needed left unchanged. Slots after a committed EOS
+  stay masked (so they stay [MASK] in the block the other slots see) but are never committed."""
   proposal = policies.sample(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
   probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
@@ -373,8 +376,9 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
     targets, masked, active = _denoise_update(logits, targets, masked, sub, cfg)
     return targets, masked, passes + active.astype(jnp.int32), rng
 
-  init = (state.block_targets, state.block_masked, jnp.zeros((b,), jnp.int32),
-          jax.random.fold_in(state.rng, 0))
+  # Finished rows need no denoising: they must not keep the loop below going.
+  init = (state.block_targets, state.block_masked & ~state.done[:, None],
+          jnp.zeros((b,), jnp.int32), jax.random.fold_in(state.rng, 0))
   targets, _, passes, _ = jax.lax.while_loop(
       lambda c: jnp.any(_needed(c[0], c[1], cfg.eos_ids)), denoise, init)
   # --- One pass: advance the clean caches over [pending, targets[:-1]] and run the next block's

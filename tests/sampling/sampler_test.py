@@ -135,7 +135,7 @@ def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit, with_eo
       assert int(res.n_forward[row]) - 1 == passes - (blocks - 1), row
 
 
-def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
+def test_eos_stops_a_row_and_pads_the_rest_leaving_the_others_alone(tiny, rng):
   prompts, lengths = _ragged_prompts(rng, [5, 5], 5)
   sampler = sampler_lib.Sampler(tiny)
   free = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar', max_new_tokens=6))
@@ -147,6 +147,10 @@ def test_eos_stops_a_row_and_pads_the_rest(tiny, rng):
     first = row.index(eos)
     assert row[:first + 1] == list(np.asarray(free.tokens[0, :first + 1]))
     assert row[first + 1:] == [-1] * (5 - first) and int(res.num_tokens[0]) == first + 1
+    # The other row is untouched by row 0 finishing (its cache keeps being written, never read).
+    other, free_other = list(np.asarray(res.tokens[1])), list(np.asarray(free.tokens[1]))
+    n = int(res.num_tokens[1])
+    assert other[:n] == free_other[:n] and (n == 6 or free_other[n - 1] == eos)
 
 
 @pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
