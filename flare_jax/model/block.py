@@ -1,5 +1,6 @@
 """Pre-norm decoder block: mixer (GDN or attention) + SwiGLU MLP, each with a residual."""
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from flare_jax import sharding as shd
@@ -31,14 +32,18 @@ class Block(nnx.Module):
   def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
                cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None,
                return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'chunked',
-               max_block: int = 32):
+               max_block: int = 32, noisy_tail: int = 0):
     """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None).
 
     With num_views > 0 the row is a two-stream row (clean stream then the noisy views, no cache).
+    With noisy_tail = n > 0 (cached calls): the last n tokens are one noisy block seeded where each
+    row's valid prefix of the first T - n tokens ends; the cache advances over that prefix only.
     """
     x = self.input_layernorm(h)
     replay = None
-    if self.layer_type == config_lib.FULL:
+    if noisy_tail:
+      x, cache = self._mixer_with_noisy_tail(x, meta, cache, valid, noisy_tail)
+    elif self.layer_type == config_lib.FULL:
       x, cache = self.self_attn(x, meta, cache=cache)
     elif num_views:
       x = self.linear_attn.two_stream(x, meta, num_views, gdn_schedule, max_block)
@@ -48,5 +53,23 @@ class Block(nnx.Module):
     else:
       x, cache = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid)
     h = h + x
-    h = h + self.mlp(self.post_attention_layernorm(h))
+    h = h + self.mlp(self.post_attention_layernorm(h))  # all tokens at once, noisy tail included
     return shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache, replay
+
+  def _mixer_with_noisy_tail(self, x, meta, cache, valid, n: int):
+    """The mixer over [clean prefix (valid per row), noisy block of n]: the clean part advances the
+    cache; the block then runs over that cache as a separate continuation (its cache dropped), so it
+    starts exactly at each row's valid end whatever the padding in between."""
+    if cache is None:
+      raise ValueError('noisy_tail needs a cache')
+    head = lambda a: a[:, :-n]
+    tail = lambda a: a[:, -n:]
+    meta_c, meta_n = jax.tree.map(head, meta), jax.tree.map(tail, meta)
+    valid_c = None if valid is None else head(valid)
+    if self.layer_type == config_lib.FULL:
+      y_c, cache = self.self_attn(head(x), meta_c, cache=cache)
+      y_n, _ = self.self_attn(tail(x), meta_n, cache=cache)
+    else:
+      y_c, cache = self.linear_attn(head(x), meta_c.segment_ids, state=cache, valid=valid_c)
+      y_n, _ = self.linear_attn(tail(x), meta_n.segment_ids, state=cache)
+    return jnp.concatenate([y_c, y_n], axis=1), cache

@@ -55,7 +55,8 @@ class FlareLM(nnx.Module):
   def hidden_states(self, tokens: jax.Array, meta: mask_lib.TokenMeta, *,
                     cache: tuple[cache_lib.LayerCache, ...] | None = None,
                     valid: jax.Array | None = None, return_gdn_replay: bool = False,
-                    num_views: int = 0, gdn_schedule: str = 'chunked', max_block: int = 32):
+                    num_views: int = 0, gdn_schedule: str = 'chunked', max_block: int = 32,
+                    noisy_tail: int = 0):
     """Final-normed hidden states [B, T, D], the updated cache (None without a cache) and, with
     `return_gdn_replay`, a per-layer tuple of GDNReplay (None for attention layers).
 
@@ -63,7 +64,12 @@ class FlareLM(nnx.Module):
     sharing the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'chunked',
     'lean' or 'simple' and max_block bounds the noisy block length in slots (the objective's block
     size).
+    noisy_tail = n > 0 (with a cache): the last n tokens are one noisy block seeded at the end of
+    each row's valid prefix (Diffusion-Trust's first block primed in the prefill); the cache
+    advances over the valid prefix only.
     """
+    if noisy_tail and (cache is None or return_gdn_replay):
+      raise ValueError('noisy_tail needs a cache and no GDN replay')
     h = self.embed_tokens.encode(tokens)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED))
     stream = dict(num_views=num_views, gdn_schedule=gdn_schedule, max_block=max_block)
@@ -78,7 +84,8 @@ class FlareLM(nnx.Module):
         replay = None
       else:
         h, layer_cache, replay = blk(h, meta, cache=layer_cache, valid=valid,
-                                     return_replay=return_gdn_replay, **stream)
+                                     return_replay=return_gdn_replay, noisy_tail=noisy_tail,
+                                     **stream)
       new_cache.append(layer_cache)
       replays.append(replay)
     new_cache = None if cache is None else tuple(new_cache)

@@ -205,7 +205,8 @@ class Sampler:
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
-    state = _start(self.graphdef, self.params, prompts, lengths, rng, cfg=cfg, pad_id=0)
+    state = _start(self.graphdef, self.params, prompts, lengths, rng, cfg=cfg, pad_id=0,
+                   mask_id=self.model_cfg.resolved_mask_token_id)
     emitted = 0
     while True:
       state = _advance(self.graphdef, self.params, state, cfg=cfg,
@@ -225,21 +226,38 @@ def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:
   return prompt_width + cfg.max_new_tokens + cfg.slack
 
 
-def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id: int):
-  """Prefills everything but each row's last prompt token (it becomes the pending token)."""
+def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id: int,
+                mask_id: int):
+  """Prefills everything but each row's last prompt token (it becomes the pending token). For
+  Diffusion-Trust the same call also runs the first block's first noisy pass over
+  [pending, MASK x (bsz-1)] (a noisy tail seeded at each row's end), so the first block starts
+  primed like every later one."""
   b, p = prompts.shape
   s = buffer_len(p, cfg)
   tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
   cache = cache_lib.init_cache(model.cfg, b, s)
   valid = jnp.arange(p)[None] < (prompt_lengths - 1)[:, None]
-  _, cache = model(prompts, meta=_clean_meta(jnp.zeros((b,), jnp.int32), p), cache=cache,
-                   valid=valid)
+  meta = _clean_meta(jnp.zeros((b,), jnp.int32), p)
+  bsz = cfg.block_size
+  targets, masked = jnp.zeros((b, bsz), jnp.int32), jnp.ones((b, bsz), bool)
+  if cfg.mode == 'diffusion_trust':
+    start = prompt_lengths - 1
+    block = jnp.concatenate([jnp.take_along_axis(prompts, start[:, None], axis=1),
+                             jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
+    meta = jax.tree.map(lambda c, n: jnp.concatenate([c, n], axis=1), meta,
+                        _noisy_meta(start, bsz))
+    h, cache = model.hidden_states(jnp.concatenate([prompts, block], axis=1), meta, cache=cache,
+                                   valid=jnp.pad(valid, ((0, 0), (0, bsz)), constant_values=True),
+                                   noisy_tail=bsz)
+    targets, masked, _ = _denoise_update(model.logits(h[:, p:]), targets, masked,
+                                         jax.random.fold_in(rng, 3), cfg)  # 0-2: the steps' keys
+  else:
+    _, cache = model(prompts, meta=meta, cache=cache, valid=valid)
   zeros = jnp.zeros((b,), jnp.int32)
   return DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
                      done=jnp.zeros((b,), bool), cache=cache, rng=rng,
                      step=jnp.zeros((), jnp.int32), n_forward=zeros + 1, n_drafted=zeros,
-                     n_accepted=zeros, block_targets=jnp.zeros((b, cfg.block_size), jnp.int32),
-                     block_masked=jnp.ones((b, cfg.block_size), bool))
+                     n_accepted=zeros, block_targets=targets, block_masked=masked)
 
 
 def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int) -> DecodeState:
@@ -260,15 +278,16 @@ def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult
 def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
   model = nnx.merge(graphdef, params)
-  state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id)
+  state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
   state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
                              lambda st: _iteration(model, st, cfg, mask_id), state)
   return _result(state, cfg, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id'))
-def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id):
-  return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
+def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
+  return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id,
+                     mask_id)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id'), donate_argnames='state')

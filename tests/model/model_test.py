@@ -118,6 +118,34 @@ def test_right_padded_prefill_continues_each_row_exactly(rng):
     np.testing.assert_allclose(step_logits[b, 0], ref[0, -1], atol=5e-5, rtol=5e-5)
 
 
+def test_prefill_with_a_noisy_tail_equals_prefill_then_a_noisy_pass(rng):
+  """One cached call over [right-padded prompts, noisy block]: the cache is the plain prefill's,
+  and the block's logits are those of a separate noisy pass over that cache, seeded at each row's
+  own end (ragged rows: the padding between prompt and block is skipped)."""
+  model, cfg = _model(layer_types=(L, F, L))
+  lengths, width, blk = np.array([5, 9]), 9, 3
+  tokens = _tokens(rng, 2, width)
+  valid = jnp.asarray(np.arange(width)[None] < lengths[:, None])
+  block = _tokens(rng, 2, blk).at[:, 1:].set(cfg.resolved_mask_token_id)
+  pos = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (2, width))
+  clean = transformer.default_meta(tokens, positions=pos)
+  bpos = jnp.asarray(lengths[:, None] + np.arange(blk)[None], jnp.int32)
+  noisy = mask_lib.TokenMeta(jnp.zeros_like(bpos), bpos, jnp.ones_like(bpos),
+                             jnp.broadcast_to(bpos[:, :1], bpos.shape))
+  empty = cache_lib.init_cache(cfg, batch=2, max_len=16)
+  _, want_cache = _fwd(model, tokens, meta=clean, cache=empty, valid=valid)
+  want, _ = _fwd(model, block, meta=noisy, cache=want_cache)
+
+  meta = mask_lib.TokenMeta(*(jnp.concatenate([a, b], 1) for a, b in zip(clean, noisy)))
+  fused = nnx.jit(lambda m, t, c, v: m.hidden_states(t, meta, cache=c, valid=v,
+                                                      noisy_tail=blk))
+  h, got_cache = fused(model, jnp.concatenate([tokens, block], 1), empty,
+                       jnp.concatenate([valid, jnp.ones((2, blk), bool)], 1))
+  np.testing.assert_allclose(model.logits(h[:, width:]), want, atol=5e-5, rtol=5e-5)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+    np.testing.assert_allclose(got_leaf, want_leaf, atol=1e-6)
+
+
 def test_causal_conv_matches_a_loop_with_resets_and_window(rng):
   b, t, c, kc = 2, 11, 3, 4
   x = rng.standard_normal((b, t, c)).astype(np.float32)

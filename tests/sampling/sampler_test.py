@@ -77,10 +77,10 @@ def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_
         mode='diffusion_trust', block_size=4, commit='fixed', tokens_per_pass=k, max_new_tokens=8))
     assert list(np.asarray(res.num_tokens)) == [8, 8]
     passes.append(np.asarray(res.n_forward))
-  # Per block of 4: 4 / k denoising passes, the first of them (after the first block) fused with
-  # the previous block's commit pass; plus the prefill and the last commit pass.
-  np.testing.assert_array_equal(passes[0], 1 + 2 * 4 + 1)
-  np.testing.assert_array_equal(passes[1], 1 + 2 * 1 + 1)
+  # The prefill, then per block of 4: 4 / k denoising passes, the first of them fused with the
+  # prefill (first block) or with the previous block's commit pass; then its own commit pass.
+  np.testing.assert_array_equal(passes[0], 1 + 2 * (4 - 1) + 2)
+  np.testing.assert_array_equal(passes[1], 1 + 2 * (1 - 1) + 2)
 
 
 def _unfused_diffusion_trust(model, prompt, cfg):
@@ -115,9 +115,9 @@ def _unfused_diffusion_trust(model, prompt, cfg):
 @pytest.mark.parametrize('commit', ['threshold', 'fixed'])
 @pytest.mark.parametrize('with_eos', [False, True], ids=['no_eos', 'eos'])
 def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit, with_eos):
-  """The advance over a finished block shares its pass with the next block's first noisy pass:
-  same tokens, one pass fewer per block after the first. With an EOS, slots after a committed EOS
-  are not denoised."""
+  """The advance over a finished block shares its pass with the next block's first noisy pass, and
+  the prefill with the first block's: same tokens, one pass fewer per block. With an EOS, slots
+  after a committed EOS are not denoised."""
   prompts, lengths = _ragged_prompts(rng, [5, 3], 5)
   cfg = sampler_lib.SamplerConfig(mode='diffusion_trust', block_size=4, commit=commit,
                                   threshold=0.02, tokens_per_pass=2, max_new_tokens=10)
@@ -131,8 +131,8 @@ def test_fused_diffusion_trust_equals_separate_passes(tiny, rng, commit, with_eo
     n = int(res.num_tokens[row])
     assert list(np.asarray(res.tokens[row, :n])) == want, row
     blocks = -(-n // cfg.block_size) if not with_eos or n == 10 else None
-    if blocks:  # no EOS cut: every block but the first saves its first pass
-      assert int(res.n_forward[row]) - 1 == passes - (blocks - 1), row
+    if blocks:  # no EOS cut: every block saves its first pass (the first block's is in the prefill)
+      assert int(res.n_forward[row]) - 1 == passes - blocks, row
 
 
 def test_eos_stops_a_row_and_pads_the_rest_leaving_the_others_alone(tiny, rng):
