@@ -96,8 +96,9 @@ match); arithmetic with operands 0..{cfg['demo'].get('arithmetic_max_operand', 1
 
 ## Quality and speed per decoding setting
 `b`: block size; `threshold`: Diffusion-Trust confidence to commit; `k`: tokens committed per pass.
-Passes / token counts decode forward passes (prefill excluded): plain AR is 1.0. Diffusion-Trust's
-prefill also runs the first block's first denoising pass, as each block's commit pass runs the next's.
+Passes / token counts decode forward passes (prefill excluded): plain AR is 1.0. The prefill also
+runs AR-Trust's first draft pass and Diffusion-Trust's first denoising pass (as each block's commit
+pass runs the next block's).
 
 {table(results)}
 

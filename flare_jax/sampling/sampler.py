@@ -86,9 +86,12 @@ class DecodeState:
   n_forward: jax.Array  # [B] model passes spent on the row while it was active
   n_drafted: jax.Array  # [B] AR-Trust drafts proposed
   n_accepted: jax.Array  # [B] AR-Trust drafts accepted
-  # Diffusion-Trust: the next block after its first noisy pass (run with the previous advance).
-  block_targets: jax.Array  # [B, block_size] int32 committed targets
-  block_masked: jax.Array  # [B, block_size] bool, still masked
+  # The next block after its first noisy pass (run with the prefill or the previous advance):
+  # Diffusion-Trust's committed targets, or AR-Trust's first drafts (from the prefill only).
+  block_targets: jax.Array  # [B, block_size] int32
+  block_masked: jax.Array  # [B, block_size] bool, still masked (Diffusion-Trust)
+  draft_q: jax.Array  # [B, block_size, vocab] AR-Trust's first draft distributions ([B, bsz, 1]
+  # when greedy: they are one-hot of the drafts)
 
 
 @flax.struct.dataclass
@@ -229,9 +232,9 @@ def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:
 def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id: int,
                 mask_id: int):
   """Prefills everything but each row's last prompt token (it becomes the pending token). For
-  Diffusion-Trust the same call also runs the first block's first noisy pass over
-  [pending, MASK x (bsz-1)] (a noisy tail seeded at each row's end), so the first block starts
-  primed like every later one."""
+  Diffusion-Trust and AR-Trust the same call also runs the first noisy pass over
+  [pending, MASK x (bsz-1)] (a noisy tail seeded at each row's end): Diffusion-Trust's first block
+  starts primed like every later one, and AR-Trust's first step only verifies."""
   b, p = prompts.shape
   s = buffer_len(p, cfg)
   tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
@@ -240,7 +243,8 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
   meta = _clean_meta(jnp.zeros((b,), jnp.int32), p)
   bsz = cfg.block_size
   targets, masked = jnp.zeros((b, bsz), jnp.int32), jnp.ones((b, bsz), bool)
-  if cfg.mode == 'diffusion_trust':
+  draft_q = jnp.zeros((b, bsz, 1 if cfg.greedy else model.cfg.vocab_size), jnp.float32)
+  if cfg.mode in ('diffusion_trust', 'ar_trust'):
     start = prompt_lengths - 1
     block = jnp.concatenate([jnp.take_along_axis(prompts, start[:, None], axis=1),
                              jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
@@ -249,15 +253,21 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
     h, cache = model.hidden_states(jnp.concatenate([prompts, block], axis=1), meta, cache=cache,
                                    valid=jnp.pad(valid, ((0, 0), (0, bsz)), constant_values=True),
                                    noisy_tail=bsz)
-    targets, masked, _ = _denoise_update(model.logits(h[:, p:]), targets, masked,
-                                         jax.random.fold_in(rng, 3), cfg)  # 0-2: the steps' keys
+    logits, key = model.logits(h[:, p:]), jax.random.fold_in(rng, 3)  # 0-2: the steps' keys
+    if cfg.mode == 'diffusion_trust':
+      targets, masked, _ = _denoise_update(logits, targets, masked, key, cfg)
+    else:
+      targets = policies.sample(key, logits, cfg.temperature, cfg.top_k, cfg.top_p)
+      if not cfg.greedy:
+        draft_q = policies.probs_of(logits, cfg.temperature, cfg.top_k, cfg.top_p)
   else:
     _, cache = model(prompts, meta=meta, cache=cache, valid=valid)
   zeros = jnp.zeros((b,), jnp.int32)
   return DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
                      done=jnp.zeros((b,), bool), cache=cache, rng=rng,
                      step=jnp.zeros((), jnp.int32), n_forward=zeros + 1, n_drafted=zeros,
-                     n_accepted=zeros, block_targets=targets, block_masked=masked)
+                     n_accepted=zeros, block_targets=targets, block_masked=masked,
+                     draft_q=draft_q)
 
 
 def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int) -> DecodeState:
@@ -334,11 +344,23 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
   start = state.length - 1
   pending = _pending(state)
   draft_rng, accept_rng = jax.random.split(jax.random.fold_in(state.rng, 0))
-  # --- Draft: one noisy pass; slot i predicts the token at position start + 1 + i. ---
-  block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
-  q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
-  drafts = policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
-  q = policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+
+  # --- Draft: one noisy pass; slot i predicts the token at position start + 1 + i. The first
+  # step's drafts come from the prefill. ---
+  def draft():
+    block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
+    q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
+    return (policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p),
+            policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p))
+
+  def primed():
+    q = state.draft_q
+    if cfg.greedy:
+      q = jax.nn.one_hot(state.block_targets, model.cfg.vocab_size, dtype=jnp.float32)
+    return state.block_targets, q
+
+  first = state.step == 0
+  drafts, q = jax.lax.cond(first, primed, draft)
   # --- Verify: one clean pass over [pending, drafts]; keep the replay inputs of the GDN layers. ---
   verify = jnp.concatenate([pending, drafts], axis=1)
   p_logits, cache, aux = model(verify, meta=_clean_meta(start, bsz + 1), cache=state.cache,
@@ -349,7 +371,8 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
   cache = model.rollback(state.cache, cache, aux, n_acc + 1)
   new_tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
   new_tokens = jnp.where(jnp.arange(bsz + 1)[None] == n_acc[:, None], nxt[:, None], new_tokens)
-  return _commit(state, new_tokens, n_acc + 1, cfg, cache, n_forward=state.n_forward + 2,
+  return _commit(state, new_tokens, n_acc + 1, cfg, cache,
+                 n_forward=state.n_forward + 2 - first.astype(jnp.int32),
                  n_drafted=state.n_drafted + bsz, n_accepted=state.n_accepted + n_acc)
 
 

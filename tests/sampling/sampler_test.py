@@ -57,6 +57,10 @@ def test_greedy_ar_trust_equals_greedy_ar(tiny, rng, block):
       mode='ar_trust', block_size=block, max_new_tokens=13))
   np.testing.assert_array_equal(spec.tokens, ar.tokens)
   assert np.all(np.asarray(spec.n_accepted) <= np.asarray(spec.n_drafted))
+  # The prefill, then a draft and a verify pass per step, except the first step's draft, which
+  # the prefill carried.
+  steps = np.asarray(spec.n_drafted) // block
+  np.testing.assert_array_equal(spec.n_forward, 1 + 2 * steps - 1)
 
 
 def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar(tiny, rng):
