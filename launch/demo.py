@@ -32,6 +32,7 @@ from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
 from flare_jax.eval import report
 from flare_jax.eval import tasks
+from launch import runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo_cpu.py', 'Demo config file.',
                                           lock_config=True)
@@ -198,6 +199,7 @@ def main(argv):
                      f'--config.optim.lr={c.demo.flare_lr}'])
 
   _say('(c) evaluation')
+  runtime.enable_compilation_cache(c.train.compilation_cache, workdir)  # a rerun skips compiles
   tok = tokenizer_lib.load_tokenizer(c.data.tokenizer)
   paths = heldout_tasks(workdir, c.demo.eval_examples, c.demo.arithmetic_max_operand)
   modes = {s: harness.mode_config(s, c.demo.max_new_tokens)

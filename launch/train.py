@@ -5,14 +5,13 @@ Multi-process (one process per GPU or host): add --multihost; jax.distributed.in
 cluster (SLURM, Open MPI, Kubernetes, ...) or takes --coordinator_address, --num_processes and
 --process_id. Every process gets the same flags and --workdir (a shared filesystem).
 """
-import os
-
 import jax
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from flare_jax.train import loop
+from launch import runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output dir (resumes if it has a checkpoint).',
@@ -32,10 +31,7 @@ def main(argv):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   c, workdir = _CONFIG.value, _WORKDIR.value
-  cache = c.train.compilation_cache
-  if cache:  # process-wide, before the first compile: a restarted run reuses its executables
-    jax.config.update('jax_compilation_cache_dir',
-                      os.path.join(workdir, 'xla_cache') if cache == 'workdir' else cache)
+  runtime.enable_compilation_cache(c.train.compilation_cache, workdir)
   loop.train_and_evaluate(c, workdir)
 
 
