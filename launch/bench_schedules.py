@@ -102,7 +102,11 @@ def _run_child(schedule: str) -> None:
   else:
     f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
   cot = jax.random.normal(jax.random.key(1), jax.eval_shape(f, clean, noisy).shape, jnp.float32)
-  fns = dict(fwd=f, fwdbwd=jax.grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
+  # value_and_grad, not grad: the loss keeps the forward's output live, as in training. With grad
+  # alone a custom_vjp whose residuals are its inputs (the clean kernels before they saved their
+  # intermediates) had its whole forward dropped by XLA.
+  fns = dict(fwd=f,
+             fwdbwd=jax.value_and_grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value)
   for mode in _MODES.value:
