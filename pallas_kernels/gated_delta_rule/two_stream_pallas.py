@@ -18,10 +18,20 @@ its seed's window (its own chunk's or the previous one), outside the kernel.
 Padding is exact: K and V to powers of two >= 16 (zero keys, queries, values), T to whole windows
 (zero k/v, g = beta = 0, each padding slot a block of its own), C to a power of two >= 16.
 
-Gradients: `jax.custom_vjp` whose backward is `jax.vjp` of the pure-JAX `noisy_delta_rule_chunked`
-(a kernel backward, kernels.md 6.2, is a later step).
+Gradients (kernels.md 6.2): a second pallas_call on the same grid walks each window's row tiles
+again. Step i rebuilds the WY step of tiles (i - 1, i) as one 2S-row system with no carry from
+tile i - 2, which is exact for every block reaching into tile i (a block spans at most two tiles),
+and backpropagates tile i's output cotangent through it: into the noisy q, k, v, g, beta of both
+tiles (tile i - 1 is then complete and stored) and into the window's clean inputs (k, v', G of
+chunk n and h_n, summed in registers and stored once per program). Plain JAX sums the overlapping
+windows, V tiles, views and GQA heads, and carries the v', G, h cotangents into the clean q, k, v,
+g, beta through `jax.vjp` of the clean chunked pass. Opt-in (`backward='kernel'`): it matches in
+interpret mode, but at K = 128 it asks for 356 KB of shared memory on an H200 (232 KB available),
+so the default backward is still `jax.vjp` of the pure-JAX `noisy_delta_rule_chunked`
+(`backward='autodiff'`).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +50,34 @@ _FAR = 2 ** 30  # `lo` of slots whose seed state is zero: no clean token is that
 _BLOCK_V = 64  # V tile (keeps the [K, V] checkpoint tile and the [S, V] carries in registers)
 
 
-def _mm(a, b, prec, *, tb=False):
-  """fp32 a @ b (b optionally transposed) at `prec` (_EXACT: IEEE on GPU; _MMA: TF32)."""
+def _mm(a, b, prec, *, ta=False, tb=False):
+  """fp32 a @ b (operands optionally transposed) at `prec` (_EXACT: IEEE on GPU; _MMA: TF32)."""
   # pylint: disable-next=protected-access
-  return gdr_pallas._dot(a, b, _F32, tb=tb, precision=prec)
+  return gdr_pallas._dot(a, b, _F32, ta=ta, tb=tb, precision=prec)
 
 
 def _iota(shape, dim):
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def _tile_rows(ref, start, size):
+  """Index of rows [start, start + size) of a 1-D or 2-D ref."""
+  return (pl.ds(start, size),) + (slice(None),) * (len(ref.shape) - 1)
+
+
+def _seed_terms(g_ctx, ipos, seed, lo, carry, n):
+  """How rows reach their seed state from window n's context (prefix identity).
+
+  g_ctx [C] the clean G of chunk n; ipos [R, C] its positions; seed, lo, carry [R] (see
+  `_noisy_kernel`). Returns (e [R, C] = e^{G_seed - G_i} on the seed's local sum, else 0;
+  coef [R] = e^{G_seed} where the row also reads h_n, else 0; the one-hot [R, C] of the seed).
+  """
+  at_seed = ipos == seed[:, None]
+  g_seed = jnp.sum(jnp.where(at_seed, g_ctx[None, :], 0.0), axis=1)  # one-hot: exact
+  local = (ipos >= lo[:, None]) & (ipos <= seed[:, None])  # empty unless the seed is in chunk n
+  e = jnp.exp(jnp.where(local, g_seed[:, None] - g_ctx[None, :], -jnp.inf))
+  coef = jnp.where(carry == n, jnp.exp(g_seed), 0.0)
+  return e, coef, at_seed
 
 
 def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, carry_ref,
@@ -92,10 +122,7 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
     u = mm(t_ii, v * beta[:, None] - mm(a_ip, u_p))
 
     # --- Rows times the seed state, from h_n and clean chunk n (prefix identity). ---
-    g_seed = jnp.sum(jnp.where(ipos == seed[:, None], g_ctx[None, :], 0.0), axis=1)  # one-hot
-    local = (ipos >= lo[:, None]) & (ipos <= seed[:, None])  # empty unless the seed is in chunk n
-    e = jnp.exp(jnp.where(local, g_seed[:, None] - g_ctx[None, :], -jnp.inf))  # S C
-    coef = jnp.where(carry == n, jnp.exp(g_seed), 0.0)
+    e, coef, _ = _seed_terms(g_ctx, ipos, seed, lo, carry, n)  # S C, S
 
     def cross(x):  # x S(seed) row by row, x [S, K]
       return mm(mm(x, k_ctx, tb=True) * e, v_ctx) + coef[:, None] * mm(x, h)
@@ -109,6 +136,106 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
   zk, zv, zs = jnp.zeros((s, kp), _F32), jnp.zeros((s, bv), _F32), jnp.zeros((s,), _F32)
   init = (zk, zs, zs, jnp.full((s,), -1, jnp.int32), zk, zv, zv)
   jax.lax.fori_loop(0, n_tiles, tile, init)
+
+
+def _noisy_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, carry_ref,
+                      kc_ref, vc_ref, gc_ref, h_ref, do_ref, dq_ref, dk_ref, dv_ref, dg_ref,
+                      db_ref, dkc_ref, dvc_ref, dgc_ref, dh_ref, *, c, s, n_tiles, scale, prec):
+  """Gradients of one window of one view (kernels.md 6.2), for `_noisy_kernel`'s inputs.
+
+  Refs as `_noisy_kernel`'s, except that the noisy rows (q, k, v, g, beta, bs, seed, lo, carry) are
+  front-padded by S slots (the tile before slot 0); do [S + n_tiles S, BV] the cotangent of the
+  window's rows, after S zero rows. Outputs, per program: dq, dk [S + n_tiles S, K], dv [.., BV],
+  dg, dbeta [..] (row r is window row r - S); dkc [C, K], dvc [C, BV], dgc [C] (for clean chunk
+  n's k, v', G) and dh [K, BV] (for h_n).
+  """
+  n = pl.program_id(0)
+  mm = lambda a, b, ta=False, tb=False: _mm(a, b, prec, ta=ta, tb=tb)
+  r = 2 * s  # rows of tiles (i - 1, i)
+  kp, bv = q_ref.shape[-1], do_ref.shape[-1]
+  k_ctx, v_ctx, g_ctx, h = kc_ref[...], vc_ref[...], gc_ref[...], h_ref[...]
+  ipos = n * c + _iota((r, c), 1)  # R C: clean positions of chunk n
+  row, col = _iota((r, r), 0), _iota((r, r), 1)
+  in_tile = _iota((r, bv), 0) >= s  # rows of tile i: only their outputs are backpropagated
+
+  def step(i, acc):
+    rows = pl.ds(n * c + i * s, r)  # slots [nC + (i - 1) S, nC + (i + 1) S)
+    q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+    g, beta, bs = g_ref[rows], b_ref[rows], bs_ref[rows]
+    e, coef, at_seed = _seed_terms(g_ctx, ipos, seed_ref[rows], lo_ref[rows], carry_ref[rows], n)
+    dos = scale * jnp.where(in_tile, do_ref[pl.ds(i * s, r), :], 0.0)
+
+    # --- Stage 1: recompute the WY step and the seed products of both tiles. Rows of tile i - 1
+    # in blocks from tile i - 2 come out wrong, but reach nothing that is backpropagated. ---
+    same = bs[:, None] == bs[None, :]
+    causal, strict = same & (col <= row), same & (col < row)
+    gam = jnp.sum(jnp.where(causal, g[None, :], 0.0), axis=1)  # in-block inclusive cumsum
+    dmat = jnp.exp(jnp.where(causal, gam[:, None] - gam[None, :], -jnp.inf))
+    kk, qk = mm(k, k, tb=True), mm(q, k, tb=True)
+    a = jnp.where(strict, beta[:, None] * kk * dmat, 0.0)
+    t = gdr_pallas._ut_inverse(a, _EXACT)  # pylint: disable=protected-access
+    eg = jnp.exp(gam)
+    kb, vb = k * (beta * eg)[:, None], v * beta[:, None]
+    w, qe = mm(t, kb), q * eg[:, None]
+    wk, wh = mm(w, k_ctx, tb=True), mm(w, h)
+    vn = mm(t, vb) - mm(wk * e, v_ctx) - coef[:, None] * wh  # corrected values
+
+    # --- Stage 2: the intra-block output term, O += (Q K^T * D) V_new. ---
+    dvn = mm(qk * dmat, dos, ta=True)
+    ds = mm(dos, vn, tb=True) * dmat
+    dq, dk = mm(ds, k), mm(ds, q, ta=True)
+    m = ds * qk
+    dgam = jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
+
+    # --- Stage 3: the seed products cross(X) = ((X Kc^T) * E) V' + coef (X h), for X = e^G Q
+    # (cotangent dO) and X = W (cotangent -dV_new). ---
+    def cross_bwd(x, xk, xh, dy):
+      dye = mm(dy, v_ctx, tb=True) * e  # R C
+      dx = mm(dye, k_ctx) + coef[:, None] * mm(dy, h, tb=True)
+      pe = dye * xk  # d/d(G_seed - G_i) of the local terms
+      dseed = jnp.sum(pe, axis=1) + coef * jnp.sum(dy * xh, axis=1)  # d/dG_seed
+      dgc = jnp.sum(jnp.where(at_seed, dseed[:, None], 0.0), axis=0) - jnp.sum(pe, axis=0)
+      clean = (mm(dye, x, ta=True), mm(xk * e, dy, ta=True), dgc,
+               mm(x, dy * coef[:, None], ta=True))  # dKc, dV', dG, dh
+      return dx, clean
+
+    dqe, clean_q = cross_bwd(qe, mm(qe, k_ctx, tb=True), mm(qe, h), dos)
+    dw, clean_w = cross_bwd(w, wk, wh, -dvn)
+    dq = dq + dqe * eg[:, None]
+    dgam = dgam + jnp.sum(dqe * qe, axis=1)
+
+    # --- Stage 4: the WY backward: W = T diag(beta e^Gam) K, U = T diag(beta) V, dU = dV_new. ---
+    dkb, dvb = mm(t, dw, ta=True), mm(t, dvn, ta=True)
+    dkb_k = jnp.sum(dkb * k, axis=1)
+    dk = dk + dkb * (beta * eg)[:, None]
+    dv = dvb * beta[:, None]
+    dbeta = dkb_k * eg + jnp.sum(dvb * v, axis=1)
+    dgam = dgam + dkb_k * beta * eg
+    dt = mm(dw, kb, tb=True) + mm(dvn, vb, tb=True)
+    da = jnp.where(strict, -mm(mm(t, dt, ta=True), t, tb=True), 0.0)  # T = (I + A)^-1
+    dkk = da * dmat * beta[:, None]  # A = beta_i (k_i.k_j) D_ij
+    dk = dk + mm(dkk, k) + mm(dkk, k, ta=True)
+    dbeta = dbeta + jnp.sum(da * dmat * kk, axis=1)
+    m = dkk * kk
+    dgam = dgam + jnp.sum(m, axis=1) - jnp.sum(m, axis=0)
+    dg = jnp.sum(jnp.where(causal, dgam[:, None], 0.0), axis=0)  # Gam = in-block cumsum of g
+
+    # --- Stage 5: tile i - 1 is complete: store it; carry tile i and the clean sums. ---
+    out = []
+    for ref, x, x_acc in zip((dq_ref, dk_ref, dv_ref, dg_ref, db_ref), (dq, dk, dv, dg, dbeta),
+                             acc[:5]):
+      prev, cur = jnp.split(x, 2, axis=0)  # split, not slices: the Triton lowering has no slice
+      ref[_tile_rows(ref, i * s, s)] = prev + x_acc
+      out.append(cur)
+    return tuple(out) + tuple(a + b + d for a, b, d in zip(acc[5:], clean_q, clean_w))
+
+  zs = lambda *shape: jnp.zeros(shape, _F32)
+  init = (zs(s, kp), zs(s, kp), zs(s, bv), zs(s), zs(s), zs(c, kp), zs(c, bv), zs(c), zs(kp, bv))
+  acc = jax.lax.fori_loop(0, n_tiles, step, init)
+  for ref, x in zip((dq_ref, dk_ref, dv_ref, dg_ref, db_ref), acc[:5]):
+    ref[_tile_rows(ref, n_tiles * s, s)] = x
+  for ref, x in zip((dkc_ref, dvc_ref, dgc_ref, dh_ref), acc[5:]):
+    ref[...] = x
 
 
 def _slot_meta(segment_ids, block_starts, c, tpad):
@@ -134,125 +261,258 @@ def _pad_to(x, shape):
   return jnp.pad(x, [(0, n - d) for d, n in zip(x.shape, shape)])
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-             interpret):
-  f32 = lambda a: a.astype(_F32)
-  qc, kc, vc, gc, bc = clean
-  qn, kn, vn, gn, bn = (f32(a) for a in noisy)
-  b, nv, t, hq, kd = qn.shape
-  hv, vd = vc.shape[2], vc.shape[3]
-  grp = hv // hq
-  s = backend.next_pow2(max(max_block, 16))  # row tile: a block spans at most two tiles
-  c = backend.next_pow2(max(chunk_size, s))  # blocks reach at most one chunk ahead of their seed
-  kp, vdp = backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
-  bv = min(block_v, vdp)
-  n = -(-t // c)
-  tpad = n * c + s  # window n reads slots [nC, (n + 1)C + S)
+class _Sizes(NamedTuple):
+  """Static sizes of one call (see `_sizes`)."""
 
-  # --- Stage 1: clean chunk checkpoints (fp32), padded to whole chunks and K, V tiles. ---
+  s: int  # row tile: a block spans at most two tiles
+  c: int  # chunk: blocks reach at most one chunk ahead of their seed
+  kp: int  # K padded
+  vdp: int  # V padded
+  bv: int  # V tile
+  n: int  # windows (clean chunks)
+  tpad: int  # noisy slots after padding: window n reads slots [nC, (n + 1)C + S)
+
+
+def _sizes(t, kd, vd, chunk_size, max_block, block_v) -> _Sizes:
+  s = backend.next_pow2(max(max_block, 16))
+  c = backend.next_pow2(max(chunk_size, s))
+  kp, vdp = backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
+  n = -(-t // c)
+  return _Sizes(s, c, kp, vdp, min(block_v, vdp), n, n * c + s)
+
+
+def _clean_pass(clean, segment_ids, scale, c):
+  """What the noisy windows read of the clean stream, fp32: chunk checkpoints h [B, N, HV, K, V],
+  corrected values v' [B, T, HV, V] and in-chunk cumulative log-decays G [B, T, HV]."""
+  qc, kc, vc, gc, bc = clean
   h, v_new, _ = gdr_xla.chunk_gated_delta_rule_fwd_h(qc, kc, vc, gc, bc, scale=scale,
                                                      segment_ids=segment_ids, chunk_size=c)
-  g_cum = gdr_xla.chunk_cumsum(f32(gc), c)
-  kc_p = _pad_to(f32(kc), (b, n * c, hq, kp))
-  vn_p = _pad_to(v_new, (b, n * c, hv, vdp))
-  gc_p = _pad_to(g_cum, (b, n * c, hv))
-  h_p = _pad_to(h, (b, n, hv, kp, vdp))
+  return h, v_new, gdr_xla.chunk_cumsum(gc.astype(_F32), c)
 
-  # --- Stage 2: slot metadata and the noisy views, padded to whole windows. ---
-  meta, group = _slot_meta(segment_ids, block_starts, c, tpad)
-  qn, kn = (_pad_to(x, (b, nv, tpad, hq, kp)) for x in (qn, kn))
-  vn = _pad_to(vn, (b, nv, tpad, hv, vdp))
-  gn, bn = (_pad_to(x, (b, nv, tpad, hv)) for x in (gn, bn))
 
-  # --- Stage 3: the kernel, grid (window, batch, value head, view, V tile). ---
-  qk_spec = pl.BlockSpec((None, None, tpad, None, kp), lambda i, r, j, u, e: (r, u, 0, j // grp, 0))
-  v_spec = pl.BlockSpec((None, None, tpad, None, bv), lambda i, r, j, u, e: (r, u, 0, j, e))
-  gb_spec = pl.BlockSpec((None, None, tpad, None), lambda i, r, j, u, e: (r, u, 0, j))
-  meta_spec = pl.BlockSpec((None, tpad), lambda i, r, j, u, e: (r, 0))
-  ctx_specs = [pl.BlockSpec((None, c, None, kp), lambda i, r, j, u, e: (r, i, j // grp, 0)),
-               pl.BlockSpec((None, c, None, bv), lambda i, r, j, u, e: (r, i, j, e)),
-               pl.BlockSpec((None, c, None), lambda i, r, j, u, e: (r, i, j)),
-               pl.BlockSpec((None, None, None, kp, bv), lambda i, r, j, u, e: (r, i, j, 0, e))]
-  wd = c + s
-  out_spec = pl.BlockSpec((None, None, None, wd, None, bv),
-                          lambda i, r, j, u, e: (r, u, i, 0, j, e))
-  prec = _EXACT if noisy[0].dtype == _F32 else _MMA
-  kernel = functools.partial(_noisy_kernel, c=c, s=s, n_tiles=wd // s, scale=scale, prec=prec)
-  o = pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct((b, nv, n, wd, hv, vdp), _F32),
-      grid=(n, b, hv, nv, vdp // bv),
-      in_specs=[qk_spec, qk_spec, v_spec, gb_spec, gb_spec] + [meta_spec] * 4 + ctx_specs,
-      out_specs=out_spec,
-      compiler_params=gdr_pallas._params(interpret, 4, 2),  # pylint: disable=protected-access
-      interpret=interpret, name='two_stream_noisy_fwd')(
-          qn, kn, vn, gn, bn, *meta, kc_p, vn_p, gc_p, h_p)
+def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes):
+  """The kernels' padded operands: noisy (q, k, v, g, beta) [B, V, Tp, ...], slot meta [B, Tp],
+  clean context (k, v', G [B, NC, ...], h), and each slot's group (its seed's chunk) [B, T]."""
+  h, v_new, g_cum = ctx
+  b, nv, _, hq, _ = noisy[0].shape
+  hv = v_new.shape[2]
+  ctx = (_pad_to(kc.astype(_F32), (b, z.n * z.c, hq, z.kp)),
+         _pad_to(v_new, (b, z.n * z.c, hv, z.vdp)), _pad_to(g_cum, (b, z.n * z.c, hv)),
+         _pad_to(h, (b, z.n, hv, z.kp, z.vdp)))
+  meta, group = _slot_meta(segment_ids, block_starts, z.c, z.tpad)
+  qn, kn, vn, gn, bn = (a.astype(_F32) for a in noisy)
+  qn, kn = (_pad_to(x, (b, nv, z.tpad, hq, z.kp)) for x in (qn, kn))
+  vn = _pad_to(vn, (b, nv, z.tpad, hv, z.vdp))
+  gn, bn = (_pad_to(x, (b, nv, z.tpad, hv)) for x in (gn, bn))
+  return (qn, kn, vn, gn, bn), meta, ctx, group
 
-  # --- Stage 4: each slot from its seed's window: its own chunk's (rows [0, C)) or the previous
-  # chunk's (rows [C, C + max_block), max_block <= S). ---
-  o_own = o[:, :, :, :c]  # B V N C HV Vd
-  o_prev = jnp.pad(o[:, :, :-1, c:], ((0, 0), (0, 0), (1, 0), (0, c - s), (0, 0), (0, 0)))
+
+def _in_specs(z: _Sizes, grp, rows):
+  """BlockSpecs of the kernels' inputs on the grid (window, batch, value head, view, V tile): noisy
+  q, k, v, g, beta and slot meta (whole rows of `rows` slots), then clean chunk n and h_n."""
+  qk = pl.BlockSpec((None, None, rows, None, z.kp), lambda i, r, j, u, e: (r, u, 0, j // grp, 0))
+  v = pl.BlockSpec((None, None, rows, None, z.bv), lambda i, r, j, u, e: (r, u, 0, j, e))
+  gb = pl.BlockSpec((None, None, rows, None), lambda i, r, j, u, e: (r, u, 0, j))
+  meta = pl.BlockSpec((None, rows), lambda i, r, j, u, e: (r, 0))
+  ctx = [pl.BlockSpec((None, z.c, None, z.kp), lambda i, r, j, u, e: (r, i, j // grp, 0)),
+         pl.BlockSpec((None, z.c, None, z.bv), lambda i, r, j, u, e: (r, i, j, e)),
+         pl.BlockSpec((None, z.c, None), lambda i, r, j, u, e: (r, i, j)),
+         pl.BlockSpec((None, None, None, z.kp, z.bv), lambda i, r, j, u, e: (r, i, j, 0, e))]
+  return [qk, qk, v, gb, gb] + [meta] * 4 + ctx
+
+
+def _from_windows(o, group, c, t, vd):
+  """Window rows [B, V, N, C + S, HV, Vp] -> slots [B, V, T, HV, Vd]: each slot from its seed's
+  window, its own chunk's (rows [0, C)) or the previous chunk's (rows [C, C + max_block))."""
+  b, nv, n, wd, hv, vdp = o.shape
+  o_own = o[:, :, :, :c]  # B V N C HV Vp
+  o_prev = jnp.pad(o[:, :, :-1, c:], ((0, 0), (0, 0), (1, 0), (0, 2 * c - wd), (0, 0), (0, 0)))
   own = jnp.pad(group, ((0, 0), (0, n * c - t)), constant_values=n)  # padding: own window
   own = own.reshape(b, 1, n, c, 1, 1) == jnp.arange(n)[:, None, None, None]
   o = jnp.where(own, o_own, o_prev).reshape(b, nv, n * c, hv, vdp)
   return o[:, :, :t, :, :vd]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _overlap_add(x, c, t):
+  """Window rows [B, V, N, S + C + S, ...] (row r of window n is slot nC + r - S) -> slots
+  [B, V, T, ...], summed where windows overlap."""
+  b, nv, n, rows = x.shape[:4]
+  s = (rows - c) // 2
+  rest = ((0, 0),) * (x.ndim - 4)
+  head = jnp.pad(x[:, :, 1:, :s], ((0, 0), (0, 0), (0, 1), (c - s, 0)) + rest)  # chunk n's end
+  tail = jnp.pad(x[:, :, :-1, s + c:], ((0, 0), (0, 0), (1, 0), (0, c - s)) + rest)  # its start
+  y = x[:, :, :, s:s + c] + head + tail
+  return y.reshape((b, nv, n * c) + x.shape[4:])[:, :, :t]
+
+
+def _key_heads(x, hq):
+  """[..., HV, X] -> [..., H, X]: sums the value heads that share a key head."""
+  return x.reshape(x.shape[:-2] + (hq, -1, x.shape[-1])).sum(-2)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+             interpret):
+  b, nv, t, hq, kd = noisy[0].shape
+  hv, vd = clean[2].shape[2:]
+  z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
+  wd = z.c + z.s
+
+  # --- Stage 1: clean chunk checkpoints (fp32); padded operands and slot metadata. ---
+  ctx = _clean_pass(clean, segment_ids, scale, z.c)
+  noisy_p, meta, ctx, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
+
+  # --- Stage 2: the kernel, grid (window, batch, value head, view, V tile). ---
+  out_spec = pl.BlockSpec((None, None, None, wd, None, z.bv),
+                          lambda i, r, j, u, e: (r, u, i, 0, j, e))
+  prec = _EXACT if noisy[0].dtype == _F32 else _MMA
+  kernel = functools.partial(_noisy_kernel, c=z.c, s=z.s, n_tiles=wd // z.s, scale=scale,
+                             prec=prec)
+  o = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32),
+      grid=(z.n, b, hv, nv, z.vdp // z.bv), in_specs=_in_specs(z, hv // hq, z.tpad),
+      out_specs=out_spec,
+      compiler_params=gdr_pallas._params(interpret, 4, 2),  # pylint: disable=protected-access
+      interpret=interpret, name='two_stream_noisy_fwd')(*noisy_p, *meta, *ctx)
+
+  # --- Stage 3: each slot from its seed's window. ---
+  return _from_windows(o, group, z.c, t, vd)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
+              interpret):
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
+  b, nv, t, hq, kd = noisy[0].shape
+  hv, vd = clean[2].shape[2:]
+  z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
+  s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
+
+  # --- Stage 1: the clean intermediates the kernel reads, with their pullback. ---
+  ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, scale, c), clean)
+  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
+
+  # --- Stage 2: window cotangents (the transpose of the slot selection); a tile of zero rows
+  # in front of every noisy row and window (the tile before the first). ---
+  o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
+  (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(
+      do.astype(_F32))
+
+  def front(x, axis, fill=0):
+    return jnp.pad(x, [(s, 0) if a == axis else (0, 0) for a in range(x.ndim)],
+                   constant_values=fill)
+
+  do_w = front(do_w, 3)
+  noisy_p = tuple(front(x, 2) for x in noisy_p)
+  meta = tuple(front(x, 1, fill) for x, fill in zip(meta, (-1, 0, _FAR, -1)))
+
+  # --- Stage 3: the kernel, on the forward's grid. ---
+  rows = s + wd
+  win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, rows, hv) + tail, _F32)
+  ctx_out = lambda *tail: jax.ShapeDtypeStruct((b, nv) + tail, _F32)
+  out_shape = [win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt),
+               ctx_out(z.n * c, hv, nvt, z.kp), ctx_out(z.n * c, hv, z.vdp),
+               ctx_out(z.n * c, hv, nvt), ctx_out(z.n, hv, z.kp, z.vdp)]
+  spec = pl.BlockSpec
+  qk_spec = spec((None, None, None, rows, None, None, z.kp),
+                 lambda i, r, j, u, e: (r, u, i, 0, j, e, 0))
+  gb_spec = spec((None, None, None, rows, None, None), lambda i, r, j, u, e: (r, u, i, 0, j, e))
+  out_specs = [qk_spec, qk_spec,
+               spec((None, None, None, rows, None, z.bv), lambda i, r, j, u, e: (r, u, i, 0, j, e)),
+               gb_spec, gb_spec,
+               spec((None, None, c, None, None, z.kp), lambda i, r, j, u, e: (r, u, i, j, e, 0)),
+               spec((None, None, c, None, z.bv), lambda i, r, j, u, e: (r, u, i, j, e)),
+               spec((None, None, c, None, None), lambda i, r, j, u, e: (r, u, i, j, e)),
+               spec((None, None, None, None, z.kp, z.bv), lambda i, r, j, u, e: (r, u, i, j, 0, e))]
+  do_spec = spec((None, None, None, rows, None, z.bv), lambda i, r, j, u, e: (r, u, i, 0, j, e))
+  prec = _EXACT if noisy[0].dtype == _F32 else _MMA
+  kernel = functools.partial(_noisy_bwd_kernel, c=c, s=s, n_tiles=wd // s, scale=scale, prec=prec)
+  dq, dk, dv, dg, db, dkc, dvc, dgc, dh = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(z.n, b, hv, nv, nvt),
+      in_specs=_in_specs(z, hv // hq, s + z.tpad) + [do_spec], out_specs=out_specs,
+      compiler_params=gdr_pallas._params(interpret, 8, 1),  # pylint: disable=protected-access
+      interpret=interpret, name='two_stream_noisy_bwd')(*noisy_p, *meta, *ctx_p, do_w)
+
+  # --- Stage 4: sum windows, V tiles, views and value heads sharing a key head; then through the
+  # clean pass. ---
+  d_noisy = (_key_heads(_overlap_add(dq.sum(5), c, t), hq)[..., :kd],
+             _key_heads(_overlap_add(dk.sum(5), c, t), hq)[..., :kd],
+             _overlap_add(dv, c, t)[..., :vd], _overlap_add(dg.sum(5), c, t),
+             _overlap_add(db.sum(5), c, t))
+  d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
+  (d_clean,) = clean_vjp(d_ctx)
+  dkc = _key_heads(dkc.sum((1, 4)), hq)[:, :t, :, :kd]
+  d_clean = d_clean[:1] + (d_clean[1] + dkc,) + d_clean[2:]
+  cast = lambda ds, xs: tuple(d.astype(x.dtype) for d, x in zip(ds, xs))
+  return cast(d_clean, clean), cast(d_noisy, noisy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-           interpret):
+           interpret, backward):
+  del backward
   return _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
                   interpret)
 
 
 def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret):
+               interpret, backward):
+  del backward
   o = _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
                interpret)
   return o, (clean, noisy, segment_ids, block_starts)
 
 
-def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, res, do):
-  """Gradients of the pure-JAX chunked schedule (recomputes its forward)."""
-  del block_v, interpret
+def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
+  """The backward kernel, or autodiff of the pure-JAX chunked schedule (both recompute the clean
+  pass)."""
   clean, noisy, segment_ids, block_starts = res
-  fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
-      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
-  d_clean, d_noisy = jax.vjp(fn, clean, noisy)[1](do)
+  if backward == 'kernel':
+    d_clean, d_noisy = _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
+                                 max_block, block_v, interpret)
+  else:
+    fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
+        c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
+    d_clean, d_noisy = jax.vjp(fn, clean, noisy)[1](do)
   return d_clean, d_noisy, None, None
 
 
 _noisy.defvjp(_noisy_fwd, _noisy_bwd)
 
+BACKWARDS = ('kernel', 'autodiff')
+
 
 def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],
                             segment_ids: jax.Array, block_starts: jax.Array, *, scale: float,
                             chunk_size: int = 64, max_block: int = 32,
-                            interpret: bool | None = None) -> jax.Array:
+                            interpret: bool | None = None, backward: str = 'autodiff') -> jax.Array:
   """Noisy-view outputs of the two-stream gated delta rule: the 'chunked' schedule's forward as one
   Pallas kernel.
 
-  Same contract as `two_stream_xla.noisy_delta_rule_chunked`. Differentiable: the backward
-  is `jax.vjp` of that pure-JAX schedule (no backward kernel yet).
+  Same contract as `two_stream_xla.noisy_delta_rule_chunked`. Differentiable in clean and noisy.
 
   Args:
     clean, noisy, segment_ids, block_starts, scale, max_block: as there.
     chunk_size: chunk length C of the clean pass and of the noisy windows; raised to a power of two
       >= max(16, max_block) (the result does not depend on C).
-    interpret: run the kernel in the Pallas interpreter; None: off GPU only.
+    interpret: run the kernels in the Pallas interpreter; None: off GPU only.
+    backward: 'autodiff' (`jax.vjp` of the pure-JAX schedule) or 'kernel' (a Pallas backward,
+      kernels.md 6.2; does not fit Hopper's shared memory at K = 128 yet).
 
   Returns:
     o [B, V, T, HV, V] fp32.
 
   Raises:
-    ValueError: max_block below 1, or HV not a multiple of H.
+    ValueError: max_block below 1, HV not a multiple of H, or an unknown backward.
   """
   if max_block < 1:
     raise ValueError(f'max_block must be >= 1, got {max_block}')
   hq, hv = noisy[0].shape[3], clean[2].shape[2]
   if hv % hq:
     raise ValueError(f'HV={hv} is not a multiple of H={hq}')
+  if backward not in BACKWARDS:
+    raise ValueError(f'unknown backward {backward!r}; known: {BACKWARDS}')
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
   return _noisy(tuple(clean), tuple(noisy), segment_ids, block_starts, float(scale),
-                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret))
+                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret), backward)

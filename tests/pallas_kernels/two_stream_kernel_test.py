@@ -1,9 +1,10 @@
-"""The Pallas two-stream GDN noisy kernel against the pure-JAX schedules ('chunked', 'simple').
+"""The Pallas two-stream GDN noisy kernels against the pure-JAX schedules ('chunked', 'simple').
 
-CPU, interpret mode, fp32, small awkward shapes: T off the chunk grid, block sizes 1..8, one and
-two views, GQA (H = 1, HV = 2), K = V in {16, 20} (padded in the kernel), packed documents starting
-mid-chunk, prompts without blocks, a V tile smaller than V; the custom_vjp gradients; the Triton
-lowering for CUDA (no GPU needed).
+CPU, interpret mode, fp32, small awkward shapes: T off the chunk grid, block sizes 1..32, one and
+two views, GQA (HV = 2H), K = V in {16, 20, 60} (padded in the kernel), packed documents starting
+mid-chunk, prompts without blocks, a V tile smaller than V; the backward kernel's gradients of
+every clean and noisy input against `jax.vjp` of the chunked schedule; the Triton lowering of both
+kernels for CUDA (no GPU needed).
 """
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from flare_jax.model import two_stream_gdn
+from pallas_kernels._common import testing
 from pallas_kernels.gated_delta_rule import two_stream_xla as chunked
 from pallas_kernels.gated_delta_rule import two_stream_pallas
 from tests.objective import two_stream_gdn_chunked_test as helpers
@@ -81,14 +83,38 @@ def test_kernel_equals_simple_schedule_under_strong_decay(rng):
     _close(got, want)
 
 
+def _vjp(fn, clean, noisy, cot, output=False):
+  """(fn(clean, noisy) if `output` else None, its gradients for the cotangent `cot`: clean then
+  noisy inputs, in NAMES order). Without `output`, XLA drops the unused forward kernel."""
+  def run(c, n):
+    o, pull = jax.vjp(fn, c, n)
+    return (o if output else None), jax.tree.leaves(pull(cot))
+  return jax.jit(run, compiler_options=_FAST)(clean, noisy)
+
+
+def _check_grads(got, want, limit=1e-5):
+  for name, g, w in zip(NAMES, got, want):
+    # Noisy outputs depend on every input but the clean queries.
+    assert (float(jnp.max(jnp.abs(w))) > 0) == (name != 'clean q'), name
+    if name == 'clean q':
+      assert not np.any(g), name
+    else:
+      testing.assert_close(name, g, w, limit)
+
+
 def test_v_tiles(rng):
   """V = 40 (padded to 64) in tiles of 16: four programs per (window, row, head, view)."""
   t, block = 100, 4
   seg, starts = _layout(rng, 'random', t, block)
   clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 40)
-  got = jax.jit(two_stream_pallas._noisy, static_argnums=(4, 5, 6, 7, 8))(
-      clean, noisy, seg, starts, 0.25, 16, block, 16, True)
-  _close(got, _CHUNKED(clean, noisy, seg, starts, scale=0.25, chunk_size=16, max_block=block))
+  kernel = lambda c, n: two_stream_pallas._noisy(c, n, seg, starts, 0.25, 16, block, 16, True,
+                                                 'kernel')
+  want = lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, scale=0.25,
+                                                       chunk_size=16, max_block=block)
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, 40)), jnp.float32)
+  (o, got), (o_want, grads) = (_vjp(f, clean, noisy, cot, output=True) for f in (kernel, want))
+  _close(o, o_want)
+  _check_grads(got, grads)
 
 
 def test_noisy_block_perturbation_stays_in_its_block(rng):
@@ -107,30 +133,43 @@ def test_noisy_block_perturbation_stays_in_its_block(rng):
   assert np.all(changed[0, 1][~own] == 0) and np.all(changed[0, 0] == 0) and np.all(changed[1] == 0)
 
 
-def test_gradients_equal_chunked_schedule(rng):
-  t, block, kd = 37, 3, 20
-  seg, starts = _layout(rng, 'random', t, block)
-  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, kd, kd)
-  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, kd)), jnp.float32)
-  kw = dict(scale=kd ** -0.5, chunk_size=16, max_block=block)
+GRAD_CASES = {  # t, max_block, chunk, layout, views, h, hv, kd (= vd)
+    't63_b1_v1_k60': (63, 1, 16, 'random', 1, 1, 2, 60),
+    't100_b2_v2_k20_gqa2to4': (100, 2, 32, 'random', 2, 2, 4, 20),
+    't37_b3_v2_k20': (37, 3, 16, 'random', 2, 1, 2, 20),
+    't100_b4_real_v2_k16': (100, 4, 64, 'real', 2, 1, 2, 16),
+    't100_b3_real_noshift_v1_k20': (100, 3, 32, 'real_noshift', 1, 1, 2, 20),
+    't63_b8_v2_k60_mha': (63, 8, 16, 'random', 2, 2, 2, 60),
+    # Row tiles of 32: the backward solves 64-row systems (two tiles).
+    't100_b32_real_v1_k16': (100, 32, 32, 'real', 1, 1, 2, 16),
+}
 
-  def grads(fn):
-    loss = lambda c, n: jnp.sum(cot * fn(c, n, seg, starts, **kw))
-    return jax.tree.leaves(jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=_FAST)(
-        clean, noisy))
 
-  got = grads(lambda *a, **k: two_stream_pallas.noisy_delta_rule_pallas(*a, **k, interpret=True))
-  want = grads(chunked.noisy_delta_rule_chunked)
-  for name, g, w in zip(NAMES, got, want):
-    assert (float(jnp.max(jnp.abs(w))) > 0) == (name != 'clean q'), name
-    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=name)
+@pytest.mark.parametrize('case', list(GRAD_CASES))
+def test_backward_kernel_equals_chunked_schedule_gradients(rng, case):
+  """Every gradient (clean and noisy q, k, v, g, beta) against jax.vjp of the chunked schedule."""
+  t, block, chunk, kind, views, h, hv, kd = GRAD_CASES[case]
+  seg, starts = _layout(rng, kind, t, block)
+  clean, noisy = _inputs(rng, 2, t, views, h, hv, kd, kd)
+  cot = jnp.asarray(rng.normal(size=(2, views, t, hv, kd)), jnp.float32)
+  kw = dict(scale=kd ** -0.5, chunk_size=chunk, max_block=block)
+  kernel = lambda backward: lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(
+      c, n, seg, starts, **kw, interpret=True, backward=backward)
+  got = _vjp(kernel('kernel'), clean, noisy, cot)[1]
+  if case == 't37_b3_v2_k20':  # the same reference through the custom_vjp's 'autodiff' backward
+    want = _vjp(kernel('autodiff'), clean, noisy, cot)[1]
+  else:
+    want = _vjp(lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, **kw),
+                clean, noisy, cot)[1]
+  _check_grads(got, want)
 
 
 @pytest.mark.parametrize('dtype, kd, block', [(jnp.bfloat16, 128, 4), (jnp.float32, 60, 32)],
                          ids=['bf16_k128_b4', 'fp32_k60_b32'])
 def test_kernel_lowers_to_triton_for_cuda(dtype, kd, block):
-  """Without a GPU: the kernel lowers through Pallas' Triton backend (power-of-two tensors, dot
-  shapes and dtypes). Triton's own compile (registers, shared memory) is left to a GPU run."""
+  """Without a GPU: the forward and backward kernels lower through Pallas' Triton backend
+  (power-of-two tensors, dot shapes and dtypes, no slices). Triton's own compile (registers, shared
+  memory) is left to a GPU run."""
   from jax import export  # pylint: disable=g-import-not-at-top
   b, views, t, h, hv = 1, 2, 200, 2, 4
   sds = jax.ShapeDtypeStruct
@@ -149,6 +188,16 @@ def test_kernel_lowers_to_triton_for_cuda(dtype, kd, block):
   module = exported.mlir_module()
   assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 1
   assert 'name = "two_stream_noisy_fwd"' in module
+  kernel_bwd = lambda c, n, s, bs: two_stream_pallas.noisy_delta_rule_pallas(
+      c, n, s, bs, scale=kd ** -0.5, max_block=block, interpret=False, backward='kernel')
+  loss = lambda c, n, s, bs: jnp.sum(kernel_bwd(c, n, s, bs))
+  exported = export.export(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=['cuda'],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
+          stream(b), stream(b, views), sds((b, t), jnp.int32), sds((b, t), jnp.int32))
+  module = exported.mlir_module()
+  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 2
+  assert 'name = "two_stream_noisy_bwd"' in module
 
 
 def test_rejects_bad_arguments(rng):
@@ -159,6 +208,9 @@ def test_rejects_bad_arguments(rng):
   bad = (noisy[0][:, :, :, :1].repeat(3, axis=3),) + noisy[1:]  # H = 3 does not divide HV = 2
   with pytest.raises(ValueError, match='multiple'):
     two_stream_pallas.noisy_delta_rule_pallas(clean, bad, seg, starts, scale=0.25)
+  with pytest.raises(ValueError, match='backward'):
+    two_stream_pallas.noisy_delta_rule_pallas(clean, noisy, seg, starts, scale=0.25,
+                                              backward='xla')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +223,6 @@ def test_rejects_bad_arguments(rng):
 ], ids=['t4k_bf16_k128_block4', 't1000_fp32_k60_block32'])
 def test_gpu_kernel_matches_chunked_schedule(rng, t, block, kind, dtype, kd, limit):
   """Two rows; H = HV = 16 at K = 128 (the benchmark shape), else GQA 2 -> 4 heads."""
-  from pallas_kernels._common import testing  # pylint: disable=g-import-not-at-top
   seg, starts = _layout(rng, kind, t, block)
   h, hv = (16, 16) if kd == 128 else (2, 4)
   clean, noisy = _inputs(rng, 2, t, 2, h, hv, kd, kd)
@@ -185,3 +236,31 @@ def test_gpu_kernel_matches_chunked_schedule(rng, t, block, kind, dtype, kd, lim
   print(f'two-stream noisy kernel 2x{t} block {block} {jnp.dtype(dtype).name}: RMS ratio '
         f'{testing.rms_ratio(got, want):.2e} (limit {limit:.0e})')
   testing.assert_close('o', got, want, limit)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_kernel_matches_chunked_schedule():
+  """bf16 kernel gradients at the benchmark shape (two rows, T = 4096, H = HV = 16, K = 128, block
+  4) against the fp32 chunked schedule's, at fla's RMS limits. H200 (2026-12-01): fails to compile,
+  356 KB of shared memory asked for, 232 KB available."""
+  rng = np.random.default_rng(0)
+  t, block, kd = 4096, 4, 128
+  seg, starts = _layout(rng, 'real', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 16, 16, kd, kd)
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 16, kd)), jnp.float32)
+  cast = lambda xs: tuple(x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(xs))
+  kw = dict(scale=kd ** -0.5, max_block=block)
+  loss = lambda fn, **extra: lambda c, n: jnp.sum(cot * fn(c, n, seg, starts, **kw, **extra))
+  kernel = loss(two_stream_pallas.noisy_delta_rule_pallas, backward='kernel')
+  got = jax.jit(jax.grad(kernel, argnums=(0, 1)))(
+      cast(clean), cast(noisy))
+  with jax.default_matmul_precision('highest'):
+    want = jax.jit(jax.grad(loss(chunked.noisy_delta_rule_chunked), argnums=(0, 1)))(clean, noisy)
+  limits = dict(q=8e-3, k=8e-3, v=8e-3, g=2e-2, beta=2e-2)
+  for name, g, w in zip(NAMES, jax.tree.leaves(got), jax.tree.leaves(want)):
+    if name == 'clean q':  # no gradient: noisy outputs do not read clean queries
+      continue
+    limit = limits[name.split()[1]]
+    print(f'two-stream noisy backward kernel 2x{t} block {block} bf16 d{name}: RMS ratio '
+          f'{testing.rms_ratio(g, w):.2e} (limit {limit:.0e})')
+    testing.assert_close(name, g.astype(jnp.float32), w, limit)
