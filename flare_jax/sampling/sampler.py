@@ -210,10 +210,11 @@ class Sampler:
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
     state = _start(self.graphdef, self.params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                    mask_id=self.model_cfg.resolved_mask_token_id)
-    emitted = 0
+    emitted, first = 0, _peels_first_step(cfg)
     while True:
       state = _advance(self.graphdef, self.params, state, cfg=cfg,
-                       mask_id=self.model_cfg.resolved_mask_token_id)
+                       mask_id=self.model_cfg.resolved_mask_token_id, first=first)
+      first = False
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
       if n_new > emitted:
         start = int(state.prompt_len[0]) + emitted
@@ -270,10 +271,19 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
                      draft_q=draft_q)
 
 
-def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int) -> DecodeState:
-  step_fn = {'ar': _ar_step, 'ar_trust': _ar_trust_step,
-             'diffusion_trust': _diffusion_step}[cfg.mode]
+def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int,
+               first: bool = False) -> DecodeState:
+  """One decode iteration. `first` (static): AR-Trust's first step, whose drafts the prefill made;
+  it is traced apart from the loop body so that the loop carries no per-step `lax.cond` (on GPU a
+  conditional waits for its predicate on the host)."""
+  if cfg.mode == 'ar_trust':
+    return _finish(_ar_trust_step(model, state, cfg=cfg, mask_id=mask_id, first=first), cfg)
+  step_fn = {'ar': _ar_step, 'diffusion_trust': _diffusion_step}[cfg.mode]
   return _finish(step_fn(model, state, cfg=cfg, mask_id=mask_id), cfg)
+
+
+def _peels_first_step(cfg: SamplerConfig) -> bool:
+  return cfg.mode == 'ar_trust'
 
 
 def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult:
@@ -289,6 +299,8 @@ def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerCon
               pad_id: int) -> DecodeResult:
   model = nnx.merge(graphdef, params)
   state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
+  if _peels_first_step(cfg):  # no row is done before it and max_new_tokens >= 1
+    state = _iteration(model, state, cfg, mask_id, first=True)
   state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
                              lambda st: _iteration(model, st, cfg, mask_id), state)
   return _result(state, cfg, pad_id)
@@ -300,9 +312,10 @@ def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_
                      mask_id)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id'), donate_argnames='state')
-def _advance(graphdef, params, state, *, cfg, mask_id):
-  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id)
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'first'),
+                   donate_argnames='state')
+def _advance(graphdef, params, state, *, cfg, mask_id, first=False):
+  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id, first)
 
 
 def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache,
@@ -338,7 +351,8 @@ def _ar_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> 
   return _commit(state, nxt[:, None], one, cfg, cache, n_forward=state.n_forward + 1)
 
 
-def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> DecodeState:
+def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int,
+                   first: bool) -> DecodeState:
   bsz = cfg.block_size
   b = state.length.shape[0]
   start = state.length - 1
@@ -347,20 +361,15 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
 
   # --- Draft: one noisy pass; slot i predicts the token at position start + 1 + i. The first
   # step's drafts come from the prefill. ---
-  def draft():
+  if first:
+    drafts, q = state.block_targets, state.draft_q
+    if cfg.greedy:
+      q = jax.nn.one_hot(drafts, model.cfg.vocab_size, dtype=jnp.float32)
+  else:
     block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
     q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
-    return (policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p),
-            policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p))
-
-  def primed():
-    q = state.draft_q
-    if cfg.greedy:
-      q = jax.nn.one_hot(state.block_targets, model.cfg.vocab_size, dtype=jnp.float32)
-    return state.block_targets, q
-
-  first = state.step == 0
-  drafts, q = jax.lax.cond(first, primed, draft)
+    drafts = policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    q = policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # --- Verify: one clean pass over [pending, drafts]; keep the replay inputs of the GDN layers. ---
   verify = jnp.concatenate([pending, drafts], axis=1)
   p_logits, cache, aux = model(verify, meta=_clean_meta(start, bsz + 1), cache=state.cache,
@@ -372,7 +381,7 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
   new_tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)
   new_tokens = jnp.where(jnp.arange(bsz + 1)[None] == n_acc[:, None], nxt[:, None], new_tokens)
   return _commit(state, new_tokens, n_acc + 1, cfg, cache,
-                 n_forward=state.n_forward + 2 - first.astype(jnp.int32),
+                 n_forward=state.n_forward + (1 if first else 2),
                  n_drafted=state.n_drafted + bsz, n_accepted=state.n_accepted + n_acc)
 
 
