@@ -26,8 +26,9 @@ tiles (tile i - 1 is then complete and stored) and into the window's clean input
 chunk n and h_n, summed in registers and stored once per program). Plain JAX sums the overlapping
 windows, V tiles, views and GQA heads, and carries the v', G, h cotangents into the clean q, k, v,
 g, beta through `jax.vjp` of the clean chunked pass. Opt-in (`backward='kernel'`): it matches in
-interpret mode, but at K = 128 it asks for 356 KB of shared memory on an H200 (232 KB available),
-so the default backward is still `jax.vjp` of the pure-JAX `noisy_delta_rule_chunked`
+interpret mode, but at K = 128 with the forward's V tile of 64 it asked an H200 for 356 KB of
+shared memory (232 KB available); its V tile is now 32, not yet run on a GPU. The default backward
+is still `jax.vjp` of the pure-JAX `noisy_delta_rule_chunked`
 (`backward='autodiff'`).
 """
 import functools
@@ -48,6 +49,9 @@ _EXACT = jax.lax.Precision.HIGHEST  # fp32 inputs, and the unit-lower solve alwa
 _MMA = jax.lax.Precision.DEFAULT  # 16-bit inputs: TF32 tensor-core products, as the chunked kernels
 _FAR = 2 ** 30  # `lo` of slots whose seed state is zero: no clean token is that far
 _BLOCK_V = 64  # V tile (keeps the [K, V] checkpoint tile and the [S, V] carries in registers)
+# The backward's V tile: it holds more [K, V]-sized operands (h, dh) and products than the forward
+# (at 64 it asked an H200 for 356 KB of shared memory at K = 128; 232 KB are there).
+_BWD_BLOCK_V = 32
 
 
 def _mm(a, b, prec, *, ta=False, tb=False):
@@ -385,7 +389,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
   b, nv, t, hq, kd = noisy[0].shape
   hv, vd = clean[2].shape[2:]
-  z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
+  z = _sizes(t, kd, vd, chunk_size, max_block, min(block_v, _BWD_BLOCK_V))
   s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
 
   # --- Stage 1: the clean intermediates the kernel reads, with their pullback. ---
