@@ -170,7 +170,34 @@ def chunk_gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=No
 
 def recurrent_gated_delta_rule_xla(q, k, v, g, beta, *, scale=None, initial_state=None,
                                    segment_ids=None, output_final_state=False):
-  """Token loop: cheapest for a few tokens (decoding)."""
-  return reference.naive_recurrent_gated_delta_rule(
-      q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-      output_final_state=output_final_state)
+  """Token loop for a few tokens (decoding), each step reading the [K, V] state twice (once for
+  both S^T k and S^T q, once for the update) and writing it once:
+
+      a = e^g (0 at a segment start);  d = beta (v - a S^T k);  o = a S^T q + (k.q) d;
+      S <- a S + k d^T.
+
+  The reference's S <- e^g S; S += beta k (v - S^T k)^T; o = S^T q, rearranged. Every step runs the
+  same ops whatever the number of tokens, so T single-token calls equal one T-token call bit for
+  bit (what greedy AR-Trust == AR rests on). Shapes as `reference.naive_recurrent_gated_delta_rule`.
+  """
+  b, t, _, kd = q.shape
+  hv, vd = v.shape[2], v.shape[3]
+  scale = kd ** -0.5 if scale is None else scale
+  f32 = lambda x: x.astype(jnp.float32)
+  kq = jnp.stack([reference.expand_heads(f32(k), hv),
+                  reference.expand_heads(f32(q), hv) * scale], axis=3)  # B T HV 2 K
+  decay = jnp.where(reference.segment_starts(segment_ids, b, t)[..., None], 0.0, jnp.exp(f32(g)))
+  s0 = _initial(initial_state, b, hv, kd, vd)
+
+  def step(s, x):
+    kq_t, v_t, a_t, b_t = x  # [B HV 2 K], [B HV V], [B HV], [B HV]
+    a_t = a_t[..., None]
+    sk, sq = jnp.moveaxis(a_t[..., None] * jnp.einsum('bhkv,bhnk->bhnv', s, kq_t), 2, 0)
+    d = b_t[..., None] * (f32(v_t) - sk)
+    o = sq + jnp.sum(kq_t[:, :, 0] * kq_t[:, :, 1], axis=-1, keepdims=True) * d
+    s = a_t[..., None] * s + kq_t[:, :, 0, :, None] * d[:, :, None, :]
+    return s, o
+
+  xs = tuple(jnp.moveaxis(x, 1, 0) for x in (kq, v, decay, f32(beta)))
+  s, o = jax.lax.scan(step, s0, xs)
+  return jnp.moveaxis(o, 0, 1).astype(v.dtype), (s if output_final_state else None)
