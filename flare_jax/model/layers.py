@@ -43,6 +43,20 @@ class Embedder(nnx.Module):
     return jnp.dot(h.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
+def cast_matmul_weights(model: nnx.Module) -> None:
+  """Casts, in place, every Dense kernel and Embedder table inside `model` to its compute dtype.
+
+  Each use of them casts to that dtype first, so no output changes; a decode loop then reads them
+  at that width (half the bytes of fp32 params) and converts nothing per step. Meant for a copy
+  merged inside jit: the arrays it was merged from are untouched.
+  """
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, Dense):
+      module.kernel.set_value(module.kernel.get_value().astype(module.dtype))
+    elif isinstance(module, Embedder):
+      module.embedding.set_value(module.embedding.get_value().astype(module.dtype))
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
   """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32."""
   x = x.astype(jnp.float32)

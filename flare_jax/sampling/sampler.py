@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flare_jax.model import cache as cache_lib
+from flare_jax.model import layers
 from flare_jax.model import transformer
 from flare_jax.sampling import policies
 from pallas_kernels.attention import mask as mask_lib
@@ -208,11 +209,12 @@ class Sampler:
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
-    state = _start(self.graphdef, self.params, prompts, lengths, rng, cfg=cfg, pad_id=0,
+    params = _decode_params(self.graphdef, self.params)  # cast once, not per iteration
+    state = _start(self.graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                    mask_id=self.model_cfg.resolved_mask_token_id)
     emitted, first = 0, _peels_first_step(cfg)
     while True:
-      state = _advance(self.graphdef, self.params, state, cfg=cfg,
+      state = _advance(self.graphdef, params, state, cfg=cfg,
                        mask_id=self.model_cfg.resolved_mask_token_id, first=first)
       first = False
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
@@ -297,7 +299,7 @@ def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id'))
 def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
-  model = nnx.merge(graphdef, params)
+  model = _decode_model(graphdef, params)
   state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
   if _peels_first_step(cfg):  # no row is done before it and max_new_tokens >= 1
     state = _iteration(model, state, cfg, mask_id, first=True)
@@ -306,8 +308,21 @@ def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerCon
   return _result(state, cfg, pad_id)
 
 
+def _decode_model(graphdef, params) -> transformer.FlareLM:
+  """The model with its matmul weights in the compute dtype (cast once, before any loop)."""
+  model = nnx.merge(graphdef, params)
+  layers.cast_matmul_weights(model)
+  return model
+
+
+@functools.partial(jax.jit, static_argnames='graphdef')
+def _decode_params(graphdef, params):
+  return nnx.split(_decode_model(graphdef, params))[1]
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
 def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
+  """params: from `_decode_params`, as for `_advance`."""
   return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id,
                      mask_id)
 

@@ -9,7 +9,9 @@ from flare_jax import sharding as shd
 from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import gated_deltanet
+from flare_jax.model import layers
 from flare_jax.model import transformer
+from flare_jax.sampling import sampler as sampler_lib
 from pallas_kernels.attention import mask as mask_lib
 
 L, F = config_lib.LINEAR, config_lib.FULL
@@ -40,6 +42,31 @@ def test_forward_shapes_and_dtypes(dtype, rng):
   assert cache is None and bool(jnp.all(jnp.isfinite(logits)))
   params = nnx.state(model, nnx.Param)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_matmul_weights_cast_to_the_compute_dtype_leave_logits_unchanged(rng, tie):
+  """fp32 params, bf16 compute: every Dense kernel and the embedding become bf16, and the logits
+  are bit-identical (each use casts to bf16 anyway); norms and gates stay fp32."""
+  model, _ = _model(dtype='bfloat16', param_dtype='float32', tie_word_embeddings=tie)
+  tokens = _tokens(rng, 2, 11)
+  want, _ = _fwd(model, tokens)
+  cast = nnx.clone(model)
+  layers.cast_matmul_weights(cast)
+  got, _ = _fwd(cast, tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(nnx.state(cast, nnx.Param)))[0]}
+  matmul = [k for k in dtypes if k.endswith("['kernel']") or k.endswith("['embedding']")]
+  assert matmul and all(dtypes[k] == jnp.bfloat16 for k in matmul)
+  assert {dtypes[k] for k in dtypes if k not in matmul} == {jnp.dtype(jnp.float32)}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  # The sampler casts a copy merged inside jit: its own params stay fp32.
+  graphdef, state = nnx.split(model)
+  decode = sampler_lib._decode_params(graphdef, state)  # pylint: disable=protected-access
+  assert {x.dtype for x in jax.tree.leaves(decode)} == {jnp.dtype(jnp.bfloat16),
+                                                       jnp.dtype(jnp.float32)}
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state))
 
 
 def test_untied_head_has_its_own_weights(rng):
