@@ -43,9 +43,13 @@ def _tokenizer(ckpt: str):
 
 
 def print_table(results: dict) -> None:
-  print('| mode | accuracy | tokens/s | passes/token | acceptance |\n|---|---|---|---|---|')
+  graded = any('line_prefix' in r for r in results.values())  # 'exact' tasks
+  print('| mode | accuracy |' + (' line prefix |' if graded else '') +
+        ' tokens/s | passes/token | acceptance |\n|---|---|' + ('---|' if graded else '') +
+        '---|---|---|')
   for name, r in results.items():
-    print(f"| {name} | {r['accuracy']:.3f} | {r.get('tokens_per_s', float('nan')):.1f} | "
+    prefix = f" {r.get('line_prefix', float('nan')):.3f} |" if graded else ''
+    print(f"| {name} | {r['accuracy']:.3f} |{prefix} {r.get('tokens_per_s', float('nan')):.1f} | "
           f"{r.get('passes_per_token', float('nan')):.3f} | "
           f"{r.get('acceptance_rate', float('nan')):.3f} |")
 

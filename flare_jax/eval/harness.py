@@ -234,6 +234,9 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
                                     on_progress=progress(f'{name:>24s}'))
     scores = score_outputs(kind, examples, outputs, code_timeout_s=code_timeout_s)
     results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
+    if kind == 'exact':  # graded too: exact lines are rare for small models
+      results[name]['line_prefix'] = float(np.mean(
+          [scorers.score_line_prefix(o, ex['target']) for o, ex in zip(outputs, examples)]))
     if keep_outputs:
       results[name]['outputs'] = outputs
   return results

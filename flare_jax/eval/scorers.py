@@ -51,6 +51,16 @@ def score_exact_line(output: str, target: str) -> float:
   return float(first_line(output) == target.rstrip())
 
 
+def score_line_prefix(output: str, target: str) -> float:
+  """A graded next-line score: the common prefix of the output's first line and the target line
+  (trailing whitespace ignored), over the longer of the two; 1.0 exactly when `score_exact_line`
+  is."""
+  got, want = first_line(output), target.rstrip()
+  if not (got or want):
+    return 1.0
+  return len(os.path.commonprefix([got, want])) / max(len(got), len(want))
+
+
 def best_choice(logliks: Sequence[float]) -> int:
   """Index of the highest log-likelihood (the first on ties)."""
   if not logliks:

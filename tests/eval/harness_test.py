@@ -86,3 +86,20 @@ def test_top2_gaps_match_direct_forward(model):
   assert (got >= 0).all()
   with pytest.raises(ValueError, match='non-empty'):
     harness.top2_gaps(model, TOK, ['a', ''])
+
+
+def test_exact_tasks_also_report_the_graded_line_prefix(model):
+  """Targets built from the model's own greedy outputs: the first is matched exactly, the second
+  only up to its last character, so accuracy is 1/2 and the line prefix (1 + (n-1)/n) / 2."""
+  prompts = ['x = ', 'def f(']
+  cfg = harness.mode_config('ar', 4)
+  outputs, _ = harness.generate_texts(model, TOK, prompts, cfg, batch_size=2)
+  lines = [o.split('\n', 1)[0].rstrip() for o in outputs]
+  if not lines[1]:
+    pytest.skip('the random model ends its second line at once')
+  examples = [{'prompt': prompts[0], 'target': lines[0]},
+              {'prompt': prompts[1], 'target': lines[1][:-1] + chr(ord(lines[1][-1]) ^ 1)}]
+  res = harness.evaluate(model, TOK, 'exact', examples, {'ar': cfg}, batch_size=2)['ar']
+  n = len(lines[1])
+  assert res['accuracy'] == 0.5
+  assert res['line_prefix'] == pytest.approx((1 + (n - 1) / n) / 2)

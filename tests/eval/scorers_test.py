@@ -39,6 +39,23 @@ def test_exact_line(output, target, want):
   assert scorers.score_exact_line(output, target) == want
 
 
+@pytest.mark.parametrize('output, target, want', [
+    ('    return x\nmore', '    return x', 1.0),
+    ('    return y', '    return x', 11 / 12),
+    ('    return x + 1', '    return x', 12 / 16),  # running on costs too
+    ('return x', '    return x', 0.0),
+    ('', 'x = 1', 0.0),
+    ('\nx = 1', 'x = 1', 0.0),  # only the first line counts
+    ('x = 1', '', 0.0),
+    ('  ', '', 1.0),
+    ('\u00e9t\u00e9 = 2', '\u00e9t\u00e9 = 1', 6 / 7),
+])
+def test_line_prefix(output, target, want):
+  assert scorers.score_line_prefix(output, target) == pytest.approx(want)
+  assert (scorers.score_line_prefix(output, target) == 1.0) == bool(
+      scorers.score_exact_line(output, target))
+
+
 def test_best_choice_first_on_ties_and_empty():
   assert scorers.best_choice([-3.0, -1.0, -1.0]) == 1
   with pytest.raises(ValueError):
