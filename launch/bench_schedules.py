@@ -2,6 +2,7 @@
 
 python -m launch.bench_schedules                    # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
 python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape, CPU too
+python -m launch.bench_schedules --cases=4096:1:1,4096:4:2,16384:16:2  # sweep T:block:views
 
 One GDN layer's noisy pass (`two_stream_gdn.noisy_delta_rule` / `noisy_delta_rule_chunked`): the
 clean stream's q, k, v, g, beta plus --views noisy views of one row per batch element (one document:
@@ -10,7 +11,9 @@ of flare_jax.objective.layout). Every schedule runs in its own subprocess (an OO
 others). Reported per schedule and mode (fwd: outputs; fwdbwd: gradients of all ten inputs for a
 random cotangent): the median of --repeats timed calls after --warmup calls, each timed to
 block_until_ready, and `temp` = the compiled executable's scratch
-(`jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`). Ratios are schedule / chunked.
+(`jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`). Ratios are schedule /
+--baseline, per case; with a 'clean' row, `two-stream / (1+V) clean` is (clean + schedule) over
+(1 + V) x clean, the fused-kernel target's measure (<= 1.2).
 Defaults: on a GPU the shape above; without one a small CPU smoke shape (B=1, T=256, HV=2, K=V=32).
 """
 import json
@@ -46,6 +49,9 @@ _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: run one schedule and print RESULT.')
+_CASES = flags.DEFINE_list('cases', [], 'T:block_size:views cases to sweep, each overriding --seq, '
+                           '--block_size and --views (empty: the one case those flags give).')
+_BASELINE = flags.DEFINE_string('baseline', 'chunked', 'The schedule the ratios divide by.')
 
 _GIB = 1024 ** 3
 
@@ -119,22 +125,48 @@ def _run_child(schedule: str) -> None:
   bench_util.print_result(res)
 
 
-def _table(results) -> str:
-  base = {m: next((r.get(f'{m}_ms') for r in results if r['schedule'] == 'chunked'), None)
-          for m in ('fwd', 'fwdbwd')}
-  ratio = lambda x, m: '-' if x is None or not base[m] else f'{x / base[m]:.1f}x'
-  lines = ['| schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | fwd / chunked '
-           '| fwd+bwd / chunked |', '|---|---|---|---|---|---|---|']
+def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
+  """['4096:4:2', ...] -> [(T, block_size, views), ...]."""
+  cases = []
+  for spec in specs:
+    parts = spec.split(':')
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise app.UsageError(f'--cases wants T:block_size:views with positive integers, got {spec!r}')
+    cases.append(tuple(int(p) for p in parts))
+  return cases
+
+
+def table(results: list[dict], baseline: str) -> str:
+  """One row per (case, schedule); ratios within each case (T, block, V)."""
+  ms = lambda r, m: None if r is None else r.get(f'{m}_ms')
+  lines = ['| T | block | V | schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | '
+           f'fwd / {baseline} | fwd+bwd / {baseline} | two-stream / (1+V) clean, fwd | fwd+bwd |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  case_of = lambda r: (r.get('T'), r.get('block'), r.get('V'))
   for r in results:
+    lead = f"| {r.get('T', '?')} | {r.get('block', '?')} | {r.get('V', '?')} | {r['schedule']} |"
     if 'error' in r:
-      lines.append(f"| {r['schedule']} | failed: {r['error'][-200:]} |")
+      lines.append(f"{lead} failed: {r['error'][-200:]} |")
       continue
-    g = lambda k: r.get(k)
+    same = [x for x in results if 'error' not in x and case_of(x) == case_of(r)]
+    base = next((x for x in same if x['schedule'] == baseline), None)
+    clean = next((x for x in same if x['schedule'] == 'clean'), None)
+
+    def ratio(m):
+      x, b = ms(r, m), ms(base, m)
+      return '-' if x is None or not b else f'{x / b:.2f}x'
+
+    def vs_clean(m):
+      x, c = ms(r, m), ms(clean, m)
+      if x is None or not c or r['schedule'] == 'clean':
+        return '-'
+      return f"{(c + x) / ((1 + r['V']) * c):.2f}"
+
+    g = r.get
     lines.append(
-        f"| {r['schedule']} | {bench_util.fmt(g('fwd_ms'), '.1f')} | "
-        f"{bench_util.fmt(g('fwdbwd_ms'), '.1f')} | {bench_util.fmt(g('fwd_temp_gib'), '.3f')} | "
-        f"{bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')} | {ratio(g('fwd_ms'), 'fwd')} | "
-        f"{ratio(g('fwdbwd_ms'), 'fwdbwd')} |")
+        f"{lead} {bench_util.fmt(g('fwd_ms'), '.2f')} | {bench_util.fmt(g('fwdbwd_ms'), '.2f')} | "
+        f"{bench_util.fmt(g('fwd_temp_gib'), '.3f')} | {bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')}"
+        f" | {ratio('fwd')} | {ratio('fwdbwd')} | {vs_clean('fwd')} | {vs_clean('fwdbwd')} |")
   return '\n'.join(lines)
 
 
@@ -144,20 +176,27 @@ def main(argv):
   if _CHILD.value:
     _run_child(_CHILD.value)
     return
+  cases = parse_cases(_CASES.value) or [None]
+  base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases'))]
   results = []
-  for schedule in _SCHEDULES.value:
-    child = [sys.executable, '-m', 'launch.bench_schedules', f'--child={schedule}'] + [
-        a for a in sys.argv[1:] if not a.startswith('--out')]
-    res = bench_util.run_child(child, _TIMEOUT.value, dict(schedule=schedule))
-    print(json.dumps(res), flush=True)
-    results.append(res)
+  for case in cases:
+    case_args = [] if case is None else [f'--seq={case[0]}', f'--block_size={case[1]}',
+                                         f'--views={case[2]}']
+    for schedule in _SCHEDULES.value:
+      child = [sys.executable, '-m', 'launch.bench_schedules', f'--child={schedule}', *base_args,
+               *case_args]
+      labels = dict(schedule=schedule)
+      if case is not None:
+        labels.update(T=case[0], block=case[1], V=case[2])
+      res = bench_util.run_child(child, _TIMEOUT.value, labels)
+      print(json.dumps(res), flush=True)
+      results.append(res)
   first = next((r for r in results if 'error' not in r), {})
-  print(f"\n{first.get('device', '?')}: B={first.get('B')} T={first.get('T')} V={first.get('V')} "
-        f"H={first.get('H')} HV={first.get('HV')} K=V={first.get('K')} block={first.get('block')} "
-        f"max_block={first.get('max_block')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
-        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios are schedule / chunked (lower is '
-        'better).')
-  print(_table(results))
+  print(f"\n{first.get('device', '?')}: B={first.get('B')} H={first.get('H')} HV={first.get('HV')} "
+        f"K=V={first.get('K')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
+        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios within each (T, block, V) case '
+        f'(lower is better).')
+  print(table(results, _BASELINE.value))
   bench_util.write_json(_OUT.value, results)
 
 
