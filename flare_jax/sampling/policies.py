@@ -51,21 +51,27 @@ def sample(rng: jax.Array, logits: jax.Array, temperature: float, top_k: int = 0
       rng, warp_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
-def speculative_accept(rng: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array,
-                       greedy: bool = False):
+def greedy_accept(drafts: jax.Array, targets: jax.Array):
+  """Greedy speculative acceptance: drafts [B, K] are accepted while they equal the target's
+  argmax tokens targets [B, K+1]; then the target's token at the first mismatch (or the bonus slot
+  K) is appended. Returns (n_accepted [B] in 0..K, next_token [B])."""
+  k = drafts.shape[1]
+  n = jnp.sum(jnp.cumprod((drafts == targets[:, :k]).astype(jnp.int32), axis=1), axis=1)
+  return n.astype(jnp.int32), jnp.take_along_axis(targets, n[:, None], axis=1)[:, 0]
+
+
+def speculative_accept(rng: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.Array):
   """Exact speculative sampling over K drafts with one extra token from the target.
 
   Draft i (sampled from q_i) is accepted with probability min(1, p_i(d)/q_i(d)), left to right; at
   the first rejection the replacement is drawn from norm(max(0, p_i - q_i)); if all K are accepted
-  the bonus token is drawn from p_K. With one-hot q and p (greedy) this is "accept while the draft
-  equals the target's argmax, then append the target's argmax".
+  the bonus token is drawn from p_K. With one-hot q and p (greedy) this is `greedy_accept`.
 
   Args:
     rng: key.
     drafts: [B, K] int drafts.
     q: [B, K, vocab] draft distributions the drafts were sampled from.
     p: [B, K+1, vocab] target distributions at the K+1 verify slots.
-    greedy: q and p are one-hot argmaxes; acceptance is then exact token equality.
 
   Returns:
     (n_accepted [B] in 0..K, next_token [B]).
@@ -75,7 +81,7 @@ def speculative_accept(rng: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.A
   qd = jnp.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
   pd = jnp.take_along_axis(p[:, :k], drafts[..., None], axis=-1)[..., 0]
   u = jax.random.uniform(u_rng, (b, k))
-  accepted = (pd >= 1.0) if greedy else (u * qd < pd)  # u < p/q  <=>  u q < p (no division)
+  accepted = u * qd < pd  # u < p/q  <=>  u q < p (no division)
   n = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1)
   p_next = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
   q_next = jnp.take_along_axis(jnp.concatenate([q, jnp.zeros_like(q[:, :1])], 1),
@@ -83,11 +89,8 @@ def speculative_accept(rng: jax.Array, drafts: jax.Array, q: jax.Array, p: jax.A
   residual = jnp.maximum(p_next - q_next, 0.0)
   mass = jnp.sum(residual, axis=-1, keepdims=True)
   residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p_next)
-  if greedy:
-    next_token = jnp.argmax(p_next, axis=-1)
-  else:
-    next_token = jax.random.categorical(
-        r_rng, jnp.where(residual > 0, jnp.log(jnp.maximum(residual, 1e-38)), -jnp.inf))
+  next_token = jax.random.categorical(
+      r_rng, jnp.where(residual > 0, jnp.log(jnp.maximum(residual, 1e-38)), -jnp.inf))
   return n.astype(jnp.int32), next_token.astype(jnp.int32)
 
 

@@ -92,7 +92,7 @@ class DecodeState:
   block_targets: jax.Array  # [B, block_size] int32
   block_masked: jax.Array  # [B, block_size] bool, still masked (Diffusion-Trust)
   draft_q: jax.Array  # [B, block_size, vocab] AR-Trust's first draft distributions ([B, bsz, 1]
-  # when greedy: they are one-hot of the drafts)
+  # placeholder when greedy: acceptance then compares tokens)
 
 
 @flax.struct.dataclass
@@ -376,21 +376,23 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
 
   # --- Draft: one noisy pass; slot i predicts the token at position start + 1 + i. The first
   # step's drafts come from the prefill. ---
+  # Greedy decoding needs only tokens: no [B, bsz, vocab] distributions are formed.
   if first:
     drafts, q = state.block_targets, state.draft_q
-    if cfg.greedy:
-      q = jax.nn.one_hot(drafts, model.cfg.vocab_size, dtype=jnp.float32)
   else:
     block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
     q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
     drafts = policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
-    q = policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    q = None if cfg.greedy else policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # --- Verify: one clean pass over [pending, drafts]; keep the replay inputs of the GDN layers. ---
   verify = jnp.concatenate([pending, drafts], axis=1)
   p_logits, cache, aux = model(verify, meta=_clean_meta(start, bsz + 1), cache=state.cache,
                                return_gdn_aux=True)
-  p = policies.probs_of(p_logits, cfg.temperature, cfg.top_k, cfg.top_p)
-  n_acc, nxt = policies.speculative_accept(accept_rng, drafts, q, p, greedy=cfg.greedy)
+  if cfg.greedy:
+    n_acc, nxt = policies.greedy_accept(drafts, jnp.argmax(p_logits, axis=-1).astype(jnp.int32))
+  else:
+    p = policies.probs_of(p_logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    n_acc, nxt = policies.speculative_accept(accept_rng, drafts, q, p)
   # Committed tokens are pending + n accepted drafts; roll the GDN states back to exactly those.
   cache = model.rollback(state.cache, cache, aux, n_acc + 1)
   new_tokens = jnp.concatenate([drafts, jnp.zeros((b, 1), jnp.int32)], axis=1)

@@ -32,3 +32,16 @@ def test_commit_rules():
   assert got.tolist() == [[True, False, True, False], [False, True, False, False]]
   got = np.asarray(policies.top_k_commit(conf, masked, 2))
   assert got.tolist() == [[True, False, True, False], [False, True, True, False]]
+
+
+def test_greedy_accept_is_speculative_sampling_with_one_hot_distributions():
+  rng = np.random.default_rng(0)
+  vocab, k = 5, 4
+  drafts = jnp.asarray(rng.integers(0, 3, (64, k)), jnp.int32)  # few values: many matches
+  targets = jnp.asarray(rng.integers(0, 3, (64, k + 1)), jnp.int32)
+  want = policies.speculative_accept(jax.random.key(0), drafts, jax.nn.one_hot(drafts, vocab),
+                                     jax.nn.one_hot(targets, vocab))
+  got = policies.greedy_accept(drafts, targets)
+  assert len(set(np.asarray(got[0]).tolist())) > 2  # several acceptance lengths exercised
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
