@@ -447,8 +447,15 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
   # Finished rows need no denoising: they must not keep the loop below going.
   init = (state.block_targets, state.block_masked & ~state.done[:, None],
           jnp.zeros((b,), jnp.int32), jax.random.fold_in(state.rng, 0))
-  targets, _, passes, _ = jax.lax.while_loop(
-      lambda c: jnp.any(_needed(c[0], c[1], cfg.eos_ids)), denoise, init)
+  if cfg.commit == 'fixed':
+    # A static pass count: the block's first pass committed k, each later one commits k more
+    # (passes after a row's EOS change nothing and are not counted). A known trip count spares
+    # XLA:GPU the host round trip for each pass's loop predicate.
+    n_pass = -(-bsz // cfg.tokens_per_pass) - 1
+    targets, _, passes, _ = jax.lax.fori_loop(0, n_pass, lambda _, c: denoise(c), init)
+  else:
+    targets, _, passes, _ = jax.lax.while_loop(
+        lambda c: jnp.any(_needed(c[0], c[1], cfg.eos_ids)), denoise, init)
   # --- One pass: advance the clean caches over [pending, targets[:-1]] and run the next block's
   # first noisy pass over [targets[-1], MASK x (bsz-1)] right after it. ---
   nxt = jnp.concatenate([targets[:, -1:], jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
