@@ -69,6 +69,11 @@ def _time(fn, repeats):
   return float(np.median(times)), out
 
 
+def _prompt_id_limit(cfg: config_lib.ModelConfig) -> int:
+  """Random prompts draw ids below this (the same for our sampler and transformers')."""
+  return min(1000, cfg.vocab_size)
+
+
 def _hf_generate(cfg: config_lib.ModelConfig, batch: int, prompt_len: int, new: int) -> float:
   """tokens/s of transformers' generate (random init, bf16, greedy), in its own process."""
   code = f'''
@@ -78,7 +83,7 @@ hf.pop("flare"); hf.pop("architectures"); hf.pop("model_type")
 conf = transformers.Qwen3_5TextConfig(**hf)
 with torch.device("cuda"):
   model = transformers.Qwen3_5ForCausalLM(conf).to(torch.bfloat16).eval()
-ids = torch.randint(0, 1000, ({batch}, {prompt_len}), device="cuda")
+ids = torch.randint(0, {_prompt_id_limit(cfg)}, ({batch}, {prompt_len}), device="cuda")
 kw = dict(max_new_tokens={new}, min_new_tokens={new}, do_sample=False, pad_token_id=0)
 model.generate(ids, **kw); torch.cuda.synchronize()
 t0 = time.perf_counter(); model.generate(ids, **kw); torch.cuda.synchronize()
@@ -111,7 +116,7 @@ def main(argv):
               for k in _KS.value]
   rows = []
   for batch in map(int, _BATCH.value):
-    prompts = rng.integers(0, 1000, (batch, _PROMPT_LEN.value)).astype(np.int32)
+    prompts = rng.integers(0, _prompt_id_limit(cfg), (batch, _PROMPT_LEN.value)).astype(np.int32)
     lengths = np.full((batch,), _PROMPT_LEN.value, np.int32)
     cache_bytes = None
     for name, kw in modes:
