@@ -1,16 +1,16 @@
-"""bench_schedules' case parsing and its per-case ratio table (fake results, no timing)."""
+"""launch.bench_schedules' case parsing and its per-case ratio table (fake results, no timing)."""
 import pytest
 from absl import app
 
-from launch import bench_schedules
+from launch import schedule_cases
 
 
 def test_parse_cases():
-  assert bench_schedules.parse_cases(['4096:1:1', '16384:16:2']) == [(4096, 1, 1), (16384, 16, 2)]
-  assert bench_schedules.parse_cases([]) == []
+  assert schedule_cases.parse_cases(['4096:1:1', '16384:16:2']) == [(4096, 1, 1), (16384, 16, 2)]
+  assert schedule_cases.parse_cases([]) == []
   for bad in ('4096:4', '4096:0:2', 'a:4:2', '4096:4:2:1'):
     with pytest.raises(app.UsageError, match='T:block_size:views'):
-      bench_schedules.parse_cases([bad])
+      schedule_cases.parse_cases([bad])
 
 
 def test_table_ratios_stay_within_each_case():
@@ -19,7 +19,7 @@ def test_table_ratios_stay_within_each_case():
   results = (case(64, 1, chunked=4.0, pallas=2.0, clean=1.0)
              + case(128, 2, chunked=10.0, pallas=5.0, clean=2.0)
              + [dict(T=128, block=4, V=2, schedule='simple', error='timeout after 9 s')])
-  rows = bench_schedules.table(results, 'chunked').split('\n')[2:]
+  rows = schedule_cases.table(results, 'chunked').split('\n')[2:]
   cells = [[c.strip() for c in row.strip('|').split('|')] for row in rows]
   # T=64: pallas / chunked = 0.5; (clean + pallas) / ((1 + V) clean) = 3 / 2.
   assert cells[1][:4] == ['64', '4', '1', 'pallas'] and cells[1][8:] == ['0.50x', '0.50x', '1.50',

@@ -1,0 +1,50 @@
+"""bench_schedules' sweep cases (T:block_size:views) and its per-case table; no flags, so tests
+and other tools can import it beside other launch modules."""
+from absl import app
+
+from launch import bench_util
+
+
+def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
+  """['4096:4:2', ...] -> [(T, block_size, views), ...]."""
+  cases = []
+  for spec in specs:
+    parts = spec.split(':')
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+      raise app.UsageError(f'--cases wants T:block_size:views with positive integers, got {spec!r}')
+    cases.append(tuple(int(p) for p in parts))
+  return cases
+
+
+def table(results: list[dict], baseline: str) -> str:
+  """One row per (case, schedule); ratios within each case (T, block, V)."""
+  ms = lambda r, m: None if r is None else r.get(f'{m}_ms')
+  lines = ['| T | block | V | schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | '
+           f'fwd / {baseline} | fwd+bwd / {baseline} | two-stream / (1+V) clean, fwd | fwd+bwd |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  case_of = lambda r: (r.get('T'), r.get('block'), r.get('V'))
+  for r in results:
+    lead = f"| {r.get('T', '?')} | {r.get('block', '?')} | {r.get('V', '?')} | {r['schedule']} |"
+    if 'error' in r:
+      lines.append(f"{lead} failed: {r['error'][-200:]} |")
+      continue
+    same = [x for x in results if 'error' not in x and case_of(x) == case_of(r)]
+    base = next((x for x in same if x['schedule'] == baseline), None)
+    clean = next((x for x in same if x['schedule'] == 'clean'), None)
+
+    def ratio(m):
+      x, b = ms(r, m), ms(base, m)
+      return '-' if x is None or not b else f'{x / b:.2f}x'
+
+    def vs_clean(m):
+      x, c = ms(r, m), ms(clean, m)
+      if x is None or not c or r['schedule'] == 'clean':
+        return '-'
+      return f"{(c + x) / ((1 + r['V']) * c):.2f}"
+
+    g = r.get
+    lines.append(
+        f"{lead} {bench_util.fmt(g('fwd_ms'), '.2f')} | {bench_util.fmt(g('fwdbwd_ms'), '.2f')} | "
+        f"{bench_util.fmt(g('fwd_temp_gib'), '.3f')} | {bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')}"
+        f" | {ratio('fwd')} | {ratio('fwdbwd')} | {vs_clean('fwd')} | {vs_clean('fwdbwd')} |")
+  return '\n'.join(lines)
