@@ -23,7 +23,7 @@ def rows(results: dict):
 def table(results: dict) -> str:
   lines = ['| task | model | mode | accuracy | line prefix | passes / token | tokens / s | '
            'acceptance |', '|---|---|---|---|---|---|---|---|']
-  fmt = lambda x: '-' if x is None else f'{x:.3f}'
+  fmt = lambda x: '-' if x is None or x != x else f'{x:.3f}'  # absent or NaN: not measured
   for task, model, mode, m in rows(results):
     lines.append(f"| {task} | {model} | `{mode}` | {m['accuracy']:.3f} | "
                  f"{fmt(m.get('line_prefix'))} | {m['passes_per_token']:.3f} | "

@@ -10,7 +10,8 @@ def _results():
       'nextline': {'flare_model': {'ar': dict(accuracy=0.0, line_prefix=0.25, **speed),
                                    'ar_trust:b=4': dict(accuracy=0.0, line_prefix=0.25,
                                                         acceptance_rate=0.75, **speed)}},
-      'arithmetic': {'flare_model': {'ar': dict(accuracy=0.5, **speed)}}}}
+      'arithmetic': {'flare_model': {'ar': dict(accuracy=0.5, acceptance_rate=float('nan'),
+                                                **speed)}}}}
 
 
 def test_table_shows_line_prefix_and_acceptance_only_where_measured():
