@@ -27,8 +27,9 @@ from launch import schedule_cases
 
 _SCHEDULES = flags.DEFINE_list(
     'schedules', ['simple', 'lean', 'chunked', 'pallas', 'clean'],
-    'simple, lean (token scans), chunked (chunk-parallel XLA) and pallas (the fused kernel; its '
-    'backward is still the chunked schedule\'s autodiff); clean: the clean stream\'s own chunked '
+    'simple, lean (token scans), chunked (chunk-parallel XLA), pallas (the fused kernel; its '
+    'default backward, the chunked schedule\'s autodiff) and pallas_kernel_bwd (the fused kernel '
+    'with its Pallas backward); clean: the clean stream\'s own chunked '
     'pass alone (the backend\'s default kernel), the unit of the (1 + V) x clean-pass target.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
@@ -104,8 +105,10 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
-  elif schedule == 'pallas':
-    f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw)
+  elif schedule in ('pallas', 'pallas_kernel_bwd'):
+    backward = 'kernel' if schedule == 'pallas_kernel_bwd' else 'autodiff'
+    f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw,
+                                                               backward=backward)
   else:
     f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
   cot = jax.random.normal(jax.random.key(1), jax.eval_shape(f, clean, noisy).shape, jnp.float32)
