@@ -102,9 +102,10 @@ match); arithmetic with operands 0..{cfg['demo'].get('arithmetic_max_operand', 1
 ## Quality and speed per decoding setting
 `b`: block size; `threshold`: Diffusion-Trust confidence to commit; `k`: tokens committed per pass.
 Line prefix (next-line task): the common prefix of the generated and the true line over the longer
-of the two, a graded version of exact match (the plot shows it for that task). Passes / token counts decode forward passes (prefill excluded): plain AR is 1.0. The prefill also
-runs AR-Trust's first draft pass and Diffusion-Trust's first denoising pass (as each block's commit
-pass runs the next block's).
+of the two, a graded version of exact match (the plot shows it for that task). Passes / token
+counts decode forward passes (prefill excluded): plain AR is 1.0. The prefill also runs AR-Trust's
+first draft pass and Diffusion-Trust's first denoising pass (as each block's commit pass runs the
+next block's).
 
 {table(results)}
 

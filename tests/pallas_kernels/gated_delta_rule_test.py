@@ -55,11 +55,15 @@ def _segments(b, t, cuts):
   return jnp.asarray(seg)
 
 
-def test_recurrent_oracle_matches_numpy_loop(rng):
-  q, k, v, g, beta, h0 = _inputs(rng, 2, 13, 1, 2, 5, 3)
+@pytest.mark.parametrize('fn', [reference.naive_recurrent_gated_delta_rule,
+                                xla.recurrent_gated_delta_rule_xla], ids=['oracle', 'decode_loop'])
+def test_recurrent_forms_match_numpy_loop(rng, fn):
+  """The token-loop oracle and the decode loop (state read twice per step) against the float64
+  loop: GQA, resets."""
+  q, k, v, g, beta, h0 = _inputs(rng, 2, 13, 2, 4, 5, 3)
   seg = _segments(2, 13, [4, 5])
-  o, s = reference.naive_recurrent_gated_delta_rule(q, k, v, g, beta, scale=0.7, initial_state=h0,
-                                                    segment_ids=seg, output_final_state=True)
+  o, s = fn(q, k, v, g, beta, scale=0.7, initial_state=h0, segment_ids=seg,
+            output_final_state=True)
   ref_o, ref_s = _numpy_loop(q, k, v, g, beta, h0, np.asarray(seg), 0.7)
   np.testing.assert_allclose(o, ref_o, atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(s, ref_s, atol=1e-5, rtol=1e-5)
@@ -121,17 +125,6 @@ def test_packed_documents_equal_separate_runs_and_initial_state_seeds_only_the_f
   second, _ = gdr.chunk_gated_delta_rule(*(x[:, cut:] for x in (q, k, v, g, beta)))
   np.testing.assert_allclose(packed[:, :cut], first, atol=2e-5, rtol=1e-4)
   np.testing.assert_allclose(packed[:, cut:], second, atol=2e-5, rtol=1e-4)
-
-
-def test_decode_recurrence_matches_numpy_loop(rng):
-  """The XLA token loop (state read twice per step) against the float64 loop: GQA, resets."""
-  q, k, v, g, beta, h0 = _inputs(rng, 2, 13, 2, 4, 5, 3)
-  seg = _segments(2, 13, [4, 5])
-  o, s = xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, scale=0.7, initial_state=h0,
-                                            segment_ids=seg, output_final_state=True)
-  o_want, s_want = _numpy_loop(q, k, v, g, beta, h0, np.asarray(seg), 0.7)
-  np.testing.assert_allclose(o, o_want, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(s, s_want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
