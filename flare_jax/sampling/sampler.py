@@ -91,8 +91,6 @@ class DecodeState:
   # Diffusion-Trust's committed targets, or AR-Trust's first drafts (from the prefill only).
   block_targets: jax.Array  # [B, block_size] int32
   block_masked: jax.Array  # [B, block_size] bool, still masked (Diffusion-Trust)
-  draft_q: jax.Array  # [B, block_size, vocab] AR-Trust's first draft distributions ([B, bsz, 1]
-  # placeholder when greedy: acceptance then compares tokens)
 
 
 @flax.struct.dataclass
@@ -210,11 +208,11 @@ class Sampler:
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
     params = _decode_params(self.graphdef, self.params)  # cast once, not per iteration
-    state = _start(self.graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
-                   mask_id=self.model_cfg.resolved_mask_token_id)
+    state, draft_q = _start(self.graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
+                            mask_id=self.model_cfg.resolved_mask_token_id)
     emitted, first = 0, _peels_first_step(cfg)
     while True:
-      state = _advance(self.graphdef, params, state, cfg=cfg,
+      state = _advance(self.graphdef, params, state, draft_q if first else None, cfg=cfg,
                        mask_id=self.model_cfg.resolved_mask_token_id, first=first)
       first = False
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
@@ -237,7 +235,11 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
   """Prefills everything but each row's last prompt token (it becomes the pending token). For
   Diffusion-Trust and AR-Trust the same call also runs the first noisy pass over
   [pending, MASK x (bsz-1)] (a noisy tail seeded at each row's end): Diffusion-Trust's first block
-  starts primed like every later one, and AR-Trust's first step only verifies."""
+  starts primed like every later one, and AR-Trust's first step only verifies.
+
+  Returns (state, draft_q): draft_q [B, bsz, vocab] the distributions AR-Trust's first drafts were
+  sampled from (None when greedy or in other modes); only the first step reads it, so it is kept
+  out of the loop state."""
   b, p = prompts.shape
   s = buffer_len(p, cfg)
   tokens = jnp.full((b, s), pad_id, jnp.int32).at[:, :p].set(prompts)
@@ -246,7 +248,7 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
   meta = _clean_meta(jnp.zeros((b,), jnp.int32), p)
   bsz = cfg.block_size
   targets, masked = jnp.zeros((b, bsz), jnp.int32), jnp.ones((b, bsz), bool)
-  draft_q = jnp.zeros((b, bsz, 1 if cfg.greedy else model.cfg.vocab_size), jnp.float32)
+  draft_q = None
   if cfg.mode in ('diffusion_trust', 'ar_trust'):
     start = prompt_lengths - 1
     block = jnp.concatenate([jnp.take_along_axis(prompts, start[:, None], axis=1),
@@ -269,17 +271,17 @@ def _init_state(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id:
   return DecodeState(tokens=tokens, length=prompt_lengths, prompt_len=prompt_lengths,
                      done=jnp.zeros((b,), bool), cache=cache, rng=rng,
                      step=jnp.zeros((), jnp.int32), n_forward=zeros + 1, n_drafted=zeros,
-                     n_accepted=zeros, block_targets=targets, block_masked=masked,
-                     draft_q=draft_q)
+                     n_accepted=zeros, block_targets=targets, block_masked=masked), draft_q
 
 
 def _iteration(model, state: DecodeState, cfg: SamplerConfig, mask_id: int,
-               first: bool = False) -> DecodeState:
-  """One decode iteration. `first` (static): AR-Trust's first step, whose drafts the prefill made;
-  it is traced apart from the loop body so that the loop carries no per-step `lax.cond` (on GPU a
-  conditional waits for its predicate on the host)."""
+               first: bool = False, draft_q: jax.Array | None = None) -> DecodeState:
+  """One decode iteration. `first` (static): AR-Trust's first step, whose drafts (sampled from
+  draft_q) the prefill made; it is traced apart from the loop body so that the loop carries no
+  per-step `lax.cond` (on GPU a conditional waits for its predicate on the host)."""
   if cfg.mode == 'ar_trust':
-    return _finish(_ar_trust_step(model, state, cfg=cfg, mask_id=mask_id, first=first), cfg)
+    return _finish(_ar_trust_step(model, state, cfg=cfg, mask_id=mask_id, first=first,
+                                  draft_q=draft_q), cfg)
   step_fn = {'ar': _ar_step, 'diffusion_trust': _diffusion_step}[cfg.mode]
   return _finish(step_fn(model, state, cfg=cfg, mask_id=mask_id), cfg)
 
@@ -300,9 +302,9 @@ def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult
 def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
   model = _decode_model(graphdef, params)
-  state = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
+  state, draft_q = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
   if _peels_first_step(cfg):  # no row is done before it and max_new_tokens >= 1
-    state = _iteration(model, state, cfg, mask_id, first=True)
+    state = _iteration(model, state, cfg, mask_id, first=True, draft_q=draft_q)
   state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
                              lambda st: _iteration(model, st, cfg, mask_id), state)
   return _result(state, cfg, pad_id)
@@ -322,15 +324,15 @@ def _decode_params(graphdef, params):
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
 def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
-  """params: from `_decode_params`, as for `_advance`."""
+  """(state, draft_q) of `_init_state`; params: from `_decode_params`, as for `_advance`."""
   return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id,
                      mask_id)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'first'),
                    donate_argnames='state')
-def _advance(graphdef, params, state, *, cfg, mask_id, first=False):
-  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id, first)
+def _advance(graphdef, params, state, draft_q=None, *, cfg, mask_id, first=False):
+  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id, first, draft_q)
 
 
 def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache,
@@ -367,7 +369,7 @@ def _ar_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int) -> 
 
 
 def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: int,
-                   first: bool) -> DecodeState:
+                   first: bool, draft_q: jax.Array | None) -> DecodeState:
   bsz = cfg.block_size
   b = state.length.shape[0]
   start = state.length - 1
@@ -378,7 +380,7 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
   # step's drafts come from the prefill. ---
   # Greedy decoding needs only tokens: no [B, bsz, vocab] distributions are formed.
   if first:
-    drafts, q = state.block_targets, state.draft_q
+    drafts, q = state.block_targets, draft_q
   else:
     block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
     q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
