@@ -34,6 +34,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile, autot
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_PROFILE = flags.DEFINE_bool('profile', False,
+                             'Also list each case\'s top GPU kernels in its fwd+bwd call.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: run one case "impl:B:T" and print RESULT.')
 
 _GIB = 1024 ** 3
@@ -57,7 +59,22 @@ def _jax_case(impl, b, t):
     res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(*args, do), jax.block_until_ready,
                                             _WARMUP.value, _REPEATS.value)
     res['peak_gib'] = peak()
+    if _PROFILE.value:
+      res['kernels'] = bench_util.jax_kernel_profile(lambda: fwdbwd(*args, do))
   return res
+
+
+def _torch_kernel_profile(fn, calls=3, top=15):
+  """bench_util.top_kernels of the CUDA kernels `calls` calls of fn launch (torch.profiler)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch.profiler import profile, ProfilerActivity  # pylint: disable=g-import-not-at-top
+  with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    for _ in range(calls):
+      fn()
+    torch.cuda.synchronize()
+  events = [(e.name, e.time_range.elapsed_us() * 1e3) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+  return bench_util.top_kernels(events, calls, top)
 
 
 def _fla_case(b, t):
@@ -102,6 +119,8 @@ def _fla_case(b, t):
     torch.cuda.reset_peak_memory_stats()
     res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value)
     res['peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
+    if _PROFILE.value:
+      res['kernels'] = _torch_kernel_profile(fwdbwd)
   return res
 
 
@@ -114,7 +133,7 @@ def _run_child(spec):
 
 def _spawn(impl, b, t):
   argv = [sys.executable, '-m', 'launch.bench_kernels', f'--child={impl}:{b}:{t}']
-  for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP):
+  for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP, _PROFILE):
     argv.append(f'--{flag.name}={flag.value}')
   argv.append(f'--modes={",".join(_MODES.value)}')
   return bench_util.run_child(argv, _TIMEOUT.value, {'impl': impl, 'B': b, 'T': t})
@@ -158,6 +177,10 @@ def main(argv):
   if any(r.get('guard_bypassed') for r in results):
     print('fla: Hopper guard for Triton < 3.7.1 (fla #640) bypassed for timing.')
   print(_table(results))
+  for r in results:
+    if r.get('kernels'):
+      print(f"\nTop GPU kernels, {r['impl']} {r['B']}x{r['T']} fwd+bwd:")
+      print(bench_util.kernel_table(r['kernels']))
   bench_util.write_json(_OUT.value, results)
 
 

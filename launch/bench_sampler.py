@@ -24,6 +24,7 @@ from flax import nnx
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.sampling import sampler as sampler_lib
+from launch import bench_util
 
 _VARIANT = flags.DEFINE_string('variant', '2b', 'flare_jax.model.config.VARIANTS key.')
 _BATCH = flags.DEFINE_list('batch', ['1', '8'], 'Concurrency levels.')
@@ -34,6 +35,8 @@ _KS = flags.DEFINE_list('k', ['1', '2', '4'], 'Diffusion-Trust tokens committed 
 _MODES = flags.DEFINE_list('modes', ['ar', 'ar_trust', 'diffusion_trust'], 'Modes to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per case (median reported).')
 _HF = flags.DEFINE_bool('hf', False, 'Also time transformers generate (separate process).')
+_PROFILE = flags.DEFINE_bool('profile', False,
+                             'Also list the top GPU kernels per model pass of each case.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 
 
@@ -89,7 +92,8 @@ model.generate(ids, **kw); torch.cuda.synchronize()
 t0 = time.perf_counter(); model.generate(ids, **kw); torch.cuda.synchronize()
 print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
 '''
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900)
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=900,
+                       env=bench_util.child_env(), check=False)
   for line in out.stdout.splitlines():
     if line.startswith('HF_TOKS'):
       return float(line.split()[1])
@@ -135,6 +139,11 @@ def main(argv):
         floor_ms = 1e3 * (weight_bytes + cache_bytes) / bw
         row['bandwidth_floor_ms'] = floor_ms
         row['step_vs_floor'] = row['ms_per_pass'] / floor_ms
+      if _PROFILE.value:  # one generate call, kernel times shared out over its passes
+        kernels = bench_util.jax_kernel_profile(
+            lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=20)
+        row['kernels_per_pass'] = [[n, ms / max(passes, 1), c / max(passes, 1)]
+                                   for n, ms, c in kernels]
       rows.append(row)
       print(json.dumps(row), flush=True)
     if _HF.value:
@@ -148,9 +157,11 @@ def main(argv):
           f"{r.get('passes_per_token', 0):.2f} "
           f"| {r.get('ms_per_pass', 0):.2f} | {r.get('step_vs_floor', float('nan')):.2f} "
           f"| {r.get('acceptance', 0):.2f} |")
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(rows, f, indent=2)
+  for r in rows:
+    if r.get('kernels_per_pass'):
+      print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']} (prefill included):")
+      print(bench_util.kernel_table(r['kernels_per_pass']).replace('/ call', '/ pass'))
+  bench_util.write_json(_OUT.value, rows)
 
 
 if __name__ == '__main__':

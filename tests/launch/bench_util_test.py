@@ -1,0 +1,42 @@
+"""launch.bench_util: kernel-time aggregation, its table, and the environment handed to children."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from launch import bench_util
+
+
+def test_top_kernels_ranks_by_total_time_per_call():
+  ms = 1e6  # ns
+  events = [('gemm', 2 * ms), ('add', 1 * ms), ('gemm', 4 * ms), ('copy', 0.5 * ms),
+            ('add', 1 * ms)]
+  got = bench_util.top_kernels(events, calls=2, top=2)
+  assert got == [['gemm', 3.0, 1.0], ['add', 1.0, 1.0]]
+  assert bench_util.top_kernels([], calls=1, top=5) == []
+
+
+def test_kernel_table_rows():
+  rows = bench_util.kernel_table([['intra_kernel', 0.5371, 1.0], ['fusion', 0.01, 24.0]])
+  assert rows.split('\n')[2:] == ['| `intra_kernel` | 0.537 | 1 |', '| `fusion` | 0.010 | 24 |']
+
+
+@pytest.mark.parametrize('value, kept', [('', False), ('  ', False), ('/tmp/tc', True)])
+def test_child_env_drops_only_an_empty_triton_cache_dir(monkeypatch, value, kept):
+  monkeypatch.setenv('TRITON_CACHE_DIR', value)
+  monkeypatch.setenv('SOME_OTHER', 'x')
+  env = bench_util.child_env()
+  assert env['SOME_OTHER'] == 'x'
+  assert ('TRITON_CACHE_DIR' in env) == kept
+  if kept:
+    assert env['TRITON_CACHE_DIR'] == value
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_profile_sees_each_launch():
+  x = jnp.ones((4096, 4096), jnp.float32)
+  f = jax.jit(jnp.sin)
+  f(x).block_until_ready()
+  kernels = bench_util.jax_kernel_profile(lambda: f(x), calls=3)
+  assert len(kernels) == 1, kernels
+  name, ms, launches = kernels[0]
+  assert 'sin' in name and launches == 1 and ms > 0
