@@ -91,6 +91,15 @@ def check_inputs(q, k, v, chunk_size: int, family: str) -> None:
                      f'delta rule (float32 takes K <= {MAX_FP32_KEY_DIM}; use bfloat16)')
 
 
+def grad_dtypes(q_dtype, v_dtype, groups: int):
+  """(dq/dk dtype, dv dtype) of the per-chunk backward kernel's outputs.
+
+  The gradients leave the kernel in their final dtype (no separate convert pass over them); dq and
+  dk stay fp32 only when `groups` > 1 value heads share a key head and are summed afterwards.
+  """
+  return (q_dtype if groups == 1 else jnp.float32), v_dtype
+
+
 def padded_dims(t: int, kd: int, vd: int, chunk_size: int) -> tuple[int, int, int]:
   """(Tp, Kp, Vp): T to a chunk multiple, K and V to powers of two >= 16."""
   return (backend.cdiv(t, chunk_size) * chunk_size, max(16, backend.next_pow2(kd)),

@@ -424,9 +424,10 @@ def _bwd_chunk(q, k, v, vn, do, dv2, h, dh, gc, beta, t, segs, d: _Dims, bs, *, 
   qk, val, vec, tok, state = _chunk_specs(d)
   in_specs = ([qk(d.kd), qk(d.kd)] + [val(d.vd)] * 4 + [state(d.vd)] * 2 + [vec, vec, val(d.c)]
               + ([tok] * 3 if segs else []))
-  out_shape = [jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
-               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
-               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), _F32),
+  dqk_dtype, dv_dtype = configs.grad_dtypes(q.dtype, v.dtype, d.grp)
+  out_shape = [jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), dqk_dtype),
+               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), dqk_dtype),
+               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), dv_dtype),
                jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32),
                jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32)]
   out_specs = [val(d.kd), val(d.kd), val(d.vd), vec, vec]

@@ -29,30 +29,39 @@ if triton is not None:
 
   @triton.jit
   def ut_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
-    """(I + A)^-1 for strictly lower [C, C] fp32 A: 16x16 diagonal blocks by forward substitution
-    (rows i, 16+i, ... at once), then T = (I + N)^-1 D with N = D L nilpotent
-    (pallas._ut_inverse)."""
-    o = tl.arange(0, C)
-    r = o[:, None]
-    c = o[None, :]
-    blk = (r // 16) == (c // 16)
-    rsub = r % 16
-    a_bd = tl.where(blk, a, 0.0)
-    eye = tl.where(r == c, 1.0, 0.0)
-    x = eye
+    """(I + A)^-1 for strictly lower [C, C] fp32 A (pallas._ut_inverse's algorithm).
+
+    The C/16 diagonal 16x16 blocks are inverted by forward substitution as one [C/16, 16, 16]
+    tensor (row i of every block per step, 1/(C/16) of the work on the full [C, C] tile), then
+    T = (I + N)^-1 D with D the block-diagonal inverse and N = D L nilpotent.
+    """
+    NB: tl.constexpr = C // 16
+    o16 = tl.arange(0, 16)
+    eye16 = tl.where(o16[:, None] == o16[None, :], 1.0, 0.0)  # [16, 16]
+    ob = tl.arange(0, NB)
+    same_blk4 = (ob[:, None, None, None] == ob[None, None, :, None])  # [NB, 1, NB, 1]
+    # ad[b, i, j] = a[16b + i, 16b + j]: the diagonal blocks.
+    ad = tl.sum(tl.where(same_blk4, tl.reshape(a, (NB, 16, NB, 16)), 0.0), axis=2)
+    xd = tl.broadcast_to(eye16[None, :, :], (NB, 16, 16))
+    row = o16[None, :, None]  # [1, 16, 1]
     for i in range(1, 16):
-      sel = rsub == i
-      av = tl.sum(tl.where(sel, a_bd, 0.0), axis=0)
-      y = tl.sum(av[:, None] * x, axis=0)
-      x = tl.where(sel & blk, eye - y[None, :], x)
-    if C > 16:
-      neg_n = -tl.dot(x, tl.where(blk, 0.0, a), input_precision=PREC)
-      acc = eye + neg_n
-      if C > 32:
-        p = tl.dot(neg_n, neg_n, input_precision=PREC)
-        acc = tl.dot(acc, eye + p, input_precision=PREC)
-      x = tl.dot(acc, x, input_precision=PREC)
-    return x
+      sel = row == i
+      av = tl.sum(tl.where(sel, ad, 0.0), axis=1)  # [NB, 16]: row i of every block
+      y = tl.sum(av[:, :, None] * xd, axis=1)  # [NB, 16]: row i of A_b X_b
+      xd = tl.where(sel, eye16[None, :, :] - y[:, None, :], xd)
+    if C == 16:
+      return tl.reshape(xd, (16, 16))
+    o = tl.arange(0, C)
+    blk = (o[:, None] // 16) == (o[None, :] // 16)
+    eye = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    x4 = tl.broadcast_to(xd[:, :, None, :], (NB, 16, NB, 16))
+    x = tl.where(blk, tl.reshape(x4, (C, C)), 0.0)
+    neg_n = -tl.dot(x, tl.where(blk, 0.0, a), input_precision=PREC)
+    acc = eye + neg_n
+    if C > 32:
+      p = tl.dot(neg_n, neg_n, input_precision=PREC)
+      acc = tl.dot(acc, eye + p, input_precision=PREC)
+    return tl.dot(acc, x, input_precision=PREC)
 
   @triton.jit
   def intra_kernel(k, v, g, beta, seg, carry, w, u, gc, tm,
@@ -316,8 +325,8 @@ if triton is not None:
     ada = dab * kk
     dgc += tl.sum(ada, axis=1) - tl.sum(ada, axis=0)
     p_dqk = (tok * HV + i_h)[:, None] * K + o_k[None, :]
-    tl.store(dq + p_dqk, b_dq)
-    tl.store(dk + p_dqk, b_dk)
+    tl.store(dq + p_dqk, b_dq.to(dq.dtype.element_ty))
+    tl.store(dk + p_dqk, b_dk.to(dk.dtype.element_ty))
     tl.store(db + tok * HV + i_h, b_db)
     tl.store(dg + tok * HV + i_h, tl.sum(dgc, axis=0) - tl.cumsum(dgc, axis=0) + dgc)
 
@@ -440,6 +449,7 @@ def _gdr_bwd(scale, chunk_size, res, cts):
   pdo = configs.pad_to(do.astype(cdt), (b, d.tp, d.hv, d.vd))
   pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
   has_seg = bool(segs)
+  dqk_dtype, dv_dtype = configs.grad_dtypes(q.dtype, v.dtype, d.grp)
   bvo = min(bs.bv_out, d.vd)
   dvl = jt.triton_call(
       pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
@@ -457,9 +467,9 @@ def _gdr_bwd(scale, chunk_size, res, cts):
       **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
   dq, dk, dv, db, dg = jt.triton_call(
       pq, pk, pv, vn, pdo, dv2, h, dh, gc, pb, tm, seg, carry, writes, kernel=kn['bwd_chunk'],
-      out_shape=[jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
-                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), _F32),
-                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), _F32),
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), dqk_dtype),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), dqk_dtype),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), dv_dtype),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32)],
       grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_chunk,
