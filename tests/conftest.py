@@ -10,6 +10,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+if jax.default_backend() != 'gpu':
+  # Off GPU the jax-triton kernels run in Triton's interpreter (`interpret=True`); Triton picks the
+  # interpreter when a kernel is decorated, so this must precede importing the kernel modules.
+  os.environ.setdefault('TRITON_INTERPRET', '1')
+
 
 def pytest_collection_modifyitems(config, items):
   del config

@@ -8,12 +8,15 @@ jax-triton 0.3.1 (`out_shape=`).
 
 triton is imported in a try/except and jax_triton only when called: importing this module on a
 CPU-only machine never fails; calling it there raises a ValueError (the api falls back).
+`interpret=True` runs the same pipeline with every kernel in Triton's interpreter on the host
+(`_common.triton_interpret`; fp32, for the CPU tests).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common import triton_interpret
 from pallas_kernels.gated_delta_rule import configs
 
 _F32 = jnp.float32
@@ -340,7 +343,10 @@ def _kernels():
   return _KERNELS
 
 
-def _jt():
+def _jt(interpret=False):
+  """The module whose `triton_call` launches the kernels: jax_triton, or the interpreter's."""
+  if interpret:
+    return triton_interpret
   try:
     import jax_triton  # pylint: disable=g-import-not-at-top
   except ImportError as e:  # CPU-only jax, or jax_triton missing
@@ -375,8 +381,8 @@ def _segs3(segs):
   return tuple(segs) if segs else (_dummy(),) * 3
 
 
-def _forward(q, k, v, g, beta, h0, segs, chunk_size, store_t=False):
-  jt = _jt()
+def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False):
+  jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(q, v, chunk_size)
   bs = configs.block_sizes_for(d.vd, 'triton')
@@ -402,28 +408,30 @@ def _forward(q, k, v, g, beta, h0, segs, chunk_size, store_t=False):
   return d, bs, w, gc, h, vn, ht, (tm if store_t else None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size'))
-def _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size):
-  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, for_backward=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size', 'interpret'))
+def _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret):
+  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret,
+                      for_backward=False)[0]
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size'))
-def _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size):
-  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, for_backward=True)
+@functools.partial(jax.jit, static_argnames=('scale', 'chunk_size', 'interpret'))
+def _gdr_fwd(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret):
+  return _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret,
+                      for_backward=True)
 
 
-def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, for_backward):
+def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_backward):
   """((o, final state), residuals). The residuals keep the forward's intermediates (w, g cumsum,
   chunk states h, corrected values vn, the UT matrix T), so the backward recomputes nothing (see
   pallas.py's docstring)."""
   t, kd, vd = q.shape[1], q.shape[3], v.shape[3]
   pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
-  d, bs, w, gc, h, vn, ht, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size,
+  d, bs, w, gc, h, vn, ht, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size, interpret,
                                          store_t=for_backward)
   seg, carry, _ = _segs3(segs)
   bv = min(bs.bv_out, d.vd)
-  o = _jt().triton_call(
+  o = _jt(interpret).triton_call(
       pq, pk, h, vn, gc, seg, carry, kernel=_kernels()['output'],
       out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), v.dtype),
       grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_chunk,
@@ -433,9 +441,9 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, for_backward):
   return (o[:, :t, :, :vd], ht[:, :, :kd, :vd]), res
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _gdr_bwd(scale, chunk_size, res, cts):
-  jt = _jt()
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _gdr_bwd(scale, chunk_size, interpret, res, cts):
+  jt = _jt(interpret)
   kn = _kernels()
   q, k, v, g, beta, h0, segs, w, gc, h, vn, tm = res
   do, dht = cts
@@ -487,19 +495,22 @@ _gdr.defvjp(_gdr_fwd, _gdr_bwd)
 
 
 def chunk_gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state=None,
-                                  segment_ids=None, output_final_state=False, chunk_size=64):
+                                  segment_ids=None, output_final_state=False, chunk_size=64,
+                                  interpret=False):
   """Chunked gated delta rule with jax-triton kernels (forward and backward; GPU only).
 
-  Same contract as `pallas.chunk_gated_delta_rule_pallas` (without `interpret`).
+  Same contract as `pallas.chunk_gated_delta_rule_pallas`. `interpret=True` runs every kernel in
+  Triton's interpreter on the host instead (any backend; float32; see the module docstring).
 
   Raises:
     ValueError: no GPU / jax_triton, or a chunk size, head size or dtype the kernels do not take.
   """
   configs.check_inputs(q, k, v, chunk_size, 'Triton')
-  if jax.default_backend() != 'gpu':
+  if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton gated delta rule needs a GPU (backend is '
                      f'{jax.default_backend()!r})')
-  _jt()
+  _jt(interpret)
+  _kernels()
   b, t, _, kd = q.shape
   hv, vd = v.shape[2:]
   scale = float(kd ** -0.5 if scale is None else scale)
@@ -509,5 +520,5 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state
   if segment_ids is not None:
     tp = configs.padded_dims(t, kd, vd, chunk_size)[0]
     segs = configs.segment_masks(segment_ids, tp, chunk_size)
-  o, ht = _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size)
+  o, ht = _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret)
   return o, (ht if output_final_state else None)

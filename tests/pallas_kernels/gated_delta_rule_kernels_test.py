@@ -1,8 +1,9 @@
 """Gated delta rule kernels (Pallas, jax-triton) against the pure-JAX oracles.
 
-CPU: the Pallas kernels in interpret mode at small awkward shapes (T = 63, 100, 257; K = 60; GVA;
-documents starting inside chunks and at chunk starts), fp32, against the token-loop oracle: outputs,
-final state and every gradient (dq, dk, dv, dg, dbeta, d initial state).
+CPU: both families in interpret mode (Pallas's, and Triton's interpreter for the jax-triton
+kernels) at small awkward shapes (T = 63, 100, 257; K = 60; GVA; documents starting inside chunks
+and at chunk starts), fp32, against the token-loop oracle: outputs, final state and every gradient
+(dq, dk, dv, dg, dbeta, d initial state).
 GPU: both families at the benchmark shapes in bf16 against an fp32 reference, with fla's
 relative-RMS limits; and an fp32 awkward-shape case with document resets (Triton 3.6 miscompiles
 some gated backward kernels on Hopper, fla #640: the gradients must be checked on the device).
@@ -68,12 +69,23 @@ CASES = [  # (b, t, h, hv, kd, vd, chunk, document cuts, with initial state)
 IDS = ['t63', 't100_k60_gva_reset', 't257_resets_no_h0', 'chunk16', 'chunk32']
 
 
+INTERPRETED = {
+    'pallas': pallas.chunk_gated_delta_rule_pallas,
+    # Triton's interpreter needs torch; tests/conftest.py sets TRITON_INTERPRET=1 off GPU.
+    'triton': gdr_triton.chunk_gated_delta_rule_triton,
+}
+
+
+@pytest.mark.parametrize('impl', sorted(INTERPRETED))
 @pytest.mark.parametrize('b, t, h, hv, kd, vd, chunk, cuts, with_state', CASES, ids=IDS)
-def test_pallas_interpret_matches_recurrent_oracle(rng, b, t, h, hv, kd, vd, chunk, cuts,
-                                                   with_state):
+def test_interpret_matches_recurrent_oracle(rng, impl, b, t, h, hv, kd, vd, chunk, cuts,
+                                            with_state):
+  if impl == 'triton':
+    pytest.importorskip('triton')
+    pytest.importorskip('torch')
   args = _inputs(rng, b, t, h, hv, kd, vd, with_state=with_state)
   seg = _segments(b, t, cuts) if cuts else None
-  kern = functools.partial(pallas.chunk_gated_delta_rule_pallas, chunk_size=chunk, interpret=True)
+  kern = functools.partial(INTERPRETED[impl], chunk_size=chunk, interpret=True)
   (o, s), grads = _vjp(kern, args, seg, 1)
   (o_ref, s_ref), grads_ref = _vjp(reference.naive_recurrent_gated_delta_rule, args, seg,
                                    1)
