@@ -39,9 +39,11 @@ CANDIDATES = {
     'num_warps': (2, 4, 8),
     'num_stages': (1, 2, 3),
     'bv_out': (32, 64, 128),
+    'num_warps_out': (2, 4, 8),
     'num_warps_chunk': (2, 4, 8),
     'num_stages_chunk': (1, 2, 3),
     'num_warps_bwd': (4, 8),
+    'bv_bwd': (32, 64, 128),
 }
 
 

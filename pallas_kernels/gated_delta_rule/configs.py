@@ -26,19 +26,24 @@ class BlockSizes:
       program keeps a [K, bv] fp32 state in registers and walks every chunk of one (batch, head).
     num_warps, num_stages: for the sequential state passes.
     bv_out: V tile of the output kernel and the intra-chunk dv kernel.
-    num_warps_chunk, num_stages_chunk: for the kernels parallel over chunks (UT transform, output,
-      intra-chunk dv).
+    num_warps_out: for those two kernels.
+    num_warps_chunk: for the UT-transform kernel (parallel over chunks).
+    num_stages_chunk: for every kernel parallel over chunks.
     num_warps_bwd: for the fused per-chunk backward kernel (dq, dk, dv, dbeta, dg), which holds the
       most live [C, K] / [C, V] / [K, V] tiles.
+    bv_bwd: V tile the Triton per-chunk backward kernel walks its [K, V] states and [C, V] values
+      in (the Pallas kernel takes whole tiles).
   """
 
   bv: int = 64
   num_warps: int = 4
   num_stages: int = 2
   bv_out: int = 128
+  num_warps_out: int = 4
   num_warps_chunk: int = 4
   num_stages_chunk: int = 2
   num_warps_bwd: int = 8
+  bv_bwd: int = 64
 
   @classmethod
   def get_default(cls, head_dim: int = 128, device_kind: str = '',
@@ -52,11 +57,14 @@ class BlockSizes:
     """
     bv = min(head_dim, 64)
     bv_out = min(head_dim, 128)
-    base = cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_chunk=4,
-               num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4)
+    base = cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_out=4, num_warps_chunk=4,
+               num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4,
+               bv_bwd=min(head_dim, 32))
     if family == 'triton' and head_dim == 128 and _is_hopper(device_kind):
       # launch.tune_gdn_kernels on an H200 (B x T = 8x4096 and 4x16384, H=16, bf16): two warps
-      # for the chunk-parallel kernels and three stages for the state passes, 5-10% faster.
+      # for the UT transform and three stages for the state passes, 5-10% faster. (That tuning
+      # also gave the output kernel two warps, when it shared the UT transform's field: ptxas then
+      # spills 22 KB per thread there, against 272 B with four.)
       return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
     return base
 

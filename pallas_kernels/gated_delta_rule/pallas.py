@@ -375,7 +375,7 @@ def _output(q, k, h, vn, gc, segs, d: _Dims, bs, *, scale, out_dtype, interpret)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), out_dtype),
       grid=(d.vd // bv, d.n, d.b, d.hv), in_specs=in_specs, out_specs=valv,
-      compiler_params=_params(interpret, bs.num_warps_chunk, bs.num_stages_chunk),
+      compiler_params=_params(interpret, bs.num_warps_out, bs.num_stages_chunk),
       interpret=interpret, name='gdr_output')(q, k, h, vn, gc, *segs[:2])
 
 
@@ -391,7 +391,7 @@ def _dv_local(q, k, gc, do, segs, d: _Dims, bs, *, scale, interpret):
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
       grid=(d.vd // bv, d.n, d.b, d.hv), in_specs=in_specs, out_specs=valv,
-      compiler_params=_params(interpret, bs.num_warps_chunk, bs.num_stages_chunk),
+      compiler_params=_params(interpret, bs.num_warps_out, bs.num_stages_chunk),
       interpret=interpret, name='gdr_dv_local')(q, k, gc, do, *segs[:1])
 
 

@@ -81,7 +81,6 @@ if triton is not None:
     o_v = tl.arange(0, V)
     tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
     b_k = tl.load(k + (tok * H + kh)[:, None] * K + o_k[None, :])
-    b_v = tl.load(v + (tok * HV + i_h)[:, None] * V + o_v[None, :])
     b_g = tl.load(g + tok * HV + i_h)
     b_b = tl.load(beta + tok * HV + i_h)
     b_gc = tl.cumsum(b_g, axis=0)
@@ -94,13 +93,15 @@ if triton is not None:
     kk = tl.dot(b_k, tl.trans(b_k), input_precision=IO_PREC)
     a = tl.where(strict, b_b[:, None] * kk * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0)
     t = ut_inverse(a, C, PREC).to(b_k.dtype)
-    b_w = tl.dot(t, (b_k * ks[:, None]).to(b_k.dtype), input_precision=IO_PREC)
-    b_u = tl.dot(t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=IO_PREC)
-    tl.store(w + (tok * HV + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty))
-    tl.store(u + (tok * HV + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty))
     tl.store(gc + tok * HV + i_h, b_gc)
     if STORE_T:
       tl.store(tm + (tok * HV + i_h)[:, None] * C + o_c[None, :], t.to(tm.dtype.element_ty))
+    # W, then U: v is loaded only once W is stored (fewer live [C, *] tiles).
+    b_w = tl.dot(t, (b_k * ks[:, None]).to(b_k.dtype), input_precision=IO_PREC)
+    tl.store(w + (tok * HV + i_h)[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty))
+    b_v = tl.load(v + (tok * HV + i_h)[:, None] * V + o_v[None, :])
+    b_u = tl.dot(t, (b_v * b_b[:, None]).to(b_v.dtype), input_precision=IO_PREC)
+    tl.store(u + (tok * HV + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty))
 
   @triton.jit
   def state_pass_kernel(k, w, u, gc, h0, carry, writes, h, vn, ht,
@@ -250,8 +251,11 @@ if triton is not None:
   def bwd_chunk_kernel(q, k, v, vn, do, dv2, h, dh, gc, beta, tm, seg, carry, writes,
                        dq, dk, dv, db, dg,
                        TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
-                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
-                       HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                       SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+    """dq, dk, dv, dbeta, dg of one chunk. Every V-indexed operand (h, dh, vn, do, dv2, v) is
+    walked in [*, BV] tiles that feed [C, K] / [C, C] accumulators, so only one V tile of the
+    [K, V] states is live at a time (fewer registers spilled)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
@@ -259,20 +263,42 @@ if triton is not None:
     kh = i_h // (HV // H)
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, K)
-    o_v = tl.arange(0, V)
     tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
     p_qk = (tok * H + kh)[:, None] * K + o_k[None, :]
-    p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
-    p_st = ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
-    b_q = tl.load(q + p_qk)
-    b_k = tl.load(k + p_qk)
-    b_vn = tl.load(vn + p_v)
-    b_do = tl.load(do + p_v)
-    b_dv2 = tl.load(dv2 + p_v)
-    b_h = tl.load(h + p_st)
-    b_dh = tl.load(dh + p_st)
     b_gc = tl.load(gc + tok * HV + i_h)
     b_b = tl.load(beta + tok * HV + i_h)
+    b_t = tl.load(tm + (tok * HV + i_h)[:, None] * C + o_c[None, :])
+    b_tt = tl.trans(b_t)
+    # V-tile pass: state terms of dq / dk / dW, the intra-chunk score gradient, the UT transform's
+    # dT from dU, and dv (which needs only T and dU = dv2).
+    acc_dq = tl.zeros([C, K], dtype=tl.float32)  # dO H^T
+    acc_dk = tl.zeros([C, K], dtype=tl.float32)  # V_new dH^T
+    acc_dw = tl.zeros([C, K], dtype=tl.float32)  # dU H^T (dW = -it)
+    acc_ds = tl.zeros([C, C], dtype=tl.float32)  # dO V_new^T
+    acc_dt = tl.zeros([C, C], dtype=tl.float32)  # dU (diag(beta) V)^T
+    acc_db = tl.zeros([C], dtype=tl.float32)
+    hdh = 0.0
+    for i_v in range(V // BV):
+      o_v = i_v * BV + tl.arange(0, BV)
+      p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
+      p_st = ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      b_h = tl.load(h + p_st)
+      b_dh = tl.load(dh + p_st)
+      b_vn = tl.load(vn + p_v)
+      b_do = tl.load(do + p_v)
+      b_dv2 = tl.load(dv2 + p_v)
+      b_ht = tl.trans(b_h).to(b_do.dtype)
+      acc_dq = tl.dot(b_do, b_ht, acc_dq, input_precision=IO_PREC)
+      acc_dk = tl.dot(b_vn, tl.trans(b_dh).to(b_vn.dtype), acc_dk, input_precision=IO_PREC)
+      acc_dw = tl.dot(b_dv2, b_ht, acc_dw, input_precision=IO_PREC)
+      hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32))
+      acc_ds = tl.dot(b_do, tl.trans(b_vn), acc_ds, input_precision=IO_PREC)
+      b_v = tl.load(v + p_v)
+      acc_dt = tl.dot(b_dv2, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), acc_dt,
+                      input_precision=IO_PREC)
+      b_dvb = tl.dot(b_tt, b_dv2, input_precision=IO_PREC)
+      acc_db += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+      tl.store(dv + p_v, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty))
     gl = tl.load(gc + (i_b * TP + i_n * C + C - 1).to(tl.int64) * HV + i_h)
     causal = o_c[:, None] >= o_c[None, :]
     strict = o_c[:, None] > o_c[None, :]
@@ -284,39 +310,31 @@ if triton is not None:
       same = b_seg[:, None] == b_seg[None, :]
       causal = causal & same
       strict = strict & same
-      b_carry = tl.load(carry + tok)
-      qdec = qdec * b_carry
+      qdec = qdec * tl.load(carry + tok)
       kdec = kdec * tl.load(writes + tok)
       keep = keep * tl.load(carry + i_b * TP + i_n * C + C - 1)
-    qf = b_q.to(tl.float32)
-    kf = b_k.to(tl.float32)
+    b_q = tl.load(q + p_qk)
+    b_k = tl.load(k + p_qk)
     dt_ = b_q.dtype
     # Output and leaving-state terms.
-    b_dq = tl.dot(b_do, tl.trans(b_h).to(dt_), input_precision=IO_PREC) * (SCALE * qdec)[:, None]
-    b_dk = tl.dot(b_vn, tl.trans(b_dh).to(dt_), input_precision=IO_PREC) * kdec[:, None]
-    b_dw = -tl.dot(b_dv2, tl.trans(b_h).to(dt_), input_precision=IO_PREC)
-    dg_last = keep * tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32)) + tl.sum(b_dk * kf)
-    b_ds = tl.dot(b_do, tl.trans(b_vn), input_precision=IO_PREC)
-    b_ds = tl.where(causal, b_ds * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0) * SCALE
+    b_dq = acc_dq * (SCALE * qdec)[:, None]
+    b_dk = acc_dk * kdec[:, None]
+    dg_last = keep * hdh + tl.sum(b_dk * b_k.to(tl.float32))
+    b_ds = tl.where(causal, acc_ds * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0) * SCALE
     b_dq += tl.dot(b_ds.to(dt_), b_k, input_precision=IO_PREC)
     b_dk += tl.dot(tl.trans(b_ds).to(dt_), b_q, input_precision=IO_PREC)
-    dgc = (tl.sum(b_dq * qf, axis=1) - tl.sum(b_dk * kf, axis=1)
+    dgc = (tl.sum(b_dq * b_q.to(tl.float32), axis=1) - tl.sum(b_dk * b_k.to(tl.float32), axis=1)
            + tl.where(o_c == C - 1, dg_last, 0.0))
     # WY backward: W = T diag(beta e^G) K, U = T diag(beta) V.
-    b_v = tl.load(v + p_v)
-    b_t = tl.load(tm + (tok * HV + i_h)[:, None] * C + o_c[None, :])
-    b_tt = tl.trans(b_t)
     kscale = b_b * qdec
-    b_dt = (tl.dot(b_dw.to(dt_), tl.trans((b_k * kscale[:, None]).to(dt_)),
-                   input_precision=IO_PREC)
-            + tl.dot(b_dv2, tl.trans((b_v * b_b[:, None]).to(dt_)), input_precision=IO_PREC))
-    b_dkb = tl.dot(b_tt, b_dw.to(dt_), input_precision=IO_PREC)
-    b_dvb = tl.dot(b_tt, b_dv2, input_precision=IO_PREC)
-    dkb_k = tl.sum(b_dkb * kf, axis=1)
+    b_dw = (-acc_dw).to(dt_)
+    b_dt = tl.dot(b_dw, tl.trans((b_k * kscale[:, None]).to(dt_)), acc_dt,
+                  input_precision=IO_PREC)
+    b_dkb = tl.dot(b_tt, b_dw, input_precision=IO_PREC)
+    dkb_k = tl.sum(b_dkb * b_k.to(tl.float32), axis=1)
     b_dk += b_dkb * kscale[:, None]
-    b_db = dkb_k * qdec + tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+    b_db = dkb_k * qdec + acc_db
     dgc += dkb_k * kscale
-    tl.store(dv + p_v, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty))
     b_da = tl.dot(tl.dot(b_tt, b_dt.to(dt_), input_precision=IO_PREC).to(dt_), b_tt,
                   input_precision=IO_PREC)
     b_da = tl.where(strict, -b_da * tl.exp(b_gc[:, None] - b_gc[None, :]), 0.0)
@@ -434,7 +452,7 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
   o = _jt(interpret).triton_call(
       pq, pk, h, vn, gc, seg, carry, kernel=_kernels()['output'],
       out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), v.dtype),
-      grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_chunk,
+      grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
       num_stages=bs.num_stages_chunk,
       **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
   res = (q, k, v, g, beta, h0, segs, w, gc, h, vn, tm) if for_backward else None
@@ -462,7 +480,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   dvl = jt.triton_call(
       pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
       out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
-      grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_chunk,
+      grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
       num_stages=bs.num_stages_chunk,
       **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
   bv = min(bs.bv, d.vd)
@@ -481,7 +499,8 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32)],
       grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_chunk,
-      **d.meta(NT=d.n, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+      **d.meta(NT=d.n, BV=min(bs.bv_bwd, d.vd), SCALE=scale, HAS_SEG=has_seg,
+               IO_PREC=d.io_prec))
   if d.grp > 1:  # value heads sharing a key head
     dq = dq.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
     dk = dk.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)

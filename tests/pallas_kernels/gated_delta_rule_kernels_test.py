@@ -65,8 +65,9 @@ CASES = [  # (b, t, h, hv, kd, vd, chunk, document cuts, with initial state)
     (1, 257, 1, 2, 8, 12, 64, [64, 65, 128, 200], False),  # resets at chunk starts, 1-token doc
     (1, 40, 2, 2, 6, 6, 16, [16, 17, 33], True),
     (1, 70, 1, 1, 20, 8, 32, [5, 40], True),
+    (1, 130, 1, 1, 16, 100, 64, [70], True),  # V padded to 128: the Triton backward's 2 V tiles
 ]
-IDS = ['t63', 't100_k60_gva_reset', 't257_resets_no_h0', 'chunk16', 'chunk32']
+IDS = ['t63', 't100_k60_gva_reset', 't257_resets_no_h0', 'chunk16', 'chunk32', 'v100']
 
 
 INTERPRETED = {
