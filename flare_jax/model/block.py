@@ -59,17 +59,25 @@ class Block(nnx.Module):
   def _mixer_with_noisy_tail(self, x, meta, cache, valid, n: int):
     """The mixer over [clean prefix (valid per row), noisy block of n]: the clean part advances the
     cache; the block then runs over that cache as a separate continuation (its cache dropped), so it
-    starts exactly at each row's valid end whatever the padding in between."""
+    starts exactly at each row's valid end whatever the padding in between. With no clean prefix
+    (n = T) the cache comes back as it was."""
     if cache is None:
       raise ValueError('noisy_tail needs a cache')
-    head = lambda a: a[:, :-n]
+    ys = []
+    if x.shape[1] > n:
+      head = lambda a: a[:, :-n]
+      meta_c = jax.tree.map(head, meta)
+      valid_c = None if valid is None else head(valid)
+      if self.layer_type == config_lib.FULL:
+        y_c, cache = self.self_attn(head(x), meta_c, cache=cache)
+      else:
+        y_c, cache = self.linear_attn(head(x), meta_c.segment_ids, state=cache, valid=valid_c)
+      ys.append(y_c)
     tail = lambda a: a[:, -n:]
-    meta_c, meta_n = jax.tree.map(head, meta), jax.tree.map(tail, meta)
-    valid_c = None if valid is None else head(valid)
+    meta_n = jax.tree.map(tail, meta)
     if self.layer_type == config_lib.FULL:
-      y_c, cache = self.self_attn(head(x), meta_c, cache=cache)
       y_n, _ = self.self_attn(tail(x), meta_n, cache=cache)
     else:
-      y_c, cache = self.linear_attn(head(x), meta_c.segment_ids, state=cache, valid=valid_c)
-      y_n, _ = self.linear_attn(tail(x), meta_n.segment_ids, state=cache)
-    return jnp.concatenate([y_c, y_n], axis=1), cache
+      y_n = self.linear_attn.noisy_block(tail(x), meta_n.segment_ids, cache)
+    ys.append(y_n)
+    return jnp.concatenate(ys, axis=1) if len(ys) > 1 else y_n, cache

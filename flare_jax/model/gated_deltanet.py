@@ -137,6 +137,14 @@ class GatedDeltaNet(nnx.Module):
     y = self.norm(o.astype(jnp.float32), z).astype(dtype)
     return self.out_proj(y.reshape(b, t, -1))
 
+  def _heads(self, x: jax.Array, segment_ids: jax.Array, conv_state: jax.Array | None):
+    """Steps A-C: (q, k, v, g, beta, z, padded pre-conv qkv) of x [B, T, D]."""
+    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    qkv, xpad = causal_conv(qkv, self.conv_weight[...], segment_ids, conv_state)
+    q, k, v = self.split_heads(jax.nn.silu(qkv))
+    g, beta = self.gates(b_in, a_in)
+    return q, k, v, g, beta, z, xpad
+
   def __call__(self, x: jax.Array, segment_ids: jax.Array, *,
                state: cache_lib.GDNState | None = None, valid: jax.Array | None = None,
                return_replay: bool = False):
@@ -157,11 +165,7 @@ class GatedDeltaNet(nnx.Module):
       (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).
     """
     cfg = self.cfg
-    qkv, z, b_in, a_in = self.mixer_inputs(x)
-    qkv, xpad = causal_conv(qkv, self.conv_weight[...], segment_ids,
-                            None if state is None else state.conv)
-    q, k, v = self.split_heads(jax.nn.silu(qkv))
-    g, beta = self.gates(b_in, a_in)
+    q, k, v, g, beta, z, xpad = self._heads(x, segment_ids, None if state is None else state.conv)
     if valid is not None:
       g = jnp.where(valid[..., None], g, 0.0)
       beta = jnp.where(valid[..., None], beta, 0.0)
@@ -180,6 +184,21 @@ class GatedDeltaNet(nnx.Module):
       return y, next_state, cache_lib.GDNReplay(q=q.astype(dt), k=k.astype(dt), v=v.astype(dt),
                                                 g=g, beta=beta, xpad=xpad)
     return y, next_state
+
+  def noisy_block(self, x: jax.Array, segment_ids: jax.Array,
+                  state: cache_lib.GDNState) -> jax.Array:
+    """y [B, T, D] of a block that continues `state` and leaves it as it was (a noisy block at
+    decode). More than one token runs the block-parallel form (`block_gated_delta_rule`: the state
+    is read once, no per-token states), as the training step's chunked noisy stream does; one token
+    runs the decode recurrence, so a one-slot block is the AR step bit for bit."""
+    if x.shape[1] == 1:
+      return self(x, segment_ids, state=state)[0]
+    q, k, v, g, beta, z, _ = self._heads(x, segment_ids, state.conv)
+    dt = x.dtype
+    o = gdr.block_gated_delta_rule(q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
+                                   initial_state=state.recurrent, segment_ids=segment_ids,
+                                   scale=self.cfg.linear_key_head_dim ** -0.5)
+    return self.output(o, z, dt)
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
                  schedule: str = 'chunked', max_block: int = 32) -> jax.Array:

@@ -111,6 +111,14 @@ def _clean_meta(start, t):
   return mask_lib.clean_meta(jnp.zeros_like(pos), pos)
 
 
+def _noisy_pass(model, block, start, cache):
+  """Logits [B, bsz, vocab] of one noisy pass over `block` [B, bsz] seeded at each row's cached
+  end; the cache is not advanced (its GDN layers run the block-parallel form)."""
+  bsz = block.shape[1]
+  h, _ = model.hidden_states(block, _noisy_meta(start, bsz), cache=cache, noisy_tail=bsz)
+  return model.logits(h)
+
+
 def _noisy_meta(start, t):
   pos = _positions(start, t)
   return mask_lib.TokenMeta(jnp.zeros_like(pos), pos, jnp.ones_like(pos),
@@ -383,7 +391,7 @@ def _ar_trust_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: in
     drafts, q = state.block_targets, draft_q
   else:
     block = jnp.concatenate([pending, jnp.full((b, bsz - 1), mask_id, jnp.int32)], axis=1)
-    q_logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
+    q_logits = _noisy_pass(model, block, start, state.cache)
     drafts = policies.sample(draft_rng, q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
     q = None if cfg.greedy else policies.probs_of(q_logits, cfg.temperature, cfg.top_k, cfg.top_p)
   # --- Verify: one clean pass over [pending, drafts]; keep the replay inputs of the GDN layers. ---
@@ -441,7 +449,7 @@ def _diffusion_step(model, state: DecodeState, *, cfg: SamplerConfig, mask_id: i
   def denoise(carry):
     targets, masked, passes, rng = carry
     block = jnp.concatenate([pending, jnp.where(masked, mask_id, targets)[:, :-1]], axis=1)
-    logits, _ = model(block, meta=_noisy_meta(start, bsz), cache=state.cache)
+    logits = _noisy_pass(model, block, start, state.cache)
     rng, sub = jax.random.split(rng)
     targets, masked, active = _denoise_update(logits, targets, masked, sub, cfg)
     return targets, masked, passes + active.astype(jnp.int32), rng

@@ -113,3 +113,14 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
   return xla.recurrent_gated_delta_rule_xla(
       q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
       output_final_state=output_final_state)
+
+
+def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                           beta: jax.Array, *, initial_state: jax.Array,
+                           scale: float | None = None,
+                           segment_ids: jax.Array | None = None) -> jax.Array:
+  """Outputs [B, T, HV, V] of a short block continuing `initial_state`, in the block-parallel
+  (WY) form: no per-token or leaving state (noisy blocks at decode). Same argument contract."""
+  _check(q, k, v, g, beta, initial_state, segment_ids)
+  return xla.block_gated_delta_rule_xla(q, k, v, g, beta, initial_state=initial_state,
+                                        scale=scale, segment_ids=segment_ids)

@@ -149,6 +149,19 @@ def chunk_gated_delta_rule_fwd_h(q, k, v, g, beta, *, scale=None, initial_state=
   return h, v_new, final
 
 
+def block_gated_delta_rule_xla(q, k, v, g, beta, *, initial_state, scale=None,
+                               segment_ids=None):
+  """Outputs [B, T, HV, V] of T tokens continuing `initial_state`, as one chunk of T tokens (the
+  WY form): the state is read once and no state is formed, neither per token nor at the end. For
+  short blocks whose leaving state is not needed (noisy blocks at decode)."""
+  kd = q.shape[-1]
+  scale = kd ** -0.5 if scale is None else scale
+  intra, (b, t, n, c, hv, vd) = _prepare(q, k, v, g, beta, segment_ids, scale, q.shape[1])
+  s0 = _initial(initial_state, b, hv, kd, vd)[:, None]  # B 1 HV K V: the one chunk's entering state
+  o = intra.q_in @ s0 + intra.qk @ (intra.u - intra.w @ s0)  # B 1 HV C V
+  return jnp.moveaxis(o, 2, 3).reshape(b, n * c, hv, vd)[:, :t].astype(v.dtype)
+
+
 def _initial(initial_state, b, hv, kd, vd):
   if initial_state is None:
     return jnp.zeros((b, hv, kd, vd), jnp.float32)

@@ -124,9 +124,30 @@ def test_noisy_block_over_the_cache_matches_an_uncached_two_stream_forward(rng):
   meta = mask_lib.TokenMeta(*(jnp.concatenate([a, b], 1) for a, b in zip(clean, noisy)))
   ref, _ = _fwd(model, jnp.concatenate([prefix, block], 1), meta=meta)
   np.testing.assert_allclose(cached, ref[:, prefix_len:], atol=5e-5, rtol=5e-5)
+  # The sampler's noisy pass: the whole call as a noisy tail (GDN layers in the block-parallel
+  # form), the cache handed back untouched.
+  h, same_cache = nnx.jit(lambda m, t, c: m.hidden_states(t, noisy, cache=c, noisy_tail=blk))(
+      model, block, cache)
+  np.testing.assert_allclose(model.logits(h), ref[:, prefix_len:], atol=5e-5, rtol=5e-5)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(same_cache), jax.tree.leaves(cache)):
+    np.testing.assert_array_equal(got_leaf, want_leaf)
   # Bidirectional inside the block: the first slot's logits depend on a later slot's token.
   other, _ = _fwd(model, block.at[:, 3].set(5), meta=noisy, cache=cache)
   assert float(jnp.max(jnp.abs(other[:, 0] - cached[:, 0]))) > 1e-4
+
+
+def test_gdn_noisy_block_matches_the_recurrence_and_is_exact_for_one_token(rng):
+  model, cfg = _model(layer_types=(L,))
+  gdn = model.layers[0].linear_attn
+  state = cache_lib.init_cache(cfg, batch=2, max_len=8)[0]
+  x0 = jnp.asarray(rng.standard_normal((2, 6, cfg.hidden_size)), jnp.float32)
+  _, state = gdn(x0, jnp.zeros((2, 6), jnp.int32), state=state)  # a non-trivial state and window
+  x = jnp.asarray(rng.standard_normal((2, 4, cfg.hidden_size)), jnp.float32)
+  seg = jnp.zeros((2, 4), jnp.int32)
+  want, _ = gdn(x, seg, state=state)
+  np.testing.assert_allclose(gdn.noisy_block(x, seg, state), want, atol=2e-5, rtol=2e-5)
+  one, _ = gdn(x[:, :1], seg[:, :1], state=state)
+  np.testing.assert_array_equal(gdn.noisy_block(x[:, :1], seg[:, :1], state), one)
 
 
 def test_right_padded_prefill_continues_each_row_exactly(rng):

@@ -144,6 +144,17 @@ def test_decode_recurrence_split_into_single_tokens_is_bit_identical(rng, dtype)
   np.testing.assert_array_equal(np.asarray(s), np.asarray(s_all))
 
 
+@pytest.mark.parametrize('t, cuts', [(1, []), (4, []), (7, [3]), (16, [0, 5, 6])])
+def test_block_form_matches_numpy_loop(rng, t, cuts):
+  """The noisy decode block's form: outputs only, from an initial state, with GVA and resets."""
+  q, k, v, g, beta, h0 = _inputs(rng, 2, t, 2, 4, 8, 6)
+  seg = _segments(2, t, cuts) if cuts else None
+  o = gdr.block_gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=seg)
+  want, _ = _numpy_loop(q, k, v, g, beta, h0, None if seg is None else np.asarray(seg), 8 ** -0.5)
+  assert o.shape == v.shape
+  np.testing.assert_allclose(o, want, atol=2e-5, rtol=2e-5)
+
+
 def test_identity_steps_leave_the_state_unchanged(rng):
   q, k, v, g, beta, h0 = _inputs(rng, 1, 10, 1, 1, 4, 4)
   zero = jnp.zeros_like(g)
