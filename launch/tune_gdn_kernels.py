@@ -17,6 +17,7 @@ import json
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 
 from launch import bench_util
 from launch import gdn_cases
@@ -49,7 +50,7 @@ CANDIDATES = {
 
 def _time_ms(bs: configs.BlockSizes, args, do) -> float | None:
   """fwd+bwd median ms with `bs`, or None when the kernels fail with it."""
-  configs.block_sizes_for = lambda vp, family: bs
+  configs.block_sizes_for = lambda vp, family, dtype: bs
   jax.clear_caches()
   _, fwdbwd = gdn_cases.jitted_calls(_IMPL.value)
   try:
@@ -102,7 +103,7 @@ def main(argv):
   if jax.default_backend() != 'gpu':
     raise app.UsageError('tune_gdn_kernels needs a GPU')
   vp = max(16, 1 << (_DV.value - 1).bit_length())
-  default = configs.block_sizes_for(vp, _IMPL.value)
+  default = configs.block_sizes_for(vp, _IMPL.value, jnp.dtype(_DTYPE.value))
   results = []
   for shape in _SHAPES.value:
     b, t = (int(x) for x in shape.lower().split('x'))

@@ -46,25 +46,30 @@ class BlockSizes:
   bv_bwd: int = 64
 
   @classmethod
-  def get_default(cls, head_dim: int = 128, device_kind: str = '',
-                  family: str = 'triton') -> 'BlockSizes':
-    """Defaults by value head size (padded to a power of two), device kind and kernel family.
+  def get_default(cls, head_dim: int = 128, device_kind: str = '', family: str = 'triton',
+                  dtype=jnp.bfloat16) -> 'BlockSizes':
+    """Defaults by value head size (padded to a power of two), device kind, kernel family and
+    q/k/v dtype.
 
     Args:
       head_dim: the padded value head size V (power of two, >= 16).
       device_kind: `jax.devices()[0].device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
       family: 'triton' | 'pallas'.
+      dtype: the q, k, v dtype.
     """
     bv = min(head_dim, 64)
     bv_out = min(head_dim, 128)
     base = cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_out=4, num_warps_chunk=4,
                num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4,
                bv_bwd=min(head_dim, 32))
-    if family == 'triton' and head_dim == 128 and _is_hopper(device_kind):
+    if family == 'triton' and head_dim == 128 and _is_hopper(device_kind) and (
+        jnp.dtype(dtype) != jnp.float32):
       # launch.tune_gdn_kernels on an H200 (B x T = 8x4096 and 4x16384, H=16, bf16): two warps
       # for the UT transform and three stages for the state passes, 5-10% faster. (That tuning
       # also gave the output kernel two warps, when it shared the UT transform's field: ptxas then
       # spills 22 KB per thread there, against 272 B with four.)
+      # Not for fp32 tiles (twice the bytes): with two warps ptxas gives the UT transform 32
+      # registers and spills 90 KB per thread (launch.kernel_registers).
       return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
     return base
 
@@ -73,9 +78,9 @@ def _is_hopper(device_kind: str) -> bool:
   return any(name in device_kind for name in ('H100', 'H200', 'H800', 'H20', 'GH200'))
 
 
-def block_sizes_for(vp: int, family: str) -> BlockSizes:
+def block_sizes_for(vp: int, family: str, dtype) -> BlockSizes:
   kind = '' if backend.default_backend() == 'cpu' else jax.devices()[0].device_kind
-  return BlockSizes.get_default(vp, kind, family)
+  return BlockSizes.get_default(vp, kind, family, dtype)
 
 
 def check_inputs(q, k, v, chunk_size: int, family: str) -> None:

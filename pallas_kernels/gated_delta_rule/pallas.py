@@ -444,7 +444,7 @@ def _bwd_chunk(q, k, v, vn, do, dv2, h, dh, gc, beta, t, segs, d: _Dims, bs, *, 
 def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=False):
   """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None)."""
   d = _Dims(q, v, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'pallas')
+  bs = configs.block_sizes_for(d.vd, 'pallas', q.dtype)
   w, u, gc, *t = _intra(k, v, g, beta, segs, d, bs, store_t=store_t, interpret=interpret)
   h, vn, ht = _state_pass(k, w, u, gc, h0, segs, d, bs, interpret=interpret)
   return d, bs, w, gc, h, vn, ht, (t[0] if t else None)
@@ -482,7 +482,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   vd = v.shape[3]
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'pallas')
+  bs = configs.block_sizes_for(d.vd, 'pallas', pq.dtype)
   pdo = configs.pad_to(do.astype(pv.dtype), (b, d.tp, d.hv, d.vd))
   pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
   dvl = _dv_local(pq, pk, gc, pdo, segs, d, bs, scale=scale, interpret=interpret)

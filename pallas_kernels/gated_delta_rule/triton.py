@@ -382,10 +382,11 @@ class _Dims:
     self.n = self.tp // chunk_size
     self.grp = self.hv // self.h
     f32 = q.dtype == _F32
-    # IEEE for fp32 inputs (matches the fp32 reference); fla's choice (TF32 merges) for 16-bit
-    # inputs.
-    self.prec = 'ieee' if f32 else 'tf32'
-    self.io_prec = 'ieee' if f32 else 'tf32'
+    # fp32 inputs: three TF32 products per dot (fp32-level accuracy on tensor cores). IEEE fp32
+    # dots lower to FMA loops that ptxas spilled at 24-130 KB per thread (minutes to compile,
+    # launch.kernel_registers). 16-bit inputs: fla's choice, TF32.
+    self.prec = 'tf32x3' if f32 else 'tf32'
+    self.io_prec = 'tf32x3' if f32 else 'tf32'
 
   def meta(self, **kw):
     return dict(TP=self.tp, H=self.h, HV=self.hv, K=self.kd, V=self.vd, C=self.c, **kw)
@@ -403,7 +404,7 @@ def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False):
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(q, v, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'triton')
+  bs = configs.block_sizes_for(d.vd, 'triton', q.dtype)
   seg, carry, writes = _segs3(segs)
   cdt = k.dtype
   tshape = (d.b, d.tp, d.hv, d.c) if store_t else (1,)
@@ -469,7 +470,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   vd = v.shape[3]
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'triton')
+  bs = configs.block_sizes_for(d.vd, 'triton', pq.dtype)
   seg, carry, writes = _segs3(segs)
   cdt = pq.dtype
   pdo = configs.pad_to(do.astype(cdt), (b, d.tp, d.hv, d.vd))

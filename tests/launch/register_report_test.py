@@ -1,15 +1,16 @@
-"""launch.kernel_registers: the recorded launches of the Triton GDN family and one ptxas report."""
+"""launch.register_report (behind launch.kernel_registers): the Triton GDN family's recorded
+launches and one ptxas report."""
 import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.gated_delta_rule import configs
 
 triton = pytest.importorskip('triton')
-kernel_registers = pytest.importorskip('launch.kernel_registers')
+register_report = pytest.importorskip('launch.register_report')
 
 
 def test_records_the_forward_and_backward_launches_with_their_block_sizes():
-  launches = kernel_registers.record_launches(1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
+  launches = register_report.record_launches(1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
                                               'NVIDIA H200')
   names = [l['kernel'].fn.__name__ for l in launches]
   assert names == ['intra_kernel', 'state_pass_kernel', 'output_kernel', 'dv_local_kernel',
@@ -27,11 +28,11 @@ def test_records_the_forward_and_backward_launches_with_their_block_sizes():
 
 
 def test_ptxas_report_for_one_kernel():
-  launches = kernel_registers.record_launches(1, 64, 1, 1, 16, 16, jnp.bfloat16, False, '')
+  launches = register_report.record_launches(1, 64, 1, 1, 16, 16, jnp.bfloat16, False, '')
   launch = [l for l in launches if l['kernel'].fn.__name__ == 'dv_local_kernel'][0]
   # Off GPU the tests build the kernels for Triton's interpreter; compile the same function
   # (dv_local calls no other jitted function).
   launch = dict(launch, kernel=triton.runtime.jit.JITFunction(launch['kernel'].fn))
-  rep = kernel_registers.compile_report(launch, 80)
+  rep = register_report.compile_report(launch, 80)
   # A 64x16 tile kernel: well under the 255-register cap, nothing spilled.
   assert 16 < rep['registers'] < 255 and rep['spill_stores'] == 0 and rep['shared_kib'] > 0
