@@ -1,4 +1,5 @@
-"""Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked, pallas.
+"""Latency and compiled memory of the GDN two-stream noisy schedules: simple, lean, chunked,
+pallas, triton.
 
 python -m launch.bench_schedules                    # GPU: T=4096, HV=16, K=V=128, 2 views, block 4
 python -m launch.bench_schedules --seq=512 --heads=4 --head_dim=32   # any shape, CPU too
@@ -26,10 +27,11 @@ from launch import bench_util
 from launch import schedule_cases
 
 _SCHEDULES = flags.DEFINE_list(
-    'schedules', ['simple', 'lean', 'chunked', 'pallas', 'clean'],
+    'schedules', ['simple', 'lean', 'chunked', 'pallas', 'triton', 'clean'],
     'simple, lean (token scans), chunked (chunk-parallel XLA), pallas (the fused kernel; its '
-    'default backward, the chunked schedule\'s autodiff) and pallas_kernel_bwd (the fused kernel '
-    'with its Pallas backward); clean: the clean stream\'s own chunked '
+    'default backward, the chunked schedule\'s autodiff), pallas_kernel_bwd (the fused kernel '
+    'with its Pallas backward), triton (the fused jax-triton kernel, autodiff backward); clean: '
+    'the clean stream\'s own chunked '
     'pass alone (the backend\'s default kernel), the unit of the (1 + V) x clean-pass target.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
@@ -105,6 +107,10 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
+  elif schedule == 'triton':
+    # pylint: disable-next=g-import-not-at-top
+    from pallas_kernels.gated_delta_rule import two_stream_triton
+    f = lambda c, n: two_stream_triton.noisy_delta_rule_triton(c, n, seg, starts, **kw)
   elif schedule in ('pallas', 'pallas_kernel_bwd'):
     backward = 'kernel' if schedule == 'pallas_kernel_bwd' else 'autodiff'
     f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw,

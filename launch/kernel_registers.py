@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the jax-triton GDN kernels for a GPU, without a GPU.
 
 python -m launch.kernel_registers --arch=90 --device_kind="NVIDIA H200" --b=1 --t=4096
+python -m launch.kernel_registers --two_stream_block=4 --views=2   # the fused two-stream kernel
 
 Traces the triton family's forward and backward (`jax.eval_shape`, nothing runs) with a launcher
 that records every `triton_call` it makes: kernel, buffer dtypes, constexprs, num_warps and
@@ -27,6 +28,10 @@ _DK = flags.DEFINE_integer('dk', 128, 'Key head size.')
 _DV = flags.DEFINE_integer('dv', 128, 'Value head size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'q, k, v.')
 _RESETS = flags.DEFINE_bool('resets', False, 'With document resets (segment ids).')
+_TWO_STREAM = flags.DEFINE_integer(
+    'two_stream_block', 0, 'Report the fused two-stream kernel (two_stream_triton) for this '
+    'max block size instead of the chunked family.')
+_VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views (with --two_stream_block).')
 
 
 def main(argv):
@@ -34,9 +39,14 @@ def main(argv):
   if not hasattr(gdr_triton._kernels()['intra'], 'params'):  # pylint: disable=protected-access
     raise app.UsageError('the kernels were built for the Triton interpreter: unset '
                          'TRITON_INTERPRET')
-  launches = register_report.record_launches(
-      _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value, _DV.value,
-      jnp.dtype(_DTYPE.value), _RESETS.value, _KIND.value)
+  if _TWO_STREAM.value:
+    launches = register_report.record_two_stream_launches(
+        _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value, _DK.value, _DV.value,
+        jnp.dtype(_DTYPE.value), _TWO_STREAM.value)
+  else:
+    launches = register_report.record_launches(
+        _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value, _DV.value,
+        jnp.dtype(_DTYPE.value), _RESETS.value, _KIND.value)
   print(f'sm_{_ARCH.value}, BlockSizes for {_KIND.value!r}: B={_B.value} T={_T.value} '
         f'H={_HEADS.value} HV={_VALUE_HEADS.value} K={_DK.value} V={_DV.value} {_DTYPE.value}'
         f'{" with resets" if _RESETS.value else ""}')

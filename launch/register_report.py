@@ -15,6 +15,7 @@ import numpy as np
 
 from pallas_kernels.gated_delta_rule import configs
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
+from pallas_kernels.gated_delta_rule import two_stream_triton
 
 _POINTER = {'float32': '*fp32', 'bfloat16': '*bf16', 'float16': '*fp16', 'int32': '*i32'}
 
@@ -34,30 +35,50 @@ class _Recorder:
     return zeros if isinstance(out_shape, (list, tuple)) else zeros[0]
 
 
-def record_launches(b, t, h, hv, dk, dv, dtype, resets, device_kind):
-  """Every launch the triton family makes for one forward + backward of this problem."""
+def _recorded(trace, device_kind):
+  """The launches `trace()` (which calls jax.eval_shape) makes through gdr_triton._jt."""
   recorder = _Recorder()
   real_jt, real_sizes = gdr_triton._jt, configs.block_sizes_for  # pylint: disable=protected-access
   gdr_triton._jt = lambda interpret=False: recorder  # pylint: disable=protected-access
   configs.block_sizes_for = lambda vp, family, dt: configs.BlockSizes.get_default(
       vp, device_kind, family, dt)
   try:
-    spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
-    args = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv),
-            spec(b, t, hv, dt=jnp.float32), spec(b, t, hv, dt=jnp.float32))
-    seg = jnp.zeros((b, t), jnp.int32).at[:, t // 3:].set(1) if resets else None
-
-    def fwd_bwd(*a):
-      fn = lambda *x: gdr_triton.chunk_gated_delta_rule_triton(*x, segment_ids=seg,
-                                                               interpret=True)[0]
-      o, vjp = jax.vjp(fn, *a)
-      return vjp(o)
-
-    jax.eval_shape(fwd_bwd, *args)
+    trace()
   finally:
     gdr_triton._jt = real_jt  # pylint: disable=protected-access
     configs.block_sizes_for = real_sizes
   return recorder.launches
+
+
+def record_launches(b, t, h, hv, dk, dv, dtype, resets, device_kind):
+  """Every launch the triton family makes for one forward + backward of this problem."""
+  spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
+  args = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv),
+          spec(b, t, hv, dt=jnp.float32), spec(b, t, hv, dt=jnp.float32))
+  seg = jnp.zeros((b, t), jnp.int32).at[:, t // 3:].set(1) if resets else None
+
+  def fwd_bwd(*a):
+    fn = lambda *x: gdr_triton.chunk_gated_delta_rule_triton(*x, segment_ids=seg,
+                                                             interpret=True)[0]
+    o, vjp = jax.vjp(fn, *a)
+    return vjp(o)
+
+  return _recorded(lambda: jax.eval_shape(fwd_bwd, *args), device_kind)
+
+
+def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chunk_size=64):
+  """The fused two-stream kernel's launch (two_stream_triton) for one forward of this problem."""
+  spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
+  f32 = jnp.float32
+  clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
+           spec(b, t, hv, dt=f32))
+  noisy = (spec(b, views, t, h, dk), spec(b, views, t, h, dk), spec(b, views, t, hv, dv),
+           spec(b, views, t, hv, dt=f32), spec(b, views, t, hv, dt=f32))
+  ids = spec(b, t, dt=jnp.int32)
+  fwd = lambda c, n, seg, starts: two_stream_triton.noisy_delta_rule_triton(
+      c, n, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size, max_block=max_block,
+      interpret=True)
+  return _recorded(lambda: jax.eval_shape(fwd, clean, noisy, ids, ids), '')
 
 
 def compile_report(launch, arch):

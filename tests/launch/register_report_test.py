@@ -36,3 +36,14 @@ def test_ptxas_report_for_one_kernel():
   rep = register_report.compile_report(launch, 80)
   # A 64x16 tile kernel: well under the 255-register cap, nothing spilled.
   assert 16 < rep['registers'] < 255 and rep['spill_stores'] == 0 and rep['shared_kib'] > 0
+
+
+def test_records_the_fused_two_stream_launch():
+  launches = register_report.record_two_stream_launches(1, 100, 2, 2, 4, 32, 40, jnp.bfloat16,
+                                                        max_block=20, chunk_size=64)
+  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel']
+  (launch,) = launches
+  # Row tiles of 32 (blocks up to 20 slots) take eight warps; V = 40 pads to one 64-wide tile;
+  # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
+  assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
+  assert launch['grid'] == (2, 8)

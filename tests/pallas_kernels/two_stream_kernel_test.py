@@ -4,7 +4,8 @@ CPU, interpret mode, fp32, small awkward shapes: T off the chunk grid, block siz
 two views, GQA (HV = 2H), K = V in {16, 20, 60} (padded in the kernel), packed documents starting
 mid-chunk, prompts without blocks, a V tile smaller than V; the backward kernel's gradients of
 every clean and noisy input against `jax.vjp` of the chunked schedule; the Triton lowering of both
-kernels for CUDA (no GPU needed).
+kernels for CUDA (no GPU needed). The jax-triton fused forward in Triton's interpreter, at the same
+cases.
 """
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,47 @@ def test_v_tiles(rng):
   _check_grads(got, grads)
 
 
+# The jax-triton fused kernel, in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+# off GPU); its backward is the chunked schedule's autodiff.
+TRITON_CASES = dict(CASES, t100_b4_v2_k20_v100=(100, 4, 16, 'random', 2, 1, 2, 20))
+_TRITON_VD = {'t100_b4_v2_k20_v100': 100}  # V padded to 128: two V tiles of 64
+
+
+@pytest.mark.parametrize('case', list(TRITON_CASES))
+def test_triton_kernel_equals_chunked_schedule(rng, case):
+  pytest.importorskip('torch')
+  two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the interpreter path is for CPU runs (GPU: test_gpu_kernel_matches_...)')
+  t, block, chunk, kind, views, h, hv, kd = TRITON_CASES[case]
+  vd = _TRITON_VD.get(case, kd)
+  seg, starts = _layout(rng, kind, t, block)
+  clean, noisy = _inputs(rng, 2, t, views, h, hv, kd, vd)
+  kw = dict(scale=kd ** -0.5, chunk_size=chunk, max_block=block)
+  got = two_stream_triton.noisy_delta_rule_triton(clean, noisy, seg, starts, interpret=True, **kw)
+  want = _CHUNKED(clean, noisy, seg, starts, **kw)
+  assert got.shape == want.shape == (2, views, t, hv, vd) and got.dtype == jnp.float32
+  _close(got, want)
+
+
+def test_triton_kernel_gradients_are_the_chunked_schedules(rng):
+  pytest.importorskip('torch')
+  two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the interpreter path is for CPU runs')
+  t, block = 37, 3
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 16)
+  kw = dict(scale=0.25, chunk_size=16, max_block=block)
+  kernel = lambda c, n: two_stream_triton.noisy_delta_rule_triton(c, n, seg, starts,
+                                                                  interpret=True, **kw)
+  want = lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, **kw)
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, 16)), jnp.float32)
+  (o, got), (o_want, grads) = (_vjp(f, clean, noisy, cot, output=True) for f in (kernel, want))
+  _close(o, o_want)
+  _check_grads(got, grads)
+
+
 def test_noisy_block_perturbation_stays_in_its_block(rng):
   t, block, kd = 100, 8, 16
   seg, starts = _layout(rng, 'random', t, block)
@@ -221,19 +263,25 @@ def test_rejects_bad_arguments(rng):
     (4096, 4, 'real', jnp.bfloat16, 128, 5e-3),  # fla's output limit (RMS ratio)
     (1000, 32, 'random', jnp.float32, 60, 1e-4),  # as the other fp32 kernels (H200: 1.03e-5)
 ], ids=['t4k_bf16_k128_block4', 't1000_fp32_k60_block32'])
-def test_gpu_kernel_matches_chunked_schedule(rng, t, block, kind, dtype, kd, limit):
+@pytest.mark.parametrize('impl', ['pallas', 'triton'])
+def test_gpu_kernel_matches_chunked_schedule(rng, impl, t, block, kind, dtype, kd, limit):
   """Two rows; H = HV = 16 at K = 128 (the benchmark shape), else GQA 2 -> 4 heads."""
+  if impl == 'triton':
+    # pylint: disable-next=g-import-not-at-top
+    from pallas_kernels.gated_delta_rule import two_stream_triton
+    fn = two_stream_triton.noisy_delta_rule_triton
+  else:
+    fn = two_stream_pallas.noisy_delta_rule_pallas
   seg, starts = _layout(rng, kind, t, block)
   h, hv = (16, 16) if kd == 128 else (2, 4)
   clean, noisy = _inputs(rng, 2, t, 2, h, hv, kd, kd)
   cast = lambda xs: tuple(x.astype(dtype) if i < 3 else x for i, x in enumerate(xs))
   kw = dict(scale=kd ** -0.5, max_block=block)
-  got = jax.jit(lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw))(
-      cast(clean), cast(noisy))
+  got = jax.jit(lambda c, n: fn(c, n, seg, starts, **kw))(cast(clean), cast(noisy))
   with jax.default_matmul_precision('highest'):
     want = jax.jit(lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, **kw))(
         clean, noisy)
-  print(f'two-stream noisy kernel 2x{t} block {block} {jnp.dtype(dtype).name}: RMS ratio '
+  print(f'two-stream noisy kernel ({impl}) 2x{t} block {block} {jnp.dtype(dtype).name}: RMS ratio '
         f'{testing.rms_ratio(got, want):.2e} (limit {limit:.0e})')
   testing.assert_close('o', got, want, limit)
 
