@@ -467,17 +467,31 @@ def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_b
   return o, (clean, noisy, segment_ids, block_starts)
 
 
+def chunked_schedule_vjp(res, do, scale, chunk_size, max_block):
+  """(d clean, d noisy) by autodiff of the pure-JAX chunked schedule at res = (clean, noisy,
+  segment_ids, block_starts): the fused kernels' default backward (recomputes the clean pass)."""
+  clean, noisy, segment_ids, block_starts = res
+  fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
+      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
+  return jax.vjp(fn, clean, noisy)[1](do)
+
+
+def check_arguments(clean, noisy, max_block: int) -> None:
+  """Raises ValueError for a max_block below 1 or HV not a multiple of H."""
+  if max_block < 1:
+    raise ValueError(f'max_block must be >= 1, got {max_block}')
+  hq, hv = noisy[0].shape[3], clean[2].shape[2]
+  if hv % hq:
+    raise ValueError(f'HV={hv} is not a multiple of H={hq}')
+
+
 def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
   """The backward kernel, or autodiff of the pure-JAX chunked schedule (both recompute the clean
   pass)."""
-  clean, noisy, segment_ids, block_starts = res
   if backward == 'kernel':
-    d_clean, d_noisy = _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                                 max_block, block_v, interpret)
+    d_clean, d_noisy = _backward(*res, do, scale, chunk_size, max_block, block_v, interpret)
   else:
-    fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
-        c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
-    d_clean, d_noisy = jax.vjp(fn, clean, noisy)[1](do)
+    d_clean, d_noisy = chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
   return d_clean, d_noisy, None, None
 
 
@@ -509,11 +523,7 @@ def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   Raises:
     ValueError: max_block below 1, HV not a multiple of H, or an unknown backward.
   """
-  if max_block < 1:
-    raise ValueError(f'max_block must be >= 1, got {max_block}')
-  hq, hv = noisy[0].shape[3], clean[2].shape[2]
-  if hv % hq:
-    raise ValueError(f'HV={hv} is not a multiple of H={hq}')
+  check_arguments(clean, noisy, max_block)
   if backward not in BACKWARDS:
     raise ValueError(f'unknown backward {backward!r}; known: {BACKWARDS}')
   if interpret is None:

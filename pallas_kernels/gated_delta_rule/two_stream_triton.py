@@ -19,7 +19,6 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
-from pallas_kernels.gated_delta_rule import two_stream_xla
 
 _F32 = jnp.float32
 _BLOCK_V = 64
@@ -172,13 +171,8 @@ def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_b
 
 
 def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, res, do):
-  """Autodiff of the pure-JAX chunked schedule (recomputes the clean pass)."""
   del block_v, interpret
-  clean, noisy, segment_ids, block_starts = res
-  fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
-      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
-  d_clean, d_noisy = jax.vjp(fn, clean, noisy)[1](do)
-  return d_clean, d_noisy, None, None
+  return tsp.chunked_schedule_vjp(res, do, scale, chunk_size, max_block) + (None, None)
 
 
 _noisy.defvjp(_noisy_fwd, _noisy_bwd)
@@ -195,11 +189,7 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   Raises:
     ValueError: max_block below 1, HV not a multiple of H, or (not interpreting) no GPU.
   """
-  if max_block < 1:
-    raise ValueError(f'max_block must be >= 1, got {max_block}')
-  hq, hv = noisy[0].shape[3], clean[2].shape[2]
-  if hv % hq:
-    raise ValueError(f'HV={hv} is not a multiple of H={hq}')
+  tsp.check_arguments(clean, noisy, max_block)
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
                      f'{jax.default_backend()!r})')
