@@ -19,7 +19,7 @@ class ObjectiveConfig:
   logit_shift: bool = True
   noise: str = 'uniform'  # corruption.NOISE_SCHEDULES
   noise_eps: float = 1e-3
-  gdn_schedule: str = 'chunked'  # two_stream_gdn.SCHEDULES: 'chunked' | 'lean' | 'simple'
+  gdn_schedule: str = 'chunked'  # two_stream_gdn.ALL_SCHEDULES (pure JAX or a fused kernel)
   loss_tile: int = 512
 
   def __post_init__(self):
@@ -31,9 +31,9 @@ class ObjectiveConfig:
       raise ValueError(f'unknown noise {self.noise!r}; known: {corruption.NOISE_SCHEDULES}')
     if not 0 < self.noise_eps < 1:
       raise ValueError(f'noise_eps must be in (0, 1), got {self.noise_eps}')
-    if self.gdn_schedule not in two_stream_gdn.SCHEDULES:
+    if self.gdn_schedule not in two_stream_gdn.ALL_SCHEDULES:
       raise ValueError(f'unknown gdn_schedule {self.gdn_schedule!r}; known: '
-                       f'{two_stream_gdn.SCHEDULES}')
+                       f'{two_stream_gdn.ALL_SCHEDULES}')
 
 
 BATCH_KEYS = ('tokens', 'segment_ids', 'positions', 'response_mask')
