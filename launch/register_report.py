@@ -67,7 +67,8 @@ def record_launches(b, t, h, hv, dk, dv, dtype, resets, device_kind):
 
 
 def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chunk_size=64):
-  """The fused two-stream kernel's launch (two_stream_triton) for one forward of this problem."""
+  """The fused two-stream kernels' launches (two_stream_triton) for one forward + backward (its
+  kernel backward) of this problem."""
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   f32 = jnp.float32
   clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
@@ -75,10 +76,14 @@ def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chu
   noisy = (spec(b, views, t, h, dk), spec(b, views, t, h, dk), spec(b, views, t, hv, dv),
            spec(b, views, t, hv, dt=f32), spec(b, views, t, hv, dt=f32))
   ids = spec(b, t, dt=jnp.int32)
-  fwd = lambda c, n, seg, starts: two_stream_triton.noisy_delta_rule_triton(
-      c, n, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size, max_block=max_block,
-      interpret=True)
-  return _recorded(lambda: jax.eval_shape(fwd, clean, noisy, ids, ids), '')
+  def fwd_bwd(c, n, seg, starts):
+    fn = lambda c_, n_: two_stream_triton.noisy_delta_rule_triton(
+        c_, n_, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size, max_block=max_block,
+        interpret=True, backward='kernel')
+    o, vjp = jax.vjp(fn, c, n)
+    return vjp(o)
+
+  return _recorded(lambda: jax.eval_shape(fwd_bwd, clean, noisy, ids, ids), '')
 
 
 def compile_report(launch, arch):

@@ -383,21 +383,29 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return _from_windows(o, group, z.c, t, vd)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
-              interpret):
-  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
-  b, nv, t, hq, kd = noisy[0].shape
-  hv, vd = clean[2].shape[2:]
-  z = _sizes(t, kd, vd, chunk_size, max_block, min(block_v, _BWD_BLOCK_V))
-  s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
+class BackwardOperands(NamedTuple):
+  """What a backward kernel reads (see `backward_operands`) and what its sums need."""
 
-  # --- Stage 1: the clean intermediates the kernel reads, with their pullback. ---
+  z: _Sizes
+  noisy: tuple  # q, k, v, g, beta [B, V, S + Tp, ...] (a zero tile in front)
+  meta: tuple  # block start, seed, lo, carry [B, S + Tp]
+  ctx: tuple  # clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV], h [B, N, HV, Kp, Vp]
+  do: jax.Array  # window cotangents [B, V, N, S + C + S, HV, Vp] (a zero tile in front)
+  clean_vjp: object  # pullback of the clean pass
+
+
+def backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block,
+                      block_v) -> BackwardOperands:
+  """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback),
+  padded operands, and the window cotangents (the transpose of the slot selection), with a tile of
+  zero rows in front of every noisy row and window (the tile before the first)."""
+  b, nv, t, _, kd = noisy[0].shape
+  vd = clean[2].shape[3]
+  z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
+  s, c, wd = z.s, z.c, z.c + z.s
   ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, scale, c), clean)
   noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
-
-  # --- Stage 2: window cotangents (the transpose of the slot selection); a tile of zero rows
-  # in front of every noisy row and window (the tile before the first). ---
+  hv = clean[2].shape[2]
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
   (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(
       do.astype(_F32))
@@ -406,17 +414,56 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
     return jnp.pad(x, [(s, 0) if a == axis else (0, 0) for a in range(x.ndim)],
                    constant_values=fill)
 
-  do_w = front(do_w, 3)
-  noisy_p = tuple(front(x, 2) for x in noisy_p)
-  meta = tuple(front(x, 1, fill) for x, fill in zip(meta, (-1, 0, _FAR, -1)))
+  return BackwardOperands(z, tuple(front(x, 2) for x in noisy_p),
+                          tuple(front(x, 1, fill) for x, fill in zip(meta, (-1, 0, _FAR, -1))),
+                          ctx_p, front(do_w, 3), clean_vjp)
 
-  # --- Stage 3: the kernel, on the forward's grid. ---
-  rows = s + wd
+
+def backward_shapes(ops: BackwardOperands, b, nv, hv):
+  """Output avals of a backward kernel: per window (row r is window row r - S) dq, dk
+  [.., S + C + S, HV, NVT, Kp], dv [.., HV, Vp], dg, dbeta [.., HV, NVT]; clean sums dkc
+  [B, V, N C, HV, NVT, Kp], dvc [B, V, N C, HV, Vp], dgc [B, V, N C, HV, NVT], dh
+  [B, V, N, HV, Kp, Vp] (NVT = V tiles)."""
+  z = ops.z
+  rows, nvt = z.s + z.c + z.s, z.vdp // z.bv
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, rows, hv) + tail, _F32)
   ctx_out = lambda *tail: jax.ShapeDtypeStruct((b, nv) + tail, _F32)
-  out_shape = [win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt),
-               ctx_out(z.n * c, hv, nvt, z.kp), ctx_out(z.n * c, hv, z.vdp),
-               ctx_out(z.n * c, hv, nvt), ctx_out(z.n, hv, z.kp, z.vdp)]
+  return [win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt),
+          ctx_out(z.n * z.c, hv, nvt, z.kp), ctx_out(z.n * z.c, hv, z.vdp),
+          ctx_out(z.n * z.c, hv, nvt), ctx_out(z.n, hv, z.kp, z.vdp)]
+
+
+def backward_sums(ops: BackwardOperands, outs, clean, noisy):
+  """Stage 4: sums windows, V tiles, views and value heads sharing a key head; then through the
+  clean pass. Returns (d clean, d noisy) in the inputs' dtypes."""
+  dq, dk, dv, dg, db, dkc, dvc, dgc, dh = outs
+  t, hq, kd = noisy[0].shape[2:]
+  vd = clean[2].shape[3]
+  c = ops.z.c
+  d_noisy = (_key_heads(_overlap_add(dq.sum(5), c, t), hq)[..., :kd],
+             _key_heads(_overlap_add(dk.sum(5), c, t), hq)[..., :kd],
+             _overlap_add(dv, c, t)[..., :vd], _overlap_add(dg.sum(5), c, t),
+             _overlap_add(db.sum(5), c, t))
+  d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
+  (d_clean,) = ops.clean_vjp(d_ctx)
+  dkc = _key_heads(dkc.sum((1, 4)), hq)[:, :t, :, :kd]
+  d_clean = d_clean[:1] + (d_clean[1] + dkc,) + d_clean[2:]
+  cast = lambda ds, xs: tuple(d.astype(x.dtype) for d, x in zip(ds, xs))
+  return cast(d_clean, clean), cast(d_noisy, noisy)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
+              interpret):
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
+  b, nv, _, hq, _ = noisy[0].shape
+  hv = clean[2].shape[2]
+  ops = backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
+                          max_block, min(block_v, _BWD_BLOCK_V))
+  z = ops.z
+  s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
+  rows = s + wd
+  # --- Stage 3: the kernel, on the forward's grid. ---
   spec = pl.BlockSpec
   qk_spec = spec((None, None, None, rows, None, None, z.kp),
                  lambda i, r, j, u, e: (r, u, i, 0, j, e, 0))
@@ -431,24 +478,12 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   do_spec = spec((None, None, None, rows, None, z.bv), lambda i, r, j, u, e: (r, u, i, 0, j, e))
   prec = _EXACT if noisy[0].dtype == _F32 else _MMA
   kernel = functools.partial(_noisy_bwd_kernel, c=c, s=s, n_tiles=wd // s, scale=scale, prec=prec)
-  dq, dk, dv, dg, db, dkc, dvc, dgc, dh = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(z.n, b, hv, nv, nvt),
+  outs = pl.pallas_call(
+      kernel, out_shape=backward_shapes(ops, b, nv, hv), grid=(z.n, b, hv, nv, nvt),
       in_specs=_in_specs(z, hv // hq, s + z.tpad) + [do_spec], out_specs=out_specs,
       compiler_params=gdr_pallas._params(interpret, 8, 1),  # pylint: disable=protected-access
-      interpret=interpret, name='two_stream_noisy_bwd')(*noisy_p, *meta, *ctx_p, do_w)
-
-  # --- Stage 4: sum windows, V tiles, views and value heads sharing a key head; then through the
-  # clean pass. ---
-  d_noisy = (_key_heads(_overlap_add(dq.sum(5), c, t), hq)[..., :kd],
-             _key_heads(_overlap_add(dk.sum(5), c, t), hq)[..., :kd],
-             _overlap_add(dv, c, t)[..., :vd], _overlap_add(dg.sum(5), c, t),
-             _overlap_add(db.sum(5), c, t))
-  d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
-  (d_clean,) = clean_vjp(d_ctx)
-  dkc = _key_heads(dkc.sum((1, 4)), hq)[:, :t, :, :kd]
-  d_clean = d_clean[:1] + (d_clean[1] + dkc,) + d_clean[2:]
-  cast = lambda ds, xs: tuple(d.astype(x.dtype) for d, x in zip(ds, xs))
-  return cast(d_clean, clean), cast(d_noisy, noisy)
+      interpret=interpret, name='two_stream_noisy_bwd')(*ops.noisy, *ops.meta, *ops.ctx, ops.do)
+  return backward_sums(ops, outs, clean, noisy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))

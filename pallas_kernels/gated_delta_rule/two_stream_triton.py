@@ -1,13 +1,15 @@
-"""Noisy views of the two-stream gated delta rule as one jax-triton kernel (forward).
+"""Noisy views of the two-stream gated delta rule as jax-triton kernels (forward and backward).
 
 The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1), written against
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
 row tiles, solving each tile's blocks against itself and the carried previous tile, and rebuilds
 every block's seed state from the clean chunk checkpoint h_n and clean chunk n through the prefix
 identity, so no per-block state is ever formed. The JAX side (clean pass, padding, slot metadata,
-picking each slot's output from its seed's window) is `two_stream_pallas`'s. The backward is
-`jax.vjp` of the pure-JAX chunked schedule (`two_stream_xla.noisy_delta_rule_chunked`), as the
-Pallas kernel's default.
+picking each slot's output from its seed's window, the backward's sums) is `two_stream_pallas`'s.
+Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or
+`noisy_bwd_kernel` (backward='kernel'): per window, each step rebuilds the WY step of two row
+tiles and backpropagates the later tile's output cotangent through it, into the noisy inputs and
+the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests).
@@ -22,6 +24,10 @@ from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
 
 _F32 = jnp.float32
 _BLOCK_V = 64
+# The backward holds more operands: at K = 128 and 16-row tiles, a V tile of 32 asked for 236 KiB
+# of shared memory, 16 for 202 KiB (Hopper has 227); 32-row tiles ask for 244-364 KiB even at 16.
+_BWD_BLOCK_V = 16
+MAX_KERNEL_BACKWARD_BLOCK = 16
 
 try:  # Only the GPU machine (or a CPU test with Triton's interpreter) has triton.
   import triton  # pylint: disable=g-import-not-at-top
@@ -127,6 +133,196 @@ if triton is not None:
       k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
 
 
+if triton is not None:
+
+  @triton.jit
+  def _halves(x, S: tl.constexpr, X: tl.constexpr):
+    """[2S, X] -> its rows [0, S) and [S, 2S)."""
+    return tl.split(tl.permute(tl.reshape(x, (2, S, X)), (1, 2, 0)))
+
+  @triton.jit
+  def _halves1(x, S: tl.constexpr):
+    """[2S] -> its entries [0, S) and [S, 2S)."""
+    return tl.split(tl.trans(tl.reshape(x, (2, S))))
+
+  @triton.jit
+  def _cross_bwd(x, xk, xh, dy, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC: tl.constexpr):
+    """Backward of cross(X) = ((X Kc^T) * E) V' + coef (X h) for the cotangent dy [R, BV]:
+    (dX [R, K], dKc [C, K], dV' [C, BV], dG [C], dh [K, BV]); xk = X Kc^T, xh = X h."""
+    dye = tl.dot(dy, tl.trans(v_ctx), input_precision=PREC) * e
+    dx = (tl.dot(dye, k_ctx, input_precision=PREC)
+          + coef[:, None] * tl.dot(dy, tl.trans(h_n), input_precision=PREC))
+    pe = dye * xk  # d/d(G_seed - G_i) of the local terms
+    dseed = tl.sum(pe, axis=1) + coef * tl.sum(dy * xh, axis=1)  # d/dG_seed
+    d_g = tl.sum(tl.where(at_seed, dseed[:, None], 0.0), axis=0) - tl.sum(pe, axis=0)
+    d_kc = tl.dot(tl.trans(dye), x, input_precision=PREC)
+    d_vc = tl.dot(tl.trans(xk * e), dy, input_precision=PREC)
+    d_h = tl.dot(tl.trans(x), dy * coef[:, None], input_precision=PREC)
+    return dx, d_kc, d_vc, d_g, d_h
+
+  @triton.jit
+  def noisy_bwd_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
+                       dq, dk, dv, dg, db, dkc, dvc, dgc, dh,
+                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                       TPF: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                       SCALE: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of one window of one (batch, value head, view, V tile), kernels.md 6.2 (the
+    Pallas `_noisy_bwd_kernel`'s algorithm; layouts in `two_stream_pallas.backward_shapes`).
+    Step i rebuilds the WY step of row tiles (i - 1, i) as one 2S-row system and backpropagates
+    tile i's output cotangent through it; tile i - 1 is then complete and stored."""
+    n = tl.program_id(0)
+    pid = tl.program_id(1)
+    NVT: tl.constexpr = VDP // BV
+    R: tl.constexpr = 2 * S
+    ROWS: tl.constexpr = S + N_TILES * S
+    i_e = pid % NVT
+    i_u = (pid // NVT) % NV
+    i_h = (pid // (NVT * NV)) % HV
+    i_b = pid // (NVT * NV * HV)
+    kh = i_h // (HV // HQ)
+    o_r = tl.arange(0, R)
+    o_s = tl.arange(0, S)
+    o_c = tl.arange(0, C)
+    o_k = tl.arange(0, K)
+    o_v = i_e * BV + tl.arange(0, BV)
+    ctok = (i_b * N * C + n * C + o_c).to(tl.int64)
+    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :])
+    v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
+    g_ctx = tl.load(gc + ctok * HV + i_h)
+    h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
+                  + o_v[None, :])
+    ipos = n * C + o_c
+    row = o_r[:, None]
+    col = o_r[None, :]
+    in_tile = o_r >= S  # rows of tile i: only their outputs are backpropagated
+    base = ((i_b * NV + i_u) * TPF).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * ROWS).to(tl.int64)
+    acc_dq = tl.zeros([S, K], dtype=tl.float32)
+    acc_dk = tl.zeros([S, K], dtype=tl.float32)
+    acc_dv = tl.zeros([S, BV], dtype=tl.float32)
+    acc_dg = tl.zeros([S], dtype=tl.float32)
+    acc_db = tl.zeros([S], dtype=tl.float32)
+    s_dkc = tl.zeros([C, K], dtype=tl.float32)
+    s_dvc = tl.zeros([C, BV], dtype=tl.float32)
+    s_dgc = tl.zeros([C], dtype=tl.float32)
+    s_dh = tl.zeros([K, BV], dtype=tl.float32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_r  # front-padded slots of tiles (i - 1, i)
+      tok = base + slot
+      p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
+      b_q = tl.load(q + p_qk)
+      b_k = tl.load(k + p_qk)
+      b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :])
+      b_g = tl.load(g + tok * HV + i_h)
+      b_beta = tl.load(beta + tok * HV + i_h)
+      mslot = (i_b * TPF + slot).to(tl.int64)
+      b_bs = tl.load(bsl + mslot)
+      b_seed = tl.load(seed + mslot)
+      b_lo = tl.load(lo + mslot)
+      b_carry = tl.load(carry + mslot)
+      wrow = wbase + i * S + o_r
+      b_do = tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+      dos = SCALE * tl.where(in_tile[:, None], b_do, 0.0)
+
+      # Stage 1: the WY step and the seed products of both tiles.
+      same = b_bs[:, None] == b_bs[None, :]
+      causal = same & (col <= row)
+      strict = same & (col < row)
+      gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
+      dmat = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+      kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
+      qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+      a = tl.where(strict, b_beta[:, None] * kk * dmat, 0.0)
+      t = gdr_triton.ut_inverse(a, R, 'tf32x3')
+      eg = tl.exp(gam)
+      kb = b_k * (b_beta * eg)[:, None]
+      vb = b_v * b_beta[:, None]
+      w = tl.dot(t, kb, input_precision=PREC)
+      qe = b_q * eg[:, None]
+      at_seed = ipos[None, :] == b_seed[:, None]
+      g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
+      local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
+      e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))
+      coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
+      wk = tl.dot(w, tl.trans(k_ctx), input_precision=PREC)
+      wh = tl.dot(w, h_n, input_precision=PREC)
+      vn = (tl.dot(t, vb, input_precision=PREC) - tl.dot(wk * e, v_ctx, input_precision=PREC)
+            - coef[:, None] * wh)
+
+      # Stage 2: the intra-block output term O += (Q K^T * D) V_new.
+      dvn = tl.dot(tl.trans(qk * dmat), dos, input_precision=PREC)
+      ds = tl.dot(dos, tl.trans(vn), input_precision=PREC) * dmat
+      b_dq = tl.dot(ds, b_k, input_precision=PREC)
+      b_dk = tl.dot(tl.trans(ds), b_q, input_precision=PREC)
+      m = ds * qk
+      dgam = tl.sum(m, axis=1) - tl.sum(m, axis=0)
+
+      # Stage 3: the seed products, for X = e^G Q (cotangent dO) and X = W (cotangent -dV_new).
+      dqe, kc_q, vc_q, gc_q, h_q = _cross_bwd(
+          qe, tl.dot(qe, tl.trans(k_ctx), input_precision=PREC),
+          tl.dot(qe, h_n, input_precision=PREC), dos, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC)
+      dw, kc_w, vc_w, gc_w, h_w = _cross_bwd(w, wk, wh, -dvn, e, coef, at_seed, k_ctx, v_ctx,
+                                             h_n, PREC)
+      s_dkc += kc_q + kc_w
+      s_dvc += vc_q + vc_w
+      s_dgc += gc_q + gc_w
+      s_dh += h_q + h_w
+      b_dq += dqe * eg[:, None]
+      dgam += tl.sum(dqe * qe, axis=1)
+
+      # Stage 4: the WY backward: W = T diag(beta e^Gam) K, U = T diag(beta) V, dU = dV_new.
+      tt = tl.trans(t)
+      dkb = tl.dot(tt, dw, input_precision=PREC)
+      dvb = tl.dot(tt, dvn, input_precision=PREC)
+      dkb_k = tl.sum(dkb * b_k, axis=1)
+      b_dk += dkb * (b_beta * eg)[:, None]
+      b_dv = dvb * b_beta[:, None]
+      b_db = dkb_k * eg + tl.sum(dvb * b_v, axis=1)
+      dgam += dkb_k * b_beta * eg
+      dt = (tl.dot(dw, tl.trans(kb), input_precision=PREC)
+            + tl.dot(dvn, tl.trans(vb), input_precision=PREC))
+      da = tl.where(strict, -tl.dot(tl.dot(tt, dt, input_precision=PREC), tt,
+                                    input_precision=PREC), 0.0)
+      dkk = da * dmat * b_beta[:, None]
+      b_dk += (tl.dot(dkk, b_k, input_precision=PREC)
+               + tl.dot(tl.trans(dkk), b_k, input_precision=PREC))
+      b_db += tl.sum(da * dmat * kk, axis=1)
+      m = dkk * kk
+      dgam += tl.sum(m, axis=1) - tl.sum(m, axis=0)
+      b_dg = tl.sum(tl.where(causal, dgam[:, None], 0.0), axis=0)
+
+      # Stage 5: tile i - 1 is complete: store it (window rows [iS, iS + S)); carry tile i.
+      orow = wbase + i * S + o_s
+      prev, cur = _halves(b_dq, S, K)
+      tl.store(dq + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], prev + acc_dq)
+      acc_dq = cur
+      prev, cur = _halves(b_dk, S, K)
+      tl.store(dk + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], prev + acc_dk)
+      acc_dk = cur
+      prev, cur = _halves(b_dv, S, BV)
+      tl.store(dv + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], prev + acc_dv)
+      acc_dv = cur
+      prev1, cur1 = _halves1(b_dg, S)
+      tl.store(dg + (orow * HV + i_h) * NVT + i_e, prev1 + acc_dg)
+      acc_dg = cur1
+      prev1, cur1 = _halves1(b_db, S)
+      tl.store(db + (orow * HV + i_h) * NVT + i_e, prev1 + acc_db)
+      acc_db = cur1
+    orow = wbase + N_TILES * S + o_s
+    tl.store(dq + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], acc_dq)
+    tl.store(dk + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], acc_dk)
+    tl.store(dv + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], acc_dv)
+    tl.store(dg + (orow * HV + i_h) * NVT + i_e, acc_dg)
+    tl.store(db + (orow * HV + i_h) * NVT + i_e, acc_db)
+    crow = ((i_b * NV + i_u) * N * C + n * C + o_c).to(tl.int64)
+    tl.store(dkc + ((crow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], s_dkc)
+    tl.store(dvc + (crow * HV + i_h)[:, None] * VDP + o_v[None, :], s_dvc)
+    tl.store(dgc + (crow * HV + i_h) * NVT + i_e, s_dgc)
+    tl.store(dh + ((((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
+             + o_v[None, :], s_dh)
+
+
 def _num_warps(row_tile: int) -> int:
   """Four warps up to 16-row tiles; eight for 32 (with four, ptxas gave the kernel 32 registers
   and spilled 24 KB per thread at K = V tile = 128 / 64, launch.kernel_registers' check)."""
@@ -156,23 +352,47 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return tsp._from_windows(o, group, z.c, t, vd)  # pylint: disable=protected-access
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
+def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
+              interpret):
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
+  b, nv, _, hq, _ = noisy[0].shape
+  hv = clean[2].shape[2]
+  ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
+                              max_block, block_v)
+  z = ops.z
+  prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
+  outs = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
+      *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_bwd_kernel,
+      out_shape=tsp.backward_shapes(ops, b, nv, hv),
+      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=8, num_stages=1,
+      NV=nv, HQ=hq, HV=hv, N=z.n, TPF=z.s + z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
+      N_TILES=(z.c + z.s) // z.s, SCALE=scale, PREC=prec)
+  return tsp.backward_sums(ops, outs, clean, noisy)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-           interpret):
+           interpret, backward):
+  del backward
   return _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
                   interpret)
 
 
 def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret):
+               interpret, backward):
+  del backward
   o = _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
                interpret)
   return o, (clean, noisy, segment_ids, block_starts)
 
 
-def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, res, do):
-  del block_v, interpret
-  return tsp.chunked_schedule_vjp(res, do, scale, chunk_size, max_block) + (None, None)
+def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
+  if backward == 'kernel':
+    grads = _backward(*res, do, scale, chunk_size, max_block, _BWD_BLOCK_V, interpret)
+  else:
+    grads = tsp.chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
+  return tuple(grads) + (None, None)
 
 
 _noisy.defvjp(_noisy_fwd, _noisy_bwd)
@@ -181,19 +401,27 @@ _noisy.defvjp(_noisy_fwd, _noisy_bwd)
 def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],
                             segment_ids: jax.Array, block_starts: jax.Array, *, scale: float,
                             chunk_size: int = 64, max_block: int = 32,
-                            interpret: bool = False) -> jax.Array:
+                            interpret: bool = False, backward: str = 'autodiff') -> jax.Array:
   """Noisy-view outputs of the two-stream gated delta rule: the 'chunked' schedule's forward as one
-  jax-triton kernel. Same contract as `two_stream_pallas.noisy_delta_rule_pallas` (its default
-  autodiff backward); `interpret=True` runs Triton's interpreter on the host.
+  jax-triton kernel. Same contract as `two_stream_pallas.noisy_delta_rule_pallas`: backward
+  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`noisy_bwd_kernel`, kernels.md 6.2);
+  `interpret=True` runs Triton's interpreter on the host.
 
   Raises:
-    ValueError: max_block below 1, HV not a multiple of H, or (not interpreting) no GPU.
+    ValueError: max_block below 1, HV not a multiple of H, an unknown backward, or (not
+      interpreting) no GPU.
   """
   tsp.check_arguments(clean, noisy, max_block)
+  if backward not in tsp.BACKWARDS:
+    raise ValueError(f'unknown backward {backward!r}; known: {tsp.BACKWARDS}')
+  if backward == 'kernel' and max_block > MAX_KERNEL_BACKWARD_BLOCK:
+    raise ValueError(f'the triton backward kernel takes max_block <= {MAX_KERNEL_BACKWARD_BLOCK} '
+                     f'(got {max_block}: its 32-row tiles need more shared memory than a GPU '
+                     "has); use backward='autodiff'")
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
                      f'{jax.default_backend()!r})')
   if triton is None:
     raise ValueError('the triton two-stream kernel needs the triton package')
   return _noisy(tuple(clean), tuple(noisy), segment_ids, block_starts, float(scale),
-                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret))
+                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret), backward)

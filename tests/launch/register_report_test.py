@@ -38,11 +38,11 @@ def test_ptxas_report_for_one_kernel():
   assert 16 < rep['registers'] < 255 and rep['spill_stores'] == 0 and rep['shared_kib'] > 0
 
 
-def test_records_the_fused_two_stream_launch():
+def test_records_the_fused_two_stream_launches():
   launches = register_report.record_two_stream_launches(1, 100, 2, 2, 4, 32, 40, jnp.bfloat16,
                                                         max_block=20, chunk_size=64)
-  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel']
-  (launch,) = launches
+  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
+  launch = launches[0]
   # Row tiles of 32 (blocks up to 20 slots) take eight warps; V = 40 pads to one 64-wide tile;
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
