@@ -30,7 +30,8 @@ _SCHEDULES = flags.DEFINE_list(
     'schedules', ['simple', 'lean', 'chunked', 'pallas', 'triton', 'clean'],
     'simple, lean (token scans), chunked (chunk-parallel XLA), pallas (the fused kernel; its '
     'default backward, the chunked schedule\'s autodiff), pallas_kernel_bwd (the fused kernel '
-    'with its Pallas backward), triton (the fused jax-triton kernel, autodiff backward); clean: '
+    'with its Pallas backward), triton and triton_kernel_bwd (the same for the fused jax-triton '
+    'kernel); clean: '
     'the clean stream\'s own chunked '
     'pass alone (the backend\'s default kernel), the unit of the (1 + V) x clean-pass target.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
@@ -107,10 +108,12 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
-  elif schedule == 'triton':
+  elif schedule in ('triton', 'triton_kernel_bwd'):
     # pylint: disable-next=g-import-not-at-top
     from pallas_kernels.gated_delta_rule import two_stream_triton
-    f = lambda c, n: two_stream_triton.noisy_delta_rule_triton(c, n, seg, starts, **kw)
+    backward = 'kernel' if schedule == 'triton_kernel_bwd' else 'autodiff'
+    f = lambda c, n: two_stream_triton.noisy_delta_rule_triton(c, n, seg, starts, **kw,
+                                                               backward=backward)
   elif schedule in ('pallas', 'pallas_kernel_bwd'):
     backward = 'kernel' if schedule == 'pallas_kernel_bwd' else 'autodiff'
     f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw,
