@@ -67,8 +67,10 @@ def record_launches(b, t, h, hv, dk, dv, dtype, resets, device_kind):
 
 
 def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chunk_size=64):
-  """The fused two-stream kernels' launches (two_stream_triton) for one forward + backward (its
-  kernel backward) of this problem."""
+  """The fused two-stream kernels' launches (two_stream_triton) for one forward + backward of this
+  problem: the kernel backward where it takes max_block, else (autodiff) none."""
+  backward = ('kernel' if max_block <= two_stream_triton.MAX_KERNEL_BACKWARD_BLOCK
+              else 'autodiff')
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   f32 = jnp.float32
   clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
@@ -79,7 +81,7 @@ def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chu
   def fwd_bwd(c, n, seg, starts):
     fn = lambda c_, n_: two_stream_triton.noisy_delta_rule_triton(
         c_, n_, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size, max_block=max_block,
-        interpret=True, backward='kernel')
+        interpret=True, backward=backward)
     o, vjp = jax.vjp(fn, c, n)
     return vjp(o)
 
