@@ -486,22 +486,6 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   return backward_sums(ops, outs, clean, noisy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-           interpret, backward):
-  del backward
-  return _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-                  interpret)
-
-
-def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret, backward):
-  del backward
-  o = _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret)
-  return o, (clean, noisy, segment_ids, block_starts)
-
-
 def chunked_schedule_vjp(res, do, scale, chunk_size, max_block):
   """(d clean, d noisy) by autodiff of the pure-JAX chunked schedule at res = (clean, noisy,
   segment_ids, block_starts): the fused kernels' default backward (recomputes the clean pass)."""
@@ -520,17 +504,40 @@ def check_arguments(clean, noisy, max_block: int) -> None:
     raise ValueError(f'HV={hv} is not a multiple of H={hq}')
 
 
-def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
-  """The backward kernel, or autodiff of the pure-JAX chunked schedule (both recompute the clean
-  pass)."""
-  if backward == 'kernel':
-    d_clean, d_noisy = _backward(*res, do, scale, chunk_size, max_block, block_v, interpret)
-  else:
-    d_clean, d_noisy = chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
-  return d_clean, d_noisy, None, None
+def fused_noisy_op(forward, kernel_backward):
+  """The differentiable op noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size,
+  max_block, block_v, interpret, backward) of a fused forward kernel, shared by the Pallas and
+  jax-triton kernels. `forward` and `kernel_backward` take those arguments (the latter the
+  residuals (clean, noisy, segment_ids, block_starts) and the cotangent first, and no backward);
+  backward 'kernel' runs kernel_backward, 'autodiff' `chunked_schedule_vjp`. Both recompute the
+  clean pass."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+  def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+               interpret, backward):
+    del backward
+    return forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block,
+                   block_v, interpret)
+
+  def fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+          interpret, backward):
+    del backward
+    o = forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+                interpret)
+    return o, (clean, noisy, segment_ids, block_starts)
+
+  def bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
+    if backward == 'kernel':
+      grads = kernel_backward(*res, do, scale, chunk_size, max_block, block_v, interpret)
+    else:
+      grads = chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
+    return tuple(grads) + (None, None)
+
+  noisy_op.defvjp(fwd, bwd)
+  return noisy_op
 
 
-_noisy.defvjp(_noisy_fwd, _noisy_bwd)
+_noisy = fused_noisy_op(_forward, _backward)
 
 BACKWARDS = ('kernel', 'autodiff')
 

@@ -38,6 +38,29 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
   @triton.jit
+  def _window_context(kc, vc, gc, h, n, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                      N: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                      C: tl.constexpr):
+    """This program's (batch, value head, view, V tile) from program_id(1), its key head, its V
+    columns, and clean chunk n's context: k [C, K], v' [C, BV], G [C], h_n [K, BV]."""
+    pid = tl.program_id(1)
+    NVT: tl.constexpr = VDP // BV
+    i_e = pid % NVT
+    i_u = (pid // NVT) % NV
+    i_h = (pid // (NVT * NV)) % HV
+    i_b = pid // (NVT * NV * HV)
+    kh = i_h // (HV // HQ)
+    o_k = tl.arange(0, K)
+    o_v = i_e * BV + tl.arange(0, BV)
+    ctok = (i_b * N * C + n * C + tl.arange(0, C)).to(tl.int64)
+    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :])
+    v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
+    g_ctx = tl.load(gc + ctok * HV + i_h)
+    h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
+                  + o_v[None, :])
+    return i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
@@ -46,25 +69,11 @@ if triton is not None:
     """Window n of one (batch, value head, view, V tile): noisy outputs of slots
     [nC, nC + N_TILES S) (layouts: see `_forward`)."""
     n = tl.program_id(0)
-    pid = tl.program_id(1)
-    NVT: tl.constexpr = VDP // BV
-    i_e = pid % NVT
-    i_u = (pid // NVT) % NV
-    i_h = (pid // (NVT * NV)) % HV
-    i_b = pid // (NVT * NV * HV)
-    kh = i_h // (HV // HQ)
+    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
     o_s = tl.arange(0, S)
-    o_c = tl.arange(0, C)
     o_k = tl.arange(0, K)
-    o_v = i_e * BV + tl.arange(0, BV)
-    # Clean context of chunk n: k [C, K], v' [C, BV], G [C], h_n [K, BV].
-    ctok = (i_b * N * C + n * C + o_c).to(tl.int64)
-    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :])
-    v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
-    g_ctx = tl.load(gc + ctok * HV + i_h)
-    h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
-                  + o_v[None, :])
-    ipos = n * C + o_c  # clean positions of chunk n
+    ipos = n * C + tl.arange(0, C)  # clean positions of chunk n
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)  # this view's row of slots
@@ -172,26 +181,15 @@ if triton is not None:
     Step i rebuilds the WY step of row tiles (i - 1, i) as one 2S-row system and backpropagates
     tile i's output cotangent through it; tile i - 1 is then complete and stored."""
     n = tl.program_id(0)
-    pid = tl.program_id(1)
     NVT: tl.constexpr = VDP // BV
     R: tl.constexpr = 2 * S
     ROWS: tl.constexpr = S + N_TILES * S
-    i_e = pid % NVT
-    i_u = (pid // NVT) % NV
-    i_h = (pid // (NVT * NV)) % HV
-    i_b = pid // (NVT * NV * HV)
-    kh = i_h // (HV // HQ)
+    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
     o_r = tl.arange(0, R)
     o_s = tl.arange(0, S)
     o_c = tl.arange(0, C)
     o_k = tl.arange(0, K)
-    o_v = i_e * BV + tl.arange(0, BV)
-    ctok = (i_b * N * C + n * C + o_c).to(tl.int64)
-    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :])
-    v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
-    g_ctx = tl.load(gc + ctok * HV + i_h)
-    h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
-                  + o_v[None, :])
     ipos = n * C + o_c
     row = o_r[:, None]
     col = o_r[None, :]
@@ -359,7 +357,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                              max_block, block_v)
+                              max_block, min(block_v, _BWD_BLOCK_V))
   z = ops.z
   prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
   outs = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
@@ -371,31 +369,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   return tsp.backward_sums(ops, outs, clean, noisy)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-           interpret, backward):
-  del backward
-  return _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-                  interpret)
-
-
-def _noisy_fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret, backward):
-  del backward
-  o = _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
-               interpret)
-  return o, (clean, noisy, segment_ids, block_starts)
-
-
-def _noisy_bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
-  if backward == 'kernel':
-    grads = _backward(*res, do, scale, chunk_size, max_block, _BWD_BLOCK_V, interpret)
-  else:
-    grads = tsp.chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
-  return tuple(grads) + (None, None)
-
-
-_noisy.defvjp(_noisy_fwd, _noisy_bwd)
+_noisy = tsp.fused_noisy_op(_forward, _backward)
 
 
 def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],
