@@ -1,14 +1,21 @@
-"""Registers, spills and shared memory of the jax-triton GDN kernels for a GPU, without a GPU.
+"""Registers, spills and shared memory of the GDN kernels for a GPU, without a GPU.
 
 python -m launch.kernel_registers --arch=90 --device_kind="NVIDIA H200" --b=1 --t=4096
+python -m launch.kernel_registers --family=pallas
 python -m launch.kernel_registers --two_stream_block=4 --views=2   # the fused two-stream kernel
 
-Traces the triton family's forward and backward (`jax.eval_shape`, nothing runs) with a launcher
+jax-triton family: traces forward and backward (`jax.eval_shape`, nothing runs) with a launcher
 that records every `triton_call` it makes: kernel, buffer dtypes, constexprs, num_warps and
-num_stages exactly as the real launches pass them (BlockSizes for `--device_kind`). Each recorded
-launch is compiled by Triton for `--arch` and assembled by the ptxas Triton ships, whose report
-gives registers per thread and spill bytes: a register-pressure check for kernel changes on a
-machine without a GPU (CPU-only Triton works). Timing still needs the GPU (launch.bench_kernels).
+num_stages exactly as the real launches pass them (BlockSizes for `--device_kind`). Pallas family:
+lowers forward and backward for CUDA on this machine and reads each kernel's Triton IR, warps and
+stages out of the lowered module (needs jaxlib <= 0.10.2, which leaves Triton compilation to XLA;
+on the GPU jaxlib's own Triton build compiles it, so its figures are estimates: the two-stream
+backward's shared memory came out 252 KiB here against 280 KiB on an H200).
+
+Each launch is compiled by the installed Triton for `--arch` and assembled by the ptxas Triton
+ships, whose report gives registers per thread and spill bytes: a register- and shared-memory
+check for kernel changes on a machine without a GPU (CPU-only Triton works). Timing still needs
+the GPU (launch.bench_kernels).
 """
 from absl import app
 from absl import flags
@@ -27,6 +34,7 @@ _VALUE_HEADS = flags.DEFINE_integer('value_heads', 16, 'Value heads (a multiple 
 _DK = flags.DEFINE_integer('dk', 128, 'Key head size.')
 _DV = flags.DEFINE_integer('dv', 128, 'Value head size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'q, k, v.')
+_FAMILY = flags.DEFINE_enum('family', 'triton', ['triton', 'pallas'], 'Kernel family.')
 _RESETS = flags.DEFINE_bool('resets', False, 'With document resets (segment ids).')
 _TWO_STREAM = flags.DEFINE_integer(
     'two_stream_block', 0, 'Report the fused two-stream kernel (two_stream_triton) for this '
@@ -41,22 +49,23 @@ def main(argv):
                          'TRITON_INTERPRET')
   if _TWO_STREAM.value:
     launches = register_report.record_two_stream_launches(
-        _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value, _DK.value, _DV.value,
-        jnp.dtype(_DTYPE.value), _TWO_STREAM.value)
+        _FAMILY.value, _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value,
+        _DK.value, _DV.value, jnp.dtype(_DTYPE.value), _TWO_STREAM.value)
   else:
     launches = register_report.record_launches(
-        _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value, _DV.value,
-        jnp.dtype(_DTYPE.value), _RESETS.value, _KIND.value)
-  print(f'sm_{_ARCH.value}, BlockSizes for {_KIND.value!r}: B={_B.value} T={_T.value} '
-        f'H={_HEADS.value} HV={_VALUE_HEADS.value} K={_DK.value} V={_DV.value} {_DTYPE.value}'
+        _FAMILY.value, _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value,
+        _DV.value, jnp.dtype(_DTYPE.value), _RESETS.value, _KIND.value)
+  print(f'{_FAMILY.value} family, sm_{_ARCH.value}, BlockSizes for {_KIND.value!r}: '
+        f'B={_B.value} T={_T.value} H={_HEADS.value} HV={_VALUE_HEADS.value} K={_DK.value} '
+        f'V={_DV.value} {_DTYPE.value}'
         f'{" with resets" if _RESETS.value else ""}')
   print('| kernel | grid | warps | stages | V tile | registers | spill stores B | spill loads B | '
         'shared KiB |')
   print('|---|---|---|---|---|---|---|---|---|')
   for launch in launches:
     rep = register_report.compile_report(launch, _ARCH.value)
-    print(f"| {launch['kernel'].__name__} | {tuple(launch['grid'])} | {launch['num_warps']} | "
-          f"{launch['num_stages']} | {launch['meta'].get('BV', '-')} | {rep['registers']} | "
+    print(f"| {launch['name']} | {tuple(launch['grid'])} | {launch['num_warps']} | "
+          f"{launch['num_stages']} | {launch['v_tile'] or '-'} | {rep['registers']} | "
           f"{rep['spill_stores']} | {rep['spill_loads']} | {rep['shared_kib']:.0f} |", flush=True)
 
 

@@ -1,10 +1,15 @@
-"""Records the jax-triton GDN family's launches and reports ptxas registers and spills for each.
+"""Records the GDN kernels' launches and reports ptxas registers, spills and shared memory of each.
 
 The flag-free half of launch.kernel_registers (importable beside other launch modules' flags):
-`record_launches` traces forward + backward under `jax.eval_shape` with a stand-in for jax_triton
-that records every launch as the real code makes it; `compile_report` compiles one recorded launch
-for a CUDA architecture with Triton and assembles it with the ptxas Triton ships.
+`record_launches` / `record_two_stream_launches` trace forward + backward without a GPU. The
+jax-triton family runs under `jax.eval_shape` with a stand-in for jax_triton that records every
+launch as the real code makes it; the Pallas family is lowered for CUDA on this machine and its
+kernels' Triton IR read out of the lowered module (`pallas_launches`). `compile_report` compiles
+one launch for a CUDA architecture with the installed Triton and assembles it with the ptxas
+Triton ships.
 """
+import contextlib
+import functools
 import re
 import subprocess
 import tempfile
@@ -14,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.gated_delta_rule import configs
+from pallas_kernels.gated_delta_rule import pallas as gdr_pallas
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
+from pallas_kernels.gated_delta_rule import two_stream_pallas
 from pallas_kernels.gated_delta_rule import two_stream_triton
 
 _POINTER = {'float32': '*fp32', 'bfloat16': '*bf16', 'float16': '*fp16', 'int32': '*i32'}
@@ -35,42 +42,70 @@ class _Recorder:
     return zeros if isinstance(out_shape, (list, tuple)) else zeros[0]
 
 
-def _recorded(trace, device_kind):
-  """The launches `trace()` (which calls jax.eval_shape) makes through gdr_triton._jt."""
-  recorder = _Recorder()
-  real_jt, real_sizes = gdr_triton._jt, configs.block_sizes_for  # pylint: disable=protected-access
-  gdr_triton._jt = lambda interpret=False: recorder  # pylint: disable=protected-access
+@contextlib.contextmanager
+def _block_sizes_of(device_kind):
+  """BlockSizes defaults for `device_kind` (not this machine's backend) while tracing."""
+  real = configs.block_sizes_for
   configs.block_sizes_for = lambda vp, family, dt: configs.BlockSizes.get_default(
       vp, device_kind, family, dt)
   try:
-    trace()
+    yield
+  finally:
+    configs.block_sizes_for = real
+
+
+def _recorded_triton(fwd_bwd, args, device_kind):
+  """The launches `fwd_bwd(*args, interpret=True)` makes through gdr_triton._jt, under
+  jax.eval_shape (nothing runs)."""
+  recorder = _Recorder()
+  real_jt = gdr_triton._jt  # pylint: disable=protected-access
+  gdr_triton._jt = lambda interpret=False: recorder  # pylint: disable=protected-access
+  try:
+    with _block_sizes_of(device_kind):
+      jax.eval_shape(functools.partial(fwd_bwd, interpret=True), *args)
   finally:
     gdr_triton._jt = real_jt  # pylint: disable=protected-access
-    configs.block_sizes_for = real_sizes
-  return recorder.launches
+  return [dict(launch, name=launch['kernel'].__name__, v_tile=launch['meta'].get('BV'))
+          for launch in recorder.launches]
 
 
-def record_launches(b, t, h, hv, dk, dv, dtype, resets, device_kind):
-  """Every launch the triton family makes for one forward + backward of this problem."""
+def _recorded_pallas(fwd_bwd, args, device_kind):
+  with _block_sizes_of(device_kind):
+    return [dict(launch, v_tile=None)
+            for launch in pallas_launches(functools.partial(fwd_bwd, interpret=False), *args)]
+
+
+def _vjp_of(fn):
+  """fn(*xs) -> its cotangent-of-itself gradients: one forward + backward."""
+  def fwd_bwd(*xs):
+    o, vjp = jax.vjp(fn, *xs)
+    return vjp(o)
+  return fwd_bwd
+
+
+def record_launches(family, b, t, h, hv, dk, dv, dtype, resets, device_kind):
+  """Every kernel launch of `family` ('triton' | 'pallas') for one forward + backward of the
+  chunked gated delta rule on this problem: dicts with name, grid, num_warps, num_stages, v_tile
+  and what `compile_report` compiles."""
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   args = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv),
           spec(b, t, hv, dt=jnp.float32), spec(b, t, hv, dt=jnp.float32))
   seg = jnp.zeros((b, t), jnp.int32).at[:, t // 3:].set(1) if resets else None
+  impl = dict(triton=gdr_triton.chunk_gated_delta_rule_triton,
+              pallas=gdr_pallas.chunk_gated_delta_rule_pallas)[family]
 
-  def fwd_bwd(*a):
-    fn = lambda *x: gdr_triton.chunk_gated_delta_rule_triton(*x, segment_ids=seg,
-                                                             interpret=True)[0]
-    o, vjp = jax.vjp(fn, *a)
-    return vjp(o)
+  def fwd_bwd(*xs, interpret):
+    return _vjp_of(lambda *x: impl(*x, segment_ids=seg, interpret=interpret)[0])(*xs)
 
-  return _recorded(lambda: jax.eval_shape(fwd_bwd, *args), device_kind)
+  record = dict(triton=_recorded_triton, pallas=_recorded_pallas)[family]
+  return record(fwd_bwd, args, device_kind)
 
 
-def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chunk_size=64):
-  """The fused two-stream kernels' launches (two_stream_triton) for one forward + backward of this
-  problem: the kernel backward where it takes max_block, else (autodiff) none."""
-  backward = ('kernel' if max_block <= two_stream_triton.MAX_KERNEL_BACKWARD_BLOCK
-              else 'autodiff')
+def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_block,
+                               chunk_size=64):
+  """The fused two-stream kernels' launches (two_stream_triton or two_stream_pallas) for one
+  forward + backward of this problem: the kernel backward where it takes max_block, else
+  (autodiff) none."""
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   f32 = jnp.float32
   clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
@@ -78,22 +113,26 @@ def record_two_stream_launches(b, t, views, h, hv, dk, dv, dtype, max_block, chu
   noisy = (spec(b, views, t, h, dk), spec(b, views, t, h, dk), spec(b, views, t, hv, dv),
            spec(b, views, t, hv, dt=f32), spec(b, views, t, hv, dt=f32))
   ids = spec(b, t, dt=jnp.int32)
-  def fwd_bwd(c, n, seg, starts):
-    fn = lambda c_, n_: two_stream_triton.noisy_delta_rule_triton(
-        c_, n_, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size, max_block=max_block,
-        interpret=True, backward=backward)
-    o, vjp = jax.vjp(fn, c, n)
-    return vjp(o)
+  if family == 'triton':
+    impl, record = two_stream_triton.noisy_delta_rule_triton, _recorded_triton
+    backward = ('kernel' if max_block <= two_stream_triton.MAX_KERNEL_BACKWARD_BLOCK
+                else 'autodiff')
+  else:
+    impl, record, backward = two_stream_pallas.noisy_delta_rule_pallas, _recorded_pallas, 'kernel'
 
-  return _recorded(lambda: jax.eval_shape(fwd_bwd, clean, noisy, ids, ids), '')
+  def fwd_bwd(c, n, seg, starts, interpret):
+    return _vjp_of(lambda c_, n_: impl(c_, n_, seg, starts, scale=dk ** -0.5,
+                                       chunk_size=chunk_size, max_block=max_block,
+                                       interpret=interpret, backward=backward))(c, n)
+
+  return record(fwd_bwd, (clean, noisy, ids, ids), '')
 
 
 def compile_report(launch, arch):
   """{'registers', 'spill_stores', 'spill_loads', 'shared_kib'} of one recorded launch."""
-  import triton  # pylint: disable=g-import-not-at-top
-  from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  if 'ttir' in launch:
+    return _pallas_compile_report(launch, arch)
   from triton.compiler import ASTSource  # pylint: disable=g-import-not-at-top
-  import triton.backends.nvidia as nvidia  # pylint: disable=g-import-not-at-top
 
   fn = launch['kernel']
   names = fn.arg_names
@@ -105,10 +144,69 @@ def compile_report(launch, arch):
       constexprs[(i,)] = launch['meta'][names[i]]
     else:
       signature[names[i]] = _POINTER[next(pointers)]
-  compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                            target=GPUTarget('cuda', arch, 32),
-                            options=dict(num_warps=launch['num_warps'],
-                                         num_stages=launch['num_stages']))
+  return _compile_and_assemble(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                               arch, launch['num_warps'], launch['num_stages'])
+
+
+def pallas_launches(fn, *args):
+  """The Pallas (Triton-lowered) kernels of `jax.jit(fn)(*args)` lowered for CUDA on this machine:
+  [{'name', 'grid', 'num_warps', 'num_stages', 'ttir'}], ttir as text. Needs a jaxlib that leaves
+  Triton compilation to XLA (<= 0.10.2, as on Python 3.11); `args` may be ShapeDtypeStructs."""
+  # pylint: disable=g-import-not-at-top
+  from jax._src.interpreters import mlir as jax_mlir
+  from jax._src.lib import triton as jax_triton_lib
+  from jax._src.lib.mlir import ir
+  # pylint: enable=g-import-not-at-top
+  try:
+    lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',))
+  except RuntimeError as e:
+    raise RuntimeError('this jaxlib compiles Pallas kernels itself while lowering, which needs a '
+                       'CUDA plugin: report Pallas kernels with jaxlib <= 0.10.2') from e
+  calls = []
+
+  def walk(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for inner in block.operations:
+          if (inner.name == 'stablehlo.custom_call' and
+              ir.StringAttr(inner.attributes['call_target_name']).value == '__gpu$xla.gpu.triton'):
+            calls.append(inner)
+          walk(inner)
+
+  walk(lowered.compiler_ir('stablehlo').operation)
+  context = jax_mlir.make_ir_context()
+  jax_triton_lib.dialect.register_dialect(context)
+  launches = []
+  for call in calls:
+    config = call.attributes['mhlo.backend_config']
+    value = lambda key, cfg=config: ir.IntegerAttr(cfg[key]).value
+    with context:
+      module = ir.Module.parse(ir.StringAttr(config['ir']).value_bytes)
+      ttir = module.operation.get_asm(enable_debug_info=False)
+    launches.append(dict(name=ir.StringAttr(config['name']).value,
+                         grid=(value('grid_x'), value('grid_y'), value('grid_z')),
+                         num_warps=value('num_warps'), num_stages=value('num_stages'), ttir=ttir))
+  return launches
+
+
+def _pallas_compile_report(launch, arch):
+  """compile_report's dict for one of `pallas_launches`: its TTIR compiled by the installed Triton
+  (an estimate: on the GPU, jaxlib's own Triton build compiles it)."""
+  with tempfile.NamedTemporaryFile('w', suffix='.ttir') as f:
+    f.write(launch['ttir'])
+    f.flush()
+    return _compile_and_assemble(f.name, arch, launch['num_warps'], launch['num_stages'])
+
+
+def _compile_and_assemble(source, arch, num_warps, num_stages):
+  """Triton-compiles `source` (an ASTSource or a .ttir path) for sm_`arch`; ptxas's report."""
+  # pylint: disable=g-import-not-at-top
+  import triton
+  from triton.backends.compiler import GPUTarget
+  import triton.backends.nvidia as nvidia
+  # pylint: enable=g-import-not-at-top
+  compiled = triton.compile(source, target=GPUTarget('cuda', arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
   ptxas = f'{nvidia.__path__[0]}/bin/ptxas'
   with tempfile.NamedTemporaryFile('w', suffix='.ptx') as f:
     f.write(compiled.asm['ptx'])

@@ -48,16 +48,30 @@ _F32 = jnp.float32
 _EXACT = jax.lax.Precision.HIGHEST  # fp32 inputs, and the unit-lower solve always
 _MMA = jax.lax.Precision.DEFAULT  # 16-bit inputs: TF32 tensor-core products, as the chunked kernels
 _FAR = 2 ** 30  # `lo` of slots whose seed state is zero: no clean token is that far
+# The backward's products with 16-bit inputs: operands rounded to bf16, fp32 accumulation. TF32
+# operands (fp32 in shared memory) made it ask an H200 for 280 KiB of shared memory at V tile 32
+# (356 KiB at 64; 227 KiB are there); bf16 operands halve that (ptxas offline, sm_90a, K = 128:
+# 252 -> 92 KiB at 32, 118 KiB at 64). Gradient RMS ratios against the fp32 schedule rose from
+# 2.9e-3 to 4.5e-3 (CPU interpreter, T = 256, K = 128; fla's limits 8e-3 and 2e-2). The forward
+# keeps TF32: its output limit is 5e-3, and bf16 products put it at 4.0e-3.
+_BF16 = 'bf16'
 _BLOCK_V = 64  # V tile (keeps the [K, V] checkpoint tile and the [S, V] carries in registers)
-# The backward's V tile: it holds more [K, V]-sized operands (h, dh) and products than the forward
-# (at 64 it asked an H200 for 356 KB of shared memory at K = 128; 232 KB are there).
-_BWD_BLOCK_V = 32
 
 
 def _mm(a, b, prec, *, ta=False, tb=False):
-  """fp32 a @ b (operands optionally transposed) at `prec` (_EXACT: IEEE on GPU; _MMA: TF32)."""
-  # pylint: disable-next=protected-access
+  """fp32 a @ b (operands optionally transposed) at `prec`: _EXACT (IEEE on GPU), _MMA (TF32) or
+  _BF16 (bf16 operands)."""
+  # pylint: disable=protected-access
+  if prec == _BF16:
+    return gdr_pallas._dot(a, b, jnp.bfloat16, ta=ta, tb=tb)
   return gdr_pallas._dot(a, b, _F32, ta=ta, tb=tb, precision=prec)
+
+
+def forward_num_warps(row_tile: int) -> int:
+  """Warps of a fused forward kernel (Pallas and Triton): four up to 16-row tiles, eight for 32.
+  With four, ptxas gave both kernels 32 registers and spilled 17-24 KB per thread at K = 128
+  (launch.kernel_registers, sm_90a)."""
+  return 4 if row_tile <= 16 else 8
 
 
 def _iota(shape, dim):
@@ -376,7 +390,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
       kernel, out_shape=jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32),
       grid=(z.n, b, hv, nv, z.vdp // z.bv), in_specs=_in_specs(z, hv // hq, z.tpad),
       out_specs=out_spec,
-      compiler_params=gdr_pallas._params(interpret, 4, 2),  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      compiler_params=gdr_pallas._params(interpret, forward_num_warps(z.s), 2),
       interpret=interpret, name='two_stream_noisy_fwd')(*noisy_p, *meta, *ctx)
 
   # --- Stage 3: each slot from its seed's window. ---
@@ -459,7 +474,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   ops = backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                          max_block, min(block_v, _BWD_BLOCK_V))
+                          max_block, block_v)
   z = ops.z
   s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
   rows = s + wd
@@ -476,7 +491,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
                spec((None, None, c, None, None), lambda i, r, j, u, e: (r, u, i, j, e)),
                spec((None, None, None, None, z.kp, z.bv), lambda i, r, j, u, e: (r, u, i, j, 0, e))]
   do_spec = spec((None, None, None, rows, None, z.bv), lambda i, r, j, u, e: (r, u, i, 0, j, e))
-  prec = _EXACT if noisy[0].dtype == _F32 else _MMA
+  prec = _EXACT if noisy[0].dtype == _F32 else _BF16
   kernel = functools.partial(_noisy_bwd_kernel, c=c, s=s, n_tiles=wd // s, scale=scale, prec=prec)
   outs = pl.pallas_call(
       kernel, out_shape=backward_shapes(ops, b, nv, hv), grid=(z.n, b, hv, nv, nvt),
@@ -557,7 +572,7 @@ def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
       >= max(16, max_block) (the result does not depend on C).
     interpret: run the kernels in the Pallas interpreter; None: off GPU only.
     backward: 'autodiff' (`jax.vjp` of the pure-JAX schedule) or 'kernel' (a Pallas backward,
-      kernels.md 6.2; does not fit Hopper's shared memory at K = 128 yet).
+      kernels.md 6.2; bf16 products for 16-bit inputs).
 
   Returns:
     o [B, V, T, HV, V] fp32.

@@ -321,12 +321,6 @@ if triton is not None:
              + o_v[None, :], s_dh)
 
 
-def _num_warps(row_tile: int) -> int:
-  """Four warps up to 16-row tiles; eight for 32 (with four, ptxas gave the kernel 32 registers
-  and spilled 24 KB per thread at K = V tile = 128 / 64, launch.kernel_registers' check)."""
-  return 4 if row_tile <= 16 else 8
-
-
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
              interpret):
@@ -344,7 +338,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   o = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
       out_shape=jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32),
-      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=_num_warps(z.s), num_stages=2,
+      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=tsp.forward_num_warps(z.s),
+      num_stages=2,
       NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
       N_TILES=wd // z.s, SCALE=scale, PREC=prec)
   return tsp._from_windows(o, group, z.c, t, vd)  # pylint: disable=protected-access

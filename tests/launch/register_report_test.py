@@ -1,5 +1,5 @@
-"""launch.register_report (behind launch.kernel_registers): the Triton GDN family's recorded
-launches and one ptxas report."""
+"""launch.register_report (behind launch.kernel_registers): the GDN kernels' recorded launches
+(jax-triton and Pallas) and ptxas reports."""
 import jax.numpy as jnp
 import pytest
 
@@ -10,7 +10,7 @@ register_report = pytest.importorskip('launch.register_report')
 
 
 def test_records_the_forward_and_backward_launches_with_their_block_sizes():
-  launches = register_report.record_launches(1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
+  launches = register_report.record_launches('triton', 1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
                                               'NVIDIA H200')
   names = [l['kernel'].fn.__name__ for l in launches]
   assert names == ['intra_kernel', 'state_pass_kernel', 'output_kernel', 'dv_local_kernel',
@@ -28,7 +28,7 @@ def test_records_the_forward_and_backward_launches_with_their_block_sizes():
 
 
 def test_ptxas_report_for_one_kernel():
-  launches = register_report.record_launches(1, 64, 1, 1, 16, 16, jnp.bfloat16, False, '')
+  launches = register_report.record_launches('triton', 1, 64, 1, 1, 16, 16, jnp.bfloat16, False, '')
   launch = [l for l in launches if l['kernel'].fn.__name__ == 'dv_local_kernel'][0]
   # Off GPU the tests build the kernels for Triton's interpreter; compile the same function
   # (dv_local calls no other jitted function).
@@ -39,8 +39,8 @@ def test_ptxas_report_for_one_kernel():
 
 
 def test_records_the_fused_two_stream_launches():
-  launches = register_report.record_two_stream_launches(1, 100, 2, 2, 4, 32, 40, jnp.bfloat16,
-                                                        max_block=20, chunk_size=64)
+  launches = register_report.record_two_stream_launches('triton', 1, 100, 2, 2, 4, 32, 40,
+                                                        jnp.bfloat16, max_block=20, chunk_size=64)
   # Blocks over 16 slots have no kernel backward (autodiff): the forward only.
   assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel']
   launch = launches[0]
@@ -48,7 +48,31 @@ def test_records_the_fused_two_stream_launches():
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
-  launches = register_report.record_two_stream_launches(1, 100, 2, 2, 4, 32, 40, jnp.bfloat16,
-                                                        max_block=8, chunk_size=64)
+  launches = register_report.record_two_stream_launches('triton', 1, 100, 2, 2, 4, 32, 40,
+                                                        jnp.bfloat16, max_block=8, chunk_size=64)
   assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
   assert launches[0]['num_warps'] == 4 and launches[1]['meta']['BV'] == 16
+
+
+def test_pallas_launches_come_from_the_cuda_lowering():
+  launches = register_report.record_launches('pallas', 1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
+                                              'NVIDIA H200')
+  names = [l['name'] for l in launches]
+  assert names == ['gdr_intra', 'gdr_state_pass', 'gdr_output', 'gdr_dv_local', 'gdr_dhu',
+                   'gdr_bwd_chunk']
+  bs = configs.BlockSizes.get_default(128, 'NVIDIA H200', 'pallas')
+  by_name = dict(zip(names, launches))
+  assert by_name['gdr_bwd_chunk']['num_warps'] == bs.num_warps_bwd
+  assert by_name['gdr_intra']['num_warps'] == bs.num_warps_chunk
+  assert by_name['gdr_state_pass']['num_stages'] == bs.num_stages
+  # Per-chunk kernels: grid (chunks, batch, value heads) = (2, 1, 4) for T=100.
+  assert by_name['gdr_bwd_chunk']['grid'] == (2, 1, 4)
+  assert 'tt.dot' in by_name['gdr_output']['ttir']
+
+
+def test_ptxas_report_for_one_pallas_kernel():
+  launches = register_report.record_launches('pallas', 1, 64, 1, 1, 16, 16, jnp.bfloat16, False,
+                                              '')
+  launch = [l for l in launches if l['name'] == 'gdr_dv_local'][0]
+  rep = register_report.compile_report(launch, 90)
+  assert 16 < rep['registers'] < 255 and rep['spill_stores'] == 0 and rep['shared_kib'] > 0
