@@ -22,7 +22,6 @@ itself needs beyond inputs and outputs.
 Without a GPU the script stops with an error, unless --cpu_smoke: then it runs a tiny shape with the
 Pallas kernels interpreted (the numbers only show that the script works).
 """
-import json
 import os
 import subprocess
 import sys
@@ -247,8 +246,7 @@ def main(argv):
       if impl == 'cudnn' and (case != 'causal' or _CPU_SMOKE.value):
         continue  # cuDNN has no metadata masks (and no CPU build)
       res = _spawn(case, impl)
-      print(json.dumps(res), flush=True)
-      results.append(res)
+      bench_util.record(results, res, _OUT.value)
   b, t, views, h, hkv, d = _shape()
   print(f'\nB={b} T={t} Hq={h} Hkv={hkv} D={d} {_DTYPE.value}; median of {_REPEATS.value} after '
         f'{_WARMUP.value} warm-up; ratios are impl / xla of the same case (lower is better).')
@@ -258,7 +256,6 @@ def main(argv):
             f"fraction of the score matrix {r['visible']:.4f}; {_TILE}x{_TILE} tiles visited "
             f"{r['tiles_visited']:.4f}")
   print(_table(results))
-  bench_util.write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,6 @@ fla (PyTorch) refuses its gated backward on Hopper with Triton < 3.7.1 (fla issu
 miscompile of chunk_bwd_dqkwg); for timing only, this script bypasses that guard
 (`fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True`) and says so in its output.
 """
-import json
 import sys
 
 from absl import app
@@ -170,8 +169,7 @@ def main(argv):
     b, t = (int(x) for x in shape.lower().split('x'))
     for impl in _IMPLS.value:
       res = _spawn(impl, b, t)
-      print(json.dumps(res), flush=True)
-      results.append(res)
+      bench_util.record(results, res, _OUT.value)
   print(f'\nH={_HEADS.value} dk={_DK.value} dv={_DV.value} {_DTYPE.value}; median of '
         f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios are impl / fla (lower is better).')
   if any(r.get('guard_bypassed') for r in results):
@@ -181,7 +179,6 @@ def main(argv):
     if r.get('kernels'):
       print(f"\nTop GPU kernels, {r['impl']} {r['B']}x{r['T']} fwd+bwd:")
       print(bench_util.kernel_table(r['kernels']))
-  bench_util.write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

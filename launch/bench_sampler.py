@@ -144,12 +144,10 @@ def main(argv):
             lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=20)
         row['kernels_per_pass'] = [[n, ms / max(passes, 1), c / max(passes, 1)]
                                    for n, ms, c in kernels]
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      bench_util.record(rows, row, _OUT.value)
     if _HF.value:
       hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
-      rows.append(dict(mode='hf_generate', batch=batch, tokens_per_s=hf))
-      print(json.dumps(rows[-1]), flush=True)
+      bench_util.record(rows, dict(mode='hf_generate', batch=batch, tokens_per_s=hf), _OUT.value)
   print('\n| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | acceptance |')
   print('|---|---|---|---|---|---|---|')
   for r in rows:
@@ -161,7 +159,6 @@ def main(argv):
     if r.get('kernels_per_pass'):
       print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']} (prefill included):")
       print(bench_util.kernel_table(r['kernels_per_pass']).replace('/ call', '/ pass'))
-  bench_util.write_json(_OUT.value, rows)
 
 
 if __name__ == '__main__':

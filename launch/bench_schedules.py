@@ -17,7 +17,6 @@ block_until_ready, and `temp` = the compiled executable's scratch
 (1 + V) x clean, the fused-kernel target's measure (<= 1.2).
 Defaults: on a GPU the shape above; without one a small CPU smoke shape (B=1, T=256, HV=2, K=V=32).
 """
-import json
 import sys
 
 from absl import app
@@ -157,15 +156,13 @@ def main(argv):
       if case is not None:
         labels.update(T=case[0], block=case[1], V=case[2])
       res = bench_util.run_child(child, _TIMEOUT.value, labels)
-      print(json.dumps(res), flush=True)
-      results.append(res)
+      bench_util.record(results, res, _OUT.value)
   first = next((r for r in results if 'error' not in r), {})
   print(f"\n{first.get('device', '?')}: B={first.get('B')} H={first.get('H')} HV={first.get('HV')} "
         f"K=V={first.get('K')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
         f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios within each (T, block, V) case '
         f'(lower is better).')
   print(schedule_cases.table(results, _BASELINE.value))
-  bench_util.write_json(_OUT.value, results)
 
 
 if __name__ == '__main__':

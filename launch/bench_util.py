@@ -70,10 +70,20 @@ def fmt(x: float | None, spec: str = '.2f') -> str:
 
 
 def write_json(path: str, results: Any) -> None:
-  """Writes results to `path` (no-op for an empty path)."""
+  """Writes results to `path` (no-op for an empty path), whole or not at all (temp + rename)."""
   if path:
-    with open(path, 'w') as f:
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
       json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
+def record(results: list[Any], res: Any, path: str) -> None:
+  """Appends one finished case, prints it as a JSON line and rewrites `path` with every case so
+  far: a run killed part-way (a device time limit) keeps what it measured."""
+  results.append(res)
+  print(json.dumps(res), flush=True)
+  write_json(path, results)
 
 
 def top_kernels(events: list[tuple[str, float]], calls: int, top: int) -> list[list[Any]]:

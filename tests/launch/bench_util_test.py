@@ -1,4 +1,7 @@
 """launch.bench_util: kernel-time aggregation, its table, and the environment handed to children."""
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -29,6 +32,20 @@ def test_child_env_drops_only_an_empty_triton_cache_dir(monkeypatch, value, kept
   assert ('TRITON_CACHE_DIR' in env) == kept
   if kept:
     assert env['TRITON_CACHE_DIR'] == value
+
+
+def test_record_keeps_every_finished_case_on_disk(tmp_path, capsys):
+  path = str(tmp_path / 'out.json')
+  results = []
+  bench_util.record(results, dict(case=1, ms=2.5), path)
+  with open(path) as f:
+    assert json.load(f) == [dict(case=1, ms=2.5)]  # on disk before the next case runs
+  bench_util.record(results, dict(case=2, error='timeout after 9 s'), path)
+  with open(path) as f:
+    assert json.load(f) == results == [dict(case=1, ms=2.5), dict(case=2, error='timeout after 9 s')]
+  lines = capsys.readouterr().out.splitlines()
+  assert [json.loads(line)['case'] for line in lines] == [1, 2]
+  assert not os.path.exists(path + '.tmp')
 
 
 @pytest.mark.gpu
