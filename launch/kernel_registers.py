@@ -1,14 +1,16 @@
-"""Registers, spills and shared memory of the GDN kernels for a GPU, without a GPU.
+"""Registers, spills and shared memory of the GDN and attention kernels for a GPU, without a GPU.
 
 python -m launch.kernel_registers --arch=90 --device_kind="NVIDIA H200" --b=1 --t=4096
 python -m launch.kernel_registers --family=pallas
 python -m launch.kernel_registers --two_stream_block=4 --views=2   # the fused two-stream kernel
+python -m launch.kernel_registers --family=attention --b=4 --t=12288   # flash attention (Pallas)
 
 jax-triton family: traces forward and backward (`jax.eval_shape`, nothing runs) with a launcher
 that records every `triton_call` it makes: kernel, buffer dtypes, constexprs, num_warps and
-num_stages exactly as the real launches pass them (BlockSizes for `--device_kind`). Pallas family:
-lowers forward and backward for CUDA on this machine and reads each kernel's Triton IR, warps and
-stages out of the lowered module (needs jaxlib <= 0.10.2, which leaves Triton compilation to XLA;
+num_stages exactly as the real launches pass them (BlockSizes for `--device_kind`). Pallas kernels
+(the Pallas GDN family; the attention kernels with --family=attention, causal): lowers forward
+and backward for CUDA on this machine and reads each kernel's Triton IR, warps and stages out of
+the lowered module (needs jaxlib <= 0.10.2, which leaves Triton compilation to XLA;
 on the GPU jaxlib's own Triton build compiles it, so its figures are estimates: the two-stream
 backward's shared memory came out 252 KiB here against 280 KiB on an H200).
 
@@ -34,7 +36,11 @@ _VALUE_HEADS = flags.DEFINE_integer('value_heads', 16, 'Value heads (a multiple 
 _DK = flags.DEFINE_integer('dk', 128, 'Key head size.')
 _DV = flags.DEFINE_integer('dv', 128, 'Value head size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float16', 'float32'], 'q, k, v.')
-_FAMILY = flags.DEFINE_enum('family', 'triton', ['triton', 'pallas'], 'Kernel family.')
+_FAMILY = flags.DEFINE_enum('family', 'triton', ['triton', 'pallas', 'attention'],
+                            'GDN kernel family, or the (Pallas) flash attention kernels.')
+_KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'Key/value heads (--family=attention; query heads '
+                                 'are --heads).')
+_HEAD_DIM = flags.DEFINE_integer('head_dim', 256, 'Head size (--family=attention).')
 _RESETS = flags.DEFINE_bool('resets', False, 'With document resets (segment ids).')
 _TWO_STREAM = flags.DEFINE_integer(
     'two_stream_block', 0, 'Report the fused two-stream kernel (two_stream_triton) for this '
@@ -47,7 +53,11 @@ def main(argv):
   if not hasattr(gdr_triton._kernels()['intra'], 'params'):  # pylint: disable=protected-access
     raise app.UsageError('the kernels were built for the Triton interpreter: unset '
                          'TRITON_INTERPRET')
-  if _TWO_STREAM.value:
+  if _FAMILY.value == 'attention':
+    launches = register_report.record_attention_launches(
+        _B.value, _T.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value,
+        jnp.dtype(_DTYPE.value), _KIND.value)
+  elif _TWO_STREAM.value:
     launches = register_report.record_two_stream_launches(
         _FAMILY.value, _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value,
         _DK.value, _DV.value, jnp.dtype(_DTYPE.value), _TWO_STREAM.value)
@@ -55,10 +65,13 @@ def main(argv):
     launches = register_report.record_launches(
         _FAMILY.value, _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value,
         _DV.value, jnp.dtype(_DTYPE.value), _RESETS.value, _KIND.value)
+  if _FAMILY.value == 'attention':
+    problem = f'Hkv={_KV_HEADS.value} D={_HEAD_DIM.value}, causal'
+  else:
+    problem = (f'HV={_VALUE_HEADS.value} K={_DK.value} V={_DV.value}'
+               f'{" with resets" if _RESETS.value else ""}')
   print(f'{_FAMILY.value} family, sm_{_ARCH.value}, BlockSizes for {_KIND.value!r}: '
-        f'B={_B.value} T={_T.value} H={_HEADS.value} HV={_VALUE_HEADS.value} K={_DK.value} '
-        f'V={_DV.value} {_DTYPE.value}'
-        f'{" with resets" if _RESETS.value else ""}')
+        f'B={_B.value} T={_T.value} H={_HEADS.value} {problem} {_DTYPE.value}')
   print('| kernel | grid | warps | stages | V tile | registers | spill stores B | spill loads B | '
         'shared KiB |')
   print('|---|---|---|---|---|---|---|---|---|')

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.attention import mask as attention_mask
+from pallas_kernels.attention import pallas as attention_pallas
 from pallas_kernels.gated_delta_rule import configs
 from pallas_kernels.gated_delta_rule import pallas as gdr_pallas
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
@@ -126,6 +128,25 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
                                        interpret=interpret, backward=backward))(c, n)
 
   return record(fwd_bwd, (clean, noisy, ids, ids), '')
+
+
+def record_attention_launches(b, t, h, hkv, d, dtype, device_kind):
+  """The Pallas attention kernels' launches (forward, dq, dk/dv) for one forward + backward of
+  causal attention over [B, T, H, D] queries and Hkv key/value heads (BlockSizes for
+  `device_kind`). The mask is read from metadata inside the kernels, so the causal case compiles
+  the same kernels as the two-stream one."""
+  spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+  kind = device_kind
+
+  def fwd_bwd(q, k, v):
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    meta = attention_mask.clean_meta(jnp.zeros((b, t), jnp.int32), pos)
+    bs = attention_pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()), dtype, kind)
+    return _vjp_of(lambda *x: attention_pallas.attention_pallas(
+        *x, meta, meta, block_sizes=bs, interpret=False))(q, k, v)
+
+  return [dict(launch, v_tile=None) for launch in
+          pallas_launches(fwd_bwd, spec(b, t, h, d), spec(b, t, hkv, d), spec(b, t, hkv, d))]
 
 
 def compile_report(launch, arch):

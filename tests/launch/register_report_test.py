@@ -76,3 +76,11 @@ def test_ptxas_report_for_one_pallas_kernel():
   launch = [l for l in launches if l['name'] == 'gdr_dv_local'][0]
   rep = register_report.compile_report(launch, 90)
   assert 16 < rep['registers'] < 255 and rep['spill_stores'] == 0 and rep['shared_kib'] > 0
+
+
+def test_attention_launches_forward_dq_and_dkdv():
+  launches = register_report.record_attention_launches(1, 100, 4, 2, 64, jnp.bfloat16, '')
+  assert [l['name'] for l in launches] == ['flash_attention_fwd', 'flash_attention_dq',
+                                           'flash_attention_dkdv']
+  # D = 64 bf16: 128-row q tiles forward (T = 100 pads to 128), dk/dv per key/value head.
+  assert launches[0]['grid'] == (1, 1, 4) and launches[2]['grid'][2] == 2
