@@ -24,10 +24,19 @@ from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
 
 _F32 = jnp.float32
 _BLOCK_V = 64
-# The backward holds more operands: at K = 128 and 16-row tiles, a V tile of 32 asked for 236 KiB
-# of shared memory, 16 for 202 KiB (Hopper has 227); 32-row tiles ask for 244-364 KiB even at 16.
-_BWD_BLOCK_V = 16
-MAX_KERNEL_BACKWARD_BLOCK = 16
+# The backward kernel's products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs. Its
+# V tile and row tiles are bounded by shared memory (Hopper has 227 KiB; sm_90a at K = 128, by
+# launch.kernel_registers): with bf16 operands, 16-row tiles take 78 / 92 / 120 KiB at V tiles
+# 16 / 32 / 64 and 32-row tiles 156 KiB at 32; with fp32 operands (TF32, as all dtypes were
+# before), 16-row tiles took 202 KiB at 16 and 236 at 32, and 32-row tiles 244-364 KiB.
+_BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
+_BWD_BLOCK_V = {'bf16': 32, 'tf32x3': 16}
+MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
+
+
+def kernel_backward_takes(max_block: int, dtype) -> bool:
+  """Whether `backward='kernel'` fits shared memory for this max_block and input dtype."""
+  return jnp.dtype(dtype) != _F32 or max_block <= MAX_FP32_KERNEL_BACKWARD_BLOCK
 
 try:  # Only the GPU machine (or a CPU test with Triton's interpreter) has triton.
   import triton  # pylint: disable=g-import-not-at-top
@@ -155,18 +164,37 @@ if triton is not None:
     return tl.split(tl.trans(tl.reshape(x, (2, S))))
 
   @triton.jit
+  def _round_to_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+  @triton.jit
+  def _mm(a, b, PREC: tl.constexpr):
+    """fp32 a @ b: PREC 'bf16' rounds both operands to bf16 (fp32 accumulation); 'bf16_emulated'
+    the same in fp32 arithmetic (Triton 3.6's interpreter multiplies bf16 tensors wrongly); else
+    tl.dot's input_precision ('tf32', 'tf32x3')."""
+    if PREC == 'bf16':
+      return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == 'bf16_emulated':
+      return tl.dot(_round_to_bf16(a), _round_to_bf16(b), input_precision='ieee')
+    else:
+      return tl.dot(a, b, input_precision=PREC)
+
+  @triton.jit
   def _cross_bwd(x, xk, xh, dy, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC: tl.constexpr):
     """Backward of cross(X) = ((X Kc^T) * E) V' + coef (X h) for the cotangent dy [R, BV]:
     (dX [R, K], dKc [C, K], dV' [C, BV], dG [C], dh [K, BV]); xk = X Kc^T, xh = X h."""
-    dye = tl.dot(dy, tl.trans(v_ctx), input_precision=PREC) * e
-    dx = (tl.dot(dye, k_ctx, input_precision=PREC)
-          + coef[:, None] * tl.dot(dy, tl.trans(h_n), input_precision=PREC))
+    dye = _mm(dy, tl.trans(v_ctx), PREC) * e
+    dx = (_mm(dye, k_ctx, PREC)
+          + coef[:, None] * _mm(dy, tl.trans(h_n), PREC))
     pe = dye * xk  # d/d(G_seed - G_i) of the local terms
     dseed = tl.sum(pe, axis=1) + coef * tl.sum(dy * xh, axis=1)  # d/dG_seed
     d_g = tl.sum(tl.where(at_seed, dseed[:, None], 0.0), axis=0) - tl.sum(pe, axis=0)
-    d_kc = tl.dot(tl.trans(dye), x, input_precision=PREC)
-    d_vc = tl.dot(tl.trans(xk * e), dy, input_precision=PREC)
-    d_h = tl.dot(tl.trans(x), dy * coef[:, None], input_precision=PREC)
+    d_kc = _mm(tl.trans(dye), x, PREC)
+    d_vc = _mm(tl.trans(xk * e), dy, PREC)
+    d_h = _mm(tl.trans(x), dy * coef[:, None], PREC)
     return dx, d_kc, d_vc, d_g, d_h
 
   @triton.jit
@@ -229,37 +257,37 @@ if triton is not None:
       strict = same & (col < row)
       gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
       dmat = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
-      kk = tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-      qk = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
+      kk = _mm(b_k, tl.trans(b_k), PREC)
+      qk = _mm(b_q, tl.trans(b_k), PREC)
       a = tl.where(strict, b_beta[:, None] * kk * dmat, 0.0)
       t = gdr_triton.ut_inverse(a, R, 'tf32x3')
       eg = tl.exp(gam)
       kb = b_k * (b_beta * eg)[:, None]
       vb = b_v * b_beta[:, None]
-      w = tl.dot(t, kb, input_precision=PREC)
+      w = _mm(t, kb, PREC)
       qe = b_q * eg[:, None]
       at_seed = ipos[None, :] == b_seed[:, None]
       g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
       local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
       e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))
       coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
-      wk = tl.dot(w, tl.trans(k_ctx), input_precision=PREC)
-      wh = tl.dot(w, h_n, input_precision=PREC)
-      vn = (tl.dot(t, vb, input_precision=PREC) - tl.dot(wk * e, v_ctx, input_precision=PREC)
+      wk = _mm(w, tl.trans(k_ctx), PREC)
+      wh = _mm(w, h_n, PREC)
+      vn = (_mm(t, vb, PREC) - _mm(wk * e, v_ctx, PREC)
             - coef[:, None] * wh)
 
       # Stage 2: the intra-block output term O += (Q K^T * D) V_new.
-      dvn = tl.dot(tl.trans(qk * dmat), dos, input_precision=PREC)
-      ds = tl.dot(dos, tl.trans(vn), input_precision=PREC) * dmat
-      b_dq = tl.dot(ds, b_k, input_precision=PREC)
-      b_dk = tl.dot(tl.trans(ds), b_q, input_precision=PREC)
+      dvn = _mm(tl.trans(qk * dmat), dos, PREC)
+      ds = _mm(dos, tl.trans(vn), PREC) * dmat
+      b_dq = _mm(ds, b_k, PREC)
+      b_dk = _mm(tl.trans(ds), b_q, PREC)
       m = ds * qk
       dgam = tl.sum(m, axis=1) - tl.sum(m, axis=0)
 
       # Stage 3: the seed products, for X = e^G Q (cotangent dO) and X = W (cotangent -dV_new).
       dqe, kc_q, vc_q, gc_q, h_q = _cross_bwd(
-          qe, tl.dot(qe, tl.trans(k_ctx), input_precision=PREC),
-          tl.dot(qe, h_n, input_precision=PREC), dos, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC)
+          qe, _mm(qe, tl.trans(k_ctx), PREC),
+          _mm(qe, h_n, PREC), dos, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC)
       dw, kc_w, vc_w, gc_w, h_w = _cross_bwd(w, wk, wh, -dvn, e, coef, at_seed, k_ctx, v_ctx,
                                              h_n, PREC)
       s_dkc += kc_q + kc_w
@@ -271,20 +299,20 @@ if triton is not None:
 
       # Stage 4: the WY backward: W = T diag(beta e^Gam) K, U = T diag(beta) V, dU = dV_new.
       tt = tl.trans(t)
-      dkb = tl.dot(tt, dw, input_precision=PREC)
-      dvb = tl.dot(tt, dvn, input_precision=PREC)
+      dkb = _mm(tt, dw, PREC)
+      dvb = _mm(tt, dvn, PREC)
       dkb_k = tl.sum(dkb * b_k, axis=1)
       b_dk += dkb * (b_beta * eg)[:, None]
       b_dv = dvb * b_beta[:, None]
       b_db = dkb_k * eg + tl.sum(dvb * b_v, axis=1)
       dgam += dkb_k * b_beta * eg
-      dt = (tl.dot(dw, tl.trans(kb), input_precision=PREC)
-            + tl.dot(dvn, tl.trans(vb), input_precision=PREC))
-      da = tl.where(strict, -tl.dot(tl.dot(tt, dt, input_precision=PREC), tt,
-                                    input_precision=PREC), 0.0)
+      dt = (_mm(dw, tl.trans(kb), PREC)
+            + _mm(dvn, tl.trans(vb), PREC))
+      da = tl.where(strict, -_mm(_mm(tt, dt, PREC), tt,
+                                    PREC), 0.0)
       dkk = da * dmat * b_beta[:, None]
-      b_dk += (tl.dot(dkk, b_k, input_precision=PREC)
-               + tl.dot(tl.trans(dkk), b_k, input_precision=PREC))
+      b_dk += (_mm(dkk, b_k, PREC)
+               + _mm(tl.trans(dkk), b_k, PREC))
       b_db += tl.sum(da * dmat * kk, axis=1)
       m = dkk * kk
       dgam += tl.sum(m, axis=1) - tl.sum(m, axis=0)
@@ -351,10 +379,12 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
+  prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                              max_block, min(block_v, _BWD_BLOCK_V))
+                              max_block, min(block_v, _BWD_BLOCK_V[prec]))
   z = ops.z
-  prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
+  if prec == 'bf16' and type(noisy_bwd_kernel).__name__ == 'InterpretedFunction':
+    prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   outs = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_bwd_kernel,
       out_shape=tsp.backward_shapes(ops, b, nv, hv),
@@ -383,10 +413,11 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   tsp.check_arguments(clean, noisy, max_block)
   if backward not in tsp.BACKWARDS:
     raise ValueError(f'unknown backward {backward!r}; known: {tsp.BACKWARDS}')
-  if backward == 'kernel' and max_block > MAX_KERNEL_BACKWARD_BLOCK:
-    raise ValueError(f'the triton backward kernel takes max_block <= {MAX_KERNEL_BACKWARD_BLOCK} '
-                     f'(got {max_block}: its 32-row tiles need more shared memory than a GPU '
-                     "has); use backward='autodiff'")
+  if backward == 'kernel' and not kernel_backward_takes(max_block, noisy[0].dtype):
+    raise ValueError(f'the triton backward kernel takes max_block <= '
+                     f'{MAX_FP32_KERNEL_BACKWARD_BLOCK} with fp32 inputs (got {max_block}: its '
+                     'fp32 32-row tiles need more shared memory than a GPU has); use 16-bit '
+                     "inputs or backward='autodiff'")
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
                      f'{jax.default_backend()!r})')

@@ -39,17 +39,22 @@ def test_ptxas_report_for_one_kernel():
 
 
 def test_records_the_fused_two_stream_launches():
-  launches = register_report.record_two_stream_launches('triton', 1, 100, 2, 2, 4, 32, 40,
-                                                        jnp.bfloat16, max_block=20, chunk_size=64)
-  # Blocks over 16 slots have no kernel backward (autodiff): the forward only.
+  record = lambda dtype, max_block: register_report.record_two_stream_launches(
+      'triton', 1, 100, 2, 2, 4, 32, 40, dtype, max_block=max_block, chunk_size=64)
+  launches = record(jnp.float32, 20)
+  # fp32 blocks over 16 slots have no kernel backward (autodiff): the forward only.
   assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel']
   launch = launches[0]
   # Row tiles of 32 (blocks up to 20 slots) take eight warps; V = 40 pads to one 64-wide tile;
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
-  launches = register_report.record_two_stream_launches('triton', 1, 100, 2, 2, 4, 32, 40,
-                                                        jnp.bfloat16, max_block=8, chunk_size=64)
+  # bf16 products: the backward kernel takes 32-row tiles, and V tiles of 32 (two over V = 64).
+  launches = record(jnp.bfloat16, 20)
+  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
+  assert launches[1]['meta']['BV'] == 32 and launches[1]['meta']['PREC'].startswith('bf16')
+  assert launches[1]['grid'] == (2, 16)
+  launches = record(jnp.float32, 8)
   assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
   assert launches[0]['num_warps'] == 4 and launches[1]['meta']['BV'] == 16
 
