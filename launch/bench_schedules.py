@@ -27,12 +27,11 @@ from launch import schedule_cases
 
 _SCHEDULES = flags.DEFINE_list(
     'schedules', ['simple', 'lean', 'chunked', 'pallas', 'triton', 'clean'],
-    'simple, lean (token scans), chunked (chunk-parallel XLA), pallas (the fused kernel; its '
-    'default backward, the chunked schedule\'s autodiff), pallas_kernel_bwd (the fused kernel '
-    'with its Pallas backward), triton and triton_kernel_bwd (the same for the fused jax-triton '
-    'kernel); clean: '
-    'the clean stream\'s own chunked '
-    'pass alone (the backend\'s default kernel), the unit of the (1 + V) x clean-pass target.')
+    'flare_jax.model.two_stream_gdn.ALL_SCHEDULES: simple, lean (token scans), chunked '
+    '(chunk-parallel XLA), pallas / triton (the fused kernel; backward: the chunked schedule\'s '
+    'autodiff), pallas_kernel_bwd / triton_kernel_bwd (with the family\'s backward kernel); '
+    'or clean: the clean stream\'s own chunked pass alone (the backend\'s default kernel), the '
+    'unit of the (1 + V) x clean-pass target.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -93,8 +92,6 @@ def _run_child(schedule: str) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import api as gdr_api  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=g-import-not-at-top
-  from pallas_kernels.gated_delta_rule import two_stream_pallas
   from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
   gpu = jax.default_backend() == 'gpu'
   b, t, views, h, hv, d = _shape(gpu)
@@ -107,16 +104,6 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
-  elif schedule in ('triton', 'triton_kernel_bwd'):
-    # pylint: disable-next=g-import-not-at-top
-    from pallas_kernels.gated_delta_rule import two_stream_triton
-    backward = 'kernel' if schedule == 'triton_kernel_bwd' else 'autodiff'
-    f = lambda c, n: two_stream_triton.noisy_delta_rule_triton(c, n, seg, starts, **kw,
-                                                               backward=backward)
-  elif schedule in ('pallas', 'pallas_kernel_bwd'):
-    backward = 'kernel' if schedule == 'pallas_kernel_bwd' else 'autodiff'
-    f = lambda c, n: two_stream_pallas.noisy_delta_rule_pallas(c, n, seg, starts, **kw,
-                                                               backward=backward)
   else:
     f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
   cot = jax.random.normal(jax.random.key(1), jax.eval_shape(f, clean, noisy).shape, jnp.float32)

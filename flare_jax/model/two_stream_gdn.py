@@ -29,9 +29,10 @@ from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import xla as gdr_xla
 
 SCHEDULES = ('simple', 'lean', 'chunked')  # pure JAX
-# The 'chunked' schedule's forward as one fused kernel (backward: its autodiff); off GPU they run
-# in their interpreters (Triton's needs TRITON_INTERPRET=1 before the kernels are imported).
-KERNEL_SCHEDULES = ('pallas', 'triton')
+# The 'chunked' schedule's forward as one fused kernel, Pallas or jax-triton; backward: the chunked
+# schedule's autodiff, or with '_kernel_bwd' the family's backward kernel. Off GPU they run in
+# their interpreters (Triton's needs TRITON_INTERPRET=1 before the kernels are imported).
+KERNEL_SCHEDULES = ('pallas', 'pallas_kernel_bwd', 'triton', 'triton_kernel_bwd')
 ALL_SCHEDULES = SCHEDULES + KERNEL_SCHEDULES
 
 
@@ -122,7 +123,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
       g (log space), beta [B, T, HV].
     noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
     segment_ids, block_starts: [B, T].
-    schedule: 'simple' | 'lean' | 'chunked' | 'pallas' | 'triton' (ALL_SCHEDULES).
+    schedule: 'simple' | 'lean' | 'chunked' | one of KERNEL_SCHEDULES (ALL_SCHEDULES).
     max_block: upper bound on block length in slots (the objective's block size); lean and chunked
       size their windows by it. Longer blocks give wrong outputs (not checked).
 
@@ -132,12 +133,11 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
   if schedule not in ALL_SCHEDULES:
     raise ValueError(f'unknown GDN schedule {schedule!r}; known: {ALL_SCHEDULES}')
   if schedule in KERNEL_SCHEDULES:
-    kw = dict(scale=scale, chunk_size=chunk_size, max_block=max_block,
-              interpret=jax.default_backend() != 'gpu')
-    if schedule == 'pallas':
-      return two_stream_pallas.noisy_delta_rule_pallas(clean, noisy, segment_ids, block_starts,
-                                                       **kw)
-    return two_stream_triton.noisy_delta_rule_triton(clean, noisy, segment_ids, block_starts, **kw)
+    kernel = (two_stream_pallas.noisy_delta_rule_pallas if schedule.startswith('pallas')
+              else two_stream_triton.noisy_delta_rule_triton)
+    return kernel(clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,
+                  max_block=max_block, interpret=jax.default_backend() != 'gpu',
+                  backward='kernel' if schedule.endswith('_kernel_bwd') else 'autodiff')
   if schedule == 'chunked':
     return two_stream_xla.noisy_delta_rule_chunked(
         clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,

@@ -1,5 +1,6 @@
-"""GPU: the `flare` loss and its parameter gradients with the fused two-stream GDN kernels match the
-pure-JAX chunked schedule (packed documents with prompts and responses, two noisy views)."""
+"""GPU: the `flare` loss and its parameter gradients with the fused two-stream GDN kernels (with
+autodiff and with kernel backwards) match the pure-JAX chunked schedule (packed documents with
+prompts and responses, two noisy views)."""
 import functools
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
+from flare_jax.model import two_stream_gdn
 from flare_jax.objective import two_stream
 from pallas_kernels._common import testing
 
@@ -48,7 +50,7 @@ def _reference(head_dim: int, block_size: int):
     return _loss_and_grads('chunked', 'float32', head_dim, block_size)
 
 
-@pytest.mark.parametrize('schedule', ['pallas', 'triton'])
+@pytest.mark.parametrize('schedule', two_stream_gdn.KERNEL_SCHEDULES)
 @pytest.mark.parametrize('dtype, head_dim, block_size', [('float32', 64, 8),
                                                          ('bfloat16', 128, 4)])
 def test_flare_step_with_fused_kernels_matches_chunked_schedule(schedule, dtype, head_dim,
