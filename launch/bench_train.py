@@ -11,7 +11,6 @@ temporaries, minus aliased donated state); peak is the device allocator's peak s
 process (so it never goes down).
 """
 import copy
-import json
 import time
 
 import jax
@@ -28,6 +27,7 @@ from flare_jax.train import objectives
 from flare_jax.train import optim
 from flare_jax.train import state as state_lib
 from flare_jax.train import step as step_lib
+from launch import bench_util
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _OBJECTIVES = flags.DEFINE_list('objectives', ['ar', 'flare'], 'Objectives to compare.')
@@ -131,13 +131,9 @@ def main(argv):
         flush=True)
   results = []
   for objective in _OBJECTIVES.value:
-    r = bench_objective(c, objective, _STEPS.value, _WARMUP.value)
-    print(json.dumps(r), flush=True)
-    results.append(r)
+    bench_util.record(results, bench_objective(c, objective, _STEPS.value, _WARMUP.value),
+                      _OUT.value)
   print(_table(results))
-  if _OUT.value:
-    with open(_OUT.value, 'w') as f:
-      json.dump(results, f, indent=2)
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels._common import backend
 from pallas_kernels.attention import mask as attention_mask
 from pallas_kernels.attention import pallas as attention_pallas
 from pallas_kernels.gated_delta_rule import configs
@@ -136,12 +137,12 @@ def record_attention_launches(b, t, h, hkv, d, dtype, device_kind):
   `device_kind`). The mask is read from metadata inside the kernels, so the causal case compiles
   the same kernels as the two-stream one."""
   spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
-  kind = device_kind
 
   def fwd_bwd(q, k, v):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = attention_mask.clean_meta(jnp.zeros((b, t), jnp.int32), pos)
-    bs = attention_pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()), dtype, kind)
+    dp = max(16, backend.next_pow2(d))
+    bs = attention_pallas.BlockSizes.get_default(dp, dtype, device_kind)
     return _vjp_of(lambda *x: attention_pallas.attention_pallas(
         *x, meta, meta, block_sizes=bs, interpret=False))(q, k, v)
 

@@ -70,6 +70,31 @@ if triton is not None:
     return i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n
 
   @triton.jit
+  def _slot_rows(q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v,
+                 HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr):
+    """Noisy inputs and metadata of the slots `slot` [R] of this view (tokens from `base`,
+    metadata from `mbase`): q, k [R, K], v [R, BV], g, beta, block start, seed, lo, carry [R]."""
+    tok = base + slot
+    p_qk = (tok * HQ + kh)[:, None] * K + tl.arange(0, K)[None, :]
+    mslot = (mbase + slot).to(tl.int64)
+    return (tl.load(q + p_qk), tl.load(k + p_qk),
+            tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]),
+            tl.load(g + tok * HV + i_h), tl.load(beta + tok * HV + i_h), tl.load(bsl + mslot),
+            tl.load(seed + mslot), tl.load(lo + mslot), tl.load(carry + mslot))
+
+  @triton.jit
+  def _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n):
+    """How rows reach their seed state from window n (prefix identity; two_stream_pallas's
+    `_seed_terms`): the one-hot [R, C] of the seed, e [R, C] = e^{G_seed - G_i} on the seed's
+    local sum (else 0) and coef [R] = e^{G_seed} where the row also reads h_n (else 0)."""
+    at_seed = ipos[None, :] == b_seed[:, None]
+    g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
+    local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
+    e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))
+    coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
+    return at_seed, e, coef
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
@@ -81,7 +106,6 @@ if triton is not None:
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
     o_s = tl.arange(0, S)
-    o_k = tl.arange(0, K)
     ipos = n * C + tl.arange(0, C)  # clean positions of chunk n
     row = o_s[:, None]
     col = o_s[None, :]
@@ -95,19 +119,9 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_s
-      tok = base + slot
-      p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
-      p_v = (tok * HV + i_h)[:, None] * VDP + o_v[None, :]
-      b_q = tl.load(q + p_qk)
-      b_k = tl.load(k + p_qk)
-      b_v = tl.load(v + p_v)
-      b_g = tl.load(g + tok * HV + i_h)
-      b_beta = tl.load(beta + tok * HV + i_h)
-      mslot = (i_b * TPAD + slot).to(tl.int64)
-      b_bs = tl.load(bsl + mslot)
-      b_seed = tl.load(seed + mslot)
-      b_lo = tl.load(lo + mslot)
-      b_carry = tl.load(carry + mslot)
+      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
+          HQ, HV, K, VDP)
 
       # The blocks' WY step, banded: this tile against itself and the previous tile.
       same = b_bs[:, None] == b_bs[None, :]
@@ -130,11 +144,7 @@ if triton is not None:
                  input_precision=PREC)
 
       # Rows times their seed state, from h_n and clean chunk n (prefix identity).
-      at_seed = ipos[None, :] == b_seed[:, None]
-      g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
-      local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
-      e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))  # [S, C]
-      coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
+      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
       wk = tl.dot(w, tl.trans(k_ctx), input_precision=PREC) * e
       vn = u - (tl.dot(wk, v_ctx, input_precision=PREC)
                 + coef[:, None] * tl.dot(w, h_n, input_precision=PREC))
@@ -235,18 +245,9 @@ if triton is not None:
     s_dh = tl.zeros([K, BV], dtype=tl.float32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_r  # front-padded slots of tiles (i - 1, i)
-      tok = base + slot
-      p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
-      b_q = tl.load(q + p_qk)
-      b_k = tl.load(k + p_qk)
-      b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :])
-      b_g = tl.load(g + tok * HV + i_h)
-      b_beta = tl.load(beta + tok * HV + i_h)
-      mslot = (i_b * TPF + slot).to(tl.int64)
-      b_bs = tl.load(bsl + mslot)
-      b_seed = tl.load(seed + mslot)
-      b_lo = tl.load(lo + mslot)
-      b_carry = tl.load(carry + mslot)
+      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPF, kh, i_h, o_v,
+          HQ, HV, K, VDP)
       wrow = wbase + i * S + o_r
       b_do = tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
       dos = SCALE * tl.where(in_tile[:, None], b_do, 0.0)
@@ -266,11 +267,7 @@ if triton is not None:
       vb = b_v * b_beta[:, None]
       w = _mm(t, kb, PREC)
       qe = b_q * eg[:, None]
-      at_seed = ipos[None, :] == b_seed[:, None]
-      g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
-      local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
-      e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))
-      coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
+      at_seed, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
       wk = _mm(w, tl.trans(k_ctx), PREC)
       wh = _mm(w, h_n, PREC)
       vn = (_mm(t, vb, PREC) - _mm(wk * e, v_ctx, PREC)

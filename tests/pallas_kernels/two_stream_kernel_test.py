@@ -321,11 +321,10 @@ def _check_bf16_backward_kernel(impl, t, heads, kd, block=4, interpret=None):
   if impl == 'triton':
     # pylint: disable-next=g-import-not-at-top
     from pallas_kernels.gated_delta_rule import two_stream_triton
-    kernel = loss(two_stream_triton.noisy_delta_rule_triton, backward='kernel',
-                  interpret=interpret)
+    fn = two_stream_triton.noisy_delta_rule_triton
   else:
-    kernel = loss(two_stream_pallas.noisy_delta_rule_pallas, backward='kernel',
-                  interpret=interpret)
+    fn = two_stream_pallas.noisy_delta_rule_pallas
+  kernel = loss(fn, backward='kernel', interpret=interpret)
   got = jax.jit(jax.grad(kernel, argnums=(0, 1)))(cast(clean), cast(noisy))
   with jax.default_matmul_precision('highest'):
     want = jax.jit(jax.grad(loss(chunked.noisy_delta_rule_chunked), argnums=(0, 1)))(clean, noisy)
