@@ -49,6 +49,8 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
+_PROFILE = flags.DEFINE_bool('profile', False,
+                             'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: run one schedule and print RESULT.')
@@ -121,6 +123,9 @@ def _run_child(schedule: str) -> None:
     res[f'{mode}_ms'] = bench_util.median_ms(lambda compiled=compiled: compiled(clean, noisy),
                                              jax.block_until_ready, _WARMUP.value,
                                              _REPEATS.value)
+    if _PROFILE.value:
+      res[f'{mode}_kernels'] = bench_util.jax_kernel_profile(
+          lambda compiled=compiled: compiled(clean, noisy))
   bench_util.print_result(res)
 
 
@@ -150,6 +155,11 @@ def main(argv):
         f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios within each (T, block, V) case '
         f'(lower is better).')
   print(schedule_cases.table(results, _BASELINE.value))
+  for r in results:
+    for mode in _MODES.value:
+      if r.get(f'{mode}_kernels'):
+        print(f"\n{r['schedule']} T={r['T']} block={r['block']} V={r['V']} {mode}:")
+        print(bench_util.kernel_table(r[f'{mode}_kernels']))
 
 
 if __name__ == '__main__':
