@@ -21,6 +21,7 @@ import numpy as np
 from pallas_kernels._common import backend
 from pallas_kernels.attention import mask as attention_mask
 from pallas_kernels.attention import pallas as attention_pallas
+from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import configs
 from pallas_kernels.gated_delta_rule import pallas as gdr_pallas
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
@@ -61,13 +62,20 @@ def _recorded_triton(fwd_bwd, args, device_kind):
   """The launches `fwd_bwd(*args, interpret=True)` makes through gdr_triton._jt, under
   jax.eval_shape (nothing runs)."""
   recorder = _Recorder()
-  real_jt = gdr_triton._jt  # pylint: disable=protected-access
+  # Jitted helpers traced before (or here) would skip (or keep) the recorder: trace afresh.
+  jax.clear_caches()
+  real_jt, real_takes = gdr_triton._jt, gdr_api.kernels_take  # pylint: disable=protected-access
   gdr_triton._jt = lambda interpret=False: recorder  # pylint: disable=protected-access
+  # The launches the GPU makes: which inputs the kernels take as compiled, not as interpreted.
+  gdr_api.kernels_take = lambda family, k, v, chunk, interpret: real_takes(family, k, v, chunk,
+                                                                           False)
   try:
     with _block_sizes_of(device_kind):
       jax.eval_shape(functools.partial(fwd_bwd, interpret=True), *args)
   finally:
     gdr_triton._jt = real_jt  # pylint: disable=protected-access
+    gdr_api.kernels_take = real_takes
+    jax.clear_caches()
   return [dict(launch, name=launch['kernel'].__name__, v_tile=launch['meta'].get('BV'))
           for launch in recorder.launches]
 

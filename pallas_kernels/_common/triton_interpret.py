@@ -10,10 +10,15 @@ Needs torch, and TRITON_INTERPRET=1 in the environment before the kernels' modul
 (Triton decides at `@triton.jit` time; tests/conftest.py sets it off GPU). Float32 and int32
 buffers only (the interpreter's numpy has no bfloat16).
 """
+import threading
+
 import jax
 import numpy as np
 
 _NUMPY_DTYPES = (np.float32, np.int32)
+# Triton's interpreter keeps the launch grid in module state: XLA may run two independent
+# callbacks at once (the clean pass's kernels beside the noisy kernel), so launches take turns.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def _host_array(x):
@@ -42,7 +47,8 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
   def host(*arrays):
     import torch  # pylint: disable=g-import-not-at-top
     outs = [torch.zeros(s.shape, dtype=getattr(torch, np.dtype(s.dtype).name)) for s in shapes]
-    kernel[tuple(grid)](*map(_host_array, arrays), *outs, **meta)
+    with _LAUNCH_LOCK:
+      kernel[tuple(grid)](*map(_host_array, arrays), *outs, **meta)
     return [o.numpy() for o in outs]
 
   res = jax.pure_callback(host, [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes], *args)

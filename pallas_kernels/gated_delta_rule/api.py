@@ -4,6 +4,7 @@ import functools
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels._common import backend
 from pallas_kernels.gated_delta_rule import configs
@@ -100,6 +101,53 @@ def chunk_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
     from pallas_kernels.gated_delta_rule import triton  # pylint: disable=g-import-not-at-top
     return triton.chunk_gated_delta_rule_triton(q, k, v, g, beta, **kw)
   return xla.chunk_gated_delta_rule_xla(q, k, v, g, beta, **kw)
+
+
+def kernels_take(family: str, k: jax.Array, v: jax.Array, chunk_size: int, interpret: bool) -> bool:
+  """Whether a kernel family ('pallas' | 'triton') takes these inputs, compiled for the GPU or in
+  its interpreter (Triton 3.6's interpreter multiplies 16-bit tensors wrongly: float32 only)."""
+  try:
+    configs.check_inputs(k, k, v, chunk_size, family)
+  except ValueError:
+    return False
+  return not interpret or family == 'pallas' or k.dtype == jnp.float32
+
+
+def chunk_checkpoints(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array, *,
+                      segment_ids: jax.Array | None = None, chunk_size: int = 64,
+                      family: str | None = None, interpret: bool = False):
+  """The clean pass's chunk checkpoints, fp32, as `xla.chunk_gated_delta_rule_fwd_h` gives them.
+
+  Args:
+    k, v, g, beta, segment_ids, chunk_size: as `chunk_gated_delta_rule` (zero initial state).
+    family: None (XLA) or 'pallas' | 'triton': that family's intra and state-pass kernels when
+      `kernels_take` these inputs, else XLA. Differentiable in k, v, g, beta: by autodiff (XLA),
+      the backward kernels (triton), or XLA's recomputed checkpoints (pallas).
+    interpret: run the kernels in their interpreter.
+
+  Returns:
+    (h [B, N, HV, K, V] state entering chunk n, before any reset inside it; v_new [B, T, HV, V]
+    corrected values V' = U - W S0), N = ceil(T / chunk_size).
+  """
+  _check(k, k, v, g, beta, None, segment_ids)
+  if family is None or not kernels_take(family, k, v, chunk_size, interpret):
+    h, v_new, _ = xla.chunk_gated_delta_rule_fwd_h(k, k, v, g, beta, segment_ids=segment_ids,
+                                                   chunk_size=chunk_size)
+    return h, v_new
+  if family == 'pallas':
+    from pallas_kernels.gated_delta_rule import pallas as kernels  # pylint: disable=g-import-not-at-top
+  else:
+    from pallas_kernels.gated_delta_rule import triton as kernels  # pylint: disable=g-import-not-at-top
+  b, t, _, kd = k.shape
+  hv, vd = v.shape[2:]
+  h0 = jnp.zeros((b, hv, kd, vd), jnp.float32)
+  _, pk, pv, pg, pb, _ = configs.pad_inputs(k, k, v, g, beta, h0, chunk_size)
+  tp, kp, vp = pk.shape[1], pk.shape[3], pv.shape[3]
+  segs = () if segment_ids is None else configs.segment_masks(segment_ids, tp, chunk_size)
+  h, v_new = kernels.chunk_checkpoints_padded(pk, pv, pg, pb, segs, chunk_size, interpret)
+  n = tp // chunk_size
+  h = jnp.swapaxes(h.reshape(b, hv, n, kp, vp), 1, 2)[..., :kd, :vd]
+  return h, v_new[:, :t, :, :vd]
 
 
 def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,

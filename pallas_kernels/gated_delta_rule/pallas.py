@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gated_delta_rule import configs
+from pallas_kernels.gated_delta_rule import xla
 
 _SUB = 16  # rows of the diagonal blocks solved by forward substitution
 _F32 = jnp.float32
@@ -340,8 +341,9 @@ def _intra(k, v, g, beta, segs, d: _Dims, bs, *, store_t, interpret):
       interpret=interpret, name='gdr_intra')(k, v, g, beta, *segs[:2])
 
 
-def _state_pass(k, w, u, gc, h0, segs, d: _Dims, bs, *, interpret):
+def _state_pass(k, w, u, gc, h0, segs, d: _Dims, bs, *, interpret, state_dtype=None):
   cdt = k.dtype
+  sdt = state_dtype or cdt
   bv = min(bs.bv, d.vd)
   seq = lambda x, hmap: pl.BlockSpec((None, d.tp, None, x), lambda b, h, j: (b, 0, hmap(h), 0))
   seqv = pl.BlockSpec((None, d.tp, None, bv), lambda b, h, j: (b, 0, h, j))
@@ -350,8 +352,8 @@ def _state_pass(k, w, u, gc, h0, segs, d: _Dims, bs, *, interpret):
               pl.BlockSpec((None, None, d.kd, bv), lambda b, h, j: (b, h, 0, j))]
   if segs:
     in_specs += [pl.BlockSpec((None, d.tp), lambda b, h, j: (b, 0))] * 2
-  out_shape = [jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
-               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+  out_shape = [jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), sdt),
+               jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), sdt),
                jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)]
   out_specs = [pl.BlockSpec((None, None, d.n * d.kd, bv), lambda b, h, j: (b, h, 0, j)), seqv,
                pl.BlockSpec((None, None, d.kd, bv), lambda b, h, j: (b, h, 0, j))]
@@ -441,13 +443,51 @@ def _bwd_chunk(q, k, v, vn, do, dv2, h, dh, gc, beta, t, segs, d: _Dims, bs, *, 
 # ---------------------------------------------------------------------------------------------
 # The custom_vjp (padding and segment masks come from configs, shared with triton.py).
 # ---------------------------------------------------------------------------------------------
-def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=False):
-  """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None)."""
+def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=False,
+             state_dtype=None):
+  """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None); h and v_new
+  in state_dtype (default: the inputs' dtype)."""
+  del scale  # the output kernel's
   d = _Dims(q, v, chunk_size)
   bs = configs.block_sizes_for(d.vd, 'pallas', q.dtype)
   w, u, gc, *t = _intra(k, v, g, beta, segs, d, bs, store_t=store_t, interpret=interpret)
-  h, vn, ht = _state_pass(k, w, u, gc, h0, segs, d, bs, interpret=interpret)
+  h, vn, ht = _state_pass(k, w, u, gc, h0, segs, d, bs, interpret=interpret,
+                          state_dtype=state_dtype)
   return d, bs, w, gc, h, vn, ht, (t[0] if t else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def chunk_checkpoints_padded(k, v, g, beta, segs, chunk_size, interpret=False):
+  """Padded inputs (zero initial state) -> fp32 (h [B, HV, N Kp, Vp] entering each chunk, v_new
+  [B, Tp, HV, Vp]): the forward's intra and state-pass kernels alone (`api.chunk_checkpoints`).
+  Differentiable through XLA's checkpoints, recomputed (no Pallas kernel backs this pullback)."""
+  return _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret)[0]
+
+
+def _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret):
+  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
+  _, _, _, _, h, vn, _, _ = _forward(k, k, v, g, beta, h0, segs, None, chunk_size, interpret,
+                                     state_dtype=_F32)
+  return (h, vn), (k, v, g, beta, segs)
+
+
+def _xla_checkpoints(k, v, g, beta, segs, chunk_size):
+  """XLA's checkpoints of padded inputs, in the kernels' layout (segs[0] numbers the documents)."""
+  seg_ids = segs[0].astype(jnp.int32) if segs else None
+  h, vn, _ = xla.chunk_gated_delta_rule_fwd_h(k, k, v, g, beta, segment_ids=seg_ids,
+                                              chunk_size=chunk_size)
+  b, n, hv, kd, vd = h.shape
+  return jnp.swapaxes(h, 1, 2).reshape(b, hv, n * kd, vd), vn
+
+
+def _checkpoints_bwd(chunk_size, interpret, res, cts):
+  del interpret
+  k, v, g, beta, segs = res
+  _, pullback = jax.vjp(lambda *x: _xla_checkpoints(*x, segs, chunk_size), k, v, g, beta)
+  return pullback(cts) + (jax.tree.map(jnp.zeros_like, segs),)
+
+
+chunk_checkpoints_padded.defvjp(_checkpoints_fwd, _checkpoints_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))

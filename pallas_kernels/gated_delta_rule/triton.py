@@ -205,10 +205,14 @@ if triton is not None:
     tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty))
 
   @triton.jit
-  def dhu_kernel(q, k, w, gc, do, dvl, dht, carry, writes, dh, dv2, dh0,
+  def dhu_kernel(q, k, w, gc, do, dvl, dht, carry, writes, dh_ext, dvn_ext, dh, dv2, dh0,
                  TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
                  K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                 SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+                 SCALE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_EXT: tl.constexpr,
+                 IO_PREC: tl.constexpr):
+    """Backward state pass: dh[n] = cotangent of the state leaving chunk n, dv2 = of v_new.
+    HAS_EXT adds outside cotangents of the checkpoints (`chunk_checkpoints`): dh_ext [B, HV, N K, V]
+    of the state entering each chunk and dvn_ext [B, TP, HV, V] of v_new (both fp32)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
@@ -237,6 +241,8 @@ if triton is not None:
       p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
       b_dv = tl.load(dvl + p_v).to(tl.float32) + kdec[:, None] * tl.dot(
           b_k, b_ds.to(b_k.dtype), input_precision=IO_PREC)
+      if HAS_EXT:
+        b_dv += tl.load(dvn_ext + p_v)
       tl.store(dv2 + p_v, b_dv.to(dv2.dtype.element_ty))
       b_qt = tl.load(q + (tok * H + kh)[None, :] * K + o_k[:, None])
       b_wt = tl.load(w + (tok * HV + i_h)[None, :] * K + o_k[:, None])
@@ -245,6 +251,8 @@ if triton is not None:
               + SCALE * tl.dot((b_qt * qdec[None, :]).to(b_do.dtype), b_do,
                                input_precision=IO_PREC)
               - tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=IO_PREC))
+      if HAS_EXT:  # the state entering chunk n (before its resets) is checkpoint n
+        b_ds += tl.load(dh_ext + hoff)
     tl.store(dh0 + st, b_ds)
 
   @triton.jit
@@ -400,7 +408,9 @@ def _segs3(segs):
   return tuple(segs) if segs else (_dummy(),) * 3
 
 
-def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False):
+def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False, state_dtype=None):
+  """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None); h and v_new
+  in state_dtype (default: the inputs' dtype)."""
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(q, v, chunk_size)
@@ -419,12 +429,48 @@ def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False):
   bv = min(bs.bv, d.vd)
   h, vn, ht = jt.triton_call(
       k, w, u, gc, h0, carry, writes, kernel=kn['state_pass'],
-      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
-                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), state_dtype or cdt),
+                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), state_dtype or cdt),
                  jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
       grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
       **d.meta(NT=d.n, BV=bv, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
   return d, bs, w, gc, h, vn, ht, (tm if store_t else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def chunk_checkpoints_padded(k, v, g, beta, segs, chunk_size, interpret=False):
+  """Padded inputs (zero initial state) -> fp32 (h [B, HV, N Kp, Vp] entering each chunk, v_new
+  [B, Tp, HV, Vp]): the forward's intra and state-pass kernels alone (`api.chunk_checkpoints`).
+  Differentiable in k, v, g, beta by the backward kernels, with the checkpoints' cotangents
+  entering the backward state pass (no output cotangent)."""
+  return _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret):
+  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
+  _, _, w, gc, h, vn, _, tm = _forward(k, k, v, g, beta, h0, segs, chunk_size, interpret,
+                                       store_t=True, state_dtype=_F32)
+  return (h, vn), (k, v, beta, segs, w, gc, h, vn, tm)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _checkpoints_bwd(chunk_size, interpret, res, cts):
+  k, v, beta, segs, w, gc, h, vn, tm = res
+  dh_ext, dvn_ext = cts
+  d = _Dims(k, v, chunk_size)
+  cdt = k.dtype
+  zeros_do = jnp.zeros(vn.shape, cdt)
+  zeros_dht = jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32)
+  _, dk, dv, db, dg, _ = _backward_passes(
+      k, k, v, beta, zeros_do, zeros_dht, segs, w, gc, h.astype(cdt), vn.astype(cdt), tm,
+      (dh_ext.astype(_F32), dvn_ext.astype(_F32)), scale=1.0, chunk_size=chunk_size,
+      interpret=interpret, grad_dtypes=configs.grad_dtypes(k.dtype, v.dtype, d.grp))
+  return (_key_heads(dk, d).astype(k.dtype), dv.astype(v.dtype), dg, db,
+          jax.tree.map(jnp.zeros_like, segs))
+
+
+chunk_checkpoints_padded.defvjp(_checkpoints_fwd, _checkpoints_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -460,23 +506,19 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
   return (o[:, :t, :, :vd], ht[:, :, :kd, :vd]), res
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _gdr_bwd(scale, chunk_size, interpret, res, cts):
+def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, scale, chunk_size,
+                     interpret, grad_dtypes):
+  """The backward kernels on padded operands -> padded (dq, dk, dv, dbeta, dg, dh0), value heads
+  not yet summed into key heads. ext: () or (dh_ext, dvn_ext), outside cotangents of the chunk
+  checkpoints (`chunk_checkpoints_padded`)."""
   jt = _jt(interpret)
   kn = _kernels()
-  q, k, v, g, beta, h0, segs, w, gc, h, vn, tm = res
-  do, dht = cts
-  b, t, hq, kd = q.shape
-  vd = v.shape[3]
-  pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
   bs = configs.block_sizes_for(d.vd, 'triton', pq.dtype)
   seg, carry, writes = _segs3(segs)
   cdt = pq.dtype
-  pdo = configs.pad_to(do.astype(cdt), (b, d.tp, d.hv, d.vd))
-  pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
   has_seg = bool(segs)
-  dqk_dtype, dv_dtype = configs.grad_dtypes(q.dtype, v.dtype, d.grp)
+  dqk_dtype, dv_dtype = grad_dtypes
   bvo = min(bs.bv_out, d.vd)
   dvl = jt.triton_call(
       pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
@@ -486,12 +528,14 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
       **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
   bv = min(bs.bv, d.vd)
   dh, dv2, dh0 = jt.triton_call(
-      pq, pk, w, gc, pdo, dvl, pdht, carry, writes, kernel=kn['dhu'],
+      pq, pk, w, gc, pdo, dvl, pdht, carry, writes, *(ext or (_dummy(), _dummy())),
+      kernel=kn['dhu'],
       out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
       grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
-      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=has_seg, HAS_EXT=bool(ext),
+               IO_PREC=d.io_prec))
   dq, dk, dv, db, dg = jt.triton_call(
       pq, pk, pv, vn, pdo, dv2, h, dh, gc, pb, tm, seg, carry, writes, kernel=kn['bwd_chunk'],
       out_shape=[jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.kd), dqk_dtype),
@@ -502,9 +546,28 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
       grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_chunk,
       **d.meta(NT=d.n, BV=min(bs.bv_bwd, d.vd), SCALE=scale, HAS_SEG=has_seg,
                IO_PREC=d.io_prec))
-  if d.grp > 1:  # value heads sharing a key head
-    dq = dq.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
-    dk = dk.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
+  return dq, dk, dv, db, dg, dh0
+
+
+def _key_heads(x, d: _Dims):
+  """Sums the value heads sharing a key head: [B, Tp, HV, K] -> [B, Tp, H, K]."""
+  return x if d.grp == 1 else x.reshape(d.b, d.tp, d.h, d.grp, d.kd).sum(3)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _gdr_bwd(scale, chunk_size, interpret, res, cts):
+  q, k, v, g, beta, h0, segs, w, gc, h, vn, tm = res
+  do, dht = cts
+  b, t, _, kd = q.shape
+  vd = v.shape[3]
+  pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
+  d = _Dims(pq, pv, chunk_size)
+  pdo = configs.pad_to(do.astype(pq.dtype), (b, d.tp, d.hv, d.vd))
+  pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
+  dq, dk, dv, db, dg, dh0 = _backward_passes(
+      pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, (), scale=scale, chunk_size=chunk_size,
+      interpret=interpret, grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
+  dq, dk = _key_heads(dq, d), _key_heads(dk, d)
   return (dq[:, :t, :, :kd].astype(q.dtype), dk[:, :t, :, :kd].astype(k.dtype),
           dv[:, :t, :, :vd].astype(v.dtype), dg[:, :t].astype(g.dtype),
           db[:, :t].astype(beta.dtype), dh0[:, :, :kd, :vd].astype(h0.dtype),

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import pallas as gdr_pallas
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import two_stream_xla
@@ -299,12 +300,16 @@ def _sizes(t, kd, vd, chunk_size, max_block, block_v) -> _Sizes:
   return _Sizes(s, c, kp, vdp, min(block_v, vdp), n, n * c + s)
 
 
-def _clean_pass(clean, segment_ids, scale, c):
+def _clean_pass(clean, segment_ids, c, family=None, interpret=False):
   """What the noisy windows read of the clean stream, fp32: chunk checkpoints h [B, N, HV, K, V],
-  corrected values v' [B, T, HV, V] and in-chunk cumulative log-decays G [B, T, HV]."""
-  qc, kc, vc, gc, bc = clean
-  h, v_new, _ = gdr_xla.chunk_gated_delta_rule_fwd_h(qc, kc, vc, gc, bc, scale=scale,
-                                                     segment_ids=segment_ids, chunk_size=c)
+  corrected values v' [B, T, HV, V] and in-chunk cumulative log-decays G [B, T, HV].
+
+  family: None (XLA; differentiable, the backwards' pullback) or the chunked kernels of 'pallas' |
+  'triton' where they take the inputs (the forwards: several times faster than XLA's scan).
+  """
+  _, kc, vc, gc, bc = clean
+  h, v_new = gdr_api.chunk_checkpoints(kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c,
+                                       family=family, interpret=interpret)
   return h, v_new, gdr_xla.chunk_cumsum(gc.astype(_F32), c)
 
 
@@ -377,7 +382,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   wd = z.c + z.s
 
   # --- Stage 1: clean chunk checkpoints (fp32); padded operands and slot metadata. ---
-  ctx = _clean_pass(clean, segment_ids, scale, z.c)
+  ctx = _clean_pass(clean, segment_ids, z.c, 'pallas', interpret)
   noisy_p, meta, ctx, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
 
   # --- Stage 2: the kernel, grid (window, batch, value head, view, V tile). ---
@@ -409,16 +414,18 @@ class BackwardOperands(NamedTuple):
   clean_vjp: object  # pullback of the clean pass
 
 
-def backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block,
-                      block_v) -> BackwardOperands:
-  """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback),
-  padded operands, and the window cotangents (the transpose of the slot selection), with a tile of
-  zero rows in front of every noisy row and window (the tile before the first)."""
+def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
+                      block_v, clean_family=None, interpret=False) -> BackwardOperands:
+  """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
+  `_clean_pass`'s family), padded operands, and the window cotangents (the transpose of the slot
+  selection), with a tile of zero rows in front of every noisy row and window (the tile before
+  the first)."""
   b, nv, t, _, kd = noisy[0].shape
   vd = clean[2].shape[3]
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
   s, c, wd = z.s, z.c, z.c + z.s
-  ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, scale, c), clean)
+  ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, c, clean_family, interpret),
+                           clean)
   noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
   hv = clean[2].shape[2]
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
@@ -473,8 +480,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
-  ops = backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                          max_block, block_v)
+  ops = backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
+                          block_v)
   z = ops.z
   s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
   rows = s + wd
@@ -501,12 +508,14 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   return backward_sums(ops, outs, clean, noisy)
 
 
-def chunked_schedule_vjp(res, do, scale, chunk_size, max_block):
+def chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family, interpret):
   """(d clean, d noisy) by autodiff of the pure-JAX chunked schedule at res = (clean, noisy,
-  segment_ids, block_starts): the fused kernels' default backward (recomputes the clean pass)."""
+  segment_ids, block_starts), its clean pass from `clean_family`'s kernels (None: XLA): the fused
+  kernels' default backward (recomputes the clean pass)."""
   clean, noisy, segment_ids, block_starts = res
   fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
-      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block)
+      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block,
+      clean_family=clean_family, interpret=interpret)
   return jax.vjp(fn, clean, noisy)[1](do)
 
 
@@ -519,13 +528,13 @@ def check_arguments(clean, noisy, max_block: int) -> None:
     raise ValueError(f'HV={hv} is not a multiple of H={hq}')
 
 
-def fused_noisy_op(forward, kernel_backward):
+def fused_noisy_op(forward, kernel_backward, clean_family=None):
   """The differentiable op noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size,
   max_block, block_v, interpret, backward) of a fused forward kernel, shared by the Pallas and
   jax-triton kernels. `forward` and `kernel_backward` take those arguments (the latter the
   residuals (clean, noisy, segment_ids, block_starts) and the cotangent first, and no backward);
-  backward 'kernel' runs kernel_backward, 'autodiff' `chunked_schedule_vjp`. Both recompute the
-  clean pass."""
+  backward 'kernel' runs kernel_backward, 'autodiff' `chunked_schedule_vjp` with the clean pass
+  of `clean_family` (None: XLA). Both recompute the clean pass."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
   def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
@@ -545,7 +554,8 @@ def fused_noisy_op(forward, kernel_backward):
     if backward == 'kernel':
       grads = kernel_backward(*res, do, scale, chunk_size, max_block, block_v, interpret)
     else:
-      grads = chunked_schedule_vjp(res, do, scale, chunk_size, max_block)
+      grads = chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family,
+                                   interpret)
     return tuple(grads) + (None, None)
 
   noisy_op.defvjp(fwd, bwd)

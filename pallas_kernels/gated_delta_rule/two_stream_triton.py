@@ -353,7 +353,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   hv, vd = clean[2].shape[2:]
   z = tsp._sizes(t, kd, vd, chunk_size, max_block, block_v)  # pylint: disable=protected-access
   wd = z.c + z.s
-  ctx = tsp._clean_pass(clean, segment_ids, scale, z.c)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
   noisy_p, meta, ctx, group = tsp._operands(  # pylint: disable=protected-access
       clean[1], ctx, noisy, segment_ids, block_starts, z)
   # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp], g, beta [B, V, Tp, HV] (fp32);
@@ -377,8 +378,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
-  ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, scale, chunk_size,
-                              max_block, min(block_v, _BWD_BLOCK_V[prec]))
+  ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
+                              min(block_v, _BWD_BLOCK_V[prec]), 'triton', interpret)
   z = ops.z
   if prec == 'bf16' and type(noisy_bwd_kernel).__name__ == 'InterpretedFunction':
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
@@ -391,7 +392,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   return tsp.backward_sums(ops, outs, clean, noisy)
 
 
-_noisy = tsp.fused_noisy_op(_forward, _backward)
+_noisy = tsp.fused_noisy_op(_forward, _backward, clean_family='triton')
 
 
 def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import reference
 from pallas_kernels.gated_delta_rule import xla as gdr_xla
 
@@ -174,7 +175,8 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
                              segment_ids: jax.Array, block_starts: jax.Array, *, scale: float,
                              chunk_size: int = 64, max_block: int = 32,
                              chunks_per_step: int | None = None,
-                             precision: jax.lax.Precision | None = None) -> jax.Array:
+                             precision: jax.lax.Precision | None = None,
+                             clean_family: str | None = None, interpret: bool = False) -> jax.Array:
   """Noisy-view outputs of the gated delta rule under the two-stream state schedule, chunk-parallel.
 
   Computes exactly what `two_stream_gdn.noisy_delta_rule` computes (see there), without a token
@@ -195,6 +197,8 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
       time under `lax.map` + `jax.checkpoint` (lower peak memory for long rows).
     precision: of the noisy pass's products (None: the default, TF32 on recent GPUs, as the other
       schedules use); the triangular solve and the one-hot/mask sums always run at HIGHEST.
+    clean_family, interpret: the clean pass's checkpoints from XLA (None) or a kernel family's
+      forward and backward kernels (`api.chunk_checkpoints`; the fused schedules' backward).
 
   Returns:
     o [B, V, T, HV, V] fp32.
@@ -211,13 +215,13 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
   tile = backend.next_pow2(max_block)  # a block spans at most two tiles
   width = -(-(c + ahead) // tile) * tile
   f32 = lambda a: a.astype(jnp.float32)
-  qc, kc, vc, gc, bc = clean
+  _, kc, vc, gc, bc = clean
   b, t = segment_ids.shape
   hv = vc.shape[2]
 
   # --- Stage 1: clean chunk checkpoints and each chunk's clean tokens. ---
-  h, v_new, _ = gdr_xla.chunk_gated_delta_rule_fwd_h(qc, kc, vc, gc, bc, scale=scale,
-                                                     segment_ids=segment_ids, chunk_size=c)
+  h, v_new = gdr_api.chunk_checkpoints(kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c,
+                                       family=clean_family, interpret=interpret)
   n = h.shape[1]
   g_cum = gdr_xla.chunk_cumsum(f32(gc), c)  # B T HV
   context = lambda x: _windows(x, 1, n, c, 0, c)  # [B, T, ...] -> [B, N, C, ...]

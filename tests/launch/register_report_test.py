@@ -41,22 +41,28 @@ def test_ptxas_report_for_one_kernel():
 def test_records_the_fused_two_stream_launches():
   record = lambda dtype, max_block: register_report.record_two_stream_launches(
       'triton', 1, 100, 2, 2, 4, 32, 40, dtype, max_block=max_block, chunk_size=64)
+  names = lambda launches: [l['kernel'].fn.__name__ for l in launches]
+  # The clean pass on the chunked kernels: forward (its checkpoints) and, in the backward, again
+  # with the checkpoints' pullback.
+  clean_fwd = ['intra_kernel', 'state_pass_kernel']
+  clean_bwd = ['dv_local_kernel', 'dhu_kernel', 'bwd_chunk_kernel']
   launches = record(jnp.float32, 20)
-  # fp32 blocks over 16 slots have no kernel backward (autodiff): the forward only.
-  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel']
-  launch = launches[0]
+  # fp32 blocks over 16 slots have no kernel backward (autodiff of the chunked schedule).
+  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + clean_bwd
+  launch = launches[2]
   # Row tiles of 32 (blocks up to 20 slots) take eight warps; V = 40 pads to one 64-wide tile;
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
+  assert launches[6]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
   # bf16 products: the backward kernel takes 32-row tiles, and V tiles of 32 (two over V = 64).
   launches = record(jnp.bfloat16, 20)
-  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
-  assert launches[1]['meta']['BV'] == 32 and launches[1]['meta']['PREC'].startswith('bf16')
-  assert launches[1]['grid'] == (2, 16)
+  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + ['noisy_bwd_kernel'] + clean_bwd
+  assert launches[5]['meta']['BV'] == 32 and launches[5]['meta']['PREC'].startswith('bf16')
+  assert launches[5]['grid'] == (2, 16)
   launches = record(jnp.float32, 8)
-  assert [l['kernel'].fn.__name__ for l in launches] == ['noisy_kernel', 'noisy_bwd_kernel']
-  assert launches[0]['num_warps'] == 4 and launches[1]['meta']['BV'] == 16
+  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + ['noisy_bwd_kernel'] + clean_bwd
+  assert launches[2]['num_warps'] == 4 and launches[5]['meta']['BV'] == 16
 
 
 def test_pallas_launches_come_from_the_cuda_lowering():

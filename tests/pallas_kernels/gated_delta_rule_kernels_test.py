@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels._common import testing
+from pallas_kernels.gated_delta_rule import api
 from pallas_kernels.gated_delta_rule import configs
 from pallas_kernels.gated_delta_rule import pallas
 from pallas_kernels.gated_delta_rule import reference
@@ -97,6 +98,58 @@ def test_interpret_matches_recurrent_oracle(rng, impl, b, t, h, hv, kd, vd, chun
       assert a is None, name
       continue
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('impl', sorted(INTERPRETED))
+@pytest.mark.parametrize('b, t, h, hv, kd, vd, chunk, cuts', [
+    (2, 100, 2, 4, 60, 24, 64, [37]),  # K = 60, GVA, a document starting mid-chunk
+    (1, 257, 1, 2, 8, 12, 64, [64, 65, 128, 200]),  # resets at chunk starts, a 1-token document
+    (1, 40, 2, 2, 6, 6, 16, [16, 17, 33])], ids=['t100_k60_gva_reset', 't257_resets', 'chunk16'])
+def test_chunk_checkpoints_match_xla(rng, impl, b, t, h, hv, kd, vd, chunk, cuts):
+  """The two-stream forwards' clean pass (api.chunk_checkpoints with a kernel family): chunk
+  states entering each chunk and corrected values equal XLA's, in the interpreters."""
+  if impl == 'triton':
+    pytest.importorskip('triton')
+    pytest.importorskip('torch')
+  _, k, v, g, beta, _ = _inputs(rng, b, t, h, hv, kd, vd, with_state=False)
+  seg = _segments(b, t, cuts)
+  h_ref, v_ref, _ = xla.chunk_gated_delta_rule_fwd_h(k, k, v, g, beta, segment_ids=seg,
+                                                     chunk_size=chunk)
+  assert api.kernels_take(impl, k, v, chunk, interpret=True)
+  run = functools.partial(api.chunk_checkpoints, segment_ids=seg, chunk_size=chunk, family=impl,
+                          interpret=True)
+  traced = str(jax.make_jaxpr(run)(k, v, g, beta))
+  assert ('pallas_call' if impl == 'pallas' else 'callback') in traced, 'kernels not used'
+  h_got, v_got = run(k, v, g, beta)
+  assert h_got.shape == h_ref.shape == (b, -(-t // chunk), hv, kd, vd)
+  assert v_got.shape == v_ref.shape and h_got.dtype == v_got.dtype == jnp.float32
+  np.testing.assert_allclose(h_got, h_ref, atol=2e-5, rtol=1e-4, err_msg='h')
+  np.testing.assert_allclose(v_got, v_ref, atol=2e-5, rtol=1e-4, err_msg='v_new')
+  # Gradients for random cotangents of both checkpoints (triton: the backward kernels with the
+  # checkpoints' cotangents entering the backward state pass).
+  xla_fn = lambda *x: xla.chunk_gated_delta_rule_fwd_h(x[0], *x, segment_ids=seg,
+                                                       chunk_size=chunk)[:2]
+  cots = (jax.random.normal(jax.random.key(3), h_ref.shape),
+          jax.random.normal(jax.random.key(4), v_ref.shape))
+  grads = jax.vjp(lambda *x: run(*x), k, v, g, beta)[1](cots)
+  grads_ref = jax.vjp(xla_fn, k, v, g, beta)[1](cots)
+  for name, a, b_ in zip(('dk', 'dv', 'dg', 'dbeta'), grads, grads_ref):
+    np.testing.assert_allclose(a, b_, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_chunk_checkpoints_fall_back_where_kernels_cannot_take_the_inputs(rng):
+  """A chunk size the kernels do not take, and 16-bit inputs in Triton's interpreter, run XLA."""
+  _, k, v, g, beta, _ = _inputs(rng, 1, 40, 1, 1, 8, 8, with_state=False)
+  assert not api.kernels_take('pallas', k, v, 8, interpret=True)
+  assert not api.kernels_take('triton', k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 64,
+                              interpret=True)
+  assert api.kernels_take('pallas', k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), 64,
+                          interpret=True)
+  h_ref, v_ref, _ = xla.chunk_gated_delta_rule_fwd_h(k, k, v, g, beta, chunk_size=8)
+  h_got, v_got = api.chunk_checkpoints(k, v, g, beta, chunk_size=8, family='pallas',
+                                       interpret=True)
+  np.testing.assert_array_equal(h_got, h_ref)
+  np.testing.assert_array_equal(v_got, v_ref)
 
 
 def test_pallas_interpret_bf16_within_fla_limits(rng):

@@ -250,8 +250,10 @@ def test_kernel_lowers_to_triton_for_cuda(dtype, kd, block):
       disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
           stream(b), stream(b, views), sds((b, t), jnp.int32), sds((b, t), jnp.int32))
   module = exported.mlir_module()
-  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 1
-  assert 'name = "two_stream_noisy_fwd"' in module
+  # The clean pass's chunked kernels (intra, state pass), then the noisy kernel.
+  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 3
+  for name in ('gdr_intra', 'gdr_state_pass', 'two_stream_noisy_fwd'):
+    assert f'name = "{name}"' in module, name
   kernel_bwd = lambda c, n, s, bs: two_stream_pallas.noisy_delta_rule_pallas(
       c, n, s, bs, scale=kd ** -0.5, max_block=block, interpret=False, backward='kernel')
   loss = lambda c, n, s, bs: jnp.sum(kernel_bwd(c, n, s, bs))
@@ -260,7 +262,7 @@ def test_kernel_lowers_to_triton_for_cuda(dtype, kd, block):
       disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
           stream(b), stream(b, views), sds((b, t), jnp.int32), sds((b, t), jnp.int32))
   module = exported.mlir_module()
-  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 2
+  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 4  # 3 forward, 1 backward
   assert 'name = "two_stream_noisy_bwd"' in module
 
 
