@@ -55,9 +55,14 @@ def _reference(head_dim: int, block_size: int):
                                                          ('bfloat16', 128, 4)])
 def test_flare_step_with_fused_kernels_matches_chunked_schedule(schedule, dtype, head_dim,
                                                                 block_size):
-  """float32: loss to 1e-5 relative, every parameter gradient within relative RMS 1e-4.
+  """float32: loss to 1e-5 relative, every parameter gradient within relative RMS 1e-3.
   bfloat16 (Qwen3.5's head size): loss within 1e-2, gradients within 2e-2 (fla's loosest kernel
-  limit) of the float32 reference."""
+  limit) of the float32 reference.
+
+  The float32 gradient limit: on an H200 (2026-12-01) the loss agreed to all printed digits and
+  the worst gradient was dt_bias at 2.2e-4 for every schedule, the autodiff ones included (whose
+  backward then was the reference's own): the forward's ~1e-5 differences, amplified by dt_bias's
+  gradient, a cancelling sum over every token of both streams. A kernel error is O(1)."""
   if jax.default_backend() != 'gpu':
     pytest.skip('needs a GPU')
   ref_loss, ref = _reference(head_dim, block_size)
@@ -65,7 +70,7 @@ def test_flare_step_with_fused_kernels_matches_chunked_schedule(schedule, dtype,
     got_loss, got = _loss_and_grads(schedule, dtype, head_dim, block_size)
   assert got.keys() == ref.keys()
   print(f'{schedule} {dtype}: loss {got_loss:.6f} (fp32 chunked {ref_loss:.6f})')
-  loss_tol, grad_tol = (1e-5, 1e-4) if dtype == 'float32' else (1e-2, 2e-2)
+  loss_tol, grad_tol = (1e-5, 1e-3) if dtype == 'float32' else (1e-2, 2e-2)
   assert abs(got_loss - ref_loss) <= loss_tol * abs(ref_loss)
   errors = {name: testing.rms_ratio(got[name], ref[name]) for name in ref}
   worst = max(errors, key=errors.get)
