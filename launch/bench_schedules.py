@@ -49,6 +49,10 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
+_NOISY_BLOCK_V = flags.DEFINE_integer(
+    'noisy_block_v', 0, 'Sweep override: the Triton fused forward\'s V tile (0: its default).')
+_NOISY_WARPS = flags.DEFINE_integer(
+    'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_num_warps).')
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
@@ -89,6 +93,17 @@ def _inputs(b, t, views, h, hv, d, dtype):
   return stream(b), stream(b, views), seg, starts
 
 
+def _apply_kernel_overrides() -> None:
+  """--noisy_block_v / --noisy_warps: replaces the fused forwards' launch defaults in this child
+  process before anything is traced (a sweep of launch parameters, not a setting)."""
+  from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
+  if _NOISY_BLOCK_V.value:
+    from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
+    two_stream_triton._BLOCK_V = _NOISY_BLOCK_V.value  # pylint: disable=protected-access
+  if _NOISY_WARPS.value:
+    two_stream_pallas.forward_num_warps = lambda rows: _NOISY_WARPS.value
+
+
 def _run_child(schedule: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -96,6 +111,7 @@ def _run_child(schedule: str) -> None:
   from pallas_kernels.gated_delta_rule import api as gdr_api  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
   gpu = jax.default_backend() == 'gpu'
+  _apply_kernel_overrides()
   b, t, views, h, hv, d = _shape(gpu)
   clean, noisy, seg, starts = _inputs(b, t, views, h, hv, d, jnp.dtype(_DTYPE.value))
   kw = dict(scale=d ** -0.5, chunk_size=_CHUNK.value,
@@ -115,7 +131,8 @@ def _run_child(schedule: str) -> None:
   fns = dict(fwd=f,
              fwdbwd=jax.value_and_grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
-             HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value)
+             HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
+             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()
