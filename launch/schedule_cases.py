@@ -17,11 +17,14 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 def table(results: list[dict], baseline: str) -> str:
-  """One row per (case, schedule); ratios within each case (T, block, V)."""
+  """One row per (case, schedule); ratios within each case (T, block, V): time and XLA temp memory
+  over the baseline schedule's (the paper's fused-vs-simple figures with baseline 'simple')."""
   ms = lambda r, m: None if r is None else r.get(f'{m}_ms')
+  gib = lambda r, m: None if r is None else r.get(f'{m}_temp_gib')
   lines = ['| T | block | V | schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | '
-           f'fwd / {baseline} | fwd+bwd / {baseline} | two-stream / (1+V) clean, fwd | fwd+bwd |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+           f'fwd / {baseline} | fwd+bwd / {baseline} | two-stream / (1+V) clean, fwd | fwd+bwd | '
+           f'temp / {baseline}, fwd | fwd+bwd |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   case_of = lambda r: (r.get('T'), r.get('block'), r.get('V'))
   for r in results:
     lead = f"| {r.get('T', '?')} | {r.get('block', '?')} | {r.get('V', '?')} | {r['schedule']} |"
@@ -32,9 +35,9 @@ def table(results: list[dict], baseline: str) -> str:
     base = next((x for x in same if x['schedule'] == baseline), None)
     clean = next((x for x in same if x['schedule'] == 'clean'), None)
 
-    def ratio(m):
-      x, b = ms(r, m), ms(base, m)
-      return '-' if x is None or not b else f'{x / b:.2f}x'
+    def ratio(m, of=ms):
+      x, b = of(r, m), of(base, m)
+      return '-' if x is None or not b else f'{x / b:.3g}x'
 
     def vs_clean(m):
       x, c = ms(r, m), ms(clean, m)
@@ -46,5 +49,6 @@ def table(results: list[dict], baseline: str) -> str:
     lines.append(
         f"{lead} {bench_util.fmt(g('fwd_ms'), '.2f')} | {bench_util.fmt(g('fwdbwd_ms'), '.2f')} | "
         f"{bench_util.fmt(g('fwd_temp_gib'), '.3f')} | {bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')}"
-        f" | {ratio('fwd')} | {ratio('fwdbwd')} | {vs_clean('fwd')} | {vs_clean('fwdbwd')} |")
+        f" | {ratio('fwd')} | {ratio('fwdbwd')} | {vs_clean('fwd')} | {vs_clean('fwdbwd')} | "
+        f"{ratio('fwd', gib)} | {ratio('fwdbwd', gib)} |")
   return '\n'.join(lines)

@@ -304,8 +304,9 @@ def _clean_pass(clean, segment_ids, c, family=None, interpret=False):
   """What the noisy windows read of the clean stream, fp32: chunk checkpoints h [B, N, HV, K, V],
   corrected values v' [B, T, HV, V] and in-chunk cumulative log-decays G [B, T, HV].
 
-  family: None (XLA; differentiable, the backwards' pullback) or the chunked kernels of 'pallas' |
-  'triton' where they take the inputs (the forwards: several times faster than XLA's scan).
+  family: None (XLA's chunk scan) or 'pallas' | 'triton': that family's chunked kernels where they
+  take the inputs (`api.chunk_checkpoints`; differentiable either way). H200 profile, T=4096, H=16,
+  K=128, bf16: XLA's scan ~1.2 ms of the fused Triton forward's 3.5; intra + state pass 0.17 ms.
   """
   _, kc, vc, gc, bc = clean
   h, v_new = gdr_api.chunk_checkpoints(kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c,

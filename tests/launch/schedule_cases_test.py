@@ -14,7 +14,8 @@ def test_parse_cases():
 
 
 def test_table_ratios_stay_within_each_case():
-  case = lambda t, v, **ms: [dict(T=t, block=4, V=v, schedule=name, fwd_ms=x, fwdbwd_ms=2 * x)
+  case = lambda t, v, **ms: [dict(T=t, block=4, V=v, schedule=name, fwd_ms=x, fwdbwd_ms=2 * x,
+                                  fwd_temp_gib=x / 8, fwdbwd_temp_gib=x / 2)
                              for name, x in ms.items()]
   results = (case(64, 1, chunked=4.0, pallas=2.0, clean=1.0)
              + case(128, 2, chunked=10.0, pallas=5.0, clean=2.0)
@@ -22,9 +23,9 @@ def test_table_ratios_stay_within_each_case():
   rows = schedule_cases.table(results, 'chunked').split('\n')[2:]
   cells = [[c.strip() for c in row.strip('|').split('|')] for row in rows]
   # T=64: pallas / chunked = 0.5; (clean + pallas) / ((1 + V) clean) = 3 / 2.
-  assert cells[1][:4] == ['64', '4', '1', 'pallas'] and cells[1][8:] == ['0.50x', '0.50x', '1.50',
-                                                                         '1.50']
+  assert cells[1][:4] == ['64', '4', '1', 'pallas']
+  assert cells[1][8:] == ['0.5x', '0.5x', '1.50', '1.50', '0.5x', '0.5x']
   # T=128, V=2: its own chunked and clean: 0.5x and (2 + 5) / (3 * 2).
-  assert cells[4][8:] == ['0.50x', '0.50x', '1.17', '1.17']
-  assert cells[5][10:] == ['-', '-']  # the clean row itself
+  assert cells[4][8:] == ['0.5x', '0.5x', '1.17', '1.17', '0.5x', '0.5x']
+  assert cells[5][10:] == ['-', '-', '0.2x', '0.2x']  # the clean row itself
   assert 'failed: timeout after 9 s' in rows[6]
