@@ -120,7 +120,7 @@ def test_chunk_checkpoints_match_xla(rng, impl, b, t, h, hv, kd, vd, chunk, cuts
                           interpret=True)
   traced = str(jax.make_jaxpr(run)(k, v, g, beta))
   assert ('pallas_call' if impl == 'pallas' else 'callback') in traced, 'kernels not used'
-  h_got, v_got = run(k, v, g, beta)
+  h_got, v_got = jax.jit(run)(k, v, g, beta)
   assert h_got.shape == h_ref.shape == (b, -(-t // chunk), hv, kd, vd)
   assert v_got.shape == v_ref.shape and h_got.dtype == v_got.dtype == jnp.float32
   np.testing.assert_allclose(h_got, h_ref, atol=2e-5, rtol=1e-4, err_msg='h')
@@ -131,8 +131,9 @@ def test_chunk_checkpoints_match_xla(rng, impl, b, t, h, hv, kd, vd, chunk, cuts
                                                        chunk_size=chunk)[:2]
   cots = (jax.random.normal(jax.random.key(3), h_ref.shape),
           jax.random.normal(jax.random.key(4), v_ref.shape))
-  grads = jax.vjp(lambda *x: run(*x), k, v, g, beta)[1](cots)
-  grads_ref = jax.vjp(xla_fn, k, v, g, beta)[1](cots)
+  pullback = lambda fn: jax.jit(lambda *x: jax.vjp(fn, *x)[1](cots))
+  grads = pullback(run)(k, v, g, beta)
+  grads_ref = pullback(xla_fn)(k, v, g, beta)
   for name, a, b_ in zip(('dk', 'dv', 'dg', 'dbeta'), grads, grads_ref):
     np.testing.assert_allclose(a, b_, atol=1e-4, rtol=1e-4, err_msg=name)
 
