@@ -37,8 +37,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.objective.logit_shift = True  # noisy slot p predicts token p+1, like the AR stream
   c.objective.noise = 'uniform'  # 'uniform' | 'all_masked' | 'position_dependent'
   c.objective.noise_eps = 1e-3  # t ~ U(eps, 1]
-  # GDN noisy blocks: 'chunked' (all blocks at once, no token scan) | 'lean' | 'simple' (references)
-  c.objective.gdn_schedule = 'chunked'
+  # GDN noisy blocks: 'auto' (the fused Triton forward on GPU, else 'chunked') | 'chunked' (all
+  # blocks at once, no token scan) | 'lean' | 'simple' (references) | a fused kernel schedule
+  c.objective.gdn_schedule = 'auto'
 
   # --- data (flare_jax.data.pipeline) ---
   c.data = mlc.ConfigDict()

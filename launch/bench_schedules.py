@@ -50,9 +50,9 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (medi
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _NOISY_BLOCK_V = flags.DEFINE_integer(
-    'noisy_block_v', 0, 'Sweep override: the Triton fused forward\'s V tile (0: its default).')
+    'noisy_block_v', 0, 'Sweep override: the fused forwards\' V tile (0: forward_launch).')
 _NOISY_WARPS = flags.DEFINE_integer(
-    'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_num_warps).')
+    'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
@@ -97,11 +97,12 @@ def _apply_kernel_overrides() -> None:
   """--noisy_block_v / --noisy_warps: replaces the fused forwards' launch defaults in this child
   process before anything is traced (a sweep of launch parameters, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
-  if _NOISY_BLOCK_V.value:
-    from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
-    two_stream_triton._BLOCK_V = _NOISY_BLOCK_V.value  # pylint: disable=protected-access
-  if _NOISY_WARPS.value:
-    two_stream_pallas.forward_num_warps = lambda rows: _NOISY_WARPS.value
+  from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
+  for module in (two_stream_pallas, two_stream_triton):
+    default = module.forward_launch
+    module.forward_launch = lambda dtype, max_block, default=default: (
+        _NOISY_BLOCK_V.value or default(dtype, max_block)[0],
+        _NOISY_WARPS.value or default(dtype, max_block)[1])
 
 
 def _run_child(schedule: str) -> None:

@@ -126,7 +126,7 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
   ids = spec(b, t, dt=jnp.int32)
   if family == 'triton':
     impl, record = two_stream_triton.noisy_delta_rule_triton, _recorded_triton
-    backward = ('kernel' if two_stream_triton.kernel_backward_takes(max_block, dtype)
+    backward = ('kernel' if two_stream_triton.kernel_backward_takes(max_block, dtype, dk)
                 else 'autodiff')
   else:
     impl, record, backward = two_stream_pallas.noisy_delta_rule_pallas, _recorded_pallas, 'kernel'

@@ -31,7 +31,7 @@ class Block(nnx.Module):
 
   def __call__(self, h: jax.Array, meta: mask_lib.TokenMeta, *,
                cache: cache_lib.LayerCache | None = None, valid: jax.Array | None = None,
-               return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'chunked',
+               return_replay: bool = False, num_views: int = 0, gdn_schedule: str = 'auto',
                max_block: int = 32, noisy_tail: int = 0):
     """Returns (h [B, T, D], updated layer cache or None, GDNReplay or None).
 

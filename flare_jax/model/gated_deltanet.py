@@ -201,7 +201,7 @@ class GatedDeltaNet(nnx.Module):
     return self.output(o, z, dt)
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
-                 schedule: str = 'chunked', max_block: int = 32) -> jax.Array:
+                 schedule: str = 'auto', max_block: int = 32) -> jax.Array:
     """The mixer over a two-stream row: clean stream [0, T) then `num_views` noisy views of T slots.
 
     The views share one block layout (their masks differ). See `two_stream_gdn` for the schedules;

@@ -55,14 +55,14 @@ class FlareLM(nnx.Module):
   def hidden_states(self, tokens: jax.Array, meta: mask_lib.TokenMeta, *,
                     cache: tuple[cache_lib.LayerCache, ...] | None = None,
                     valid: jax.Array | None = None, return_gdn_replay: bool = False,
-                    num_views: int = 0, gdn_schedule: str = 'chunked', max_block: int = 32,
+                    num_views: int = 0, gdn_schedule: str = 'auto', max_block: int = 32,
                     noisy_tail: int = 0):
     """Final-normed hidden states [B, T, D], the updated cache (None without a cache) and, with
     `return_gdn_replay`, a per-layer tuple of GDNReplay (None for attention layers).
 
     num_views > 0: `tokens` is a two-stream row [B, (1+V)T] (clean stream, then V noisy views
-    sharing the clean positions), see flare_jax.objective.layout; gdn_schedule picks 'chunked',
-    'lean' or 'simple' and max_block bounds the noisy block length in slots (the objective's block
+    sharing the clean positions), see flare_jax.objective.layout; gdn_schedule picks one of
+    two_stream_gdn.ALL_SCHEDULES ('auto': the fused Triton forward on GPU) and max_block bounds the noisy block length in slots (the objective's block
     size).
     noisy_tail = n > 0 (with a cache): the last n tokens are one noisy block seeded at the end of
     each row's valid prefix (Diffusion-Trust's first block primed in the prefill); the cache

@@ -19,7 +19,7 @@ class ObjectiveConfig:
   logit_shift: bool = True
   noise: str = 'uniform'  # corruption.NOISE_SCHEDULES
   noise_eps: float = 1e-3
-  gdn_schedule: str = 'chunked'  # two_stream_gdn.ALL_SCHEDULES (pure JAX or a fused kernel)
+  gdn_schedule: str = 'auto'  # two_stream_gdn.ALL_SCHEDULES (pure JAX or a fused kernel)
   loss_tile: int = 512
 
   def __post_init__(self):

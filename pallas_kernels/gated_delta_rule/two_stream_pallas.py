@@ -75,6 +75,17 @@ def forward_num_warps(row_tile: int) -> int:
   return 4 if row_tile <= 16 else 8
 
 
+def forward_launch(dtype, max_block: int) -> tuple[int, int]:
+  """(V tile, warps) of the Pallas fused forward for these inputs."""
+  del dtype
+  return _BLOCK_V, forward_num_warps(row_tile(max_block))
+
+
+def row_tile(max_block: int) -> int:
+  """Rows S of the fused kernels' tiles: max_block raised to a power of two >= 16."""
+  return backend.next_pow2(max(max_block, 16))
+
+
 def _iota(shape, dim):
   return jax.lax.broadcasted_iota(jnp.int32, shape, dim)
 
@@ -293,7 +304,7 @@ class _Sizes(NamedTuple):
 
 
 def _sizes(t, kd, vd, chunk_size, max_block, block_v) -> _Sizes:
-  s = backend.next_pow2(max(max_block, 16))
+  s = row_tile(max_block)
   c = backend.next_pow2(max(chunk_size, s))
   kp, vdp = backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
   n = -(-t // c)
@@ -375,10 +386,11 @@ def _key_heads(x, hq):
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
              interpret):
   b, nv, t, hq, kd = noisy[0].shape
   hv, vd = clean[2].shape[2:]
+  block_v, num_warps = launch
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
   wd = z.c + z.s
 
@@ -397,7 +409,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
       grid=(z.n, b, hv, nv, z.vdp // z.bv), in_specs=_in_specs(z, hv // hq, z.tpad),
       out_specs=out_spec,
       # pylint: disable-next=protected-access
-      compiler_params=gdr_pallas._params(interpret, forward_num_warps(z.s), 2),
+      compiler_params=gdr_pallas._params(interpret, num_warps, 2),
       interpret=interpret, name='two_stream_noisy_fwd')(*noisy_p, *meta, *ctx)
 
   # --- Stage 3: each slot from its seed's window. ---
@@ -476,13 +488,14 @@ def backward_sums(ops: BackwardOperands, outs, clean, noisy):
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
+def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
               interpret):
-  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy); the V
+  tile is the forward's."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   ops = backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                          block_v)
+                          launch[0])
   z = ops.z
   s, c, wd, nvt = z.s, z.c, z.c + z.s, z.vdp // z.bv
   rows = s + wd
@@ -531,29 +544,29 @@ def check_arguments(clean, noisy, max_block: int) -> None:
 
 def fused_noisy_op(forward, kernel_backward, clean_family=None):
   """The differentiable op noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size,
-  max_block, block_v, interpret, backward) of a fused forward kernel, shared by the Pallas and
-  jax-triton kernels. `forward` and `kernel_backward` take those arguments (the latter the
+  max_block, launch, interpret, backward) of a fused forward kernel, shared by the Pallas and
+  jax-triton kernels; launch is the family's `forward_launch` (V tile, warps). `forward` and `kernel_backward` take those arguments (the latter the
   residuals (clean, noisy, segment_ids, block_starts) and the cotangent first, and no backward);
   backward 'kernel' runs kernel_backward, 'autodiff' `chunked_schedule_vjp` with the clean pass
   of `clean_family` (None: XLA). Both recompute the clean pass."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-  def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+  def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
                interpret, backward):
     del backward
     return forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block,
-                   block_v, interpret)
+                   launch, interpret)
 
-  def fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+  def fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
           interpret, backward):
     del backward
-    o = forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+    o = forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
                 interpret)
     return o, (clean, noisy, segment_ids, block_starts)
 
-  def bwd(scale, chunk_size, max_block, block_v, interpret, backward, res, do):
+  def bwd(scale, chunk_size, max_block, launch, interpret, backward, res, do):
     if backward == 'kernel':
-      grads = kernel_backward(*res, do, scale, chunk_size, max_block, block_v, interpret)
+      grads = kernel_backward(*res, do, scale, chunk_size, max_block, launch, interpret)
     else:
       grads = chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family,
                                    interpret)
@@ -597,4 +610,5 @@ def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
   return _noisy(tuple(clean), tuple(noisy), segment_ids, block_starts, float(scale),
-                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret), backward)
+                int(chunk_size), int(max_block), forward_launch(noisy[0].dtype, max_block),
+                bool(interpret), backward)

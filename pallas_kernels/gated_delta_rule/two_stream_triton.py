@@ -23,7 +23,6 @@ from pallas_kernels.gated_delta_rule import triton as gdr_triton
 from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
 
 _F32 = jnp.float32
-_BLOCK_V = 64
 # The backward kernel's products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs. Its
 # V tile and row tiles are bounded by shared memory (Hopper has 227 KiB; sm_90a at K = 128, by
 # launch.kernel_registers): with bf16 operands, 16-row tiles take 78 / 92 / 120 KiB at V tiles
@@ -34,9 +33,26 @@ _BWD_BLOCK_V = {'bf16': 32, 'tf32x3': 16}
 MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
 
 
-def kernel_backward_takes(max_block: int, dtype) -> bool:
-  """Whether `backward='kernel'` fits shared memory for this max_block and input dtype."""
-  return jnp.dtype(dtype) != _F32 or max_block <= MAX_FP32_KERNEL_BACKWARD_BLOCK
+MAX_FP32_KERNEL_BACKWARD_K = 64
+
+
+def kernel_backward_takes(max_block: int, dtype, k_dim: int) -> bool:
+  """Whether `backward='kernel'` fits shared memory for this max_block, input dtype and key size.
+  fp32 (TF32x3 products) at 16-row tiles and V tile 16: 148 KiB at K = 64, 260 KiB at K = 128."""
+  return jnp.dtype(dtype) != _F32 or (max_block <= MAX_FP32_KERNEL_BACKWARD_BLOCK
+                                      and k_dim <= MAX_FP32_KERNEL_BACKWARD_K)
+
+
+def forward_launch(dtype, max_block: int) -> tuple[int, int]:
+  """(V tile, warps) of the fused forward. H200, T = 4096, H = 16, K = V = 128, bf16, block 4,
+  V = 2 (bench_schedules --noisy_block_v/--noisy_warps): V tile 128 at 8 warps 1.82 ms, at 4
+  2.02 ms; 64 at 4 warps 2.47 ms, at 8 2.89 ms. ptxas (sm_90a, launch.kernel_registers) rules
+  out 128 for 32-row tiles (32 registers, 16 KB spilled per thread) and for fp32 (272 KiB of
+  shared memory)."""
+  rows = tsp.row_tile(max_block)
+  if jnp.dtype(dtype).itemsize == 2 and rows <= 16:
+    return 128, 8
+  return 64, tsp.forward_num_warps(rows)
 
 try:  # Only the GPU machine (or a CPU test with Triton's interpreter) has triton.
   import triton  # pylint: disable=g-import-not-at-top
@@ -347,10 +363,11 @@ if triton is not None:
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
-def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, block_v,
+def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
              interpret):
   b, nv, t, hq, kd = noisy[0].shape
   hv, vd = clean[2].shape[2:]
+  block_v, num_warps = launch
   z = tsp._sizes(t, kd, vd, chunk_size, max_block, block_v)  # pylint: disable=protected-access
   wd = z.c + z.s
   # pylint: disable-next=protected-access
@@ -364,7 +381,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   o = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
       out_shape=jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32),
-      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=tsp.forward_num_warps(z.s),
+      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=num_warps,
       num_stages=2,
       NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
       N_TILES=wd // z.s, SCALE=scale, PREC=prec)
@@ -372,14 +389,14 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
-def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, block_v,
+def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
               interpret):
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                              min(block_v, _BWD_BLOCK_V[prec]), 'triton', interpret)
+                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret)
   z = ops.z
   if prec == 'bf16' and type(noisy_bwd_kernel).__name__ == 'InterpretedFunction':
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
@@ -411,10 +428,12 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   tsp.check_arguments(clean, noisy, max_block)
   if backward not in tsp.BACKWARDS:
     raise ValueError(f'unknown backward {backward!r}; known: {tsp.BACKWARDS}')
-  if backward == 'kernel' and not kernel_backward_takes(max_block, noisy[0].dtype):
+  if backward == 'kernel' and not kernel_backward_takes(max_block, noisy[0].dtype,
+                                                         noisy[0].shape[-1]):
     raise ValueError(f'the triton backward kernel takes max_block <= '
-                     f'{MAX_FP32_KERNEL_BACKWARD_BLOCK} with fp32 inputs (got {max_block}: its '
-                     'fp32 32-row tiles need more shared memory than a GPU has); use 16-bit '
+                     f'{MAX_FP32_KERNEL_BACKWARD_BLOCK} and key size <= '
+                     f'{MAX_FP32_KERNEL_BACKWARD_K} with fp32 inputs (got {max_block} and '
+                     f'{noisy[0].shape[-1]}: more shared memory than a GPU has); use 16-bit '
                      "inputs or backward='autodiff'")
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
@@ -422,4 +441,5 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   if triton is None:
     raise ValueError('the triton two-stream kernel needs the triton package')
   return _noisy(tuple(clean), tuple(noisy), segment_ids, block_starts, float(scale),
-                int(chunk_size), int(max_block), _BLOCK_V, bool(interpret), backward)
+                int(chunk_size), int(max_block), forward_launch(noisy[0].dtype, max_block),
+                bool(interpret), backward)

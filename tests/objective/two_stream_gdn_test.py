@@ -133,7 +133,7 @@ def test_schedules_agree_inside_the_model_with_parameter_gradients(rng):
   inp = two_stream.build_input(batch, jax.random.key(0), obj, 271)
   outs, grads = [], []
   # The fused kernels run in their interpreters here (Triton's needs torch).
-  schedules = [s for s in two_stream_gdn.ALL_SCHEDULES
+  schedules = [s for s in two_stream_gdn.SCHEDULES + two_stream_gdn.KERNEL_SCHEDULES
                if s != 'triton' or importlib.util.find_spec('torch')]
   for schedule in schedules:
     def f(m, schedule=schedule):
@@ -147,3 +147,10 @@ def test_schedules_agree_inside_the_model_with_parameter_gradients(rng):
     np.testing.assert_allclose(outs[other], outs[0], atol=2e-5, rtol=2e-5)
     for a, c in zip(grads[other], grads[0]):
       np.testing.assert_allclose(a, c, atol=2e-4, rtol=2e-4)
+
+
+def test_auto_schedule_is_the_fused_triton_forward_on_gpu_only():
+  want = 'triton' if jax.default_backend() == 'gpu' else 'chunked'
+  assert two_stream_gdn.resolve_schedule('auto') == want
+  assert two_stream_gdn.resolve_schedule('lean') == 'lean'
+  assert two_stream.ObjectiveConfig().gdn_schedule == 'auto'

@@ -108,8 +108,8 @@ def test_v_tiles(rng):
   t, block = 100, 4
   seg, starts = _layout(rng, 'random', t, block)
   clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 40)
-  kernel = lambda c, n: two_stream_pallas._noisy(c, n, seg, starts, 0.25, 16, block, 16, True,
-                                                 'kernel')
+  kernel = lambda c, n: two_stream_pallas._noisy(c, n, seg, starts, 0.25, 16, block, (16, 4),
+                                                 True, 'kernel')
   want = lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, scale=0.25,
                                                        chunk_size=16, max_block=block)
   cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, 40)), jnp.float32)
@@ -175,6 +175,10 @@ def test_triton_backward_kernel_rejects_blocks_it_cannot_fit():
   ids = jnp.zeros((1, 40), jnp.int32)
   with pytest.raises(ValueError, match='max_block <= 16'):
     two_stream_triton.noisy_delta_rule_triton(clean, noisy, ids, ids, scale=0.25, max_block=32,
+                                              interpret=True, backward='kernel')
+  clean, noisy = _inputs(rng, 1, 40, 1, 1, 1, 128, 16)  # fp32 at K = 128: 260 KiB of shared memory
+  with pytest.raises(ValueError, match='key size <= 64'):
+    two_stream_triton.noisy_delta_rule_triton(clean, noisy, ids, ids, scale=0.25, max_block=4,
                                               interpret=True, backward='kernel')
   with pytest.raises(ValueError, match='unknown backward'):
     two_stream_triton.noisy_delta_rule_triton(clean, noisy, ids, ids, scale=0.25,
