@@ -137,6 +137,14 @@ def pad_inputs(q, k, v, g, beta, h0, chunk_size):
           pad_to(h0.astype(f32), (b, hv, kp, vp)))
 
 
+def pad_cotangents(do: jax.Array, dht: jax.Array, pq: jax.Array, pv: jax.Array):
+  """The output cotangents do [B, T, HV, V] and dht [B, HV, K, V] padded like the padded inputs
+  pq [B, Tp, H, Kp], pv [B, Tp, HV, Vp]: do in pv's dtype, dht in fp32."""
+  b, tp, hv, vp = pv.shape
+  return (pad_to(do.astype(pv.dtype), (b, tp, hv, vp)),
+          pad_to(dht.astype(jnp.float32), (b, hv, pq.shape[3], vp)))
+
+
 def segment_masks(segment_ids: jax.Array, tp: int, chunk_size: int):
   """fp32 [B, Tp] (segment number, carry, writes) for documents starting anywhere.
 

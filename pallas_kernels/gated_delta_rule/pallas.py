@@ -523,8 +523,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
   bs = configs.block_sizes_for(d.vd, 'pallas', pq.dtype)
-  pdo = configs.pad_to(do.astype(pv.dtype), (b, d.tp, d.hv, d.vd))
-  pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
+  pdo, pdht = configs.pad_cotangents(do, dht, pq, pv)
   dvl = _dv_local(pq, pk, gc, pdo, segs, d, bs, scale=scale, interpret=interpret)
   dh, dv2, dh0 = _dhu(pq, pk, w, gc, pdo, dvl, pdht, segs, d, bs, scale=scale, interpret=interpret)
   dq, dk, dv, db, dg = _bwd_chunk(pq, pk, pv, vn, pdo, dv2, h, dh, gc, pb, tmat, segs, d, bs,

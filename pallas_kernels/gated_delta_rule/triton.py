@@ -451,7 +451,9 @@ def _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret):
   h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
   _, _, w, gc, h, vn, _, tm = _forward(k, k, v, g, beta, h0, segs, chunk_size, interpret,
                                        store_t=True, state_dtype=_F32)
-  return (h, vn), (k, v, beta, segs, w, gc, h, vn, tm)
+  # The backward kernels read h and v_new in the inputs' dtype: keep them so (half the residual
+  # memory for 16-bit inputs).
+  return (h, vn), (k, v, beta, segs, w, gc, h.astype(k.dtype), vn.astype(k.dtype), tm)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -459,11 +461,9 @@ def _checkpoints_bwd(chunk_size, interpret, res, cts):
   k, v, beta, segs, w, gc, h, vn, tm = res
   dh_ext, dvn_ext = cts
   d = _Dims(k, v, chunk_size)
-  cdt = k.dtype
-  zeros_do = jnp.zeros(vn.shape, cdt)
   zeros_dht = jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32)
   _, dk, dv, db, dg, _ = _backward_passes(
-      k, k, v, beta, zeros_do, zeros_dht, segs, w, gc, h.astype(cdt), vn.astype(cdt), tm,
+      k, k, v, beta, None, zeros_dht, segs, w, gc, h, vn, tm,
       (dh_ext.astype(_F32), dvn_ext.astype(_F32)), scale=1.0, chunk_size=chunk_size,
       interpret=interpret, grad_dtypes=configs.grad_dtypes(k.dtype, v.dtype, d.grp))
   return (_key_heads(dk, d).astype(k.dtype), dv.astype(v.dtype), dg, db,
@@ -509,8 +509,9 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
 def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, scale, chunk_size,
                      interpret, grad_dtypes):
   """The backward kernels on padded operands -> padded (dq, dk, dv, dbeta, dg, dh0), value heads
-  not yet summed into key heads. ext: () or (dh_ext, dvn_ext), outside cotangents of the chunk
-  checkpoints (`chunk_checkpoints_padded`)."""
+  not yet summed into key heads. pdo None: no output cotangent (zeros; dv_local is skipped).
+  ext: () or (dh_ext, dvn_ext), outside cotangents of the chunk checkpoints
+  (`chunk_checkpoints_padded`)."""
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(pq, pv, chunk_size)
@@ -520,12 +521,15 @@ def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, 
   has_seg = bool(segs)
   dqk_dtype, dv_dtype = grad_dtypes
   bvo = min(bs.bv_out, d.vd)
-  dvl = jt.triton_call(
-      pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
-      out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
-      grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
-      num_stages=bs.num_stages_chunk,
-      **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
+  if pdo is None:
+    pdo = dvl = jnp.zeros((d.b, d.tp, d.hv, d.vd), cdt)
+  else:
+    dvl = jt.triton_call(
+        pq, pk, gc, pdo, seg, kernel=kn['dv_local'],
+        out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
+        grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
+        num_stages=bs.num_stages_chunk,
+        **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
   bv = min(bs.bv, d.vd)
   dh, dv2, dh0 = jt.triton_call(
       pq, pk, w, gc, pdo, dvl, pdht, carry, writes, *(ext or (_dummy(), _dummy())),
@@ -562,8 +566,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   vd = v.shape[3]
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
-  pdo = configs.pad_to(do.astype(pq.dtype), (b, d.tp, d.hv, d.vd))
-  pdht = configs.pad_to(dht.astype(_F32), (b, d.hv, d.kd, d.vd))
+  pdo, pdht = configs.pad_cotangents(do, dht, pq, pv)
   dq, dk, dv, db, dg, dh0 = _backward_passes(
       pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, (), scale=scale, chunk_size=chunk_size,
       interpret=interpret, grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
