@@ -31,7 +31,9 @@ _SCHEDULES = flags.DEFINE_list(
     '(chunk-parallel XLA), pallas / triton (the fused kernel; backward: the chunked schedule\'s '
     'autodiff), pallas_kernel_bwd / triton_kernel_bwd (with the family\'s backward kernel); '
     'or clean: the clean stream\'s own chunked pass alone (the backend\'s default kernel), the '
-    'unit of the (1 + V) x clean-pass target.')
+    'unit of the (1 + V) x clean-pass target; or both:<schedule>: the whole two-stream pass, '
+    'clean and noisy outputs as the model computes them (two_stream_delta_rule: one clean pass '
+    'for both under the triton schedules).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -123,14 +125,19 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
+  elif schedule.startswith(schedule_cases.WHOLE_PASS):  # both outputs, as the model has them
+    f = lambda c, n: two_stream_gdn.two_stream_delta_rule(
+        c, n, seg, starts, schedule=schedule[len(schedule_cases.WHOLE_PASS):], **kw)
   else:
     f = lambda c, n: two_stream_gdn.noisy_delta_rule(c, n, seg, starts, schedule=schedule, **kw)
-  cot = jax.random.normal(jax.random.key(1), jax.eval_shape(f, clean, noisy).shape, jnp.float32)
+  cot = jax.tree.map(lambda o: jax.random.normal(jax.random.key(1), o.shape, jnp.float32),
+                     jax.eval_shape(f, clean, noisy))
+  loss = lambda c, n: sum(jnp.sum(w * o) for w, o in zip(jax.tree.leaves(cot),
+                                                         jax.tree.leaves(f(c, n))))
   # value_and_grad, not grad: the loss keeps the forward's output live, as in training. With grad
   # alone a custom_vjp whose residuals are its inputs (the clean kernels before they saved their
   # intermediates) had its whole forward dropped by XLA.
-  fns = dict(fwd=f,
-             fwdbwd=jax.value_and_grad(lambda c, n: jnp.sum(cot * f(c, n)), argnums=(0, 1)))
+  fns = dict(fwd=f, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
              noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None)

@@ -230,13 +230,11 @@ class GatedDeltaNet(nnx.Module):
     g, beta = self.gates(b_in, a_in)
     dt = x.dtype
     clean = (q[:, :t].astype(dt), k[:, :t].astype(dt), v[:, :t].astype(dt), g[:, :t], beta[:, :t])
-    o_clean, _ = _delta_rule(cfg, *clean, initial_state=None, segment_ids=seg,
-                             output_final_state=False)
     views = lambda a: a[:, t:].reshape(b, num_views, t, *a.shape[2:])
-    o_noisy = two_stream_gdn.noisy_delta_rule(
+    o_clean, o_noisy = two_stream_gdn.two_stream_delta_rule(
         clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts,
         scale=cfg.linear_key_head_dim ** -0.5, schedule=schedule, chunk_size=cfg.gdn_chunk_size,
-        max_block=max_block)
+        max_block=max_block, clean_implementation=cfg.gdn_impl)
     o = jnp.concatenate([o_clean.astype(jnp.float32),
                          o_noisy.reshape(b, num_views * t, *o_noisy.shape[3:])], axis=1)
     return self.output(o, z, dt)

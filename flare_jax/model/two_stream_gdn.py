@@ -22,6 +22,7 @@ Three schedules compute the same thing:
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gated_delta_rule import api as gdr_api
 from pallas_kernels.gated_delta_rule import two_stream_pallas
 from pallas_kernels.gated_delta_rule import two_stream_triton
 from pallas_kernels.gated_delta_rule import two_stream_xla
@@ -126,6 +127,43 @@ def _seed_positions(segment_ids, block_starts):
   return jnp.maximum(prev, 0), valid
 
 
+def shares_clean_pass(schedule: str, clean, chunk_size: int, max_block: int,
+                      clean_implementation: str | None = None) -> bool:
+  """Whether `two_stream_delta_rule` computes the clean stream's output and the noisy blocks'
+  seeds (chunk checkpoints) in one pass: the Triton schedules with the clean stream on Triton
+  (clean_implementation None or 'triton'), where the Triton kernels take it (`api.kernels_take`)
+  at a chunk length the fused kernels keep."""
+  schedule = resolve_schedule(schedule)
+  _, k, v = clean[:3]
+  interpret = jax.default_backend() != 'gpu'
+  return (schedule in ('triton', 'triton_kernel_bwd') and clean_implementation in (None, 'triton')
+          and gdr_api.kernels_take('triton', k, v, chunk_size, interpret)
+          and two_stream_pallas.chunk_length(chunk_size, max_block) == chunk_size)
+
+
+def two_stream_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule='auto',
+                          chunk_size=64, max_block=32, clean_implementation=None):
+  """(clean output [B, T, HV, V] in v's dtype, noisy outputs [B, V, T, HV, V] fp32) of the gated
+  delta rule over a two-stream row (arguments as `noisy_delta_rule`).
+
+  Where `shares_clean_pass`, one Triton pass gives the clean output and the checkpoints the noisy
+  op reads, and one backward takes both cotangents; else the clean stream runs on
+  `clean_implementation` (`api.chunk_gated_delta_rule`) and the noisy op forms its own.
+  """
+  if shares_clean_pass(schedule, clean, chunk_size, max_block, clean_implementation):
+    o_clean, h, v_new = gdr_api.chunk_output_and_checkpoints(
+        *clean, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
+        interpret=jax.default_backend() != 'gpu')
+    clean = tuple(clean) + (h, v_new)
+  else:
+    o_clean, _ = gdr_api.chunk_gated_delta_rule(
+        *clean, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
+        implementation=clean_implementation)
+  o_noisy = noisy_delta_rule(clean, noisy, segment_ids, block_starts, scale=scale,
+                             schedule=schedule, chunk_size=chunk_size, max_block=max_block)
+  return o_clean, o_noisy
+
+
 def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule='auto',
                      chunk_size=64, max_block=32):
   """Noisy-view outputs of the gated delta rule under the two-stream state schedule.
@@ -136,6 +174,8 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
     noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
     segment_ids, block_starts: [B, T].
     schedule: 'auto' | 'simple' | 'lean' | 'chunked' | one of KERNEL_SCHEDULES (ALL_SCHEDULES).
+    chunk_size: of the chunked schedules (the result does not depend on it). `clean` may carry the
+      clean pass's checkpoints at their chunk length (two_stream_xla.given_checkpoints).
     max_block: upper bound on block length in slots (the objective's block size); lean and chunked
       size their windows by it. Longer blocks give wrong outputs (not checked).
 
@@ -156,7 +196,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
         clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,
         max_block=max_block)
   f32 = lambda a: a.astype(jnp.float32)
-  qc, kc, vc, gc, bc = clean
+  qc, kc, vc, gc, bc = clean[:5]  # the token scans form their own states
   hv = vc.shape[2]
   kc_e = reference.expand_heads(f32(kc), hv)
   qn, kn, vn, gn, bn = (f32(a) for a in noisy)

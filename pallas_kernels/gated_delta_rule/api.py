@@ -138,15 +138,56 @@ def chunk_checkpoints(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
     from pallas_kernels.gated_delta_rule import pallas as kernels  # pylint: disable=g-import-not-at-top
   else:
     from pallas_kernels.gated_delta_rule import triton as kernels  # pylint: disable=g-import-not-at-top
+  _, pk, pv, pg, pb, segs = _padded(k, k, v, g, beta, segment_ids, chunk_size)
+  h, v_new = kernels.chunk_checkpoints_padded(pk, pv, pg, pb, segs, chunk_size, interpret)
+  return _unpadded_checkpoints(h, v_new, k, v, chunk_size)
+
+
+def chunk_output_and_checkpoints(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
+                                 beta: jax.Array, *, scale: float,
+                                 segment_ids: jax.Array | None = None, chunk_size: int = 64,
+                                 interpret: bool = False):
+  """`chunk_gated_delta_rule`'s output (zero initial state) and `chunk_checkpoints` from one pass
+  of the Triton kernels, forward and backward (the two-stream schedules' clean stream: its output
+  and the noisy blocks' seeds).
+
+  Returns:
+    (o [B, T, HV, V] in v.dtype, h [B, N, HV, K, V] fp32, v_new [B, T, HV, V] fp32).
+
+  Raises:
+    ValueError: inconsistent shapes, or inputs the Triton kernels do not take (`kernels_take`).
+  """
+  _check(q, k, v, g, beta, None, segment_ids)
+  if not kernels_take('triton', k, v, chunk_size, interpret):
+    raise ValueError('chunk_output_and_checkpoints: the triton kernels do not take these inputs '
+                     f'(dtype {k.dtype}, K={k.shape[-1]}, V={v.shape[-1]}, chunk {chunk_size}, '
+                     f'interpret={interpret}); see kernels_take')
+  from pallas_kernels.gated_delta_rule import triton as kernels  # pylint: disable=g-import-not-at-top
+  pq, pk, pv, pg, pb, segs = _padded(q, k, v, g, beta, segment_ids, chunk_size)
+  o, h, v_new = kernels.output_and_checkpoints_padded(pq, pk, pv, pg, pb, segs, float(scale),
+                                                      chunk_size, interpret)
+  t, vd = v.shape[1], v.shape[3]
+  return (o[:, :t, :, :vd],) + _unpadded_checkpoints(h, v_new, k, v, chunk_size)
+
+
+def _padded(q, k, v, g, beta, segment_ids, chunk_size):
+  """The kernels' padded (q, k, v, g, beta) and segment masks (() without segment ids)."""
+  b, hv, kd, vd = k.shape[0], v.shape[2], k.shape[3], v.shape[3]
+  h0 = jnp.zeros((b, hv, kd, vd), jnp.float32)
+  pq, pk, pv, pg, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
+  segs = (() if segment_ids is None
+          else configs.segment_masks(segment_ids, pk.shape[1], chunk_size))
+  return pq, pk, pv, pg, pb, segs
+
+
+def _unpadded_checkpoints(h, v_new, k, v, chunk_size):
+  """Kernel layouts h [B, HV, N Kp, Vp], v_new [B, Tp, HV, Vp] -> h [B, N, HV, K, V], v_new
+  [B, T, HV, V]."""
   b, t, _, kd = k.shape
   hv, vd = v.shape[2:]
-  h0 = jnp.zeros((b, hv, kd, vd), jnp.float32)
-  _, pk, pv, pg, pb, _ = configs.pad_inputs(k, k, v, g, beta, h0, chunk_size)
-  tp, kp, vp = pk.shape[1], pk.shape[3], pv.shape[3]
-  segs = () if segment_ids is None else configs.segment_masks(segment_ids, tp, chunk_size)
-  h, v_new = kernels.chunk_checkpoints_padded(pk, pv, pg, pb, segs, chunk_size, interpret)
+  tp, vp = v_new.shape[1], v_new.shape[3]
   n = tp // chunk_size
-  h = jnp.swapaxes(h.reshape(b, hv, n, kp, vp), 1, 2)[..., :kd, :vd]
+  h = jnp.swapaxes(h.reshape(b, hv, n, -1, vp), 1, 2)[..., :kd, :vd]
   return h, v_new[:, :t, :, :vd]
 
 

@@ -473,6 +473,56 @@ def _checkpoints_bwd(chunk_size, interpret, res, cts):
 chunk_checkpoints_padded.defvjp(_checkpoints_fwd, _checkpoints_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def output_and_checkpoints_padded(q, k, v, g, beta, segs, scale, chunk_size, interpret=False):
+  """Padded inputs (zero initial state) -> (o [B, Tp, HV, Vp] in v's dtype, fp32 checkpoints h
+  [B, HV, N Kp, Vp] and v_new [B, Tp, HV, Vp]): the chunked forward and `chunk_checkpoints_padded`
+  from one intra and one state pass. Its backward is one set of backward kernels, the output's
+  and the checkpoints' cotangents entering together (the two-stream schedules' shared clean
+  pass)."""
+  return _output_and_checkpoints_fwd(q, k, v, g, beta, segs, scale, chunk_size, interpret)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _output_and_checkpoints_fwd(q, k, v, g, beta, segs, scale, chunk_size, interpret):
+  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
+  d, bs, w, gc, h, vn, _, tm = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
+                                        store_t=True, state_dtype=_F32)
+  h_c, vn_c = h.astype(k.dtype), vn.astype(k.dtype)  # what the output and backward kernels read
+  o = _output(q, k, h_c, vn_c, gc, segs, d, bs, scale, v.dtype, interpret)
+  return (o, h, vn), (q, k, v, beta, segs, w, gc, h_c, vn_c, tm)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _output_and_checkpoints_bwd(scale, chunk_size, interpret, res, cts):
+  q, k, v, beta, segs, w, gc, h, vn, tm = res
+  do, dh_ext, dvn_ext = cts
+  d = _Dims(q, v, chunk_size)
+  dq, dk, dv, db, dg, _ = _backward_passes(
+      q, k, v, beta, do.astype(v.dtype), jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32), segs, w, gc,
+      h, vn, tm, (dh_ext.astype(_F32), dvn_ext.astype(_F32)), scale=scale,
+      chunk_size=chunk_size, interpret=interpret,
+      grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
+  return (_key_heads(dq, d).astype(q.dtype), _key_heads(dk, d).astype(k.dtype),
+          dv.astype(v.dtype), dg, db, jax.tree.map(jnp.zeros_like, segs))
+
+
+output_and_checkpoints_padded.defvjp(_output_and_checkpoints_fwd, _output_and_checkpoints_bwd)
+
+
+def _output(pq, pk, h, vn, gc, segs, d: '_Dims', bs, scale, dtype, interpret):
+  """The output kernel: o [B, Tp, HV, Vp] in `dtype` from the chunk states h and corrected values
+  vn (the inputs' dtype)."""
+  seg, carry, _ = _segs3(segs)
+  bv = min(bs.bv_out, d.vd)
+  return _jt(interpret).triton_call(
+      pq, pk, h, vn, gc, seg, carry, kernel=_kernels()['output'],
+      out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), dtype),
+      grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
+      num_stages=bs.num_stages_chunk,
+      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 @functools.partial(jax.jit, static_argnames=('scale', 'chunk_size', 'interpret'))
 def _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret):
@@ -494,14 +544,7 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
   pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d, bs, w, gc, h, vn, ht, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size, interpret,
                                          store_t=for_backward)
-  seg, carry, _ = _segs3(segs)
-  bv = min(bs.bv_out, d.vd)
-  o = _jt(interpret).triton_call(
-      pq, pk, h, vn, gc, seg, carry, kernel=_kernels()['output'],
-      out_shape=jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), v.dtype),
-      grid=(d.vd // bv * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
-      num_stages=bs.num_stages_chunk,
-      **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
+  o = _output(pq, pk, h, vn, gc, segs, d, bs, scale, v.dtype, interpret)
   res = (q, k, v, g, beta, h0, segs, w, gc, h, vn, tm) if for_backward else None
   return (o[:, :t, :, :vd], ht[:, :, :kd, :vd]), res
 

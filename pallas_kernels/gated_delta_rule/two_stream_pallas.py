@@ -303,9 +303,15 @@ class _Sizes(NamedTuple):
   tpad: int  # noisy slots after padding: window n reads slots [nC, (n + 1)C + S)
 
 
+def chunk_length(chunk_size: int, max_block: int) -> int:
+  """Chunk length C of the fused kernels' clean pass and noisy windows: chunk_size raised to a
+  power of two >= the row tile."""
+  return backend.next_pow2(max(chunk_size, row_tile(max_block)))
+
+
 def _sizes(t, kd, vd, chunk_size, max_block, block_v) -> _Sizes:
   s = row_tile(max_block)
-  c = backend.next_pow2(max(chunk_size, s))
+  c = chunk_length(chunk_size, max_block)
   kp, vdp = backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
   n = -(-t // c)
   return _Sizes(s, c, kp, vdp, min(block_v, vdp), n, n * c + s)
@@ -318,10 +324,11 @@ def _clean_pass(clean, segment_ids, c, family=None, interpret=False):
   family: None (XLA's chunk scan) or 'pallas' | 'triton': that family's chunked kernels where they
   take the inputs (`api.chunk_checkpoints`; differentiable either way). H200 profile, T=4096, H=16,
   K=128, bf16: XLA's scan ~1.2 ms of the fused Triton forward's 3.5; intra + state pass 0.17 ms.
+  Checkpoints carried by `clean` (two_stream_xla.given_checkpoints) are used as they are.
   """
-  _, kc, vc, gc, bc = clean
-  h, v_new = gdr_api.chunk_checkpoints(kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c,
-                                       family=family, interpret=interpret)
+  kc, vc, gc, bc = clean[1:5]
+  h, v_new = two_stream_xla.given_checkpoints(clean, c) or gdr_api.chunk_checkpoints(
+      kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c, family=family, interpret=interpret)
   return h, v_new, gdr_xla.chunk_cumsum(gc.astype(_F32), c)
 
 
@@ -524,11 +531,13 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
 
 def chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family, interpret):
   """(d clean, d noisy) by autodiff of the pure-JAX chunked schedule at res = (clean, noisy,
-  segment_ids, block_starts), its clean pass from `clean_family`'s kernels (None: XLA): the fused
-  kernels' default backward (recomputes the clean pass)."""
+  segment_ids, block_starts), its clean pass from `clean_family`'s kernels (None: XLA) unless
+  `clean` carries it: the fused kernels' default backward (recomputes the clean pass). Runs at
+  the kernels' chunk length (the result does not depend on it; given checkpoints do)."""
   clean, noisy, segment_ids, block_starts = res
   fn = lambda c, x: two_stream_xla.noisy_delta_rule_chunked(
-      c, x, segment_ids, block_starts, scale=scale, chunk_size=chunk_size, max_block=max_block,
+      c, x, segment_ids, block_starts, scale=scale,
+      chunk_size=chunk_length(chunk_size, max_block), max_block=max_block,
       clean_family=clean_family, interpret=interpret)
   return jax.vjp(fn, clean, noisy)[1](do)
 

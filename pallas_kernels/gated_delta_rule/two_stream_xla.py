@@ -171,6 +171,31 @@ def _window_outputs(xs: dict[str, jax.Array], *, c: int, ahead: int, tile: int, 
   return o[..., :c + ahead, :]
 
 
+def given_checkpoints(clean: tuple[jax.Array, ...], c: int):
+  """The clean pass's checkpoints carried by `clean`, or None.
+
+  clean: (q, k, v, g, beta), or (q, k, v, g, beta, h, v_new) with the checkpoints of
+    `api.chunk_checkpoints` at chunk length c (h [B, N, HV, K, V], v_new [B, T, HV, V]), computed
+    by the caller (e.g. beside the clean stream's output, `api.chunk_output_and_checkpoints`);
+    their gradients then leave through h and v_new.
+
+  Raises:
+    ValueError: another tuple length, or checkpoints of other shapes (another chunk length).
+  """
+  if len(clean) == 5:
+    return None
+  if len(clean) != 7:
+    raise ValueError(f'clean must be (q, k, v, g, beta) or (q, k, v, g, beta, h, v_new); got '
+                     f'{len(clean)} arrays')
+  h, v_new = clean[5:]
+  b, t, hv, vd = clean[2].shape
+  want = (b, -(-t // c), hv, clean[1].shape[3], vd)
+  if h.shape != want or v_new.shape != clean[2].shape:
+    raise ValueError(f'checkpoints h {h.shape}, v_new {v_new.shape} are not the chunk-{c} '
+                     f'checkpoints of this clean stream ({want}, {clean[2].shape})')
+  return h, v_new
+
+
 def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],
                              segment_ids: jax.Array, block_starts: jax.Array, *, scale: float,
                              chunk_size: int = 64, max_block: int = 32,
@@ -184,7 +209,8 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
 
   Args:
     clean: (q, k, v, g, beta) of the clean stream: q, k [B, T, H, K] l2-normed, v [B, T, HV, V],
-      g (log space), beta [B, T, HV].
+      g (log space), beta [B, T, HV]; optionally followed by the clean pass's checkpoints at
+      chunk length max(chunk_size, max_block) (`given_checkpoints`).
     noisy: the same for the views, each with a leading view axis after B: q [B, V, T, H, K], ...
     segment_ids, block_starts: [B, T]. Every block (slots sharing a block start) must be contiguous,
       inside one document and at most `max_block` slots long (not checked: longer blocks give wrong
@@ -215,13 +241,14 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
   tile = backend.next_pow2(max_block)  # a block spans at most two tiles
   width = -(-(c + ahead) // tile) * tile
   f32 = lambda a: a.astype(jnp.float32)
-  _, kc, vc, gc, bc = clean
+  kc, vc, gc, bc = clean[1:5]
   b, t = segment_ids.shape
   hv = vc.shape[2]
 
   # --- Stage 1: clean chunk checkpoints and each chunk's clean tokens. ---
-  h, v_new = gdr_api.chunk_checkpoints(kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c,
-                                       family=clean_family, interpret=interpret)
+  h, v_new = given_checkpoints(clean, c) or gdr_api.chunk_checkpoints(
+      kc, vc, gc, bc, segment_ids=segment_ids, chunk_size=c, family=clean_family,
+      interpret=interpret)
   n = h.shape[1]
   g_cum = gdr_xla.chunk_cumsum(f32(gc), c)  # B T HV
   context = lambda x: _windows(x, 1, n, c, 0, c)  # [B, T, ...] -> [B, N, C, ...]

@@ -29,3 +29,11 @@ def test_table_ratios_stay_within_each_case():
   assert cells[4][8:] == ['0.5x', '0.5x', '1.17', '1.17', '0.5x', '0.5x']
   assert cells[5][10:] == ['-', '-', '0.2x', '0.2x']  # the clean row itself
   assert 'failed: timeout after 9 s' in rows[6]
+
+
+def test_whole_pass_rows_are_not_added_to_the_clean_pass():
+  """A both:<schedule> row (clean and noisy outputs in one call) over (1 + V) clean passes."""
+  results = [dict(T=64, block=4, V=2, schedule=name, fwd_ms=x, fwdbwd_ms=x)
+             for name, x in ((schedule_cases.WHOLE_PASS + 'triton', 4.5), ('clean', 1.0))]
+  row = schedule_cases.table(results, 'clean').split('\n')[2]
+  assert [c.strip() for c in row.strip('|').split('|')][10:12] == ['1.50', '1.50']

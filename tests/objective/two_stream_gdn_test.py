@@ -154,3 +154,22 @@ def test_auto_schedule_is_the_fused_triton_forward_on_gpu_only():
   assert two_stream_gdn.resolve_schedule('auto') == want
   assert two_stream_gdn.resolve_schedule('lean') == 'lean'
   assert two_stream.ObjectiveConfig().gdn_schedule == 'auto'
+
+
+def test_triton_schedules_share_the_clean_pass_where_the_kernels_take_it():
+  """The model's two-stream GDN runs one clean pass for the clean output and the noisy seeds under
+  the Triton schedules (checked against the separate passes by
+  test_schedules_agree_inside_the_model_with_parameter_gradients, which takes this path)."""
+  x = jnp.zeros((1, 40, 1, 16))
+  gb = jnp.zeros((1, 40, 1))
+  clean = (x, x, x, gb, gb)
+  share = two_stream_gdn.shares_clean_pass
+  assert share('triton', clean, 16, 3) and share('triton_kernel_bwd', clean, 64, 32)
+  assert not share('chunked', clean, 16, 3) and not share('pallas', clean, 16, 3)
+  assert not share('triton', clean, 16, 20)  # the fused kernels would chunk at 32
+  assert not share('triton', clean, 8, 3)  # a chunk the kernels do not take
+  assert not share('triton', clean, 16, 3, 'xla') and share('triton', clean, 16, 3, 'triton')
+  assert share('auto', clean, 16, 3) == (jax.default_backend() == 'gpu')
+  if jax.default_backend() != 'gpu':  # Triton's interpreter multiplies 16-bit tensors wrongly
+    bf16 = tuple(a.astype(jnp.bfloat16) for a in clean[:3]) + clean[3:]
+    assert not share('triton', bf16, 16, 3)

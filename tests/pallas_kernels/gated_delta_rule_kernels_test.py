@@ -138,6 +138,38 @@ def test_chunk_checkpoints_match_xla(rng, impl, b, t, h, hv, kd, vd, chunk, cuts
     np.testing.assert_allclose(a, b_, atol=1e-4, rtol=1e-4, err_msg=name)
 
 
+def test_triton_output_and_checkpoints_equal_the_separate_passes(rng):
+  """api.chunk_output_and_checkpoints (one Triton pass for the two-stream clean stream's output
+  and its checkpoints) against the XLA output and checkpoints, values and gradients for random
+  cotangents of all three, in Triton's interpreter; resets, GVA, K and V padded."""
+  pytest.importorskip('triton')
+  pytest.importorskip('torch')
+  b, t, h, hv, kd, vd, chunk = 2, 100, 1, 2, 20, 24, 32
+  q, k, v, g, beta, _ = _inputs(rng, b, t, h, hv, kd, vd, with_state=False)
+  seg = _segments(b, t, [37, 64])
+  scale = kd ** -0.5
+  run = lambda *x: api.chunk_output_and_checkpoints(*x, scale=scale, segment_ids=seg,
+                                                    chunk_size=chunk, interpret=True)
+
+  def separate(*x):
+    o, _ = xla.chunk_gated_delta_rule_xla(*x, scale=scale, segment_ids=seg, chunk_size=chunk)
+    return (o,) + xla.chunk_gated_delta_rule_fwd_h(*x[1:2], *x[1:], segment_ids=seg,
+                                                   chunk_size=chunk)[:2]
+
+  args = (q, k, v, g, beta)
+  got, want = jax.jit(run)(*args), separate(*args)
+  for name, a, w in zip(('o', 'h', 'v_new'), got, want):
+    assert a.shape == w.shape, name
+    np.testing.assert_allclose(a, w, atol=2e-5, rtol=1e-4, err_msg=name)
+  assert got[0].dtype == v.dtype and got[1].dtype == got[2].dtype == jnp.float32
+  cots = tuple(jax.random.normal(jax.random.key(i), w.shape) for i, w in enumerate(want))
+  pullback = lambda fn: jax.jit(lambda *x: jax.vjp(fn, *x)[1](cots))
+  for name, a, w in zip(GRAD_NAMES, pullback(run)(*args), pullback(separate)(*args)):
+    np.testing.assert_allclose(a, w, atol=1e-4, rtol=1e-4, err_msg=name)
+  with pytest.raises(ValueError, match='do not take'):
+    api.chunk_output_and_checkpoints(*args, scale=scale, chunk_size=8, interpret=True)
+
+
 def test_chunk_checkpoints_fall_back_where_kernels_cannot_take_the_inputs(rng):
   """A chunk size the kernels do not take, and 16-bit inputs in Triton's interpreter, run XLA."""
   _, k, v, g, beta, _ = _inputs(rng, 1, 40, 1, 1, 8, 8, with_state=False)
@@ -241,3 +273,38 @@ def test_gpu_fp32_awkward_shapes_with_resets(impl):
   names = ('o', 'final state') + GRAD_NAMES
   for name, a, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
     testing.assert_close(f'{impl} {name}', a, w, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_gpu_output_and_checkpoints_match_xla(dtype):
+  """The shared clean pass (api.chunk_output_and_checkpoints) compiled: output, checkpoints and
+  gradients for random cotangents of all three against fp32 XLA; bf16 at T=4096, K=128 within
+  fla's limits, fp32 at awkward shapes with resets within 1e-4."""
+  rng = np.random.default_rng(0)
+  bf16 = dtype == 'bfloat16'
+  b, t, h, hv, kd, vd = (1, 4096, 16, 16, 128, 128) if bf16 else (2, 1000, 2, 4, 60, 100)
+  q, k, v, g, beta, _ = _inputs(rng, b, t, h, hv, kd, vd, with_state=False)
+  seg = None if bf16 else _segments(b, t, [1, 64, 300, 301, 777])
+  scale = kd ** -0.5
+
+  def separate(*x):
+    o, _ = xla.chunk_gated_delta_rule_xla(*x, scale=scale, segment_ids=seg)
+    return (o,) + xla.chunk_gated_delta_rule_fwd_h(x[1], *x[1:], segment_ids=seg)[:2]
+
+  args32 = (q, k, v, g, beta)
+  args = tuple(x.astype(jnp.bfloat16) if bf16 and i < 3 else x for i, x in enumerate(args32))
+  shared = lambda *x: api.chunk_output_and_checkpoints(*x, scale=scale, segment_ids=seg)
+  with jax.default_matmul_precision('highest'):
+    want_out = jax.jit(separate)(*args32)
+  cots = tuple(jax.random.normal(jax.random.key(i), w.shape) for i, w in enumerate(want_out))
+  pullback = lambda fn: jax.jit(lambda *x: jax.vjp(fn, *x)[1](cots))
+  got_out = jax.jit(shared)(*args)
+  got = pullback(shared)(*args)
+  with jax.default_matmul_precision('highest'):
+    want = pullback(separate)(*args32)
+  out_limit = LIMITS['o'] if bf16 else 1e-4
+  for name, a, w in zip(('o', 'h', 'v_new'), got_out, want_out):
+    testing.assert_close(f'shared {name}', a, w, out_limit)
+  for name, a, w in zip(GRAD_NAMES, got, want):
+    testing.assert_close(f'shared {name}', a, w, LIMITS[name] if bf16 else 1e-4)

@@ -168,6 +168,41 @@ def test_triton_kernel_gradients_equal_the_chunked_schedules(rng, case, backward
   _check_grads(got, grads)
 
 
+@pytest.mark.parametrize('family, backward', [('triton', 'autodiff'), ('triton', 'kernel'),
+                                              ('pallas', 'kernel')])
+def test_given_checkpoints_equal_the_ops_own_clean_pass(rng, family, backward):
+  """The fused ops with the clean pass's checkpoints carried in `clean` (the model's shared clean
+  pass: the Triton schedules) give the outputs and, through the checkpoints, the gradients of the
+  op that forms them; and they are read (zeroed checkpoints change the outputs)."""
+  if family == 'triton':
+    pytest.importorskip('torch')
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the interpreter path is for CPU runs')
+  from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
+  module = pytest.importorskip(f'pallas_kernels.gated_delta_rule.two_stream_{family}')
+  op = getattr(module, f'noisy_delta_rule_{family}')
+  t, block, chunk = 70, 4, 16
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 20)
+  kw = dict(scale=0.25, chunk_size=chunk, max_block=block, interpret=True, backward=backward)
+  own = lambda c, n: op(c, n, seg, starts, **kw)
+
+  def given(c, n):
+    h, v_new = api.chunk_checkpoints(*c[1:], segment_ids=seg, chunk_size=chunk)
+    return op(c + (h, v_new), n, seg, starts, **kw)
+
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, 20)), jnp.float32)
+  (o, got), (o_want, want) = (_vjp(f, clean, noisy, cot, output=True) for f in (given, own))
+  _close(o, o_want)
+  _check_grads(got, want)
+  zeroed = op(clean + tuple(jnp.zeros_like(x) for x in api.chunk_checkpoints(
+      *clean[1:], segment_ids=seg, chunk_size=chunk)), noisy, seg, starts, **kw)
+  assert float(jnp.max(jnp.abs(zeroed - o_want))) > 0.1 * float(jnp.max(jnp.abs(o_want)))
+  with pytest.raises(ValueError, match='chunk-16 checkpoints'):
+    h, v_new = api.chunk_checkpoints(*clean[1:], segment_ids=seg, chunk_size=32)
+    op(clean + (h, v_new), noisy, seg, starts, **kw)
+
+
 def test_triton_backward_kernel_rejects_blocks_it_cannot_fit():
   two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
   rng = np.random.default_rng(0)
