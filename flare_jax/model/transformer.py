@@ -62,8 +62,8 @@ class FlareLM(nnx.Module):
 
     num_views > 0: `tokens` is a two-stream row [B, (1+V)T] (clean stream, then V noisy views
     sharing the clean positions), see flare_jax.objective.layout; gdn_schedule picks one of
-    two_stream_gdn.ALL_SCHEDULES ('auto': the fused Triton forward on GPU) and max_block bounds the noisy block length in slots (the objective's block
-    size).
+    two_stream_gdn.ALL_SCHEDULES ('auto': the fused Triton forward on GPU) and max_block bounds
+    the noisy block length in slots (the objective's block size).
     noisy_tail = n > 0 (with a cache): the last n tokens are one noisy block seeded at the end of
     each row's valid prefix (Diffusion-Trust's first block primed in the prefill); the cache
     advances over the valid prefix only. n = T: the whole call is one noisy block over the cache,

@@ -38,6 +38,11 @@ KERNEL_SCHEDULES = ('pallas', 'pallas_kernel_bwd', 'triton', 'triton_kernel_bwd'
 ALL_SCHEDULES = ('auto',) + SCHEDULES + KERNEL_SCHEDULES
 
 
+def _interpret() -> bool:
+  """Whether the kernel schedules run in their interpreters (off GPU)."""
+  return jax.default_backend() != 'gpu'
+
+
 def resolve_schedule(schedule: str) -> str:
   """'auto' -> 'triton' on GPU (fused forward, the chunked schedule's autodiff backward), else
   'chunked'. H200, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2 (bench_schedules):
@@ -135,9 +140,8 @@ def shares_clean_pass(schedule: str, clean, chunk_size: int, max_block: int,
   at a chunk length the fused kernels keep."""
   schedule = resolve_schedule(schedule)
   _, k, v = clean[:3]
-  interpret = jax.default_backend() != 'gpu'
   return (schedule in ('triton', 'triton_kernel_bwd') and clean_implementation in (None, 'triton')
-          and gdr_api.kernels_take('triton', k, v, chunk_size, interpret)
+          and gdr_api.kernels_take('triton', k, v, chunk_size, _interpret())
           and two_stream_pallas.chunk_length(chunk_size, max_block) == chunk_size)
 
 
@@ -153,7 +157,7 @@ def two_stream_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, sch
   if shares_clean_pass(schedule, clean, chunk_size, max_block, clean_implementation):
     o_clean, h, v_new = gdr_api.chunk_output_and_checkpoints(
         *clean, scale=scale, segment_ids=segment_ids, chunk_size=chunk_size,
-        interpret=jax.default_backend() != 'gpu')
+        interpret=_interpret())
     clean = tuple(clean) + (h, v_new)
   else:
     o_clean, _ = gdr_api.chunk_gated_delta_rule(
@@ -189,7 +193,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
     kernel = (two_stream_pallas.noisy_delta_rule_pallas if schedule.startswith('pallas')
               else two_stream_triton.noisy_delta_rule_triton)
     return kernel(clean, noisy, segment_ids, block_starts, scale=scale, chunk_size=chunk_size,
-                  max_block=max_block, interpret=jax.default_backend() != 'gpu',
+                  max_block=max_block, interpret=_interpret(),
                   backward='kernel' if schedule.endswith('_kernel_bwd') else 'autodiff')
   if schedule == 'chunked':
     return two_stream_xla.noisy_delta_rule_chunked(

@@ -448,26 +448,17 @@ def chunk_checkpoints_padded(k, v, g, beta, segs, chunk_size, interpret=False):
 
 @functools.partial(jax.jit, static_argnums=(5, 6))
 def _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret):
-  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
-  _, _, w, gc, h, vn, _, tm = _forward(k, k, v, g, beta, h0, segs, chunk_size, interpret,
-                                       store_t=True, state_dtype=_F32)
-  # The backward kernels read h and v_new in the inputs' dtype: keep them so (half the residual
-  # memory for 16-bit inputs).
-  return (h, vn), (k, v, beta, segs, w, gc, h.astype(k.dtype), vn.astype(k.dtype), tm)
+  _, _, w, gc, h, vn, h_c, vn_c, tm = _clean_pass_forward(k, k, v, g, beta, segs, chunk_size,
+                                                          interpret)
+  return (h, vn), (k, v, beta, segs, w, gc, h_c, vn_c, tm)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _checkpoints_bwd(chunk_size, interpret, res, cts):
   k, v, beta, segs, w, gc, h, vn, tm = res
-  dh_ext, dvn_ext = cts
-  d = _Dims(k, v, chunk_size)
-  zeros_dht = jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32)
-  _, dk, dv, db, dg, _ = _backward_passes(
-      k, k, v, beta, None, zeros_dht, segs, w, gc, h, vn, tm,
-      (dh_ext.astype(_F32), dvn_ext.astype(_F32)), scale=1.0, chunk_size=chunk_size,
-      interpret=interpret, grad_dtypes=configs.grad_dtypes(k.dtype, v.dtype, d.grp))
-  return (_key_heads(dk, d).astype(k.dtype), dv.astype(v.dtype), dg, db,
-          jax.tree.map(jnp.zeros_like, segs))
+  _, dk, dv, dg, db = _clean_pass_backward(k, k, v, beta, None, segs, w, gc, h, vn, tm, cts,
+                                           scale=1.0, chunk_size=chunk_size, interpret=interpret)
+  return dk, dv, dg, db, jax.tree.map(jnp.zeros_like, segs)
 
 
 chunk_checkpoints_padded.defvjp(_checkpoints_fwd, _checkpoints_bwd)
@@ -485,10 +476,8 @@ def output_and_checkpoints_padded(q, k, v, g, beta, segs, scale, chunk_size, int
 
 @functools.partial(jax.jit, static_argnums=(6, 7, 8))
 def _output_and_checkpoints_fwd(q, k, v, g, beta, segs, scale, chunk_size, interpret):
-  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
-  d, bs, w, gc, h, vn, _, tm = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
-                                        store_t=True, state_dtype=_F32)
-  h_c, vn_c = h.astype(k.dtype), vn.astype(k.dtype)  # what the output and backward kernels read
+  d, bs, w, gc, h, vn, h_c, vn_c, tm = _clean_pass_forward(q, k, v, g, beta, segs, chunk_size,
+                                                           interpret)
   o = _output(q, k, h_c, vn_c, gc, segs, d, bs, scale, v.dtype, interpret)
   return (o, h, vn), (q, k, v, beta, segs, w, gc, h_c, vn_c, tm)
 
@@ -497,17 +486,36 @@ def _output_and_checkpoints_fwd(q, k, v, g, beta, segs, scale, chunk_size, inter
 def _output_and_checkpoints_bwd(scale, chunk_size, interpret, res, cts):
   q, k, v, beta, segs, w, gc, h, vn, tm = res
   do, dh_ext, dvn_ext = cts
-  d = _Dims(q, v, chunk_size)
-  dq, dk, dv, db, dg, _ = _backward_passes(
-      q, k, v, beta, do.astype(v.dtype), jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32), segs, w, gc,
-      h, vn, tm, (dh_ext.astype(_F32), dvn_ext.astype(_F32)), scale=scale,
-      chunk_size=chunk_size, interpret=interpret,
-      grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
-  return (_key_heads(dq, d).astype(q.dtype), _key_heads(dk, d).astype(k.dtype),
-          dv.astype(v.dtype), dg, db, jax.tree.map(jnp.zeros_like, segs))
+  grads = _clean_pass_backward(q, k, v, beta, do.astype(v.dtype), segs, w, gc, h, vn, tm,
+                               (dh_ext, dvn_ext), scale=scale, chunk_size=chunk_size,
+                               interpret=interpret)
+  return grads + (jax.tree.map(jnp.zeros_like, segs),)
 
 
 output_and_checkpoints_padded.defvjp(_output_and_checkpoints_fwd, _output_and_checkpoints_bwd)
+
+
+def _clean_pass_forward(q, k, v, g, beta, segs, chunk_size, interpret):
+  """The checkpoint ops' forward on padded inputs, zero initial state: (dims, block sizes, w, g
+  cumsum, fp32 h and v_new (the ops' outputs), h and v_new in the inputs' dtype (what the output
+  and backward kernels read), the UT matrices T)."""
+  h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
+  d, bs, w, gc, h, vn, _, tm = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
+                                        store_t=True, state_dtype=_F32)
+  return d, bs, w, gc, h, vn, h.astype(k.dtype), vn.astype(k.dtype), tm
+
+
+def _clean_pass_backward(q, k, v, beta, pdo, segs, w, gc, h, vn, tm, checkpoint_cts, *, scale,
+                         chunk_size, interpret):
+  """The checkpoint ops' backward: (dq, dk, dv, dg, dbeta) padded, key heads summed, for the
+  output cotangent pdo (None: no output) and the checkpoints' cotangents (dh, dv_new)."""
+  d = _Dims(q, v, chunk_size)
+  dq, dk, dv, db, dg, _ = _backward_passes(
+      q, k, v, beta, pdo, jnp.zeros((d.b, d.hv, d.kd, d.vd), _F32), segs, w, gc, h, vn, tm,
+      tuple(x.astype(_F32) for x in checkpoint_cts), scale=scale, chunk_size=chunk_size,
+      interpret=interpret, grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
+  return (_key_heads(dq, d).astype(q.dtype), _key_heads(dk, d).astype(k.dtype),
+          dv.astype(v.dtype), dg, db)
 
 
 def _output(pq, pk, h, vn, gc, segs, d: '_Dims', bs, scale, dtype, interpret):

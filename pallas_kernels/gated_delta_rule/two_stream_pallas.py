@@ -554,10 +554,11 @@ def check_arguments(clean, noisy, max_block: int) -> None:
 def fused_noisy_op(forward, kernel_backward, clean_family=None):
   """The differentiable op noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size,
   max_block, launch, interpret, backward) of a fused forward kernel, shared by the Pallas and
-  jax-triton kernels; launch is the family's `forward_launch` (V tile, warps). `forward` and `kernel_backward` take those arguments (the latter the
-  residuals (clean, noisy, segment_ids, block_starts) and the cotangent first, and no backward);
-  backward 'kernel' runs kernel_backward, 'autodiff' `chunked_schedule_vjp` with the clean pass
-  of `clean_family` (None: XLA). Both recompute the clean pass."""
+  jax-triton kernels; launch is the family's `forward_launch` (V tile, warps). `forward` and
+  `kernel_backward` take those arguments (the latter the residuals (clean, noisy, segment_ids,
+  block_starts) and the cotangent first, and no backward); backward 'kernel' runs
+  kernel_backward, 'autodiff' `chunked_schedule_vjp` with the clean pass of `clean_family`
+  (None: XLA). Both recompute the clean pass unless `clean` carries its checkpoints."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
   def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
