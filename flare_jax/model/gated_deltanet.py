@@ -226,10 +226,11 @@ class GatedDeltaNet(nnx.Module):
     noisy_pre = qkv[:, t:].reshape(b, num_views, t, -1)
     noisy_conv = two_stream_gdn.noisy_conv(qkv[:, :t], noisy_pre, w, seg, starts)
     conv = jnp.concatenate([clean_conv, noisy_conv.reshape(b, num_views * t, -1)], axis=1)
-    q, k, v = self.split_heads(jax.nn.silu(conv))
+    # Both streams reach the kernels in the model's dtype (the fused kernels pick their launch
+    # and product precision by it).
+    q, k, v = (a.astype(x.dtype) for a in self.split_heads(jax.nn.silu(conv)))
     g, beta = self.gates(b_in, a_in)
-    dt = x.dtype
-    clean = (q[:, :t].astype(dt), k[:, :t].astype(dt), v[:, :t].astype(dt), g[:, :t], beta[:, :t])
+    clean = (q[:, :t], k[:, :t], v[:, :t], g[:, :t], beta[:, :t])
     views = lambda a: a[:, t:].reshape(b, num_views, t, *a.shape[2:])
     o_clean, o_noisy = two_stream_gdn.two_stream_delta_rule(
         clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts,
@@ -237,7 +238,7 @@ class GatedDeltaNet(nnx.Module):
         max_block=max_block, clean_implementation=cfg.gdn_impl)
     o = jnp.concatenate([o_clean.astype(jnp.float32),
                          o_noisy.reshape(b, num_views * t, *o_noisy.shape[3:])], axis=1)
-    return self.output(o, z, dt)
+    return self.output(o, z, x.dtype)
 
   def replay_state(self, state: cache_lib.GDNState, replay: cache_lib.GDNReplay,
                    n_keep: jax.Array) -> cache_lib.GDNState:

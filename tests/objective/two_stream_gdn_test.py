@@ -30,6 +30,16 @@ def _rows(t=52):
   return seg, resp
 
 
+def _model_input(rng, obj):
+  """The objective's two-stream input for the first row of `_rows`."""
+  seg, resp = _rows()
+  pos = np.concatenate([np.arange(n) for n in np.unique(seg[0], return_counts=True)[1]])
+  batch = dict(tokens=jnp.asarray(rng.integers(0, 256, (1, seg.shape[1])), jnp.int32),
+               segment_ids=jnp.asarray(seg[:1]), positions=jnp.asarray(pos[None], jnp.int32),
+               response_mask=jnp.asarray(resp[:1]))
+  return two_stream.build_input(batch, jax.random.key(0), obj, 271)
+
+
 def _inputs(rng, b, t, views):
   def qk(*shape):
     x = rng.normal(size=shape)
@@ -124,13 +134,8 @@ def test_schedules_agree_inside_the_model_with_parameter_gradients(rng):
   cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', layer_types=(config_lib.LINEAR,),
                                             gdn_chunk_size=16)
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
-  seg, resp = _rows()
-  pos = np.concatenate([np.arange(n) for n in np.unique(seg[0], return_counts=True)[1]])
-  batch = dict(tokens=jnp.asarray(rng.integers(0, 256, (1, seg.shape[1])), jnp.int32),
-               segment_ids=jnp.asarray(seg[:1]), positions=jnp.asarray(pos[None], jnp.int32),
-               response_mask=jnp.asarray(resp[:1]))
   obj = two_stream.ObjectiveConfig(block_size=3, num_views=2)
-  inp = two_stream.build_input(batch, jax.random.key(0), obj, 271)
+  inp = _model_input(rng, obj)
   outs, grads = [], []
   # The fused kernels run in their interpreters here (Triton's needs torch).
   schedules = [s for s in two_stream_gdn.SCHEDULES + two_stream_gdn.KERNEL_SCHEDULES
@@ -173,3 +178,23 @@ def test_triton_schedules_share_the_clean_pass_where_the_kernels_take_it():
   if jax.default_backend() != 'gpu':  # Triton's interpreter multiplies 16-bit tensors wrongly
     bf16 = tuple(a.astype(jnp.bfloat16) for a in clean[:3]) + clean[3:]
     assert not share('triton', bf16, 16, 3)
+
+
+def test_both_streams_reach_the_delta_rule_in_the_model_dtype(rng, monkeypatch):
+  """The fused kernels choose their launch and products by the inputs' dtype, so a bf16 model must
+  hand them bf16 q, k, v in the noisy views as in the clean stream (gates stay fp32)."""
+  seen = []
+  real = two_stream_gdn.two_stream_delta_rule
+
+  def spy(clean, noisy, *args, **kwargs):
+    seen.append([a.dtype.name for a in clean + noisy])
+    return real(clean, noisy, *args, **kwargs)
+
+  monkeypatch.setattr(two_stream_gdn, 'two_stream_delta_rule', spy)
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='bfloat16', layer_types=(config_lib.LINEAR,),
+                                            gdn_chunk_size=16)
+  obj = two_stream.ObjectiveConfig(block_size=3, num_views=1)
+  inp = _model_input(rng, obj)
+  transformer.FlareLM(cfg, rngs=nnx.Rngs(0)).hidden_states(
+      inp.tokens, inp.meta, num_views=1, gdn_schedule='chunked', max_block=3)
+  assert seen == [(['bfloat16'] * 3 + ['float32'] * 2) * 2]

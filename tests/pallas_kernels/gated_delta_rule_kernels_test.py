@@ -297,12 +297,14 @@ def test_gpu_output_and_checkpoints_match_xla(dtype):
   shared = lambda *x: api.chunk_output_and_checkpoints(*x, scale=scale, segment_ids=seg)
   with jax.default_matmul_precision('highest'):
     want_out = jax.jit(separate)(*args32)
-  cots = tuple(jax.random.normal(jax.random.key(i), w.shape) for i, w in enumerate(want_out))
-  pullback = lambda fn: jax.jit(lambda *x: jax.vjp(fn, *x)[1](cots))
   got_out = jax.jit(shared)(*args)
-  got = pullback(shared)(*args)
+  cots = tuple(jax.random.normal(jax.random.key(i), w.shape) for i, w in enumerate(want_out))
+  # Each output's cotangent in that output's dtype (the shared pass's o is bf16 for bf16 inputs).
+  pullback = lambda fn, outs: jax.jit(lambda *x: jax.vjp(fn, *x)[1](
+      tuple(c.astype(o.dtype) for c, o in zip(cots, outs))))
+  got = pullback(shared, got_out)(*args)
   with jax.default_matmul_precision('highest'):
-    want = pullback(separate)(*args32)
+    want = pullback(separate, want_out)(*args32)
   out_limit = LIMITS['o'] if bf16 else 1e-4
   for name, a, w in zip(('o', 'h', 'v_new'), got_out, want_out):
     testing.assert_close(f'shared {name}', a, w, out_limit)
