@@ -45,9 +45,10 @@ def _interpret() -> bool:
 
 def resolve_schedule(schedule: str) -> str:
   """'auto' -> 'triton' on GPU (fused forward, the chunked schedule's autodiff backward), else
-  'chunked'. H200, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2 (bench_schedules):
-  forward+backward 7.61 ms against chunked's 10.58, the same temp memory (2.27 / 2.24 GiB); the
-  backward kernels measured slower (triton_kernel_bwd 18.7 ms). Other names pass through."""
+  'chunked'. H200, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, clean and noisy outputs
+  together (bench_schedules both:triton, both:chunked): forward+backward 7.60 ms against 11.28,
+  the same temp memory (2.26 / 2.27 GiB); the backward kernel measured slower (triton_kernel_bwd
+  18.7 ms, noisy op alone). Other names pass through."""
   if schedule != 'auto':
     return schedule
   gpu = jax.default_backend() == 'gpu' and two_stream_triton.triton is not None
