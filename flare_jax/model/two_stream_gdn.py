@@ -60,8 +60,21 @@ def _gather_time(x, idx):
   return jax.vmap(lambda a, i: a[i])(x, idx)
 
 
+def _delayed(x, back: int, axis: int):
+  """x shifted `back` slots later along `axis`, zeros shifted in: y[i] = x[i - back] there."""
+  if back == 0:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (back, 0)
+  return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
+
+
 def noisy_conv(x_clean, x_noisy, w, segment_ids, block_starts):
   """Causal depthwise conv of the noisy views with windows reaching into the clean stream.
+
+  Slot i's tap `back` reads slot i - back: from its view if that slot is in i's block (at or after
+  block_starts[i]), else from the clean stream; zero before the row or the document. Every tap is a
+  static shift, so neither direction gathers or scatters.
 
   Args:
     x_clean: [B, T, C] clean pre-conv inputs; x_noisy: [B, V, T, C]; w: [Kc, C].
@@ -72,16 +85,13 @@ def noisy_conv(x_clean, x_noisy, w, segment_ids, block_starts):
   """
   b, v, t, c = x_noisy.shape
   kc = w.shape[0]
-  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  pos = jnp.arange(t)[None]
   out = jnp.zeros((b, v, t, c), jnp.float32)
   for back in range(kc):  # tap w[kc-1-back] multiplies the input `back` slots earlier
-    src = pos - back
-    srcc = jnp.maximum(src, 0)
-    ok = (src >= 0) & (_gather_time(segment_ids, srcc) == segment_ids)
-    from_noisy = srcc >= block_starts  # B T
-    clean_val = _gather_time(x_clean, srcc).astype(jnp.float32)  # B T C
-    noisy_val = jnp.take_along_axis(x_noisy, srcc[:, None, :, None], axis=2).astype(jnp.float32)
-    val = jnp.where(from_noisy[:, None, :, None], noisy_val, clean_val[:, None])
+    ok = (pos >= back) & (_delayed(segment_ids, back, 1) == segment_ids)  # B T
+    from_noisy = pos - back >= block_starts  # B T
+    val = jnp.where(from_noisy[:, None, :, None], _delayed(x_noisy, back, 2),
+                    _delayed(x_clean, back, 1)[:, None]).astype(jnp.float32)
     out = out + jnp.where(ok[:, None, :, None], val, 0.0) * w[kc - 1 - back].astype(jnp.float32)
   return out
 

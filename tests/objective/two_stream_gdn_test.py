@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from flare_jax.model import config as config_lib
+from flare_jax.model import gated_deltanet
 from flare_jax.model import transformer
 from flare_jax.model import two_stream_gdn
 from flare_jax.objective import layout as layout_lib
@@ -198,3 +199,38 @@ def test_both_streams_reach_the_delta_rule_in_the_model_dtype(rng, monkeypatch):
   transformer.FlareLM(cfg, rngs=nnx.Rngs(0)).hidden_states(
       inp.tokens, inp.meta, num_views=1, gdn_schedule='chunked', max_block=3)
   assert seen == [(['bfloat16'] * 3 + ['float32'] * 2) * 2]
+
+
+def test_noisy_conv_is_the_plain_conv_over_each_slots_visible_sequence(rng):
+  """Slot i of a view convolves the sequence it sees: clean inputs before its block start, the
+  view's inputs from there to i (documents reset the window). Oracle: the clean stream's
+  `causal_conv` over that sequence, slot by slot."""
+  seg, _ = _rows(t=20)
+  seg[0, 17:] = 0  # trailing padding
+  b, t, c, kc, views = 2, seg.shape[1], 3, 4, 2
+  starts = np.zeros((b, t), np.int32)
+  for r in range(b):
+    doc_start = 0
+    for i in range(t):
+      if i and seg[r, i] != seg[r, i - 1]:
+        doc_start = i
+      starts[r, i] = doc_start + (i - doc_start) // 3 * 3  # blocks of 3 from each document start
+  x_clean = rng.normal(size=(b, t, c)).astype(np.float32)
+  x_noisy = rng.normal(size=(b, views, t, c)).astype(np.float32)
+  w = rng.normal(size=(kc, c)).astype(np.float32)
+  got = two_stream_gdn.noisy_conv(jnp.asarray(x_clean), jnp.asarray(x_noisy), jnp.asarray(w),
+                                  jnp.asarray(seg), jnp.asarray(starts))
+  ahead = np.arange(t)[None, :] >= starts[:, :, None]  # [b, slot i, j]: j is in i's block or later
+  for r in range(b):
+    for u in range(views):
+      # Row i of the batch: what slot i sees (slots after i do not reach i's causal output).
+      seen = np.where(ahead[r][..., None], x_noisy[r, u][None], x_clean[r][None])  # [t, t, c]
+      want, _ = gated_deltanet.causal_conv(jnp.asarray(seen), jnp.asarray(w),
+                                           jnp.asarray(np.repeat(seg[r:r + 1], t, 0)))
+      np.testing.assert_allclose(got[r, u], want[np.arange(t), np.arange(t)], atol=1e-5,
+                                 rtol=1e-5, err_msg=f'row {r} view {u}')
+  # Static shifts both ways: no gather in the forward, no scatter in the backward.
+  loss = lambda xc, xn: jnp.sum(two_stream_gdn.noisy_conv(xc, xn, jnp.asarray(w), jnp.asarray(seg),
+                                                          jnp.asarray(starts)))
+  ops = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x_clean, x_noisy))
+  assert 'gather' not in ops and 'scatter' not in ops
