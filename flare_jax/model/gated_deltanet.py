@@ -176,9 +176,12 @@ class GatedDeltaNet(nnx.Module):
     y = self.output(o, z, x.dtype)
     if state is None:
       return y, None
-    n_valid = (jnp.full(x.shape[:1], x.shape[1], jnp.int32) if valid is None
-               else jnp.sum(valid, axis=1, dtype=jnp.int32))
-    window = last_window(xpad, n_valid, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
+    if valid is None:  # every row ends at T: a static slice, not a per-row gather (decode steps)
+      window = xpad[:, x.shape[1]:]
+    else:
+      window = last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32),
+                           cfg.linear_conv_kernel_dim)
+    window = window.astype(state.conv.dtype)
     next_state = cache_lib.GDNState(conv=window, recurrent=final)
     if return_replay:
       return y, next_state, cache_lib.GDNReplay(q=q.astype(dt), k=k.astype(dt), v=v.astype(dt),
