@@ -332,17 +332,21 @@ def _clean_pass(clean, segment_ids, c, family=None, interpret=False):
   return h, v_new, gdr_xla.chunk_cumsum(gc.astype(_F32), c)
 
 
-def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes):
+def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes, keep_dtype=False):
   """The kernels' padded operands: noisy (q, k, v, g, beta) [B, V, Tp, ...], slot meta [B, Tp],
-  clean context (k, v', G [B, NC, ...], h), and each slot's group (its seed's chunk) [B, T]."""
+  clean context (k, v', G [B, NC, ...], h), and each slot's group (its seed's chunk) [B, T].
+  Noisy q, k, v and clean k are fp32, or with keep_dtype in their own dtype (for kernels that
+  widen them as they load them: no convert pass, half the bytes for 16-bit inputs)."""
   h, v_new, g_cum = ctx
   b, nv, _, hq, _ = noisy[0].shape
   hv = v_new.shape[2]
-  ctx = (_pad_to(kc.astype(_F32), (b, z.n * z.c, hq, z.kp)),
+  wide = (lambda a: a) if keep_dtype else (lambda a: a.astype(_F32))
+  ctx = (_pad_to(wide(kc), (b, z.n * z.c, hq, z.kp)),
          _pad_to(v_new, (b, z.n * z.c, hv, z.vdp)), _pad_to(g_cum, (b, z.n * z.c, hv)),
          _pad_to(h, (b, z.n, hv, z.kp, z.vdp)))
   meta, group = _slot_meta(segment_ids, block_starts, z.c, z.tpad)
-  qn, kn, vn, gn, bn = (a.astype(_F32) for a in noisy)
+  qn, kn, vn = (wide(a) for a in noisy[:3])
+  gn, bn = (a.astype(_F32) for a in noisy[3:])
   qn, kn = (_pad_to(x, (b, nv, z.tpad, hq, z.kp)) for x in (qn, kn))
   vn = _pad_to(vn, (b, nv, z.tpad, hv, z.vdp))
   gn, bn = (_pad_to(x, (b, nv, z.tpad, hv)) for x in (gn, bn))
@@ -435,18 +439,20 @@ class BackwardOperands(NamedTuple):
 
 
 def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                      block_v, clean_family=None, interpret=False) -> BackwardOperands:
+                      block_v, clean_family=None, interpret=False,
+                      keep_dtype=False) -> BackwardOperands:
   """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
-  `_clean_pass`'s family), padded operands, and the window cotangents (the transpose of the slot
-  selection), with a tile of zero rows in front of every noisy row and window (the tile before
-  the first)."""
+  `_clean_pass`'s family), padded operands (`_operands`, keep_dtype as there), and the window
+  cotangents (the transpose of the slot selection), with a tile of zero rows in front of every
+  noisy row and window (the tile before the first)."""
   b, nv, t, _, kd = noisy[0].shape
   vd = clean[2].shape[3]
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
   s, c, wd = z.s, z.c, z.c + z.s
   ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, c, clean_family, interpret),
                            clean)
-  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
+  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z,
+                                          keep_dtype)
   hv = clean[2].shape[2]
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
   (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(

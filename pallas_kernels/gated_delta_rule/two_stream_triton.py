@@ -12,7 +12,8 @@ tiles and backpropagates the later tile's output cotangent through it, into the 
 the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests).
+the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: on the GPU
+they read them in the inputs' dtype (no convert pass); in the interpreter, fp32 buffers.
 """
 import functools
 
@@ -78,7 +79,7 @@ if triton is not None:
     o_k = tl.arange(0, K)
     o_v = i_e * BV + tl.arange(0, BV)
     ctok = (i_b * N * C + n * C + tl.arange(0, C)).to(tl.int64)
-    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :])
+    k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
     v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
     g_ctx = tl.load(gc + ctok * HV + i_h)
     h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
@@ -93,8 +94,8 @@ if triton is not None:
     tok = base + slot
     p_qk = (tok * HQ + kh)[:, None] * K + tl.arange(0, K)[None, :]
     mslot = (mbase + slot).to(tl.int64)
-    return (tl.load(q + p_qk), tl.load(k + p_qk),
-            tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]),
+    return (tl.load(q + p_qk).to(tl.float32), tl.load(k + p_qk).to(tl.float32),
+            tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32),
             tl.load(g + tok * HV + i_h), tl.load(beta + tok * HV + i_h), tl.load(bsl + mslot),
             tl.load(seed + mslot), tl.load(lo + mslot), tl.load(carry + mslot))
 
@@ -362,6 +363,12 @@ if triton is not None:
              + o_v[None, :], s_dh)
 
 
+def _compiled() -> bool:
+  """Whether the kernels are built for a GPU, not for Triton's interpreter (TRITON_INTERPRET=1),
+  whose buffers are fp32 only (`_common.triton_interpret`) and whose bf16 products are wrong."""
+  return type(noisy_kernel).__name__ != 'InterpretedFunction'
+
+
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
              interpret):
@@ -373,7 +380,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   # pylint: disable-next=protected-access
   ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
   noisy_p, meta, ctx, group = tsp._operands(  # pylint: disable=protected-access
-      clean[1], ctx, noisy, segment_ids, block_starts, z)
+      clean[1], ctx, noisy, segment_ids, block_starts, z, keep_dtype=_compiled())
   # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp], g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, N, C + S, HV, Vp].
@@ -396,9 +403,10 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret)
+                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret,
+                              keep_dtype=_compiled())
   z = ops.z
-  if prec == 'bf16' and type(noisy_bwd_kernel).__name__ == 'InterpretedFunction':
+  if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   outs = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_bwd_kernel,
