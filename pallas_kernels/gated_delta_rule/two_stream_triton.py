@@ -4,8 +4,9 @@ The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1),
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
 row tiles, solving each tile's blocks against itself and the carried previous tile, and rebuilds
 every block's seed state from the clean chunk checkpoint h_n and clean chunk n through the prefix
-identity, so no per-block state is ever formed. The JAX side (clean pass, padding, slot metadata,
-picking each slot's output from its seed's window, the backward's sums) is `two_stream_pallas`'s.
+identity, so no per-block state is ever formed; each slot's output is stored by its seed's window
+only, straight into the slot layout. The JAX side (clean pass, padding, slot metadata, the
+backward's window cotangents and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or
 `noisy_bwd_kernel` (backward='kernel'): per window, each step rebuilds the WY step of two row
 tiles and backpropagates the later tile's output cotangent through it, into the noisy inputs and
@@ -13,7 +14,8 @@ the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: on the GPU
-they read them in the inputs' dtype (no convert pass); in the interpreter, fp32 buffers.
+at row tiles <= 16 they read them in the inputs' dtype (no convert pass; `_reads_inputs_as_given`),
+else fp32 copies.
 """
 import functools
 
@@ -114,11 +116,12 @@ if triton is not None:
   @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                   TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                   C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                   T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                   BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
                    SCALE: tl.constexpr, PREC: tl.constexpr):
     """Window n of one (batch, value head, view, V tile): noisy outputs of slots
-    [nC, nC + N_TILES S) (layouts: see `_forward`)."""
+    [nC, nC + N_TILES S), each stored by the window of its seed's chunk only, so every slot of
+    [0, T) is written once (layouts: see `_forward`)."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
@@ -173,8 +176,10 @@ if triton is not None:
                       input_precision=PREC)
              + tl.dot(tl.dot(b_q, tl.trans(k_p), input_precision=PREC) * d_ip, vn_p,
                       input_precision=PREC))
-      wrow = (((i_b * NV + i_u) * N + n) * (N_TILES * S) + i * S + o_s).to(tl.int64)
-      tl.store(o + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o)
+      own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
+      orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
+      tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
+               mask=own[:, None])
       k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
 
 
@@ -369,6 +374,15 @@ def _compiled() -> bool:
   return type(noisy_kernel).__name__ != 'InterpretedFunction'
 
 
+def _reads_inputs_as_given(max_block: int) -> bool:
+  """Whether the kernels read noisy q, k, v and clean k in the inputs' dtype, widening them as they
+  load them, rather than from fp32 copies: compiled, at row tiles <= 16. ptxas (sm_90a, bf16,
+  K = 128, launch.kernel_registers): at 16-row tiles the forward's spills fell from 600 to 388 B
+  per thread and the backward's from 3452 to 2384 B; at 32-row tiles the forward got 128
+  registers and spilled 2752 B against 1652 B."""
+  return _compiled() and tsp.row_tile(max_block) <= 16
+
+
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
              interpret):
@@ -379,20 +393,21 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   wd = z.c + z.s
   # pylint: disable-next=protected-access
   ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
-  noisy_p, meta, ctx, group = tsp._operands(  # pylint: disable=protected-access
-      clean[1], ctx, noisy, segment_ids, block_starts, z, keep_dtype=_compiled())
+  noisy_p, meta, ctx, _ = tsp._operands(  # pylint: disable=protected-access
+      clean[1], ctx, noisy, segment_ids, block_starts, z,
+      keep_dtype=_reads_inputs_as_given(max_block))
   # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp], g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
-  # h [B, N, HV, Kp, Vp]; out [B, V, N, C + S, HV, Vp].
+  # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
   o = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
-      out_shape=jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32),
+      out_shape=jax.ShapeDtypeStruct((b, nv, t, hv, z.vdp), _F32),
       grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=num_warps,
       num_stages=2,
-      NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
+      NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
       N_TILES=wd // z.s, SCALE=scale, PREC=prec)
-  return tsp._from_windows(o, group, z.c, t, vd)  # pylint: disable=protected-access
+  return o[..., :vd]
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
@@ -404,7 +419,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret,
-                              keep_dtype=_compiled())
+                              keep_dtype=_reads_inputs_as_given(max_block))
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
