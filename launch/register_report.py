@@ -64,21 +64,17 @@ def _recorded_triton(fwd_bwd, args, device_kind):
   recorder = _Recorder()
   # Jitted helpers traced before (or here) would skip (or keep) the recorder: trace afresh.
   jax.clear_caches()
-  # pylint: disable=protected-access
-  real_jt, real_takes = gdr_triton._jt, gdr_api.kernels_take
-  real_compiled = two_stream_triton._compiled
-  gdr_triton._jt = lambda interpret=False: recorder
-  # The launches the GPU makes: which inputs the kernels take, and in which dtypes, as compiled,
-  # not as interpreted.
+  real_jt, real_takes = gdr_triton._jt, gdr_api.kernels_take  # pylint: disable=protected-access
+  gdr_triton._jt = lambda interpret=False: recorder  # pylint: disable=protected-access
+  # The launches the GPU makes: which inputs the kernels take as compiled, not as interpreted.
   gdr_api.kernels_take = lambda family, k, v, chunk, interpret: real_takes(family, k, v, chunk,
                                                                            False)
-  two_stream_triton._compiled = lambda: True
   try:
     with _block_sizes_of(device_kind):
       jax.eval_shape(functools.partial(fwd_bwd, interpret=True), *args)
   finally:
-    gdr_triton._jt, gdr_api.kernels_take = real_jt, real_takes
-    two_stream_triton._compiled = real_compiled
+    gdr_triton._jt = real_jt  # pylint: disable=protected-access
+    gdr_api.kernels_take = real_takes
     jax.clear_caches()
   return [dict(launch, name=launch['kernel'].__name__, v_tile=launch['meta'].get('BV'))
           for launch in recorder.launches]

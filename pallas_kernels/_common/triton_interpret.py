@@ -7,23 +7,36 @@ unchanged on a CPU-only machine: the CPU tests' check of the Triton kernels' alg
 masks, pointer arithmetic), as Pallas's `interpret=True` is for the Pallas kernels.
 
 Needs torch, and TRITON_INTERPRET=1 in the environment before the kernels' module is imported
-(Triton decides at `@triton.jit` time; tests/conftest.py sets it off GPU). Float32 and int32
-buffers only (the interpreter's numpy has no bfloat16).
+(Triton decides at `@triton.jit` time; tests/conftest.py sets it off GPU). Float32, int32 and
+bfloat16 buffers (the interpreter keeps bfloat16 as uint16 bits and widens it exactly; its products
+of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying).
 """
 import threading
 
 import jax
 import numpy as np
 
-_NUMPY_DTYPES = (np.float32, np.int32)
+_DTYPES = ('float32', 'int32', 'bfloat16')
 # Triton's interpreter keeps the launch grid in module state: XLA may run two independent
 # callbacks at once (the clean pass's kernels beside the noisy kernel), so launches take turns.
 _LAUNCH_LOCK = threading.Lock()
 
 
 def _host_array(x):
+  """A writable torch copy of x (bfloat16 through its bits: numpy has no bfloat16 torch reads)."""
   import torch  # pylint: disable=g-import-not-at-top
-  return torch.from_numpy(np.array(x))  # a writable copy
+  x = np.array(x)
+  if x.dtype.name == 'bfloat16':
+    return torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16)
+  return torch.from_numpy(x)
+
+
+def _numpy_array(t, dtype):
+  """The torch tensor t back as a numpy array of `dtype`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if t.dtype == torch.bfloat16:
+    return t.view(torch.int16).numpy().view(np.uint16).view(dtype)
+  return t.numpy()
 
 
 def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
@@ -40,8 +53,8 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
   single = not isinstance(out_shape, (list, tuple))
   shapes = [out_shape] if single else list(out_shape)
   for x in list(args) + shapes:
-    if np.dtype(x.dtype) not in _NUMPY_DTYPES:
-      raise ValueError(f'the Triton interpreter path takes float32 and int32 buffers, got '
+    if np.dtype(x.dtype).name not in _DTYPES:
+      raise ValueError(f'the Triton interpreter path takes {", ".join(_DTYPES)} buffers, got '
                        f'{x.dtype}')
 
   def host(*arrays):
@@ -49,7 +62,7 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
     outs = [torch.zeros(s.shape, dtype=getattr(torch, np.dtype(s.dtype).name)) for s in shapes]
     with _LAUNCH_LOCK:
       kernel[tuple(grid)](*map(_host_array, arrays), *outs, **meta)
-    return [o.numpy() for o in outs]
+    return [_numpy_array(o, s.dtype) for o, s in zip(outs, shapes)]
 
   res = jax.pure_callback(host, [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes], *args)
   return res[0] if single else res

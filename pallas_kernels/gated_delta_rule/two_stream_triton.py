@@ -13,9 +13,9 @@ tiles and backpropagates the later tile's output cotangent through it, into the 
 the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: on the GPU
-at row tiles <= 16 they read them in the inputs' dtype (no convert pass; `_reads_inputs_as_given`),
-else fp32 copies.
+the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: at row
+tiles <= 16 they read them in the inputs' dtype (no convert pass; `_reads_inputs_as_given`), else
+fp32 copies.
 """
 import functools
 
@@ -370,17 +370,17 @@ if triton is not None:
 
 def _compiled() -> bool:
   """Whether the kernels are built for a GPU, not for Triton's interpreter (TRITON_INTERPRET=1),
-  whose buffers are fp32 only (`_common.triton_interpret`) and whose bf16 products are wrong."""
+  whose bf16 products are wrong (`_common.triton_interpret`)."""
   return type(noisy_kernel).__name__ != 'InterpretedFunction'
 
 
 def _reads_inputs_as_given(max_block: int) -> bool:
   """Whether the kernels read noisy q, k, v and clean k in the inputs' dtype, widening them as they
-  load them, rather than from fp32 copies: compiled, at row tiles <= 16. ptxas (sm_90a, bf16,
+  load them, rather than from fp32 copies: at row tiles <= 16. ptxas (sm_90a, bf16,
   K = 128, launch.kernel_registers): at 16-row tiles the forward's spills fell from 600 to 388 B
   per thread and the backward's from 3452 to 2384 B; at 32-row tiles the forward got 128
   registers and spilled 2752 B against 1652 B."""
-  return _compiled() and tsp.row_tile(max_block) <= 16
+  return tsp.row_tile(max_block) <= 16
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))

@@ -39,10 +39,31 @@ def test_outputs_in_out_shape_order_under_jit():
   np.testing.assert_allclose(s, x.sum(1))
 
 
+@triton.jit
+def _widen_scale_and_sum_rows(x, y, s, N: tl.constexpr, FACTOR: tl.constexpr):
+  row = tl.program_id(0)
+  o = tl.arange(0, N)
+  vals = tl.load(x + row * N + o).to(tl.float32)
+  tl.store(y + row * N + o, (vals * FACTOR).to(tl.bfloat16))
+  tl.store(s + row, tl.sum(vals, axis=0))
+
+
+def test_bfloat16_buffers_in_and_out():
+  """bf16 crosses as its bits both ways; the kernel widens it exactly."""
+  x = (jnp.arange(24, dtype=jnp.float32).reshape(3, 8) / 7).astype(jnp.bfloat16)
+  y, s = jax.jit(lambda x: triton_interpret.triton_call(
+      x, kernel=_widen_scale_and_sum_rows, grid=(3,), N=8, FACTOR=2.0,
+      out_shape=[jax.ShapeDtypeStruct((3, 8), jnp.bfloat16),
+                 jax.ShapeDtypeStruct((3,), jnp.float32)]))(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), 2 * np.asarray(x, np.float32))
+  np.testing.assert_allclose(s, np.asarray(x, np.float32).sum(1), rtol=1e-6)
+
+
 def test_bad_buffers_and_kernels_raise():
   shape = jax.ShapeDtypeStruct((3, 8), jnp.float32)
-  with pytest.raises(ValueError, match='float32 and int32'):
-    triton_interpret.triton_call(jnp.zeros((3, 8), jnp.bfloat16), kernel=_scale_and_sum_rows,
+  with pytest.raises(ValueError, match='float32, int32, bfloat16 buffers, got float16'):
+    triton_interpret.triton_call(jnp.zeros((3, 8), jnp.float16), kernel=_scale_and_sum_rows,
                                  grid=(3,), out_shape=[shape, shape], N=8, FACTOR=1.0)
   with pytest.raises(ValueError, match='TRITON_INTERPRET'):
     triton_interpret.triton_call(jnp.zeros((3, 8)), kernel=lambda *a: None, grid=(3,),
