@@ -35,7 +35,7 @@ def _numpy_array(t, dtype):
   """The torch tensor t back as a numpy array of `dtype`."""
   import torch  # pylint: disable=g-import-not-at-top
   if t.dtype == torch.bfloat16:
-    return t.view(torch.int16).numpy().view(np.uint16).view(dtype)
+    return t.view(torch.int16).numpy().view(dtype)  # the same 16 bits
   return t.numpy()
 
 

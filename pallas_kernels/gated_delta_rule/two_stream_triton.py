@@ -396,7 +396,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   noisy_p, meta, ctx, _ = tsp._operands(  # pylint: disable=protected-access
       clean[1], ctx, noisy, segment_ids, block_starts, z,
       keep_dtype=_reads_inputs_as_given(max_block))
-  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp], g, beta [B, V, Tp, HV] (fp32);
+  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (fp32, or the inputs' dtype where
+  # read as given, as is clean k), g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
