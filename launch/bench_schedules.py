@@ -55,6 +55,10 @@ _NOISY_BLOCK_V = flags.DEFINE_integer(
     'noisy_block_v', 0, 'Sweep override: the fused forwards\' V tile (0: forward_launch).')
 _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
+_NOISY_READS = flags.DEFINE_enum(
+    'noisy_reads', 'default', ['default', 'as_given', 'fp32'],
+    "Sweep override: whether the Triton fused kernels read noisy q, k, v and clean k in the "
+    "inputs' dtype ('default': READ_INPUTS_AS_GIVEN).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
@@ -96,8 +100,8 @@ def _inputs(b, t, views, h, hv, d, dtype):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps: replaces the fused forwards' launch defaults in this child
-  process before anything is traced (a sweep of launch parameters, not a setting)."""
+  """--noisy_block_v / --noisy_warps / --noisy_reads: replace the fused kernels' launch defaults in
+  this child process before anything is traced (a sweep of launch parameters, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   for module in (two_stream_pallas, two_stream_triton):
@@ -105,6 +109,8 @@ def _apply_kernel_overrides() -> None:
     module.forward_launch = lambda dtype, max_block, default=default: (
         _NOISY_BLOCK_V.value or default(dtype, max_block)[0],
         _NOISY_WARPS.value or default(dtype, max_block)[1])
+  if _NOISY_READS.value != 'default':
+    two_stream_triton.READ_INPUTS_AS_GIVEN = _NOISY_READS.value == 'as_given'
 
 
 def _run_child(schedule: str) -> None:
@@ -140,7 +146,8 @@ def _run_child(schedule: str) -> None:
   fns = dict(fwd=f, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
-             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None)
+             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
+             noisy_reads=_NOISY_READS.value)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()

@@ -13,9 +13,8 @@ tiles and backpropagates the later tile's output cotangent through it, into the 
 the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: at row
-tiles <= 16 they read them in the inputs' dtype (no convert pass; `_reads_inputs_as_given`), else
-fp32 copies.
+the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, so they
+take fp32 copies (the default, `READ_INPUTS_AS_GIVEN`) or the inputs as given.
 """
 import functools
 
@@ -34,6 +33,14 @@ _F32 = jnp.float32
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
 _BWD_BLOCK_V = {'bf16': 32, 'tf32x3': 16}
 MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
+# Whether both kernels read noisy q, k, v and clean k in the inputs' dtype (widening them as they
+# load them) instead of fp32 copies made by XLA. Off, as measured on an H200 (bench_schedules
+# --noisy_reads, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, two interleaved runs): as
+# given, the clean + noisy forward took 2.07-2.27 ms against 1.83-1.94 with copies, and the
+# backward kernel 22.6 ms against 18.4-18.8, although ptxas gives the as-given kernels fewer
+# spills (forward 388 against 600 B per thread, backward 2384 against 3452); the copies cost
+# 0.125 GiB more forward temp memory (0.314 against 0.189 GiB).
+READ_INPUTS_AS_GIVEN = False
 
 
 MAX_FP32_KERNEL_BACKWARD_K = 64
@@ -374,15 +381,6 @@ def _compiled() -> bool:
   return type(noisy_kernel).__name__ != 'InterpretedFunction'
 
 
-def _reads_inputs_as_given(max_block: int) -> bool:
-  """Whether the kernels read noisy q, k, v and clean k in the inputs' dtype, widening them as they
-  load them, rather than from fp32 copies: at row tiles <= 16. ptxas (sm_90a, bf16,
-  K = 128, launch.kernel_registers): at 16-row tiles the forward's spills fell from 600 to 388 B
-  per thread and the backward's from 3452 to 2384 B; at 32-row tiles the forward got 128
-  registers and spilled 2752 B against 1652 B."""
-  return tsp.row_tile(max_block) <= 16
-
-
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
 def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
              interpret):
@@ -395,7 +393,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
   noisy_p, meta, ctx, _ = tsp._operands(  # pylint: disable=protected-access
       clean[1], ctx, noisy, segment_ids, block_starts, z,
-      keep_dtype=_reads_inputs_as_given(max_block))
+      keep_dtype=READ_INPUTS_AS_GIVEN)
   # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (fp32, or the inputs' dtype where
   # read as given, as is clean k), g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
@@ -420,7 +418,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret,
-                              keep_dtype=_reads_inputs_as_given(max_block))
+                              keep_dtype=READ_INPUTS_AS_GIVEN)
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
