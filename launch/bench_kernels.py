@@ -59,7 +59,7 @@ def _jax_case(impl, b, t):
                                             _WARMUP.value, _REPEATS.value)
     res['peak_gib'] = peak()
     if _PROFILE.value:
-      res['kernels'] = bench_util.jax_kernel_profile(lambda: fwdbwd(*args, do))
+      res['kernels'], res['timeline'] = bench_util.jax_kernel_profile(lambda: fwdbwd(*args, do))
   return res
 
 
@@ -178,6 +178,8 @@ def main(argv):
   for r in results:
     if r.get('kernels'):
       print(f"\nTop GPU kernels, {r['impl']} {r['B']}x{r['T']} fwd+bwd:")
+      if r.get('timeline'):
+        print(bench_util.timeline_line(r['timeline'], r.get('fwdbwd_ms')))
       print(bench_util.kernel_table(r['kernels']))
 
 

@@ -140,10 +140,12 @@ def main(argv):
         row['bandwidth_floor_ms'] = floor_ms
         row['step_vs_floor'] = row['ms_per_pass'] / floor_ms
       if _PROFILE.value:  # one generate call, kernel times shared out over its passes
-        kernels = bench_util.jax_kernel_profile(
+        kernels, timeline = bench_util.jax_kernel_profile(
             lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=20)
         row['kernels_per_pass'] = [[n, ms / max(passes, 1), c / max(passes, 1)]
                                    for n, ms, c in kernels]
+        row['timeline_per_pass'] = {k: v if k == 'widest_gap_ms' else v / max(passes, 1)
+                                    for k, v in timeline.items()}
       bench_util.record(rows, row, _OUT.value)
     if _HF.value:
       hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
@@ -158,6 +160,7 @@ def main(argv):
   for r in rows:
     if r.get('kernels_per_pass'):
       print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']} (prefill included):")
+      print(bench_util.timeline_line(r['timeline_per_pass'], r['ms_per_pass'], per='pass'))
       print(bench_util.kernel_table(r['kernels_per_pass']).replace('/ call', '/ pass'))
 
 

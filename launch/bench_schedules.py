@@ -156,7 +156,7 @@ def _run_child(schedule: str) -> None:
                                              jax.block_until_ready, _WARMUP.value,
                                              _REPEATS.value)
     if _PROFILE.value:
-      res[f'{mode}_kernels'] = bench_util.jax_kernel_profile(
+      res[f'{mode}_kernels'], res[f'{mode}_timeline'] = bench_util.jax_kernel_profile(
           lambda compiled=compiled: compiled(clean, noisy))
   bench_util.print_result(res)
 
@@ -191,6 +191,7 @@ def main(argv):
     for mode in _MODES.value:
       if r.get(f'{mode}_kernels'):
         print(f"\n{r['schedule']} T={r['T']} block={r['block']} V={r['V']} {mode}:")
+        print(bench_util.timeline_line(r[f'{mode}_timeline'], r[f'{mode}_ms']))
         print(bench_util.kernel_table(r[f'{mode}_kernels']))
 
 

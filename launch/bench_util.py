@@ -101,12 +101,40 @@ def top_kernels(events: list[tuple[str, float]], calls: int, top: int) -> list[l
   return [[name[:120], total[name] / calls / 1e6, count[name] / calls] for name in ranked]
 
 
-def jax_kernel_profile(fn: Callable[[], Any], calls: int = 3, top: int = 15) -> list[list[Any]]:
-  """`top_kernels` of the GPU kernels that `calls` calls of fn launch (fn already compiled).
+def device_timeline(intervals: list[tuple[int, int]], calls: int) -> dict[str, float]:
+  """How busy the GPU was within each of `calls` calls, from its kernels' (start, end) in ns.
 
-  Traces with jax.profiler and reads the device planes' stream lines back with
-  `jax.profiler.ProfileData`; an empty list when the trace holds no device kernels (CPU).
+  Calls are told apart by the `calls - 1` widest idle gaps (the host waits for each call to finish
+  before the next starts). Per call: span (first kernel start to last kernel end), busy (the union
+  of kernel intervals over all streams), their difference idle, the widest idle gap, and launches;
+  the median of each over the calls, in ms.
   """
+  if not intervals:
+    return {}
+  segments = []  # merged busy segments [start, end, launches]
+  for start, end in sorted(intervals):
+    if segments and start <= segments[-1][1]:
+      segments[-1][1] = max(segments[-1][1], end)
+      segments[-1][2] += 1
+    else:
+      segments.append([start, end, 1])
+  gaps = [segments[i + 1][0] - segments[i][1] for i in range(len(segments) - 1)]
+  cuts = sorted(sorted(range(len(gaps)), key=gaps.__getitem__)[len(gaps) - calls + 1:])
+  per_call = []
+  for lo, hi in zip([0] + [c + 1 for c in cuts], [c + 1 for c in cuts] + [len(segments)]):
+    group = segments[lo:hi]
+    span = group[-1][1] - group[0][0]
+    busy = sum(end - start for start, end, _ in group)
+    per_call.append(dict(span_ms=span / 1e6, busy_ms=busy / 1e6, idle_ms=(span - busy) / 1e6,
+                         widest_gap_ms=max(gaps[lo:hi - 1], default=0) / 1e6,
+                         launches=sum(n for _, _, n in group)))
+  return {k: statistics.median(c[k] for c in per_call) for k in per_call[0]}
+
+
+def _jax_device_kernels(fn: Callable[[], Any], calls: int) -> list[tuple[str, int, int]]:
+  """(name, start ns, end ns) of every GPU kernel and copy that `calls` calls of fn launch (fn
+  already compiled), each call waited for; traced with jax.profiler and read back with
+  `jax.profiler.ProfileData` from the device planes' stream lines (none on CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     with jax.profiler.trace(tmp):
@@ -120,8 +148,28 @@ def jax_kernel_profile(fn: Callable[[], Any], calls: int = 3, top: int = 15) -> 
           continue
         for line in plane.lines:
           if line.name.startswith('Stream'):  # kernels and copies, one line per CUDA stream
-            events.extend((ev.name, ev.duration_ns) for ev in line.events)
-  return top_kernels(events, calls, top)
+            events.extend((ev.name, ev.start_ns, ev.end_ns) for ev in line.events)
+  return events
+
+
+def jax_kernel_profile(fn: Callable[[], Any], calls: int = 3, top: int = 15
+                       ) -> tuple[list[list[Any]], dict[str, float]]:
+  """(`top_kernels`, `device_timeline`) of `calls` calls of fn (already compiled); ([], {}) when
+  the trace holds no device kernels (CPU)."""
+  events = _jax_device_kernels(fn, calls)
+  return (top_kernels([(name, end - start) for name, start, end in events], calls, top),
+          device_timeline([(start, end) for _, start, end in events], calls))
+
+
+def timeline_line(timeline: dict[str, float], wall_ms: float | None = None, per: str = 'call'
+                  ) -> str:
+  """One line of a `device_timeline`, with the measured wall time per call beside it."""
+  if not timeline:
+    return 'no device kernels recorded'
+  wall = '' if wall_ms is None else f'; wall {wall_ms:.3f} ms'
+  return (f"GPU per {per}: span {timeline['span_ms']:.3f} ms, busy {timeline['busy_ms']:.3f}, "
+          f"idle {timeline['idle_ms']:.3f} (widest gap {timeline['widest_gap_ms']:.3f}), "
+          f"{timeline['launches']:g} launches{wall}")
 
 
 def kernel_table(kernels: list[list[Any]]) -> str:

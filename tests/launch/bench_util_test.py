@@ -18,6 +18,23 @@ def test_top_kernels_ranks_by_total_time_per_call():
   assert bench_util.top_kernels([], calls=1, top=5) == []
 
 
+def test_device_timeline_splits_calls_at_the_widest_gaps_and_merges_overlaps():
+  us = 1000  # ns
+  call = lambda t0, gap: [(t0, t0 + 10 * us), (t0 + 5 * us, t0 + 12 * us),  # two streams overlap
+                          (t0 + (12 + gap) * us, t0 + (20 + gap) * us)]
+  # Three calls 1 ms apart (the host's waits), with idle gaps of 2, 3 and 7 us inside them.
+  intervals = call(0, 2) + call(1000 * us, 3) + call(2000 * us, 7)
+  got = bench_util.device_timeline(intervals[::-1], calls=3)  # order does not matter
+  assert got == dict(span_ms=0.023, busy_ms=0.020, idle_ms=0.003, widest_gap_ms=0.003,
+                     launches=3)
+  one = bench_util.device_timeline(call(0, 2), calls=1)
+  assert one == dict(span_ms=0.022, busy_ms=0.020, idle_ms=0.002, widest_gap_ms=0.002, launches=3)
+  assert bench_util.device_timeline([], calls=2) == {}
+  line = bench_util.timeline_line(one, wall_ms=0.05)
+  assert line == ('GPU per call: span 0.022 ms, busy 0.020, idle 0.002 (widest gap 0.002), '
+                  '3 launches; wall 0.050 ms')
+
+
 def test_kernel_table_rows():
   rows = bench_util.kernel_table([['intra_kernel', 0.5371, 1.0], ['fusion', 0.01, 24.0]])
   assert rows.split('\n')[2:] == ['| `intra_kernel` | 0.537 | 1 |', '| `fusion` | 0.010 | 24 |']
@@ -53,7 +70,9 @@ def test_gpu_kernel_profile_sees_each_launch():
   x = jnp.ones((4096, 4096), jnp.float32)
   f = jax.jit(jnp.sin)
   f(x).block_until_ready()
-  kernels = bench_util.jax_kernel_profile(lambda: f(x), calls=3)
+  kernels, timeline = bench_util.jax_kernel_profile(lambda: f(x), calls=3)
   assert len(kernels) == 1, kernels
   name, ms, launches = kernels[0]
   assert 'sin' in name and launches == 1 and ms > 0
+  assert timeline['launches'] == 1 and timeline['idle_ms'] == 0
+  assert timeline['span_ms'] == pytest.approx(ms, rel=0.5)
