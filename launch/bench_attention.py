@@ -52,6 +52,8 @@ _NUM_WARPS = flags.DEFINE_integer('num_warps', 0, 'Pallas forward warps (0: defa
 _BWD_BLOCKS = flags.DEFINE_list('bwd_blocks', [],
                                 'Pallas backward tiles q_dq,k_dq,q_dkv,k_dkv (empty: default).')
 _NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas pipelining stages (0: default).')
+_DQ_IN_DKDV = flags.DEFINE_bool('dq_in_dkdv', False,
+                                'Pallas backward: dq by atomic adds in the dk/dv kernel.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
@@ -97,7 +99,8 @@ def _block_sizes(d, dtype):
   from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
   bs = pallas.BlockSizes.get_default(max(16, backend.next_pow2(d)), dtype)
   over = {k: v for k, v in (('block_q', _BLOCK_Q.value), ('block_k', _BLOCK_K.value),
-                            ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value))
+                            ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value),
+                            ('dq_in_dkdv', _DQ_IN_DKDV.value))
           if v}
   if _BWD_BLOCKS.value:
     names = ('block_q_dq', 'block_k_dq', 'block_q_dkv', 'block_k_dkv')

@@ -8,7 +8,10 @@ block sparsity from a conservative tile table:
   dq        grid (T/bq, B, H): the same walk, dq = scale * sum_k dS k with P = exp(S - lse) and
             dS = P * (dO V^T - delta), delta = rowsum(O * dO) (computed in XLA).
   dk, dv    grid (S/bk, B, Hkv): one k tile walks, for each of the H/Hkv query heads of its group,
-            the q tiles that may see it: dv += P^T dO, dk += scale * dS^T q.
+            the q tiles that may see it: dv += P^T dO, dk += scale * dS^T q. With
+            `BlockSizes.dq_in_dkdv` it also adds scale * dS k into an fp32 dq by atomic adds, and
+            the dq kernel is not launched (P and dO V^T computed once, not twice; the order of
+            the adds, hence dq's last bits, varies from run to run).
 
 Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
@@ -55,6 +58,8 @@ class BlockSizes:
     block_q_dq, block_k_dq, num_warps_dq: dq kernel (q, dO tiles stay; k/v stream).
     block_q_dkv, block_k_dkv, num_warps_dkv: dk/dv kernel (k, v tiles stay; q, dO stream).
     num_stages: software pipelining depth of the streamed tiles (shared memory ~ stages x tiles).
+    dq_in_dkdv: dq from the dk/dv kernel by atomic adds instead of its own kernel (see the module
+      docstring); off until measured faster.
   """
 
   block_q: int = 64
@@ -67,6 +72,7 @@ class BlockSizes:
   block_k_dkv: int = 32
   num_warps_dkv: int = 8
   num_stages: int = 2
+  dq_in_dkdv: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
@@ -242,11 +248,13 @@ def _dq_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_re
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, dk_ref,
-                 dv_ref, *, scale, bq, groups):
+def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, *refs,
+                 scale, bq, groups):
   """One (k tile, batch, kv head): sums over the `groups` query heads sharing this kv head and, for
   each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D]; lse_ref,
-  delta_ref: [groups, Tp]."""
+  delta_ref: [groups, Tp]. refs: (dk_ref, dv_ref), or (dq_in_ref, dk_ref, dv_ref, dq_ref) with dq
+  fp32 [Tp, groups, D] (dq_in_ref its zeros, aliased) taking scale * dS k by atomic adds."""
+  dq_ref, (dk_ref, dv_ref) = (refs[3], refs[1:3]) if len(refs) == 4 else (None, refs)
   k, v = k_ref[...], v_ref[...]
   k_meta = _load_meta(km_ref, slice(None))
 
@@ -259,6 +267,8 @@ def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_
       ds = p * (_dot(do, v, tb=True) - delta_ref[g, rows][:, None])
       dv = dv + _dot(p.astype(do.dtype), do, ta=True)
       dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+      if dq_ref is not None:
+        plgpu.atomic_add(dq_ref, (rows, g, slice(None)), scale * _dot(ds.astype(k.dtype), k))
       return dk, dv
 
     return jax.lax.fori_loop(0, visit_ref[0], body, carry)
@@ -328,6 +338,7 @@ def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpre
 
 
 def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
+  """(dk, dv), or with bs.dq_in_dkdv (dq fp32, dk, dv)."""
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
@@ -343,12 +354,21 @@ def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interp
       pl.BlockSpec((None, _N_FIELDS, bk), lambda j, b_, g_: (b_, 0, j)),
   ]
   out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  out_specs = [kv_tile, kv_tile]
+  args, aliases = (visit, q, k, v, do, lse, delta, qm, km), {}
+  if bs.dq_in_dkdv:  # every k tile of a group adds into the group's dq rows: one zeroed buffer
+    out_shape.append(jax.ShapeDtypeStruct(q.shape, _F32))
+    out_specs.append(q_group)
+    in_specs.append(q_group)
+    aliases = {len(args): 2}
+    args += (jnp.zeros(q.shape, _F32),)
   kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=grp)
-  return pl.pallas_call(
+  outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(sp // bk, b, hkv), in_specs=in_specs,
-      out_specs=[kv_tile, kv_tile],
+      out_specs=out_specs, input_output_aliases=aliases,
       compiler_params=_params(interpret, bs.num_warps_dkv, bs.num_stages), interpret=interpret,
-      name='flash_attention_dkdv')(visit, q, k, v, do, lse, delta, qm, km)
+      name='flash_attention_dkdv')(*args)
+  return (outs[2], *outs[:2]) if bs.dq_in_dkdv else tuple(outs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +389,12 @@ def _flash_bwd(scale, bs, interpret, res, do):
   do = do.astype(q.dtype)
   delta = jnp.einsum('bthd,bthd->bht', o.astype(_F32), do.astype(_F32))
   kw = dict(scale=scale, bs=bs, interpret=interpret)
-  dq = _dq_call(q, k, v, do, lse, delta, qm, km, **kw)
-  dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
+  if bs.dq_in_dkdv:
+    dq, dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
+    dq = dq.astype(q.dtype)
+  else:
+    dq = _dq_call(q, k, v, do, lse, delta, qm, km, **kw)
+    dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
   return dq, dk, dv, None, None
 
 

@@ -8,6 +8,7 @@ causal, packed documents, two-stream rows (V = 1, 2; block sizes 1..4, from
 GPU: bf16 at the model's shapes (two-stream T = 4096, V = 2, block 4; Hq 16 / Hkv 4 / D 256) against
 the fp32 XLA path at HIGHEST precision, with relative-RMS limits; fp32 at awkward shapes.
 """
+import dataclasses
 import functools
 
 import jax
@@ -139,8 +140,8 @@ def _inputs(rng, b, t, s, h, hkv, d, dtype=jnp.float32):
   return x(b, t, h, d), x(b, s, hkv, d), x(b, s, hkv, d), x(b, t, h, d)
 
 
-def _assert_matches_xla(q, k, v, do, q_meta, k_meta, label):
-  o, grads = _vjp(q, k, v, q_meta, k_meta, do, impl='pallas')
+def _assert_matches_xla(q, k, v, do, q_meta, k_meta, label, block_sizes=SMALL):
+  o, grads = _vjp(q, k, v, q_meta, k_meta, do, impl='pallas', block_sizes=block_sizes)
   o_ref, grads_ref = _vjp(q, k, v, q_meta, k_meta, do, impl='xla')
   np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4, err_msg=f'{label}: o')
   for name, a, b in zip(('dq', 'dk', 'dv'), grads, grads_ref):
@@ -157,6 +158,20 @@ def test_causal_and_packed_gqa_ragged(rng):
   for label, meta in [('causal', _clean(2, 37)), ('packed', _clean(2, 37, cuts=(5, 6, 20))),
                       ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
     _assert_matches_xla(q, k, v, do, meta, meta, label)
+
+
+def test_dq_from_the_dkdv_kernel_by_atomic_adds(rng):
+  """BlockSizes.dq_in_dkdv: dq accumulated by the dk/dv kernel (atomic adds from every k tile of a
+  GQA group, over tiles the dq kernel would not share) equals the XLA path's: causal, packed with
+  dead rows, and a two-stream row."""
+  fused = dataclasses.replace(SMALL, dq_in_dkdv=True)
+  q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
+  for label, meta in [('causal', _clean(2, 37)),
+                      ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
+    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=fused)
+  meta = _two_stream(2, 13, 2, 3, cuts=(6,))
+  q, k, v, do = _inputs(rng, 2, 39, 39, 4, 1, 12)
+  _assert_matches_xla(q, k, v, do, meta, meta, 'two-stream', block_sizes=fused)
 
 
 @pytest.mark.parametrize('views, t, d', [(1, 21, 16), (2, 13, 12)], ids=['v1', 'v2'])
@@ -217,18 +232,24 @@ def test_bf16_interpret_within_rms_limits(rng):
     testing.assert_close(name, a, b, 2e-2)
 
 
-@pytest.mark.parametrize('dtype, d, h, hkv', [(jnp.bfloat16, 256, 16, 4), (jnp.float32, 60, 8, 2)],
-                         ids=['bf16_d256_gqa4', 'fp32_d60'])
-def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv):
-  """Without a GPU: the forward, dq and dk/dv kernels lower through Pallas' Triton backend with the
-  default block sizes (power-of-two loads, dot operand dtypes, scalar loads of the visit lists).
-  Triton's own compile (shared memory, registers) is left to the GPU tests."""
+@pytest.mark.parametrize('dtype, d, h, hkv, dq_in_dkdv',
+                         [(jnp.bfloat16, 256, 16, 4, False), (jnp.float32, 60, 8, 2, False),
+                          (jnp.bfloat16, 256, 16, 4, True)],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_dq_in_dkdv'])
+def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, dq_in_dkdv):
+  """Without a GPU: the forward, dq and dk/dv kernels (or, with dq_in_dkdv, the forward and the
+  dk/dv kernel with its atomic adds) lower through Pallas' Triton backend with the default block
+  sizes (power-of-two loads, dot operand dtypes, scalar loads of the visit lists). Triton's own
+  compile (shared memory, registers) is left to the GPU tests."""
   from jax import export  # pylint: disable=g-import-not-at-top
   t, s = 200, 130  # q and k lengths off the tiles; export never runs the kernels
   q_meta, k_meta = _clean(1, t), _clean(1, s)
+  bs = dataclasses.replace(pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()),
+                                                         dtype), dq_in_dkdv=dq_in_dkdv)
 
   def fwd_bwd(q, k, v, do):
-    fn = lambda q, k, v: pallas.attention_pallas(q, k, v, q_meta, k_meta, interpret=False)
+    fn = lambda q, k, v: pallas.attention_pallas(q, k, v, q_meta, k_meta, block_sizes=bs,
+                                                 interpret=False)
     o, vjp = jax.vjp(fn, q, k, v)
     return o, vjp(do)
 
@@ -238,8 +259,10 @@ def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv):
       disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
           spec(t, h), spec(s, hkv), spec(s, hkv), spec(t, h))
   module = exported.mlir_module()
-  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == 3
-  for name in ('flash_attention_fwd', 'flash_attention_dq', 'flash_attention_dkdv'):
+  kernels = ['flash_attention_fwd', 'flash_attention_dkdv'] + ['flash_attention_dq'] * (
+      not dq_in_dkdv)
+  assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == len(kernels)
+  for name in kernels:
     assert f'name = "{name}"' in module, name
 
 
@@ -325,18 +348,22 @@ GPU_LIMITS = {'o': 5e-3, 'dq': 1e-2, 'dk': 1e-2, 'dv': 1e-2}
 
 @functools.partial(jax.jit, static_argnames=('impl',))
 def _gpu_vjp(q, k, v, q_meta, k_meta, do, *, impl):
+  """impl: 'xla', 'pallas' (api dispatch) or 'pallas_dq_in_dkdv' (default tiles, dq by atomics)."""
   fn = functools.partial(api.attention, q_meta=q_meta, k_meta=k_meta, implementation=impl)
+  if impl == 'pallas_dq_in_dkdv':
+    bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype), dq_in_dkdv=True)
+    fn = functools.partial(pallas.attention_pallas, q_meta=q_meta, k_meta=k_meta, block_sizes=bs)
   o, vjp = jax.vjp(fn, q, k, v)
   return o, vjp(do.astype(o.dtype))
 
 
-def _gpu_compare(q, k, v, do, q_meta, k_meta):
+def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
   """bf16 pallas and bf16 xla against fp32 xla at HIGHEST precision. Each tensor must meet its
   limit or be no worse than 1.25x the bf16 XLA path's error."""
   with jax.default_matmul_precision('highest'):
     want = _gpu_vjp(q, k, v, q_meta, k_meta, do, impl='xla')
   args16 = [x.astype(jnp.bfloat16) for x in (q, k, v, do)]
-  got = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl='pallas')
+  got = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl=impl)
   base = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl='xla')
   names = ('o', 'dq', 'dk', 'dv')
   for name, a, b, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(base),
@@ -358,11 +385,12 @@ def test_gpu_two_stream_model_shape(b):
 
 
 @pytest.mark.gpu
-def test_gpu_causal_model_shape():
+@pytest.mark.parametrize('impl', ['pallas', 'pallas_dq_in_dkdv'])
+def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
   q, k, v, do = _inputs(rng, 2, 4096, 4096, 16, 4, 256)
-  _gpu_compare(q, k, v, do, meta, meta)
+  _gpu_compare(q, k, v, do, meta, meta, impl)
 
 
 def _fp32_case(name):
