@@ -37,6 +37,7 @@ _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per case (median repor
 _HF = flags.DEFINE_bool('hf', False, 'Also time transformers generate (separate process).')
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also list the top GPU kernels per model pass of each case.')
+_PROFILE_TOP = flags.DEFINE_integer('profile_top', 20, 'Kernels listed per --profile table.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 
 
@@ -141,7 +142,7 @@ def main(argv):
         row['step_vs_floor'] = row['ms_per_pass'] / floor_ms
       if _PROFILE.value:  # one generate call, kernel times shared out over its passes
         kernels, timeline = bench_util.jax_kernel_profile(
-            lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=20)
+            lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=_PROFILE_TOP.value)
         row['kernels_per_pass'] = [[n, ms / max(passes, 1), c / max(passes, 1)]
                                    for n, ms, c in kernels]
         row['timeline_per_pass'] = {k: v if k == 'widest_gap_ms' else v / max(passes, 1)

@@ -33,7 +33,9 @@ _SCHEDULES = flags.DEFINE_list(
     'or clean: the clean stream\'s own chunked pass alone (the backend\'s default kernel), the '
     'unit of the (1 + V) x clean-pass target; or both:<schedule>: the whole two-stream pass, '
     'clean and noisy outputs as the model computes them (two_stream_delta_rule: one clean pass '
-    'for both under the triton schedules).')
+    'for both under the triton schedules); or conv: the model\'s short causal convs of both '
+    'streams with their SiLU (causal_conv, two_stream_gdn.noisy_conv; XLA, not fused), on q|k|v '
+    'as the conv channels.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -67,6 +69,7 @@ _DOT_ALGORITHMS = {'bf16_x6': 'BF16_BF16_F32_X6', 'bf16_x3': 'BF16_BF16_F32_X3',
                    'tf32_x3': 'TF32_TF32_F32_X3'}
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
+_PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 900, 'Seconds per schedule subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _CHILD = flags.DEFINE_string('child', '', 'Internal: run one schedule and print RESULT.')
@@ -103,6 +106,22 @@ def _inputs(b, t, views, h, hv, d, dtype):
   prompt = min(_PROMPT.value, t // 4)
   starts = layout.block_layout(seg, seg, pos >= prompt, block_size=_BLOCK_SIZE.value).block_start
   return stream(b), stream(b, views), seg, starts
+
+
+def _convs(clean, noisy, seg, starts, kernel_size=4):
+  """The model's short convs + SiLU of both streams (gated_deltanet.two_stream's first step), with
+  q|k|v of each stream as the conv channels: (clean [B, T, C], noisy [B, V, T, C]) in q's dtype."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flare_jax.model import gated_deltanet  # pylint: disable=g-import-not-at-top
+  from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
+  channels = lambda xs: jnp.concatenate([x.reshape(*x.shape[:-2], -1) for x in xs[:3]], axis=-1)
+  x_clean, x_noisy = channels(clean), channels(noisy)
+  w = jax.random.normal(jax.random.key(2), (kernel_size, x_clean.shape[-1]), jnp.float32) / 4
+  out_clean, _ = gated_deltanet.causal_conv(x_clean, w, seg)
+  out_noisy = two_stream_gdn.noisy_conv(x_clean, x_noisy, w, seg, starts)
+  dtype = x_clean.dtype
+  return jax.nn.silu(out_clean).astype(dtype), jax.nn.silu(out_noisy).astype(dtype)
 
 
 def _apply_kernel_overrides() -> None:
@@ -144,6 +163,8 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
+  elif schedule == schedule_cases.CONV:
+    f = lambda c, n: _convs(c, n, seg, starts)
   elif schedule.startswith(schedule_cases.WHOLE_PASS):  # both outputs, as the model has them
     f = lambda c, n: two_stream_gdn.two_stream_delta_rule(
         c, n, seg, starts, schedule=schedule[len(schedule_cases.WHOLE_PASS):], **kw)
@@ -170,7 +191,7 @@ def _run_child(schedule: str) -> None:
                                              _REPEATS.value)
     if _PROFILE.value:
       res[f'{mode}_kernels'], res[f'{mode}_timeline'] = bench_util.jax_kernel_profile(
-          lambda compiled=compiled: compiled(clean, noisy))
+          lambda compiled=compiled: compiled(clean, noisy), top=_PROFILE_TOP.value)
   bench_util.print_result(res)
 
 

@@ -5,6 +5,7 @@ from absl import app
 from launch import bench_util
 
 WHOLE_PASS = 'both:'  # schedule prefix: clean and noisy outputs in one timed call
+CONV = 'conv'  # not a schedule: the model's short convs of both streams, timed beside them
 
 
 def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
@@ -43,7 +44,7 @@ def table(results: list[dict], baseline: str) -> str:
 
     def vs_clean(m):  # a noisy-only schedule's time is added to the clean pass's
       x, c = ms(r, m), ms(clean, m)
-      if x is None or not c or r['schedule'] == 'clean':
+      if x is None or not c or r['schedule'] in ('clean', CONV):
         return '-'
       whole = x if r['schedule'].startswith(WHOLE_PASS) else c + x
       return f"{whole / ((1 + r['V']) * c):.2f}"

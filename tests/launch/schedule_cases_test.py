@@ -34,6 +34,9 @@ def test_table_ratios_stay_within_each_case():
 def test_whole_pass_rows_are_not_added_to_the_clean_pass():
   """A both:<schedule> row (clean and noisy outputs in one call) over (1 + V) clean passes."""
   results = [dict(T=64, block=4, V=2, schedule=name, fwd_ms=x, fwdbwd_ms=x)
-             for name, x in ((schedule_cases.WHOLE_PASS + 'triton', 4.5), ('clean', 1.0))]
-  row = schedule_cases.table(results, 'clean').split('\n')[2]
-  assert [c.strip() for c in row.strip('|').split('|')][10:12] == ['1.50', '1.50']
+             for name, x in ((schedule_cases.WHOLE_PASS + 'triton', 4.5), ('clean', 1.0),
+                             (schedule_cases.CONV, 0.3))]
+  rows = schedule_cases.table(results, 'clean').split('\n')[2:]
+  cells = [[c.strip() for c in row.strip('|').split('|')] for row in rows]
+  assert cells[0][10:12] == ['1.50', '1.50']
+  assert cells[2][3:6] == ['conv', '0.30', '0.30'] and cells[2][10:12] == ['-', '-']  # not a pass
