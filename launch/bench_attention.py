@@ -22,6 +22,7 @@ itself needs beyond inputs and outputs.
 Without a GPU the script stops with an error, unless --cpu_smoke: then it runs a tiny shape with the
 Pallas kernels interpreted (the numbers only show that the script works).
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -34,7 +35,8 @@ from launch import bench_util
 
 _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
-                           'xla, pallas, cudnn (cudnn: causal case only).')
+                           'xla, pallas, pallas_dq_in_dkdv (the backward\'s dq by atomic adds in '
+                           'the dk/dv kernel, BlockSizes.dq_in_dkdv), cudnn (causal case only).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows per call.')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views of the two_stream case.')
@@ -52,8 +54,6 @@ _NUM_WARPS = flags.DEFINE_integer('num_warps', 0, 'Pallas forward warps (0: defa
 _BWD_BLOCKS = flags.DEFINE_list('bwd_blocks', [],
                                 'Pallas backward tiles q_dq,k_dq,q_dkv,k_dkv (empty: default).')
 _NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas pipelining stages (0: default).')
-_DQ_IN_DKDV = flags.DEFINE_bool('dq_in_dkdv', False,
-                                'Pallas backward: dq by atomic adds in the dk/dv kernel.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
@@ -94,13 +94,11 @@ def _metadata(case, b, t, views):
 
 def _block_sizes(d, dtype):
   """Default Pallas block sizes with the flag overrides applied (None: all defaults)."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   from pallas_kernels._common import backend  # pylint: disable=g-import-not-at-top
   from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
   bs = pallas.BlockSizes.get_default(max(16, backend.next_pow2(d)), dtype)
   over = {k: v for k, v in (('block_q', _BLOCK_Q.value), ('block_k', _BLOCK_K.value),
-                            ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value),
-                            ('dq_in_dkdv', _DQ_IN_DKDV.value))
+                            ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value))
           if v}
   if _BWD_BLOCKS.value:
     names = ('block_q_dq', 'block_k_dq', 'block_q_dkv', 'block_k_dkv')
@@ -117,8 +115,8 @@ def _attention_fn(impl, meta, d, dtype):
   if impl == 'xla':
     return lambda q, k, v: xla.attention_xla(q, k, v, meta, meta, scale=scale,
                                              q_tile=_Q_TILE.value)
-  if impl == 'pallas':
-    bs = _block_sizes(d, dtype)
+  if impl in ('pallas', 'pallas_dq_in_dkdv'):
+    bs = dataclasses.replace(_block_sizes(d, dtype), dq_in_dkdv=impl == 'pallas_dq_in_dkdv')
     return lambda q, k, v: pallas.attention_pallas(q, k, v, meta, meta, scale=scale,
                                                    block_sizes=bs,
                                                    interpret=_CPU_SMOKE.value)
