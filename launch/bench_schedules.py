@@ -61,6 +61,10 @@ _NOISY_READS = flags.DEFINE_enum(
     'noisy_reads', 'default', ['default', 'as_given', 'fp32'],
     "Sweep override: whether the Triton fused kernels read noisy q, k, v and clean k in the "
     "inputs' dtype ('default': READ_INPUTS_AS_GIVEN).")
+_NOISY_PRODUCTS = flags.DEFINE_enum(
+    'noisy_products', 'default', ['default', 'tf32', 'bf16'],
+    "Sweep override: the Triton fused forward's products for 16-bit inputs ('default': "
+    'BF16_FORWARD_PRODUCTS).')
 _EXACT_PRODUCTS = flags.DEFINE_enum(
     'exact_products', 'highest', ['highest', 'bf16_x6', 'bf16_x3', 'tf32_x3'],
     "Sweep override: the XLA schedules' exact fp32 products (triangular solves, one-hot sums; "
@@ -125,9 +129,9 @@ def _convs(clean, noisy, seg, starts, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps / --noisy_reads / --exact_products: replace the kernels' and
-  XLA schedules' defaults in this child process before anything is traced (a sweep, not a setting).
-  """
+  """--noisy_block_v / --noisy_warps / --noisy_reads / --noisy_products / --exact_products:
+  replace the kernels' and XLA schedules' defaults in this child process before anything is traced
+  (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   for module in (two_stream_pallas, two_stream_triton):
@@ -141,6 +145,8 @@ def _apply_kernel_overrides() -> None:
     from pallas_kernels.gated_delta_rule import xla as gdr_xla  # pylint: disable=g-import-not-at-top
     preset = jax.lax.DotAlgorithmPreset[_DOT_ALGORITHMS[_EXACT_PRODUCTS.value]]
     gdr_xla._EXACT = two_stream_xla._EXACT = preset  # pylint: disable=protected-access
+  if _NOISY_PRODUCTS.value != 'default':
+    two_stream_triton.BF16_FORWARD_PRODUCTS = _NOISY_PRODUCTS.value == 'bf16'
   if _NOISY_READS.value != 'default':
     two_stream_triton.READ_INPUTS_AS_GIVEN = _NOISY_READS.value == 'as_given'
 
@@ -181,7 +187,8 @@ def _run_child(schedule: str) -> None:
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
              noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
-             noisy_reads=_NOISY_READS.value, exact_products=_EXACT_PRODUCTS.value)
+             noisy_reads=_NOISY_READS.value, noisy_products=_NOISY_PRODUCTS.value,
+             exact_products=_EXACT_PRODUCTS.value)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()

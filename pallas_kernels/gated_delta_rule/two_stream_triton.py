@@ -41,6 +41,10 @@ MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
 # spills (forward 388 against 600 B per thread, backward 2384 against 3452); the copies cost
 # 0.125 GiB more forward temp memory (0.314 against 0.189 GiB).
 READ_INPUTS_AS_GIVEN = False
+# Whether the forward multiplies in bf16 (operands rounded to bf16, fp32 accumulation; the clean
+# context k, v' and h_n loaded as bf16) for 16-bit inputs, as the backward kernel and fla's chunk
+# kernels do, instead of TF32; the UT inverse stays TF32x3. Off until measured on a GPU.
+BF16_FORWARD_PRODUCTS = False
 
 
 MAX_FP32_KERNEL_BACKWARD_K = 64
@@ -73,11 +77,31 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
   @triton.jit
+  def _round_to_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+  @triton.jit
+  def _mm(a, b, PREC: tl.constexpr):
+    """fp32 a @ b: PREC 'bf16' rounds both operands to bf16 (fp32 accumulation); 'bf16_emulated'
+    the same in fp32 arithmetic (Triton 3.6's interpreter multiplies bf16 tensors wrongly); else
+    tl.dot's input_precision ('tf32', 'tf32x3')."""
+    if PREC == 'bf16':
+      return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == 'bf16_emulated':
+      return tl.dot(_round_to_bf16(a), _round_to_bf16(b), input_precision='ieee')
+    else:
+      return tl.dot(a, b, input_precision=PREC)
+
+  @triton.jit
   def _window_context(kc, vc, gc, h, n, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
                       N: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                      C: tl.constexpr):
+                      C: tl.constexpr, CTX_BF16: tl.constexpr = False):
     """This program's (batch, value head, view, V tile) from program_id(1), its key head, its V
-    columns, and clean chunk n's context: k [C, K], v' [C, BV], G [C], h_n [K, BV]."""
+    columns, and clean chunk n's context: k [C, K], v' [C, BV], G [C], h_n [K, BV] (fp32; with
+    CTX_BF16 k, v' and h_n rounded to bf16, as bf16 products would round them)."""
     pid = tl.program_id(1)
     NVT: tl.constexpr = VDP // BV
     i_e = pid % NVT
@@ -93,6 +117,8 @@ if triton is not None:
     g_ctx = tl.load(gc + ctok * HV + i_h)
     h_n = tl.load(h + (((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
                   + o_v[None, :])
+    if CTX_BF16:
+      k_ctx, v_ctx, h_n = k_ctx.to(tl.bfloat16), v_ctx.to(tl.bfloat16), h_n.to(tl.bfloat16)
     return i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n
 
   @triton.jit
@@ -131,7 +157,7 @@ if triton is not None:
     [0, T) is written once (layouts: see `_forward`)."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_s = tl.arange(0, S)
     ipos = n * C + tl.arange(0, C)  # clean positions of chunk n
     row = o_s[:, None]
@@ -160,29 +186,23 @@ if triton is not None:
       # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
       d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
       d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
-      a_ii = tl.where(strict, b_beta[:, None] * tl.dot(b_k, tl.trans(b_k), input_precision=PREC)
-                      * d_ii, 0.0)
-      a_ip = b_beta[:, None] * tl.dot(b_k, tl.trans(k_p), input_precision=PREC) * d_ip
+      a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
+      a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
       t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
-      w = tl.dot(t_ii, b_k * (b_beta * eg)[:, None] - tl.dot(a_ip, w_p, input_precision=PREC),
-                 input_precision=PREC)
-      u = tl.dot(t_ii, b_v * b_beta[:, None] - tl.dot(a_ip, u_p, input_precision=PREC),
-                 input_precision=PREC)
+      w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
+      u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
 
       # Rows times their seed state, from h_n and clean chunk n (prefix identity).
       _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
-      wk = tl.dot(w, tl.trans(k_ctx), input_precision=PREC) * e
-      vn = u - (tl.dot(wk, v_ctx, input_precision=PREC)
-                + coef[:, None] * tl.dot(w, h_n, input_precision=PREC))
+      wk = _mm(w, tl.trans(k_ctx), PREC) * e
+      vn = u - (_mm(wk, v_ctx, PREC) + coef[:, None] * _mm(w, h_n, PREC))
       qe = b_q * eg[:, None]
-      qk_ctx = tl.dot(qe, tl.trans(k_ctx), input_precision=PREC) * e
-      b_o = (tl.dot(qk_ctx, v_ctx, input_precision=PREC)
-             + coef[:, None] * tl.dot(qe, h_n, input_precision=PREC)
-             + tl.dot(tl.dot(b_q, tl.trans(b_k), input_precision=PREC) * d_ii, vn,
-                      input_precision=PREC)
-             + tl.dot(tl.dot(b_q, tl.trans(k_p), input_precision=PREC) * d_ip, vn_p,
-                      input_precision=PREC))
+      qk_ctx = _mm(qe, tl.trans(k_ctx), PREC) * e
+      b_o = (_mm(qk_ctx, v_ctx, PREC)
+             + coef[:, None] * _mm(qe, h_n, PREC)
+             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
+             + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
       own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
       orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
       tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
@@ -201,25 +221,6 @@ if triton is not None:
   def _halves1(x, S: tl.constexpr):
     """[2S] -> its entries [0, S) and [S, 2S)."""
     return tl.split(tl.trans(tl.reshape(x, (2, S))))
-
-  @triton.jit
-  def _round_to_bf16(x):
-    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-  @triton.jit
-  def _mm(a, b, PREC: tl.constexpr):
-    """fp32 a @ b: PREC 'bf16' rounds both operands to bf16 (fp32 accumulation); 'bf16_emulated'
-    the same in fp32 arithmetic (Triton 3.6's interpreter multiplies bf16 tensors wrongly); else
-    tl.dot's input_precision ('tf32', 'tf32x3')."""
-    if PREC == 'bf16':
-      return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    elif PREC == 'bf16_emulated':
-      return tl.dot(_round_to_bf16(a), _round_to_bf16(b), input_precision='ieee')
-    else:
-      return tl.dot(a, b, input_precision=PREC)
 
   @triton.jit
   def _cross_bwd(x, xk, xh, dy, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC: tl.constexpr):
@@ -375,6 +376,16 @@ if triton is not None:
              + o_v[None, :], s_dh)
 
 
+def _forward_products(dtype) -> str:
+  """The fused forward's PREC: TF32x3 for fp32 inputs; TF32, or with BF16_FORWARD_PRODUCTS bf16
+  (emulated in fp32 under Triton's interpreter), for 16-bit ones."""
+  if jnp.dtype(dtype) == _F32:
+    return 'tf32x3'
+  if not BF16_FORWARD_PRODUCTS:
+    return 'tf32'
+  return 'bf16' if _compiled() else 'bf16_emulated'
+
+
 def _compiled() -> bool:
   """Whether the kernels are built for a GPU, not for Triton's interpreter (TRITON_INTERPRET=1),
   whose bf16 products are wrong (`_common.triton_interpret`)."""
@@ -398,7 +409,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   # read as given, as is clean k), g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
-  prec = 'tf32x3' if noisy[0].dtype == _F32 else 'tf32'
+  prec = _forward_products(noisy[0].dtype)
   o = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
       out_shape=jax.ShapeDtypeStruct((b, nv, t, hv, z.vdp), _F32),
