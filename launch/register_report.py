@@ -140,9 +140,10 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
   return record(fwd_bwd, (clean, noisy, ids, ids), '')
 
 
-def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, dq_in_dkdv=False):
+def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):
   """The Pallas attention kernels' launches (forward, dq, dk/dv; or forward and dk/dv with its dq
-  atomics, `BlockSizes.dq_in_dkdv`) for one forward + backward of causal attention over
+  atomics, `BlockSizes.dq_in_dkdv`; `options`: BlockSizes flags to turn on) for one forward +
+  backward of causal attention over
   [B, T, H, D] queries and Hkv key/value heads (BlockSizes for `device_kind`). The mask is read
   from metadata inside the kernels, so the causal case compiles the same kernels as the two-stream
   one."""
@@ -153,7 +154,7 @@ def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, dq_in_dkdv=Fa
     meta = attention_mask.clean_meta(jnp.zeros((b, t), jnp.int32), pos)
     dp = max(16, backend.next_pow2(d))
     bs = dataclasses.replace(attention_pallas.BlockSizes.get_default(dp, dtype, device_kind),
-                             dq_in_dkdv=dq_in_dkdv)
+                             **{o: True for o in options})
     return _vjp_of(lambda *x: attention_pallas.attention_pallas(
         *x, meta, meta, block_sizes=bs, interpret=False))(q, k, v)
 

@@ -17,8 +17,12 @@ Block sparsity: `tile_visibility` summarises the metadata of every tile (segment
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
 pair as "may be visible" unless the summaries prove that no pair inside is. It is conservative (it
 may mark a tile whose pairs are all invisible, never the opposite), so skipping unmarked tiles is
-exact. The table is compacted into per-tile visit lists [count, tile ids ascending ...]; each
-program loops over its list only, so skipped tiles cost nothing, not even a branch.
+exact. `tile_full_visibility` marks, as conservatively the other way, the tiles whose every pair is
+visible (one segment, clean keys all within every query's horizon: most tiles of a causal row).
+The tables are compacted into per-tile visit lists [full count, count, full tile ids ascending,
+then the other marked ids ascending]; each program loops over its list only, so skipped tiles cost
+nothing, not even a branch. With `BlockSizes.unmasked_full_tiles` it runs the full tiles without
+evaluating the mask, in a loop of their own.
 
 Rows that see nothing: their softmax denominator is 0; they output zeros and get zero gradients (as
 `xla.attention_xla`). Padding: D to a power of two >= 16 (Triton's `tl.dot` and load sizes), T and
@@ -60,6 +64,8 @@ class BlockSizes:
     num_stages: software pipelining depth of the streamed tiles (shared memory ~ stages x tiles).
     dq_in_dkdv: dq from the dk/dv kernel by atomic adds instead of its own kernel (see the module
       docstring); off until measured faster.
+    unmasked_full_tiles: tiles whose every pair is visible skip the mask (a second loop per
+      kernel; ptxas gives the forward and dq more spill code); off until measured faster.
   """
 
   block_q: int = 64
@@ -73,6 +79,7 @@ class BlockSizes:
   num_warps_dkv: int = 8
   num_stages: int = 2
   dq_in_dkdv: bool = False
+  unmasked_full_tiles: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
@@ -119,10 +126,10 @@ def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
 def _tile_summary(meta: mask_lib.TokenMeta, block: int) -> dict[str, jax.Array]:
   """Per-tile bounds of the metadata, each [B, L / block] int32 (L a multiple of `block`).
 
-  seg_lo/hi: segment range; horizon_hi: latest clean position any token of the tile may see as a
-  query (its own position if clean, block start - 1 if noisy); clean_lo: earliest position of a
-  clean token; view_lo/hi, start_lo/hi: ranges of view and block start over the noisy tokens.
-  Empty sets give (lo, hi) = (INT32_MAX, INT32_MIN), which overlap nothing.
+  seg_lo/hi: segment range; horizon_lo/hi: earliest and latest clean position the tile's tokens
+  may see as queries (its own position if clean, block start - 1 if noisy); clean_lo/hi: range of
+  the clean tokens' positions; view_lo/hi, start_lo/hi: ranges of view and block start over the
+  noisy tokens. Empty sets give (lo, hi) = (INT32_MAX, INT32_MIN), which overlap nothing.
   """
   b, length = meta.positions.shape
   seg, pos, view, start = (x.reshape(b, length // block, block) for x in meta)
@@ -130,10 +137,19 @@ def _tile_summary(meta: mask_lib.TokenMeta, block: int) -> dict[str, jax.Array]:
   lo = lambda x, keep: jnp.min(jnp.where(keep, x, _I32_MAX), axis=-1)
   hi = lambda x, keep: jnp.max(jnp.where(keep, x, _I32_MIN), axis=-1)
   every = jnp.ones_like(noisy)
+  horizon = jnp.where(noisy, start - 1, pos)
   return dict(seg_lo=lo(seg, every), seg_hi=hi(seg, every),
-              horizon_hi=hi(jnp.where(noisy, start - 1, pos), every),
-              clean_lo=lo(pos, ~noisy), view_lo=lo(view, noisy), view_hi=hi(view, noisy),
+              horizon_lo=lo(horizon, every), horizon_hi=hi(horizon, every),
+              clean_lo=lo(pos, ~noisy), clean_hi=hi(pos, ~noisy),
+              view_lo=lo(view, noisy), view_hi=hi(view, noisy),
               start_lo=lo(start, noisy), start_hi=hi(start, noisy))
+
+
+def _tile_pairs(q_meta, k_meta, block_q, block_k):
+  """`_tile_summary` of the q tiles as [B, n, 1] and of the k tiles as [B, 1, m]."""
+  q = {n: x[:, :, None] for n, x in _tile_summary(q_meta, block_q).items()}
+  k = {n: x[:, None, :] for n, x in _tile_summary(k_meta, block_k).items()}
+  return q, k
 
 
 def tile_visibility(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
@@ -152,12 +168,25 @@ def tile_visibility(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, bloc
   Returns:
     bool [B, T / block_q, S / block_k].
   """
-  q = {n: x[:, :, None] for n, x in _tile_summary(q_meta, block_q).items()}
-  k = {n: x[:, None, :] for n, x in _tile_summary(k_meta, block_k).items()}
+  q, k = _tile_pairs(q_meta, k_meta, block_q, block_k)
   overlap = lambda a, b: (q[a] <= k[b]) & (k[a] <= q[b])
   sees_clean = k['clean_lo'] <= q['horizon_hi']
   sees_noisy = overlap('view_lo', 'view_hi') & overlap('start_lo', 'start_hi')
   return overlap('seg_lo', 'seg_hi') & (sees_clean | sees_noisy)
+
+
+def tile_full_visibility(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
+                         block_k: int) -> jax.Array:
+  """Conservative "every pair is visible" table of (q tile, k tile) pairs: one segment over both
+  tiles, no noisy key, and every clean key at or before every query's horizon (`mask.visible`'s
+  clean-key rule, whatever the query's view). Padded tokens never pass (their positions lie past
+  every horizon, or their horizon before every key). Same arguments and result as
+  `tile_visibility`; a marked tile is marked there too."""
+  q, k = _tile_pairs(q_meta, k_meta, block_q, block_k)
+  one_segment = ((q['seg_lo'] == q['seg_hi']) & (k['seg_lo'] == k['seg_hi'])
+                 & (q['seg_lo'] == k['seg_lo']))
+  clean_keys = k['view_lo'] == _I32_MAX  # no noisy token in the k tile
+  return one_segment & clean_keys & (k['clean_hi'] <= q['horizon_lo'])
 
 
 def visited_tile_fraction(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
@@ -170,12 +199,29 @@ def visited_tile_fraction(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta
   return jnp.mean(table)
 
 
-def _visit_lists(table: jax.Array) -> jax.Array:
-  """[B, n, m] bool -> int32 [B, n, m + 1]: per row, the count of marked tiles, then their ids in
-  ascending order (entries past the count are unused)."""
-  count = jnp.sum(table, axis=-1, dtype=jnp.int32)
-  order = jnp.argsort(jnp.logical_not(table).astype(jnp.int32), axis=-1, stable=True)
-  return jnp.concatenate([count[..., None], order.astype(jnp.int32)], axis=-1)
+def _visit_lists(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q: int,
+                 block_k: int, *, by_key: bool = False) -> jax.Array:
+  """int32 [B, n, m + 2] per q tile (or with by_key [B, m, n + 2] per k tile): the count of fully
+  visible tiles, the count of marked tiles, then the fully visible tile ids ascending and the other
+  marked ids ascending (entries past the count are unused)."""
+  may = tile_visibility(q_meta, k_meta, block_q, block_k)
+  full = tile_full_visibility(q_meta, k_meta, block_q, block_k) & may
+  if by_key:
+    may, full = may.swapaxes(1, 2), full.swapaxes(1, 2)
+  rank = jnp.where(full, 0, jnp.where(may, 1, 2))  # full tiles, then the rest, then unvisited
+  order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
+  counts = [jnp.sum(x, axis=-1, dtype=jnp.int32)[..., None] for x in (full, may)]
+  return jnp.concatenate(counts + [order], axis=-1)
+
+
+def _visit(visit_ref, body, carry, unmasked_full_tiles):
+  """Runs body(masked)(i, carry) over the visit list: every tile masked, or the full tiles
+  unmasked and then the rest masked."""
+  start = 0
+  if unmasked_full_tiles:
+    carry = jax.lax.fori_loop(0, visit_ref[0], body(False), carry)
+    start = visit_ref[0]
+  return jax.lax.fori_loop(start, visit_ref[1], body(True), carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,62 +240,72 @@ def _load_meta(ref, rows) -> mask_lib.TokenMeta:
   return mask_lib.TokenMeta(*(ref[f, rows] for f in range(_N_FIELDS)))
 
 
-def _probs(q, k, q_meta, k_meta, lse, scale):
-  """P = exp(scale q k^T - lse) on visible pairs, 0 elsewhere: [bq, bk] fp32."""
-  s = _dot(q, k, tb=True) * scale
-  vis = mask_lib.visible(q_meta, k_meta)
-  return jnp.where(vis, jnp.exp(s - lse[:, None]), 0.0)
+def _probs(q, k, lse, scale, vis):
+  """P = exp(scale q k^T - lse) on the visible pairs `vis` [bq, bk] (None: all), 0 elsewhere:
+  [bq, bk] fp32."""
+  p = jnp.exp(_dot(q, k, tb=True) * scale - lse[:, None])
+  return p if vis is None else jnp.where(vis, p, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as (inputs..., outputs...).
 # ---------------------------------------------------------------------------------------------
-def _fwd_kernel(visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *, scale, bk):
+def _fwd_kernel(visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *, scale, bk,
+                unmasked_full_tiles):
   """One (q tile, batch, head): online softmax over the k tiles in its visit list."""
   q = q_ref[...]
   q_meta = _load_meta(qm_ref, slice(None))
   bq, d = q.shape
 
-  def body(n, carry):
-    acc, m, l = carry
-    rows = pl.ds(visit_ref[n + 1] * bk, bk)
-    k, v = k_ref[rows, :], v_ref[rows, :]
-    vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows))
-    s = jnp.where(vis, _dot(q, k, tb=True) * scale, _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(vis, jnp.exp(s - m_new[:, None]), 0.0)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+  def body(masked):
+    def step(n, carry):
+      acc, m, l = carry
+      rows = pl.ds(visit_ref[n + 2] * bk, bk)
+      k, v = k_ref[rows, :], v_ref[rows, :]
+      s = _dot(q, k, tb=True) * scale
+      if masked:
+        vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows))
+        s = jnp.where(vis, s, _NEG)
+      m_new = jnp.maximum(m, jnp.max(s, axis=1))
+      alpha = jnp.exp(m - m_new)
+      p = jnp.exp(s - m_new[:, None])
+      if masked:
+        p = jnp.where(vis, p, 0.0)
+      l = alpha * l + jnp.sum(p, axis=1)
+      acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+      return acc, m_new, l
+    return step
 
   init = (jnp.zeros((bq, d), _F32), jnp.full((bq,), _NEG, _F32), jnp.zeros((bq,), _F32))
-  acc, m, l = jax.lax.fori_loop(0, visit_ref[0], body, init)
+  acc, m, l = _visit(visit_ref, body, init, unmasked_full_tiles)
   seen = l > 0.0
   o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _DEAD_LSE)
 
 
 def _dq_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, dq_ref,
-               *, scale, bk):
+               *, scale, bk, unmasked_full_tiles):
   """One (q tile, batch, head): dq = scale * sum over visited k tiles of dS k."""
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_meta = _load_meta(qm_ref, slice(None))
 
-  def body(n, dq):
-    rows = pl.ds(visit_ref[n + 1] * bk, bk)
-    k, v = k_ref[rows, :], v_ref[rows, :]
-    p = _probs(q, k, q_meta, _load_meta(km_ref, rows), lse, scale)
-    ds = p * (_dot(do, v, tb=True) - delta[:, None])
-    return dq + _dot(ds.astype(k.dtype), k)
+  def body(masked):
+    def step(n, dq):
+      rows = pl.ds(visit_ref[n + 2] * bk, bk)
+      k, v = k_ref[rows, :], v_ref[rows, :]
+      vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows)) if masked else None
+      p = _probs(q, k, lse, scale, vis)
+      ds = p * (_dot(do, v, tb=True) - delta[:, None])
+      return dq + _dot(ds.astype(k.dtype), k)
+    return step
 
-  dq = jax.lax.fori_loop(0, visit_ref[0], body, jnp.zeros(q.shape, _F32))
+  dq = _visit(visit_ref, body, jnp.zeros(q.shape, _F32), unmasked_full_tiles)
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, *refs,
-                 scale, bq, groups):
+                 scale, bq, groups, unmasked_full_tiles):
   """One (k tile, batch, kv head): sums over the `groups` query heads sharing this kv head and, for
   each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D]; lse_ref,
   delta_ref: [groups, Tp]. refs: (dk_ref, dv_ref), or (dq_in_ref, dk_ref, dv_ref, dq_ref) with dq
@@ -259,19 +315,22 @@ def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_
   k_meta = _load_meta(km_ref, slice(None))
 
   def head(g, carry):
-    def body(n, carry):
-      dk, dv = carry
-      rows = pl.ds(visit_ref[n + 1] * bq, bq)
-      q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-      p = _probs(q, k, _load_meta(qm_ref, rows), k_meta, lse_ref[g, rows], scale)
-      ds = p * (_dot(do, v, tb=True) - delta_ref[g, rows][:, None])
-      dv = dv + _dot(p.astype(do.dtype), do, ta=True)
-      dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
-      if dq_ref is not None:
-        plgpu.atomic_add(dq_ref, (rows, g, slice(None)), scale * _dot(ds.astype(k.dtype), k))
-      return dk, dv
+    def body(masked):
+      def step(n, carry):
+        dk, dv = carry
+        rows = pl.ds(visit_ref[n + 2] * bq, bq)
+        q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+        vis = mask_lib.visible(_load_meta(qm_ref, rows), k_meta) if masked else None
+        p = _probs(q, k, lse_ref[g, rows], scale, vis)
+        ds = p * (_dot(do, v, tb=True) - delta_ref[g, rows][:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, ta=True)
+        dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+        if dq_ref is not None:
+          plgpu.atomic_add(dq_ref, (rows, g, slice(None)), scale * _dot(ds.astype(k.dtype), k))
+        return dk, dv
+      return step
 
-    return jax.lax.fori_loop(0, visit_ref[0], body, carry)
+    return _visit(visit_ref, body, carry, unmasked_full_tiles)
 
   zeros = jnp.zeros(k.shape, _F32)
   dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
@@ -296,9 +355,9 @@ def _forward_call(q, k, v, qm, km, *, scale, bs: BlockSizes, interpret):
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q, bs.block_k, h // hkv
-  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk))
+  visit = _visit_lists(_fields(qm), _fields(km), bq, bk)
   in_specs = [
-      pl.BlockSpec((None, None, sp // bk + 1), lambda i, b_, h_: (b_, i, 0)),
+      pl.BlockSpec((None, None, sp // bk + 2), lambda i, b_, h_: (b_, i, 0)),
       pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
       pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
@@ -308,7 +367,8 @@ def _forward_call(q, k, v, qm, km, *, scale, bs: BlockSizes, interpret):
   out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
                pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), _F32)]
-  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk)
+  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk,
+                             unmasked_full_tiles=bs.unmasked_full_tiles)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(tp // bq, b, h), in_specs=in_specs, out_specs=out_specs,
       compiler_params=_params(interpret, bs.num_warps, bs.num_stages), interpret=interpret,
@@ -319,17 +379,18 @@ def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpre
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dq, bs.block_k_dq, h // hkv
-  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk))
+  visit = _visit_lists(_fields(qm), _fields(km), bq, bk)
   q_tile = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
   kv_all = pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0))
   row = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
   in_specs = [
-      pl.BlockSpec((None, None, sp // bk + 1), lambda i, b_, h_: (b_, i, 0)),
+      pl.BlockSpec((None, None, sp // bk + 2), lambda i, b_, h_: (b_, i, 0)),
       q_tile, kv_all, kv_all, q_tile, row, row,
       pl.BlockSpec((None, _N_FIELDS, bq), lambda i, b_, h_: (b_, 0, i)),
       pl.BlockSpec((None, _N_FIELDS, sp), lambda i, b_, h_: (b_, 0, 0)),
   ]
-  kernel = functools.partial(_dq_kernel, scale=scale, bk=bk)
+  kernel = functools.partial(_dq_kernel, scale=scale, bk=bk,
+                             unmasked_full_tiles=bs.unmasked_full_tiles)
   return pl.pallas_call(
       kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(tp // bq, b, h),
       in_specs=in_specs, out_specs=q_tile,
@@ -342,13 +403,13 @@ def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interp
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
-  # Transposed table: for each k tile, the q tiles that may see it.
-  visit = _visit_lists(tile_visibility(_fields(qm), _fields(km), bq, bk).swapaxes(1, 2))
+  # Transposed tables: for each k tile, the q tiles that may see it.
+  visit = _visit_lists(_fields(qm), _fields(km), bq, bk, by_key=True)
   q_group = pl.BlockSpec((None, tp, grp, d), lambda j, b_, g_: (b_, 0, g_, 0))
   kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_, 0))
   rows = pl.BlockSpec((None, grp, tp), lambda j, b_, g_: (b_, g_, 0))
   in_specs = [
-      pl.BlockSpec((None, None, tp // bq + 1), lambda j, b_, g_: (b_, j, 0)),
+      pl.BlockSpec((None, None, tp // bq + 2), lambda j, b_, g_: (b_, j, 0)),
       q_group, kv_tile, kv_tile, q_group, rows, rows,
       pl.BlockSpec((None, _N_FIELDS, tp), lambda j, b_, g_: (b_, 0, 0)),
       pl.BlockSpec((None, _N_FIELDS, bk), lambda j, b_, g_: (b_, 0, j)),
@@ -362,7 +423,8 @@ def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interp
     in_specs.append(q_group)
     aliases = {len(args): 2}
     args += (jnp.zeros(q.shape, _F32),)
-  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=grp)
+  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=grp,
+                             unmasked_full_tiles=bs.unmasked_full_tiles)
   outs = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(sp // bk, b, hkv), in_specs=in_specs,
       out_specs=out_specs, input_output_aliases=aliases,

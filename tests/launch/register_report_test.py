@@ -101,6 +101,7 @@ def test_attention_launches_forward_dq_and_dkdv():
   # D = 64 bf16: 128-row q tiles forward (T = 100 pads to 128), dk/dv per key/value head.
   assert launches[0]['grid'] == (1, 1, 4) and launches[2]['grid'][2] == 2
   assert not any('atomic_rmw' in l['ttir'] for l in launches)
-  fused = register_report.record_attention_launches(1, 100, 4, 2, 64, jnp.bfloat16, '', True)
+  fused = register_report.record_attention_launches(1, 100, 4, 2, 64, jnp.bfloat16, '',
+                                                    ['dq_in_dkdv'])
   assert [l['name'] for l in fused] == ['flash_attention_fwd', 'flash_attention_dkdv']
   assert 'atomic_rmw' in fused[1]['ttir']

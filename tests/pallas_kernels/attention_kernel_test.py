@@ -160,11 +160,14 @@ def test_causal_and_packed_gqa_ragged(rng):
     _assert_matches_xla(q, k, v, do, meta, meta, label)
 
 
-def test_dq_from_the_dkdv_kernel_by_atomic_adds(rng):
+@pytest.mark.parametrize('options', [dict(dq_in_dkdv=True), dict(unmasked_full_tiles=True),
+                                     dict(dq_in_dkdv=True, unmasked_full_tiles=True)],
+                         ids=['dq_in_dkdv', 'unmasked_full_tiles', 'both'])
+def test_kernel_options_match_xla(rng, options):
   """BlockSizes.dq_in_dkdv: dq accumulated by the dk/dv kernel (atomic adds from every k tile of a
-  GQA group, over tiles the dq kernel would not share) equals the XLA path's: causal, packed with
-  dead rows, and a two-stream row."""
-  fused = dataclasses.replace(SMALL, dq_in_dkdv=True)
+  GQA group); BlockSizes.unmasked_full_tiles: fully visible tiles skip the mask. Both equal the
+  XLA path: causal, packed with dead rows, and a two-stream row."""
+  fused = dataclasses.replace(SMALL, **options)
   q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
   for label, meta in [('causal', _clean(2, 37)),
                       ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
@@ -232,20 +235,22 @@ def test_bf16_interpret_within_rms_limits(rng):
     testing.assert_close(name, a, b, 2e-2)
 
 
-@pytest.mark.parametrize('dtype, d, h, hkv, dq_in_dkdv',
-                         [(jnp.bfloat16, 256, 16, 4, False), (jnp.float32, 60, 8, 2, False),
-                          (jnp.bfloat16, 256, 16, 4, True)],
-                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_dq_in_dkdv'])
-def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, dq_in_dkdv):
+@pytest.mark.parametrize('dtype, d, h, hkv, options',
+                         [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
+                          (jnp.bfloat16, 256, 16, 4,
+                           dict(dq_in_dkdv=True, unmasked_full_tiles=True))],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_options'])
+def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (or, with dq_in_dkdv, the forward and the
-  dk/dv kernel with its atomic adds) lower through Pallas' Triton backend with the default block
-  sizes (power-of-two loads, dot operand dtypes, scalar loads of the visit lists). Triton's own
-  compile (shared memory, registers) is left to the GPU tests."""
+  dk/dv kernel with its atomic adds; with unmasked_full_tiles, two loops per kernel) lower through
+  Pallas' Triton backend with the default block sizes (power-of-two loads, dot operand dtypes,
+  scalar loads of the visit lists). Triton's own compile (shared memory, registers) is left to the
+  GPU tests."""
   from jax import export  # pylint: disable=g-import-not-at-top
   t, s = 200, 130  # q and k lengths off the tiles; export never runs the kernels
   q_meta, k_meta = _clean(1, t), _clean(1, s)
   bs = dataclasses.replace(pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()),
-                                                         dtype), dq_in_dkdv=dq_in_dkdv)
+                                                         dtype), **options)
 
   def fwd_bwd(q, k, v, do):
     fn = lambda q, k, v: pallas.attention_pallas(q, k, v, q_meta, k_meta, block_sizes=bs,
@@ -260,7 +265,7 @@ def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, dq_in_dkdv):
           spec(t, h), spec(s, hkv), spec(s, hkv), spec(t, h))
   module = exported.mlir_module()
   kernels = ['flash_attention_fwd', 'flash_attention_dkdv'] + ['flash_attention_dq'] * (
-      not dq_in_dkdv)
+      not options.get('dq_in_dkdv'))
   assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == len(kernels)
   for name in kernels:
     assert f'name = "{name}"' in module, name
@@ -271,8 +276,8 @@ def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, dq_in_dkdv):
 # ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=('bq', 'bk'))
 def _table_vs_pairs(q_meta, k_meta, *, bq, bk):
-  """(table, tile holds a visible pair, padding is visible), with the metadata padded as the kernel
-  pads it."""
+  """(table, full table, tile holds a visible pair, every pair of the tile is visible, padding is
+  visible), with the metadata padded as the kernel pads it."""
   t, s = q_meta.positions.shape[1], k_meta.positions.shape[1]
   tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
   fields = lambda m, n, query: mask_lib.TokenMeta(
@@ -280,19 +285,23 @@ def _table_vs_pairs(q_meta, k_meta, *, bq, bk):
   qm, km = fields(q_meta, tp, True), fields(k_meta, sp, False)
   vis = mask_lib.visible(qm, km)
   b = vis.shape[0]
-  tile_has_visible = vis.reshape(b, tp // bq, bq, sp // bk, bk).any(axis=(2, 4))
+  tiles = vis.reshape(b, tp // bq, bq, sp // bk, bk)
   padding_visible = vis[:, t:].any() | vis[:, :, s:].any()
-  return pallas.tile_visibility(qm, km, bq, bk), tile_has_visible, padding_visible
+  return (pallas.tile_visibility(qm, km, bq, bk), pallas.tile_full_visibility(qm, km, bq, bk),
+          tiles.any(axis=(2, 4)), tiles.all(axis=(2, 4)), padding_visible)
 
 
 def _assert_conservative(q_meta, k_meta, bq, bk, label):
-  """Every visible pair lies in a marked tile; padded tokens take no part."""
-  table, tile_has_visible, padding_visible = map(
+  """Every visible pair lies in a marked tile; every pair of a tile marked full is visible; padded
+  tokens take no part. Returns (table, full table)."""
+  table, full, tile_has_visible, tile_all_visible, padding_visible = map(
       np.asarray, _table_vs_pairs(q_meta, k_meta, bq=bq, bk=bk))
   missed = tile_has_visible & ~table
   assert not missed.any(), f'{label}: visible tiles marked invisible at {np.argwhere(missed)[:5]}'
+  wrong = full & ~tile_all_visible
+  assert not wrong.any(), f'{label}: tiles with invisible pairs marked full at {np.argwhere(wrong)[:5]}'
   assert not padding_visible, f'{label}: padding is visible'
-  return table
+  return table, full
 
 
 @pytest.mark.parametrize('bq, bk', [(16, 16), (16, 32), (32, 16)])
@@ -311,12 +320,31 @@ def test_tile_table_is_conservative_on_random_metadata(bq, bk):
 def test_tile_table_is_conservative_and_sparse_on_two_stream_rows():
   for block in (1, 2, 3, 4):
     meta = _two_stream(1, 128, 2, block, cuts=(50,), prompt=5)
-    table = _assert_conservative(meta, meta, 16, 16, f'block {block}')
+    table, full = _assert_conservative(meta, meta, 16, 16, f'block {block}')
     # Clean tiles see the causal lower half, noisy tiles the clean prefix and their own diagonal:
-    # well under half of the 24 x 24 tiles are visited.
+    # well under half of the 24 x 24 tiles are visited, some of them without a mask.
     assert table.mean() < 0.45, table.mean()
+    assert full.any()
   q_meta, k_meta = _cache(2, 5, 40, starts=(0, 23), noisy=True)
   _assert_conservative(q_meta, k_meta, 16, 16, 'cache')
+
+
+def test_full_tiles_of_a_causal_row_are_those_below_the_diagonal():
+  """Plain causal attention over T = 100 (off the tiles): the full table is exactly the q tiles'
+  strictly earlier k tiles, but for the last q tile (it holds padded queries), and the visit lists
+  put them first, unmasked."""
+  meta = _clean(1, 100)
+  table, full = _assert_conservative(meta, meta, 16, 32, 'causal')
+  q_tile, k_tile = np.arange(7)[:, None], np.arange(4)[None, :]
+  np.testing.assert_array_equal(full[0], (32 * (k_tile + 1) <= 16 * q_tile) & (q_tile < 6))
+  np.testing.assert_array_equal(table[0], 32 * k_tile <= 16 * q_tile + 15)
+  fields = lambda n, query: pallas._fields(pallas._pad_meta(meta, n, query=query))  # pylint: disable=protected-access
+  visit = np.asarray(pallas._visit_lists(fields(112, True), fields(128, False), 16, 32))  # pylint: disable=protected-access
+  for i, row in enumerate(visit[0]):
+    n_full, n_all = row[0], row[1]
+    assert list(row[2:2 + n_all]) == sorted(np.flatnonzero(full[0, i])) + sorted(
+        np.flatnonzero(table[0, i] & ~full[0, i])), (i, row)
+    assert n_full == full[0, i].sum() and n_all == table[0, i].sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,10 +376,12 @@ GPU_LIMITS = {'o': 5e-3, 'dq': 1e-2, 'dk': 1e-2, 'dv': 1e-2}
 
 @functools.partial(jax.jit, static_argnames=('impl',))
 def _gpu_vjp(q, k, v, q_meta, k_meta, do, *, impl):
-  """impl: 'xla', 'pallas' (api dispatch) or 'pallas_dq_in_dkdv' (default tiles, dq by atomics)."""
+  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+OPTION[+OPTION]' (default tiles with those
+  BlockSizes flags on)."""
   fn = functools.partial(api.attention, q_meta=q_meta, k_meta=k_meta, implementation=impl)
-  if impl == 'pallas_dq_in_dkdv':
-    bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype), dq_in_dkdv=True)
+  if impl.startswith('pallas+'):
+    bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype),
+                             **{o: True for o in impl.split('+')[1:]})
     fn = functools.partial(pallas.attention_pallas, q_meta=q_meta, k_meta=k_meta, block_sizes=bs)
   o, vjp = jax.vjp(fn, q, k, v)
   return o, vjp(do.astype(o.dtype))
@@ -374,18 +404,19 @@ def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('b', [1, 2])
-def test_gpu_two_stream_model_shape(b):
+@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'),
+                                     (1, 'pallas+dq_in_dkdv+unmasked_full_tiles')])
+def test_gpu_two_stream_model_shape(b, impl):
   """T = 4096, V = 2, block 4 (12288 tokens), Hq 16 / Hkv 4 / D 256, two documents per row."""
   rng = np.random.default_rng(0)
   t = 4096
   meta = _two_stream(b, t, 2, 4, cuts=(1500,), prompt=64)
   q, k, v, do = _inputs(rng, b, 3 * t, 3 * t, 16, 4, 256)
-  _gpu_compare(q, k, v, do, meta, meta)
+  _gpu_compare(q, k, v, do, meta, meta, impl)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('impl', ['pallas', 'pallas_dq_in_dkdv'])
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dq_in_dkdv', 'pallas+unmasked_full_tiles'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
