@@ -69,6 +69,9 @@ _EXACT_PRODUCTS = flags.DEFINE_enum(
     'exact_products', 'highest', ['highest', 'bf16_x6', 'bf16_x3', 'tf32_x3'],
     "Sweep override: the XLA schedules' exact fp32 products (triangular solves, one-hot sums; "
     'HIGHEST: fp32 without tensor cores on GPU) as this dot algorithm instead.')
+_CHUNKED_MIN_TILE = flags.DEFINE_integer(
+    'chunked_min_tile', 0, "Sweep override: the XLA chunked schedule's smallest row tile "
+    '(two_stream_xla.MIN_ROW_TILE; the fused schedules\' autodiff backward runs it; 0: default).')
 _DOT_ALGORITHMS = {'bf16_x6': 'BF16_BF16_F32_X6', 'bf16_x3': 'BF16_BF16_F32_X3',
                    'tf32_x3': 'TF32_TF32_F32_X3'}
 _PROFILE = flags.DEFINE_bool('profile', False,
@@ -129,9 +132,9 @@ def _convs(clean, noisy, seg, starts, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps / --noisy_reads / --noisy_products / --exact_products:
-  replace the kernels' and XLA schedules' defaults in this child process before anything is traced
-  (a sweep, not a setting)."""
+  """--noisy_block_v / --noisy_warps / --noisy_reads / --noisy_products / --exact_products /
+  --chunked_min_tile: replace the kernels' and XLA schedules' defaults in this child process before
+  anything is traced (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   for module in (two_stream_pallas, two_stream_triton):
@@ -145,6 +148,9 @@ def _apply_kernel_overrides() -> None:
     from pallas_kernels.gated_delta_rule import xla as gdr_xla  # pylint: disable=g-import-not-at-top
     preset = jax.lax.DotAlgorithmPreset[_DOT_ALGORITHMS[_EXACT_PRODUCTS.value]]
     gdr_xla._EXACT = two_stream_xla._EXACT = preset  # pylint: disable=protected-access
+  if _CHUNKED_MIN_TILE.value:
+    from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
+    two_stream_xla.MIN_ROW_TILE = _CHUNKED_MIN_TILE.value
   if _NOISY_PRODUCTS.value != 'default':
     two_stream_triton.BF16_FORWARD_PRODUCTS = _NOISY_PRODUCTS.value == 'bf16'
   if _NOISY_READS.value != 'default':
@@ -188,7 +194,8 @@ def _run_child(schedule: str) -> None:
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
              noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
              noisy_reads=_NOISY_READS.value, noisy_products=_NOISY_PRODUCTS.value,
-             exact_products=_EXACT_PRODUCTS.value)
+             exact_products=_EXACT_PRODUCTS.value,
+             chunked_min_tile=_CHUNKED_MIN_TILE.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()
