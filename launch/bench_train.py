@@ -34,6 +34,8 @@ _OBJECTIVES = flags.DEFINE_list('objectives', ['ar', 'flare'], 'Objectives to co
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_PROFILE = flags.DEFINE_integer('profile', 0, 'Also list this many top GPU kernels of a step and '
+                                'its GPU timeline (jax.profiler; 0: no profile).')
 
 _GIB = 1024 ** 3
 
@@ -86,6 +88,17 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
       state, m = compiled(state, batch, rng)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
+    profile = {}
+    if _PROFILE.value:
+      carried = [state]  # the step donates its state: each profiled call takes the last one's
+
+      def one_step(step=compiled):
+        carried[0], _ = step(carried[0], batch, rng)
+        return carried[0]
+
+      profile['kernels'], profile['timeline'] = bench_util.jax_kernel_profile(
+          one_step, calls=2, top=_PROFILE.value)
+      state = carried[0]
   streams = objectives.num_streams(c)
   rows, seq = c.data.batch_size, c.data.seq_len
   flops = metrics_lib.train_flops_per_row(model_cfg, seq, streams) * rows
@@ -100,6 +113,7 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
     step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                   - mem.alias_size_in_bytes)
     out['step_mem_gib'] = step_bytes / _GIB
+  out.update(profile)
   del state, train, compiled
   return out
 
@@ -134,6 +148,10 @@ def main(argv):
     bench_util.record(results, bench_objective(c, objective, _STEPS.value, _WARMUP.value),
                       _OUT.value)
   print(_table(results))
+  for r in results:
+    if r.get('kernels'):
+      print(f"\n{r['objective']}: {bench_util.timeline_line(r['timeline'], r['step_ms'], 'step')}")
+      print(bench_util.kernel_table(r['kernels']).replace('/ call', '/ step'))
 
 
 if __name__ == '__main__':
