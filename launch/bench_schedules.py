@@ -34,8 +34,8 @@ _SCHEDULES = flags.DEFINE_list(
     'unit of the (1 + V) x clean-pass target; or both:<schedule>: the whole two-stream pass, '
     'clean and noisy outputs as the model computes them (two_stream_delta_rule: one clean pass '
     'for both under the triton schedules); or conv: the model\'s short causal convs of both '
-    'streams with their SiLU (causal_conv, two_stream_gdn.noisy_conv; XLA, not fused), on q|k|v '
-    'as the conv channels.')
+    'streams with their SiLU (gated_deltanet.two_stream_conv; XLA, not fused), on q|k|v as the '
+    'conv channels.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -116,40 +116,37 @@ def _inputs(b, t, views, h, hv, d, dtype):
 
 
 def _convs(clean, noisy, seg, starts, kernel_size=4):
-  """The model's short convs + SiLU of both streams (gated_deltanet.two_stream's first step), with
-  q|k|v of each stream as the conv channels: (clean [B, T, C], noisy [B, V, T, C]) in q's dtype."""
+  """The model's short convs + SiLU of both streams (`gated_deltanet.two_stream_conv`), with q|k|v
+  of each stream as the conv channels: [B, (1+V)T, C] in q's dtype."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import gated_deltanet  # pylint: disable=g-import-not-at-top
-  from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
   channels = lambda xs: jnp.concatenate([x.reshape(*x.shape[:-2], -1) for x in xs[:3]], axis=-1)
-  x_clean, x_noisy = channels(clean), channels(noisy)
-  w = jax.random.normal(jax.random.key(2), (kernel_size, x_clean.shape[-1]), jnp.float32) / 4
-  out_clean, _ = gated_deltanet.causal_conv(x_clean, w, seg)
-  out_noisy = two_stream_gdn.noisy_conv(x_clean, x_noisy, w, seg, starts)
-  dtype = x_clean.dtype
-  return jax.nn.silu(out_clean).astype(dtype), jax.nn.silu(out_noisy).astype(dtype)
+  b, views, t, _ = channels(noisy).shape
+  x = jnp.concatenate([channels(clean), channels(noisy).reshape(b, views * t, -1)], axis=1)
+  w = jax.random.normal(jax.random.key(2), (kernel_size, x.shape[-1]), jnp.float32) / 4
+  out = gated_deltanet.two_stream_conv(x, w, seg, starts, views)
+  return jax.nn.silu(out).astype(x.dtype)
 
 
 def _apply_kernel_overrides() -> None:
   """--noisy_block_v / --noisy_warps / --noisy_reads / --noisy_products / --exact_products /
   --chunked_min_tile: replace the kernels' and XLA schedules' defaults in this child process before
   anything is traced (a sweep, not a setting)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import xla as gdr_xla  # pylint: disable=g-import-not-at-top
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (
         _NOISY_BLOCK_V.value or default(dtype, max_block)[0],
         _NOISY_WARPS.value or default(dtype, max_block)[1])
   if _EXACT_PRODUCTS.value != 'highest':
-    import jax  # pylint: disable=g-import-not-at-top
-    from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
-    from pallas_kernels.gated_delta_rule import xla as gdr_xla  # pylint: disable=g-import-not-at-top
     preset = jax.lax.DotAlgorithmPreset[_DOT_ALGORITHMS[_EXACT_PRODUCTS.value]]
     gdr_xla._EXACT = two_stream_xla._EXACT = preset  # pylint: disable=protected-access
   if _CHUNKED_MIN_TILE.value:
-    from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
     two_stream_xla.MIN_ROW_TILE = _CHUNKED_MIN_TILE.value
   if _NOISY_PRODUCTS.value != 'default':
     two_stream_triton.BF16_FORWARD_PRODUCTS = _NOISY_PRODUCTS.value == 'bf16'

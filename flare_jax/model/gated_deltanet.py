@@ -49,6 +49,26 @@ def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array,
   return out, xpad
 
 
+def two_stream_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, block_starts: jax.Array,
+                    num_views: int) -> jax.Array:
+  """The short conv of a two-stream row: `causal_conv` over the clean stream, and each noisy view
+  with its window reaching into the clean stream (`two_stream_gdn.noisy_conv`).
+
+  Args:
+    x: [B, (1+V)T, C] pre-conv inputs (clean stream, then the views); w: [Kc, C].
+    segment_ids, block_starts: [B, T] (block starts as slot indices).
+
+  Returns:
+    [B, (1+V)T, C] fp32 conv outputs (before the activation).
+  """
+  b, n, c = x.shape
+  t = n // (1 + num_views)
+  clean, _ = causal_conv(x[:, :t], w, segment_ids)
+  noisy = two_stream_gdn.noisy_conv(x[:, :t], x[:, t:].reshape(b, num_views, t, c), w,
+                                    segment_ids, block_starts)
+  return jnp.concatenate([clean, noisy.reshape(b, num_views * t, c)], axis=1)
+
+
 def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
   """The Kc-1 inputs ending at each row's last valid token:
   xpad[b, n_valid[b] : n_valid[b]+Kc-1]."""
@@ -224,11 +244,7 @@ class GatedDeltaNet(nnx.Module):
     pos = meta.positions[:, t:2 * t]
     # Noisy block starts as slot indices of the row (positions restart at each document).
     starts = jnp.arange(t)[None] - (pos - meta.block_starts[:, t:2 * t])
-    w = self.conv_weight[...]
-    clean_conv, _ = causal_conv(qkv[:, :t], w, seg)
-    noisy_pre = qkv[:, t:].reshape(b, num_views, t, -1)
-    noisy_conv = two_stream_gdn.noisy_conv(qkv[:, :t], noisy_pre, w, seg, starts)
-    conv = jnp.concatenate([clean_conv, noisy_conv.reshape(b, num_views * t, -1)], axis=1)
+    conv = two_stream_conv(qkv, self.conv_weight[...], seg, starts, num_views)
     # Both streams reach the kernels in the model's dtype (the fused kernels pick their launch
     # and product precision by it).
     q, k, v = (a.astype(x.dtype) for a in self.split_heads(jax.nn.silu(conv)))

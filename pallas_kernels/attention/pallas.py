@@ -205,7 +205,7 @@ def _visit_lists(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q
   visible tiles, the count of marked tiles, then the fully visible tile ids ascending and the other
   marked ids ascending (entries past the count are unused)."""
   may = tile_visibility(q_meta, k_meta, block_q, block_k)
-  full = tile_full_visibility(q_meta, k_meta, block_q, block_k) & may
+  full = tile_full_visibility(q_meta, k_meta, block_q, block_k)  # a subset of may
   if by_key:
     may, full = may.swapaxes(1, 2), full.swapaxes(1, 2)
   rank = jnp.where(full, 0, jnp.where(may, 1, 2))  # full tiles, then the rest, then unvisited
