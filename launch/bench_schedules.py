@@ -57,23 +57,6 @@ _NOISY_BLOCK_V = flags.DEFINE_integer(
     'noisy_block_v', 0, 'Sweep override: the fused forwards\' V tile (0: forward_launch).')
 _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
-_NOISY_READS = flags.DEFINE_enum(
-    'noisy_reads', 'default', ['default', 'as_given', 'fp32'],
-    "Sweep override: whether the Triton fused kernels read noisy q, k, v and clean k in the "
-    "inputs' dtype ('default': READ_INPUTS_AS_GIVEN).")
-_NOISY_PRODUCTS = flags.DEFINE_enum(
-    'noisy_products', 'default', ['default', 'tf32', 'bf16'],
-    "Sweep override: the Triton fused forward's products for 16-bit inputs ('default': "
-    'BF16_FORWARD_PRODUCTS).')
-_EXACT_PRODUCTS = flags.DEFINE_enum(
-    'exact_products', 'highest', ['highest', 'bf16_x6', 'bf16_x3', 'tf32_x3'],
-    "Sweep override: the XLA schedules' exact fp32 products (triangular solves, one-hot sums; "
-    'HIGHEST: fp32 without tensor cores on GPU) as this dot algorithm instead.')
-_CHUNKED_MIN_TILE = flags.DEFINE_integer(
-    'chunked_min_tile', 0, "Sweep override: the XLA chunked schedule's smallest row tile "
-    '(two_stream_xla.MIN_ROW_TILE; the fused schedules\' autodiff backward runs it; 0: default).')
-_DOT_ALGORITHMS = {'bf16_x6': 'BF16_BF16_F32_X6', 'bf16_x3': 'BF16_BF16_F32_X3',
-                   'tf32_x3': 'TF32_TF32_F32_X3'}
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
@@ -130,28 +113,15 @@ def _convs(clean, noisy, seg, starts, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps / --noisy_reads / --noisy_products / --exact_products /
-  --chunked_min_tile: replace the kernels' and XLA schedules' defaults in this child process before
-  anything is traced (a sweep, not a setting)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """--noisy_block_v / --noisy_warps: replace the fused forwards' launch defaults in this child
+  process before anything is traced (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.gated_delta_rule import two_stream_xla  # pylint: disable=g-import-not-at-top
-  from pallas_kernels.gated_delta_rule import xla as gdr_xla  # pylint: disable=g-import-not-at-top
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (
         _NOISY_BLOCK_V.value or default(dtype, max_block)[0],
         _NOISY_WARPS.value or default(dtype, max_block)[1])
-  if _EXACT_PRODUCTS.value != 'highest':
-    preset = jax.lax.DotAlgorithmPreset[_DOT_ALGORITHMS[_EXACT_PRODUCTS.value]]
-    gdr_xla._EXACT = two_stream_xla._EXACT = preset  # pylint: disable=protected-access
-  if _CHUNKED_MIN_TILE.value:
-    two_stream_xla.MIN_ROW_TILE = _CHUNKED_MIN_TILE.value
-  if _NOISY_PRODUCTS.value != 'default':
-    two_stream_triton.BF16_FORWARD_PRODUCTS = _NOISY_PRODUCTS.value == 'bf16'
-  if _NOISY_READS.value != 'default':
-    two_stream_triton.READ_INPUTS_AS_GIVEN = _NOISY_READS.value == 'as_given'
 
 
 def _run_child(schedule: str) -> None:
@@ -189,10 +159,7 @@ def _run_child(schedule: str) -> None:
   fns = dict(fwd=f, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
-             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
-             noisy_reads=_NOISY_READS.value, noisy_products=_NOISY_PRODUCTS.value,
-             exact_products=_EXACT_PRODUCTS.value,
-             chunked_min_tile=_CHUNKED_MIN_TILE.value or None)
+             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()

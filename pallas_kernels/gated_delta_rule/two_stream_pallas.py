@@ -439,10 +439,9 @@ class BackwardOperands(NamedTuple):
 
 
 def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                      block_v, clean_family=None, interpret=False,
-                      keep_dtype=False) -> BackwardOperands:
+                      block_v, clean_family=None, interpret=False) -> BackwardOperands:
   """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
-  `_clean_pass`'s family), padded operands (`_operands`, keep_dtype as there), and the window
+  `_clean_pass`'s family), padded operands (`_operands`, fp32), and the window
   cotangents (the transpose of the slot selection), with a tile of zero rows in front of every
   noisy row and window (the tile before the first)."""
   b, nv, t, _, kd = noisy[0].shape
@@ -451,8 +450,7 @@ def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, m
   s, c, wd = z.s, z.c, z.c + z.s
   ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, c, clean_family, interpret),
                            clean)
-  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z,
-                                          keep_dtype)
+  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
   hv = clean[2].shape[2]
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
   (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(

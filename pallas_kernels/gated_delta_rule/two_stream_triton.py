@@ -13,8 +13,8 @@ tiles and backpropagates the later tile's output cotangent through it, into the 
 the window's clean inputs.
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, so they
-take fp32 copies (the default, `READ_INPUTS_AS_GIVEN`) or the inputs as given.
+the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: the forward
+reads them as given, the backward kernel fp32 copies (each the faster on an H200, see below).
 """
 import functools
 
@@ -33,20 +33,6 @@ _F32 = jnp.float32
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
 _BWD_BLOCK_V = {'bf16': 32, 'tf32x3': 16}
 MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
-# Whether both kernels read noisy q, k, v and clean k in the inputs' dtype (widening them as they
-# load them) instead of fp32 copies made by XLA. Off, as measured on an H200 (bench_schedules
-# --noisy_reads, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, two interleaved runs): as
-# given, the clean + noisy forward took 2.07-2.27 ms against 1.83-1.94 with copies, and the
-# backward kernel 22.6 ms against 18.4-18.8, although ptxas gives the as-given kernels fewer
-# spills (forward 388 against 600 B per thread, backward 2384 against 3452); the copies cost
-# 0.125 GiB more forward temp memory (0.314 against 0.189 GiB).
-READ_INPUTS_AS_GIVEN = False
-# Whether the forward multiplies in bf16 (operands rounded to bf16, fp32 accumulation; the clean
-# context k, v' and h_n loaded as bf16) for 16-bit inputs, as the backward kernel and fla's chunk
-# kernels do, instead of TF32; the UT inverse stays TF32x3. Off until measured on a GPU.
-BF16_FORWARD_PRODUCTS = False
-
-
 MAX_FP32_KERNEL_BACKWARD_K = 64
 
 
@@ -376,13 +362,21 @@ if triton is not None:
              + o_v[None, :], s_dh)
 
 
+# How the fused forward reads and multiplies 16-bit inputs, as measured on an H200 (bench_schedules,
+# clean + noisy forward, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, one run, 2026-12-02):
+# bf16 products (operands rounded to bf16, fp32 accumulation; the clean context k, v' and h_n
+# loaded as bf16) with noisy q, k, v and clean k read as given took 1.72 ms; bf16 products from
+# fp32 copies 1.82; TF32 products from fp32 copies 1.89 and 1.94; bf16 at a V tile of 64, 2.41.
+# Reading as given also saves the copies (temp 0.189 against 0.314 GiB). The backward kernel reads
+# fp32 copies: as given it took 22.6 ms against 18.4-18.8 (2026-12-01). The UT inverse stays
+# TF32x3, as are all products for fp32 inputs.
+
+
 def _forward_products(dtype) -> str:
-  """The fused forward's PREC: TF32x3 for fp32 inputs; TF32, or with BF16_FORWARD_PRODUCTS bf16
-  (emulated in fp32 under Triton's interpreter), for 16-bit ones."""
+  """The fused forward's PREC: TF32x3 for fp32 inputs; bf16 (emulated in fp32 under Triton's
+  interpreter) for 16-bit ones."""
   if jnp.dtype(dtype) == _F32:
     return 'tf32x3'
-  if not BF16_FORWARD_PRODUCTS:
-    return 'tf32'
   return 'bf16' if _compiled() else 'bf16_emulated'
 
 
@@ -403,10 +397,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   # pylint: disable-next=protected-access
   ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
   noisy_p, meta, ctx, _ = tsp._operands(  # pylint: disable=protected-access
-      clean[1], ctx, noisy, segment_ids, block_starts, z,
-      keep_dtype=READ_INPUTS_AS_GIVEN)
-  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (fp32, or the inputs' dtype where
-  # read as given, as is clean k), g, beta [B, V, Tp, HV] (fp32);
+      clean[1], ctx, noisy, segment_ids, block_starts, z, keep_dtype=True)
+  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (the inputs' dtype, as clean k), g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = _forward_products(noisy[0].dtype)
@@ -428,8 +420,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret,
-                              keep_dtype=READ_INPUTS_AS_GIVEN)
+                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret)
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)

@@ -35,10 +35,6 @@ from pallas_kernels.gated_delta_rule import xla as gdr_xla
 # The triangular solve is where fp32 errors compound (as in the clean chunked pass): keep it exact
 # on GPU (no TF32). Other products use the default precision, like the other schedules.
 _EXACT = jax.lax.Precision.HIGHEST
-# Smallest row tile of the noisy blocks' banded solve (a power of two). The schedule needs tiles of
-# at least max_block rows; larger ones trade more banded work and window rows for fewer, larger
-# batched products (the result does not change). 1: max_block's power of two.
-MIN_ROW_TILE = 1
 
 
 def _band(x: jax.Array, axis: int, fill=0) -> jax.Array:
@@ -242,7 +238,7 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
     raise ValueError(f'chunks_per_step must be None or >= 1, got {chunks_per_step}')
   c = max(chunk_size, max_block)  # a window's blocks must reach at most one chunk ahead
   ahead = max_block  # window rows after the chunk: blocks seeded in it end before there
-  tile = max(backend.next_pow2(max_block), MIN_ROW_TILE)  # a block spans at most two tiles
+  tile = backend.next_pow2(max_block)  # a block spans at most two tiles
   width = -(-(c + ahead) // tile) * tile
   f32 = lambda a: a.astype(jnp.float32)
   kc, vc, gc, bc = clean[1:5]

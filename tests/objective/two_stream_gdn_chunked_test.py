@@ -172,26 +172,6 @@ def test_chunked_result_does_not_depend_on_chunk_size_or_grouping(rng):
     np.testing.assert_allclose(o, outs[0], atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_result_does_not_depend_on_the_row_tile(rng, monkeypatch):
-  """Row tiles above max_block's power of two (MIN_ROW_TILE) give the same outputs and gradients."""
-  t, mb = 70, 3
-  seg, starts = _random_layout(rng, 2, t, mb)
-  clean, noisy = _inputs(rng, 2, t, 2, 1, 2)
-  f = lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, scale=0.3, chunk_size=16,
-                                                    max_block=mb)
-  value_and_grads = lambda: jax.jit(jax.value_and_grad(
-      lambda c, n: jnp.sum(jnp.sin(f(c, n))), argnums=(0, 1)))(clean, noisy)
-  want = value_and_grads()
-  program = lambda: str(jax.make_jaxpr(lambda c, n: f(c, n))(clean, noisy))  # a fresh trace
-  programs = {program()}
-  for tile in (8, 32):
-    monkeypatch.setattr(chunked, 'MIN_ROW_TILE', tile)
-    programs.add(program())
-    for got, ref in zip(jax.tree.leaves(value_and_grads()), jax.tree.leaves(want)):
-      np.testing.assert_allclose(got, ref, atol=2e-5, rtol=2e-5, err_msg=f'tile {tile}')
-  assert len(programs) == 3  # the tile did change the computation
-
-
 def test_noisy_block_perturbation_stays_in_its_block(rng):
   t, mb = 100, 16
   seg, starts = _random_layout(rng, 2, t, mb)
