@@ -35,9 +35,7 @@ from launch import bench_util
 
 _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
-                           'xla, pallas, cudnn (causal case only); pallas+OPTION[+OPTION] turns on '
-                           'BlockSizes options: dq_in_dkdv (the backward\'s dq by atomic adds in '
-                           'the dk/dv kernel), unmasked_full_tiles (no mask on fully visible tiles).')
+                           'xla, pallas, cudnn (causal case only).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows per call.')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views of the two_stream case.')
@@ -116,8 +114,8 @@ def _attention_fn(impl, meta, d, dtype):
   if impl == 'xla':
     return lambda q, k, v: xla.attention_xla(q, k, v, meta, meta, scale=scale,
                                              q_tile=_Q_TILE.value)
-  if impl.split('+')[0] == 'pallas':
-    bs = dataclasses.replace(_block_sizes(d, dtype), **{o: True for o in impl.split('+')[1:]})
+  if impl == 'pallas':
+    bs = _block_sizes(d, dtype)
     return lambda q, k, v: pallas.attention_pallas(q, k, v, meta, meta, scale=scale,
                                                    block_sizes=bs,
                                                    interpret=_CPU_SMOKE.value)
