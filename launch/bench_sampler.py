@@ -6,7 +6,8 @@ Prints, per (mode, concurrency): generated tokens/s, model passes per generated 
 and for AR the step time against the HBM-bandwidth floor ((weights + cache bytes) / measured copy
 bandwidth).
 `--hf` also times transformers' `generate` on a random model of the same config in a separate
-process.
+process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every case once per
+XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import json
@@ -39,6 +40,11 @@ _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also list the top GPU kernels per model pass of each case.')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 20, 'Kernels listed per --profile table.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_XLA_VARIANTS = flags.DEFINE_string(
+    'xla_variants', '', "';'-separated XLA flag sets ('default': none), each added to XLA_FLAGS "
+    'in its own process, whose rows come side by side in one table.')
+_VARIANT_TIMEOUT = flags.DEFINE_integer('variant_timeout', 1800, 'Seconds per --xla_variants set.')
+_CHILD = flags.DEFINE_bool('child', False, 'Internal: measure and print the rows as one result.')
 
 
 def _hbm_bandwidth() -> float:
@@ -102,9 +108,13 @@ print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
   return float('nan')
 
 
-def main(argv):
-  del argv
-  cfg = config_lib.VARIANTS[_VARIANT.value].replace(dtype='bfloat16', param_dtype='bfloat16')
+def _config() -> config_lib.ModelConfig:
+  return config_lib.VARIANTS[_VARIANT.value].replace(dtype='bfloat16', param_dtype='bfloat16')
+
+
+def _measure() -> list[dict]:
+  """Times every (concurrency, mode) case in this process: one row each."""
+  cfg = _config()
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
   sampler = sampler_lib.Sampler(model)
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
@@ -147,22 +157,66 @@ def main(argv):
                                    for n, ms, c in kernels]
         row['timeline_per_pass'] = {k: v if k == 'widest_gap_ms' else v / max(passes, 1)
                                     for k, v in timeline.items()}
-      bench_util.record(rows, row, _OUT.value)
-    if _HF.value:
-      hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
-      bench_util.record(rows, dict(mode='hf_generate', batch=batch, tokens_per_s=hf), _OUT.value)
-  print('\n| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | acceptance |')
-  print('|---|---|---|---|---|---|---|')
+      bench_util.record(rows, row, '' if _CHILD.value else _OUT.value)
+  return rows
+
+
+def _measure_variants(variants: list[str]) -> list[dict]:
+  """Rows of every XLA flag set, each measured by a child process (`--child`), labelled xla=."""
+  own = ('--xla_variants', '--variant_timeout', '--out', '--hf', '--nohf', '--child')
+  argv = [sys.executable, '-m', 'launch.bench_sampler', '--child',
+          *(a for a in sys.argv[1:] if not a.startswith(own))]
+  rows = []
+  for flags_text in variants:
+    env = bench_util.with_xla_flags(bench_util.child_env(), flags_text)
+    print(f'XLA flags {flags_text!r}: measuring in a child process ...', flush=True)
+    res = bench_util.run_child(argv, _VARIANT_TIMEOUT.value, {}, env=env)
+    if 'error' in res:
+      bench_util.record(rows, dict(xla=flags_text, mode='-', batch='-', error=res['error']),
+                        _OUT.value)
+    for row in res.get('rows', []):
+      bench_util.record(rows, dict(row, xla=flags_text), _OUT.value)
+  return rows
+
+
+def _print_tables(rows: list[dict]) -> None:
+  variants = any('xla' in r for r in rows)
+  lead = '| XLA flags ' if variants else ''
+  print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | '
+        'acceptance |')
+  print('|---' * (7 + variants) + '|')
   for r in rows:
-    print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+    cell = f"| {r.get('xla') or 'default'} " if variants else ''
+    if 'error' in r:
+      print(f"{cell}| {r['mode']} | {r['batch']} | failed: {r['error'][-300:]} |")
+      continue
+    print(f"{cell}| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
           f"{r.get('passes_per_token', 0):.2f} "
           f"| {r.get('ms_per_pass', 0):.2f} | {r.get('step_vs_floor', float('nan')):.2f} "
           f"| {r.get('acceptance', 0):.2f} |")
   for r in rows:
     if r.get('kernels_per_pass'):
-      print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']} (prefill included):")
+      where = f" (XLA flags {r['xla']!r})" if variants else ''
+      print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']}{where} "
+            '(prefill included):')
       print(bench_util.timeline_line(r['timeline_per_pass'], r['ms_per_pass'], per='pass'))
       print(bench_util.kernel_table(r['kernels_per_pass']).replace('/ call', '/ pass'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CHILD.value:
+    bench_util.print_result({'rows': _measure()})
+    return
+  variants = [v.strip() for v in _XLA_VARIANTS.value.split(';') if v.strip()]
+  rows = _measure_variants(variants) if variants else _measure()
+  if _HF.value:
+    cfg = _config()
+    for batch in map(int, _BATCH.value):
+      hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
+      bench_util.record(rows, dict(mode='hf_generate', batch=batch, tokens_per_s=hf), _OUT.value)
+  _print_tables(rows)
 
 
 if __name__ == '__main__':

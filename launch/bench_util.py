@@ -44,8 +44,10 @@ def child_env() -> dict[str, str]:
   return env
 
 
-def run_child(argv: list[str], timeout: int, labels: dict[str, Any]) -> dict[str, Any]:
-  """Runs one benchmark case in a subprocess and returns its `print_result` dict (+ wall_s).
+def run_child(argv: list[str], timeout: int, labels: dict[str, Any],
+              env: dict[str, str] | None = None) -> dict[str, Any]:
+  """Runs one benchmark case in a subprocess (environment `env`, default `child_env()`) and
+  returns its `print_result` dict (+ wall_s).
 
   On a timeout or a crash, returns `labels` with an 'error' (the last lines of the output), so one
   failing case never hides the others.
@@ -53,7 +55,7 @@ def run_child(argv: list[str], timeout: int, labels: dict[str, Any]) -> dict[str
   t0 = time.time()
   try:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env=child_env(), check=False)
+                          env=child_env() if env is None else env, check=False)
   except subprocess.TimeoutExpired:
     return dict(labels, error=f'timeout after {timeout} s')
   for line in proc.stdout.splitlines():
@@ -63,6 +65,17 @@ def run_child(argv: list[str], timeout: int, labels: dict[str, Any]) -> dict[str
       return res
   tail = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
   return dict(labels, error=' | '.join(tail))
+
+
+def with_xla_flags(env: dict[str, str], flags_text: str) -> dict[str, str]:
+  """`env` with `flags_text` (space-separated XLA flags; '' or 'default': none) added after its
+  XLA_FLAGS, so they win over the same flags set there."""
+  extra = '' if flags_text.strip() == 'default' else flags_text.strip()
+  merged = ' '.join(x for x in (env.get('XLA_FLAGS', '').strip(), extra) if x)
+  env = dict(env)
+  if merged:
+    env['XLA_FLAGS'] = merged
+  return env
 
 
 def fmt(x: float | None, spec: str = '.2f') -> str:

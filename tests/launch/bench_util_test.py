@@ -76,3 +76,13 @@ def test_gpu_kernel_profile_sees_each_launch():
   assert 'sin' in name and launches == 1 and ms > 0
   assert timeline['launches'] == 1 and timeline['idle_ms'] == 0
   assert timeline['span_ms'] == pytest.approx(ms, rel=0.5)
+
+
+def test_xla_flag_sets_go_after_the_inherited_ones():
+  env = {'PATH': '/bin', 'XLA_FLAGS': '--xla_a=1'}
+  got = bench_util.with_xla_flags(env, ' --xla_a=2 --xla_b=true ')
+  assert got == {'PATH': '/bin', 'XLA_FLAGS': '--xla_a=1 --xla_a=2 --xla_b=true'}  # last one wins
+  assert env == {'PATH': '/bin', 'XLA_FLAGS': '--xla_a=1'}  # the caller's dict is left alone
+  assert bench_util.with_xla_flags(env, 'default') == env
+  assert 'XLA_FLAGS' not in bench_util.with_xla_flags({'PATH': '/bin'}, 'default')
+  assert bench_util.with_xla_flags({}, '--xla_b=1') == {'XLA_FLAGS': '--xla_b=1'}
