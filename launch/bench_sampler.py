@@ -161,24 +161,6 @@ def _measure() -> list[dict]:
   return rows
 
 
-def _measure_variants(variants: list[str]) -> list[dict]:
-  """Rows of every XLA flag set, each measured by a child process (`--child`), labelled xla=."""
-  own = ('--xla_variants', '--variant_timeout', '--out', '--hf', '--nohf', '--child')
-  argv = [sys.executable, '-m', 'launch.bench_sampler', '--child',
-          *(a for a in sys.argv[1:] if not a.startswith(own))]
-  rows = []
-  for flags_text in variants:
-    env = bench_util.with_xla_flags(bench_util.child_env(), flags_text)
-    print(f'XLA flags {flags_text!r}: measuring in a child process ...', flush=True)
-    res = bench_util.run_child(argv, _VARIANT_TIMEOUT.value, {}, env=env)
-    if 'error' in res:
-      bench_util.record(rows, dict(xla=flags_text, mode='-', batch='-', error=res['error']),
-                        _OUT.value)
-    for row in res.get('rows', []):
-      bench_util.record(rows, dict(row, xla=flags_text), _OUT.value)
-  return rows
-
-
 def _print_tables(rows: list[dict]) -> None:
   variants = any('xla' in r for r in rows)
   lead = '| XLA flags ' if variants else ''
@@ -188,7 +170,7 @@ def _print_tables(rows: list[dict]) -> None:
   for r in rows:
     cell = f"| {r.get('xla') or 'default'} " if variants else ''
     if 'error' in r:
-      print(f"{cell}| {r['mode']} | {r['batch']} | failed: {r['error'][-300:]} |")
+      print(f"{cell}| - | - | failed: {r['error'][-300:]} |")
       continue
     print(f"{cell}| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
           f"{r.get('passes_per_token', 0):.2f} "
@@ -209,8 +191,10 @@ def main(argv):
   if _CHILD.value:
     bench_util.print_result({'rows': _measure()})
     return
-  variants = [v.strip() for v in _XLA_VARIANTS.value.split(';') if v.strip()]
-  rows = _measure_variants(variants) if variants else _measure()
+  variants = bench_util.xla_variants(_XLA_VARIANTS.value)
+  rows = (bench_util.run_xla_variants('launch.bench_sampler', variants, _VARIANT_TIMEOUT.value,
+                                      _OUT.value, drop=('--hf', '--nohf'))
+          if variants else _measure())
   if _HF.value:
     cfg = _config()
     for batch in map(int, _BATCH.value):

@@ -9,6 +9,8 @@ compare on the data they consume; MFU counts the FLOPs of every stream (a `flare
 as 1 + V streams). Step memory is XLA's compiled estimate for the step (arguments + outputs +
 temporaries, minus aliased donated state); peak is the device allocator's peak so far in this
 process (so it never goes down).
+`--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every objective once per XLA
+flag set, each in its own process, side by side in one table (ratios against the first row).
 """
 import copy
 import time
@@ -36,6 +38,11 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _PROFILE = flags.DEFINE_integer('profile', 0, 'Also list this many top GPU kernels of a step and '
                                 'its GPU timeline (jax.profiler; 0: no profile).')
+_XLA_VARIANTS = flags.DEFINE_string(
+    'xla_variants', '', "';'-separated XLA flag sets ('default': none), each added to XLA_FLAGS "
+    'in its own process, whose rows come side by side in one table.')
+_VARIANT_TIMEOUT = flags.DEFINE_integer('variant_timeout', 3600, 'Seconds per --xla_variants set.')
+_CHILD = flags.DEFINE_bool('child', False, 'Internal: measure and print the rows as one result.')
 
 _GIB = 1024 ** 3
 
@@ -119,12 +126,20 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
 
 
 def _table(results: list[dict[str, float]]) -> str:
-  base = results[0]
+  """One row per result; step time against the first measured row's."""
+  base = next((r for r in results if 'error' not in r), None)
   cols = ('objective', 'streams', 'step_ms', 'tokens_per_s', 'tflops_per_s', 'mfu', 'step_mem_gib',
           'peak_gib', 'compile_s', 'loss')
-  lines = ['| ' + ' | '.join(cols) + ' | step time vs ' + base['objective'] + ' |',
+  if any('xla' in r for r in results):
+    cols = ('xla',) + cols
+  against = '-' if base is None else base['objective'] + (
+      f" ({base['xla']})" if 'xla' in base else '')
+  lines = ['| ' + ' | '.join(cols) + ' | step time vs ' + against + ' |',
            '|' + '---|' * (len(cols) + 1)]
   for r in results:
+    if 'error' in r:
+      lines.append(f"| {r.get('xla', '')} | failed: {r['error'][-300:]} |")
+      continue
     cells = []
     for k in cols:
       v = r.get(k, float('nan'))
@@ -139,6 +154,26 @@ def main(argv):
   c = _CONFIG.value
   if not all(o in objectives.OBJECTIVES for o in _OBJECTIVES.value):
     raise app.UsageError(f'--objectives must be among {objectives.OBJECTIVES}')
+  variants = bench_util.xla_variants(_XLA_VARIANTS.value)
+  if variants:
+    results = bench_util.run_xla_variants('launch.bench_train', variants, _VARIANT_TIMEOUT.value,
+                                          _OUT.value)
+  else:
+    results = _measure(c)
+    if _CHILD.value:
+      bench_util.print_result({'rows': results})
+      return
+  print(_table(results))
+  for r in results:
+    if r.get('kernels'):
+      where = f" (XLA flags {r['xla']!r})" if 'xla' in r else ''
+      print(f"\n{r['objective']}{where}: "
+            f"{bench_util.timeline_line(r['timeline'], r['step_ms'], 'step')}")
+      print(bench_util.kernel_table(r['kernels']).replace('/ call', '/ step'))
+
+
+def _measure(c) -> list[dict]:
+  """Every objective's measurements, in this process."""
   print(f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; model {c.model.variant}, '
         f'batch {c.data.batch_size} x seq {c.data.seq_len}, dtype {c.model.dtype}, '
         f'remat {c.model.remat}, V={c.objective.num_views}, block {c.objective.block_size}',
@@ -146,12 +181,8 @@ def main(argv):
   results = []
   for objective in _OBJECTIVES.value:
     bench_util.record(results, bench_objective(c, objective, _STEPS.value, _WARMUP.value),
-                      _OUT.value)
-  print(_table(results))
-  for r in results:
-    if r.get('kernels'):
-      print(f"\n{r['objective']}: {bench_util.timeline_line(r['timeline'], r['step_ms'], 'step')}")
-      print(bench_util.kernel_table(r['kernels']).replace('/ call', '/ step'))
+                      '' if _CHILD.value else _OUT.value)
+  return results
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -76,6 +77,31 @@ def with_xla_flags(env: dict[str, str], flags_text: str) -> dict[str, str]:
   if merged:
     env['XLA_FLAGS'] = merged
   return env
+
+
+def run_xla_variants(module: str, variants: list[str], timeout: int, out_path: str,
+                     drop: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+  """Reruns `python -m module` once per XLA flag set (`with_xla_flags`), each in a child process
+  given this process's flags plus --child, less --xla_variants, --variant_timeout, --out and
+  `drop`. The child answers `print_result({'rows': [...]})`; returns every child's rows labelled
+  xla=<flag set>, or one row with an 'error' for a child that failed, recording each (`record`)."""
+  own = ('--xla_variants', '--variant_timeout', '--out', '--child', *drop)
+  argv = [sys.executable, '-m', module, '--child',
+          *(a for a in sys.argv[1:] if not a.startswith(own))]
+  rows = []
+  for flags_text in variants:
+    print(f'XLA flags {flags_text!r}: measuring in a child process ...', flush=True)
+    res = run_child(argv, timeout, {}, env=with_xla_flags(child_env(), flags_text))
+    if 'error' in res:
+      record(rows, dict(xla=flags_text, error=res['error']), out_path)
+    for row in res.get('rows', []):
+      record(rows, dict(row, xla=flags_text), out_path)
+  return rows
+
+
+def xla_variants(text: str) -> list[str]:
+  """The ';'-separated flag sets of an --xla_variants flag (empty: none)."""
+  return [v.strip() for v in text.split(';') if v.strip()]
 
 
 def fmt(x: float | None, spec: str = '.2f') -> str:

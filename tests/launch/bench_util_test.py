@@ -1,6 +1,7 @@
 """launch.bench_util: kernel-time aggregation, its table, and the environment handed to children."""
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,8 @@ def test_record_keeps_every_finished_case_on_disk(tmp_path, capsys):
     assert json.load(f) == [dict(case=1, ms=2.5)]  # on disk before the next case runs
   bench_util.record(results, dict(case=2, error='timeout after 9 s'), path)
   with open(path) as f:
-    assert json.load(f) == results == [dict(case=1, ms=2.5), dict(case=2, error='timeout after 9 s')]
+    assert json.load(f) == results == [dict(case=1, ms=2.5),
+                                       dict(case=2, error='timeout after 9 s')]
   lines = capsys.readouterr().out.splitlines()
   assert [json.loads(line)['case'] for line in lines] == [1, 2]
   assert not os.path.exists(path + '.tmp')
@@ -86,3 +88,33 @@ def test_xla_flag_sets_go_after_the_inherited_ones():
   assert bench_util.with_xla_flags(env, 'default') == env
   assert 'XLA_FLAGS' not in bench_util.with_xla_flags({'PATH': '/bin'}, 'default')
   assert bench_util.with_xla_flags({}, '--xla_b=1') == {'XLA_FLAGS': '--xla_b=1'}
+
+
+_FAKE_BENCH = """
+import os, sys
+from launch import bench_util
+if os.environ.get('XLA_FLAGS', '').endswith('--crash'):
+  sys.exit('no such flag')
+rows = [dict(case=1, argv=sys.argv[1:], xla_flags=os.environ.get('XLA_FLAGS', ''))]
+bench_util.print_result({'rows': rows})
+"""
+
+
+def test_xla_variants_each_run_a_child_with_its_flags(tmp_path, monkeypatch, capsys):
+  """Each flag set reruns the module with --child and its flags after the inherited XLA_FLAGS; the
+  runner's own flags (and `drop`) stay behind; a child that fails is one error row."""
+  (tmp_path / 'fake_bench.py').write_text(_FAKE_BENCH)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  monkeypatch.setenv('PYTHONPATH', os.pathsep.join([str(tmp_path), root]))
+  monkeypatch.setenv('XLA_FLAGS', '--xla_inherited=1')
+  monkeypatch.setattr(sys, 'argv', ['fake_bench', '--batch=8', '--xla_variants=a;b', '--hf',
+                                    '--out=x.json', '--variant_timeout=60'])
+  variants = bench_util.xla_variants(' default ; --xla_b=2 ;; --crash ')
+  assert variants == ['default', '--xla_b=2', '--crash']
+  rows = bench_util.run_xla_variants('fake_bench', variants, 60, '', drop=('--hf',))
+  capsys.readouterr()
+  assert [r.get('xla_flags') for r in rows[:2]] == ['--xla_inherited=1',
+                                                    '--xla_inherited=1 --xla_b=2']
+  assert rows[0]['argv'] == rows[1]['argv'] == ['--child', '--batch=8']
+  assert [r['xla'] for r in rows] == variants
+  assert 'no such flag' in rows[2]['error']
