@@ -66,6 +66,9 @@ _CHILD = flags.DEFINE_string('child', '', 'Internal: run one schedule and print 
 _CASES = flags.DEFINE_list('cases', [], 'T:block_size:views cases to sweep, each overriding --seq, '
                            '--block_size and --views (empty: the one case those flags give).')
 _BASELINE = flags.DEFINE_string('baseline', 'chunked', 'The schedule the ratios divide by.')
+_XLA_VARIANTS = flags.DEFINE_string(
+    'xla_variants', '', "';'-separated XLA flag sets ('default': none): every schedule is timed "
+    'once per set (added to XLA_FLAGS of its process); ratios stay within each set.')
 
 _GIB = 1024 ** 3
 
@@ -180,19 +183,24 @@ def main(argv):
     _run_child(_CHILD.value)
     return
   cases = schedule_cases.parse_cases(_CASES.value) or [None]
-  base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases'))]
+  base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases', '--xla_variants'))]
   results = []
-  for case in cases:
-    case_args = [] if case is None else [f'--seq={case[0]}', f'--block_size={case[1]}',
-                                         f'--views={case[2]}']
-    for schedule in _SCHEDULES.value:
-      child = [sys.executable, '-m', 'launch.bench_schedules', f'--child={schedule}', *base_args,
-               *case_args]
-      labels = dict(schedule=schedule)
-      if case is not None:
-        labels.update(T=case[0], block=case[1], V=case[2])
-      res = bench_util.run_child(child, _TIMEOUT.value, labels)
-      bench_util.record(results, res, _OUT.value)
+  for flags_text in bench_util.xla_variants(_XLA_VARIANTS.value) or [None]:
+    env = None if flags_text is None else bench_util.with_xla_flags(bench_util.child_env(),
+                                                                    flags_text)
+    for case in cases:
+      case_args = [] if case is None else [f'--seq={case[0]}', f'--block_size={case[1]}',
+                                           f'--views={case[2]}']
+      for schedule in _SCHEDULES.value:
+        child = [sys.executable, '-m', 'launch.bench_schedules', f'--child={schedule}',
+                 *base_args, *case_args]
+        labels = dict(schedule=schedule)
+        if case is not None:
+          labels.update(T=case[0], block=case[1], V=case[2])
+        res = bench_util.run_child(child, _TIMEOUT.value, labels, env=env)
+        if flags_text is not None:
+          res['xla'] = flags_text
+        bench_util.record(results, res, _OUT.value)
   first = next((r for r in results if 'error' not in r), {})
   print(f"\n{first.get('device', '?')}: B={first.get('B')} H={first.get('H')} HV={first.get('HV')} "
         f"K=V={first.get('K')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
@@ -202,7 +210,8 @@ def main(argv):
   for r in results:
     for mode in _MODES.value:
       if r.get(f'{mode}_kernels'):
-        print(f"\n{r['schedule']} T={r['T']} block={r['block']} V={r['V']} {mode}:")
+        where = f" (XLA flags {r['xla']!r})" if 'xla' in r else ''
+        print(f"\n{r['schedule']} T={r['T']} block={r['block']} V={r['V']} {mode}{where}:")
         print(bench_util.timeline_line(r[f'{mode}_timeline'], r[f'{mode}_ms']))
         print(bench_util.kernel_table(r[f'{mode}_kernels']))
 

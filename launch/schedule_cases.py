@@ -20,17 +20,19 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 def table(results: list[dict], baseline: str) -> str:
-  """One row per (case, schedule); ratios within each case (T, block, V): time and XLA temp memory
-  over the baseline schedule's (the paper's fused-vs-simple figures with baseline 'simple')."""
+  """One row per (case, schedule); ratios within each case (T, block, V, XLA flag set): time and
+  XLA temp memory over the baseline schedule's (the paper's fused-vs-simple figures with baseline
+  'simple')."""
   ms = lambda r, m: None if r is None else r.get(f'{m}_ms')
   gib = lambda r, m: None if r is None else r.get(f'{m}_temp_gib')
   lines = ['| T | block | V | schedule | fwd ms | fwd+bwd ms | fwd temp GiB | fwd+bwd temp GiB | '
            f'fwd / {baseline} | fwd+bwd / {baseline} | two-stream / (1+V) clean, fwd | fwd+bwd | '
            f'temp / {baseline}, fwd | fwd+bwd |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-  case_of = lambda r: (r.get('T'), r.get('block'), r.get('V'))
+  case_of = lambda r: (r.get('T'), r.get('block'), r.get('V'), r.get('xla'))
   for r in results:
-    lead = f"| {r.get('T', '?')} | {r.get('block', '?')} | {r.get('V', '?')} | {r['schedule']} |"
+    name = r['schedule'] + (f" [{r['xla']}]" if r.get('xla') else '')
+    lead = f"| {r.get('T', '?')} | {r.get('block', '?')} | {r.get('V', '?')} | {name} |"
     if 'error' in r:
       lines.append(f"{lead} failed: {r['error'][-200:]} |")
       continue

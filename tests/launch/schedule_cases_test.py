@@ -40,3 +40,14 @@ def test_whole_pass_rows_are_not_added_to_the_clean_pass():
   cells = [[c.strip() for c in row.strip('|').split('|')] for row in rows]
   assert cells[0][10:12] == ['1.50', '1.50']
   assert cells[2][3:6] == ['conv', '0.30', '0.30'] and cells[2][10:12] == ['-', '-']  # not a pass
+
+
+def test_each_xla_flag_set_is_its_own_case():
+  """Rows timed under another XLA flag set divide by that set's baseline, and say which set."""
+  results = [dict(T=64, block=4, V=1, schedule=name, fwd_ms=x, fwdbwd_ms=x, **extra)
+             for extra in ({}, dict(xla='--xla_f=1'))
+             for name, x in (('chunked', 4.0 if not extra else 8.0), ('triton', 2.0))]
+  rows = schedule_cases.table(results, 'chunked').split('\n')[2:]
+  cells = [[c.strip() for c in row.strip('|').split('|')] for row in rows]
+  assert [c[3] for c in cells] == ['chunked', 'triton', 'chunked [--xla_f=1]', 'triton [--xla_f=1]']
+  assert cells[1][8] == '0.5x' and cells[3][8] == '0.25x'
