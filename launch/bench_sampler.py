@@ -199,7 +199,10 @@ def main(argv):
     cfg = _config()
     for batch in map(int, _BATCH.value):
       hf = _hf_generate(cfg, batch, _PROMPT_LEN.value, _NEW.value)
-      bench_util.record(rows, dict(mode='hf_generate', batch=batch, tokens_per_s=hf), _OUT.value)
+      row = dict(mode='hf_generate', batch=batch, tokens_per_s=hf)
+      if variants:
+        row['xla'] = 'n/a (torch)'
+      bench_util.record(rows, row, _OUT.value)
   _print_tables(rows)
 
 
