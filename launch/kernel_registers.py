@@ -41,6 +41,8 @@ _FAMILY = flags.DEFINE_enum('family', 'triton', ['triton', 'pallas', 'attention'
 _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'Key/value heads (--family=attention; query heads '
                                  'are --heads).')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 256, 'Head size (--family=attention).')
+_ATTENTION_OPTIONS = flags.DEFINE_list(
+    'attention_options', [], '--family=attention: BlockSizes flags to turn on (dkdv_per_q_head).')
 _RESETS = flags.DEFINE_bool('resets', False, 'With document resets (segment ids).')
 _TWO_STREAM = flags.DEFINE_integer(
     'two_stream_block', 0, 'Report the fused two-stream kernel (two_stream_triton) for this '
@@ -56,7 +58,7 @@ def main(argv):
   if _FAMILY.value == 'attention':
     launches = register_report.record_attention_launches(
         _B.value, _T.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value,
-        jnp.dtype(_DTYPE.value), _KIND.value)
+        jnp.dtype(_DTYPE.value), _KIND.value, _ATTENTION_OPTIONS.value)
   elif _TWO_STREAM.value:
     launches = register_report.record_two_stream_launches(
         _FAMILY.value, _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value,

@@ -9,6 +9,7 @@ one launch for a CUDA architecture with the installed Triton and assembles it wi
 Triton ships.
 """
 import contextlib
+import dataclasses
 import functools
 import re
 import subprocess
@@ -139,18 +140,19 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
   return record(fwd_bwd, (clean, noisy, ids, ids), '')
 
 
-def record_attention_launches(b, t, h, hkv, d, dtype, device_kind):
-  """The Pallas attention kernels' launches (forward, dq, dk/dv) for one forward + backward of
-  causal attention over [B, T, H, D] queries and Hkv key/value heads (BlockSizes for `device_kind`). The mask is read
-  from metadata inside the kernels, so the causal case compiles the same kernels as the two-stream
-  one."""
+def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):
+  """The Pallas attention kernels' launches (forward, dq, dk/dv; `options`: BlockSizes flags to
+  turn on) for one forward + backward of causal attention over [B, T, H, D] queries and Hkv
+  key/value heads (BlockSizes for `device_kind`). The mask is read from metadata inside the
+  kernels, so the causal case compiles the same kernels as the two-stream one."""
   spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
 
   def fwd_bwd(q, k, v):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = attention_mask.clean_meta(jnp.zeros((b, t), jnp.int32), pos)
     dp = max(16, backend.next_pow2(d))
-    bs = attention_pallas.BlockSizes.get_default(dp, dtype, device_kind)
+    bs = dataclasses.replace(attention_pallas.BlockSizes.get_default(dp, dtype, device_kind),
+                             **{o: True for o in options})
     return _vjp_of(lambda *x: attention_pallas.attention_pallas(
         *x, meta, meta, block_sizes=bs, interpret=False))(q, k, v)
 

@@ -62,6 +62,10 @@ class BlockSizes:
     block_q_dq, block_k_dq, num_warps_dq: dq kernel (q, dO tiles stay; k/v stream).
     block_q_dkv, block_k_dkv, num_warps_dkv: dk/dv kernel (k, v tiles stay; q, dO stream).
     num_stages: software pipelining depth of the streamed tiles (shared memory ~ stages x tiles).
+    dkdv_per_q_head: one dk/dv program per (k tile, query head) instead of per (k tile, kv head),
+      writing fp32 per-head partials that XLA sums over each GQA group: H / Hkv times the programs
+      (causal k tiles carry unequal work, and B * Hkv * S / block_k_dkv is 256 at B = 1, T = 4096,
+      Hkv = 4) for 2 * B * S * H * D fp32 of temporary memory. Off until measured.
   """
 
   block_q: int = 64
@@ -74,6 +78,7 @@ class BlockSizes:
   block_k_dkv: int = 32
   num_warps_dkv: int = 8
   num_stages: int = 2
+  dkdv_per_q_head: bool = False
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
@@ -296,9 +301,9 @@ def _dq_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_re
 
 def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref,
                  dk_ref, dv_ref, *, scale, bq, groups):
-  """One (k tile, batch, kv head): sums over the `groups` query heads sharing this kv head and, for
-  each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D]; lse_ref,
-  delta_ref: [groups, Tp]."""
+  """One (k tile, batch, kv head; or query head, groups = 1): sums over its `groups` query heads
+  and, for each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D];
+  lse_ref, delta_ref: [groups, Tp]."""
   k, v = k_ref[...], v_ref[...]
   k_meta = _load_meta(km_ref, slice(None))
 
@@ -383,27 +388,38 @@ def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpre
 
 
 def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
+  """(dk, dv): one program per (k tile, row, kv head) over the kv head's `grp` query heads, or with
+  bs.dkdv_per_q_head per (k tile, row, query head), its fp32 partials summed here."""
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
+  per = 1 if bs.dkdv_per_q_head else grp  # query heads per program
   # Transposed tables: for each k tile, the q tiles that may see it.
   visit = _visit_lists(_fields(qm), _fields(km), bq, bk, by_key=True)
-  q_group = pl.BlockSpec((None, tp, grp, d), lambda j, b_, g_: (b_, 0, g_, 0))
-  kv_tile = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_, 0))
-  rows = pl.BlockSpec((None, grp, tp), lambda j, b_, g_: (b_, g_, 0))
+  q_heads = pl.BlockSpec((None, tp, per, d), lambda j, b_, g_: (b_, 0, g_, 0))
+  kv_in = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_ * per // grp, 0))
+  kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_, 0))
+  rows = pl.BlockSpec((None, per, tp), lambda j, b_, g_: (b_, g_, 0))
   in_specs = [
       pl.BlockSpec((None, None, tp // bq + 2), lambda j, b_, g_: (b_, j, 0)),
-      q_group, kv_tile, kv_tile, q_group, rows, rows,
+      q_heads, kv_in, kv_in, q_heads, rows, rows,
       pl.BlockSpec((None, _N_FIELDS, tp), lambda j, b_, g_: (b_, 0, 0)),
       pl.BlockSpec((None, _N_FIELDS, bk), lambda j, b_, g_: (b_, 0, j)),
   ]
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=grp)
-  return tuple(pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(sp // bk, b, hkv), in_specs=in_specs,
-      out_specs=[kv_tile, kv_tile],
+  if per == grp:
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+  else:
+    out_shape = [jax.ShapeDtypeStruct((b, sp, h, d), _F32)] * 2
+  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=per)
+  dk, dv = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(sp // bk, b, h // per), in_specs=in_specs,
+      out_specs=[kv_out, kv_out],
       compiler_params=_params(interpret, bs.num_warps_dkv, bs.num_stages), interpret=interpret,
-      name='flash_attention_dkdv')(visit, q, k, v, do, lse, delta, qm, km))
+      name='flash_attention_dkdv')(visit, q, k, v, do, lse, delta, qm, km)
+  if per == grp:
+    return dk, dv
+  group_sum = lambda x, like: jnp.sum(x.reshape(b, sp, hkv, grp, d), axis=3).astype(like.dtype)
+  return group_sum(dk, k), group_sum(dv, v)
 
 
 # ---------------------------------------------------------------------------------------------

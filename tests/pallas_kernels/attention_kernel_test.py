@@ -8,6 +8,7 @@ causal, packed documents, two-stream rows (V = 1, 2; block sizes 1..4, from
 GPU: bf16 at the model's shapes (two-stream T = 4096, V = 2, block 4; Hq 16 / Hkv 4 / D 256) against
 the fp32 XLA path at HIGHEST precision, with relative-RMS limits; fp32 at awkward shapes.
 """
+import dataclasses
 import functools
 
 import jax
@@ -159,6 +160,24 @@ def test_causal_and_packed_gqa_ragged(rng):
     _assert_matches_xla(q, k, v, do, meta, meta, label)
 
 
+@pytest.mark.parametrize('block_k_dkv', [16, 32])
+def test_dkdv_per_query_head_matches_xla(rng, block_k_dkv):
+  """BlockSizes.dkdv_per_q_head: one dk/dv program per query head, whose fp32 partials are summed
+  over each GQA group, equals the XLA path: causal (GQA 4 -> 2), dead rows, two-stream (4 -> 1),
+  and cache metadata with stale slots."""
+  per_head = dataclasses.replace(SMALL, dkdv_per_q_head=True, block_k_dkv=block_k_dkv)
+  q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
+  for label, meta in [('causal', _clean(2, 37)),
+                      ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
+    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=per_head)
+  meta = _two_stream(2, 13, 2, 3, cuts=(6,))
+  q, k, v, do = _inputs(rng, 2, 39, 39, 4, 1, 12)
+  _assert_matches_xla(q, k, v, do, meta, meta, 'two-stream', block_sizes=per_head)
+  q, k, v, do = _inputs(rng, 2, 5, 40, 4, 2, 16)
+  q_meta, k_meta = _cache(2, 5, 40, starts=(0, 23), noisy=True)
+  _assert_matches_xla(q, k, v, do, q_meta, k_meta, 'cache', block_sizes=per_head)
+
+
 @pytest.mark.parametrize('views, t, d', [(1, 21, 16), (2, 13, 12)], ids=['v1', 'v2'])
 def test_two_stream_rows(rng, views, t, d):
   """Two-stream rows from the layout code, block sizes 1..4, packed documents, with and without
@@ -217,17 +236,20 @@ def test_bf16_interpret_within_rms_limits(rng):
     testing.assert_close(name, a, b, 2e-2)
 
 
-@pytest.mark.parametrize('dtype, d, h, hkv', [(jnp.bfloat16, 256, 16, 4), (jnp.float32, 60, 8, 2)],
-                         ids=['bf16_d256_gqa4', 'fp32_d60'])
-def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv):
+@pytest.mark.parametrize('dtype, d, h, hkv, options',
+                         [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
+                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True))],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_dkdv_per_q_head'])
+def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (two loops each: full tiles, then the rest)
-  lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot operand dtypes,
-  scalar loads of the visit lists). Triton's own compile (shared memory, registers) is left to the
-  GPU tests."""
+  lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot
+  operand dtypes, scalar loads of the visit lists). Triton's own compile (shared memory, registers)
+  is left to the GPU tests."""
   from jax import export  # pylint: disable=g-import-not-at-top
   t, s = 200, 130  # q and k lengths off the tiles; export never runs the kernels
   q_meta, k_meta = _clean(1, t), _clean(1, s)
-  bs = pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()), dtype)
+  bs = dataclasses.replace(pallas.BlockSizes.get_default(max(16, 1 << (d - 1).bit_length()),
+                                                         dtype), **options)
 
   def fwd_bwd(q, k, v, do):
     fn = lambda q, k, v: pallas.attention_pallas(q, k, v, q_meta, k_meta, block_sizes=bs,
@@ -352,19 +374,24 @@ GPU_LIMITS = {'o': 5e-3, 'dq': 1e-2, 'dk': 1e-2, 'dv': 1e-2}
 
 @functools.partial(jax.jit, static_argnames=('impl',))
 def _gpu_vjp(q, k, v, q_meta, k_meta, do, *, impl):
-  """impl: 'xla' or 'pallas' (api dispatch)."""
+  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+FLAG' (default tiles with that BlockSizes
+  flag on)."""
   fn = functools.partial(api.attention, q_meta=q_meta, k_meta=k_meta, implementation=impl)
+  if impl.startswith('pallas+'):
+    bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype),
+                             **{impl.split('+')[1]: True})
+    fn = functools.partial(pallas.attention_pallas, q_meta=q_meta, k_meta=k_meta, block_sizes=bs)
   o, vjp = jax.vjp(fn, q, k, v)
   return o, vjp(do.astype(o.dtype))
 
 
-def _gpu_compare(q, k, v, do, q_meta, k_meta):
+def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
   """bf16 pallas and bf16 xla against fp32 xla at HIGHEST precision. Each tensor must meet its
   limit or be no worse than 1.25x the bf16 XLA path's error."""
   with jax.default_matmul_precision('highest'):
     want = _gpu_vjp(q, k, v, q_meta, k_meta, do, impl='xla')
   args16 = [x.astype(jnp.bfloat16) for x in (q, k, v, do)]
-  got = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl='pallas')
+  got = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl=impl)
   base = _gpu_vjp(*args16[:3], q_meta, k_meta, args16[3], impl='xla')
   names = ('o', 'dq', 'dk', 'dv')
   for name, a, b, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(base),
@@ -375,22 +402,23 @@ def _gpu_compare(q, k, v, do, q_meta, k_meta):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('b', [1, 2])
-def test_gpu_two_stream_model_shape(b):
+@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head')])
+def test_gpu_two_stream_model_shape(b, impl):
   """T = 4096, V = 2, block 4 (12288 tokens), Hq 16 / Hkv 4 / D 256, two documents per row."""
   rng = np.random.default_rng(0)
   t = 4096
   meta = _two_stream(b, t, 2, 4, cuts=(1500,), prompt=64)
   q, k, v, do = _inputs(rng, b, 3 * t, 3 * t, 16, 4, 256)
-  _gpu_compare(q, k, v, do, meta, meta)
+  _gpu_compare(q, k, v, do, meta, meta, impl)
 
 
 @pytest.mark.gpu
-def test_gpu_causal_model_shape():
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head'])
+def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
   q, k, v, do = _inputs(rng, 2, 4096, 4096, 16, 4, 256)
-  _gpu_compare(q, k, v, do, meta, meta)
+  _gpu_compare(q, k, v, do, meta, meta, impl)
 
 
 def _fp32_case(name):
