@@ -238,8 +238,8 @@ def test_bf16_interpret_within_rms_limits(rng):
 
 @pytest.mark.parametrize('dtype, d, h, hkv, options',
                          [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
-                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True))],
-                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_dkdv_per_q_head'])
+                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=False))],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_grouped_dkdv'])
 def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (two loops each: full tiles, then the rest)
   lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot
@@ -374,12 +374,13 @@ GPU_LIMITS = {'o': 5e-3, 'dq': 1e-2, 'dk': 1e-2, 'dv': 1e-2}
 
 @functools.partial(jax.jit, static_argnames=('impl',))
 def _gpu_vjp(q, k, v, q_meta, k_meta, do, *, impl):
-  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+FLAG' (default tiles with that BlockSizes
-  flag on)."""
+  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+FLAG' / 'pallas+FLAG=0' (default tiles with
+  that BlockSizes flag on / off)."""
   fn = functools.partial(api.attention, q_meta=q_meta, k_meta=k_meta, implementation=impl)
   if impl.startswith('pallas+'):
+    name, _, value = impl.split('+')[1].partition('=')
     bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype),
-                             **{impl.split('+')[1]: True})
+                             **{name: value != '0'})
     fn = functools.partial(pallas.attention_pallas, q_meta=q_meta, k_meta=k_meta, block_sizes=bs)
   o, vjp = jax.vjp(fn, q, k, v)
   return o, vjp(do.astype(o.dtype))
@@ -402,7 +403,7 @@ def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head')])
+@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head=0')])
 def test_gpu_two_stream_model_shape(b, impl):
   """T = 4096, V = 2, block 4 (12288 tokens), Hq 16 / Hkv 4 / D 256, two documents per row."""
   rng = np.random.default_rng(0)
@@ -413,7 +414,7 @@ def test_gpu_two_stream_model_shape(b, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head'])
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head=0'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
