@@ -35,6 +35,29 @@ from pallas_kernels.gated_delta_rule import xla as gdr_xla
 # The triangular solve is where fp32 errors compound (as in the clean chunked pass): keep it exact
 # on GPU (no TF32). Other products use the default precision, like the other schedules.
 _EXACT = jax.lax.Precision.HIGHEST
+# Products whose contraction is at most this long run as exact fp32 multiply-and-sum (`_mm`), not
+# as batched GEMMs: the row tiles of small blocks make many tiny products (4 x 4 solves, [4, 8] x
+# [8, V] at block 4), which XLA:GPU ran as slow MAGMA / cuBLAS gemv kernels, forward and backward.
+# (The [2S, K] x [K, 2S] Gram tiles stay matmuls: as multiply-and-sum over K, their gradient made
+# XLA:CPU, jaxlib 0.10.2, segfault while compiling at blocks 1 and 2.)
+_SMALL = 16
+
+
+def _mm(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
+  """a [..., M, K] @ b [..., K, N] (leading axes broadcast), fp32 out. Short contractions
+  (`_SMALL`) are an exact fp32 multiply-and-sum over K, fused by XLA into one reduction (in both
+  passes); others a matmul at `precision`."""
+  m, k = a.shape[-2:]
+  n = b.shape[-1]
+  if k == 1:
+    return a * b
+  if m == 1:  # block 1: [..., 1, 2] @ [..., 2, V] as a multiply-and-sum made XLA:CPU (jaxlib
+    return jnp.matmul(a, b, precision=precision)  # 0.10.2) segfault at run time
+  if k <= _SMALL and n == 1:
+    return jnp.sum(a * jnp.swapaxes(b, -1, -2), axis=-1, keepdims=True)
+  if k <= _SMALL:
+    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+  return jnp.matmul(a, b, precision=precision)
 
 
 def _band(x: jax.Array, axis: int, fill=0) -> jax.Array:
@@ -62,13 +85,13 @@ def _banded_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
     [..., NT, S, R].
   """
   s = a.shape[-2]
-  x_diag = gdr_xla.unit_lower_inverse(a[..., s:])  # ... NT S S
-  sol = jnp.matmul(x_diag, rhs, precision=_EXACT)
+  mm = lambda x, y: _mm(x, y, _EXACT)
+  x_diag = gdr_xla.unit_lower_inverse(a[..., s:], mm)  # ... NT S S
+  sol = mm(x_diag, rhs)
   if a.shape[-3] > 1:
     a_sub = a[..., 1:, :, :s]  # A_{i+1,i}
-    x_sub = -jnp.matmul(jnp.matmul(x_diag[..., 1:, :, :], a_sub, precision=_EXACT),
-                        x_diag[..., :-1, :, :], precision=_EXACT)
-    below = jnp.matmul(x_sub, rhs[..., :-1, :, :], precision=_EXACT)
+    x_sub = -mm(mm(x_diag[..., 1:, :, :], a_sub), x_diag[..., :-1, :, :])
+    below = mm(x_sub, rhs[..., :-1, :, :])
     sol = sol + jnp.concatenate([jnp.zeros_like(below[..., :1, :, :]), below], axis=-3)
   return sol
 
@@ -110,7 +133,7 @@ def _window_outputs(xs: dict[str, jax.Array], *, c: int, ahead: int, tile: int, 
   """
   q, k, v, g, beta = xs['q'], xs['k'], xs['v'], xs['g'], xs['beta']
   wd = q.shape[-2]
-  mm = lambda a, b: jnp.matmul(a, b, precision=precision)
+  mm = lambda a, b: _mm(a, b, precision)
   # --- Stage 1: the noisy blocks' WY representation. A is block-diagonal with blocks of at most
   # `tile` rows: work on row tiles against their own and the previous tile (banded, O(W tile)). ---
   nt = wd // tile
@@ -125,7 +148,7 @@ def _window_outputs(xs: dict[str, jax.Array], *, c: int, ahead: int, tile: int, 
   # In-block inclusive cumulative log-decay: a masked sum of at most max_block terms (exact, unlike
   # differences of a window-long cumsum).
   g_c = _band(tiled(g), 4)
-  gam = jnp.einsum('...ab,...b->...a', causal.astype(g.dtype), g_c, precision=_EXACT)  # .. NT S
+  gam = _mm(causal.astype(g.dtype), g_c[..., None], _EXACT)[..., 0]  # .. NT S
   gam_c = _band(gam, 4)
   # Mask the exponent, not the result: e^{positive} above the diagonal would overflow (inf * 0).
   decay = jnp.exp(jnp.where(causal, gam[..., :, None] - gam_c[..., None, :], -jnp.inf))
@@ -152,9 +175,9 @@ def _window_outputs(xs: dict[str, jax.Array], *, c: int, ahead: int, tile: int, 
   ipos = (xs['chunk'] * c)[:, None, None, None] + jnp.arange(c)  # N 1 1 C
   seed = xs['seed'][..., None]
   local = xs['local_ok'][..., None] & (ipos >= xs['lo'][..., None]) & (ipos <= seed)  # N B W C
-  # G at the seed, picked by a one-hot product (exact; a matmul, not a gather, in both passes).
-  gp = jnp.einsum('nbjc,nbhc->nbhj', (ipos == seed).astype(g.dtype), xs['g_ctx'],
-                  precision=_EXACT)  # N B HV W
+  # G at the seed, picked by a masked sum (exact; a reduction, not a gather, in both passes).
+  gp = jnp.sum(jnp.where((ipos == seed)[:, :, None], xs['g_ctx'][..., None, :], 0.0),
+               axis=-1)  # N B HV W
   e = jnp.exp(jnp.where(local[:, :, None], gp[..., None] - xs['g_ctx'][..., None, :], -jnp.inf))
   # The same mask for both halves of x (concatenated: broadcasting it over a reshaped (2, W) axis
   # made XLA:CPU (jaxlib 0.10.2) segfault in the gradient with one view).
@@ -222,7 +245,8 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
     chunks_per_step: None computes every chunk's window at once; an int n processes n chunks at a
       time under `lax.map` + `jax.checkpoint` (lower peak memory for long rows).
     precision: of the noisy pass's products (None: the default, TF32 on recent GPUs, as the other
-      schedules use); the triangular solve and the one-hot/mask sums always run at HIGHEST.
+      schedules use); the triangular solve and the mask sums are always exact fp32,
+      and so are the products of the small tiles (`_SMALL`).
     clean_family, interpret: the clean pass's checkpoints from XLA (None) or a kernel family's
       forward and backward kernels (`api.chunk_checkpoints`; the fused schedules' backward).
 

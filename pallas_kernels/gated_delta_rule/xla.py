@@ -31,7 +31,7 @@ class ChunkIntra(NamedTuple):
 _EXACT = jax.lax.Precision.HIGHEST  # full fp32 (no TF32 on GPU): errors compound through the levels
 
 
-def unit_lower_inverse(a: jax.Array) -> jax.Array:
+def unit_lower_inverse(a: jax.Array, matmul=None) -> jax.Array:
   """(I + a)^-1 for strictly lower-triangular a [..., C, C], by recursive 2x2 block inversion.
 
   Bottom-up over block sizes s = 1, 2, 4, ...: each pair of diagonal blocks merges as
@@ -41,8 +41,10 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
   over the intra-op thread pool and blocks waiting for the pieces (jax::ParallelBatchMap); when the
   thunk executor runs independent solves at once (the backward has several, and every fake device
   runs its own), they can occupy every pool thread and the step deadlocks with the process idle.
-  C that is not a power of two is padded with identity rows.
+  C that is not a power of two is padded with identity rows. `matmul(x, y)` (default: jnp.matmul
+  at HIGHEST precision) multiplies the blocks.
   """
+  mm = matmul or (lambda x, y: jnp.matmul(x, y, precision=_EXACT))
   c = a.shape[-1]
   p = 1 << max(c - 1, 0).bit_length()
   if p != c:
@@ -56,7 +58,7 @@ def unit_lower_inverse(a: jax.Array) -> jax.Array:
     grid = jnp.swapaxes(a.reshape(lead + (nb, s, nb, s)), -3, -2).reshape(lead + (nb * nb, s, s))
     a21 = grid[..., nb::2 * nb + 2, :, :]  # ... nb/2 s s
     x11, x22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-    x21 = -jnp.matmul(jnp.matmul(x22, a21, precision=_EXACT), x11, precision=_EXACT)
+    x21 = -mm(mm(x22, a21), x11)
     inv = jnp.concatenate([jnp.concatenate([x11, jnp.zeros_like(x11)], -1),
                            jnp.concatenate([x21, x22], -1)], -2)
     s *= 2
