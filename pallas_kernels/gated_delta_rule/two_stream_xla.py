@@ -35,29 +35,37 @@ from pallas_kernels.gated_delta_rule import xla as gdr_xla
 # The triangular solve is where fp32 errors compound (as in the clean chunked pass): keep it exact
 # on GPU (no TF32). Other products use the default precision, like the other schedules.
 _EXACT = jax.lax.Precision.HIGHEST
-# Products whose contraction is at most this long run as exact fp32 multiply-and-sum (`_mm`), not
-# as batched GEMMs: the row tiles of small blocks make many tiny products (4 x 4 solves, [4, 8] x
-# [8, V] at block 4), which XLA:GPU ran as slow MAGMA / cuBLAS gemv kernels, forward and backward.
+# On GPU, products whose contraction is at most this long run as exact fp32 multiply-and-sum
+# (`_mm`), not as batched GEMMs: the row tiles of small blocks make many tiny products (4 x 4
+# solves, [4, 8] x [8, V] at block 4), which XLA:GPU ran as slow MAGMA / cuBLAS gemv kernels,
+# forward and backward (H200, T = 4096, block 4, V = 2: fwd+bwd of the chunked schedule 10.28 ->
+# 9.43 ms, of both:triton 7.04 -> 6.15). XLA:CPU does not fuse them (it materialises the products):
+# there the forward+backward took 3.3x as long (T = 1024, 4 heads, K = 32), so CPU keeps matmuls.
 # (The [2S, K] x [K, 2S] Gram tiles stay matmuls: as multiply-and-sum over K, their gradient made
 # XLA:CPU, jaxlib 0.10.2, segfault while compiling at blocks 1 and 2.)
 _SMALL = 16
 
 
+def _short_products_as_sums() -> bool:
+  """Whether `_mm` sums short contractions elementwise (the GPU's choice; tests force it)."""
+  return jax.default_backend() == 'gpu'
+
+
 def _mm(a: jax.Array, b: jax.Array, precision=None) -> jax.Array:
-  """a [..., M, K] @ b [..., K, N] (leading axes broadcast), fp32 out. Short contractions
+  """a [..., M, K] @ b [..., K, N] (leading axes broadcast), fp32 out. On GPU, short contractions
   (`_SMALL`) are an exact fp32 multiply-and-sum over K, fused by XLA into one reduction (in both
   passes); others a matmul at `precision`."""
   m, k = a.shape[-2:]
   n = b.shape[-1]
+  if k > _SMALL or not _short_products_as_sums():
+    return jnp.matmul(a, b, precision=precision)
   if k == 1:
     return a * b
   if m == 1:  # block 1: [..., 1, 2] @ [..., 2, V] as a multiply-and-sum made XLA:CPU (jaxlib
     return jnp.matmul(a, b, precision=precision)  # 0.10.2) segfault at run time
-  if k <= _SMALL and n == 1:
+  if n == 1:  # (the general form's gradient made XLA:CPU segfault while compiling at block 2)
     return jnp.sum(a * jnp.swapaxes(b, -1, -2), axis=-1, keepdims=True)
-  if k <= _SMALL:
-    return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
-  return jnp.matmul(a, b, precision=precision)
+  return jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
 
 
 def _band(x: jax.Array, axis: int, fill=0) -> jax.Array:

@@ -160,6 +160,28 @@ def test_chunked_gradients_equal_simple(rng, layout):
     np.testing.assert_allclose(c, a, atol=2e-5, rtol=2e-5, err_msg=name)
 
 
+
+@pytest.mark.parametrize('max_block, chunk', [(1, 16), (2, 16), (3, 16), (4, 64), (16, 32)])
+def test_short_products_as_sums_equal_matmuls(rng, monkeypatch, max_block, chunk):
+  """The GPU's form of the short products (exact fp32 multiply-and-sum, `_mm`) gives the CPU's
+  matmul form's outputs and gradients, at row tiles of 1, 2, 4 and 16 (the block-1 and block-2
+  shapes are where XLA:CPU crashed on other forms)."""
+  t = 90
+  seg, starts = _random_layout(rng, 2, t, max_block)
+  clean, noisy = _inputs(rng, 2, t, 2, 1, 2, kd=20, vd=12)
+  cot = jnp.asarray(rng.normal(size=(2, 2, t, 2, 12)), jnp.float32)
+  kw = dict(chunk_size=chunk, max_block=max_block)
+  results = {}
+  for sums in (False, True):
+    monkeypatch.setattr(chunked, '_short_products_as_sums', lambda sums=sums: sums)
+    # New functions each time: jax.jit must trace again under the patched choice.
+    out = jax.jit(lambda c, n: chunked.noisy_delta_rule_chunked(
+        c, n, jnp.asarray(seg), jnp.asarray(starts), scale=SCALE, **kw))(clean, noisy)
+    results[sums] = [out] + _grads('chunked', clean, noisy, seg, starts, cot, **kw)
+  for name, a, b in zip(['output'] + NAMES, results[True], results[False]):
+    assert np.all(np.isfinite(a)), name
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
+
 def test_chunked_result_does_not_depend_on_chunk_size_or_grouping(rng):
   t, mb = 100, 16
   seg, starts = _random_layout(rng, 2, t, mb)
