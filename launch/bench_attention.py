@@ -12,8 +12,8 @@ Cases (defaults are Qwen3.5's softmax layers: 16 query heads, 4 kv heads, D = 25
               of the score matrix and the fraction of (64 x 64) tiles the Pallas forward visits.
 
 Every (case, implementation) runs in its own subprocess, so the peak is per case. Reported per case:
-the median of --repeats timed calls after --warmup calls (each timed to block_until_ready), for the
-forward alone and for forward + backward (dq, dk, dv for a random cotangent);
+the time per call (`bench_util.median_ms`: median of --repeats timings of --back_to_back calls
+issued back to back, after --warmup calls), for the forward alone and for forward + backward (dq, dk, dv for a random cotangent);
 `peak GiB` = `memory_stats()['peak_bytes_in_use']` of the device after all calls (includes the
 inputs, the same for every implementation); `temp GiB` = the compiled forward + backward's scratch
 (`jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`), i.e. what the implementation
@@ -58,6 +58,7 @@ _BWD_BLOCKS = flags.DEFINE_list('bwd_blocks', [],
 _NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas pipelining stages (0: default).')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
+_BACK_TO_BACK = bench_util.define_back_to_back_flag()
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
@@ -203,10 +204,10 @@ def _run_case(case, impl):
   res['temp_gib'] = None if temp is None else temp / _GIB
   if 'fwd' in _MODES.value:
     res['fwd_ms'] = bench_util.median_ms(lambda: fwd(q, k, v), jax.block_until_ready,
-                                         _WARMUP.value, _REPEATS.value)
+                                         _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
   if 'fwdbwd' in _MODES.value:
     res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(q, k, v, do), jax.block_until_ready,
-                                            _WARMUP.value, _REPEATS.value)
+                                            _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
   res['peak_gib'] = (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
   return res
 
@@ -215,7 +216,7 @@ def _spawn(case, impl):
   argv = [sys.executable, '-m', 'launch.bench_attention', f'--child={case}:{impl}']
   for flag in (_BATCH, _SEQ, _VIEWS, _BLOCK_SIZE, _PROMPT, _HEADS, _KV_HEADS, _HEAD_DIM, _DTYPE,
                _Q_TILE, _BLOCK_Q, _BLOCK_K, _NUM_WARPS, _NUM_STAGES, _REPEATS, _WARMUP,
-               _CPU_SMOKE):
+               _BACK_TO_BACK, _CPU_SMOKE):
     argv.append(f'--{flag.name}={flag.value}')
   argv.append(f'--modes={",".join(_MODES.value)}')
   if _BWD_BLOCKS.value:
@@ -275,8 +276,9 @@ def main(argv):
       res = _spawn(case, impl)
       bench_util.record(results, res, _OUT.value)
   b, t, views, h, hkv, d = _shape()
-  print(f'\nB={b} T={t} Hq={h} Hkv={hkv} D={d} {_DTYPE.value}; median of {_REPEATS.value} after '
-        f'{_WARMUP.value} warm-up; ratios are impl / xla of the same case (lower is better).')
+  print(f'\nB={b} T={t} Hq={h} Hkv={hkv} D={d} {_DTYPE.value}; '
+        f'{bench_util.timing_note(_REPEATS.value, _WARMUP.value, _BACK_TO_BACK.value)}; '
+        f'ratios are impl / xla of the same case (lower is better).')
   for r in results:
     if r.get('visible') is not None and r['impl'] == 'pallas':
       print(f"{r['case']}: N={r['N']} ((1 + {views}) x {t}), block {_BLOCK_SIZE.value}: visible "

@@ -5,8 +5,9 @@ python -m launch.bench_kernels --shapes=1x4096,8x4096,4x16384 --impls=xla,pallas
 Every (implementation, shape) case runs in its own subprocess, so peak memory is per case and JAX
 never shares a process with PyTorch (JAX preallocates GPU memory; fla's platform check fails beside
 it).
-A case reports the median latency of `--repeats` timed calls after `--warmup` calls (each call timed
-to `block_until_ready` / `torch.cuda.synchronize`) for the forward alone and for forward + backward
+A case reports the time per call (`bench_util.median_ms`: median of `--repeats` timings of
+`--back_to_back` calls issued back to back, synced by `block_until_ready` /
+`torch.cuda.synchronize`, after `--warmup` calls) for the forward alone and for forward + backward
 (gradients of q, k, v, g, beta for a random output cotangent), and the peak bytes in use after each.
 Inputs: `launch.gdn_cases.random_inputs` (the same distributions for fla).
 
@@ -30,6 +31,7 @@ _DV = flags.DEFINE_integer('dv', 128, 'Value head size.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'q, k, v dtype.')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile, autotune).')
+_BACK_TO_BACK = bench_util.define_back_to_back_flag()
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
@@ -52,11 +54,11 @@ def _jax_case(impl, b, t):
   res = {'impl': impl, 'B': b, 'T': t, 'device': dev.device_kind, 'jax': jax.__version__}
   if 'fwd' in _MODES.value:
     res['fwd_ms'] = bench_util.median_ms(lambda: fwd(*args), jax.block_until_ready,
-                                         _WARMUP.value, _REPEATS.value)
+                                         _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
     res['fwd_peak_gib'] = peak()
   if 'fwdbwd' in _MODES.value:
     res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(*args, do), jax.block_until_ready,
-                                            _WARMUP.value, _REPEATS.value)
+                                            _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
     res['peak_gib'] = peak()
     if _PROFILE.value:
       res['kernels'], res['timeline'] = bench_util.jax_kernel_profile(lambda: fwdbwd(*args, do))
@@ -112,11 +114,11 @@ def _fla_case(b, t):
          'fla': getattr(fla, '__version__', '?'), 'guard_bypassed': bypassed}
   if 'fwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwd_ms'] = bench_util.median_ms(fwd, sync, _WARMUP.value, _REPEATS.value)
+    res['fwd_ms'] = bench_util.median_ms(fwd, sync, _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
     res['fwd_peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
   if 'fwdbwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value)
+    res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
     res['peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
     if _PROFILE.value:
       res['kernels'] = _torch_kernel_profile(fwdbwd)
@@ -132,7 +134,7 @@ def _run_child(spec):
 
 def _spawn(impl, b, t):
   argv = [sys.executable, '-m', 'launch.bench_kernels', f'--child={impl}:{b}:{t}']
-  for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP, _PROFILE):
+  for flag in (_HEADS, _DK, _DV, _DTYPE, _REPEATS, _WARMUP, _BACK_TO_BACK, _PROFILE):
     argv.append(f'--{flag.name}={flag.value}')
   argv.append(f'--modes={",".join(_MODES.value)}')
   return bench_util.run_child(argv, _TIMEOUT.value, {'impl': impl, 'B': b, 'T': t})
@@ -170,8 +172,9 @@ def main(argv):
     for impl in _IMPLS.value:
       res = _spawn(impl, b, t)
       bench_util.record(results, res, _OUT.value)
-  print(f'\nH={_HEADS.value} dk={_DK.value} dv={_DV.value} {_DTYPE.value}; median of '
-        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios are impl / fla (lower is better).')
+  print(f'\nH={_HEADS.value} dk={_DK.value} dv={_DV.value} {_DTYPE.value}; '
+        f'{bench_util.timing_note(_REPEATS.value, _WARMUP.value, _BACK_TO_BACK.value)}; '
+        f'ratios are impl / fla (lower is better).')
   if any(r.get('guard_bypassed') for r in results):
     print('fla: Hopper guard for Triton < 3.7.1 (fla #640) bypassed for timing.')
   print(_table(results))

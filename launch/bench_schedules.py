@@ -10,8 +10,8 @@ clean stream's q, k, v, g, beta plus --views noisy views of one row per batch el
 --prompt prompt tokens, then response cut into blocks of --block_size with logit shift, the layout
 of flare_jax.objective.layout). Every schedule runs in its own subprocess (an OOM in one leaves the
 others). Reported per schedule and mode (fwd: outputs; fwdbwd: gradients of all ten inputs for a
-random cotangent): the median of --repeats timed calls after --warmup calls, each timed to
-block_until_ready, and `temp` = the compiled executable's scratch
+random cotangent): the time per call (`bench_util.median_ms`: median of --repeats timings of
+--back_to_back calls issued back to back, after --warmup calls), and `temp` = the compiled executable's scratch
 (`jit(f).lower(...).compile().memory_analysis().temp_size_in_bytes`). Ratios are schedule /
 --baseline, per case; with a 'clean' row, `two-stream / (1+V) clean` is (clean + schedule) over
 (1 + V) x clean, the fused-kernel target's measure (<= 1.2).
@@ -52,6 +52,7 @@ _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'],
                            'q, k, v dtype (g, beta fp32), as the model passes them.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed calls first.')
+_BACK_TO_BACK = bench_util.define_back_to_back_flag()
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _NOISY_BLOCK_V = flags.DEFINE_integer(
     'noisy_block_v', 0, 'Sweep override: the fused forwards\' V tile (0: forward_launch).')
@@ -169,7 +170,7 @@ def _run_child(schedule: str) -> None:
     res[f'{mode}_temp_gib'] = None if mem is None else mem.temp_size_in_bytes / _GIB
     res[f'{mode}_ms'] = bench_util.median_ms(lambda compiled=compiled: compiled(clean, noisy),
                                              jax.block_until_ready, _WARMUP.value,
-                                             _REPEATS.value)
+                                             _REPEATS.value, _BACK_TO_BACK.value)
     if _PROFILE.value:
       res[f'{mode}_kernels'], res[f'{mode}_timeline'] = bench_util.jax_kernel_profile(
           lambda compiled=compiled: compiled(clean, noisy), top=_PROFILE_TOP.value)
@@ -203,9 +204,9 @@ def main(argv):
         bench_util.record(results, res, _OUT.value)
   first = next((r for r in results if 'error' not in r), {})
   print(f"\n{first.get('device', '?')}: B={first.get('B')} H={first.get('H')} HV={first.get('HV')} "
-        f"K=V={first.get('K')} chunk={first.get('chunk')} {_DTYPE.value}; median of "
-        f'{_REPEATS.value} after {_WARMUP.value} warm-up; ratios within each (T, block, V) case '
-        f'(lower is better).')
+        f"K=V={first.get('K')} chunk={first.get('chunk')} {_DTYPE.value}; "
+        f'{bench_util.timing_note(_REPEATS.value, _WARMUP.value, _BACK_TO_BACK.value)}; ratios '
+        f'within each (T, block, V) case (lower is better).')
   print(schedule_cases.table(results, _BASELINE.value))
   for r in results:
     for mode in _MODES.value:

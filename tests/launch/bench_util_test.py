@@ -36,6 +36,21 @@ def test_device_timeline_splits_calls_at_the_widest_gaps_and_merges_overlaps():
                   '3 launches; wall 0.050 ms')
 
 
+
+def test_median_ms_times_back_to_back_calls_and_syncs_the_last(monkeypatch):
+  """With back_to_back=n: n calls per timing, one sync (of the last result), time divided by n."""
+  clock = iter(range(0, 1000, 1))  # perf_counter advances 1 s per reading
+  monkeypatch.setattr(bench_util.time, 'perf_counter', lambda: next(clock))
+  calls, synced = [], []
+  fn = lambda: calls.append(len(calls)) or len(calls)
+  got = bench_util.median_ms(fn, synced.append, warmup=2, repeats=3, back_to_back=4)
+  assert len(calls) == 2 + 3 * 4
+  assert synced == [1, 2, 6, 10, 14]  # each warm-up call, then the last of each timing
+  assert got == 1e3 / 4  # two readings 1 s apart per timing, over 4 calls
+  assert bench_util.median_ms(fn, synced.append, warmup=0, repeats=1) == 1e3
+  assert 'each call synced' in bench_util.timing_note(5, 2, 1)
+  assert 'per call of 10 issued back to back' in bench_util.timing_note(5, 2, 10)
+
 def test_kernel_table_rows():
   rows = bench_util.kernel_table([['intra_kernel', 0.5371, 1.0], ['fusion', 0.01, 24.0]])
   assert rows.split('\n')[2:] == ['| `intra_kernel` | 0.537 | 1 |', '| `fusion` | 0.010 | 24 |']
