@@ -13,7 +13,8 @@ Cases (defaults are Qwen3.5's softmax layers: 16 query heads, 4 kv heads, D = 25
 
 Every (case, implementation) runs in its own subprocess, so the peak is per case. Reported per case:
 the time per call (`bench_util.median_ms`: median of --repeats timings of --back_to_back calls
-issued back to back, after --warmup calls), for the forward alone and for forward + backward (dq, dk, dv for a random cotangent);
+issued back to back, after --warmup calls), for the forward alone and for forward + backward
+(dq, dk, dv for a random cotangent);
 `peak GiB` = `memory_stats()['peak_bytes_in_use']` of the device after all calls (includes the
 inputs, the same for every implementation); `temp GiB` = the compiled forward + backward's scratch
 (`jit(...).lower(...).compile().memory_analysis().temp_size_in_bytes`), i.e. what the implementation

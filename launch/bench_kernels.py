@@ -114,11 +114,13 @@ def _fla_case(b, t):
          'fla': getattr(fla, '__version__', '?'), 'guard_bypassed': bypassed}
   if 'fwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwd_ms'] = bench_util.median_ms(fwd, sync, _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
+    res['fwd_ms'] = bench_util.median_ms(fwd, sync, _WARMUP.value, _REPEATS.value,
+                                         _BACK_TO_BACK.value)
     res['fwd_peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
   if 'fwdbwd' in _MODES.value:
     torch.cuda.reset_peak_memory_stats()
-    res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
+    res['fwdbwd_ms'] = bench_util.median_ms(fwdbwd, sync, _WARMUP.value, _REPEATS.value,
+                                            _BACK_TO_BACK.value)
     res['peak_gib'] = torch.cuda.max_memory_allocated() / _GIB
     if _PROFILE.value:
       res['kernels'] = _torch_kernel_profile(fwdbwd)

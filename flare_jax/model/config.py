@@ -11,6 +11,7 @@ LINEAR = 'linear_attention'  # Gated DeltaNet layer (HF's name)
 FULL = 'full_attention'  # gated softmax attention layer
 _LAYER_TYPES = (LINEAR, FULL)
 _DTYPES = ('float32', 'bfloat16', 'float16')
+GDN_CONV_BACKWARDS = ('autodiff', 'manual')  # gated_deltanet.two_stream_conv_silu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,8 @@ class ModelConfig:
   param_dtype: str = 'float32'  # master weights
   gdn_impl: str | None = None  # None | 'xla' | 'pallas' | 'triton' (None: best for the backend)
   attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
+  # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
+  gdn_conv_backward: str = 'autodiff'  # GDN_CONV_BACKWARDS
   gdn_chunk_size: int = 64
   attn_q_tile: int = 512  # query tile of the XLA attention path (memory O(tile x keys))
   remat: str = 'none'  # 'none' | 'block' (rematerialise each block in the backward)
@@ -72,6 +75,8 @@ class ModelConfig:
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in _DTYPES:
         problems.append(f'{name}={getattr(self, name)!r} (known: {_DTYPES})')
+    if self.gdn_conv_backward not in GDN_CONV_BACKWARDS:
+      problems.append(f'gdn_conv_backward={self.gdn_conv_backward!r} (known: {GDN_CONV_BACKWARDS})')
     if self.remat not in ('none', 'block'):
       problems.append(f"remat={self.remat!r} (known: 'none', 'block')")
     if problems:

@@ -61,13 +61,28 @@ def _gather_time(x, idx):
   return jax.vmap(lambda a, i: a[i])(x, idx)
 
 
-def _delayed(x, back: int, axis: int):
-  """x shifted `back` slots later along `axis`, zeros shifted in: y[i] = x[i - back] there."""
-  if back == 0:
+def shifted(x, by: int, axis: int):
+  """x shifted `by` slots later along `axis` (earlier if by < 0), zeros shifted in:
+  y[i] = x[i - by] where that index exists. A static pad + slice (its transpose is another)."""
+  if by == 0:
     return x
+  n = x.shape[axis]
   pad = [(0, 0)] * x.ndim
-  pad[axis] = (back, 0)
-  return jax.lax.slice_in_dim(jnp.pad(x, pad), 0, x.shape[axis], axis=axis)
+  pad[axis] = (by, 0) if by > 0 else (0, -by)
+  start = 0 if by > 0 else -by
+  return jax.lax.slice_in_dim(jnp.pad(x, pad), start, start + n, axis=axis)
+
+
+def conv_taps(segment_ids, block_starts, kernel_size: int):
+  """The short conv's read rule of a two-stream row, per tap: a list over back = 0 .. Kc-1 (tap
+  w[Kc-1-back] multiplies the input `back` slots earlier) of (ok, from_noisy), bool [B, T]:
+  ok[i] = slot i - back is in the row and in slot i's document (else the tap reads zero);
+  from_noisy[i] = it is in slot i's noisy block, so a view reads its own slot (else the clean
+  stream's). The clean stream reads its own slots wherever ok."""
+  t = segment_ids.shape[1]
+  pos = jnp.arange(t)[None]
+  return [((pos >= back) & (shifted(segment_ids, back, 1) == segment_ids),
+           pos - back >= block_starts) for back in range(kernel_size)]
 
 
 def noisy_conv(x_clean, x_noisy, w, segment_ids, block_starts):
@@ -86,13 +101,10 @@ def noisy_conv(x_clean, x_noisy, w, segment_ids, block_starts):
   """
   b, v, t, c = x_noisy.shape
   kc = w.shape[0]
-  pos = jnp.arange(t)[None]
   out = jnp.zeros((b, v, t, c), jnp.float32)
-  for back in range(kc):  # tap w[kc-1-back] multiplies the input `back` slots earlier
-    ok = (pos >= back) & (_delayed(segment_ids, back, 1) == segment_ids)  # B T
-    from_noisy = pos - back >= block_starts  # B T
-    val = jnp.where(from_noisy[:, None, :, None], _delayed(x_noisy, back, 2),
-                    _delayed(x_clean, back, 1)[:, None]).astype(jnp.float32)
+  for back, (ok, from_noisy) in enumerate(conv_taps(segment_ids, block_starts, kc)):
+    val = jnp.where(from_noisy[:, None, :, None], shifted(x_noisy, back, 2),
+                    shifted(x_clean, back, 1)[:, None]).astype(jnp.float32)
     out = out + jnp.where(ok[:, None, :, None], val, 0.0) * w[kc - 1 - back].astype(jnp.float32)
   return out
 

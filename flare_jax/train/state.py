@@ -39,7 +39,8 @@ def resolve_model_config(c: mlc.ConfigDict) -> config_lib.ModelConfig:
   overrides = dict(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat,
                    scan_layers=c.model.scan_layers,
                    gdn_chunk_size=c.model.gdn_chunk_size, attn_q_tile=c.model.attn_q_tile,
-                   gdn_impl=impl(c.kernels.gdn), attn_impl=impl(c.kernels.attn))
+                   gdn_impl=impl(c.kernels.gdn), attn_impl=impl(c.kernels.attn),
+                   gdn_conv_backward=c.kernels.gdn_conv_backward)
   if c.model.mask_token_id >= 0:
     overrides['mask_token_id'] = c.model.mask_token_id
   return cfg.replace(**overrides)
