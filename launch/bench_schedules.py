@@ -34,8 +34,9 @@ _SCHEDULES = flags.DEFINE_list(
     'unit of the (1 + V) x clean-pass target; or both:<schedule>: the whole two-stream pass, '
     'clean and noisy outputs as the model computes them (two_stream_delta_rule: one clean pass '
     'for both under the triton schedules); or conv: the model\'s short causal convs of both '
-    'streams with their SiLU (gated_deltanet.two_stream_conv_silu: XLA, hand-written backward), '
-    'on q|k|v as the conv channels; conv_autodiff: the same with autodiff\'s backward.')
+    'streams with their SiLU (gated_deltanet.two_stream_conv_silu; XLA, autodiff\'s backward as '
+    'the model\'s default), on q|k|v as the conv channels; conv_manual: the same with the '
+    'opt-in hand-written backward.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -102,10 +103,9 @@ def _inputs(b, t, views, h, hv, d, dtype):
   return stream(b), stream(b, views), seg, starts
 
 
-def _convs(clean, noisy, seg, starts, autodiff: bool, kernel_size=4):
-  """The model's short convs + SiLU of both streams (`gated_deltanet.two_stream_conv_silu`, or with
-  `autodiff` the same forward differentiated by JAX), with q|k|v of each stream as the conv
-  channels: [B, (1+V)T, C] in q's dtype."""
+def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
+  """The model's short convs + SiLU of both streams (`gated_deltanet.two_stream_conv_silu` with
+  that backward), with q|k|v of each stream as the conv channels: [B, (1+V)T, C] in q's dtype."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import gated_deltanet  # pylint: disable=g-import-not-at-top
@@ -113,9 +113,7 @@ def _convs(clean, noisy, seg, starts, autodiff: bool, kernel_size=4):
   b, views, t, _ = channels(noisy).shape
   x = jnp.concatenate([channels(clean), channels(noisy).reshape(b, views * t, -1)], axis=1)
   w = jax.random.normal(jax.random.key(2), (kernel_size, x.shape[-1]), jnp.float32) / 4
-  if autodiff:
-    return jax.nn.silu(gated_deltanet.two_stream_conv(x, w, seg, starts, views)).astype(x.dtype)
-  return gated_deltanet.two_stream_conv_silu(x, w, seg, starts, views)
+  return gated_deltanet.two_stream_conv_silu(x, w, seg, starts, views, backward=backward)
 
 
 def _apply_kernel_overrides() -> None:
@@ -148,9 +146,9 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
-  elif schedule in (schedule_cases.CONV, schedule_cases.CONV_AUTODIFF):
-    autodiff = schedule == schedule_cases.CONV_AUTODIFF
-    f = lambda c, n: _convs(c, n, seg, starts, autodiff)
+  elif schedule in (schedule_cases.CONV, schedule_cases.CONV_MANUAL):
+    backward = 'manual' if schedule == schedule_cases.CONV_MANUAL else 'autodiff'
+    f = lambda c, n: _convs(c, n, seg, starts, backward)
   elif schedule.startswith(schedule_cases.WHOLE_PASS):  # both outputs, as the model has them
     f = lambda c, n: two_stream_gdn.two_stream_delta_rule(
         c, n, seg, starts, schedule=schedule[len(schedule_cases.WHOLE_PASS):], **kw)
