@@ -116,6 +116,7 @@ def _conv_silu_bwd(num_views, res, dy):
   d_pre = dy.astype(f32) * sig * (1.0 + pre * (1.0 - sig))  # silu'(pre)
   d_clean, d_noisy = d_pre[:, :t], d_pre[:, t:].reshape(b, num_views, t, c)
   x_clean, x_noisy = x[:, :t].astype(f32), x[:, t:].reshape(b, num_views, t, c).astype(f32)
+
   def read_cotangents(ok, from_noisy, d_c, d_n):
     """Cotangents of what a tap read at each slot: the clean input (for the clean stream and for
     the views outside their blocks) [B, T, C], and each view's own input [B, V, T, C]."""
