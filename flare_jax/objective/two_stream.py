@@ -20,6 +20,8 @@ class ObjectiveConfig:
   noise: str = 'uniform'  # corruption.NOISE_SCHEDULES
   noise_eps: float = 1e-3
   gdn_schedule: str = 'auto'  # two_stream_gdn.ALL_SCHEDULES (pure JAX or a fused kernel)
+  # Sequence tile of the cross-entropy (tokens per row): logits of B x loss_tile tokens exist at
+  # once (fp32 [B, tile, vocab]); each tile adds its LM-head gradient to the accumulated one.
   loss_tile: int = 512
 
   def __post_init__(self):
@@ -31,6 +33,8 @@ class ObjectiveConfig:
       raise ValueError(f'unknown noise {self.noise!r}; known: {corruption.NOISE_SCHEDULES}')
     if not 0 < self.noise_eps < 1:
       raise ValueError(f'noise_eps must be in (0, 1), got {self.noise_eps}')
+    if self.loss_tile < 1:
+      raise ValueError(f'loss_tile must be >= 1, got {self.loss_tile}')
     if self.gdn_schedule not in two_stream_gdn.ALL_SCHEDULES:
       raise ValueError(f'unknown gdn_schedule {self.gdn_schedule!r}; known: '
                        f'{two_stream_gdn.ALL_SCHEDULES}')

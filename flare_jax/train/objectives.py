@@ -13,7 +13,8 @@ def objective_config(c: mlc.ConfigDict) -> two_stream.ObjectiveConfig:
   o = c.objective
   return two_stream.ObjectiveConfig(block_size=o.block_size, num_views=o.num_views,
                                     logit_shift=o.logit_shift, noise=o.noise,
-                                    noise_eps=o.noise_eps, gdn_schedule=o.gdn_schedule)
+                                    noise_eps=o.noise_eps, gdn_schedule=o.gdn_schedule,
+                                    loss_tile=o.loss_tile)
 
 
 def make_loss_fn(c: mlc.ConfigDict, model_cfg: config_lib.ModelConfig):

@@ -171,3 +171,18 @@ def test_validation_names_the_problem(make_row):
     two_stream.ObjectiveConfig(block_size=0)
   with pytest.raises(ValueError, match='num_views must be 1 or 2'):
     two_stream.ObjectiveConfig(num_views=3)
+  with pytest.raises(ValueError, match='loss_tile must be >= 1'):
+    two_stream.ObjectiveConfig(loss_tile=0)
+
+
+def test_config_objective_section_reaches_the_objective():
+  """Every field of configs' objective section (but the name) lands in ObjectiveConfig."""
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from flare_jax.train import objectives  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  c.objective.update(block_size=7, num_views=1, logit_shift=False, noise='all_masked',
+                     noise_eps=0.01, gdn_schedule='lean', loss_tile=300)
+  got = objectives.objective_config(c)
+  for key, value in c.objective.items():
+    if key != 'name':
+      assert getattr(got, key) == value, key
