@@ -265,9 +265,9 @@ def test_two_stream_conv_silu_backward_equals_autodiff(rng, views, dtype, tol):
     np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max(), rtol=tol, err_msg=name)
 
 
-def test_model_conv_backward_setting_reaches_the_conv_and_keeps_gradients(rng, monkeypatch):
-  """ModelConfig.gdn_conv_backward picks the short conv's backward in the two-stream pass; the
-  model's parameter gradients agree between 'autodiff' and 'manual' (float32)."""
+def test_model_conv_backward_setting_reaches_the_conv(rng, monkeypatch):
+  """ModelConfig.gdn_conv_backward picks the short conv's backward in the two-stream pass (the
+  backwards themselves are compared above)."""
   seen = []
   real = gated_deltanet.two_stream_conv_silu
 
@@ -278,20 +278,12 @@ def test_model_conv_backward_setting_reaches_the_conv_and_keeps_gradients(rng, m
   monkeypatch.setattr(gated_deltanet, 'two_stream_conv_silu', spy)
   obj = two_stream.ObjectiveConfig(block_size=3, num_views=2)
   inp = _model_input(rng, obj)
-  grads = {}
   for backward in config_lib.GDN_CONV_BACKWARDS:
     cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', layer_types=(config_lib.LINEAR,),
                                               gdn_chunk_size=16, gdn_conv_backward=backward)
-    model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
-    loss = lambda m: jnp.sum(m.hidden_states(inp.tokens, inp.meta, num_views=2,
-                                             gdn_schedule='chunked', max_block=3)[0] ** 2)
-    grads[backward] = nnx.to_pure_dict(nnx.state(nnx.grad(loss)(model), nnx.Param))
+    jax.eval_shape(lambda m: m.hidden_states(inp.tokens, inp.meta, num_views=2,
+                                             gdn_schedule='chunked', max_block=3),
+                   transformer.FlareLM(cfg, rngs=nnx.Rngs(0)))
   assert seen == list(config_lib.GDN_CONV_BACKWARDS)
-  for path, got in jax.tree_util.tree_flatten_with_path(grads['manual'])[0]:
-    want = grads['autodiff']
-    for key in path:
-      want = want[key.key]
-    np.testing.assert_allclose(got, want, atol=1e-5 * float(np.abs(want).max()), rtol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
   with pytest.raises(ValueError, match='gdn_conv_backward'):
     config_lib.VARIANTS['tiny'].replace(gdn_conv_backward='fused')
