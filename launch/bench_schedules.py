@@ -105,7 +105,7 @@ def _inputs(b, t, views, h, hv, d, dtype):
 
 def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
   """The model's short convs + SiLU of both streams (`gated_deltanet.two_stream_conv_silu` with
-  that backward), with q|k|v of each stream as the conv channels: [B, (1+V)T, C] in q's dtype."""
+  that backward), with q|k|v of each stream as the conv channels: [B, (1+V)T, C] fp32."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flare_jax.model import gated_deltanet  # pylint: disable=g-import-not-at-top
