@@ -9,9 +9,10 @@ block sparsity from a conservative tile table:
             dS = P * (dO V^T - delta), delta = rowsum(O * dO) (computed in XLA).
   dk, dv    grid (S/bk, B, Hkv): one k tile walks, for each of the H/Hkv query heads of its group,
             the q tiles that may see it: dv += P^T dO, dk += scale * dS^T q (or grid (S/bk, B, H)
-            with `BlockSizes.dkdv_per_q_head`, the default at bf16 D = 256, the group summed in XLA). (Adding dq there
-            too, by atomic adds into fp32, in place of the dq kernel measured 2.3x slower in
-            forward+backward on an H200: 26.1 against 11.3 ms at the two-stream benchmark shape.)
+            with `BlockSizes.dkdv_per_q_head`, the default at bf16 D = 256, the group summed in
+            XLA). (Adding dq there too, by atomic adds into fp32, in place of the dq kernel
+            measured 2.3x slower in forward+backward on an H200: 26.1 against 11.3 ms at the
+            two-stream benchmark shape.)
 
 Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
