@@ -34,8 +34,8 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
   """Median over `repeats` timings of the wall time per call in ms, after `warmup` calls.
 
   back_to_back=1 times single calls, each synced (`sync`): latency, host dispatch included.
-  back_to_back=n times n calls issued back to back and synced once (only the last result is
-  kept, so memory stays that of one call), divided by n: with asynchronous dispatch the host's
+  back_to_back=n times n calls issued back to back and synced once (each result is dropped
+  before the next call, so memory stays that of one call), divided by n: with asynchronous dispatch the host's
   work overlaps the device's, as inside a training loop, so short kernels are no longer timed
   with their dispatch (on an H200 the clean GDN forward measured 0.5-0.8 ms synced per call
   against a 0.25 ms GPU span).
@@ -46,6 +46,7 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(back_to_back):
+      out = None  # drop the previous result before the next call: memory of one call at a time
       out = fn()
     sync(out)
     times.append((time.perf_counter() - t0) * 1e3 / back_to_back)
