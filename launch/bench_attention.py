@@ -36,10 +36,10 @@ from launch import bench_util
 
 _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
-                           'xla, pallas, cudnn (causal case only); pallas+FIELD[+FIELD=N...] '
-                           'sets BlockSizes fields for that row: a flag (dkdv_per_q_head: dk/dv '
-                           'programs per query head) or a tile (block_k_dkv=32), over the flags\' '
-                           'tiles.')
+                           'xla, pallas, cudnn (causal case only); pallas+FIELD[=N][+...] '
+                           'sets BlockSizes fields for that row (BlockSizes.with_fields): a flag '
+                           '(dkdv_per_q_head=0: the grouped dk/dv kernel) or a tile '
+                           '(block_k_dkv=32), over the flags\' tiles.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows per call.')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views of the two_stream case.')
@@ -96,27 +96,22 @@ def _metadata(case, b, t, views):
   return layout.two_stream_input(tokens, seg, pos, lay, masked, mask_id=1).meta
 
 
-def _impl_fields(impl: str) -> dict[str, int | bool]:
-  """'pallas+dkdv_per_q_head+block_k_dkv=32' -> {'dkdv_per_q_head': True, 'block_k_dkv': 32}."""
-  fields = {}
-  for part in impl.split('+')[1:]:
-    name, _, value = part.partition('=')
-    fields[name] = int(value) if value else True
-  return fields
+def _impl_fields(impl: str) -> str:
+  """'pallas+dkdv_per_q_head=0+block_k_dkv=32' -> its `BlockSizes.with_fields` spec."""
+  return impl.partition('+')[2]
 
 
 def _check_impls(impls: list[str]) -> None:
   """Rejects unknown implementations and BlockSizes fields before any case runs."""
   from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
-  fields = {f.name for f in dataclasses.fields(pallas.BlockSizes)}
   for impl in impls:
     if impl.split('+')[0] not in ('xla', 'pallas', 'cudnn') or (
         '+' in impl and not impl.startswith('pallas+')):
       raise app.UsageError(f'unknown implementation {impl!r} (xla, pallas[+FIELD...], cudnn)')
-    unknown = sorted(set(_impl_fields(impl)) - fields)
-    if unknown:
-      raise app.UsageError(f'{impl!r}: BlockSizes has no field {", ".join(unknown)} '
-                           f'(fields: {", ".join(sorted(fields))})')
+    try:
+      pallas.BlockSizes().with_fields(_impl_fields(impl))
+    except ValueError as e:
+      raise app.UsageError(f'{impl!r}: {e}') from e
 
 
 def _block_sizes(d, dtype):
@@ -143,7 +138,7 @@ def _attention_fn(impl, meta, d, dtype):
     return lambda q, k, v: xla.attention_xla(q, k, v, meta, meta, scale=scale,
                                              q_tile=_Q_TILE.value)
   if impl.split('+')[0] == 'pallas':
-    bs = dataclasses.replace(_block_sizes(d, dtype), **_impl_fields(impl))
+    bs = _block_sizes(d, dtype).with_fields(_impl_fields(impl))
     return lambda q, k, v: pallas.attention_pallas(q, k, v, meta, meta, scale=scale,
                                                    block_sizes=bs,
                                                    interpret=_CPU_SMOKE.value)

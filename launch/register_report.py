@@ -9,7 +9,6 @@ one launch for a CUDA architecture with the installed Triton and assembles it wi
 Triton ships.
 """
 import contextlib
-import dataclasses
 import functools
 import re
 import subprocess
@@ -141,8 +140,8 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
 
 
 def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):
-  """The Pallas attention kernels' launches (forward, dq, dk/dv; `options`: BlockSizes flags to
-  turn on) for one forward + backward of causal attention over [B, T, H, D] queries and Hkv
+  """The Pallas attention kernels' launches (forward, dq, dk/dv; `options`: BlockSizes fields,
+  'FIELD[=N]' each, see `BlockSizes.with_fields`) for one forward + backward of causal attention over [B, T, H, D] queries and Hkv
   key/value heads (BlockSizes for `device_kind`). The mask is read from metadata inside the
   kernels, so the causal case compiles the same kernels as the two-stream one."""
   spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
@@ -151,8 +150,8 @@ def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):
     pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = attention_mask.clean_meta(jnp.zeros((b, t), jnp.int32), pos)
     dp = max(16, backend.next_pow2(d))
-    bs = dataclasses.replace(attention_pallas.BlockSizes.get_default(dp, dtype, device_kind),
-                             **{o: True for o in options})
+    bs = attention_pallas.BlockSizes.get_default(dp, dtype, device_kind).with_fields(
+        '+'.join(options))
     return _vjp_of(lambda *x: attention_pallas.attention_pallas(
         *x, meta, meta, block_sizes=bs, interpret=False))(q, k, v)
 

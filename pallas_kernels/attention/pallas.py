@@ -110,6 +110,25 @@ class BlockSizes:
     return (self.block_q, self.block_k, self.block_q_dq, self.block_k_dq, self.block_q_dkv,
             self.block_k_dkv)
 
+  def with_fields(self, spec: str) -> 'BlockSizes':
+    """These sizes with fields set by 'FIELD[=N]+...' (the benches' and tests' syntax): a bare
+    FIELD turns a flag on, FIELD=N sets a number or, for a flag, N != 0; '' changes nothing.
+
+    Raises:
+      ValueError: a name that is not a field, or N not an integer.
+    """
+    fields = {f.name for f in dataclasses.fields(self)}
+    changes = {}
+    for part in filter(None, spec.split('+')):
+      name, eq, value = part.partition('=')
+      if name not in fields:
+        raise ValueError(f'BlockSizes has no field {name!r} (fields: {", ".join(sorted(fields))})')
+      if eq and not value.lstrip('-').isdigit():
+        raise ValueError(f'{part!r}: the value must be an integer')
+      number = int(value) if eq else 1
+      changes[name] = bool(number) if isinstance(getattr(self, name), bool) else number
+    return dataclasses.replace(self, **changes)
+
 
 def unsupported_reason(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
   """Why the kernels cannot take these inputs (the api then falls back to xla), or None."""

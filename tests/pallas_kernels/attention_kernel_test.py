@@ -178,6 +178,19 @@ def test_dkdv_per_query_head_matches_xla(rng, block_k_dkv):
   _assert_matches_xla(q, k, v, do, q_meta, k_meta, 'cache', block_sizes=per_head)
 
 
+
+def test_block_sizes_with_fields_parses_the_bench_syntax():
+  """'FIELD[=N]+...' as bench_attention rows, kernel_registers and the GPU tests write it."""
+  base = pallas.BlockSizes.get_default(256, jnp.bfloat16)
+  assert base.dkdv_per_q_head and base.with_fields('') == base
+  grouped = base.with_fields('dkdv_per_q_head=0+block_k_dkv=32+num_stages=3')
+  assert grouped == dataclasses.replace(base, dkdv_per_q_head=False, block_k_dkv=32, num_stages=3)
+  assert grouped.with_fields('dkdv_per_q_head').dkdv_per_q_head is True
+  with pytest.raises(ValueError, match="no field 'block_kv'"):
+    base.with_fields('block_kv=32')
+  with pytest.raises(ValueError, match='must be an integer'):
+    base.with_fields('block_k_dkv=x')
+
 @pytest.mark.parametrize('views, t, d', [(1, 21, 16), (2, 13, 12)], ids=['v1', 'v2'])
 def test_two_stream_rows(rng, views, t, d):
   """Two-stream rows from the layout code, block sizes 1..4, packed documents, with and without
@@ -374,13 +387,11 @@ GPU_LIMITS = {'o': 5e-3, 'dq': 1e-2, 'dk': 1e-2, 'dv': 1e-2}
 
 @functools.partial(jax.jit, static_argnames=('impl',))
 def _gpu_vjp(q, k, v, q_meta, k_meta, do, *, impl):
-  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+FLAG' / 'pallas+FLAG=0' (default tiles with
-  that BlockSizes flag on / off)."""
+  """impl: 'xla', 'pallas' (api dispatch) or 'pallas+FIELD[=N]...' (default tiles with those
+  BlockSizes fields, `BlockSizes.with_fields`)."""
   fn = functools.partial(api.attention, q_meta=q_meta, k_meta=k_meta, implementation=impl)
   if impl.startswith('pallas+'):
-    name, _, value = impl.split('+')[1].partition('=')
-    bs = dataclasses.replace(pallas.BlockSizes.get_default(q.shape[-1], q.dtype),
-                             **{name: value != '0'})
+    bs = pallas.BlockSizes.get_default(q.shape[-1], q.dtype).with_fields(impl.partition('+')[2])
     fn = functools.partial(pallas.attention_pallas, q_meta=q_meta, k_meta=k_meta, block_sizes=bs)
   o, vjp = jax.vjp(fn, q, k, v)
   return o, vjp(do.astype(o.dtype))
