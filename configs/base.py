@@ -27,8 +27,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.kernels = mlc.ConfigDict()
   c.kernels.gdn = 'auto'  # 'auto' (triton on GPU, else xla) | 'xla' | 'pallas' | 'triton'
   c.kernels.attn = 'auto'  # 'auto' (pallas on GPU, else xla) | 'xla' | 'pallas'
-  # Backward of the two-stream short conv + SiLU: 'autodiff' | 'manual' (hand-written, opt-in)
-  c.kernels.gdn_conv_backward = 'autodiff'
+  # Backward of the two-stream short conv + SiLU: 'manual' (hand-written) | 'autodiff'
+  c.kernels.gdn_conv_backward = 'manual'
 
   # --- objective ---
   c.objective = mlc.ConfigDict()

@@ -34,9 +34,9 @@ _SCHEDULES = flags.DEFINE_list(
     'unit of the (1 + V) x clean-pass target; or both:<schedule>: the whole two-stream pass, '
     'clean and noisy outputs as the model computes them (two_stream_delta_rule: one clean pass '
     'for both under the triton schedules); or conv: the model\'s short causal convs of both '
-    'streams with their SiLU (gated_deltanet.two_stream_conv_silu; XLA, autodiff\'s backward as '
-    'the model\'s default), on q|k|v as the conv channels; conv_manual: the same with the '
-    'opt-in hand-written backward.')
+    'streams with their SiLU (gated_deltanet.two_stream_conv_silu; XLA, with the hand-written '
+    'backward, the model\'s default), on q|k|v as the conv channels; conv_autodiff: the same '
+    'with autodiff\'s backward.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows.')
 _SEQ = flags.DEFINE_integer('seq', None, 'Slots per stream T (default: 4096 on GPU, 256 on CPU).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views.')
@@ -146,8 +146,8 @@ def _run_child(schedule: str) -> None:
   elif schedule == 'clean':
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
-  elif schedule in (schedule_cases.CONV, schedule_cases.CONV_MANUAL):
-    backward = 'manual' if schedule == schedule_cases.CONV_MANUAL else 'autodiff'
+  elif schedule in (schedule_cases.CONV, schedule_cases.CONV_AUTODIFF):
+    backward = 'autodiff' if schedule == schedule_cases.CONV_AUTODIFF else 'manual'
     f = lambda c, n: _convs(c, n, seg, starts, backward)
   elif schedule.startswith(schedule_cases.WHOLE_PASS):  # both outputs, as the model has them
     f = lambda c, n: two_stream_gdn.two_stream_delta_rule(

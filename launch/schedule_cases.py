@@ -6,7 +6,7 @@ from launch import bench_util
 
 WHOLE_PASS = 'both:'  # schedule prefix: clean and noisy outputs in one timed call
 CONV = 'conv'  # not a schedule: the model's short convs of both streams, timed beside them
-CONV_MANUAL = 'conv_manual'  # the same with the opt-in hand-written backward
+CONV_AUTODIFF = 'conv_autodiff'  # the same with autodiff's backward (the manual one's oracle)
 
 
 def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
@@ -47,7 +47,7 @@ def table(results: list[dict], baseline: str) -> str:
 
     def vs_clean(m):  # a noisy-only schedule's time is added to the clean pass's
       x, c = ms(r, m), ms(clean, m)
-      if x is None or not c or r['schedule'] in ('clean', CONV, CONV_MANUAL):
+      if x is None or not c or r['schedule'] in ('clean', CONV, CONV_AUTODIFF):
         return '-'
       whole = x if r['schedule'].startswith(WHOLE_PASS) else c + x
       return f"{whole / ((1 + r['V']) * c):.2f}"

@@ -46,7 +46,7 @@ class ModelConfig:
   gdn_impl: str | None = None  # None | 'xla' | 'pallas' | 'triton' (None: best for the backend)
   attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
   # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
-  gdn_conv_backward: str = 'autodiff'  # GDN_CONV_BACKWARDS
+  gdn_conv_backward: str = 'manual'  # GDN_CONV_BACKWARDS
   gdn_chunk_size: int = 64
   attn_q_tile: int = 512  # query tile of the XLA attention path (memory O(tile x keys))
   remat: str = 'none'  # 'none' | 'block' (rematerialise each block in the backward)

@@ -252,10 +252,10 @@ def test_two_stream_conv_silu_backward_equals_autodiff(rng, views, dtype, tol):
   w = jnp.asarray(rng.normal(size=(kc, c)), dtype)
   dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
   seg = jnp.asarray(seg)
-  plain = lambda x_, w_: gated_deltanet.two_stream_conv_silu(x_, w_, seg, starts, views)
-  fused = lambda x_, w_: gated_deltanet.two_stream_conv_silu(x_, w_, seg, starts, views,
-                                                             backward='manual')
-  y, pull = jax.vjp(fused, x, w)
+  conv = lambda backward: lambda x_, w_: gated_deltanet.two_stream_conv_silu(
+      x_, w_, seg, starts, views, backward=backward)
+  plain, manual = conv('autodiff'), conv('manual')
+  y, pull = jax.vjp(manual, x, w)
   y_ref, pull_ref = jax.vjp(plain, x, w)
   assert y.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
