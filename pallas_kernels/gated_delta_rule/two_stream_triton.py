@@ -44,14 +44,17 @@ def kernel_backward_takes(max_block: int, dtype, k_dim: int) -> bool:
 
 
 def forward_launch(dtype, max_block: int) -> tuple[int, int]:
-  """(V tile, warps) of the fused forward. H200, T = 4096, H = 16, K = V = 128, bf16, block 4,
-  V = 2 (bench_schedules --noisy_block_v/--noisy_warps): V tile 128 at 8 warps 1.82 ms, at 4
-  2.02 ms; 64 at 4 warps 2.47 ms, at 8 2.89 ms. ptxas (sm_90a, launch.kernel_registers) rules
-  out 128 for 32-row tiles (32 registers, 16 KB spilled per thread) and for fp32 (272 KiB of
-  shared memory)."""
+  """(V tile, warps) of the fused forward. H200, T = 4096, H = 16, K = V = 128, bf16 (bf16
+  products), V = 2, bench_schedules --schedules=triton --modes=fwd --noisy_block_v/--noisy_warps,
+  back to back, 2026-12-02: V tile 128 at 4 warps 0.94 ms, at 8 1.16; 64 at 4 warps 1.26, at 8
+  1.68; 32 at 2 warps 1.46, at 4 1.84 (block 4); 128 at 4 / 8 warps 0.94 / 1.15 at block 1,
+  0.94 / 1.17 at block 16, 0.63 / 0.77 at block 8 with one view (128 at 4 warps: 255 registers,
+  216 B spilled per thread, by launch.kernel_registers; still the fastest). ptxas (sm_90a,
+  launch.kernel_registers) rules out 128 for 32-row tiles (32 registers, 16 KB spilled per
+  thread) and for fp32 (272 KiB of shared memory)."""
   rows = tsp.row_tile(max_block)
   if jnp.dtype(dtype).itemsize == 2 and rows <= 16:
-    return 128, 8
+    return 128, 4
   return 64, tsp.forward_num_warps(rows)
 
 try:  # Only the GPU machine (or a CPU test with Triton's interpreter) has triton.
