@@ -71,12 +71,12 @@ def two_stream_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, block_st
 
 def two_stream_conv_silu(x: jax.Array, w: jax.Array, segment_ids: jax.Array,
                          block_starts: jax.Array, num_views: int,
-                         backward: str = 'manual') -> jax.Array:
+                         backward: str) -> jax.Array:
   """silu(two_stream_conv(...)), fp32. (Rounding it to a bf16 model's dtype here, as HF's conv1d +
   SiLU do, tripled the bf16 model's worst gradient error against the fp32 model on XLA:CPU, at
   A_log and dt_bias: 6.0e-2 against 2.1e-2, T = 256, K = 32; the fp32 output stays.)
 
-  backward: 'manual' (`_conv_silu_bwd`, the default): the conv is recomputed from x, each
+  backward: 'manual' (`_conv_silu_bwd`, ModelConfig's default): the conv is recomputed from x, each
   stream's input gradient is one sum of shifted taps accumulated in fp32 and rounded once, the
   taps' gradient one reduction per tap; or 'autodiff' (its oracle in the tests), which rounds
   each tap's contribution to x's dtype before summing them, and whose [B, (1+V)T, C] gradient
