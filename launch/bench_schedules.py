@@ -59,6 +59,9 @@ _NOISY_BLOCK_V = flags.DEFINE_integer(
     'noisy_block_v', 0, 'Sweep override: the fused forwards\' V tile (0: forward_launch).')
 _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
+_NOISY_BWD_LAUNCH = flags.DEFINE_string(
+    'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' 'V tile,warps' for "
+    "16-bit inputs (empty: two_stream_triton's default).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
@@ -117,10 +120,13 @@ def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps: replace the fused forwards' launch defaults in this child
-  process before anything is traced (a sweep, not a setting)."""
+  """--noisy_block_v / --noisy_warps / --noisy_bwd_launch: replace the fused kernels' launch
+  defaults in this child process before anything is traced (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
+  if _NOISY_BWD_LAUNCH.value:
+    block_v, warps = (int(x) for x in _NOISY_BWD_LAUNCH.value.split(','))
+    two_stream_triton.BWD_LAUNCH['bf16'] = (block_v, warps)
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (
@@ -164,7 +170,8 @@ def _run_child(schedule: str) -> None:
   fns = dict(fwd=f, fwdbwd=jax.value_and_grad(loss, argnums=(0, 1)))
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
-             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None)
+             noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
+             noisy_bwd_launch=_NOISY_BWD_LAUNCH.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()

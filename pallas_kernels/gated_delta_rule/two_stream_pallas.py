@@ -379,15 +379,16 @@ def _from_windows(o, group, c, t, vd):
   return o[:, :, :t, :, :vd]
 
 
-def _overlap_add(x, c, t):
-  """Window rows [B, V, N, S + C + S, ...] (row r of window n is slot nC + r - S) -> slots
-  [B, V, T, ...], summed where windows overlap."""
+def _overlap_add(x, c, t, front):
+  """Window rows [B, V, N, front + C + S, ...] (row r of window n is slot nC + r - front; front is
+  0 or S) -> slots [B, V, T, ...], summed where windows overlap."""
   b, nv, n, rows = x.shape[:4]
-  s = (rows - c) // 2
+  s = rows - c - front
   rest = ((0, 0),) * (x.ndim - 4)
-  head = jnp.pad(x[:, :, 1:, :s], ((0, 0), (0, 0), (0, 1), (c - s, 0)) + rest)  # chunk n's end
-  tail = jnp.pad(x[:, :, :-1, s + c:], ((0, 0), (0, 0), (1, 0), (0, c - s)) + rest)  # its start
-  y = x[:, :, :, s:s + c] + head + tail
+  y = x[:, :, :, front:front + c]
+  if front:  # chunk n's last rows, in window n + 1's front tile
+    y = y + jnp.pad(x[:, :, 1:, :front], ((0, 0), (0, 0), (0, 1), (c - front, 0)) + rest)
+  y = y + jnp.pad(x[:, :, :-1, front + c:], ((0, 0), (0, 0), (1, 0), (0, c - s)) + rest)
   return y.reshape((b, nv, n * c) + x.shape[4:])[:, :, :t]
 
 
@@ -431,30 +432,35 @@ class BackwardOperands(NamedTuple):
   """What a backward kernel reads (see `backward_operands`) and what its sums need."""
 
   z: _Sizes
-  noisy: tuple  # q, k, v, g, beta [B, V, S + Tp, ...] (a zero tile in front)
-  meta: tuple  # block start, seed, lo, carry [B, S + Tp]
+  noisy: tuple  # q, k, v, g, beta [B, V, front + Tp, ...]
+  meta: tuple  # block start, seed, lo, carry [B, front + Tp]
   ctx: tuple  # clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV], h [B, N, HV, Kp, Vp]
-  do: jax.Array  # window cotangents [B, V, N, S + C + S, HV, Vp] (a zero tile in front)
+  do: jax.Array  # window cotangents [B, V, N, front + C + S, HV, Vp]
   clean_vjp: object  # pullback of the clean pass
+  front: int  # zero rows in front of every noisy row and window: S, or 0 (`backward_operands`)
 
 
 def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                      block_v, clean_family=None, interpret=False) -> BackwardOperands:
+                      block_v, clean_family=None, interpret=False, *, front_tile=True,
+                      keep_dtype=False) -> BackwardOperands:
   """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
-  `_clean_pass`'s family), padded operands (`_operands`, fp32), and the window
-  cotangents (the transpose of the slot selection), with a tile of zero rows in front of every
-  noisy row and window (the tile before the first)."""
+  `_clean_pass`'s family), padded operands (`_operands`, fp32 unless keep_dtype), and the window
+  cotangents (the transpose of the slot selection); with front_tile, a tile of zero rows in front
+  of every noisy row and window (the tile before the first)."""
   b, nv, t, _, kd = noisy[0].shape
   vd = clean[2].shape[3]
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
   s, c, wd = z.s, z.c, z.c + z.s
   ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, c, clean_family, interpret),
                            clean)
-  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z)
+  noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z,
+                                          keep_dtype)
   hv = clean[2].shape[2]
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
   (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(
       do.astype(_F32))
+  if not front_tile:
+    return BackwardOperands(z, noisy_p, meta, ctx_p, do_w, clean_vjp, 0)
 
   def front(x, axis, fill=0):
     return jnp.pad(x, [(s, 0) if a == axis else (0, 0) for a in range(x.ndim)],
@@ -462,16 +468,16 @@ def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, m
 
   return BackwardOperands(z, tuple(front(x, 2) for x in noisy_p),
                           tuple(front(x, 1, fill) for x, fill in zip(meta, (-1, 0, _FAR, -1))),
-                          ctx_p, front(do_w, 3), clean_vjp)
+                          ctx_p, front(do_w, 3), clean_vjp, s)
 
 
 def backward_shapes(ops: BackwardOperands, b, nv, hv):
-  """Output avals of a backward kernel: per window (row r is window row r - S) dq, dk
-  [.., S + C + S, HV, NVT, Kp], dv [.., HV, Vp], dg, dbeta [.., HV, NVT]; clean sums dkc
+  """Output avals of a backward kernel: per window (row r is window row r - front) dq, dk
+  [.., front + C + S, HV, NVT, Kp], dv [.., HV, Vp], dg, dbeta [.., HV, NVT]; clean sums dkc
   [B, V, N C, HV, NVT, Kp], dvc [B, V, N C, HV, Vp], dgc [B, V, N C, HV, NVT], dh
   [B, V, N, HV, Kp, Vp] (NVT = V tiles)."""
   z = ops.z
-  rows, nvt = z.s + z.c + z.s, z.vdp // z.bv
+  rows, nvt = ops.front + z.c + z.s, z.vdp // z.bv
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, rows, hv) + tail, _F32)
   ctx_out = lambda *tail: jax.ShapeDtypeStruct((b, nv) + tail, _F32)
   return [win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt),
@@ -486,10 +492,9 @@ def backward_sums(ops: BackwardOperands, outs, clean, noisy):
   t, hq, kd = noisy[0].shape[2:]
   vd = clean[2].shape[3]
   c = ops.z.c
-  d_noisy = (_key_heads(_overlap_add(dq.sum(5), c, t), hq)[..., :kd],
-             _key_heads(_overlap_add(dk.sum(5), c, t), hq)[..., :kd],
-             _overlap_add(dv, c, t)[..., :vd], _overlap_add(dg.sum(5), c, t),
-             _overlap_add(db.sum(5), c, t))
+  add = lambda x: _overlap_add(x, c, t, ops.front)
+  d_noisy = (_key_heads(add(dq.sum(5)), hq)[..., :kd], _key_heads(add(dk.sum(5)), hq)[..., :kd],
+             add(dv)[..., :vd], add(dg.sum(5)), add(db.sum(5)))
   d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
   (d_clean,) = ops.clean_vjp(d_ctx)
   dkc = _key_heads(dkc.sum((1, 4)), hq)[:, :t, :, :kd]

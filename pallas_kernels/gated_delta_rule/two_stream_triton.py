@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
+from pallas_kernels.gated_delta_rule import two_stream_xla
 
 _F32 = jnp.float32
 # The backward kernel's products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs. Its
@@ -31,7 +32,7 @@ _F32 = jnp.float32
 # 16 / 32 / 64 and 32-row tiles 156 KiB at 32; with fp32 operands (TF32, as all dtypes were
 # before), 16-row tiles took 202 KiB at 16 and 236 at 32, and 32-row tiles 244-364 KiB.
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
-_BWD_BLOCK_V = {'bf16': 32, 'tf32x3': 16}
+BWD_LAUNCH = {'bf16': (128, 8), 'tf32x3': (32, 8)}  # (V tile, warps)
 MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
 MAX_FP32_KERNEL_BACKWARD_K = 64
 
@@ -136,6 +137,37 @@ if triton is not None:
     return at_seed, e, coef
 
   @triton.jit
+  def _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col,
+               S: tl.constexpr, PREC: tl.constexpr):
+    """The blocks' WY step for one row tile, banded against the previous tile (`_p`; bs_p = -1
+    where there is none): in-block cumulative log-decay gam [S], decays d_ii [S, S] (causal, same
+    block) and d_ip [S, S] (against the previous tile), e^gam, and the rows of W [S, K], U [S, BV]
+    (kernels.md 6.1)."""
+    same = b_bs[:, None] == b_bs[None, :]
+    causal = same & (col <= row)
+    strict = same & (col < row)
+    same_p = b_bs[:, None] == bs_p[None, :]
+    gam = (tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
+           + tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1))
+    # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
+    d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+    d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+    a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
+    a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
+    t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
+    eg = tl.exp(gam)
+    w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
+    u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
+    return gam, d_ii, d_ip, eg, w, u
+
+  @triton.jit
+  def _seed_product(x, k_ctx, v_ctx, h_n, e, coef, PREC: tl.constexpr):
+    """Rows x [R, K] times their seed states (prefix identity): ((x Kc^T) * E) V' + coef (x h_n),
+    [R, BV]."""
+    return (_mm(_mm(x, tl.trans(k_ctx), PREC) * e, v_ctx, PREC)
+            + coef[:, None] * _mm(x, h_n, PREC))
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
@@ -165,31 +197,13 @@ if triton is not None:
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
           HQ, HV, K, VDP)
 
-      # The blocks' WY step, banded: this tile against itself and the previous tile.
-      same = b_bs[:, None] == b_bs[None, :]
-      causal = same & (col <= row)
-      strict = same & (col < row)
-      same_p = b_bs[:, None] == bs_p[None, :]
-      gam = (tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
-             + tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1))
-      # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
-      d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
-      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
-      a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
-      a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
-      t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
-      eg = tl.exp(gam)
-      w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
-      u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
-
+      gam, d_ii, d_ip, eg, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
+                                           w_p, u_p, row, col, S, PREC)
       # Rows times their seed state, from h_n and clean chunk n (prefix identity).
       _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
-      wk = _mm(w, tl.trans(k_ctx), PREC) * e
-      vn = u - (_mm(wk, v_ctx, PREC) + coef[:, None] * _mm(w, h_n, PREC))
+      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
       qe = b_q * eg[:, None]
-      qk_ctx = _mm(qe, tl.trans(k_ctx), PREC) * e
-      b_o = (_mm(qk_ctx, v_ctx, PREC)
-             + coef[:, None] * _mm(qe, h_n, PREC)
+      b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
              + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
              + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
       own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
@@ -202,167 +216,201 @@ if triton is not None:
 if triton is not None:
 
   @triton.jit
-  def _halves(x, S: tl.constexpr, X: tl.constexpr):
-    """[2S, X] -> its rows [0, S) and [S, 2S)."""
-    return tl.split(tl.permute(tl.reshape(x, (2, S, X)), (1, 2, 0)))
+  def _prev_rows(k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot, base, mbase, wrow, has_prev, kh, i_h,
+                 o_v, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr):
+    """The previous row tile's noisy k [S, K] and block starts, and its stored W [S, K], U, V'
+    [S, BV] and gam [S]; zeros (block starts -1) where has_prev is false (the window's first
+    tile)."""
+    o_k = tl.arange(0, K)
+    tok = base + slot
+    mslot = (mbase + slot).to(tl.int64)
+    m = has_prev & (slot >= 0)
+    k_p = tl.load(k + (tok * HQ + kh)[:, None] * K + o_k[None, :], mask=m[:, None],
+                  other=0.0).to(tl.float32)
+    bs_p = tl.load(bsl + mslot, mask=m, other=-1)
+    w_p = tl.load(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :], mask=m[:, None], other=0.0)
+    p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+    u_p = tl.load(wy_u + p_v, mask=m[:, None], other=0.0)
+    vn_p = tl.load(wy_vn + p_v, mask=m[:, None], other=0.0)
+    gam_p = tl.load(wy_gam + wrow * HV + i_h, mask=m, other=0.0)
+    return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
-  def _halves1(x, S: tl.constexpr):
-    """[2S] -> its entries [0, S) and [S, 2S)."""
-    return tl.split(tl.trans(tl.reshape(x, (2, S))))
+  def noisy_wy_kernel(k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h,
+                      wy_w, wy_u, wy_vn, wy_gam,
+                      NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                      TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                      C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                      PREC: tl.constexpr):
+    """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
+    WY step again, storing every window row's W [K], U, V' [BV] and gam (window layout
+    [B, V, N, C + S, HV, ...]; W and gam by the first V tile) for `noisy_bwd_kernel`."""
+    n = tl.program_id(0)
+    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    ipos = n * C + tl.arange(0, C)
+    row = o_s[:, None]
+    col = o_s[None, :]
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    k_p = tl.zeros([S, K], dtype=tl.float32)
+    w_p = tl.zeros([S, K], dtype=tl.float32)
+    u_p = tl.zeros([S, BV], dtype=tl.float32)
+    g_p = tl.zeros([S], dtype=tl.float32)
+    gam_p = tl.zeros([S], dtype=tl.float32)
+    bs_p = tl.full([S], -1, dtype=tl.int32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      _, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+          k, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
+          HQ, HV, K, VDP)
+      gam, _, _, _, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p, w_p, u_p,
+                                    row, col, S, PREC)
+      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
+      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
+      wrow = wbase + i * S + o_s
+      first = (o_s >= 0) & (i_e == 0)
+      tl.store(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :], w, mask=first[:, None])
+      tl.store(wy_gam + wrow * HV + i_h, gam, mask=first)
+      p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+      tl.store(wy_u + p_v, u)
+      tl.store(wy_vn + p_v, vn)
+      k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
 
   @triton.jit
-  def _cross_bwd(x, xk, xh, dy, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC: tl.constexpr):
-    """Backward of cross(X) = ((X Kc^T) * E) V' + coef (X h) for the cotangent dy [R, BV]:
-    (dX [R, K], dKc [C, K], dV' [C, BV], dG [C], dh [K, BV]); xk = X Kc^T, xh = X h."""
-    dye = _mm(dy, tl.trans(v_ctx), PREC) * e
-    dx = (_mm(dye, k_ctx, PREC)
-          + coef[:, None] * _mm(dy, tl.trans(h_n), PREC))
-    pe = dye * xk  # d/d(G_seed - G_i) of the local terms
-    dseed = tl.sum(pe, axis=1) + coef * tl.sum(dy * xh, axis=1)  # d/dG_seed
-    d_g = tl.sum(tl.where(at_seed, dseed[:, None], 0.0), axis=0) - tl.sum(pe, axis=0)
-    d_kc = _mm(tl.trans(dye), x, PREC)
-    d_vc = _mm(tl.trans(xk * e), dy, PREC)
-    d_h = _mm(tl.trans(x), dy * coef[:, None], PREC)
-    return dx, d_kc, d_vc, d_g, d_h
-
-  @triton.jit
-  def noisy_bwd_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
-                       dq, dk, dv, dg, db, dkc, dvc, dgc, dh,
+  def noisy_bwd_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h,
+                       wy_w, wy_u, wy_vn, wy_gam, do,
+                       dq, dk, dv, dg, db, dvn_out, dseed_out,
                        NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                       TPF: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
                        C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
                        SCALE: tl.constexpr, PREC: tl.constexpr):
-    """Gradients of one window of one (batch, value head, view, V tile), kernels.md 6.2 (the
-    Pallas `_noisy_bwd_kernel`'s algorithm; layouts in `two_stream_pallas.backward_shapes`).
-    Step i rebuilds the WY step of row tiles (i - 1, i) as one 2S-row system and backpropagates
-    tile i's output cotangent through it; tile i - 1 is then complete and stored."""
+    """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
+    backwards: one reverse-mode step of the forward's tile recurrence per tile, with the stored
+    W, U, V', gam (`noisy_wy_kernel`) and cotangents carried to the previous tile (of its W, U, V',
+    k and gam, through the banded terms). Writes per window row dq, dk [.., NVT, K], dv [.., BV],
+    dg, dbeta [.., NVT] (partial sums over this V tile's columns where V is contracted), the
+    corrected values' cotangent dV' [.., BV] and the seed log-decay's cotangent from the
+    checkpoint terms [.., NVT]; the clean context's gradients are formed from these outside
+    (`_context_gradients`)."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
-    R: tl.constexpr = 2 * S
-    ROWS: tl.constexpr = S + N_TILES * S
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C)
-    o_r = tl.arange(0, R)
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_s = tl.arange(0, S)
-    o_c = tl.arange(0, C)
     o_k = tl.arange(0, K)
-    ipos = n * C + o_c
-    row = o_r[:, None]
-    col = o_r[None, :]
-    in_tile = o_r >= S  # rows of tile i: only their outputs are backpropagated
-    base = ((i_b * NV + i_u) * TPF).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * ROWS).to(tl.int64)
-    acc_dq = tl.zeros([S, K], dtype=tl.float32)
-    acc_dk = tl.zeros([S, K], dtype=tl.float32)
-    acc_dv = tl.zeros([S, BV], dtype=tl.float32)
-    acc_dg = tl.zeros([S], dtype=tl.float32)
-    acc_db = tl.zeros([S], dtype=tl.float32)
-    s_dkc = tl.zeros([C, K], dtype=tl.float32)
-    s_dvc = tl.zeros([C, BV], dtype=tl.float32)
-    s_dgc = tl.zeros([C], dtype=tl.float32)
-    s_dh = tl.zeros([K, BV], dtype=tl.float32)
-    for i in range(N_TILES):
-      slot = n * C + i * S + o_r  # front-padded slots of tiles (i - 1, i)
-      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPF, kh, i_h, o_v,
+    ipos = n * C + tl.arange(0, C)
+    row = o_s[:, None]
+    col = o_s[None, :]
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    # Cotangents carried from tile i + 1 into tile i (of its V', U, W, k and gam), and tile i + 1's
+    # gam cotangent and block starts (its rows' gam sum g of this tile's rows in their block).
+    c_dvn = tl.zeros([S, BV], dtype=tl.float32)
+    c_du = tl.zeros([S, BV], dtype=tl.float32)
+    c_dw = tl.zeros([S, K], dtype=tl.float32)
+    c_dk = tl.zeros([S, K], dtype=tl.float32)
+    c_dgam = tl.zeros([S], dtype=tl.float32)
+    nx_dgam = tl.zeros([S], dtype=tl.float32)
+    nx_bs = tl.full([S], -1, dtype=tl.int32)
+    for j in range(N_TILES):
+      i = N_TILES - 1 - j
+      slot = n * C + i * S + o_s
+      b_q, b_k, b_v, _, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
           HQ, HV, K, VDP)
-      wrow = wbase + i * S + o_r
-      b_do = tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
-      dos = SCALE * tl.where(in_tile[:, None], b_do, 0.0)
+      wrow = wbase + i * S + o_s
+      p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+      w = tl.load(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :])
+      u = tl.load(wy_u + p_v)
+      vn = tl.load(wy_vn + p_v)
+      gam = tl.load(wy_gam + wrow * HV + i_h)
+      k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
+          k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, wrow - S, i > 0, kh,
+          i_h, o_v, HQ, HV, K, VDP)
+      dos = SCALE * tl.load(do + p_v)
 
-      # Stage 1: the WY step and the seed products of both tiles.
+      # The tile's forward quantities again (the WY step, from the stored gam).
       same = b_bs[:, None] == b_bs[None, :]
       causal = same & (col <= row)
       strict = same & (col < row)
-      gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
-      dmat = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+      same_p = b_bs[:, None] == bs_p[None, :]
+      d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
       kk = _mm(b_k, tl.trans(b_k), PREC)
+      kkp = _mm(b_k, tl.trans(k_p), PREC)
       qk = _mm(b_q, tl.trans(b_k), PREC)
-      a = tl.where(strict, b_beta[:, None] * kk * dmat, 0.0)
-      t = gdr_triton.ut_inverse(a, R, 'tf32x3')
+      qkp = _mm(b_q, tl.trans(k_p), PREC)
+      a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
+      a_ip = b_beta[:, None] * kkp * d_ip
+      t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
-      kb = b_k * (b_beta * eg)[:, None]
-      vb = b_v * b_beta[:, None]
-      w = _mm(t, kb, PREC)
       qe = b_q * eg[:, None]
-      at_seed, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
-      wk = _mm(w, tl.trans(k_ctx), PREC)
-      wh = _mm(w, h_n, PREC)
-      vn = (_mm(t, vb, PREC) - _mm(wk * e, v_ctx, PREC)
-            - coef[:, None] * wh)
+      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
 
-      # Stage 2: the intra-block output term O += (Q K^T * D) V_new.
-      dvn = _mm(tl.trans(qk * dmat), dos, PREC)
-      ds = _mm(dos, tl.trans(vn), PREC) * dmat
-      b_dq = _mm(ds, b_k, PREC)
-      b_dk = _mm(tl.trans(ds), b_q, PREC)
-      m = ds * qk
-      dgam = tl.sum(m, axis=1) - tl.sum(m, axis=0)
-
-      # Stage 3: the seed products, for X = e^G Q (cotangent dO) and X = W (cotangent -dV_new).
-      dqe, kc_q, vc_q, gc_q, h_q = _cross_bwd(
-          qe, _mm(qe, tl.trans(k_ctx), PREC),
-          _mm(qe, h_n, PREC), dos, e, coef, at_seed, k_ctx, v_ctx, h_n, PREC)
-      dw, kc_w, vc_w, gc_w, h_w = _cross_bwd(w, wk, wh, -dvn, e, coef, at_seed, k_ctx, v_ctx,
-                                             h_n, PREC)
-      s_dkc += kc_q + kc_w
-      s_dvc += vc_q + vc_w
-      s_dgc += gc_q + gc_w
-      s_dh += h_q + h_w
+      # O = scale [seed(e^gam Q) + (Q K^T * D_ii) V' + (Q K_p^T * D_ip) V'_p].
+      dvn = _mm(tl.trans(qk * d_ii), dos, PREC) + c_dvn
+      ds_ii = _mm(dos, tl.trans(vn), PREC) * d_ii
+      ds_ip = _mm(dos, tl.trans(vn_p), PREC) * d_ip
+      b_dq = _mm(ds_ii, b_k, PREC) + _mm(ds_ip, k_p, PREC)
+      b_dk = _mm(tl.trans(ds_ii), b_q, PREC) + c_dk
+      m_ii = ds_ii * qk
+      m_ip = ds_ip * qkp
+      dgam = tl.sum(m_ii, axis=1) - tl.sum(m_ii, axis=0) + tl.sum(m_ip, axis=1) + c_dgam
+      n_dvn = _mm(tl.trans(qkp * d_ip), dos, PREC)
+      n_dk = _mm(tl.trans(ds_ip), b_q, PREC)
+      n_dgam = -tl.sum(m_ip, axis=0)
+      # The seed products: of e^gam Q (cotangent dO) and of W (V' = U - seed(W): cotangent -dV').
+      dos_h = _mm(dos, tl.trans(h_n), PREC)
+      dqe = _mm(_mm(dos, tl.trans(v_ctx), PREC) * e, k_ctx, PREC) + coef[:, None] * dos_h
       b_dq += dqe * eg[:, None]
       dgam += tl.sum(dqe * qe, axis=1)
+      dvn_h = _mm(dvn, tl.trans(h_n), PREC)
+      dw = c_dw - (_mm(_mm(dvn, tl.trans(v_ctx), PREC) * e, k_ctx, PREC)
+                   + coef[:, None] * dvn_h)
+      dseed_h = coef * (tl.sum(qe * dos_h, axis=1) - tl.sum(w * dvn_h, axis=1))
+      du = dvn + c_du
+      # The WY step: W = T (diag(beta e^gam) K - A_ip W_p), U = T (diag(beta) V - A_ip U_p),
+      # T = (I + A_ii)^-1: dA = -T^T dX X^T for each solved X.
+      rw = _mm(tl.trans(t_ii), dw, PREC)
+      ru = _mm(tl.trans(t_ii), du, PREC)
+      n_dw = -_mm(tl.trans(a_ip), rw, PREC)
+      n_du = -_mm(tl.trans(a_ip), ru, PREC)
+      da_ii = tl.where(strict, -(_mm(rw, tl.trans(w), PREC) + _mm(ru, tl.trans(u), PREC)), 0.0)
+      da_ip = tl.where(same_p, -(_mm(rw, tl.trans(w_p), PREC) + _mm(ru, tl.trans(u_p), PREC)),
+                       0.0)
+      dkk = da_ii * d_ii * b_beta[:, None]
+      b_dk += _mm(dkk, b_k, PREC) + _mm(tl.trans(dkk), b_k, PREC)
+      dkkp = da_ip * d_ip * b_beta[:, None]
+      b_dk += _mm(dkkp, k_p, PREC)
+      n_dk += _mm(tl.trans(dkkp), b_k, PREC)
+      b_db = tl.sum(da_ii * d_ii * kk, axis=1) + tl.sum(da_ip * d_ip * kkp, axis=1)
+      p_ii = da_ii * a_ii
+      p_ip = da_ip * a_ip
+      dgam += tl.sum(p_ii, axis=1) - tl.sum(p_ii, axis=0) + tl.sum(p_ip, axis=1)
+      n_dgam -= tl.sum(p_ip, axis=0)
+      rk = tl.sum(rw * b_k, axis=1)
+      b_dk += rw * (b_beta * eg)[:, None]
+      b_db += rk * eg + tl.sum(ru * b_v, axis=1)
+      dgam += rk * b_beta * eg
+      b_dv = ru * b_beta[:, None]
+      # gam_r sums g over its block up to r: this tile's and the next tile's rows of the block.
+      b_dg = (tl.sum(tl.where(causal, dgam[:, None], 0.0), axis=0)
+              + tl.sum(tl.where(nx_bs[:, None] == b_bs[None, :], nx_dgam[:, None], 0.0), axis=0))
 
-      # Stage 4: the WY backward: W = T diag(beta e^Gam) K, U = T diag(beta) V, dU = dV_new.
-      tt = tl.trans(t)
-      dkb = _mm(tt, dw, PREC)
-      dvb = _mm(tt, dvn, PREC)
-      dkb_k = tl.sum(dkb * b_k, axis=1)
-      b_dk += dkb * (b_beta * eg)[:, None]
-      b_dv = dvb * b_beta[:, None]
-      b_db = dkb_k * eg + tl.sum(dvb * b_v, axis=1)
-      dgam += dkb_k * b_beta * eg
-      dt = (_mm(dw, tl.trans(kb), PREC)
-            + _mm(dvn, tl.trans(vb), PREC))
-      da = tl.where(strict, -_mm(_mm(tt, dt, PREC), tt,
-                                    PREC), 0.0)
-      dkk = da * dmat * b_beta[:, None]
-      b_dk += (_mm(dkk, b_k, PREC)
-               + _mm(tl.trans(dkk), b_k, PREC))
-      b_db += tl.sum(da * dmat * kk, axis=1)
-      m = dkk * kk
-      dgam += tl.sum(m, axis=1) - tl.sum(m, axis=0)
-      b_dg = tl.sum(tl.where(causal, dgam[:, None], 0.0), axis=0)
-
-      # Stage 5: tile i - 1 is complete: store it (window rows [iS, iS + S)); carry tile i.
-      orow = wbase + i * S + o_s
-      prev, cur = _halves(b_dq, S, K)
-      tl.store(dq + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], prev + acc_dq)
-      acc_dq = cur
-      prev, cur = _halves(b_dk, S, K)
-      tl.store(dk + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], prev + acc_dk)
-      acc_dk = cur
-      prev, cur = _halves(b_dv, S, BV)
-      tl.store(dv + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], prev + acc_dv)
-      acc_dv = cur
-      prev1, cur1 = _halves1(b_dg, S)
-      tl.store(dg + (orow * HV + i_h) * NVT + i_e, prev1 + acc_dg)
-      acc_dg = cur1
-      prev1, cur1 = _halves1(b_db, S)
-      tl.store(db + (orow * HV + i_h) * NVT + i_e, prev1 + acc_db)
-      acc_db = cur1
-    orow = wbase + N_TILES * S + o_s
-    tl.store(dq + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], acc_dq)
-    tl.store(dk + ((orow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], acc_dk)
-    tl.store(dv + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], acc_dv)
-    tl.store(dg + (orow * HV + i_h) * NVT + i_e, acc_dg)
-    tl.store(db + (orow * HV + i_h) * NVT + i_e, acc_db)
-    crow = ((i_b * NV + i_u) * N * C + n * C + o_c).to(tl.int64)
-    tl.store(dkc + ((crow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :], s_dkc)
-    tl.store(dvc + (crow * HV + i_h)[:, None] * VDP + o_v[None, :], s_dvc)
-    tl.store(dgc + (crow * HV + i_h) * NVT + i_e, s_dgc)
-    tl.store(dh + ((((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k)[:, None] * VDP
-             + o_v[None, :], s_dh)
+      p_k = ((wrow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :]
+      p_1 = (wrow * HV + i_h) * NVT + i_e
+      tl.store(dq + p_k, b_dq)
+      tl.store(dk + p_k, b_dk)
+      tl.store(dv + p_v, b_dv)
+      tl.store(dg + p_1, b_dg)
+      tl.store(db + p_1, b_db)
+      tl.store(dvn_out + p_v, dvn)
+      tl.store(dseed_out + p_1, dseed_h)
+      c_dvn, c_du, c_dw, c_dk, c_dgam = n_dvn, n_du, n_dw, n_dk, n_dgam
+      nx_dgam, nx_bs = dgam, b_bs
 
 
 # How the fused forward reads and multiplies 16-bit inputs, as measured on an H200 (bench_schedules,
@@ -415,25 +463,86 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return o[..., :vd]
 
 
+def _context_gradients(ops, wy_w, wy_gam, dvn, dseed_h, scale):
+  """Gradients of the clean context that the noisy windows read, from the window rows' seed
+  products x S(seed) (x = e^gam q with cotangent scale dO; x = W with cotangent -dV'):
+
+      sx = x Kc^T, z = dy V'^T;  dV' = (sx * E)^T dy;  dKc = (z * E)^T x;  dh = x^T (coef dy);
+      dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * E * sx)_ri,
+      dseed_r = sum_i (z * E * sx)_ri + dseed_h_r (the checkpoint terms, from the kernel),
+
+  as batched GEMMs over each window's 2 (C + S) rows. Returns backward_sums' dkc [B, 1, N C, HV,
+  1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1], dh [B, 1, N, HV, Kp, Vp]."""
+  z = ops.z
+  kc, vc, gc, h = ops.ctx
+  q = ops.noisy[0]
+  b, nv, _, hq, kp = q.shape
+  hv = vc.shape[2]
+  n, c, s = z.n, z.c, z.s
+  win = lambda x, axis: two_stream_xla.windows(x, axis, n, c, s, c + s)
+  q_w = jnp.repeat(win(q, 2), hv // hq, axis=4).astype(_F32)  # B V N W HV Kp
+  x = jnp.concatenate([q_w * jnp.exp(wy_gam)[..., None], wy_w], axis=3)  # B V N 2W HV Kp
+  dy = jnp.concatenate([scale * ops.do, -dvn], axis=3)  # B V N 2W HV Vp
+  seed, lo, carry = (win(m, 1) for m in ops.meta[1:])  # B N W
+  g_ctx = gc.reshape(b, n, c, hv)
+  ipos = (jnp.arange(n) * c)[:, None] + jnp.arange(c)  # N C
+  at_seed = ipos[None, :, None, :] == seed[..., None]  # B N W C
+  g_seed = jnp.sum(jnp.where(at_seed[..., None], g_ctx[:, :, None], 0.0), axis=3)  # B N W HV
+  local = (ipos[None, :, None, :] >= lo[..., None]) & (ipos[None, :, None, :] <= seed[..., None])
+  e = jnp.exp(jnp.where(local[..., None], g_seed[:, :, :, None] - g_ctx[:, :, None], -jnp.inf))
+  coef = jnp.where((carry == jnp.arange(n)[:, None])[..., None], jnp.exp(g_seed), 0.0)
+  e2 = jnp.concatenate([e, e], axis=2)[:, None]  # B 1 N 2W C HV
+  coef2 = jnp.concatenate([coef, coef], axis=2)[:, None, ..., None]  # B 1 N 2W HV 1
+  k_ctx = jnp.repeat(kc.reshape(b, n, c, hq, kp), hv // hq, axis=3).astype(_F32)  # B N C HV Kp
+  v_ctx = vc.reshape(b, n, c, hv, -1)
+  sx = jnp.einsum('bunrhk,bnchk->bunrch', x, k_ctx)
+  ze = jnp.einsum('bunrhv,bnchv->bunrch', dy, v_ctx) * e2
+  dvc = jnp.einsum('bunrch,bunrhv->bnchv', sx * e2, dy)
+  dkc = jnp.einsum('bunrch,bunrhk->bnchk', ze, x)
+  dh = jnp.einsum('bunrhk,bunrhv->bnhkv', x, dy * coef2)
+  pe = ze * sx  # B V N 2W C HV
+  pe_rows = jnp.sum(pe, axis=4)
+  dseed = pe_rows[:, :, :, :c + s] + pe_rows[:, :, :, c + s:] + jnp.sum(dseed_h, axis=-1)
+  dgc = jnp.einsum('bnrc,bunrh->bnch', at_seed.astype(_F32), dseed,
+                   precision=jax.lax.Precision.HIGHEST) - jnp.sum(pe, axis=(1, 3))
+  return (dkc.reshape(b, 1, n * c, hv, 1, kp), dvc.reshape(b, 1, n * c, hv, -1),
+          dgc.reshape(b, 1, n * c, hv, 1), dh[:, None])
+
+
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
               interpret):
-  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy)."""
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy).
+
+  Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam; `noisy_bwd_kernel`
+  walks each window's tiles backwards into the noisy inputs' gradients (per window row) and dV';
+  `_context_gradients` forms the clean context's. Plain JAX then sums windows, V tiles, views and
+  GQA heads and pulls the context gradients through the clean pass (`backward_sums`)."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
+  block_v, num_warps = BWD_LAUNCH[prec]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                              min(launch[0], _BWD_BLOCK_V[prec]), 'triton', interpret)
+                              block_v, 'triton', interpret, front_tile=False, keep_dtype=True)
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
-  outs = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
-      *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_bwd_kernel,
-      out_shape=tsp.backward_shapes(ops, b, nv, hv),
-      grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=8, num_stages=1,
-      NV=nv, HQ=hq, HV=hv, N=z.n, TPF=z.s + z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-      N_TILES=(z.c + z.s) // z.s, SCALE=scale, PREC=prec)
-  return tsp.backward_sums(ops, outs, clean, noisy)
+  nvt, wd = z.vdp // z.bv, z.c + z.s
+  win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
+  sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
+               N_TILES=wd // z.s, PREC=prec)
+  grid = (z.n, b * hv * nv * nvt)
+  call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
+  wy = call(*ops.noisy[1:], *ops.meta, *ops.ctx, kernel=noisy_wy_kernel,
+            out_shape=[win(z.kp), win(z.vdp), win(z.vdp), win()], grid=grid,
+            num_warps=num_warps, num_stages=1, **sizes)
+  dq, dk, dv, dg, db, dvn, dseed_h = call(
+      *ops.noisy, *ops.meta, *ops.ctx, *wy, ops.do, kernel=noisy_bwd_kernel,
+      out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt), win(z.vdp),
+                 win(nvt)],
+      grid=grid, num_warps=num_warps, num_stages=1, SCALE=scale, **sizes)
+  ctx_grads = _context_gradients(ops, wy[0], wy[3], dvn, dseed_h, scale)
+  return tsp.backward_sums(ops, (dq, dk, dv, dg, db) + ctx_grads, clean, noisy)
 
 
 _noisy = tsp.fused_noisy_op(_forward, _backward, clean_family='triton')

@@ -104,7 +104,7 @@ def _banded_solve(a: jax.Array, rhs: jax.Array) -> jax.Array:
   return sol
 
 
-def _windows(x: jax.Array, axis: int, n: int, c: int, ahead: int, width: int) -> jax.Array:
+def windows(x: jax.Array, axis: int, n: int, c: int, ahead: int, width: int) -> jax.Array:
   """Slots along `axis` -> overlapping windows: [..., N, width, ...] (N inserted at `axis`).
 
   Window i covers slots [i c, (i + 1) c + ahead) (ahead <= c; zero after the end), then zero rows
@@ -283,7 +283,7 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
       interpret=interpret)
   n = h.shape[1]
   g_cum = gdr_xla.chunk_cumsum(f32(gc), c)  # B T HV
-  context = lambda x: _windows(x, 1, n, c, 0, c)  # [B, T, ...] -> [B, N, C, ...]
+  context = lambda x: windows(x, 1, n, c, 0, c)  # [B, T, ...] -> [B, N, C, ...]
   xs = dict(k_ctx=jnp.transpose(context(reference.expand_heads(f32(kc), hv)), (1, 0, 3, 2, 4)),
             v_ctx=jnp.transpose(context(v_new), (1, 0, 3, 2, 4)),  # N B HV C ...
             g_ctx=jnp.transpose(context(g_cum), (1, 0, 3, 2)),
@@ -303,7 +303,7 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
   in_row = jnp.asarray(slot < t)
 
   def rows(x, fill):  # [B, T] -> [N, B, W]
-    return jnp.moveaxis(jnp.where(in_row, _windows(x, 1, n, c, ahead, width), fill), 1, 0)
+    return jnp.moveaxis(jnp.where(in_row, windows(x, 1, n, c, ahead, width), fill), 1, 0)
 
   here = rows(group, -1) == jnp.arange(n)[:, None, None]
   xs.update(bs=rows(block_starts, jnp.asarray(slot)),  # padding rows: blocks of their own
@@ -315,7 +315,7 @@ def noisy_delta_rule_chunked(clean: tuple[jax.Array, ...], noisy: tuple[jax.Arra
   qn = jnp.repeat(qn, hv // qn.shape[3], axis=3)
   kn = jnp.repeat(kn, hv // kn.shape[3], axis=3)
   for name, x in zip(('q', 'k', 'v', 'g', 'beta'), (qn, kn, vn, gn, bn)):
-    xs[name] = jnp.transpose(_windows(x, 2, n, c, ahead, width), (2, 0, 4, 1, 3, 5)[:x.ndim + 1])
+    xs[name] = jnp.transpose(windows(x, 2, n, c, ahead, width), (2, 0, 4, 1, 3, 5)[:x.ndim + 1])
 
   # --- Stage 4: all windows at once, or groups of chunks under lax.map. ---
   fn = lambda a: _window_outputs(a, c=c, ahead=ahead, tile=tile, scale=scale, precision=precision)
