@@ -32,7 +32,7 @@ _F32 = jnp.float32
 # 16 / 32 / 64 and 32-row tiles 156 KiB at 32; with fp32 operands (TF32, as all dtypes were
 # before), 16-row tiles took 202 KiB at 16 and 236 at 32, and 32-row tiles 244-364 KiB.
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
-BWD_LAUNCH = {'bf16': (128, 8), 'tf32x3': (32, 8)}  # (V tile, warps)
+BWD_LAUNCH = {'bf16': (128, 8, 4), 'tf32x3': (32, 8, 4)}  # (V tile, warps, WY pass's warps)
 MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
 MAX_FP32_KERNEL_BACKWARD_K = 64
 
@@ -216,8 +216,8 @@ if triton is not None:
 if triton is not None:
 
   @triton.jit
-  def _prev_rows(k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot, base, mbase, wrow, has_prev, kh, i_h,
-                 o_v, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr):
+  def _prev_rows(k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot, base, mbase, lrow, has_prev, kh, o_v,
+                 HQ: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr):
     """The previous row tile's noisy k [S, K] and block starts, and its stored W [S, K], U, V'
     [S, BV] and gam [S]; zeros (block starts -1) where has_prev is false (the window's first
     tile)."""
@@ -228,11 +228,11 @@ if triton is not None:
     k_p = tl.load(k + (tok * HQ + kh)[:, None] * K + o_k[None, :], mask=m[:, None],
                   other=0.0).to(tl.float32)
     bs_p = tl.load(bsl + mslot, mask=m, other=-1)
-    w_p = tl.load(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :], mask=m[:, None], other=0.0)
-    p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+    w_p = tl.load(wy_w + lrow[:, None] * K + o_k[None, :], mask=m[:, None], other=0.0)
+    p_v = lrow[:, None] * VDP + o_v[None, :]
     u_p = tl.load(wy_u + p_v, mask=m[:, None], other=0.0)
     vn_p = tl.load(wy_vn + p_v, mask=m[:, None], other=0.0)
-    gam_p = tl.load(wy_gam + wrow * HV + i_h, mask=m, other=0.0)
+    gam_p = tl.load(wy_gam + lrow, mask=m, other=0.0)
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
@@ -243,8 +243,8 @@ if triton is not None:
                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
                       PREC: tl.constexpr):
     """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
-    WY step again, storing every window row's W [K], U, V' [BV] and gam (window layout
-    [B, V, N, C + S, HV, ...]; W and gam by the first V tile) for `noisy_bwd_kernel`."""
+    WY step again, storing every window row's W [K], U, V' [BV] and gam (layout [B, N, HV, V,
+    C + S, ...]; W and gam by the first V tile) for `noisy_bwd_kernel`."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
@@ -254,7 +254,7 @@ if triton is not None:
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
     k_p = tl.zeros([S, K], dtype=tl.float32)
     w_p = tl.zeros([S, K], dtype=tl.float32)
     u_p = tl.zeros([S, BV], dtype=tl.float32)
@@ -270,11 +270,11 @@ if triton is not None:
                                     row, col, S, PREC)
       _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
       vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
-      wrow = wbase + i * S + o_s
+      lrow = lbase + i * S + o_s
       first = (o_s >= 0) & (i_e == 0)
-      tl.store(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :], w, mask=first[:, None])
-      tl.store(wy_gam + wrow * HV + i_h, gam, mask=first)
-      p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
+      tl.store(wy_gam + lrow, gam, mask=first)
+      p_v = lrow[:, None] * VDP + o_v[None, :]
       tl.store(wy_u + p_v, u)
       tl.store(wy_vn + p_v, vn)
       k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
@@ -282,7 +282,7 @@ if triton is not None:
   @triton.jit
   def noisy_bwd_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h,
                        wy_w, wy_u, wy_vn, wy_gam, do,
-                       dq, dk, dv, dg, db, dvn_out, dseed_out,
+                       dq, dk, dv, dg, db, dyw_out, dseed_out,
                        NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                        TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
                        C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
@@ -291,10 +291,11 @@ if triton is not None:
     backwards: one reverse-mode step of the forward's tile recurrence per tile, with the stored
     W, U, V', gam (`noisy_wy_kernel`) and cotangents carried to the previous tile (of its W, U, V',
     k and gam, through the banded terms). Writes per window row dq, dk [.., NVT, K], dv [.., BV],
-    dg, dbeta [.., NVT] (partial sums over this V tile's columns where V is contracted), the
-    corrected values' cotangent dV' [.., BV] and the seed log-decay's cotangent from the
-    checkpoint terms [.., NVT]; the clean context's gradients are formed from these outside
-    (`_context_gradients`)."""
+    dg, dbeta [.., NVT] (partial sums over this V tile's columns where V is contracted); and, for
+    the clean context's gradients (`_context_gradients`), in the layout of the stored rows, -dV'
+    [BV] and the seed log-decay's cotangent from the checkpoint terms [NVT]. (Storing the q
+    side's rows e^gam q and scale dO here too, for XLA to read without transposes, made this
+    kernel 1.5 ms slower on an H200 at T = 4096: 4.34 against 2.84 ms.)"""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
@@ -306,6 +307,7 @@ if triton is not None:
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
     wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
     # Cotangents carried from tile i + 1 into tile i (of its V', U, W, k and gam), and tile i + 1's
     # gam cotangent and block starts (its rows' gam sum g of this tile's rows in their block).
     c_dvn = tl.zeros([S, BV], dtype=tl.float32)
@@ -321,15 +323,17 @@ if triton is not None:
       b_q, b_k, b_v, _, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
           HQ, HV, K, VDP)
-      wrow = wbase + i * S + o_s
+      wrow = wbase + i * S + o_s  # in the window layout [B, V, N, C + S, HV, ...]
+      lrow = lbase + i * S + o_s  # in the stored rows' layout [B, N, HV, V, C + S, ...]
       p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
-      w = tl.load(wy_w + (wrow * HV + i_h)[:, None] * K + o_k[None, :])
-      u = tl.load(wy_u + p_v)
-      vn = tl.load(wy_vn + p_v)
-      gam = tl.load(wy_gam + wrow * HV + i_h)
+      p_lv = lrow[:, None] * VDP + o_v[None, :]
+      w = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
+      u = tl.load(wy_u + p_lv)
+      vn = tl.load(wy_vn + p_lv)
+      gam = tl.load(wy_gam + lrow)
       k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
-          k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, wrow - S, i > 0, kh,
-          i_h, o_v, HQ, HV, K, VDP)
+          k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, lrow - S, i > 0, kh,
+          o_v, HQ, K, VDP)
       dos = SCALE * tl.load(do + p_v)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
@@ -407,8 +411,8 @@ if triton is not None:
       tl.store(dv + p_v, b_dv)
       tl.store(dg + p_1, b_dg)
       tl.store(db + p_1, b_db)
-      tl.store(dvn_out + p_v, dvn)
-      tl.store(dseed_out + p_1, dseed_h)
+      tl.store(dyw_out + p_lv, -dvn)
+      tl.store(dseed_out + lrow * NVT + i_e, dseed_h)
       c_dvn, c_du, c_dw, c_dk, c_dgam = n_dvn, n_du, n_dw, n_dk, n_dgam
       nx_dgam, nx_bs = dgam, b_bs
 
@@ -463,50 +467,58 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return o[..., :vd]
 
 
-def _context_gradients(ops, wy_w, wy_gam, dvn, dseed_h, scale):
+def _context_gradients(ops, rows, dseed_h):
   """Gradients of the clean context that the noisy windows read, from the window rows' seed
-  products x S(seed) (x = e^gam q with cotangent scale dO; x = W with cotangent -dV'):
+  products x S(seed) (x = e^gam q with cotangent dy = scale dO; x = W with dy = -dV'):
 
       sx = x Kc^T, z = dy V'^T;  dV' = (sx * E)^T dy;  dKc = (z * E)^T x;  dh = x^T (coef dy);
       dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * E * sx)_ri,
       dseed_r = sum_i (z * E * sx)_ri + dseed_h_r (the checkpoint terms, from the kernel),
 
-  as batched GEMMs over each window's 2 (C + S) rows. Returns backward_sums' dkc [B, 1, N C, HV,
-  1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1], dh [B, 1, N, HV, Kp, Vp]."""
+  as GEMMs batched over (batch, window, value head), contracting the window's rows of every view.
+
+  Args:
+    ops: the backward's operands (`two_stream_pallas.backward_operands`, no front tile).
+    rows: ((x, dy) for q, then for W): x [B, N, HV, V, C + S, Kp], dy [B, N, HV, V, C + S, Vp].
+    dseed_h: [B, N, HV, V, C + S, NVT].
+
+  Returns:
+    backward_sums' dkc [B, 1, N C, HV, 1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1],
+    dh [B, 1, N, HV, Kp, Vp].
+  """
   z = ops.z
   kc, vc, gc, h = ops.ctx
-  q = ops.noisy[0]
-  b, nv, _, hq, kp = q.shape
+  b, _, hq, kp = kc.shape
   hv = vc.shape[2]
   n, c, s = z.n, z.c, z.s
-  win = lambda x, axis: two_stream_xla.windows(x, axis, n, c, s, c + s)
-  q_w = jnp.repeat(win(q, 2), hv // hq, axis=4).astype(_F32)  # B V N W HV Kp
-  x = jnp.concatenate([q_w * jnp.exp(wy_gam)[..., None], wy_w], axis=3)  # B V N 2W HV Kp
-  dy = jnp.concatenate([scale * ops.do, -dvn], axis=3)  # B V N 2W HV Vp
-  seed, lo, carry = (win(m, 1) for m in ops.meta[1:])  # B N W
-  g_ctx = gc.reshape(b, n, c, hv)
+  seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, c + s) for m in ops.meta[1:])  # B N W
+  g_ctx = jnp.swapaxes(gc.reshape(b, n, c, hv), 2, 3)  # B N HV C
   ipos = (jnp.arange(n) * c)[:, None] + jnp.arange(c)  # N C
   at_seed = ipos[None, :, None, :] == seed[..., None]  # B N W C
-  g_seed = jnp.sum(jnp.where(at_seed[..., None], g_ctx[:, :, None], 0.0), axis=3)  # B N W HV
+  g_seed = jnp.sum(jnp.where(at_seed[:, :, None], g_ctx[:, :, :, None, :], 0.0), axis=-1)
   local = (ipos[None, :, None, :] >= lo[..., None]) & (ipos[None, :, None, :] <= seed[..., None])
-  e = jnp.exp(jnp.where(local[..., None], g_seed[:, :, :, None] - g_ctx[:, :, None], -jnp.inf))
-  coef = jnp.where((carry == jnp.arange(n)[:, None])[..., None], jnp.exp(g_seed), 0.0)
-  e2 = jnp.concatenate([e, e], axis=2)[:, None]  # B 1 N 2W C HV
-  coef2 = jnp.concatenate([coef, coef], axis=2)[:, None, ..., None]  # B 1 N 2W HV 1
-  k_ctx = jnp.repeat(kc.reshape(b, n, c, hq, kp), hv // hq, axis=3).astype(_F32)  # B N C HV Kp
-  v_ctx = vc.reshape(b, n, c, hv, -1)
-  sx = jnp.einsum('bunrhk,bnchk->bunrch', x, k_ctx)
-  ze = jnp.einsum('bunrhv,bnchv->bunrch', dy, v_ctx) * e2
-  dvc = jnp.einsum('bunrch,bunrhv->bnchv', sx * e2, dy)
-  dkc = jnp.einsum('bunrch,bunrhk->bnchk', ze, x)
-  dh = jnp.einsum('bunrhk,bunrhv->bnhkv', x, dy * coef2)
-  pe = ze * sx  # B V N 2W C HV
-  pe_rows = jnp.sum(pe, axis=4)
-  dseed = pe_rows[:, :, :, :c + s] + pe_rows[:, :, :, c + s:] + jnp.sum(dseed_h, axis=-1)
-  dgc = jnp.einsum('bnrc,bunrh->bnch', at_seed.astype(_F32), dseed,
-                   precision=jax.lax.Precision.HIGHEST) - jnp.sum(pe, axis=(1, 3))
-  return (dkc.reshape(b, 1, n * c, hv, 1, kp), dvc.reshape(b, 1, n * c, hv, -1),
-          dgc.reshape(b, 1, n * c, hv, 1), dh[:, None])
+  e = jnp.exp(jnp.where(local[:, :, None], g_seed[..., None] - g_ctx[:, :, :, None, :],
+                        -jnp.inf))[:, :, :, None]  # B N HV 1 W C
+  coef = jnp.where((carry == jnp.arange(n)[:, None])[:, :, None], jnp.exp(g_seed), 0.0)
+  coef = coef[:, :, :, None, :, None]  # B N HV 1 W 1
+  heads = lambda x: jnp.repeat(jnp.swapaxes(x.reshape(b, n, c, x.shape[2], -1), 2, 3),
+                               hv // x.shape[2], axis=2)  # [B, N C, H, X] -> [B, N, HV, C, X]
+  k_ctx, v_ctx = heads(kc).astype(_F32), heads(vc)
+  dkc = dvc = dh = pe_cols = 0.0
+  dseed = jnp.sum(dseed_h, axis=-1)  # B N HV V W
+  for x, dy in rows:
+    sx = jnp.einsum('bnhurk,bnhck->bnhurc', x, k_ctx)
+    ze = jnp.einsum('bnhurv,bnhcv->bnhurc', dy, v_ctx) * e
+    dvc += jnp.einsum('bnhurc,bnhurv->bnhcv', sx * e, dy)
+    dkc += jnp.einsum('bnhurc,bnhurk->bnhck', ze, x)
+    dh += jnp.einsum('bnhurk,bnhurv->bnhkv', x, dy * coef)
+    pe = ze * sx
+    dseed += jnp.sum(pe, axis=-1)
+    pe_cols += jnp.sum(pe, axis=(3, 4))
+  dgc = jnp.einsum('bnrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
+                   precision=jax.lax.Precision.HIGHEST) - pe_cols
+  slots = lambda x: jnp.swapaxes(x, 2, 3).reshape((b, 1, n * c, hv) + x.shape[4:])
+  return (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None], dh[:, None])
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
@@ -521,7 +533,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
-  block_v, num_warps = BWD_LAUNCH[prec]
+  block_v, num_warps, wy_warps = BWD_LAUNCH[prec]
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               block_v, 'triton', interpret, front_tile=False, keep_dtype=True)
   z = ops.z
@@ -529,19 +541,25 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   nvt, wd = z.vdp // z.bv, z.c + z.s
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
+  stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
                N_TILES=wd // z.s, PREC=prec)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
   wy = call(*ops.noisy[1:], *ops.meta, *ops.ctx, kernel=noisy_wy_kernel,
-            out_shape=[win(z.kp), win(z.vdp), win(z.vdp), win()], grid=grid,
-            num_warps=num_warps, num_stages=1, **sizes)
-  dq, dk, dv, dg, db, dvn, dseed_h = call(
+            out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored()], grid=grid,
+            num_warps=wy_warps, num_stages=1, **sizes)
+  dq, dk, dv, dg, db, dyw, dseed_h = call(
       *ops.noisy, *ops.meta, *ops.ctx, *wy, ops.do, kernel=noisy_bwd_kernel,
-      out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt), win(z.vdp),
-                 win(nvt)],
+      out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt), stored(z.vdp),
+                 stored(nvt)],
       grid=grid, num_warps=num_warps, num_stages=1, SCALE=scale, **sizes)
-  ctx_grads = _context_gradients(ops, wy[0], wy[3], dvn, dseed_h, scale)
+  # The q side's rows in the stored rows' layout [B, N, HV, V, C + S, ...]: e^gam q, scale dO.
+  q_rows = two_stream_xla.windows(ops.noisy[0], 2, z.n, z.c, z.s, wd)  # B V N W H Kp
+  q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
+  xq = q_rows.astype(_F32) * jnp.exp(wy[3])[..., None]
+  dyq = scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))
+  ctx_grads = _context_gradients(ops, ((xq, dyq), (wy[0], dyw)), dseed_h)
   return tsp.backward_sums(ops, (dq, dk, dv, dg, db) + ctx_grads, clean, noisy)
 
 
