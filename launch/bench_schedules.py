@@ -61,7 +61,7 @@ _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
 _NOISY_BWD_LAUNCH = flags.DEFINE_string(
     'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' 'V tile,warps,WY pass "
-    "warps' for 16-bit inputs (empty: two_stream_triton.BWD_LAUNCH).")
+    "warps' (empty: two_stream_triton.backward_launch).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
@@ -125,7 +125,8 @@ def _apply_kernel_overrides() -> None:
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   if _NOISY_BWD_LAUNCH.value:
-    two_stream_triton.BWD_LAUNCH['bf16'] = tuple(int(x) for x in _NOISY_BWD_LAUNCH.value.split(','))
+    launch = tuple(int(x) for x in _NOISY_BWD_LAUNCH.value.split(','))
+    two_stream_triton.backward_launch = lambda dtype, max_block: launch
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (

@@ -126,15 +126,13 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
   ids = spec(b, t, dt=jnp.int32)
   if family == 'triton':
     impl, record = two_stream_triton.noisy_delta_rule_triton, _recorded_triton
-    backward = ('kernel' if two_stream_triton.kernel_backward_takes(max_block, dtype, dk)
-                else 'autodiff')
   else:
-    impl, record, backward = two_stream_pallas.noisy_delta_rule_pallas, _recorded_pallas, 'kernel'
+    impl, record = two_stream_pallas.noisy_delta_rule_pallas, _recorded_pallas
 
   def fwd_bwd(c, n, seg, starts, interpret):
     return _vjp_of(lambda c_, n_: impl(c_, n_, seg, starts, scale=dk ** -0.5,
                                        chunk_size=chunk_size, max_block=max_block,
-                                       interpret=interpret, backward=backward))(c, n)
+                                       interpret=interpret, backward='kernel'))(c, n)
 
   return record(fwd_bwd, (clean, noisy, ids, ids), '')
 

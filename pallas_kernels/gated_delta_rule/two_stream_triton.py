@@ -7,14 +7,23 @@ every block's seed state from the clean chunk checkpoint h_n and clean chunk n t
 identity, so no per-block state is ever formed; each slot's output is stored by its seed's window
 only, straight into the slot layout. The JAX side (clean pass, padding, slot metadata, the
 backward's window cotangents and sums) is `two_stream_pallas`'s.
-Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or
-`noisy_bwd_kernel` (backward='kernel'): per window, each step rebuilds the WY step of two row
-tiles and backpropagates the later tile's output cotangent through it, into the noisy inputs and
-the window's clean inputs.
+Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
+kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
+stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; XLA GEMMs take
+the seed products' backward (`_seed_backward`: the clean context's gradients and the rows'
+cotangents of e^gam q and W); `noisy_bwd_kernel` walks every window backwards, one reverse-mode
+step of the tile recurrence per row tile, carrying cotangents to the previous tile. No per-block
+state is formed; the window rows (C + S per chunk of C slots) are stored in fp32. H200, bf16,
+B = 1, T = 4096, two views, 16 heads of 128, the whole two-stream pass's forward+backward (clean
+stream included), back to back, 2026-12-03: at block 4, 6.13 ms and 1.41 GiB of temp memory
+against 5.37 ms and 1.74 GiB with autodiff's backward (backward kernel 2.21 ms, WY pass 0.61, the
+forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms against 9.13. So
+autodiff stays the default. (Before this design, the backward kernel rebuilt two row tiles per
+step with the clean context in registers: 18.4-18.8 ms at block 4.)
 
 `interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them: the forward
-reads them as given, the backward kernel fp32 copies (each the faster on an H200, see below).
+the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them
+as given (the faster on an H200, see below).
 """
 import functools
 
@@ -26,22 +35,24 @@ from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
 from pallas_kernels.gated_delta_rule import two_stream_xla
 
 _F32 = jnp.float32
-# The backward kernel's products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs. Its
-# V tile and row tiles are bounded by shared memory (Hopper has 227 KiB; sm_90a at K = 128, by
-# launch.kernel_registers): with bf16 operands, 16-row tiles take 78 / 92 / 120 KiB at V tiles
-# 16 / 32 / 64 and 32-row tiles 156 KiB at 32; with fp32 operands (TF32, as all dtypes were
-# before), 16-row tiles took 202 KiB at 16 and 236 at 32, and 32-row tiles 244-364 KiB.
+# The backward kernels' products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs.
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
-BWD_LAUNCH = {'bf16': (128, 8, 4), 'tf32x3': (32, 8, 4)}  # (V tile, warps, WY pass's warps)
-MAX_FP32_KERNEL_BACKWARD_BLOCK = 16
-MAX_FP32_KERNEL_BACKWARD_K = 64
 
 
-def kernel_backward_takes(max_block: int, dtype, k_dim: int) -> bool:
-  """Whether `backward='kernel'` fits shared memory for this max_block, input dtype and key size.
-  fp32 (TF32x3 products) at 16-row tiles and V tile 16: 148 KiB at K = 64, 260 KiB at K = 128."""
-  return jnp.dtype(dtype) != _F32 or (max_block <= MAX_FP32_KERNEL_BACKWARD_BLOCK
-                                      and k_dim <= MAX_FP32_KERNEL_BACKWARD_K)
+def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
+  """(V tile, warps of `noisy_bwd_kernel`, warps of `noisy_wy_kernel`) for these inputs.
+
+  ptxas (sm_90a, K = V = 128, bf16, launch.kernel_registers), bytes spilled per thread by (WY
+  pass, backward): 16-row tiles at V tile 128 with 4 / 8 warps, 216 / 1,396 (the backward at 4
+  warps: 1,692; V tile 64 at 8: 124 / 884); 32-row tiles at V tile 32 with 4 / 4 warps, 2,128 /
+  3,048, where 8 warps for the backward (V tiles 32 and 64) left it 32 registers and 11-12 KB of
+  spills. Shared memory: at most 80 KiB (bf16), 144 KiB (fp32, whose K = 128 kernels spill 12-56
+  KB per thread: correct, not fast). H200, T = 4096, two views, fwd+bwd of the two-stream pass,
+  back to back: block 4 at (128, 8, 4) 6.13 ms, at (64, 4, 4) 6.93 (an earlier version of the
+  kernels); block 32 at (32, 4, 4) 30.6 ms, at (32, 4, 8) 33.7, at (16, 4, 4) 51.5."""
+  if jnp.dtype(dtype).itemsize == 2:
+    return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
+  return 32, 8, 4
 
 
 def forward_launch(dtype, max_block: int) -> tuple[int, int]:
@@ -236,68 +247,18 @@ if triton is not None:
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
-  def noisy_wy_kernel(k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h,
-                      wy_w, wy_u, wy_vn, wy_gam,
+  def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
+                      wy_w, wy_u, wy_vn, wy_gam, wy_dvn,
                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                      PREC: tl.constexpr):
+                      SCALE: tl.constexpr, PREC: tl.constexpr):
     """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
-    WY step again, storing every window row's W [K], U, V' [BV] and gam (layout [B, N, HV, V,
-    C + S, ...]; W and gam by the first V tile) for `noisy_bwd_kernel`."""
+    WY step again, storing every window row's W [K], U, V' [BV] and gam, and the cotangent of V'
+    [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
+    D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
+    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]."""
     n = tl.program_id(0)
-    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
-    o_s = tl.arange(0, S)
-    o_k = tl.arange(0, K)
-    ipos = n * C + tl.arange(0, C)
-    row = o_s[:, None]
-    col = o_s[None, :]
-    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
-    k_p = tl.zeros([S, K], dtype=tl.float32)
-    w_p = tl.zeros([S, K], dtype=tl.float32)
-    u_p = tl.zeros([S, BV], dtype=tl.float32)
-    g_p = tl.zeros([S], dtype=tl.float32)
-    gam_p = tl.zeros([S], dtype=tl.float32)
-    bs_p = tl.full([S], -1, dtype=tl.int32)
-    for i in range(N_TILES):
-      slot = n * C + i * S + o_s
-      _, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
-          k, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
-          HQ, HV, K, VDP)
-      gam, _, _, _, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p, w_p, u_p,
-                                    row, col, S, PREC)
-      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
-      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
-      lrow = lbase + i * S + o_s
-      first = (o_s >= 0) & (i_e == 0)
-      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
-      tl.store(wy_gam + lrow, gam, mask=first)
-      p_v = lrow[:, None] * VDP + o_v[None, :]
-      tl.store(wy_u + p_v, u)
-      tl.store(wy_vn + p_v, vn)
-      k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
-
-  @triton.jit
-  def noisy_bwd_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h,
-                       wy_w, wy_u, wy_vn, wy_gam, do,
-                       dq, dk, dv, dg, db, dyw_out, dseed_out,
-                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                       SCALE: tl.constexpr, PREC: tl.constexpr):
-    """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
-    backwards: one reverse-mode step of the forward's tile recurrence per tile, with the stored
-    W, U, V', gam (`noisy_wy_kernel`) and cotangents carried to the previous tile (of its W, U, V',
-    k and gam, through the banded terms). Writes per window row dq, dk [.., NVT, K], dv [.., BV],
-    dg, dbeta [.., NVT] (partial sums over this V tile's columns where V is contracted); and, for
-    the clean context's gradients (`_context_gradients`), in the layout of the stored rows, -dV'
-    [BV] and the seed log-decay's cotangent from the checkpoint terms [NVT]. (Storing the q
-    side's rows e^gam q and scale dO here too, for XLA to read without transposes, made this
-    kernel 1.5 ms slower on an H200 at T = 4096: 4.34 against 2.84 ms.)"""
-    n = tl.program_id(0)
-    NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_s = tl.arange(0, S)
@@ -308,9 +269,72 @@ if triton is not None:
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
     wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
     lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
-    # Cotangents carried from tile i + 1 into tile i (of its V', U, W, k and gam), and tile i + 1's
+    k_p = tl.zeros([S, K], dtype=tl.float32)
+    w_p = tl.zeros([S, K], dtype=tl.float32)
+    u_p = tl.zeros([S, BV], dtype=tl.float32)
+    dvn_p = tl.zeros([S, BV], dtype=tl.float32)  # the previous tile's dV', less tile i's term
+    g_p = tl.zeros([S], dtype=tl.float32)
+    gam_p = tl.zeros([S], dtype=tl.float32)
+    bs_p = tl.full([S], -1, dtype=tl.int32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
+          HQ, HV, K, VDP)
+      gam, d_ii, d_ip, _, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
+                                          w_p, u_p, row, col, S, PREC)
+      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
+      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
+      wrow = wbase + i * S + o_s
+      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+      dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
+      lrow = lbase + i * S + o_s
+      p_v = lrow[:, None] * VDP + o_v[None, :]
+      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(slot >= n * C + S)[:, None])  # tile i - 1
+      first = (o_s >= 0) & (i_e == 0)
+      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
+      tl.store(wy_gam + lrow, gam, mask=first)
+      tl.store(wy_u + p_v, u)
+      tl.store(wy_vn + p_v, vn)
+      dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
+      k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
+    lrow = lbase + (N_TILES - 1) * S + o_s
+    tl.store(wy_dvn + lrow[:, None] * VDP + o_v[None, :], dvn_p)
+
+  @triton.jit
+  def noisy_bwd_kernel(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, do, dqe_in, dws_in,
+                       dq, dk, dv, dg, db,
+                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                       SCALE: tl.constexpr, PREC: tl.constexpr):
+    """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
+    backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
+    W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
+    (dqe_in, dws_in [B, N, HV, V, C + S, K], `_seed_backward`), carrying cotangents to the
+    previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
+    Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
+    partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
+    enter with the first V tile)."""
+    n = tl.program_id(0)
+    NVT: tl.constexpr = VDP // BV
+    pid = tl.program_id(1)
+    i_e = pid % NVT
+    i_u = (pid // NVT) % NV
+    i_h = (pid // (NVT * NV)) % HV
+    i_b = pid // (NVT * NV * HV)
+    kh = i_h // (HV // HQ)
+    o_v = i_e * BV + tl.arange(0, BV)
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    row = o_s[:, None]
+    col = o_s[None, :]
+    lead = (o_s >= 0) & (i_e == 0)
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    # Cotangents carried from tile i + 1 into tile i (of its U, W, k and gam), and tile i + 1's
     # gam cotangent and block starts (its rows' gam sum g of this tile's rows in their block).
-    c_dvn = tl.zeros([S, BV], dtype=tl.float32)
     c_du = tl.zeros([S, BV], dtype=tl.float32)
     c_dw = tl.zeros([S, K], dtype=tl.float32)
     c_dk = tl.zeros([S, K], dtype=tl.float32)
@@ -320,17 +344,25 @@ if triton is not None:
     for j in range(N_TILES):
       i = N_TILES - 1 - j
       slot = n * C + i * S + o_s
-      b_q, b_k, b_v, _, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
-          HQ, HV, K, VDP)
+      tok = base + slot
+      p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
+      b_q = tl.load(q + p_qk).to(tl.float32)
+      b_k = tl.load(k + p_qk).to(tl.float32)
+      b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
+      b_beta = tl.load(beta + tok * HV + i_h)
+      b_bs = tl.load(bsl + (i_b * TPAD + slot).to(tl.int64))
       wrow = wbase + i * S + o_s  # in the window layout [B, V, N, C + S, HV, ...]
       lrow = lbase + i * S + o_s  # in the stored rows' layout [B, N, HV, V, C + S, ...]
       p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
       p_lv = lrow[:, None] * VDP + o_v[None, :]
-      w = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
+      p_lk = lrow[:, None] * K + o_k[None, :]
+      w = tl.load(wy_w + p_lk)
       u = tl.load(wy_u + p_lv)
       vn = tl.load(wy_vn + p_lv)
       gam = tl.load(wy_gam + lrow)
+      dvn = tl.load(wy_dvn + p_lv)
+      dqe = tl.load(dqe_in + p_lk, mask=lead[:, None], other=0.0)
+      dws = tl.load(dws_in + p_lk, mask=lead[:, None], other=0.0)
       k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
           k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, lrow - S, i > 0, kh,
           o_v, HQ, K, VDP)
@@ -351,30 +383,20 @@ if triton is not None:
       a_ip = b_beta[:, None] * kkp * d_ip
       t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
-      qe = b_q * eg[:, None]
-      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
 
-      # O = scale [seed(e^gam Q) + (Q K^T * D_ii) V' + (Q K_p^T * D_ip) V'_p].
-      dvn = _mm(tl.trans(qk * d_ii), dos, PREC) + c_dvn
+      # O = scale [seed(e^gam Q) + (Q K^T * D_ii) V' + (Q K_p^T * D_ip) V'_p] (dV': stored).
       ds_ii = _mm(dos, tl.trans(vn), PREC) * d_ii
       ds_ip = _mm(dos, tl.trans(vn_p), PREC) * d_ip
-      b_dq = _mm(ds_ii, b_k, PREC) + _mm(ds_ip, k_p, PREC)
+      b_dq = _mm(ds_ii, b_k, PREC) + _mm(ds_ip, k_p, PREC) + dqe * eg[:, None]
       b_dk = _mm(tl.trans(ds_ii), b_q, PREC) + c_dk
       m_ii = ds_ii * qk
       m_ip = ds_ip * qkp
-      dgam = tl.sum(m_ii, axis=1) - tl.sum(m_ii, axis=0) + tl.sum(m_ip, axis=1) + c_dgam
-      n_dvn = _mm(tl.trans(qkp * d_ip), dos, PREC)
+      dgam = (tl.sum(m_ii, axis=1) - tl.sum(m_ii, axis=0) + tl.sum(m_ip, axis=1) + c_dgam
+              + tl.sum(dqe * b_q, axis=1) * eg)
       n_dk = _mm(tl.trans(ds_ip), b_q, PREC)
       n_dgam = -tl.sum(m_ip, axis=0)
-      # The seed products: of e^gam Q (cotangent dO) and of W (V' = U - seed(W): cotangent -dV').
-      dos_h = _mm(dos, tl.trans(h_n), PREC)
-      dqe = _mm(_mm(dos, tl.trans(v_ctx), PREC) * e, k_ctx, PREC) + coef[:, None] * dos_h
-      b_dq += dqe * eg[:, None]
-      dgam += tl.sum(dqe * qe, axis=1)
-      dvn_h = _mm(dvn, tl.trans(h_n), PREC)
-      dw = c_dw - (_mm(_mm(dvn, tl.trans(v_ctx), PREC) * e, k_ctx, PREC)
-                   + coef[:, None] * dvn_h)
-      dseed_h = coef * (tl.sum(qe * dos_h, axis=1) - tl.sum(w * dvn_h, axis=1))
+      # V' = U - seed(W): dU = dV', dW = the seed product's (dws) and the next tile's.
+      dw = c_dw + dws
       du = dvn + c_du
       # The WY step: W = T (diag(beta e^gam) K - A_ip W_p), U = T (diag(beta) V - A_ip U_p),
       # T = (I + A_ii)^-1: dA = -T^T dX X^T for each solved X.
@@ -411,9 +433,7 @@ if triton is not None:
       tl.store(dv + p_v, b_dv)
       tl.store(dg + p_1, b_dg)
       tl.store(db + p_1, b_db)
-      tl.store(dyw_out + p_lv, -dvn)
-      tl.store(dseed_out + lrow * NVT + i_e, dseed_h)
-      c_dvn, c_du, c_dw, c_dk, c_dgam = n_dvn, n_du, n_dw, n_dk, n_dgam
+      c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
       nx_dgam, nx_bs = dgam, b_bs
 
 
@@ -467,31 +487,38 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return o[..., :vd]
 
 
-def _context_gradients(ops, rows, dseed_h):
-  """Gradients of the clean context that the noisy windows read, from the window rows' seed
-  products x S(seed) (x = e^gam q with cotangent dy = scale dO; x = W with dy = -dV'):
+def _seed_backward(ops, w, gam, dvn, scale):
+  """The backward of the window rows' seed products x S(seed), x = e^gam q (cotangent dy =
+  scale dO) and x = W (V' = U - seed(W): dy = -dV'), as GEMMs batched over (batch, window, value
+  head) that contract the window's rows of every view:
 
-      sx = x Kc^T, z = dy V'^T;  dV' = (sx * E)^T dy;  dKc = (z * E)^T x;  dh = x^T (coef dy);
-      dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * E * sx)_ri,
-      dseed_r = sum_i (z * E * sx)_ri + dseed_h_r (the checkpoint terms, from the kernel),
-
-  as GEMMs batched over (batch, window, value head), contracting the window's rows of every view.
+      sx = x Kc^T, z = (dy V'^T) * E;  dx = z Kc + coef (dy h^T);
+      dV' = (sx * E)^T dy;  dKc = z^T x;  dh = x^T (coef dy);
+      dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * sx)_ri,
+      dseed_r = sum_i (z * sx)_ri + coef_r x_r . (dy h^T)_r.
 
   Args:
     ops: the backward's operands (`two_stream_pallas.backward_operands`, no front tile).
-    rows: ((x, dy) for q, then for W): x [B, N, HV, V, C + S, Kp], dy [B, N, HV, V, C + S, Vp].
-    dseed_h: [B, N, HV, V, C + S, NVT].
+    w, gam, dvn: `noisy_wy_kernel`'s W [B, N, HV, V, C + S, Kp], gam [.., C + S], dV' [.., Vp].
+    scale: the output scale.
 
   Returns:
-    backward_sums' dkc [B, 1, N C, HV, 1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1],
-    dh [B, 1, N, HV, Kp, Vp].
+    (dx of e^gam q, dx of W, both [B, N, HV, V, C + S, Kp]; then backward_sums' dkc [B, 1, N C,
+    HV, 1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1], dh [B, 1, N, HV, Kp, Vp]).
   """
   z = ops.z
   kc, vc, gc, h = ops.ctx
   b, _, hq, kp = kc.shape
   hv = vc.shape[2]
   n, c, s = z.n, z.c, z.s
-  seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, c + s) for m in ops.meta[1:])  # B N W
+  wd = c + s
+  # The rows and their cotangents in the layout [B, N, HV, V, C + S, ...].
+  q_rows = two_stream_xla.windows(ops.noisy[0], 2, n, c, s, wd)  # B V N W H Kp
+  q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
+  rows = ((q_rows.astype(_F32) * jnp.exp(gam)[..., None],
+           scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))), (w, -dvn))
+  # How each row reaches its seed state from its window (the kernels' `_seed_terms`).
+  seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, wd) for m in ops.meta[1:])  # B N W
   g_ctx = jnp.swapaxes(gc.reshape(b, n, c, hv), 2, 3)  # B N HV C
   ipos = (jnp.arange(n) * c)[:, None] + jnp.arange(c)  # N C
   at_seed = ipos[None, :, None, :] == seed[..., None]  # B N W C
@@ -504,21 +531,23 @@ def _context_gradients(ops, rows, dseed_h):
   heads = lambda x: jnp.repeat(jnp.swapaxes(x.reshape(b, n, c, x.shape[2], -1), 2, 3),
                                hv // x.shape[2], axis=2)  # [B, N C, H, X] -> [B, N, HV, C, X]
   k_ctx, v_ctx = heads(kc).astype(_F32), heads(vc)
-  dkc = dvc = dh = pe_cols = 0.0
-  dseed = jnp.sum(dseed_h, axis=-1)  # B N HV V W
+  dxs, dkc, dvc, dh, pe_cols, dseed = [], 0.0, 0.0, 0.0, 0.0, 0.0
   for x, dy in rows:
     sx = jnp.einsum('bnhurk,bnhck->bnhurc', x, k_ctx)
     ze = jnp.einsum('bnhurv,bnhcv->bnhurc', dy, v_ctx) * e
+    dyh = coef * jnp.einsum('bnhurv,bnhkv->bnhurk', dy, h)
+    dxs.append(jnp.einsum('bnhurc,bnhck->bnhurk', ze, k_ctx) + dyh)
     dvc += jnp.einsum('bnhurc,bnhurv->bnhcv', sx * e, dy)
     dkc += jnp.einsum('bnhurc,bnhurk->bnhck', ze, x)
     dh += jnp.einsum('bnhurk,bnhurv->bnhkv', x, dy * coef)
     pe = ze * sx
-    dseed += jnp.sum(pe, axis=-1)
+    dseed += jnp.sum(pe, axis=-1) + jnp.sum(x * dyh, axis=-1)
     pe_cols += jnp.sum(pe, axis=(3, 4))
   dgc = jnp.einsum('bnrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
                    precision=jax.lax.Precision.HIGHEST) - pe_cols
   slots = lambda x: jnp.swapaxes(x, 2, 3).reshape((b, 1, n * c, hv) + x.shape[4:])
-  return (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None], dh[:, None])
+  return tuple(dxs) + (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None],
+                       dh[:, None])
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
@@ -526,14 +555,16 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
               interpret):
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy).
 
-  Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam; `noisy_bwd_kernel`
-  walks each window's tiles backwards into the noisy inputs' gradients (per window row) and dV';
-  `_context_gradients` forms the clean context's. Plain JAX then sums windows, V tiles, views and
-  GQA heads and pulls the context gradients through the clean pass (`backward_sums`)."""
+  Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam and the cotangent of V'
+  from the intra-block output terms; `_seed_backward` (XLA GEMMs) takes the seed products'
+  backward: the clean context's gradients and the rows' cotangents of e^gam q and W;
+  `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs' gradients (per
+  window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
+  gradients through the clean pass (`backward_sums`)."""
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
-  block_v, num_warps, wy_warps = BWD_LAUNCH[prec]
+  block_v, num_warps, wy_warps = backward_launch(noisy[0].dtype, max_block)
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               block_v, 'triton', interpret, front_tile=False, keep_dtype=True)
   z = ops.z
@@ -543,24 +574,20 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-               N_TILES=wd // z.s, PREC=prec)
+               N_TILES=wd // z.s, SCALE=scale, PREC=prec)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
-  wy = call(*ops.noisy[1:], *ops.meta, *ops.ctx, kernel=noisy_wy_kernel,
-            out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored()], grid=grid,
-            num_warps=wy_warps, num_stages=1, **sizes)
-  dq, dk, dv, dg, db, dyw, dseed_h = call(
-      *ops.noisy, *ops.meta, *ops.ctx, *wy, ops.do, kernel=noisy_bwd_kernel,
-      out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt), stored(z.vdp),
-                 stored(nvt)],
-      grid=grid, num_warps=num_warps, num_stages=1, SCALE=scale, **sizes)
-  # The q side's rows in the stored rows' layout [B, N, HV, V, C + S, ...]: e^gam q, scale dO.
-  q_rows = two_stream_xla.windows(ops.noisy[0], 2, z.n, z.c, z.s, wd)  # B V N W H Kp
-  q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
-  xq = q_rows.astype(_F32) * jnp.exp(wy[3])[..., None]
-  dyq = scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))
-  ctx_grads = _context_gradients(ops, ((xq, dyq), (wy[0], dyw)), dseed_h)
-  return tsp.backward_sums(ops, (dq, dk, dv, dg, db) + ctx_grads, clean, noisy)
+  w, u, vn, gam, dvn = call(
+      *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
+      out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp)], grid=grid,
+      num_warps=wy_warps, num_stages=1, **sizes)
+  dqe, dws, *ctx_grads = _seed_backward(ops, w, gam, dvn, scale)
+  q, k, v, _, beta = ops.noisy
+  outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, ops.do, dqe, dws,
+              kernel=noisy_bwd_kernel,
+              out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
+              grid=grid, num_warps=num_warps, num_stages=1, **sizes)
+  return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 
 _noisy = tsp.fused_noisy_op(_forward, _backward, clean_family='triton')
@@ -572,7 +599,7 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
                             interpret: bool = False, backward: str = 'autodiff') -> jax.Array:
   """Noisy-view outputs of the two-stream gated delta rule: the 'chunked' schedule's forward as one
   jax-triton kernel. Same contract as `two_stream_pallas.noisy_delta_rule_pallas`: backward
-  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`noisy_bwd_kernel`, kernels.md 6.2);
+  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`_backward`: two kernels and XLA GEMMs);
   `interpret=True` runs Triton's interpreter on the host.
 
   Raises:
@@ -582,13 +609,6 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
   tsp.check_arguments(clean, noisy, max_block)
   if backward not in tsp.BACKWARDS:
     raise ValueError(f'unknown backward {backward!r}; known: {tsp.BACKWARDS}')
-  if backward == 'kernel' and not kernel_backward_takes(max_block, noisy[0].dtype,
-                                                         noisy[0].shape[-1]):
-    raise ValueError(f'the triton backward kernel takes max_block <= '
-                     f'{MAX_FP32_KERNEL_BACKWARD_BLOCK} and key size <= '
-                     f'{MAX_FP32_KERNEL_BACKWARD_K} with fp32 inputs (got {max_block} and '
-                     f'{noisy[0].shape[-1]}: more shared memory than a GPU has); use 16-bit '
-                     "inputs or backward='autodiff'")
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
                      f'{jax.default_backend()!r})')

@@ -46,30 +46,29 @@ def test_records_the_fused_two_stream_launches():
   # with the checkpoints' pullback (no output cotangent: no dv_local).
   clean_fwd = ['intra_kernel', 'state_pass_kernel']
   clean_bwd = ['dhu_kernel', 'bwd_chunk_kernel']
+  noisy_bwd = ['noisy_wy_kernel', 'noisy_bwd_kernel']
   launches = record(jnp.float32, 20)
-  # fp32 blocks over 16 slots have no kernel backward (autodiff of the chunked schedule).
-  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + clean_bwd
+  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
   launch = launches[2]
   # Row tiles of 32 (blocks up to 20 slots) take eight warps; V = 40 pads to one 64-wide tile;
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
-  assert launches[5]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
-  # bf16 products: the backward kernel takes 32-row tiles, and V tiles of 32 (two over V = 64).
-  launches = record(jnp.bfloat16, 20)
-  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + ['noisy_bwd_kernel'] + clean_bwd
-  # Noisy q, k, v and clean k: read as given by the forward (with bf16 products), as fp32 copies by
-  # the backward kernel, at every row tile.
-  read = lambda launches, i: launches[i]['dtypes'][:3] + launches[i]['dtypes'][9:10]
-  bf16_16 = record(jnp.bfloat16, 8)
-  for run in (launches, bf16_16):
-    assert set(read(run, 2)) == {'bfloat16'} and run[2]['meta']['PREC'].startswith('bf16')
-    assert set(read(run, 5)) == {'float32'}
-  assert launches[5]['meta']['BV'] == 32 and launches[5]['meta']['PREC'].startswith('bf16')
-  assert launches[5]['grid'] == (2, 16)
-  launches = record(jnp.float32, 8)
-  assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + ['noisy_bwd_kernel'] + clean_bwd
-  assert launches[2]['num_warps'] == 4 and launches[5]['meta']['BV'] == 16
+  assert launches[7]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
+  # The backward's two kernels share a grid: V tiles of 32 (two over V = 64), for every dtype.
+  for dtype, max_block in ((jnp.float32, 20), (jnp.bfloat16, 20), (jnp.float32, 8)):
+    launches = record(dtype, max_block)
+    assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
+    assert [l['meta']['BV'] for l in launches[5:7]] == [32, 32]
+    assert launches[5]['grid'] == launches[6]['grid'] == (2, 16)
+  # 16-bit inputs at 16-row tiles: one V tile (all of V), the backward at eight warps; every
+  # fused kernel reads noisy q, k, v as given and multiplies in bf16.
+  launches = record(jnp.bfloat16, 8)
+  assert [l['meta']['BV'] for l in launches[5:7]] == [64, 64]
+  assert launches[6]['num_warps'] == 8 and launches[6]['grid'] == (2, 8)
+  for launch in launches[2:3] + launches[5:7]:
+    assert set(launch['dtypes'][:3]) == {'bfloat16'}, launch['kernel'].fn.__name__
+    assert launch['meta']['PREC'].startswith('bf16')
 
 
 def test_pallas_launches_come_from_the_cuda_lowering():
