@@ -179,6 +179,22 @@ if triton is not None:
             + coef[:, None] * _mm(x, h_n, PREC))
 
   @triton.jit
+  def _walk_tile(q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, n, ipos,
+                 k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col,
+                 HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                 S: tl.constexpr, PREC: tl.constexpr):
+    """One row tile of a window's forward walk (the slots `slot`): its noisy q, k, g and block
+    starts, its WY step against the previous tile (`_wy_step`: gam, d_ii, d_ip, e^gam, W, U), its
+    seed terms (E, coef) and corrected values V' = U - W S(seed)."""
+    b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
+        q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, HQ, HV, K, VDP)
+    gam, d_ii, d_ip, eg, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
+                                         w_p, u_p, row, col, S, PREC)
+    _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
+    vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
+    return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
@@ -204,15 +220,11 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_s
-      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
-          HQ, HV, K, VDP)
-
-      gam, d_ii, d_ip, eg, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
-                                           w_p, u_p, row, col, S, PREC)
-      # Rows times their seed state, from h_n and clean chunk n (prefix identity).
-      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
-      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
+      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn = _walk_tile(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
+          k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
+          PREC)
+      # Output rows: their seed states' part (prefix identity) and the in-block part.
       qe = b_q * eg[:, None]
       b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
              + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
@@ -278,13 +290,10 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_s
-      b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v,
-          HQ, HV, K, VDP)
-      gam, d_ii, d_ip, _, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
-                                          w_p, u_p, row, col, S, PREC)
-      _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)
-      vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
+      b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn = _walk_tile(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
+          k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
+          PREC)
       wrow = wbase + i * S + o_s
       dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
       dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
