@@ -21,9 +21,9 @@ forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms agains
 autodiff stays the default. (Before this design, the backward kernel rebuilt two row tiles per
 step with the clean context in registers: 18.4-18.8 ms at block 4.)
 
-`interpret=True` runs the kernel in Triton's interpreter on the host (`_common.triton_interpret`;
+`interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them
-as given (the faster on an H200, see below).
+as given (see below).
 """
 import functools
 
@@ -451,9 +451,10 @@ if triton is not None:
 # bf16 products (operands rounded to bf16, fp32 accumulation; the clean context k, v' and h_n
 # loaded as bf16) with noisy q, k, v and clean k read as given took 1.72 ms; bf16 products from
 # fp32 copies 1.82; TF32 products from fp32 copies 1.89 and 1.94; bf16 at a V tile of 64, 2.41.
-# Reading as given also saves the copies (temp 0.189 against 0.314 GiB). The backward kernel reads
-# fp32 copies: as given it took 22.6 ms against 18.4-18.8 (2026-12-01). The UT inverse stays
-# TF32x3, as are all products for fp32 inputs.
+# Reading as given also saves the copies (temp 0.189 against 0.314 GiB). The backward's kernels
+# read them as given too (the old two-tile backward kernel was faster on fp32 copies, 18.4-18.8 ms
+# against 22.6, 2026-12-01; the current ones were not compared). The UT inverse stays TF32x3, as
+# are all products for fp32 inputs.
 
 
 def _forward_products(dtype) -> str:
@@ -570,6 +571,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs' gradients (per
   window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
   gradients through the clean pass (`backward_sums`)."""
+  del launch  # the forward's; the backward's is `backward_launch`
   b, nv, _, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
