@@ -169,6 +169,9 @@ TRITON_GRAD_CASES = {  # t, max_block, chunk, views, h, hv, kd, vd
     't37_b3_v2': (37, 3, 16, 2, 1, 2, 16, 16),
     't100_b8_k20_v1': (100, 8, 16, 1, 1, 2, 20, 20),
     't60_b16_vd40': (60, 16, 32, 2, 1, 2, 16, 40),  # V padded to 64: two backward V tiles
+    't50_b1_v1': (50, 1, 16, 1, 1, 1, 16, 16),  # one-slot blocks
+    # 32-row tiles (chunk raised to 32); one head (see test_bf16_backward_kernel_within_fla_limits)
+    't70_b20_v2': (70, 20, 16, 2, 1, 1, 16, 16),
 }
 
 
