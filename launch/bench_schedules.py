@@ -124,8 +124,8 @@ def _apply_kernel_overrides() -> None:
   defaults in this child process before anything is traced (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
-  if _NOISY_BWD_LAUNCH.value:
-    launch = tuple(int(x) for x in _NOISY_BWD_LAUNCH.value.split(','))
+  launch = schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
+  if launch:
     two_stream_triton.backward_launch = lambda dtype, max_block: launch
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
@@ -192,6 +192,7 @@ def main(argv):
     _run_child(_CHILD.value)
     return
   cases = schedule_cases.parse_cases(_CASES.value) or [None]
+  schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)  # a bad value fails here, not per child
   base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases', '--xla_variants'))]
   results = []
   for flags_text in bench_util.xla_variants(_XLA_VARIANTS.value) or [None]:

@@ -20,6 +20,21 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
   return cases
 
 
+def parse_launch(text: str) -> tuple[int, int, int] | None:
+  """--noisy_bwd_launch: '' -> None; 'V tile,warps,WY pass warps' -> the three ints (a V tile
+  that is a power of two >= 16, warps 1..16 in powers of two)."""
+  if not text:
+    return None
+  parts = text.split(',')
+  pow2 = lambda n: n > 0 and n & (n - 1) == 0
+  if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
+    launch = tuple(int(p) for p in parts)
+    if pow2(launch[0]) and launch[0] >= 16 and all(pow2(w) and w <= 16 for w in launch[1:]):
+      return launch
+  raise app.UsageError(f"--noisy_bwd_launch wants 'V tile,warps,WY pass warps', e.g. 128,8,4 (a "
+                       f'V tile that is a power of two >= 16; warps 1, 2, 4, 8 or 16), got {text!r}')
+
+
 def table(results: list[dict], baseline: str) -> str:
   """One row per (case, schedule); ratios within each case (T, block, V, XLA flag set): time and
   XLA temp memory over the baseline schedule's (the paper's fused-vs-simple figures with baseline

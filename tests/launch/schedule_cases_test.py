@@ -13,6 +13,14 @@ def test_parse_cases():
       schedule_cases.parse_cases([bad])
 
 
+def test_parse_launch():
+  assert schedule_cases.parse_launch('') is None
+  assert schedule_cases.parse_launch('128,8,4') == (128, 8, 4)
+  for bad in ('128,8', '96,8,4', '8,4,4', '128,8,32', '128,x,4', '128,0,4'):
+    with pytest.raises(app.UsageError, match='V tile,warps,WY pass warps'):
+      schedule_cases.parse_launch(bad)
+
+
 def test_table_ratios_stay_within_each_case():
   case = lambda t, v, **ms: [dict(T=t, block=4, V=v, schedule=name, fwd_ms=x, fwdbwd_ms=2 * x,
                                   fwd_temp_gib=x / 8, fwdbwd_temp_gib=x / 2)
