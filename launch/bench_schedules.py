@@ -60,8 +60,8 @@ _NOISY_BLOCK_V = flags.DEFINE_integer(
 _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
 _NOISY_BWD_LAUNCH = flags.DEFINE_string(
-    'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' 'V tile,warps,WY pass "
-    "warps' (empty: two_stream_triton.backward_launch).")
+    'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' "
+    "'V tile,warps,WY pass warps' (empty: two_stream_triton.backward_launch).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')

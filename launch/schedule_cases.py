@@ -32,7 +32,8 @@ def parse_launch(text: str) -> tuple[int, int, int] | None:
     if pow2(launch[0]) and launch[0] >= 16 and all(pow2(w) and w <= 16 for w in launch[1:]):
       return launch
   raise app.UsageError(f"--noisy_bwd_launch wants 'V tile,warps,WY pass warps', e.g. 128,8,4 (a "
-                       f'V tile that is a power of two >= 16; warps 1, 2, 4, 8 or 16), got {text!r}')
+                       'V tile that is a power of two >= 16; warps 1, 2, 4, 8 or 16), got '
+                       f'{text!r}')
 
 
 def table(results: list[dict], baseline: str) -> str:

@@ -610,8 +610,8 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
                             interpret: bool = False, backward: str = 'autodiff') -> jax.Array:
   """Noisy-view outputs of the two-stream gated delta rule: the 'chunked' schedule's forward as one
   jax-triton kernel. Same contract as `two_stream_pallas.noisy_delta_rule_pallas`: backward
-  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`_backward`: two kernels and XLA GEMMs);
-  `interpret=True` runs Triton's interpreter on the host.
+  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`_backward`: two kernels and XLA
+  GEMMs); `interpret=True` runs Triton's interpreter on the host.
 
   Raises:
     ValueError: max_block below 1, HV not a multiple of H, an unknown backward, or (not
