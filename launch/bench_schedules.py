@@ -149,7 +149,7 @@ def _run_child(schedule: str) -> None:
   if schedule == 'chunked':
     f = lambda c, n: two_stream_xla.noisy_delta_rule_chunked(
         c, n, seg, starts, chunks_per_step=_CHUNKS_PER_STEP.value or None, **kw)
-  elif schedule == 'clean':
+  elif schedule == schedule_cases.CLEAN:
     f = lambda c, n: gdr_api.chunk_gated_delta_rule(*c, scale=kw['scale'], segment_ids=seg,
                                                     chunk_size=_CHUNK.value)[0]
   elif schedule in (schedule_cases.CONV, schedule_cases.CONV_AUTODIFF):
@@ -191,6 +191,8 @@ def main(argv):
   if _CHILD.value:
     _run_child(_CHILD.value)
     return
+  from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
+  schedule_cases.check_schedules(_SCHEDULES.value, two_stream_gdn.ALL_SCHEDULES)
   cases = schedule_cases.parse_cases(_CASES.value) or [None]
   schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)  # a bad value fails here, not per child
   base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases', '--xla_variants'))]

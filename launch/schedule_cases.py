@@ -7,6 +7,19 @@ from launch import bench_util
 WHOLE_PASS = 'both:'  # schedule prefix: clean and noisy outputs in one timed call
 CONV = 'conv'  # not a schedule: the model's short convs of both streams, timed beside them
 CONV_AUTODIFF = 'conv_autodiff'  # the same with autodiff's backward (the manual one's oracle)
+CLEAN = 'clean'  # not a schedule: the clean stream's own chunked pass, the target's unit
+
+
+def check_schedules(names: list[str], schedules: tuple[str, ...]) -> None:
+  """Raises UsageError unless every name is one of `schedules` (the model's), WHOLE_PASS + one of
+  them, CLEAN, CONV or CONV_AUTODIFF."""
+  extra = (CLEAN, CONV, CONV_AUTODIFF)
+  known = lambda name: (name in schedules or name in extra
+                        or (name.startswith(WHOLE_PASS) and name[len(WHOLE_PASS):] in schedules))
+  bad = [name for name in names if not known(name)]
+  if bad:
+    raise app.UsageError(f'--schedules: unknown {bad}; known: {", ".join(schedules + extra)}, or '
+                         f'{WHOLE_PASS}<schedule>')
 
 
 def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:

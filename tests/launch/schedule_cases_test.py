@@ -13,6 +13,15 @@ def test_parse_cases():
       schedule_cases.parse_cases([bad])
 
 
+def test_check_schedules():
+  model = ('auto', 'chunked', 'triton')
+  schedule_cases.check_schedules(['chunked', 'both:triton', 'both:auto', 'clean', 'conv',
+                                  'conv_autodiff'], model)
+  for bad in ('nope', 'both:nope', 'both:clean', 'triton_kernel'):
+    with pytest.raises(app.UsageError, match=f"unknown \\['{bad}'\\]"):
+      schedule_cases.check_schedules(['chunked', bad], model)
+
+
 def test_parse_launch():
   assert schedule_cases.parse_launch('') is None
   assert schedule_cases.parse_launch('128,8,4') == (128, 8, 4)
