@@ -68,7 +68,7 @@ def table(results: list[dict], baseline: str) -> str:
       continue
     same = [x for x in results if 'error' not in x and case_of(x) == case_of(r)]
     base = next((x for x in same if x['schedule'] == baseline), None)
-    clean = next((x for x in same if x['schedule'] == 'clean'), None)
+    clean = next((x for x in same if x['schedule'] == CLEAN), None)
 
     def ratio(m, of=ms):
       x, b = of(r, m), of(base, m)
@@ -76,7 +76,7 @@ def table(results: list[dict], baseline: str) -> str:
 
     def vs_clean(m):  # a noisy-only schedule's time is added to the clean pass's
       x, c = ms(r, m), ms(clean, m)
-      if x is None or not c or r['schedule'] in ('clean', CONV, CONV_AUTODIFF):
+      if x is None or not c or r['schedule'] in (CLEAN, CONV, CONV_AUTODIFF):
         return '-'
       whole = x if r['schedule'].startswith(WHOLE_PASS) else c + x
       return f"{whole / ((1 + r['V']) * c):.2f}"
