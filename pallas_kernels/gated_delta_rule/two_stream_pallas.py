@@ -95,7 +95,7 @@ def _tile_rows(ref, start, size):
   return (pl.ds(start, size),) + (slice(None),) * (len(ref.shape) - 1)
 
 
-def _seed_terms(g_ctx, ipos, seed, lo, carry, n):
+def seed_terms(g_ctx, ipos, seed, lo, carry, n):
   """How rows reach their seed state from window n's context (prefix identity).
 
   g_ctx [C] the clean G of chunk n; ipos [R, C] its positions; seed, lo, carry [R] (see
@@ -152,7 +152,7 @@ def _noisy_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_ref, c
     u = mm(t_ii, v * beta[:, None] - mm(a_ip, u_p))
 
     # --- Rows times the seed state, from h_n and clean chunk n (prefix identity). ---
-    e, coef, _ = _seed_terms(g_ctx, ipos, seed, lo, carry, n)  # S C, S
+    e, coef, _ = seed_terms(g_ctx, ipos, seed, lo, carry, n)  # S C, S
 
     def cross(x):  # x S(seed) row by row, x [S, K]
       return mm(mm(x, k_ctx, tb=True) * e, v_ctx) + coef[:, None] * mm(x, h)
@@ -192,7 +192,7 @@ def _noisy_bwd_kernel(q_ref, k_ref, v_ref, g_ref, b_ref, bs_ref, seed_ref, lo_re
     rows = pl.ds(n * c + i * s, r)  # slots [nC + (i - 1) S, nC + (i + 1) S)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g, beta, bs = g_ref[rows], b_ref[rows], bs_ref[rows]
-    e, coef, at_seed = _seed_terms(g_ctx, ipos, seed_ref[rows], lo_ref[rows], carry_ref[rows], n)
+    e, coef, at_seed = seed_terms(g_ctx, ipos, seed_ref[rows], lo_ref[rows], carry_ref[rows], n)
     dos = scale * jnp.where(in_tile, do_ref[pl.ds(i * s, r), :], 0.0)
 
     # --- Stage 1: recompute the WY step and the seed products of both tiles. Rows of tile i - 1

@@ -97,21 +97,26 @@ if triton is not None:
       return tl.dot(a, b, input_precision=PREC)
 
   @triton.jit
-  def _window_context(kc, vc, gc, h, n, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
-                      N: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                      C: tl.constexpr, CTX_BF16: tl.constexpr = False):
-    """This program's (batch, value head, view, V tile) from program_id(1), its key head, its V
-    columns, and clean chunk n's context: k [C, K], v' [C, BV], G [C], h_n [K, BV] (fp32; with
-    CTX_BF16 k, v' and h_n rounded to bf16, as bf16 products would round them)."""
+  def _program_ids(NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, VDP: tl.constexpr,
+                   BV: tl.constexpr):
+    """This program's (batch, value head, view, V tile) from program_id(1), its key head and its
+    V columns."""
     pid = tl.program_id(1)
     NVT: tl.constexpr = VDP // BV
     i_e = pid % NVT
     i_u = (pid // NVT) % NV
     i_h = (pid // (NVT * NV)) % HV
     i_b = pid // (NVT * NV * HV)
-    kh = i_h // (HV // HQ)
+    return i_b, i_h, i_u, i_e, i_h // (HV // HQ), i_e * BV + tl.arange(0, BV)
+
+  @triton.jit
+  def _window_context(kc, vc, gc, h, n, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                      N: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
+                      C: tl.constexpr, CTX_BF16: tl.constexpr = False):
+    """`_program_ids`, and clean chunk n's context: k [C, K], v' [C, BV], G [C], h_n [K, BV]
+    (fp32; with CTX_BF16 k, v' and h_n rounded to bf16, as bf16 products would round them)."""
+    i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
     o_k = tl.arange(0, K)
-    o_v = i_e * BV + tl.arange(0, BV)
     ctok = (i_b * N * C + n * C + tl.arange(0, C)).to(tl.int64)
     k_ctx = tl.load(kc + (ctok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
     v_ctx = tl.load(vc + (ctok * HV + i_h)[:, None] * VDP + o_v[None, :])
@@ -138,7 +143,7 @@ if triton is not None:
   @triton.jit
   def _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n):
     """How rows reach their seed state from window n (prefix identity; two_stream_pallas's
-    `_seed_terms`): the one-hot [R, C] of the seed, e [R, C] = e^{G_seed - G_i} on the seed's
+    `seed_terms`): the one-hot [R, C] of the seed, e [R, C] = e^{G_seed - G_i} on the seed's
     local sum (else 0) and coef [R] = e^{G_seed} where the row also reads h_n (else 0)."""
     at_seed = ipos[None, :] == b_seed[:, None]
     g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
@@ -327,13 +332,7 @@ if triton is not None:
     enter with the first V tile)."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
-    pid = tl.program_id(1)
-    i_e = pid % NVT
-    i_u = (pid // NVT) % NV
-    i_h = (pid // (NVT * NV)) % HV
-    i_b = pid // (NVT * NV * HV)
-    kh = i_h // (HV // HQ)
-    o_v = i_e * BV + tl.arange(0, BV)
+    i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     row = o_s[:, None]
@@ -527,17 +526,16 @@ def _seed_backward(ops, w, gam, dvn, scale):
   q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
   rows = ((q_rows.astype(_F32) * jnp.exp(gam)[..., None],
            scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))), (w, -dvn))
-  # How each row reaches its seed state from its window (the kernels' `_seed_terms`).
+  # How each row reaches its seed state from its window: the Pallas kernels' rule, batched over
+  # (batch, window, value head).
   seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, wd) for m in ops.meta[1:])  # B N W
   g_ctx = jnp.swapaxes(gc.reshape(b, n, c, hv), 2, 3)  # B N HV C
-  ipos = (jnp.arange(n) * c)[:, None] + jnp.arange(c)  # N C
-  at_seed = ipos[None, :, None, :] == seed[..., None]  # B N W C
-  g_seed = jnp.sum(jnp.where(at_seed[:, :, None], g_ctx[:, :, :, None, :], 0.0), axis=-1)
-  local = (ipos[None, :, None, :] >= lo[..., None]) & (ipos[None, :, None, :] <= seed[..., None])
-  e = jnp.exp(jnp.where(local[:, :, None], g_seed[..., None] - g_ctx[:, :, :, None, :],
-                        -jnp.inf))[:, :, :, None]  # B N HV 1 W C
-  coef = jnp.where((carry == jnp.arange(n)[:, None])[:, :, None], jnp.exp(g_seed), 0.0)
-  coef = coef[:, :, :, None, :, None]  # B N HV 1 W 1
+  ipos = jnp.broadcast_to(((jnp.arange(n) * c)[:, None] + jnp.arange(c))[:, None], (n, wd, c))
+  terms = jax.vmap(tsp.seed_terms, (0, None, None, None, None, None))  # over value heads
+  terms = jax.vmap(terms, (0, 0, 0, 0, 0, 0))  # over windows
+  terms = jax.vmap(terms, (0, None, 0, 0, 0, None))  # over batch rows
+  e, coef, at_seed = terms(g_ctx, ipos, seed, lo, carry, jnp.arange(n))  # B N HV W C, .. W, .. W C
+  e, coef = e[:, :, :, None], coef[:, :, :, None, :, None]  # B N HV 1 W C, B N HV 1 W 1
   heads = lambda x: jnp.repeat(jnp.swapaxes(x.reshape(b, n, c, x.shape[2], -1), 2, 3),
                                hv // x.shape[2], axis=2)  # [B, N C, H, X] -> [B, N, HV, C, X]
   k_ctx, v_ctx = heads(kc).astype(_F32), heads(vc)
@@ -553,7 +551,7 @@ def _seed_backward(ops, w, gam, dvn, scale):
     pe = ze * sx
     dseed += jnp.sum(pe, axis=-1) + jnp.sum(x * dyh, axis=-1)
     pe_cols += jnp.sum(pe, axis=(3, 4))
-  dgc = jnp.einsum('bnrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
+  dgc = jnp.einsum('bnhrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
                    precision=jax.lax.Precision.HIGHEST) - pe_cols
   slots = lambda x: jnp.swapaxes(x, 2, 3).reshape((b, 1, n * c, hv) + x.shape[4:])
   return tuple(dxs) + (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None],
