@@ -3,16 +3,23 @@
 FlashAttention-2 with per-token metadata masks (`mask.visible`, evaluated on every visited tile) and
 block sparsity from a conservative tile table:
 
-  forward   grid (T/bq, B, H): one q tile [bq, D] walks the k tiles it may see, online softmax in
-            fp32 -> o [B, T, H, D] and the log-sum-exp lse [B, H, T] (saved for the backward).
-  dq        grid (T/bq, B, H): the same walk, dq = scale * sum_k dS k with P = exp(S - lse) and
+  forward   one program per (head, q tile of a row): the q tile [bq, D] walks the k tiles it may
+            see, online softmax in fp32 -> o [B, T, H, D] and the log-sum-exp lse [B, H, T] (saved
+            for the backward).
+  dq        the same programs and walk: dq = scale * sum_k dS k with P = exp(S - lse) and
             dS = P * (dO V^T - delta), delta = rowsum(O * dO) (computed in XLA).
-  dk, dv    grid (S/bk, B, Hkv): one k tile walks, for each of the H/Hkv query heads of its group,
-            the q tiles that may see it: dv += P^T dO, dk += scale * dS^T q (or grid (S/bk, B, H)
-            with `BlockSizes.dkdv_per_q_head`, the default at bf16 D = 256, the group summed in
-            XLA). (Adding dq there too, by atomic adds into fp32, in place of the dq kernel
-            measured 2.3x slower in forward+backward on an H200: 26.1 against 11.3 ms at the
-            two-stream benchmark shape.)
+  dk, dv    one program per (kv head, k tile of a row): the k tile walks, for each of the H/Hkv
+            query heads of its group, the q tiles that may see it: dv += P^T dO, dk += scale *
+            dS^T q (or one program per (query head, k tile) with `BlockSizes.dkdv_per_q_head`, the
+            default at bf16 D = 256, the group summed in XLA). (Adding dq there too, by atomic
+            adds into fp32, in place of the dq kernel measured 2.3x slower in forward+backward on
+            an H200: 26.1 against 11.3 ms at the two-stream benchmark shape.)
+
+Launch order: grids are (heads, row tiles), and a program takes its (row, tile) from a launch
+order computed in XLA (`_launch_order`): by default the tiles with the longest visit lists first,
+so that the GPU's last wave holds short programs (H200, B = 1, T = 4096, 16 / 4 heads, D = 256,
+bf16, one run: causal forward 0.390 against 0.457 ms in tile order, forward+backward 2.52 against
+2.63; two-stream 1.21 / 7.71 against 1.26 / 7.71).
 
 Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
@@ -70,6 +77,9 @@ class BlockSizes:
       Hkv = 4) for 2 * B * S * H * D fp32 of temporary memory. On by default for bf16 D = 256
       (Qwen3.5's attention; H200, B = 1, T = 4096, 16 / 4 heads, forward+backward: two-stream
       8.49 against 10.29 ms, causal 3.10 against 3.50; 1.6 GB at B = 4 and 12288 tokens).
+    heavy_first: launch each kernel's programs in descending order of the tiles they visit
+      (`_launch_order`), so that the longest ones start first and the GPU's last wave is short;
+      off, programs run in tile order.
   """
 
   block_q: int = 64
@@ -83,6 +93,7 @@ class BlockSizes:
   num_warps_dkv: int = 8
   num_stages: int = 2
   dkdv_per_q_head: bool = False
+  heavy_first: bool = True
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
@@ -236,11 +247,28 @@ def _visit_lists(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q
   return jnp.concatenate(counts + [order], axis=-1)
 
 
-def _visit(visit_ref, body, carry):
-  """Runs body(masked)(i, carry) over the visit list: the full tiles unmasked, then the rest
-  masked."""
-  carry = jax.lax.fori_loop(0, visit_ref[0], body(False), carry)
-  return jax.lax.fori_loop(visit_ref[0], visit_ref[1], body(True), carry)
+def _launch_order(visit: jax.Array, heavy_first: bool) -> jax.Array:
+  """int32 [B * n]: the flat (row, tile) ids `row * n + tile` in the order the programs take them,
+  for visit lists [B, n, m + 2]. With heavy_first, by descending count of visited tiles (stable):
+  list scheduling runs the longest jobs first and the GPU's last wave holds only short ones (a
+  causal row's tiles carry 1 to n units of work). Otherwise in id order."""
+  ids = jnp.arange(visit.shape[0] * visit.shape[1], dtype=jnp.int32)
+  if not heavy_first:
+    return ids
+  return jnp.argsort(-visit[..., 1].reshape(-1), stable=True).astype(jnp.int32)
+
+
+def _program_tile(order_ref, tiles: int):
+  """(row, tile) of this program: the `pl.program_id(1)`-th entry of the launch order."""
+  flat = order_ref[pl.program_id(1)]
+  return flat // tiles, flat % tiles
+
+
+def _visit(entry, body, carry):
+  """Runs body(masked)(i, carry) over a visit list read through entry(j) (its j-th int): the full
+  tiles unmasked, then the rest masked; body reads tile ids as entry(i + 2)."""
+  carry = jax.lax.fori_loop(0, entry(0), body(False), carry)
+  return jax.lax.fori_loop(entry(0), entry(1), body(True), carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,9 +282,10 @@ def _dot(a, b, *, ta=False, tb=False):
   return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
 
 
-def _load_meta(ref, rows) -> mask_lib.TokenMeta:
-  """TokenMeta of a [4, L] metadata ref (fields stacked in TokenMeta order) at `rows`."""
-  return mask_lib.TokenMeta(*(ref[f, rows] for f in range(_N_FIELDS)))
+def _load_meta(ref, b, rows) -> mask_lib.TokenMeta:
+  """TokenMeta of row b of a [B, 4, L] metadata ref (fields stacked in TokenMeta order) at
+  `rows`."""
+  return mask_lib.TokenMeta(*(ref[b, f, rows] for f in range(_N_FIELDS)))
 
 
 def _probs(q, k, lse, scale, vis):
@@ -269,20 +298,26 @@ def _probs(q, k, lse, scale, vis):
 # ---------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as (inputs..., outputs...).
 # ---------------------------------------------------------------------------------------------
-def _fwd_kernel(visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *, scale, bk):
-  """One (q tile, batch, head): online softmax over the k tiles in its visit list."""
-  q = q_ref[...]
-  q_meta = _load_meta(qm_ref, slice(None))
-  bq, d = q.shape
+def _fwd_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *,
+                scale, bq, bk):
+  """One (head, q tile of a row) in launch order: online softmax over the k tiles in its visit
+  list. Refs hold every row (and the program's head or kv head): q, o [B, Tp, D]; k, v [B, Sp, D];
+  metadata [B, 4, L]; visit lists [B, n, m + 2]; lse [B, Tp]."""
+  b, i = _program_tile(order_ref, visit_ref.shape[1])
+  entry = lambda j: visit_ref[b, i, j]
+  q_rows = pl.ds(i * bq, bq)
+  q = q_ref[b, q_rows, :]
+  q_meta = _load_meta(qm_ref, b, q_rows)
+  d = q.shape[1]
 
   def body(masked):
     def step(n, carry):
       acc, m, l = carry
-      rows = pl.ds(visit_ref[n + 2] * bk, bk)
-      k, v = k_ref[rows, :], v_ref[rows, :]
+      rows = pl.ds(entry(n + 2) * bk, bk)
+      k, v = k_ref[b, rows, :], v_ref[b, rows, :]
       s = _dot(q, k, tb=True) * scale
       if masked:
-        vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows))
+        vis = mask_lib.visible(q_meta, _load_meta(km_ref, b, rows))
         s = jnp.where(vis, s, _NEG)
       m_new = jnp.maximum(m, jnp.max(s, axis=1))
       alpha = jnp.exp(m - m_new)
@@ -295,61 +330,69 @@ def _fwd_kernel(visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, 
     return step
 
   init = (jnp.zeros((bq, d), _F32), jnp.full((bq,), _NEG, _F32), jnp.zeros((bq,), _F32))
-  acc, m, l = _visit(visit_ref, body, init)
+  acc, m, l = _visit(entry, body, init)
   seen = l > 0.0
-  o_ref[...] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _DEAD_LSE)
+  o_ref[b, q_rows, :] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+  lse_ref[b, q_rows] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _DEAD_LSE)
 
 
-def _dq_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref, dq_ref,
-               *, scale, bk):
-  """One (q tile, batch, head): dq = scale * sum over visited k tiles of dS k."""
-  q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
-  q_meta = _load_meta(qm_ref, slice(None))
+def _dq_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref,
+               km_ref, dq_ref, *, scale, bq, bk):
+  """One (head, q tile of a row) in launch order: dq = scale * sum over visited k tiles of dS k.
+  Layouts as `_fwd_kernel`; do, dq like q, delta like lse."""
+  b, i = _program_tile(order_ref, visit_ref.shape[1])
+  entry = lambda j: visit_ref[b, i, j]
+  q_rows = pl.ds(i * bq, bq)
+  q, do = q_ref[b, q_rows, :], do_ref[b, q_rows, :]
+  lse, delta = lse_ref[b, q_rows], delta_ref[b, q_rows]
+  q_meta = _load_meta(qm_ref, b, q_rows)
 
   def body(masked):
     def step(n, dq):
-      rows = pl.ds(visit_ref[n + 2] * bk, bk)
-      k, v = k_ref[rows, :], v_ref[rows, :]
-      vis = mask_lib.visible(q_meta, _load_meta(km_ref, rows)) if masked else None
+      rows = pl.ds(entry(n + 2) * bk, bk)
+      k, v = k_ref[b, rows, :], v_ref[b, rows, :]
+      vis = mask_lib.visible(q_meta, _load_meta(km_ref, b, rows)) if masked else None
       p = _probs(q, k, lse, scale, vis)
       ds = p * (_dot(do, v, tb=True) - delta[:, None])
       return dq + _dot(ds.astype(k.dtype), k)
     return step
 
-  dq = _visit(visit_ref, body, jnp.zeros(q.shape, _F32))
-  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+  dq = _visit(entry, body, jnp.zeros(q.shape, _F32))
+  dq_ref[b, q_rows, :] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref, km_ref,
-                 dk_ref, dv_ref, *, scale, bq, groups):
-  """One (k tile, batch, kv head; or query head, groups = 1): sums over its `groups` query heads
-  and, for each, over the q tiles in the k tile's visit list. q_ref, do_ref: [Tp, groups, D];
-  lse_ref, delta_ref: [groups, Tp]."""
-  k, v = k_ref[...], v_ref[...]
-  k_meta = _load_meta(km_ref, slice(None))
+def _dkdv_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref,
+                 km_ref, dk_ref, dv_ref, *, scale, bq, bk, groups):
+  """One (kv head or, with groups = 1, query head; k tile of a row) in launch order: sums over its
+  `groups` query heads and, for each, over the q tiles in the k tile's visit list. q_ref, do_ref:
+  [B, Tp, groups, D]; lse_ref, delta_ref: [B, groups, Tp]; k, v, dk, dv [B, Sp, D]; visit lists
+  [B, m, n + 2]."""
+  b, j = _program_tile(order_ref, visit_ref.shape[1])
+  entry = lambda n: visit_ref[b, j, n]
+  k_rows = pl.ds(j * bk, bk)
+  k, v = k_ref[b, k_rows, :], v_ref[b, k_rows, :]
+  k_meta = _load_meta(km_ref, b, k_rows)
 
   def head(g, carry):
     def body(masked):
       def step(n, carry):
         dk, dv = carry
-        rows = pl.ds(visit_ref[n + 2] * bq, bq)
-        q, do = q_ref[rows, g, :], do_ref[rows, g, :]
-        vis = mask_lib.visible(_load_meta(qm_ref, rows), k_meta) if masked else None
-        p = _probs(q, k, lse_ref[g, rows], scale, vis)
-        ds = p * (_dot(do, v, tb=True) - delta_ref[g, rows][:, None])
+        rows = pl.ds(entry(n + 2) * bq, bq)
+        q, do = q_ref[b, rows, g, :], do_ref[b, rows, g, :]
+        vis = mask_lib.visible(_load_meta(qm_ref, b, rows), k_meta) if masked else None
+        p = _probs(q, k, lse_ref[b, g, rows], scale, vis)
+        ds = p * (_dot(do, v, tb=True) - delta_ref[b, g, rows][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, ta=True)
         dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
         return dk, dv
       return step
 
-    return _visit(visit_ref, body, carry)
+    return _visit(entry, body, carry)
 
   zeros = jnp.zeros(k.shape, _F32)
   dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
-  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk_ref[b, k_rows, :] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[b, k_rows, :] = dv.astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,80 +408,83 @@ def _fields(meta_stack: jax.Array) -> mask_lib.TokenMeta:
   return mask_lib.TokenMeta(*(meta_stack[:, f] for f in range(_N_FIELDS)))
 
 
+def _whole(x):
+  """BlockSpec of the whole array x (every program reads all of it)."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _head_spec(x, head_map):
+  """BlockSpec of x [B, L, heads, D] at one head, head_map(program's head axis) (squeezed)."""
+  b, length, _, d = x.shape
+  return pl.BlockSpec((b, length, None, d), lambda h_, r: (0, 0, head_map(h_), 0))
+
+
+def _row_spec(b, length):
+  """BlockSpec of a [B, H, L] fp32 row array (lse, delta) at the program's head (squeezed)."""
+  return pl.BlockSpec((b, None, length), lambda h_, r: (0, h_, 0))
+
+
 def _forward_call(q, k, v, qm, km, *, scale, bs: BlockSizes, interpret):
   b, tp, h, d = q.shape
-  sp, hkv = k.shape[1], k.shape[2]
+  hkv = k.shape[2]
   bq, bk, grp = bs.block_q, bs.block_k, h // hkv
   visit = _visit_lists(_fields(qm), _fields(km), bq, bk)
-  in_specs = [
-      pl.BlockSpec((None, None, sp // bk + 2), lambda i, b_, h_: (b_, i, 0)),
-      pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
-      pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
-      pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0)),
-      pl.BlockSpec((None, _N_FIELDS, bq), lambda i, b_, h_: (b_, 0, i)),
-      pl.BlockSpec((None, _N_FIELDS, sp), lambda i, b_, h_: (b_, 0, 0)),
-  ]
-  out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0)),
-               pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))]
+  order = _launch_order(visit, bs.heavy_first)
+  own_head, kv_head = _head_spec(q, lambda h_: h_), _head_spec(k, lambda h_: h_ // grp)
+  in_specs = [_whole(order), _whole(visit), own_head, kv_head, kv_head, _whole(qm), _whole(km)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), _F32)]
-  kernel = functools.partial(_fwd_kernel, scale=scale, bk=bk)
+  kernel = functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(tp // bq, b, h), in_specs=in_specs, out_specs=out_specs,
+      kernel, out_shape=out_shape, grid=(h, order.shape[0]), in_specs=in_specs,
+      out_specs=[own_head, _row_spec(b, tp)],
       compiler_params=_params(interpret, bs.num_warps, bs.num_stages), interpret=interpret,
-      name='flash_attention_fwd')(visit, q, k, v, qm, km)
+      name='flash_attention_fwd')(order, visit, q, k, v, qm, km)
 
 
 def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
   b, tp, h, d = q.shape
-  sp, hkv = k.shape[1], k.shape[2]
+  hkv = k.shape[2]
   bq, bk, grp = bs.block_q_dq, bs.block_k_dq, h // hkv
   visit = _visit_lists(_fields(qm), _fields(km), bq, bk)
-  q_tile = pl.BlockSpec((None, bq, None, d), lambda i, b_, h_: (b_, i, h_, 0))
-  kv_all = pl.BlockSpec((None, sp, None, d), lambda i, b_, h_: (b_, 0, h_ // grp, 0))
-  row = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
-  in_specs = [
-      pl.BlockSpec((None, None, sp // bk + 2), lambda i, b_, h_: (b_, i, 0)),
-      q_tile, kv_all, kv_all, q_tile, row, row,
-      pl.BlockSpec((None, _N_FIELDS, bq), lambda i, b_, h_: (b_, 0, i)),
-      pl.BlockSpec((None, _N_FIELDS, sp), lambda i, b_, h_: (b_, 0, 0)),
-  ]
-  kernel = functools.partial(_dq_kernel, scale=scale, bk=bk)
+  order = _launch_order(visit, bs.heavy_first)
+  own_head, kv_head = _head_spec(q, lambda h_: h_), _head_spec(k, lambda h_: h_ // grp)
+  row = _row_spec(b, tp)
+  in_specs = [_whole(order), _whole(visit), own_head, kv_head, kv_head, own_head, row, row,
+              _whole(qm), _whole(km)]
+  kernel = functools.partial(_dq_kernel, scale=scale, bq=bq, bk=bk)
   return pl.pallas_call(
-      kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(tp // bq, b, h),
-      in_specs=in_specs, out_specs=q_tile,
+      kernel, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(h, order.shape[0]),
+      in_specs=in_specs, out_specs=own_head,
       compiler_params=_params(interpret, bs.num_warps_dq, bs.num_stages), interpret=interpret,
-      name='flash_attention_dq')(visit, q, k, v, do, lse, delta, qm, km)
+      name='flash_attention_dq')(order, visit, q, k, v, do, lse, delta, qm, km)
 
 
 def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
-  """(dk, dv): one program per (k tile, row, kv head) over the kv head's `grp` query heads, or with
-  bs.dkdv_per_q_head per (k tile, row, query head), its fp32 partials summed here."""
+  """(dk, dv): one program per (kv head, k tile of a row) over the kv head's `grp` query heads, or
+  with bs.dkdv_per_q_head per (query head, k tile of a row), its fp32 partials summed here."""
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
   per = 1 if bs.dkdv_per_q_head else grp  # query heads per program
   # Transposed tables: for each k tile, the q tiles that may see it.
   visit = _visit_lists(_fields(qm), _fields(km), bq, bk, by_key=True)
-  q_heads = pl.BlockSpec((None, tp, per, d), lambda j, b_, g_: (b_, 0, g_, 0))
-  kv_in = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_ * per // grp, 0))
-  kv_out = pl.BlockSpec((None, bk, None, d), lambda j, b_, g_: (b_, j, g_, 0))
-  rows = pl.BlockSpec((None, per, tp), lambda j, b_, g_: (b_, g_, 0))
-  in_specs = [
-      pl.BlockSpec((None, None, tp // bq + 2), lambda j, b_, g_: (b_, j, 0)),
-      q_heads, kv_in, kv_in, q_heads, rows, rows,
-      pl.BlockSpec((None, _N_FIELDS, tp), lambda j, b_, g_: (b_, 0, 0)),
-      pl.BlockSpec((None, _N_FIELDS, bk), lambda j, b_, g_: (b_, 0, j)),
-  ]
+  order = _launch_order(visit, bs.heavy_first)
+  q_heads = pl.BlockSpec((b, tp, per, d), lambda g_, r: (0, 0, g_, 0))
+  kv_in = _head_spec(k, lambda g_: g_ * per // grp)
+  rows = pl.BlockSpec((b, per, tp), lambda g_, r: (0, g_, 0))  # per heads from g_ * per
+  in_specs = [_whole(order), _whole(visit), q_heads, kv_in, kv_in, q_heads, rows, rows,
+              _whole(qm), _whole(km)]
   if per == grp:
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
   else:
     out_shape = [jax.ShapeDtypeStruct((b, sp, h, d), _F32)] * 2
-  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, groups=per)
+  kv_out = _head_spec(out_shape[0], lambda g_: g_)
+  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, bk=bk, groups=per)
   dk, dv = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(sp // bk, b, h // per), in_specs=in_specs,
+      kernel, out_shape=out_shape, grid=(h // per, order.shape[0]), in_specs=in_specs,
       out_specs=[kv_out, kv_out],
       compiler_params=_params(interpret, bs.num_warps_dkv, bs.num_stages), interpret=interpret,
-      name='flash_attention_dkdv')(visit, q, k, v, do, lse, delta, qm, km)
+      name='flash_attention_dkdv')(order, visit, q, k, v, do, lse, delta, qm, km)
   if per == grp:
     return dk, dv
   group_sum = lambda x, like: jnp.sum(x.reshape(b, sp, hkv, grp, d), axis=3).astype(like.dtype)

@@ -99,5 +99,6 @@ def test_attention_launches_forward_dq_and_dkdv():
   launches = register_report.record_attention_launches(1, 100, 4, 2, 64, jnp.bfloat16, '')
   assert [l['name'] for l in launches] == ['flash_attention_fwd', 'flash_attention_dq',
                                            'flash_attention_dkdv']
-  # D = 64 bf16: 128-row q tiles forward (T = 100 pads to 128), dk/dv per key/value head.
-  assert launches[0]['grid'] == (1, 1, 4) and launches[2]['grid'][2] == 2
+  # D = 64 bf16: grids (heads, row tiles); 128-row q tiles forward (T = 100 pads to 128), dk/dv
+  # per key/value head.
+  assert launches[0]['grid'] == (4, 1, 1) and launches[2]['grid'][0] == 2

@@ -152,12 +152,32 @@ def _dead_queries(q_meta, k_meta) -> np.ndarray:
   return ~np.asarray(mask_lib.visible(q_meta, k_meta)).any(-1)
 
 
-def test_causal_and_packed_gqa_ragged(rng):
-  """T = 37 (off every tile size), D = 8 (padded to 16), 4 query heads on 2 kv heads."""
+@pytest.mark.parametrize('heavy_first', [True, False], ids=['heavy_first', 'tile_order'])
+def test_causal_and_packed_gqa_ragged(rng, heavy_first):
+  """T = 37 (off every tile size), D = 8 (padded to 16), 4 query heads on 2 kv heads; programs
+  launched heaviest first (the default) or in tile order."""
+  block_sizes = dataclasses.replace(SMALL, heavy_first=heavy_first)
   q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
   for label, meta in [('causal', _clean(2, 37)), ('packed', _clean(2, 37, cuts=(5, 6, 20))),
                       ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
-    _assert_matches_xla(q, k, v, do, meta, meta, label)
+    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=block_sizes)
+
+
+def test_launch_order_runs_the_longest_programs_first():
+  """On two rows (causal, and packed documents) the order is a permutation of the (row, tile) ids
+  whose visit counts never rise, ties in id order; without heavy_first it is the identity."""
+  seg = np.where(np.arange(64) < 40, 1, 2)[None].repeat(2, 0)
+  seg[1] = 1
+  meta = mask_lib.clean_meta(jnp.asarray(seg), jnp.asarray(_doc_positions(seg)))
+  visit = pallas._visit_lists(meta, meta, 16, 16)  # pylint: disable=protected-access
+  counts = np.asarray(visit[..., 1]).reshape(-1)
+  order = np.asarray(pallas._launch_order(visit, True))  # pylint: disable=protected-access
+  assert sorted(order) == list(range(8))
+  assert np.all(np.diff(counts[order]) <= 0), counts[order]
+  ties = [(counts[a], a) for a in order]
+  assert ties == sorted(ties, key=lambda x: (-x[0], x[1]))
+  assert list(order[:2]) == [2, 7]  # 4 marked tiles each (row 0's tile 2 is conservative)
+  np.testing.assert_array_equal(pallas._launch_order(visit, False), np.arange(8))  # pylint: disable=protected-access
 
 
 @pytest.mark.parametrize('block_k_dkv', [16, 32])
