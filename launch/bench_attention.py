@@ -62,6 +62,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
 _BACK_TO_BACK = bench_util.define_back_to_back_flag()
 _MODES = flags.DEFINE_list('modes', ['fwd', 'fwdbwd'], 'What to time: fwd and/or fwdbwd.')
 _TIMEOUT = flags.DEFINE_integer('timeout', 600, 'Seconds per case subprocess.')
+_PROFILE = flags.DEFINE_bool('profile', False,
+                             'Also record the top GPU kernels of each timed mode (jax.profiler).')
+_PROFILE_TOP = flags.DEFINE_integer('profile_top', 12, 'Kernels listed per --profile table.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _CPU_SMOKE = flags.DEFINE_bool('cpu_smoke', False,
                                'No GPU: run a tiny shape with interpreted kernels (script check).')
@@ -198,12 +201,13 @@ def _run_case(case, impl):
   analysis = fwdbwd.lower(q, k, v, do).compile().memory_analysis()
   temp = getattr(analysis, 'temp_size_in_bytes', None) if analysis is not None else None
   res['temp_gib'] = None if temp is None else temp / _GIB
-  if 'fwd' in _MODES.value:
-    res['fwd_ms'] = bench_util.median_ms(lambda: fwd(q, k, v), jax.block_until_ready,
-                                         _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
-  if 'fwdbwd' in _MODES.value:
-    res['fwdbwd_ms'] = bench_util.median_ms(lambda: fwdbwd(q, k, v, do), jax.block_until_ready,
-                                            _WARMUP.value, _REPEATS.value, _BACK_TO_BACK.value)
+  calls = {'fwd': lambda: fwd(q, k, v), 'fwdbwd': lambda: fwdbwd(q, k, v, do)}
+  for mode in _MODES.value:
+    res[f'{mode}_ms'] = bench_util.median_ms(calls[mode], jax.block_until_ready, _WARMUP.value,
+                                             _REPEATS.value, _BACK_TO_BACK.value)
+    if _PROFILE.value:
+      res[f'{mode}_kernels'], res[f'{mode}_timeline'] = bench_util.jax_kernel_profile(
+          calls[mode], top=_PROFILE_TOP.value)
   res['peak_gib'] = (dev.memory_stats() or {}).get('peak_bytes_in_use', 0) / _GIB
   return res
 
@@ -212,7 +216,7 @@ def _spawn(case, impl):
   argv = [sys.executable, '-m', 'launch.bench_attention', f'--child={case}:{impl}']
   for flag in (_BATCH, _SEQ, _VIEWS, _BLOCK_SIZE, _PROMPT, _HEADS, _KV_HEADS, _HEAD_DIM, _DTYPE,
                _Q_TILE, _BLOCK_Q, _BLOCK_K, _NUM_WARPS, _NUM_STAGES, _REPEATS, _WARMUP,
-               _BACK_TO_BACK, _CPU_SMOKE):
+               _BACK_TO_BACK, _CPU_SMOKE, _PROFILE, _PROFILE_TOP):
     argv.append(f'--{flag.name}={flag.value}')
   argv.append(f'--modes={",".join(_MODES.value)}')
   if _BWD_BLOCKS.value:
@@ -260,6 +264,8 @@ def main(argv):
     bench_util.print_result(_run_case(case, impl))
     return
   _check_impls(_IMPLS.value)
+  if not _MODES.value or set(_MODES.value) - {'fwd', 'fwdbwd'}:
+    raise app.UsageError(f'--modes={",".join(_MODES.value)}: choose from fwd, fwdbwd')
   _check_device()
   if _CPU_SMOKE.value:
     logging.warning('--cpu_smoke: tiny shape, interpreted Pallas kernels; the numbers mean '
@@ -281,6 +287,11 @@ def main(argv):
             f"fraction of the score matrix {r['visible']:.4f}; {_TILE}x{_TILE} tiles visited "
             f"{r['tiles_visited']:.4f}")
   print(_table(results))
+  for r in results:
+    for mode in _MODES.value:
+      report = bench_util.profile_report(r, mode, f"{r['case']} {r['impl']} {mode}")
+      if report:
+        print(report)
 
 
 if __name__ == '__main__':

@@ -221,11 +221,12 @@ def main(argv):
   print(schedule_cases.table(results, _BASELINE.value))
   for r in results:
     for mode in _MODES.value:
-      if r.get(f'{mode}_kernels'):
-        where = f" (XLA flags {r['xla']!r})" if 'xla' in r else ''
-        print(f"\n{r['schedule']} T={r['T']} block={r['block']} V={r['V']} {mode}{where}:")
-        print(bench_util.timeline_line(r[f'{mode}_timeline'], r[f'{mode}_ms']))
-        print(bench_util.kernel_table(r[f'{mode}_kernels']))
+      where = f" (XLA flags {r['xla']!r})" if 'xla' in r else ''
+      report = bench_util.profile_report(
+          r, mode, f"{r.get('schedule')} T={r.get('T')} block={r.get('block')} V={r.get('V')} "
+          f'{mode}{where}')
+      if report:
+        print(report)
 
 
 if __name__ == '__main__':

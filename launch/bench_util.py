@@ -237,6 +237,16 @@ def timeline_line(timeline: dict[str, float], wall_ms: float | None = None, per:
           f"{timeline['launches']:g} launches{wall}")
 
 
+def profile_report(result: dict[str, Any], mode: str, title: str) -> str:
+  """The `--profile` section of one result's timed mode (its `{mode}_timeline` and
+  `{mode}_kernels`, beside `{mode}_ms`) under `title`; '' when it was not profiled."""
+  if not result.get(f'{mode}_kernels'):
+    return ''
+  return '\n'.join([f'\n{title}:', timeline_line(result[f'{mode}_timeline'],
+                                                  result.get(f'{mode}_ms')),
+                    kernel_table(result[f'{mode}_kernels'])])
+
+
 def kernel_table(kernels: list[list[Any]]) -> str:
   """Markdown rows of a `top_kernels` list."""
   lines = ['| kernel | ms / call | launches / call |', '|---|---|---|']
