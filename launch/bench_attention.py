@@ -38,7 +38,7 @@ _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
                            'xla, pallas, cudnn (causal case only); pallas+FIELD[=N][+...] '
                            'sets BlockSizes fields for that row (BlockSizes.with_fields): a flag '
-                           '(dkdv_per_q_head=0: the grouped dk/dv kernel) or a tile '
+                           '(dkdv_per_q_head: the per-query-head dk/dv kernel) or a tile '
                            '(block_k_dkv=32), over the flags\' tiles.')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Rows per call.')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')

@@ -43,7 +43,7 @@ _KV_HEADS = flags.DEFINE_integer('kv_heads', 4, 'Key/value heads (--family=atten
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 256, 'Head size (--family=attention).')
 _ATTENTION_OPTIONS = flags.DEFINE_list(
     'attention_options', [], '--family=attention: BlockSizes fields, FIELD[=N] each '
-    '(dkdv_per_q_head=0: the grouped dk/dv kernel).')
+    '(dkdv_per_q_head: the per-query-head dk/dv kernel).')
 _RESETS = flags.DEFINE_bool('resets', False, 'With document resets (segment ids).')
 _TWO_STREAM = flags.DEFINE_integer(
     'two_stream_block', 0, 'Report the fused two-stream kernel (two_stream_triton) for this '

@@ -46,12 +46,21 @@ def visible(q: TokenMeta, k: TokenMeta) -> jax.Array:
   Returns:
     bool [..., Tq, Tk].
   """
-  qs, qp, qv, qb = (x[..., :, None] for x in q)
-  ks, kp, kv, kb = (x[..., None, :] for x in k)
-  same_segment = qs == ks
-  key_clean = kv == 0
+  return _rule(TokenMeta(*(x[..., :, None] for x in q)), TokenMeta(*(x[..., None, :] for x in k)))
+
+
+def visible_transposed(q: TokenMeta, k: TokenMeta) -> jax.Array:
+  """`visible(q, k)` laid out keys first: bool [..., Tk, Tq] (what a kernel walking one key tile
+  over query tiles computes, without transposing a tile)."""
+  return _rule(TokenMeta(*(x[..., None, :] for x in q)), TokenMeta(*(x[..., :, None] for x in k)))
+
+
+def _rule(q: TokenMeta, k: TokenMeta) -> jax.Array:
+  """The rule on query and key fields already laid out to broadcast against each other."""
+  same_segment = q.segment_ids == k.segment_ids
+  key_clean = k.views == 0
   # Last clean position a query may see: itself (clean) or the slot before its block (noisy).
-  horizon = jnp.where(qv == 0, qp, qb - 1)
-  sees_clean = key_clean & (kp <= horizon)
-  sees_noisy = (~key_clean) & (qv == kv) & (qb == kb)
+  horizon = jnp.where(q.views == 0, q.positions, q.block_starts - 1)
+  sees_clean = key_clean & (k.positions <= horizon)
+  sees_noisy = (~key_clean) & (q.views == k.views) & (q.block_starts == k.block_starts)
   return same_segment & (sees_clean | sees_noisy)

@@ -10,8 +10,9 @@ block sparsity from a conservative tile table:
             dS = P * (dO V^T - delta), delta = rowsum(O * dO) (computed in XLA).
   dk, dv    one program per (kv head, k tile of a row): the k tile walks, for each of the H/Hkv
             query heads of its group, the q tiles that may see it: dv += P^T dO, dk += scale *
-            dS^T q (or one program per (query head, k tile) with `BlockSizes.dkdv_per_q_head`, the
-            default at bf16 D = 256, the group summed in XLA). (Adding dq there too, by atomic
+            dS^T q, on keys-first tiles S^T = k q^T [bk, bq] so that no product takes a
+            transposed operand (or one program per (query head, k tile) with
+            `BlockSizes.dkdv_per_q_head`, the group summed in XLA). (Adding dq there too, by atomic
             adds into fp32, in place of the dq kernel measured 2.3x slower in forward+backward on
             an H200: 26.1 against 11.3 ms at the two-stream benchmark shape.)
 
@@ -74,9 +75,11 @@ class BlockSizes:
     dkdv_per_q_head: one dk/dv program per (k tile, query head) instead of per (k tile, kv head),
       writing fp32 per-head partials that XLA sums over each GQA group: H / Hkv times the programs
       (causal k tiles carry unequal work, and B * Hkv * S / block_k_dkv is 256 at B = 1, T = 4096,
-      Hkv = 4) for 2 * B * S * H * D fp32 of temporary memory. On by default for bf16 D = 256
-      (Qwen3.5's attention; H200, B = 1, T = 4096, 16 / 4 heads, forward+backward: two-stream
-      8.49 against 10.29 ms, causal 3.10 against 3.50; 1.6 GB at B = 4 and 12288 tokens).
+      Hkv = 4) for 2 * B * S * H * D fp32 of temporary memory. It was the default at bf16
+      D = 256 until the dk/dv kernel took keys-first tiles with 4 warps (2026-12-03): since,
+      the grouped kernel is as fast and needs no temporary memory (H200, B = 1, T = 4096, 16 / 4
+      heads, forward+backward, one run: causal 1.99 against 2.04 ms, two-stream 6.07 against
+      6.21).
     heavy_first: launch each kernel's programs in descending order of the tiles they visit
       (`_launch_order`), so that the longest ones start first and the GPU's last wave is short;
       off, programs run in tile order.
@@ -101,7 +104,11 @@ class BlockSizes:
 
     Forward shared memory ~ (bq + 2 * stages * bk) * row bytes: at D=256 bf16 (512 B rows),
     128/64/2 stages is 192 KiB. The fp32 accumulators ([bq, D] forward and dq; two [bk, D] in dk/dv)
-    live in registers, hence 8 warps from D=128 on.
+    live in registers, hence 8 warps from D=128 on, but for the backward at D = 256: 4 warps on
+    64 x 64 dq tiles and 32-key x 64-query dk/dv tiles (H200, causal T = 4096, 16 / 4 heads, bf16,
+    one run: dk/dv kernel 0.99 ms against 1.42 with 64 x 32 at 8 warps; 1.15 at 64 x 64, 8
+    warps; 1.23 / 1.29 with 128 / 32 query rows at 4 warps; 1.85 at 16 x 128; dq 0.54 against
+    0.55 at 128 x 32, 8 warps).
 
     Args:
       head_dim: padded head size (power of two >= 16).
@@ -113,8 +120,8 @@ class BlockSizes:
     warps = 4 if head_dim <= 64 else 8
     if row_bytes <= 256:  # bf16 D <= 128, fp32 D <= 64
       return cls(128, 64, warps, 64, 64, warps, 64, 64, warps)
-    if row_bytes <= 512:  # bf16 D = 256, fp32 D = 128: best of a sweep on an H200 (causal, T=4096)
-      return cls(128, 64, 8, 128, 32, 8, 32, 64, 8, dkdv_per_q_head=head_dim == 256)
+    if row_bytes <= 512:  # bf16 D = 256, fp32 D = 128: best of sweeps on an H200 (causal, T=4096)
+      return cls(128, 64, 8, 64, 64, 4, 64, 32, 4)
     return cls(32, 32, 8, 32, 32, 8, 32, 32, 8)  # fp32 D = 256
 
   def tiles(self) -> tuple[int, ...]:
@@ -274,11 +281,11 @@ def _visit(entry, body, carry):
 # ---------------------------------------------------------------------------------------------
 # In-kernel helpers.
 # ---------------------------------------------------------------------------------------------
-def _dot(a, b, *, ta=False, tb=False):
-  """a @ b with optional transposed operands, fp32 accumulation; IEEE fp32 for fp32 operands (so
-  interpret mode and GPU agree with the reference to ~1e-6), tensor-core MMA for 16-bit ones."""
+def _dot(a, b, *, tb=False):
+  """a @ b (or a @ b^T with tb) with fp32 accumulation; IEEE fp32 for fp32 operands (so interpret
+  mode and GPU agree with the reference to ~1e-6), tensor-core MMA for 16-bit ones."""
   prec = jax.lax.Precision.HIGHEST if a.dtype == _F32 else jax.lax.Precision.DEFAULT
-  dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+  dims = (((1,), (1 if tb else 0,)), ((), ()))
   return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
 
 
@@ -375,15 +382,17 @@ def _dkdv_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
 
   def head(g, carry):
     def body(masked):
-      def step(n, carry):
+      def step(n, carry):  # keys-first tiles [bk, bq]: no transposed operand in any product
         dk, dv = carry
         rows = pl.ds(entry(n + 2) * bq, bq)
         q, do = q_ref[b, rows, g, :], do_ref[b, rows, g, :]
-        vis = mask_lib.visible(_load_meta(qm_ref, b, rows), k_meta) if masked else None
-        p = _probs(q, k, lse_ref[b, g, rows], scale, vis)
-        ds = p * (_dot(do, v, tb=True) - delta_ref[b, g, rows][:, None])
-        dv = dv + _dot(p.astype(do.dtype), do, ta=True)
-        dk = dk + _dot(ds.astype(q.dtype), q, ta=True)
+        p_t = jnp.exp(_dot(k, q, tb=True) * scale - lse_ref[b, g, rows][None, :])
+        if masked:
+          p_t = jnp.where(mask_lib.visible_transposed(_load_meta(qm_ref, b, rows), k_meta), p_t,
+                          0.0)
+        ds_t = p_t * (_dot(v, do, tb=True) - delta_ref[b, g, rows][None, :])
+        dv = dv + _dot(p_t.astype(do.dtype), do)
+        dk = dk + _dot(ds_t.astype(q.dtype), q)
         return dk, dv
       return step
 

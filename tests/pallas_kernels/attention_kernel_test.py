@@ -202,10 +202,10 @@ def test_dkdv_per_query_head_matches_xla(rng, block_k_dkv):
 def test_block_sizes_with_fields_parses_the_bench_syntax():
   """'FIELD[=N]+...' as bench_attention rows, kernel_registers and the GPU tests write it."""
   base = pallas.BlockSizes.get_default(256, jnp.bfloat16)
-  assert base.dkdv_per_q_head and base.with_fields('') == base
-  grouped = base.with_fields('dkdv_per_q_head=0+block_k_dkv=32+num_stages=3')
-  assert grouped == dataclasses.replace(base, dkdv_per_q_head=False, block_k_dkv=32, num_stages=3)
-  assert grouped.with_fields('dkdv_per_q_head').dkdv_per_q_head is True
+  assert not base.dkdv_per_q_head and base.with_fields('') == base
+  per_head = base.with_fields('dkdv_per_q_head+block_k_dkv=16+num_stages=3')
+  assert per_head == dataclasses.replace(base, dkdv_per_q_head=True, block_k_dkv=16, num_stages=3)
+  assert per_head.with_fields('dkdv_per_q_head=0').dkdv_per_q_head is False
   with pytest.raises(ValueError, match="no field 'block_kv'"):
     base.with_fields('block_kv=32')
   with pytest.raises(ValueError, match='must be an integer'):
@@ -271,8 +271,8 @@ def test_bf16_interpret_within_rms_limits(rng):
 
 @pytest.mark.parametrize('dtype, d, h, hkv, options',
                          [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
-                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=False))],
-                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_grouped_dkdv'])
+                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True))],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_per_head_dkdv'])
 def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (two loops each: full tiles, then the rest)
   lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot
@@ -434,7 +434,7 @@ def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head=0')])
+@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head')])
 def test_gpu_two_stream_model_shape(b, impl):
   """T = 4096, V = 2, block 4 (12288 tokens), Hq 16 / Hkv 4 / D 256, two documents per row."""
   rng = np.random.default_rng(0)
@@ -445,7 +445,7 @@ def test_gpu_two_stream_model_shape(b, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head=0'])
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))

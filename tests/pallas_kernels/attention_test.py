@@ -52,6 +52,24 @@ def test_two_stream_rule_table():
   assert not vis[:t, t:].any()
 
 
+def test_keys_first_layout_is_the_transpose():
+  """visible_transposed(q, k) == visible(q, k) with the last two axes swapped, on random metadata
+  (segments, views 0..2, positions, block starts) with Tq != Tk."""
+  rng = np.random.default_rng(1)
+
+  def meta(n):
+    views = rng.integers(0, 3, (2, n))
+    pos = rng.integers(0, 12, (2, n))
+    starts = np.where(views > 0, pos - rng.integers(0, 3, (2, n)), pos)
+    return mask_lib.TokenMeta(*(jnp.asarray(x, jnp.int32)
+                                for x in (rng.integers(0, 2, (2, n)), pos, views, starts)))
+
+  q, k = meta(11), meta(17)
+  want = np.asarray(mask_lib.visible(q, k))
+  assert want.any() and not want.all()
+  np.testing.assert_array_equal(mask_lib.visible_transposed(q, k), want.swapaxes(1, 2))
+
+
 @pytest.mark.parametrize('t, tile', [(37, 8), (64, 64), (50, 512)],
                          ids=['ragged', 'exact', 'single'])
 def test_tiled_attention_matches_dense(t, tile):
