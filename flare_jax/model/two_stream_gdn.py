@@ -49,7 +49,8 @@ def resolve_schedule(schedule: str) -> str:
   together (bench_schedules both:triton, both:chunked): forward+backward 7.33-7.60 ms against
   11.28-11.41, the same temp memory (2.26 / 2.27 GiB). Later, back to back (2026-12-03):
   both:triton 5.37 ms, 1.74 GiB; with the backward kernels (both:triton_kernel_bwd) 6.13 ms,
-  1.41 GiB (30.6 against 9.13 ms at block 32). The 0.8B flare train step (bench_train,
+  1.41 GiB (30.6 against 9.13 ms at block 32); with the stored tile inverses 5.26 ms, 1.42 GiB
+  against both:triton's 5.39 in one run. The 0.8B flare train step (bench_train,
   4 x 4096): 1,365 ms against 1,524 on chunked. Other names pass through."""
   if schedule != 'auto':
     return schedule

@@ -17,8 +17,10 @@ state is formed; the window rows (C + S per chunk of C slots) are stored in fp32
 B = 1, T = 4096, two views, 16 heads of 128, the whole two-stream pass's forward+backward (clean
 stream included), back to back, 2026-12-03: at block 4, 6.13 ms and 1.41 GiB of temp memory
 against 5.37 ms and 1.74 GiB with autodiff's backward (backward kernel 2.21 ms, WY pass 0.61, the
-forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms against 9.13. So
-autodiff stays the default. (Before this design, the backward kernel rebuilt two row tiles per
+forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms against 9.13. Since the
+WY pass also stores each 16-row tile's (I + A)^-1 (STORED_INVERSE_MAX_TILE), block 4 takes 5.26 ms
+and 1.42 GiB against autodiff's 5.39 and 1.74 GiB in one run (backward kernel 1.33 ms). Autodiff
+stays the default until a flare step on the GPU is checked with these kernels. (Before this design, the backward kernel rebuilt two row tiles per
 step with the clean context in registers: 18.4-18.8 ms at block 4.)
 
 `interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
@@ -37,6 +39,10 @@ from pallas_kernels.gated_delta_rule import two_stream_xla
 _F32 = jnp.float32
 # The backward kernels' products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs.
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
+# Row tiles up to this size have the WY pass store each tile's (I + A)^-1 for the backward kernel
+# to load (H200, bf16, T = 4096, block 4: backward kernel 1.33 against 2.21 ms recomputing it);
+# 32-row tiles recompute it (storing leaves ptxas 32 registers and 17 KB of spills per thread).
+STORED_INVERSE_MAX_TILE = 16
 
 
 def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
@@ -174,7 +180,7 @@ if triton is not None:
     eg = tl.exp(gam)
     w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
     u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
-    return gam, d_ii, d_ip, eg, w, u
+    return gam, d_ii, d_ip, eg, w, u, t_ii
 
   @triton.jit
   def _seed_product(x, k_ctx, v_ctx, h_n, e, coef, PREC: tl.constexpr):
@@ -193,11 +199,11 @@ if triton is not None:
     seed terms (E, coef) and corrected values V' = U - W S(seed)."""
     b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
         q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, HQ, HV, K, VDP)
-    gam, d_ii, d_ip, eg, w, u = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
+    gam, d_ii, d_ip, eg, w, u, t_ii = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
                                          w_p, u_p, row, col, S, PREC)
     _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
     vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
-    return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn
+    return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
 
   @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
@@ -225,7 +231,7 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_s
-      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn = _walk_tile(
+      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC)
@@ -265,13 +271,15 @@ if triton is not None:
 
   @triton.jit
   def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
-                      wy_w, wy_u, wy_vn, wy_gam, wy_dvn,
+                      wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                      SCALE: tl.constexpr, PREC: tl.constexpr):
+                      SCALE: tl.constexpr, PREC: tl.constexpr,
+                      STORED_T: tl.constexpr):
     """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
-    WY step again, storing every window row's W [K], U, V' [BV] and gam, and the cotangent of V'
+    WY step again, storing every window row's W [K], U, V' [BV], gam (and, for row tiles up to
+    STORED_INVERSE_MAX_TILE, its row of the tile's (I + A)^-1 [S]), and the cotangent of V'
     [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
     D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
     gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]."""
@@ -295,7 +303,7 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(N_TILES):
       slot = n * C + i * S + o_s
-      b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn = _walk_tile(
+      b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC)
@@ -308,6 +316,8 @@ if triton is not None:
       first = (o_s >= 0) & (i_e == 0)
       tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
       tl.store(wy_gam + lrow, gam, mask=first)
+      if STORED_T:
+        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=first[:, None])
       tl.store(wy_u + p_v, u)
       tl.store(wy_vn + p_v, vn)
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
@@ -316,12 +326,14 @@ if triton is not None:
     tl.store(wy_dvn + lrow[:, None] * VDP + o_v[None, :], dvn_p)
 
   @triton.jit
-  def noisy_bwd_kernel(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, do, dqe_in, dws_in,
+  def noisy_bwd_kernel(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in,
+                       dws_in,
                        dq, dk, dv, dg, db,
                        NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                        TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
                        C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                       SCALE: tl.constexpr, PREC: tl.constexpr):
+                       SCALE: tl.constexpr, PREC: tl.constexpr,
+                       STORED_T: tl.constexpr):
     """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
     backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
     W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
@@ -389,7 +401,10 @@ if triton is not None:
       qkp = _mm(b_q, tl.trans(k_p), PREC)
       a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
       a_ip = b_beta[:, None] * kkp * d_ip
-      t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
+      if STORED_T:
+        t_ii = tl.load(wy_t + lrow[:, None] * S + col)
+      else:
+        t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
 
       # O = scale [seed(e^gam Q) + (Q K^T * D_ii) V' + (Q K_p^T * D_ip) V'_p] (dV': stored).
@@ -583,16 +598,18 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-               N_TILES=wd // z.s, SCALE=scale, PREC=prec)
+               N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
-  w, u, vn, gam, dvn = call(
+  w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
-      out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp)], grid=grid,
+      out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
+                 stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
+      grid=grid,
       num_warps=wy_warps, num_stages=1, **sizes)
   dqe, dws, *ctx_grads = _seed_backward(ops, w, gam, dvn, scale)
   q, k, v, _, beta = ops.noisy
-  outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, ops.do, dqe, dws,
+  outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
               out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
               grid=grid, num_warps=num_warps, num_stages=1, **sizes)
