@@ -20,8 +20,9 @@ against 5.37 ms and 1.74 GiB with autodiff's backward (backward kernel 2.21 ms, 
 forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms against 9.13. Since the
 WY pass also stores each 16-row tile's (I + A)^-1 (STORED_INVERSE_MAX_TILE), block 4 takes 5.26 ms
 and 1.42 GiB against autodiff's 5.39 and 1.74 GiB in one run (backward kernel 1.33 ms). Autodiff
-stays the default until a flare step on the GPU is checked with these kernels. (Before this design, the backward kernel rebuilt two row tiles per
-step with the clean context in registers: 18.4-18.8 ms at block 4.)
+stays the default until a flare step on the GPU is checked with these kernels. (Before this
+design, the backward kernel rebuilt two row tiles per step with the clean context in registers:
+18.4-18.8 ms at block 4.)
 
 `interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them

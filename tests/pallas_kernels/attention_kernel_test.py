@@ -177,7 +177,8 @@ def test_launch_order_runs_the_longest_programs_first():
   ties = [(counts[a], a) for a in order]
   assert ties == sorted(ties, key=lambda x: (-x[0], x[1]))
   assert list(order[:2]) == [2, 7]  # 4 marked tiles each (row 0's tile 2 is conservative)
-  np.testing.assert_array_equal(pallas._launch_order(visit, False), np.arange(8))  # pylint: disable=protected-access
+  in_tile_order = pallas._launch_order(visit, False)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(in_tile_order, np.arange(8))
 
 
 @pytest.mark.parametrize('block_k_dkv', [16, 32])
