@@ -54,9 +54,11 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   warps: 1,692; V tile 64 at 8: 124 / 884); 32-row tiles at V tile 32 with 4 / 4 warps, 2,128 /
   3,048, where 8 warps for the backward (V tiles 32 and 64) left it 32 registers and 11-12 KB of
   spills. Shared memory: at most 80 KiB (bf16), 144 KiB (fp32, whose K = 128 kernels spill 12-56
-  KB per thread: correct, not fast). H200, T = 4096, two views, fwd+bwd of the two-stream pass,
-  back to back: block 4 at (128, 8, 4) 6.13 ms, at (64, 4, 4) 6.93 (an earlier version of the
-  kernels); block 32 at (32, 4, 4) 30.6 ms, at (32, 4, 8) 33.7, at (16, 4, 4) 51.5."""
+  KB per thread: correct, not fast). Loading the stored tile inverses (STORED_INVERSE_MAX_TILE)
+  cut the 16-row backward's spill to 920. H200, T = 4096, two views, fwd+bwd of the two-stream
+  pass, back to back: block 4 at (128, 8, 4) 6.13 ms (5.26 with the stored inverses), at
+  (64, 4, 4) 6.93 (an earlier version of the kernels); block 32 at (32, 4, 4) 30.6 ms, at
+  (32, 4, 8) 33.7, at (16, 4, 4) 51.5."""
   if jnp.dtype(dtype).itemsize == 2:
     return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
   return 32, 8, 4
@@ -200,8 +202,8 @@ if triton is not None:
     seed terms (E, coef) and corrected values V' = U - W S(seed)."""
     b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
         q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, HQ, HV, K, VDP)
-    gam, d_ii, d_ip, eg, w, u, t_ii = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p,
-                                         w_p, u_p, row, col, S, PREC)
+    gam, d_ii, d_ip, eg, w, u, t_ii = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p,
+                                               bs_p, w_p, u_p, row, col, S, PREC)
     _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
     vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
     return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
@@ -606,8 +608,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
-      grid=grid,
-      num_warps=wy_warps, num_stages=1, **sizes)
+      grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
   dqe, dws, *ctx_grads = _seed_backward(ops, w, gam, dvn, scale)
   q, k, v, _, beta = ops.noisy
   outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
