@@ -56,7 +56,8 @@ _BLOCK_K = flags.DEFINE_integer('block_k', 0, 'Pallas forward k tile (0: default
 _NUM_WARPS = flags.DEFINE_integer('num_warps', 0, 'Pallas forward warps (0: default).')
 _BWD_BLOCKS = flags.DEFINE_list('bwd_blocks', [],
                                 'Pallas backward tiles q_dq,k_dq,q_dkv,k_dkv (empty: default).')
-_NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas pipelining stages (0: default).')
+_NUM_STAGES = flags.DEFINE_integer('num_stages', 0, 'Pallas forward pipelining stages (0: '
+                                   'default; the backward\'s: pallas+num_stages_dq=N+...).')
 _REPEATS = flags.DEFINE_integer('repeats', 10, 'Timed calls per measurement (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed calls first (compile).')
 _BACK_TO_BACK = bench_util.define_back_to_back_flag()

@@ -51,7 +51,9 @@ def resolve_schedule(schedule: str) -> str:
   both:triton 5.37 ms, 1.74 GiB; with the backward kernels (both:triton_kernel_bwd) 6.13 ms,
   1.41 GiB (30.6 against 9.13 ms at block 32); with the stored tile inverses 5.26 ms, 1.42 GiB
   against both:triton's 5.39 in one run. The 0.8B flare train step (bench_train,
-  4 x 4096): 1,365 ms against 1,524 on chunked. Other names pass through."""
+  4 x 4096): 1,365 ms against 1,524 on chunked; with triton_kernel_bwd 1,128 ms and 37.9 GiB
+  against triton's 1,126 ms and 37.3 GiB (2026-12-03, separate runs; the GPU flare-step test
+  passes with either), so autodiff's backward stays. Other names pass through."""
   if schedule != 'auto':
     return schedule
   gpu = jax.default_backend() == 'gpu' and two_stream_triton.triton is not None
