@@ -9,7 +9,10 @@ Cases (defaults are Qwen3.5's softmax layers: 16 query heads, 4 kv heads, D = 25
   two_stream  a FLARE training row, --seq clean tokens + --views noisy views with blocks of
               --block_size (1 + views) * seq tokens, metadata from flare_jax.objective.layout (one
               document, --prompt prompt tokens): xla and pallas. Also reports the visible fraction
-              of the score matrix and the fraction of (64 x 64) tiles the Pallas forward visits.
+              of the score matrix, its visible (query, key) pairs against the causal row's
+              T (T + 1) / 2, and the fraction of (64 x 64) tiles the Pallas forward visits.
+With both cases, each implementation's two-stream / causal time ratios are printed next to that
+pairs ratio (the work ratio).
 
 Every (case, implementation) runs in its own subprocess, so the peak is per case. Reported per case:
 the time per call (`bench_util.median_ms`: median of --repeats timings of --back_to_back calls
@@ -199,6 +202,7 @@ def _run_case(case, impl):
          'jax': jax.__version__}
   if case == 'two_stream':
     res['visible'], res['tiles_visited'] = _visibility(meta)
+    res['pairs_vs_causal'] = res['visible'] * n * n / (t * (t + 1) / 2)
   analysis = fwdbwd.lower(q, k, v, do).compile().memory_analysis()
   temp = getattr(analysis, 'temp_size_in_bytes', None) if analysis is not None else None
   res['temp_gib'] = None if temp is None else temp / _GIB
@@ -243,6 +247,23 @@ def _table(results):
   return '\n'.join(lines)
 
 
+def _two_stream_vs_causal(results):
+  """Per implementation timed in both cases: its two-stream / causal time ratio per mode, next to
+  the pairs ratio (visible pairs of the two-stream row / the causal row's)."""
+  by_case = {(r['case'], r['impl']): r for r in results if 'error' not in r}
+  lines = []
+  for (case, impl), two in by_case.items():
+    causal = by_case.get(('causal', impl))
+    if case != 'two_stream' or causal is None:
+      continue
+    keys = [f'{mode}_ms' for mode in _MODES.value]
+    times = ', '.join(f'{key[:-3]} {two[key] / causal[key]:.2f}x' for key in keys
+                      if two.get(key) and causal.get(key))
+    lines.append(f"two_stream / causal, {impl}: {times} (visible pairs "
+                 f"{two['pairs_vs_causal']:.2f}x)")
+  return lines
+
+
 def _check_device():
   """Exits with an error (status 1) without a GPU, unless --cpu_smoke. Asks a subprocess, so that
   this process never initialises (and preallocates) the GPU the cases need."""
@@ -285,9 +306,11 @@ def main(argv):
   for r in results:
     if r.get('visible') is not None and r['impl'] == 'pallas':
       print(f"{r['case']}: N={r['N']} ((1 + {views}) x {t}), block {_BLOCK_SIZE.value}: visible "
-            f"fraction of the score matrix {r['visible']:.4f}; {_TILE}x{_TILE} tiles visited "
-            f"{r['tiles_visited']:.4f}")
+            f"fraction of the score matrix {r['visible']:.4f} ({r['pairs_vs_causal']:.3f}x the "
+            f"causal row's pairs); {_TILE}x{_TILE} tiles visited {r['tiles_visited']:.4f}")
   print(_table(results))
+  for line in _two_stream_vs_causal(results):
+    print(line)
   for r in results:
     for mode in _MODES.value:
       report = bench_util.profile_report(r, mode, f"{r['case']} {r['impl']} {mode}")
