@@ -5,9 +5,13 @@ python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.json
 
 --prompts is JSONL with a "prompt" field per line. One prompt streams its text as it is committed;
 several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per
-bucket).
+bucket), with a progress line per batch on stderr. --output is written as FILE.partial and renamed
+to FILE once every prompt is decoded, so FILE is never half-written and a failed run leaves the
+finished prompts in FILE.partial. Flags, prompts and the output directory are checked before the
+model loads.
 The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -48,6 +52,8 @@ def _read_prompts() -> list[str]:
   if _PROMPT.value is not None:
     return [_PROMPT.value]
   prompts = []
+  if not os.path.isfile(_PROMPTS.value):
+    raise app.UsageError(f'--prompts={_PROMPTS.value}: no such file')
   with open(_PROMPTS.value) as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
@@ -64,32 +70,64 @@ def _read_prompts() -> list[str]:
   return prompts
 
 
+def _sampler_config() -> sampler_lib.SamplerConfig:
+  """The decoding flags as a SamplerConfig (its checks as usage errors); EOS ids come later."""
+  try:
+    return sampler_lib.SamplerConfig(
+        mode=_MODE.value, block_size=_BLOCK.value, max_new_tokens=_MAX_NEW.value,
+        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+        commit=_COMMIT.value, threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
+def _load(ckpt: str):
+  """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
+  try:
+    model = model_io.load_model(ckpt, dtype=_DTYPE.value)
+    tok_spec = _TOKENIZER.value or (
+        ckpt if os.path.isfile(os.path.join(ckpt, 'tokenizer.json')) else 'byte')
+    return model, tokenizer_lib.load_tokenizer(tok_spec)
+  except (ValueError, OSError) as e:
+    sys.exit(f'error: {e}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
+  cfg = _sampler_config()
+  if _BATCH.value < 1:
+    raise app.UsageError(f'--batch_size must be >= 1, got {_BATCH.value}')
   prompts = _read_prompts()
-  model = model_io.load_model(_CKPT.value, dtype=_DTYPE.value)
-  tok_spec = _TOKENIZER.value or (
-      _CKPT.value if os.path.isfile(os.path.join(_CKPT.value, 'tokenizer.json')) else 'byte')
-  tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
+  if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
+    raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
+  model, tokenizer = _load(_CKPT.value)
   eos = {tokenizer.eos_id} | (
       {model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
-  cfg = sampler_lib.SamplerConfig(
-      mode=_MODE.value, block_size=_BLOCK.value, max_new_tokens=_MAX_NEW.value,
-      temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, commit=_COMMIT.value,
-      threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value, eos_ids=tuple(sorted(eos)))
+  cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
   sampler = sampler_lib.Sampler(model)
   rng = jax.random.key(_SEED.value)
   encoded = [tokenizer.encode(p) for p in prompts]
   if any(not ids for ids in encoded):
     raise app.UsageError('a prompt encodes to no tokens')
-  out = open(_OUTPUT.value, 'w') if _OUTPUT.value else sys.stdout
   if len(prompts) == 1 and not _OUTPUT.value:
     print(prompts[0], end='', flush=True)
     for piece in sampler.stream(encoded[0], cfg, rng):
       print(tokenizer.decode(piece), end='', flush=True)
     print()
     return
+  if not _OUTPUT.value:
+    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, sys.stdout)
+    return
+  partial = _OUTPUT.value + '.partial'
+  with open(partial, 'w') as out:
+    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out)
+  os.replace(partial, _OUTPUT.value)
+  print(f'wrote {len(prompts)} results to {_OUTPUT.value}', file=sys.stderr)
+
+
+def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out):
+  """Decodes the prompts in batches of --batch_size, one JSON line per prompt into `out`."""
   done = 0
   for i in range(0, len(prompts), _BATCH.value):
     chunk = encoded[i:i + _BATCH.value]
@@ -109,10 +147,9 @@ def main(argv):
           'tokens': n, 'forward_passes': int(res.n_forward[r]),
           'acceptance': (float(res.n_accepted[r]) / max(int(res.n_drafted[r]), 1)
                          if cfg.mode == 'ar_trust' else None)}) + '\n')
+    out.flush()
     done += len(chunk)
     print(f'[{done}/{len(prompts)}] batch of {len(chunk)} in {secs:.1f} s', file=sys.stderr)
-  if out is not sys.stdout:
-    out.close()
 
 
 if __name__ == '__main__':

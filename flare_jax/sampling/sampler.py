@@ -63,6 +63,14 @@ class SamplerConfig:
       raise ValueError(f'tokens_per_pass must be >= 1, got {self.tokens_per_pass}')
     if self.temperature < 0:
       raise ValueError(f'temperature must be >= 0, got {self.temperature}')
+    if self.top_k < 0:
+      raise ValueError(f'top_k must be >= 0 (0 = off), got {self.top_k}')
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
+    if self.commit == 'threshold' and not 0 <= self.threshold <= 1:
+      raise ValueError(f'threshold must be in [0, 1], got {self.threshold}')
+    if self.cache_len < 0:
+      raise ValueError(f'cache_len must be >= 0 (0 = sized to the prompts), got {self.cache_len}')
 
   @property
   def greedy(self) -> bool:

@@ -177,8 +177,12 @@ def test_bad_inputs_raise_clear_errors(tiny):
     sampler.generate(np.zeros((1, 4), np.int32), np.array([0]), cfg)
   with pytest.raises(ValueError, match='prompt ids'):
     sampler.generate(np.full((1, 4), 999, np.int32), np.array([4]), cfg)
-  with pytest.raises(ValueError, match='unknown mode'):
-    sampler_lib.SamplerConfig(mode='beam')
+  for bad, message in [(dict(mode='beam'), 'unknown mode'), (dict(top_k=-1), 'top_k'),
+                       (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
+                       (dict(threshold=1.2), 'threshold'), (dict(cache_len=-1), 'cache_len'),
+                       (dict(block_size=0), 'block_size'), (dict(temperature=-1.0), 'temperature')]:
+    with pytest.raises(ValueError, match=message):
+      sampler_lib.SamplerConfig(**bad)
   with pytest.raises(ValueError, match='exceed cache_len 16'):
     sampler.generate(np.zeros((1, 10), np.int32), np.array([10]),
                      sampler_lib.SamplerConfig(max_new_tokens=8, cache_len=16))

@@ -1,0 +1,58 @@
+"""launch.sample end to end on a tiny saved checkpoint: batched JSONL decoding into --output
+(renamed from FILE.partial once complete), and clear errors before any model work."""
+import json
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from flare_jax.checkpoint import model_io
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+  cfg = config_lib.VARIANTS['tiny']
+  out = str(tmp_path_factory.mktemp('sample') / 'ckpt')
+  model_io.save_model(transformer.FlareLM(cfg, rngs=nnx.Rngs(0)), out, cfg=cfg)
+  return out
+
+
+def _sample(*args):
+  return subprocess.run([sys.executable, '-m', 'launch.sample', *args], capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
+  prompts = ['a = ', 'def f(', '1+2=']
+  src = tmp_path / 'prompts.jsonl'
+  src.write_text('\n'.join(json.dumps({'prompt': p}) for p in prompts[:2]) + '\n\n'
+                 + json.dumps({'prompt': prompts[2]}) + '\n')
+  out = tmp_path / 'out.jsonl'
+  run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
+                '--max_new_tokens=4', '--mode=ar_trust')
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['prompt'] for r in rows] == prompts
+  assert all(r['tokens'] == 4 and 0 <= r['acceptance'] <= 1 for r in rows)
+  assert not (tmp_path / 'out.jsonl.partial').exists()
+  assert '[2/3]' in run.stderr and '[3/3]' in run.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--top_p=0', '--prompt=hi'], 'top_p must be in (0, 1]'),
+    (['--prompts=/nonexistent/p.jsonl'], 'no such file'),
+    (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
+])
+def test_bad_flags_are_usage_errors(ckpt, args, message):
+  run = _sample(f'--ckpt={ckpt}', *args)
+  assert run.returncode != 0 and message in run.stderr
+  assert 'Traceback' not in run.stderr
+
+
+def test_a_directory_that_is_no_checkpoint_is_one_error_line(tmp_path):
+  run = _sample(f'--ckpt={tmp_path}', '--prompt=hi')
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert f'error: {tmp_path} is not a model checkpoint' in run.stderr
