@@ -8,6 +8,7 @@ Task kinds (from the file's keys): numeric, exact, code (generation, one result 
 """
 import json
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -57,11 +58,19 @@ def print_table(results: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
-  modes = {spec: harness.mode_config(spec, _NEW.value)
-           for spec in harness.parse_modes(_MODES.value)}
-  model = model_io.load_model(_CKPT.value)
-  tok = _tokenizer(_CKPT.value)
+  if not os.path.isfile(_TASK.value):
+    raise app.UsageError(f'--task={_TASK.value}: no such file')
+  try:
+    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
+    modes = {spec: harness.mode_config(spec, _NEW.value)
+             for spec in harness.parse_modes(_MODES.value)}
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  try:
+    model = model_io.load_model(_CKPT.value)
+    tok = _tokenizer(_CKPT.value)
+  except (ValueError, OSError) as e:
+    sys.exit(f'error: {e}')
   print(f'{_TASK.value}: {len(examples)} {kind} examples; '
         f'modes: {list(modes) if kind != "choice" else "loglik"}')
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,

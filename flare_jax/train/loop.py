@@ -41,6 +41,9 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   """
   os.makedirs(workdir, exist_ok=True)
   model_cfg = state_lib.resolve_model_config(c)
+  # The objective's settings are checked here, before the data, model and optimizer are built.
+  loss_fn = objectives.make_loss_fn(c, model_cfg)
+  validate = objectives.make_batch_validator(c, model_cfg)
   mesh = shd.make_mesh(dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor))
   rules = tuple(tuple(r) for r in c.sharding_rules)
   _log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}, '
@@ -77,8 +80,6 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   if start_step:
     _log(f'resumed from {workdir}/ckpt at step {start_step}')
 
-  loss_fn = objectives.make_loss_fn(c, model_cfg)
-  validate = objectives.make_batch_validator(c, model_cfg)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
     batch_sharding = jax.sharding.NamedSharding(

@@ -1,23 +1,10 @@
-"""launch.sample end to end on a tiny saved checkpoint: batched JSONL decoding into --output
+"""launch.sample end to end on a tiny saved checkpoint (`ckpt`, conftest): batched JSONL decoding into --output
 (renamed from FILE.partial once complete), and clear errors before any model work."""
 import json
 import subprocess
 import sys
 
 import pytest
-from flax import nnx
-
-from flare_jax.checkpoint import model_io
-from flare_jax.model import config as config_lib
-from flare_jax.model import transformer
-
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-  cfg = config_lib.VARIANTS['tiny']
-  out = str(tmp_path_factory.mktemp('sample') / 'ckpt')
-  model_io.save_model(transformer.FlareLM(cfg, rngs=nnx.Rngs(0)), out, cfg=cfg)
-  return out
 
 
 def _sample(*args):

@@ -1,0 +1,38 @@
+"""launch.eval end to end on a tiny saved checkpoint (`ckpt`, conftest): one result per mode in the
+JSON file, and usage errors for a missing task file or an unknown mode."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _eval(*args):
+  return subprocess.run([sys.executable, '-m', 'launch.eval', *args], capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.fixture
+def task(tmp_path):
+  path = tmp_path / 'arith.jsonl'
+  path.write_text(''.join(json.dumps({'prompt': f'{a}+{a}=', 'answer': str(2 * a)}) + '\n'
+                          for a in (1, 2, 3)))
+  return path
+
+
+def test_writes_one_result_per_mode(ckpt, task, tmp_path):
+  out = tmp_path / 'results.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar;ar_trust:b=2',
+              '--max_new_tokens=3', f'--out={out}')
+  assert run.returncode == 0, run.stderr[-2000:]
+  saved = json.loads(out.read_text())
+  assert saved['task'] == str(task) and set(saved['results']) == {'ar', 'ar_trust:b=2'}
+  assert all(0 <= r['accuracy'] <= 1 for r in saved['results'].values())
+  assert f'wrote {out}' in run.stdout
+
+
+@pytest.mark.parametrize('args, message', [(['--task=/nonexistent.jsonl'], 'no such file'),
+                                           (['--modes=beam'], "unknown mode 'beam'")])
+def test_bad_flags_are_usage_errors(ckpt, task, args, message):
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', *args)
+  assert run.returncode != 0 and message in run.stderr and 'Traceback' not in run.stderr
