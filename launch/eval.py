@@ -36,13 +36,6 @@ _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the t
                            '.results.json).')
 
 
-def _tokenizer(ckpt: str):
-  spec = _TOKENIZER.value
-  if not spec:
-    spec = ckpt if os.path.exists(os.path.join(ckpt, 'tokenizer.json')) else 'byte'
-  return tokenizer_lib.load_tokenizer(spec)
-
-
 def print_table(results: dict) -> None:
   graded = any('line_prefix' in r for r in results.values())  # 'exact' tasks
   print('| mode | accuracy |' + (' line prefix |' if graded else '') +
@@ -68,7 +61,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   try:
     model = model_io.load_model(_CKPT.value)
-    tok = _tokenizer(_CKPT.value)
+    tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   print(f'{_TASK.value}: {len(examples)} {kind} examples; '

@@ -85,9 +85,7 @@ def _load(ckpt: str):
   """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
   try:
     model = model_io.load_model(ckpt, dtype=_DTYPE.value)
-    tok_spec = _TOKENIZER.value or (
-        ckpt if os.path.isfile(os.path.join(ckpt, 'tokenizer.json')) else 'byte')
-    return model, tokenizer_lib.load_tokenizer(tok_spec)
+    return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
 

@@ -283,3 +283,11 @@ def load_tokenizer(spec: str) -> Tokenizer:
       return HFTokenizer.from_dir(spec)
     raise ValueError(f"{spec} has no tokenizer.json; use 'byte' for the built-in byte tokenizer")
   raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a directory with tokenizer.json")
+
+
+def checkpoint_tokenizer(ckpt_dir: str, spec: str = '') -> Tokenizer:
+  """`spec` if given, else the checkpoint's tokenizer.json, else the byte tokenizer (a model trained
+  from scratch on bytes carries none). Raises as `load_tokenizer`."""
+  if not spec:
+    spec = ckpt_dir if os.path.isfile(os.path.join(ckpt_dir, 'tokenizer.json')) else 'byte'
+  return load_tokenizer(spec)

@@ -154,3 +154,16 @@ def test_missing_files_and_tokens_are_clear_errors(tmp_path):
   (tmp_path / 'tokenizer_config.json').write_text('{oops')
   with pytest.raises(ValueError, match='is not valid JSON'):
     tokenizer_lib.load_tokenizer(str(tmp_path))
+
+
+def test_checkpoint_tokenizer_prefers_the_spec_then_the_checkpoints_file_then_bytes(tmp_path):
+  with_file, without = tmp_path / 'hf', tmp_path / 'scratch'
+  with_file.mkdir()
+  without.mkdir()
+  _write_checkpoint_tokenizer(with_file, tokenizer_config={'eos_token': '<|im_end|>'})
+  assert isinstance(tokenizer_lib.checkpoint_tokenizer(str(with_file)), tokenizer_lib.HFTokenizer)
+  assert isinstance(tokenizer_lib.checkpoint_tokenizer(str(without)), tokenizer_lib.ByteTokenizer)
+  assert isinstance(tokenizer_lib.checkpoint_tokenizer(str(with_file), 'byte'),
+                    tokenizer_lib.ByteTokenizer)
+  with pytest.raises(ValueError, match='no tokenizer.json'):
+    tokenizer_lib.checkpoint_tokenizer(str(with_file), str(without))

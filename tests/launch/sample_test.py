@@ -1,5 +1,5 @@
-"""launch.sample end to end on a tiny saved checkpoint (`ckpt`, conftest): batched JSONL decoding into --output
-(renamed from FILE.partial once complete), and clear errors before any model work."""
+"""launch.sample end to end on a tiny saved checkpoint (`ckpt`, conftest): batched JSONL decoding
+into --output (renamed from FILE.partial once complete), and clear errors before any model work."""
 import json
 import subprocess
 import sys
