@@ -40,6 +40,9 @@ _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also list the top GPU kernels per model pass of each case.')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 20, 'Kernels listed per --profile table.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
+_DECODE_IMPLS = flags.DEFINE_list(
+    'gdn_decode_impl', ['default'],
+    "ModelConfig.gdn_decode_impl values to time side by side ('default': the backend's).")
 _XLA_VARIANTS = flags.DEFINE_string(
     'xla_variants', '', "';'-separated XLA flag sets ('default': none), each added to XLA_FLAGS "
     'in its own process, whose rows come side by side in one table.')
@@ -108,13 +111,23 @@ print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
   return float('nan')
 
 
-def _config() -> config_lib.ModelConfig:
-  return config_lib.VARIANTS[_VARIANT.value].replace(dtype='bfloat16', param_dtype='bfloat16')
+def _config(decode_impl: str = 'default') -> config_lib.ModelConfig:
+  return config_lib.VARIANTS[_VARIANT.value].replace(
+      dtype='bfloat16', param_dtype='bfloat16',
+      gdn_decode_impl=None if decode_impl == 'default' else decode_impl)
 
 
 def _measure() -> list[dict]:
-  """Times every (concurrency, mode) case in this process: one row each."""
-  cfg = _config()
+  """Times every (decode implementation, concurrency, mode) case in this process: one row each."""
+  rows = []
+  for impl in _DECODE_IMPLS.value:
+    _measure_model(impl, rows)
+  return rows
+
+
+def _measure_model(decode_impl: str, rows: list[dict]) -> None:
+  """Appends the rows of one model (its GDN decode implementation) to `rows`."""
+  cfg = _config(decode_impl)
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
   sampler = sampler_lib.Sampler(model)
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
@@ -129,7 +142,6 @@ def _measure() -> list[dict]:
     modes += [(f'diffusion_trust k={k}', dict(mode='diffusion_trust', block_size=_BLOCK.value,
                                               commit='fixed', tokens_per_pass=int(k)))
               for k in _KS.value]
-  rows = []
   for batch in map(int, _BATCH.value):
     prompts = rng.integers(0, _prompt_id_limit(cfg), (batch, _PROMPT_LEN.value)).astype(np.int32)
     lengths = np.full((batch,), _PROMPT_LEN.value, np.int32)
@@ -139,7 +151,7 @@ def _measure() -> list[dict]:
       seconds, res = _time(lambda: sampler.generate(prompts, lengths, scfg), _REPEATS.value)
       passes = float(np.mean(np.asarray(res.n_forward) - 1))  # minus the prefill
       toks = batch * _NEW.value
-      row = dict(mode=name, batch=batch, tokens_per_s=toks / seconds,
+      row = dict(mode=name, batch=batch, decode_impl=decode_impl, tokens_per_s=toks / seconds,
                  passes_per_token=passes / _NEW.value, ms_per_pass=1e3 * seconds / max(passes, 1),
                  acceptance=float(np.sum(res.n_accepted) / max(np.sum(res.n_drafted), 1)))
       if name == 'ar':
@@ -158,17 +170,18 @@ def _measure() -> list[dict]:
         row['timeline_per_pass'] = {k: v if k == 'widest_gap_ms' else v / max(passes, 1)
                                     for k, v in timeline.items()}
       bench_util.record(rows, row, '' if _CHILD.value else _OUT.value)
-  return rows
 
 
 def _print_tables(rows: list[dict]) -> None:
   variants = any('xla' in r for r in rows)
-  lead = '| XLA flags ' if variants else ''
+  impls = len({r.get('decode_impl') for r in rows}) > 1
+  lead = ('| XLA flags ' if variants else '') + ('| GDN decode ' if impls else '')
   print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | '
         'acceptance |')
-  print('|---' * (7 + variants) + '|')
+  print('|---' * (7 + variants + impls) + '|')
   for r in rows:
     cell = f"| {r.get('xla') or 'default'} " if variants else ''
+    cell += f"| {r.get('decode_impl', '-')} " if impls else ''
     if 'error' in r:
       print(f"{cell}| - | - | failed: {r['error'][-300:]} |")
       continue
@@ -179,6 +192,7 @@ def _print_tables(rows: list[dict]) -> None:
   for r in rows:
     if r.get('kernels_per_pass'):
       where = f" (XLA flags {r['xla']!r})" if variants else ''
+      where += f" (GDN decode {r['decode_impl']})" if impls else ''
       print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']}{where} "
             '(prefill included):')
       print(bench_util.timeline_line(r['timeline_per_pass'], r['ms_per_pass'], per='pass'))

@@ -164,7 +164,8 @@ def _delta_rule(cfg: config_lib.ModelConfig, q, k, v, g, beta, *, initial_state,
   kw = dict(scale=cfg.linear_key_head_dim ** -0.5, initial_state=initial_state,
             segment_ids=segment_ids, output_final_state=output_final_state)
   if initial_state is not None and q.shape[1] <= _RECURRENT_MAX_TOKENS:
-    return gdr.recurrent_gated_delta_rule(q, k, v, g, beta, **kw)
+    return gdr.recurrent_gated_delta_rule(q, k, v, g, beta, implementation=cfg.gdn_decode_impl,
+                                          **kw)
   return gdr.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.gdn_chunk_size,
                                     implementation=cfg.gdn_impl, **kw)
 

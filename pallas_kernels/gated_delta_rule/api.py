@@ -13,6 +13,9 @@ from pallas_kernels.gated_delta_rule import xla
 IMPLEMENTATIONS = ('xla', 'pallas', 'triton')
 # Best measured implementation per backend (launch/bench_kernels on an H200; see the issue notes).
 DEFAULT_BY_BACKEND = {'gpu': 'triton'}
+# The token recurrence (decoding), `recurrent_gated_delta_rule`.
+DECODE_IMPLEMENTATIONS = ('xla', 'pallas')
+DEFAULT_DECODE_BY_BACKEND = {'gpu': 'pallas'}
 
 
 def _check(q, k, v, g, beta, initial_state, segment_ids):
@@ -195,13 +198,30 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
                                beta: jax.Array, *, scale: float | None = None,
                                initial_state: jax.Array | None = None,
                                segment_ids: jax.Array | None = None,
-                               output_final_state: bool = False):
-  """Token-by-token gated delta rule, for a few tokens at a time (decoding).
-  Same contract as above."""
+                               output_final_state: bool = False,
+                               implementation: str | None = None):
+  """Token-by-token gated delta rule, for a few tokens at a time (decoding). Same contract as
+  above; `implementation`: None (the backend's best: `DEFAULT_DECODE_BY_BACKEND`, else xla) |
+  'xla' | 'pallas' (`recurrent_pallas`, not differentiable). Inputs the kernel cannot take run on
+  xla instead, said once in the log."""
   _check(q, k, v, g, beta, initial_state, segment_ids)
-  return xla.recurrent_gated_delta_rule_xla(
-      q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-      output_final_state=output_final_state)
+  impl = implementation
+  if impl is None:
+    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
+  if impl not in DECODE_IMPLEMENTATIONS:
+    raise ValueError(f'unknown recurrent gated delta rule implementation {impl!r}; '
+                     f'known: {DECODE_IMPLEMENTATIONS} or None')
+  kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+            output_final_state=output_final_state)
+  if impl == 'pallas':
+    from pallas_kernels.gated_delta_rule import recurrent_pallas as kernel  # pylint: disable=g-import-not-at-top
+    why = kernel.kernel_takes(k, v)
+    if backend.default_backend() != 'gpu':
+      why = f'it needs a GPU (backend is {backend.default_backend()!r})'
+    if not why:
+      return kernel.recurrent_gated_delta_rule_pallas(q, k, v, g, beta, **kw)
+    _log_fallback_once('recurrent pallas', why)
+  return xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, **kw)
 
 
 def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,

@@ -1,0 +1,106 @@
+"""Token-by-token gated delta rule in one Pallas kernel (decoding: a few tokens per call).
+
+The recurrence of `xla.recurrent_gated_delta_rule_xla`, per step t of a value head:
+
+    a = e^g (0 at a segment start);  d = beta (v - a S^T k);  o = a S^T q + (k.q) d;
+    S <- a S + k d^T.
+
+One program per (batch row, value head, V tile) keeps its [K, bv] slice of the fp32 state in
+registers for all T steps: the state is read once and written once per call, and the products are
+exact fp32 multiply-and-sums (no TF32). XLA's version runs four kernels per step (q/k stacking,
+the S^T [k, q] GEMM, the output and the state update), reading the state twice.
+
+Every step runs the same code whatever T is (a `fori_loop` over the tokens), so T single-token
+calls equal one T-token call bit for bit: what greedy AR-Trust == AR rests on, since the AR step,
+the verify pass and the rollback replay all run this kernel.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import reference
+
+_F32 = jnp.float32
+BLOCK_V = 32  # V columns per program: a [128, 32] fp32 state tile is 32 registers a thread
+NUM_WARPS = 4
+
+
+def kernel_takes(k: jax.Array, v: jax.Array) -> str | None:
+  """None if the kernel takes these shapes, else why not (K and V must be powers of two >= 16)."""
+  kd, vd = k.shape[-1], v.shape[-1]
+  for name, n in (('K', kd), ('V', vd)):
+    if n < 16 or n != backend.next_pow2(n):
+      return f'{name}={n} is not a power of two >= 16'
+  return None
+
+
+def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, o_ref, s_ref, *, steps, scale):
+  """Blocks: q, k [Tp, K]; v, o [Tp, bv]; a, beta [Tp]; s0, s [K, bv] fp32."""
+
+  def step(t, s):
+    kt = k_ref[t, :].astype(_F32)
+    qt = q_ref[t, :].astype(_F32) * scale
+    at = a_ref[t]
+    sk = at * jnp.sum(s * kt[:, None], axis=0)
+    sq = at * jnp.sum(s * qt[:, None], axis=0)
+    d = b_ref[t] * (v_ref[t, :].astype(_F32) - sk)
+    o_ref[t, :] = (sq + jnp.sum(kt * qt) * d).astype(o_ref.dtype)
+    return at * s + kt[:, None] * d[None, :]
+
+  s_ref[...] = jax.lax.fori_loop(0, steps, step, s0_ref[...].astype(_F32))
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'block_v', 'num_warps', 'interpret'))
+def _recurrent(q, k, v, decay, beta, s0, *, scale, block_v, num_warps, interpret):
+  b, t, h, kd = q.shape
+  hv, vd = v.shape[2:]
+  grp = hv // h
+  bv = min(block_v, vd)
+  tp = backend.next_pow2(t)  # the Triton lowering takes power-of-two blocks
+  if tp != t:  # padded steps are never run
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, tp - t)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v, decay, beta = map(pad, (q, k, v, decay, beta))
+  qk_spec = pl.BlockSpec((None, tp, None, kd), lambda i, j, n: (i, 0, j // grp, 0))
+  val_spec = pl.BlockSpec((None, tp, None, bv), lambda i, j, n: (i, 0, j, n))
+  vec_spec = pl.BlockSpec((None, tp, None), lambda i, j, n: (i, 0, j))
+  state_spec = pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))
+  params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  o, s = pl.pallas_call(
+      functools.partial(_kernel, steps=t, scale=scale),
+      out_shape=(jax.ShapeDtypeStruct((b, tp, hv, vd), v.dtype),
+                 jax.ShapeDtypeStruct((b, hv, kd, vd), _F32)),
+      grid=(b, hv, vd // bv),
+      in_specs=[qk_spec, qk_spec, val_spec, vec_spec, vec_spec, state_spec],
+      out_specs=(val_spec, state_spec),
+      input_output_aliases={5: 1},
+      compiler_params=params, interpret=interpret, name='gdr_recurrent')(
+          q, k, v, decay, beta, s0)
+  return o[:, :t], s
+
+
+def recurrent_gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
+                                      segment_ids=None, output_final_state=False,
+                                      block_v=BLOCK_V, num_warps=NUM_WARPS, interpret=False):
+  """Same contract as `xla.recurrent_gated_delta_rule_xla` (shapes as
+  `reference.naive_recurrent_gated_delta_rule`); not differentiable (decoding only).
+
+  Raises:
+    ValueError: K or V the kernel does not take (`kernel_takes`).
+  """
+  why = kernel_takes(k, v)
+  if why:
+    raise ValueError(f'recurrent gated delta rule kernel: {why}')
+  b, t, _, kd = q.shape
+  hv, vd = v.shape[2:]
+  starts = reference.segment_starts(segment_ids, b, t)[..., None]
+  decay = jnp.where(starts, 0.0, jnp.exp(g.astype(_F32)))
+  s0 = (jnp.zeros((b, hv, kd, vd), _F32) if initial_state is None
+        else initial_state.astype(_F32))
+  o, s = _recurrent(q, k, v, decay, beta.astype(_F32), s0,
+                    scale=float(kd ** -0.5 if scale is None else scale), block_v=block_v,
+                    num_warps=num_warps, interpret=interpret)
+  return o, (s if output_final_state else None)

@@ -1,0 +1,48 @@
+"""GPU: the sampler with the decode recurrence kernel (`gdn_decode_impl='pallas'`, the GPU
+default) decodes as with XLA's recurrence, and greedy AR-Trust still equals greedy AR with it.
+
+fp32 compute at 'highest' matmul precision: in 16-bit compute the one-token AR step and the
+block-wide verify pass round differently (README), which is not what these tests are about.
+"""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from flare_jax.model import config as config_lib
+from flare_jax.model import transformer
+from flare_jax.sampling import sampler as sampler_lib
+
+pytestmark = pytest.mark.gpu
+
+
+def _sampler(decode_impl: str) -> sampler_lib.Sampler:
+  cfg = config_lib.VARIANTS['small'].replace(dtype='float32', gdn_decode_impl=decode_impl)
+  return sampler_lib.Sampler(transformer.FlareLM(cfg, rngs=nnx.Rngs(5)))
+
+
+def _prompts():
+  rng = np.random.default_rng(0)
+  lengths = np.asarray([3, 11, 7, 1], np.int32)
+  return rng.integers(0, 256, (4, 11)).astype(np.int32), lengths
+
+
+def test_kernel_and_xla_recurrences_decode_the_same_tokens():
+  prompts, lengths = _prompts()
+  cfg = sampler_lib.SamplerConfig(mode='ar', max_new_tokens=24)
+  with jax.default_matmul_precision('highest'):
+    kernel = _sampler('pallas').generate(prompts, lengths, cfg)
+    xla = _sampler('xla').generate(prompts, lengths, cfg)
+  np.testing.assert_array_equal(kernel.tokens, xla.tokens)
+
+
+@pytest.mark.parametrize('block', [2, 4, 8])
+def test_greedy_ar_trust_equals_greedy_ar_with_the_kernel(block):
+  prompts, lengths = _prompts()
+  sampler = _sampler('pallas')
+  with jax.default_matmul_precision('highest'):
+    ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar',
+                                                                      max_new_tokens=24))
+    spec = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode='ar_trust', block_size=block, max_new_tokens=24))
+  np.testing.assert_array_equal(spec.tokens, ar.tokens)
