@@ -44,6 +44,9 @@ _PER_PASS = flags.DEFINE_integer('tokens_per_pass', 2, "Tokens per pass for --co
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts per jitted batch.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
+_DECODE_IMPL = flags.DEFINE_enum(
+    'gdn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
+    "GDN token recurrence of decode steps (ModelConfig.gdn_decode_impl; 'auto': pallas on GPU).")
 
 
 def _read_prompts() -> list[str]:
@@ -84,7 +87,8 @@ def _sampler_config() -> sampler_lib.SamplerConfig:
 def _load(ckpt: str):
   """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
   try:
-    model = model_io.load_model(ckpt, dtype=_DTYPE.value)
+    impl = None if _DECODE_IMPL.value == 'auto' else _DECODE_IMPL.value
+    model = model_io.load_model(ckpt, dtype=_DTYPE.value, gdn_decode_impl=impl)
     return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')

@@ -19,7 +19,7 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
                  + json.dumps({'prompt': prompts[2]}) + '\n')
   out = tmp_path / 'out.jsonl'
   run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
-                '--max_new_tokens=4', '--mode=ar_trust')
+                '--max_new_tokens=4', '--mode=ar_trust', '--gdn_decode_impl=xla')
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['prompt'] for r in rows] == prompts
