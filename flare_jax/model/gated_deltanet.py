@@ -291,16 +291,18 @@ class GatedDeltaNet(nnx.Module):
   def noisy_block(self, x: jax.Array, segment_ids: jax.Array,
                   state: cache_lib.GDNState) -> jax.Array:
     """y [B, T, D] of a block that continues `state` and leaves it as it was (a noisy block at
-    decode). More than one token runs the block-parallel form (`block_gated_delta_rule`: the state
-    is read once, no per-token states), as the training step's chunked noisy stream does; one token
-    runs the decode recurrence, so a one-slot block is the AR step bit for bit."""
+    decode). More than one token runs `block_gated_delta_rule` (the state read once, no per-token
+    or leaving state): in XLA the block-parallel form, as the training step's chunked noisy stream
+    does, with the decode kernel (`cfg.gdn_decode_impl`) its token loop. One token runs the decode
+    recurrence, so a one-slot block is the AR step bit for bit."""
     if x.shape[1] == 1:
       return self(x, segment_ids, state=state)[0]
     q, k, v, g, beta, z, _ = self._heads(x, segment_ids, state.conv)
     dt = x.dtype
     o = gdr.block_gated_delta_rule(q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
                                    initial_state=state.recurrent, segment_ids=segment_ids,
-                                   scale=self.cfg.linear_key_head_dim ** -0.5)
+                                   scale=self.cfg.linear_key_head_dim ** -0.5,
+                                   implementation=self.cfg.gdn_decode_impl)
     return self.output(o, z, dt)
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,

@@ -194,6 +194,27 @@ def _unpadded_checkpoints(h, v_new, k, v, chunk_size):
   return h, v_new[:, :t, :, :vd]
 
 
+def _decode_kernel(implementation: str | None, k: jax.Array, v: jax.Array):
+  """The `recurrent_pallas` module when `implementation` (None: `DEFAULT_DECODE_BY_BACKEND`, else
+  xla) picks it and it takes these inputs on this backend, else None (xla; logged once)."""
+  impl = implementation
+  if impl is None:
+    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
+  if impl not in DECODE_IMPLEMENTATIONS:
+    raise ValueError(f'unknown recurrent gated delta rule implementation {impl!r}; '
+                     f'known: {DECODE_IMPLEMENTATIONS} or None')
+  if impl == 'xla':
+    return None
+  from pallas_kernels.gated_delta_rule import recurrent_pallas  # pylint: disable=g-import-not-at-top
+  why = recurrent_pallas.kernel_takes(k, v)
+  if backend.default_backend() != 'gpu':
+    why = f'it needs a GPU (backend is {backend.default_backend()!r})'
+  if why:
+    _log_fallback_once('recurrent pallas', why)
+    return None
+  return recurrent_pallas
+
+
 def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                                beta: jax.Array, *, scale: float | None = None,
                                initial_state: jax.Array | None = None,
@@ -205,31 +226,27 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
   'xla' | 'pallas' (`recurrent_pallas`, not differentiable). Inputs the kernel cannot take run on
   xla instead, said once in the log."""
   _check(q, k, v, g, beta, initial_state, segment_ids)
-  impl = implementation
-  if impl is None:
-    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
-  if impl not in DECODE_IMPLEMENTATIONS:
-    raise ValueError(f'unknown recurrent gated delta rule implementation {impl!r}; '
-                     f'known: {DECODE_IMPLEMENTATIONS} or None')
   kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
             output_final_state=output_final_state)
-  if impl == 'pallas':
-    from pallas_kernels.gated_delta_rule import recurrent_pallas as kernel  # pylint: disable=g-import-not-at-top
-    why = kernel.kernel_takes(k, v)
-    if backend.default_backend() != 'gpu':
-      why = f'it needs a GPU (backend is {backend.default_backend()!r})'
-    if not why:
-      return kernel.recurrent_gated_delta_rule_pallas(q, k, v, g, beta, **kw)
-    _log_fallback_once('recurrent pallas', why)
+  kernel = _decode_kernel(implementation, k, v)
+  if kernel:
+    return kernel.recurrent_gated_delta_rule_pallas(q, k, v, g, beta, **kw)
   return xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, **kw)
 
 
 def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
                            beta: jax.Array, *, initial_state: jax.Array,
                            scale: float | None = None,
-                           segment_ids: jax.Array | None = None) -> jax.Array:
-  """Outputs [B, T, HV, V] of a short block continuing `initial_state`, in the block-parallel
-  (WY) form: no per-token or leaving state (noisy blocks at decode). Same argument contract."""
+                           segment_ids: jax.Array | None = None,
+                           implementation: str | None = None) -> jax.Array:
+  """Outputs [B, T, HV, V] of a short block continuing `initial_state`, with no per-token or
+  leaving state (noisy blocks at decode). Same argument contract. XLA runs the block-parallel (WY)
+  form; the decode kernel (`implementation` as `recurrent_gated_delta_rule`'s) its token loop,
+  writing nothing but the outputs."""
   _check(q, k, v, g, beta, initial_state, segment_ids)
+  kernel = _decode_kernel(implementation, k, v)
+  if kernel:
+    return kernel.recurrent_gated_delta_rule_pallas(
+        q, k, v, g, beta, initial_state=initial_state, scale=scale, segment_ids=segment_ids)[0]
   return xla.block_gated_delta_rule_xla(q, k, v, g, beta, initial_state=initial_state,
                                         scale=scale, segment_ids=segment_ids)

@@ -42,8 +42,8 @@ def kernel_takes(k: jax.Array, v: jax.Array) -> str | None:
   return None
 
 
-def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, o_ref, s_ref, *, steps, scale):
-  """Blocks: q, k [Tp, K]; v, o [Tp, bv]; a, beta [Tp]; s0, s [K, bv] fp32."""
+def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, o_ref, *s_ref, steps, scale):
+  """Blocks: q, k [Tp, K]; v, o [Tp, bv]; a, beta [Tp]; s0 and the optional s [K, bv] fp32."""
 
   def step(t, s):
     kt = k_ref[t, :].astype(_F32)
@@ -55,11 +55,15 @@ def _kernel(q_ref, k_ref, v_ref, a_ref, b_ref, s0_ref, o_ref, s_ref, *, steps, s
     o_ref[t, :] = (sq + jnp.sum(kt * qt) * d).astype(o_ref.dtype)
     return at * s + kt[:, None] * d[None, :]
 
-  s_ref[...] = jax.lax.fori_loop(0, steps, step, s0_ref[...].astype(_F32))
+  s = jax.lax.fori_loop(0, steps, step, s0_ref[...].astype(_F32))
+  if s_ref:
+    s_ref[0][...] = s
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'block_v', 'num_warps', 'interpret'))
-def _recurrent(q, k, v, decay, beta, s0, *, scale, block_v, num_warps, interpret):
+@functools.partial(jax.jit,
+                   static_argnames=('scale', 'with_state', 'block_v', 'num_warps', 'interpret'))
+def _recurrent(q, k, v, decay, beta, s0, *, scale, with_state, block_v, num_warps, interpret):
+  """(o [B, T, HV, V], the leaving state written over s0's buffer if with_state, else None)."""
   b, t, h, kd = q.shape
   hv, vd = v.shape[2:]
   grp = hv // h
@@ -73,24 +77,27 @@ def _recurrent(q, k, v, decay, beta, s0, *, scale, block_v, num_warps, interpret
   vec_spec = pl.BlockSpec((None, tp, None), lambda i, j, n: (i, 0, j))
   state_spec = pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  o, s = pl.pallas_call(
+  out_shape = [jax.ShapeDtypeStruct((b, tp, hv, vd), v.dtype)]
+  out_specs = [val_spec]
+  if with_state:
+    out_shape.append(jax.ShapeDtypeStruct((b, hv, kd, vd), _F32))
+    out_specs.append(state_spec)
+  o, *s = pl.pallas_call(
       functools.partial(_kernel, steps=t, scale=scale),
-      out_shape=(jax.ShapeDtypeStruct((b, tp, hv, vd), v.dtype),
-                 jax.ShapeDtypeStruct((b, hv, kd, vd), _F32)),
-      grid=(b, hv, vd // bv),
+      out_shape=out_shape, grid=(b, hv, vd // bv),
       in_specs=[qk_spec, qk_spec, val_spec, vec_spec, vec_spec, state_spec],
-      out_specs=(val_spec, state_spec),
-      input_output_aliases={5: 1},
+      out_specs=out_specs, input_output_aliases={5: 1} if with_state else {},
       compiler_params=params, interpret=interpret, name='gdr_recurrent')(
           q, k, v, decay, beta, s0)
-  return o[:, :t], s
+  return o[:, :t], (s[0] if with_state else None)
 
 
 def recurrent_gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_state=None,
                                       segment_ids=None, output_final_state=False,
                                       block_v=BLOCK_V, num_warps=NUM_WARPS, interpret=False):
   """Same contract as `xla.recurrent_gated_delta_rule_xla` (shapes as
-  `reference.naive_recurrent_gated_delta_rule`); not differentiable (decoding only).
+  `reference.naive_recurrent_gated_delta_rule`); not differentiable (decoding only). Without
+  output_final_state nothing but the outputs is written (a noisy block at decode).
 
   Raises:
     ValueError: K or V the kernel does not take (`kernel_takes`).
@@ -104,7 +111,7 @@ def recurrent_gated_delta_rule_pallas(q, k, v, g, beta, *, scale=None, initial_s
   decay = jnp.where(starts, 0.0, jnp.exp(g.astype(_F32)))
   s0 = (jnp.zeros((b, hv, kd, vd), _F32) if initial_state is None
         else initial_state.astype(_F32))
-  o, s = _recurrent(q, k, v, decay, beta.astype(_F32), s0,
-                    scale=float(kd ** -0.5 if scale is None else scale), block_v=block_v,
-                    num_warps=num_warps, interpret=interpret)
-  return o, (s if output_final_state else None)
+  return _recurrent(q, k, v, decay, beta.astype(_F32), s0,
+                    scale=float(kd ** -0.5 if scale is None else scale),
+                    with_state=output_final_state, block_v=block_v, num_warps=num_warps,
+                    interpret=interpret)

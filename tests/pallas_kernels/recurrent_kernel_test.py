@@ -3,8 +3,8 @@
 CPU: interpret mode at small awkward shapes (T = 1, 3, 16; grouped value heads; a document start
 inside the call; no initial state), fp32 and bf16 inputs. GPU: the decode shapes of Qwen3.5-2B
 (8 rows, 16 heads, K = V = 128, bf16 inputs). Both: T single-token calls equal one T-token call
-bit for bit (the AR step, the verify pass and the rollback replay all run this kernel), and the
-dispatch picks it by `implementation`.
+bit for bit (the AR step, the verify pass and the rollback replay all run this kernel); without the
+leaving state (noisy blocks) the outputs are the same; the dispatch picks it by `implementation`.
 """
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,9 @@ def _inputs(rng, b, t, h, hv, kd, vd, dtype):
   return q, k, v, g, beta, h0
 
 
-def _kernel(*args, **kw):
+def _kernel(*args, output_final_state=True, **kw):
   return recurrent_pallas.recurrent_gated_delta_rule_pallas(
-      *args, output_final_state=True, interpret=not _ON_GPU, **kw)
+      *args, output_final_state=output_final_state, interpret=not _ON_GPU, **kw)
 
 
 _CPU_SHAPES = [  # (b, t, h, hv, kd, vd, block_v)
@@ -82,6 +82,22 @@ def test_single_token_calls_equal_one_call_bit_for_bit(rng):
                                       block_v=16)
 
 
+def _assert_outputs_alone_equal_outputs_with_state(q, k, v, g, beta, h0, **kw):
+  """Without output_final_state (a noisy block) the kernel writes the same outputs and no state."""
+  o, s = _kernel(q, k, v, g, beta, initial_state=h0, output_final_state=False, **kw)
+  assert s is None
+  np.testing.assert_array_equal(np.asarray(o, np.float32),
+                                np.asarray(_kernel(q, k, v, g, beta, initial_state=h0, **kw)[0],
+                                           np.float32))
+
+
+def test_outputs_alone_equal_outputs_with_state(rng):
+  if _ON_GPU:
+    pytest.skip('CPU interpret-mode case')
+  _assert_outputs_alone_equal_outputs_with_state(*_inputs(rng, 2, 4, 1, 2, 16, 32, jnp.float32),
+                                                 block_v=16)
+
+
 def test_dispatch_runs_xla_off_gpu_and_rejects_unknown_names(rng):
   args = _inputs(rng, 1, 2, 1, 1, 16, 16, jnp.float32)
   kw = dict(initial_state=args[-1], output_final_state=True)
@@ -92,6 +108,11 @@ def test_dispatch_runs_xla_off_gpu_and_rejects_unknown_names(rng):
     np.testing.assert_array_equal(s_p, s_x)
   with pytest.raises(ValueError, match='unknown recurrent'):
     api.recurrent_gated_delta_rule(*args[:-1], implementation='triton', **kw)
+  # A noisy block: the kernel's token loop or XLA's block-parallel form, the same outputs.
+  o_b = {impl: api.block_gated_delta_rule(*args[:-1], initial_state=args[-1], implementation=impl)
+         for impl in ('xla', 'pallas')}
+  testing.assert_close('block outputs', o_b['pallas'], o_b['xla'], 1e-5)
+  testing.assert_close('block outputs', o_b['xla'], o_x, 1e-5)
 
 
 def test_shapes_the_kernel_does_not_take_are_named():
@@ -123,3 +144,9 @@ def test_gpu_decode_shapes_match_the_oracle(rng, t):
 @pytest.mark.gpu
 def test_gpu_single_token_calls_equal_one_call_bit_for_bit(rng):
   _assert_single_steps_equal_one_call(*_inputs(rng, 8, 4, 16, 16, 128, 128, jnp.bfloat16))
+
+
+@pytest.mark.gpu
+def test_gpu_outputs_alone_equal_outputs_with_state(rng):
+  _assert_outputs_alone_equal_outputs_with_state(*_inputs(rng, 8, 4, 16, 16, 128, 128,
+                                                          jnp.bfloat16))
