@@ -1,4 +1,4 @@
-"""The GDN decode recurrence per call: XLA's token loop against the Pallas kernel (`recurrent_pallas`).
+"""The GDN decode recurrence per call: XLA's token loop against the Pallas kernel.
 
 python -m launch.bench_decode                                   # Qwen3.5-2B's GDN at batch 8
 python -m launch.bench_decode --impls=xla,pallas,pallas:64:4 --tokens=1,4,16   # tiles x warps
