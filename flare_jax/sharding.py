@@ -3,7 +3,9 @@
 Parameters and activations use different logical names so that one mesh axis is never used twice in
 a spec (style.md C6). Every name used anywhere must appear in `DEFAULT_RULES` (None = replicated).
 """
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -103,6 +105,33 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
                      f'have {len(devices)}')
   return jax.make_mesh(
       tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True):
+  """fn(*args), run once per batch shard when `enabled`, a mesh and logical rules are active, and
+  the batch divides over the mesh axes ACT_BATCH maps to; else fn(*args) as is.
+
+  args: pytrees of arrays with a leading batch axis (None leaves allowed); fn's outputs too.
+  Pallas and Triton kernels are custom calls that XLA's partitioner cannot split: under jit with a
+  batch-sharded input it would gather the whole batch onto every device and run all of it there.
+  `jax.shard_map` hands each device its own rows instead. Other sharded axes (heads over 'tensor')
+  are gathered inside, so the kernels see whole heads.
+  """
+  rules = _active_rules()
+  if not enabled or rules is None or not mesh_is_active():
+    return fn(*args)
+  axes = logical_to_pspec([ACT_BATCH], rules)[0]
+  if axes is None:
+    return fn(*args)
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  mesh = jax.sharding.get_abstract_mesh()
+  shards = math.prod(mesh.shape[a] for a in axes)
+  batch = jax.tree.leaves(args)[0].shape[0]
+  if shards == 1 or batch % shards:
+    return fn(*args)
+  spec = P(axes)
+  return jax.shard_map(fn, mesh=mesh, in_specs=jax.tree.map(lambda _: spec, args),
+                       out_specs=spec, check_vma=False)(*args)
 
 
 def mesh_is_active() -> bool:

@@ -1,4 +1,6 @@
 """Gated softmax attention of Qwen3.5 (q/k RMSNorm, partial RoPE, sigmoid output gate, GQA)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -70,15 +72,17 @@ class Attention(nnx.Module):
     """
     q, k, v, gate = self.project(x, meta.positions)
     q = shd.shard(q, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_HEADS, None))
-    impl = dict(implementation=self.cfg.attn_impl, q_tile=self.cfg.attn_q_tile)
+    attend = functools.partial(attn_ops.attention, implementation=self.cfg.attn_impl,
+                               q_tile=self.cfg.attn_q_tile)
+    kernels = layers.kernels_configured(self.cfg.attn_impl)
     if cache is None:
-      o = attn_ops.attention(q, k, v, meta, meta, **impl)
+      o = shd.per_batch_shard(attend, q, k, v, meta, meta, enabled=kernels)
       return self.output(o, gate), None
     start = meta.positions[:, 0]
     new_cache = cache_lib.KVCache(cache_lib.write_rows(cache.k, k, start),
                                   cache_lib.write_rows(cache.v, v, start))
-    o = attn_ops.attention(q, new_cache.k, new_cache.v, meta,
-                           _cache_key_meta(meta, cache.k.shape[1]), **impl)
+    o = shd.per_batch_shard(attend, q, new_cache.k, new_cache.v, meta,
+                            _cache_key_meta(meta, cache.k.shape[1]), enabled=kernels)
     return self.output(o, gate), new_cache
 
 

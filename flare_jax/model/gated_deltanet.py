@@ -1,4 +1,6 @@
 """Gated DeltaNet mixer of Qwen3.5 (the "linear_attention" layers)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -161,13 +163,21 @@ _RECURRENT_MAX_TOKENS = 16
 
 def _delta_rule(cfg: config_lib.ModelConfig, q, k, v, g, beta, *, initial_state, segment_ids,
                 output_final_state):
-  kw = dict(scale=cfg.linear_key_head_dim ** -0.5, initial_state=initial_state,
-            segment_ids=segment_ids, output_final_state=output_final_state)
+  scale = cfg.linear_key_head_dim ** -0.5
   if initial_state is not None and q.shape[1] <= _RECURRENT_MAX_TOKENS:
-    return gdr.recurrent_gated_delta_rule(q, k, v, g, beta, implementation=cfg.gdn_decode_impl,
-                                          **kw)
-  return gdr.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=cfg.gdn_chunk_size,
-                                    implementation=cfg.gdn_impl, **kw)
+    impl = cfg.gdn_decode_impl
+    op = functools.partial(gdr.recurrent_gated_delta_rule, implementation=impl)
+  else:
+    impl = cfg.gdn_impl
+    op = functools.partial(gdr.chunk_gated_delta_rule, chunk_size=cfg.gdn_chunk_size,
+                           implementation=impl)
+
+  def run(q, k, v, g, beta, initial_state, segment_ids):
+    return op(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+              segment_ids=segment_ids, output_final_state=output_final_state)
+
+  return shd.per_batch_shard(run, q, k, v, g, beta, initial_state, segment_ids,
+                             enabled=layers.kernels_configured(impl))
 
 
 class GatedDeltaNet(nnx.Module):
@@ -334,10 +344,14 @@ class GatedDeltaNet(nnx.Module):
     g, beta = self.gates(b_in, a_in)
     clean = (q[:, :t], k[:, :t], v[:, :t], g[:, :t], beta[:, :t])
     views = lambda a: a[:, t:].reshape(b, num_views, t, *a.shape[2:])
-    o_clean, o_noisy = two_stream_gdn.two_stream_delta_rule(
-        clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts,
-        scale=cfg.linear_key_head_dim ** -0.5, schedule=schedule, chunk_size=cfg.gdn_chunk_size,
-        max_block=max_block, clean_implementation=cfg.gdn_impl)
+    run = functools.partial(
+        two_stream_gdn.two_stream_delta_rule, scale=cfg.linear_key_head_dim ** -0.5,
+        schedule=schedule, chunk_size=cfg.gdn_chunk_size, max_block=max_block,
+        clean_implementation=cfg.gdn_impl)
+    kernels = (layers.kernels_configured(cfg.gdn_impl)
+               or two_stream_gdn.resolve_schedule(schedule) in two_stream_gdn.KERNEL_SCHEDULES)
+    o_clean, o_noisy = shd.per_batch_shard(
+        run, clean, tuple(views(a) for a in (q, k, v, g, beta)), seg, starts, enabled=kernels)
     o = jnp.concatenate([o_clean.astype(jnp.float32),
                          o_noisy.reshape(b, num_views * t, *o_noisy.shape[3:])], axis=1)
     return self.output(o, z, x.dtype)

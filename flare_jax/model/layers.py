@@ -14,6 +14,13 @@ def dtype_of(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+def kernels_configured(implementation: str | None) -> bool:
+  """Whether an implementation choice runs custom-call kernels: a kernel family, or None on GPU
+  (every kernel dispatch's default there). Such calls go through `sharding.per_batch_shard`."""
+  return implementation != 'xla' and (implementation is not None
+                                      or jax.default_backend() == 'gpu')
+
+
 class Dense(nnx.Module):
   """y = x @ kernel, kernel [in, out] (HF weights are [out, in]: the importer transposes).
   No bias."""
