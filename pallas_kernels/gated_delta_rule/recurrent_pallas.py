@@ -12,7 +12,9 @@ the S^T [k, q] GEMM, the output and the state update), reading the state twice.
 
 H200, Qwen3.5-2B at batch 8 (HV = 16, K = V = 128, bf16 inputs), `launch.bench_sampler --profile`:
 5.7 µs a call in the AR step, where XLA's S^T [k, q] product and state update took 4.8 + 5.4 µs;
-the AR step 1.91 against 2.02 ms, an AR-Trust pass (block 4) 2.64 against 3.61 ms.
+the AR step 1.91 against 2.02 ms, an AR-Trust pass (block 4) 2.64 against 3.61 ms (its drafts
+then still in XLA's block form; noisy blocks run this kernel since, not yet timed:
+`launch.bench_decode --modes=outputs`).
 
 Every step runs the same code whatever T is (a `fori_loop` over the tokens), so T single-token
 calls equal one T-token call bit for bit: what greedy AR-Trust == AR rests on, since the AR step,
