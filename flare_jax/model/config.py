@@ -7,6 +7,9 @@ import dataclasses
 import json
 from typing import Any
 
+from pallas_kernels.attention import api as attn_api
+from pallas_kernels.gated_delta_rule import api as gdr_api
+
 LINEAR = 'linear_attention'  # Gated DeltaNet layer (HF's name)
 FULL = 'full_attention'  # gated softmax attention layer
 _LAYER_TYPES = (LINEAR, FULL)
@@ -79,6 +82,11 @@ class ModelConfig:
         problems.append(f'{name}={getattr(self, name)!r} (known: {_DTYPES})')
     if self.gdn_conv_backward not in GDN_CONV_BACKWARDS:
       problems.append(f'gdn_conv_backward={self.gdn_conv_backward!r} (known: {GDN_CONV_BACKWARDS})')
+    for name, known in (('gdn_impl', gdr_api.IMPLEMENTATIONS),
+                        ('gdn_decode_impl', gdr_api.DECODE_IMPLEMENTATIONS),
+                        ('attn_impl', attn_api.IMPLEMENTATIONS)):
+      if getattr(self, name) not in (None, *known):
+        problems.append(f'{name}={getattr(self, name)!r} (known: None, {", ".join(known)})')
     if self.remat not in ('none', 'block'):
       problems.append(f"remat={self.remat!r} (known: 'none', 'block')")
     if problems:

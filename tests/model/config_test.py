@@ -72,3 +72,7 @@ def test_invalid_model_config_names_the_problem():
     config_lib.VARIANTS['tiny'].replace(mask_token_id=10_000)
   with pytest.raises(ValueError, match='layer type'):
     config_lib.VARIANTS['tiny'].replace(layer_types=('mamba',))
+  with pytest.raises(ValueError, match="gdn_decode_impl='triton' \\(known: None, xla, pallas\\)"):
+    config_lib.VARIANTS['tiny'].replace(gdn_decode_impl='triton')
+  with pytest.raises(ValueError, match="attn_impl='cudnn'"):
+    config_lib.VARIANTS['tiny'].replace(attn_impl='cudnn')
