@@ -3,12 +3,14 @@
 Parameters and activations use different logical names so that one mesh axis is never used twice in
 a spec (style.md C6). Every name used anywhere must appear in `DEFAULT_RULES` (None = replicated).
 """
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
 import jax
+from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -127,11 +129,19 @@ def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True):
   mesh = jax.sharding.get_abstract_mesh()
   shards = math.prod(mesh.shape[a] for a in axes)
   batch = jax.tree.leaves(args)[0].shape[0]
+  if batch % shards:
+    _warn_once(f'a batch of {batch} rows does not divide over the {shards} shards of mesh axes '
+               f'{axes}: kernels run on the whole batch on every device')
   if shards == 1 or batch % shards:
     return fn(*args)
   spec = P(axes)
   return jax.shard_map(fn, mesh=mesh, in_specs=jax.tree.map(lambda _: spec, args),
                        out_specs=spec, check_vma=False)(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  logging.warning('per_batch_shard: %s', message)
 
 
 def mesh_is_active() -> bool:

@@ -36,10 +36,12 @@ def test_each_device_gets_its_own_rows(cpu_mesh):
   assert none is None
 
 
-def test_runs_fn_whole_when_off_meshless_or_indivisible(cpu_mesh):
+def test_runs_fn_whole_when_off_meshless_or_indivisible(cpu_mesh, caplog):
   assert _rows_seen(cpu_mesh, 8, enabled=False)[0] == [8]
   assert _rows_seen(cpu_mesh, 8, mesh=False)[0] == [8]
-  assert _rows_seen(cpu_mesh, 6)[0] == [6]  # 6 rows do not divide over 4 shards
+  assert not caplog.records
+  assert _rows_seen(cpu_mesh, 6)[0] == [6]  # 6 rows do not divide over 4 shards: said in the log
+  assert 'a batch of 6 rows does not divide over the 4 shards' in caplog.text
 
 
 def test_model_kernel_calls_run_per_batch_shard_and_match_one_device(cpu_mesh, rng):
