@@ -107,10 +107,11 @@ def _case(t: int, mode: str, impls: list[str], shape: dict) -> list[dict]:
     us = 1e3 * ms / _CALLS.value
     rows.append(dict(tokens=t, mode=mode, impl=name, us_per_call=us,
                      state_gb_per_s=state_bytes / us / 1e3, **shape))
-  ref = one_call.get('xla')
+  ref = one_call.get('xla')  # xla runs first when asked for (main)
   for row in rows:
-    row['vs_xla'] = row['us_per_call'] / rows[0]['us_per_call'] if ref is not None else None
+    row['vs_xla'] = row['max_diff_vs_xla'] = None
     if ref is not None:
+      row['vs_xla'] = row['us_per_call'] / rows[0]['us_per_call']
       row['max_diff_vs_xla'] = float(np.max(np.abs(one_call[row['impl']] - ref))
                                      / (np.max(np.abs(ref)) + 1e-30))
   return rows
@@ -129,8 +130,7 @@ def main(argv):
   shape = (dict(b=2, h=1, hv=2, kd=16, vd=32) if _CPU_SMOKE.value else
            dict(b=_BATCH.value, h=_HEADS.value, hv=_VALUE_HEADS.value, kd=_DK.value,
                 vd=_DV.value))
-  impls = ['xla'] + [n for n in _IMPLS.value if n != 'xla'] if 'xla' in _IMPLS.value \
-      else list(_IMPLS.value)
+  impls = sorted(_IMPLS.value, key=lambda n: n != 'xla')  # xla first, the rest as given
   print(f"device: {jax.devices()[0].device_kind}; B={shape['b']} H={shape['h']} "
         f"HV={shape['hv']} K={shape['kd']} V={shape['vd']}, bf16 q/k/v, fp32 state; "
         f'{_CALLS.value} chained calls per timing, median of {_REPEATS.value}')

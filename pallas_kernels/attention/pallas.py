@@ -25,7 +25,13 @@ compiles the keys-first products to mma.sync (wgmma needs 64 rows) and these all
 the kernel measured slower, causal: 1.12 against 0.975 ms at 4 warps, 1.91 at 8, 1.88 with 16
 keys per tile (one run; two-stream 3.57 against 3.01). The grouped dk/dv kernel walking its query
 heads and visit list as two flat (head, tile) loops, so that its software pipeline fills twice
-rather than twice per head: 1.062 against 0.997 ms (causal, one run).
+rather than twice per head: 1.062 against 0.997 ms (causal, one run). Two more, on branches
+`exp/dkdv-two-pass` and `exp/dkdv-split-d` (H200, 2026-12-03, each against this kernel's 0.98 ms
+in the same run): walking the visit list twice, dv then dk, so that 64-key tiles fit (every
+product wgmma): 1.47 ms at 64 x 64 and 8 warps, 2.19 at 64 keys x 32 queries; dk and dv
+accumulated as two column halves: 1.80 ms at 32 x 64, 1.42 at 32 x 32. Reordering the casts of P^T
+and dS^T cut this kernel's ptxas spill from 152 to 8 bytes and its time not at all (0.982 ms):
+spills are not what bounds it.
 
 Launch order: grids are (heads, row tiles), and a program takes its (row, tile) from a launch
 order computed in XLA (`_launch_order`): by default the tiles with the longest visit lists first,
