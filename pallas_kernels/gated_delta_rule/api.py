@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._common import backend
 from pallas_kernels.gated_delta_rule import configs
+from pallas_kernels.gated_delta_rule import front
 from pallas_kernels.gated_delta_rule import xla
 
 IMPLEMENTATIONS = ('xla', 'pallas', 'triton')
@@ -194,9 +195,10 @@ def _unpadded_checkpoints(h, v_new, k, v, chunk_size):
   return h, v_new[:, :t, :, :vd]
 
 
-def _decode_kernel(implementation: str | None, k: jax.Array, v: jax.Array):
-  """The `recurrent_pallas` module when `implementation` (None: `DEFAULT_DECODE_BY_BACKEND`, else
-  xla) picks it and it takes these inputs on this backend, else None (xla; logged once)."""
+def _use_decode_kernel(implementation: str | None, why_not: str | None) -> bool:
+  """Whether `implementation` (None: `DEFAULT_DECODE_BY_BACKEND`, else xla) picks the decode
+  kernels and they can run here: `why_not` (the kernel's shape check) is None and the backend is a
+  GPU. A kernel choice that cannot run falls back to xla, logged once."""
   impl = implementation
   if impl is None:
     impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
@@ -204,15 +206,21 @@ def _decode_kernel(implementation: str | None, k: jax.Array, v: jax.Array):
     raise ValueError(f'unknown recurrent gated delta rule implementation {impl!r}; '
                      f'known: {DECODE_IMPLEMENTATIONS} or None')
   if impl == 'xla':
-    return None
-  from pallas_kernels.gated_delta_rule import recurrent_pallas  # pylint: disable=g-import-not-at-top
-  why = recurrent_pallas.kernel_takes(k, v)
+    return False
   if backend.default_backend() != 'gpu':
-    why = f'it needs a GPU (backend is {backend.default_backend()!r})'
-  if why:
-    _log_fallback_once('recurrent pallas', why)
-    return None
-  return recurrent_pallas
+    why_not = f'it needs a GPU (backend is {backend.default_backend()!r})'
+  if why_not:
+    _log_fallback_once('decode pallas', why_not)
+    return False
+  return True
+
+
+def _recurrent_kernel(implementation: str | None, k: jax.Array, v: jax.Array):
+  """The `recurrent_pallas` module when `_use_decode_kernel`, else None."""
+  from pallas_kernels.gated_delta_rule import recurrent_pallas  # pylint: disable=g-import-not-at-top
+  if _use_decode_kernel(implementation, recurrent_pallas.kernel_takes(k, v)):
+    return recurrent_pallas
+  return None
 
 
 def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
@@ -228,7 +236,7 @@ def recurrent_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.
   _check(q, k, v, g, beta, initial_state, segment_ids)
   kw = dict(scale=scale, initial_state=initial_state, segment_ids=segment_ids,
             output_final_state=output_final_state)
-  kernel = _decode_kernel(implementation, k, v)
+  kernel = _recurrent_kernel(implementation, k, v)
   if kernel:
     return kernel.recurrent_gated_delta_rule_pallas(q, k, v, g, beta, **kw)
   return xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, **kw)
@@ -244,9 +252,63 @@ def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
   form; the decode kernel (`implementation` as `recurrent_gated_delta_rule`'s) its token loop,
   writing nothing but the outputs."""
   _check(q, k, v, g, beta, initial_state, segment_ids)
-  kernel = _decode_kernel(implementation, k, v)
+  kernel = _recurrent_kernel(implementation, k, v)
   if kernel:
     return kernel.recurrent_gated_delta_rule_pallas(
         q, k, v, g, beta, initial_state=initial_state, scale=scale, segment_ids=segment_ids)[0]
   return xla.block_gated_delta_rule_xla(q, k, v, g, beta, initial_state=initial_state,
                                         scale=scale, segment_ids=segment_ids)
+
+
+def _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
+                 segment_ids, valid):
+  problems = []
+  if x.ndim != 3 or initial_state.ndim != 4:
+    raise ValueError(f'fused decode: x {x.shape} must be [B, T, C] and initial_state '
+                     f'{initial_state.shape} [B, HV, K, V]')
+  bsz, t, c = x.shape
+  _, hv, kd, vd = initial_state.shape
+  if initial_state.shape[0] != bsz:
+    problems.append(f'initial_state {initial_state.shape} must have the B={bsz} of x')
+  if hv % num_key_heads:
+    problems.append(f'HV={hv} is not a multiple of num_key_heads={num_key_heads}')
+  if c != 2 * num_key_heads * kd + hv * vd:
+    problems.append(f'C={c} is not 2 NK K + HV V = {2 * num_key_heads * kd + hv * vd}')
+  kc = conv_weight.shape[0]
+  for name, a, want in (('b_in', b_in, (bsz, t, hv)), ('a_in', a_in, (bsz, t, hv)),
+                        ('conv_weight', conv_weight, (kc, c)), ('a_log', a_log, (hv,)),
+                        ('dt_bias', dt_bias, (hv,)), ('window', window, (bsz, kc - 1, c)),
+                        ('segment_ids', segment_ids, (bsz, t)), ('valid', valid, (bsz, t))):
+    if a is not None and a.shape != want:
+      problems.append(f'{name} {a.shape} must be {want}')
+  if problems:
+    raise ValueError('fused decode: ' + '; '.join(problems))
+
+
+def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: jax.Array,
+                 a_log: jax.Array, dt_bias: jax.Array, *, window: jax.Array,
+                 initial_state: jax.Array, num_key_heads: int, scale: float | None = None,
+                 segment_ids: jax.Array | None = None, valid: jax.Array | None = None,
+                 output_final_state: bool = True, implementation: str | None = None):
+  """A cached Gated DeltaNet pass of a few tokens, from the in-projections to the rule's outputs:
+  conv (window in, window out), activations, l2 norms, gates and the rule
+  (`front.fused_decode_xla` gives the contract). `implementation`: None (the backend's best:
+  `DEFAULT_DECODE_BY_BACKEND`, else xla) | 'xla' | 'pallas' (`decode_pallas`, one kernel, not
+  differentiable). Inputs the kernel cannot take run on xla instead, said once in the log.
+
+  Returns:
+    (o [B, T, HV, V] in x.dtype, (window [B, Kc-1, C], state [B, HV, K, V] fp32) or None without
+    output_final_state).
+
+  Raises:
+    ValueError: unknown implementation or inconsistent shapes.
+  """
+  _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
+               segment_ids, valid)
+  kw = dict(window=window, initial_state=initial_state, num_key_heads=num_key_heads, scale=scale,
+            segment_ids=segment_ids, valid=valid, output_final_state=output_final_state)
+  from pallas_kernels.gated_delta_rule import decode_pallas  # pylint: disable=g-import-not-at-top
+  kd, vd = initial_state.shape[2:]
+  if _use_decode_kernel(implementation, decode_pallas.kernel_takes(num_key_heads, kd, vd)):
+    return decode_pallas.fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, **kw)
+  return front.fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, **kw)

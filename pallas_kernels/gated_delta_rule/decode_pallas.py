@@ -1,0 +1,224 @@
+"""A cached GDN pass of a few tokens in one Pallas kernel: conv, activations, gates and the rule.
+
+`front.fused_decode_xla`'s contract. In XLA that chain is a dozen small kernels per layer and
+token pass (conv + SiLU + l2 norm of q, of k, of v, the gates, the window slice, the rule's own
+kernels), each a few microseconds at decode sizes; here it is one launch.
+
+One program per (batch row, value head, V tile), as `recurrent_pallas`: it keeps its [K, bv] fp32
+state slice in registers and walks the T tokens in a `fori_loop`. Per token it reads the raw
+q, k (its key head, whole) and v (its tile) inputs, runs the depthwise conv from a rolling window
+of the previous Kc-1 inputs (carried in registers, seeded from the cached window), the SiLU, the
+l2 norms and the gates, and then `recurrent_pallas.delta_step`. The q/k front is recomputed by
+each of a key head's programs (a few hundred flops; cheaper than a launch). q, k and v are
+rounded to the inputs' dtype before the rule, as the model's other paths do.
+
+With the leaving state, each program writes its state slice over the cached one and its part of
+the leaving window: the v tile's channels, and the q/k channels of its key head from the head's
+first program. Every token runs the same code whatever T is, so T single-token calls equal one
+T-token call bit for bit: greedy AR-Trust == AR rests on this (the AR step, the verify pass and the
+rollback replay, which reruns a pass with its tail marked invalid, all run this kernel). A
+one-token call loads nothing ahead; longer ones load each next token's inputs before storing the
+current outputs (`recurrent_pallas`).
+
+H200, Qwen3.5-2B-shaped random model, bf16, batch 8, `launch.bench_sampler --new_tokens=128`
+(2026-12-03): in one run against XLA's chain, the AR step 1.83 against 2.03 ms (468 launches
+against 539), an AR-Trust pass (block 4) 2.39 against 3.62, a Diffusion-Trust pass 2.34 against
+3.36 (k = 1) and 3.59 against 6.53 (k = 4). This kernel 18 x 6.6 us per AR step, where the
+recurrence kernel alone took 5.7 plus XLA's front fusions. As committed (one-token calls without
+load-ahead, 2 warps for noisy blocks; another run): 1.84, 2.45, 2.28 and 3.45 ms; the recurrence
+kernel with XLA's front (the code before) 1.95, 2.47, 2.35 and 3.55 ms in a third run.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import recurrent_pallas
+
+_F32 = jnp.float32
+BLOCK_V = recurrent_pallas.BLOCK_V
+NUM_WARPS = recurrent_pallas.NUM_WARPS
+# Outputs only (noisy blocks): nothing has to match another call bit for bit, and 2 warps ran
+# the recurrence of a 4-token block in 10.8 us against 16.8 at 4 (launch.bench_decode, H200).
+NUM_WARPS_OUTPUTS_ONLY = 2
+_L2_EPS = 1e-6  # front.l2_normalize's
+
+
+def kernel_takes(num_key_heads: int, key_dim: int, value_dim: int,
+                 block_v: int = BLOCK_V) -> str | None:
+  """None if the kernel takes these head sizes, else why not."""
+  for name, n in (('K', key_dim), ('V', value_dim)):
+    if n < 16 or n != backend.next_pow2(n):
+      return f'{name}={n} is not a power of two >= 16'
+  if (2 * num_key_heads * key_dim) % min(block_v, value_dim):
+    return f'the q|k channels (2 x {num_key_heads} x {key_dim}) are not whole V tiles'
+  return None
+
+
+def _kernel(xq_ref, xk_ref, xv_ref, wq_ref, wk_ref, wv_ref, cq_ref, ck_ref, cv_ref, b_ref, a_ref,
+            alog_ref, dtb_ref, seg_ref, *refs, steps, scale, has_valid, with_state, grp, v_base):
+  """Blocks: x* [T, K | bv] inputs, w* [Kc, .] taps, c* [Kc-1, .] cached window; b, a, seg (and
+  valid) [T]; alog, dtb [HV]; s0 [K, bv]. Outputs: o [T, bv]; with state, s [K, bv] and the
+  leaving window [Kc-1, C] (each program writes its channels)."""
+  if has_valid:
+    valid_ref, *refs = refs
+  s0_ref, o_ref, *out_refs = refs
+  head, tile = pl.program_id(1), pl.program_id(2)
+  kc = wq_ref.shape[0]
+  in_dtype = xq_ref.dtype
+  groups = ((xq_ref, wq_ref, cq_ref), (xk_ref, wk_ref, ck_ref), (xv_ref, wv_ref, cv_ref))
+  taps = [[w_ref[j, :].astype(_F32) for _, w_ref, _ in groups] for j in range(kc)]
+  rate = jnp.exp(alog_ref[head].astype(_F32))
+  dt_bias = dtb_ref[head].astype(_F32)
+  rounded = lambda x: x.astype(in_dtype).astype(_F32)
+
+  def load(t):
+    """Token t's inputs: (q, k, v) rows, b, a, starts-a-document, valid (or None)."""
+    return (tuple(x_ref[t, :] for x_ref, _, _ in groups), b_ref[t], a_ref[t],
+            seg_ref[t] != seg_ref[jnp.maximum(t - 1, 0)],
+            (valid_ref[t] != 0) if has_valid else None)
+
+  def step(token, carry):
+    x_t, b_t, a_t, start, ok = token
+    s, window, seen = carry  # window: Kc-1 rows (oldest first) of (q, k, v) inputs
+    seen = jnp.where(start, 0, seen)  # window rows of this token's document (the newest ones)
+    rows = window + (tuple(x.astype(_F32) for x in x_t),)
+    pre = []
+    for g in range(3):
+      acc = 0.0  # taps in `front.causal_conv`'s order
+      for j in range(kc):
+        tap = rows[j][g] if j == kc - 1 else jnp.where(j >= kc - 1 - seen, rows[j][g], 0.0)
+        acc = acc + tap * taps[j][g]
+      pre.append(acc * jax.nn.sigmoid(acc))  # SiLU
+    q, k, v = pre
+    q = rounded(q * jax.lax.rsqrt(jnp.sum(q * q) + _L2_EPS)) * scale
+    k = rounded(k * jax.lax.rsqrt(jnp.sum(k * k) + _L2_EPS))
+    beta = jax.nn.sigmoid(b_t.astype(_F32))
+    decay = jnp.exp(-rate * jax.nn.softplus(a_t.astype(_F32) + dt_bias))
+    if has_valid:
+      decay, beta = jnp.where(ok, decay, 1.0), jnp.where(ok, beta, 0.0)
+    decay = jnp.where(start, 0.0, decay)
+    o, s_next = recurrent_pallas.delta_step(s, q, k, rounded(v), decay, beta)
+    shifted, seen_next = rows[1:], jnp.minimum(seen + 1, kc - 1)
+    if has_valid:  # a padding token leaves the window where the last real token left it
+      shifted = jax.tree.map(lambda new, old: jnp.where(ok, new, old), shifted, window)
+      seen_next = jnp.where(ok, seen_next, seen)
+    return o, (s_next, shifted, seen_next)
+
+  window = tuple(tuple(c_ref[r, :].astype(_F32) for _, _, c_ref in groups)
+                 for r in range(kc - 1))
+  carry = (s0_ref[...].astype(_F32), window, jnp.int32(kc - 1))
+  if steps == 1:  # the AR step: nothing to load ahead
+    o, carry = step(load(0), carry)
+    o_ref[0, :] = o.astype(o_ref.dtype)
+  else:
+    # Each step loads the next token's inputs before it computes and stores its own: the compiler
+    # cannot move a load above a store that might alias it, so loads behind the previous token's
+    # store put a global-memory round trip on every token's critical path.
+    def body(t, carry):
+      token, state = carry
+      ahead = load(jnp.minimum(t + 1, steps - 1))
+      o, state = step(token, state)
+      o_ref[t, :] = o.astype(o_ref.dtype)
+      return ahead, state
+
+    _, carry = jax.lax.fori_loop(0, steps, body, (load(0), carry))
+  s, window, _ = carry
+  if not with_state:
+    return
+  s_ref, win_ref = out_refs
+  s_ref[...] = s
+  kd, bv = xq_ref.shape[-1], xv_ref.shape[-1]
+  v_col = v_base + (head * pl.num_programs(2) + tile) * bv
+  for r in range(kc - 1):
+    win_ref[r, pl.ds(v_col, bv)] = window[r][2].astype(win_ref.dtype)
+
+  @pl.when((head % grp == 0) & (tile == 0))
+  def _():
+    key_head = head // grp
+    num_key_heads = v_base // (2 * kd)
+    for r in range(kc - 1):
+      win_ref[r, pl.ds(key_head * kd, kd)] = window[r][0].astype(win_ref.dtype)
+      win_ref[r, pl.ds((num_key_heads + key_head) * kd, kd)] = window[r][1].astype(win_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('num_key_heads', 'scale', 'with_state', 'block_v',
+                                             'num_warps', 'interpret'))
+def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, *,
+           num_key_heads, scale, with_state, block_v, num_warps, interpret):
+  bsz, t, c = x.shape
+  _, hv, kd, vd = s0.shape
+  kc = conv_weight.shape[0]
+  grp = hv // num_key_heads
+  bv = min(block_v, vd)
+  tiles = vd // bv
+  v_base = 2 * num_key_heads * kd
+  qk = lambda which: (lambda i, j, n: (0, which * num_key_heads + j // grp))
+  vb = lambda i, j, n: (0, v_base // bv + j * tiles + n)
+  row = lambda f: (lambda i, j, n: (i,) + f(i, j, n))  # the batch row's block of a [B, ...] input
+  in_specs = [
+      pl.BlockSpec((None, t, kd), row(qk(0))), pl.BlockSpec((None, t, kd), row(qk(1))),
+      pl.BlockSpec((None, t, bv), row(vb)),
+      pl.BlockSpec((kc, kd), qk(0)), pl.BlockSpec((kc, kd), qk(1)), pl.BlockSpec((kc, bv), vb),
+      pl.BlockSpec((None, kc - 1, kd), row(qk(0))), pl.BlockSpec((None, kc - 1, kd), row(qk(1))),
+      pl.BlockSpec((None, kc - 1, bv), row(vb)),
+      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, j)),
+      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, j)),
+      pl.BlockSpec((hv,), lambda i, j, n: (0,)), pl.BlockSpec((hv,), lambda i, j, n: (0,)),
+      pl.BlockSpec((None, t), lambda i, j, n: (i, 0))]
+  args = [x, x, x, conv_weight, conv_weight, conv_weight, window, window, window, b_in, a_in,
+          a_log, dt_bias, seg]
+  if valid is not None:
+    in_specs.append(pl.BlockSpec((None, t), lambda i, j, n: (i, 0)))
+    args.append(valid)
+  state_spec = pl.BlockSpec((None, None, kd, bv), lambda i, j, n: (i, j, 0, n))
+  in_specs.append(state_spec)
+  args.append(s0)
+  out_shape = [jax.ShapeDtypeStruct((bsz, t, hv, vd), x.dtype)]
+  out_specs = [pl.BlockSpec((None, t, None, bv), lambda i, j, n: (i, 0, j, n))]
+  if with_state:
+    out_shape += [jax.ShapeDtypeStruct(s0.shape, _F32),
+                  jax.ShapeDtypeStruct((bsz, kc - 1, c), window.dtype)]
+    out_specs += [state_spec, pl.BlockSpec((None, kc - 1, c), lambda i, j, n: (i, 0, 0))]
+  params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  o, *rest = pl.pallas_call(
+      functools.partial(_kernel, steps=t, scale=scale, has_valid=valid is not None,
+                        with_state=with_state, grp=grp, v_base=v_base),
+      out_shape=out_shape, grid=(bsz, hv, tiles), in_specs=in_specs, out_specs=out_specs,
+      input_output_aliases={len(args) - 1: 1} if with_state else {},
+      compiler_params=params, interpret=interpret, name='gdn_fused_decode')(*args)
+  if not with_state:
+    return o, None
+  s, leaving = rest
+  return o, (leaving, s)
+
+
+def fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, initial_state,
+                        num_key_heads: int, scale: float | None = None, segment_ids=None,
+                        valid=None, output_final_state: bool = True, block_v: int = BLOCK_V,
+                        num_warps: int | None = None, interpret: bool = False):
+  """`front.fused_decode_xla`'s contract in one kernel (not differentiable: decoding only).
+  num_warps: None is NUM_WARPS with the leaving state (every such call must reduce in the same
+  order: the bit-for-bit contract), NUM_WARPS_OUTPUTS_ONLY without.
+
+  Raises:
+    ValueError: head sizes the kernel does not take (`kernel_takes`).
+  """
+  kd, vd = initial_state.shape[2:]
+  why = kernel_takes(num_key_heads, kd, vd, block_v)
+  if why:
+    raise ValueError(f'fused decode kernel: {why}')
+  bsz, t, _ = x.shape
+  seg = (jnp.zeros((bsz, t), jnp.int32) if segment_ids is None
+         else segment_ids.astype(jnp.int32))
+  valid = None if valid is None else valid.astype(jnp.int32)  # i1 loads: avoided
+  if num_warps is None:
+    num_warps = NUM_WARPS if output_final_state else NUM_WARPS_OUTPUTS_ONLY
+  return _fused(x, b_in, a_in, conv_weight, a_log.astype(_F32), dt_bias, window,
+                initial_state.astype(_F32), seg, valid,
+                num_key_heads=num_key_heads, scale=float(kd ** -0.5 if scale is None else scale),
+                with_state=output_final_state, block_v=block_v, num_warps=num_warps,
+                interpret=interpret)
