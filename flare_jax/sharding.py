@@ -109,22 +109,25 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
       tuple(sizes), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
-def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True):
-  """fn(*args), run once per batch shard when `enabled`, a mesh and logical rules are active, and
-  the batch divides over the mesh axes ACT_BATCH maps to; else fn(*args) as is.
+def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True, shared: tuple = ()):
+  """fn(*shared, *args), run once per batch shard when `enabled`, a mesh and logical rules are
+  active, and the batch divides over the mesh axes ACT_BATCH maps to; else fn(*shared, *args).
 
   args: pytrees of arrays with a leading batch axis (None leaves allowed); fn's outputs too.
+  shared: pytrees every shard gets whole (weights). Pass them here, not closed over: a sharded
+  array closed over by the shard_map cannot be indexed inside it.
   Pallas and Triton kernels are custom calls that XLA's partitioner cannot split: under jit with a
   batch-sharded input it would gather the whole batch onto every device and run all of it there.
   `jax.shard_map` hands each device its own rows instead. Other sharded axes (heads over 'tensor')
   are gathered inside, so the kernels see whole heads.
   """
   rules = _active_rules()
+  whole = lambda: fn(*shared, *args)
   if not enabled or rules is None or not mesh_is_active():
-    return fn(*args)
+    return whole()
   axes = logical_to_pspec([ACT_BATCH], rules)[0]
   if axes is None:
-    return fn(*args)
+    return whole()
   axes = axes if isinstance(axes, tuple) else (axes,)
   mesh = jax.sharding.get_abstract_mesh()
   shards = math.prod(mesh.shape[a] for a in axes)
@@ -133,10 +136,11 @@ def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True):
     _warn_once(f'a batch of {batch} rows does not divide over the {shards} shards of mesh axes '
                f'{axes}: kernels run on the whole batch on every device')
   if shards == 1 or batch % shards:
-    return fn(*args)
+    return whole()
   spec = P(axes)
-  return jax.shard_map(fn, mesh=mesh, in_specs=jax.tree.map(lambda _: spec, args),
-                       out_specs=spec, check_vma=False)(*args)
+  in_specs = jax.tree.map(lambda _: P(), shared) + jax.tree.map(lambda _: spec, args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                       check_vma=False)(*shared, *args)
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,7 +46,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
 _DECODE_IMPL = flags.DEFINE_enum(
     'gdn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
-    "GDN token recurrence of decode steps (ModelConfig.gdn_decode_impl; 'auto': pallas on GPU).")
+    "GDN cached passes: conv, gates and recurrence in one kernel or in XLA "
+    "(ModelConfig.gdn_decode_impl; 'auto': pallas on GPU).")
 
 
 def _read_prompts() -> list[str]:

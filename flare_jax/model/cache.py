@@ -28,18 +28,16 @@ class GDNState:
 
 @flax.struct.dataclass
 class GDNReplay:
-  """What a cached GDN pass saw, enough to recompute its state after any prefix of its T tokens.
+  """The inputs of a cached GDN pass, enough to recompute its state after any prefix of its T
+  tokens from the state it started at (`GatedDeltaNet.replay_state`).
 
-  q, k: [B, T, NK, DK] (l2-normed); v: [B, T, NV, DV]; g, beta: [B, T, NV]; xpad: [B, Kc-1+T, C] the
-  previous conv window followed by the T pre-conv inputs.
+  qkv: [B, T, C] pre-conv q|k|v inputs; b_in, a_in: [B, T, NV] pre-gate inputs; segment_ids: [B, T].
   """
 
-  q: jax.Array
-  k: jax.Array
-  v: jax.Array
-  g: jax.Array
-  beta: jax.Array
-  xpad: jax.Array
+  qkv: jax.Array
+  b_in: jax.Array
+  a_in: jax.Array
+  segment_ids: jax.Array
 
 
 LayerCache = KVCache | GDNState

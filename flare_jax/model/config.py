@@ -47,8 +47,9 @@ class ModelConfig:
   dtype: str = 'bfloat16'  # compute dtype of matmuls/activations
   param_dtype: str = 'float32'  # master weights
   gdn_impl: str | None = None  # None | 'xla' | 'pallas' | 'triton' (None: best for the backend)
-  # The token recurrence of cached passes of <= 16 tokens (decode, verify, rollback replay).
-  gdn_decode_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU)
+  # Cached GDN passes of <= 16 tokens (decode, verify, rollback replay, noisy blocks), conv to
+  # recurrence (gdr.fused_decode): None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
+  gdn_decode_impl: str | None = None
   attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
   # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
   gdn_conv_backward: str = 'manual'  # GDN_CONV_BACKWARDS

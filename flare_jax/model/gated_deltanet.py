@@ -11,44 +11,8 @@ from flare_jax.model import config as config_lib
 from flare_jax.model import layers
 from flare_jax.model import two_stream_gdn
 from pallas_kernels import gated_delta_rule as gdr
+from pallas_kernels.gated_delta_rule import front
 from pallas_kernels.attention import mask as mask_lib
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x * rsqrt(sum(x^2) + eps) over the last axis, fp32 (HF's l2norm; eps inside the sqrt)."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
-
-
-def causal_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array,
-                window: jax.Array | None = None):
-  """Depthwise causal conv that never reads across a document boundary.
-
-  out[t, c] = sum_j w[j, c] * x[t - (Kc-1) + j, c], taking only inputs of t's segment; positions
-  before the sequence come from `window` (the previous Kc-1 inputs) and count as t's segment iff no
-  document starts between the sequence start and t.
-
-  Args:
-    x: [B, T, C] pre-conv inputs.
-    w: [Kc, C] taps; w[Kc-1] multiplies the current token (HF conv1d.weight[c, 0, j] = w[j, c]).
-    segment_ids: [B, T].
-    window: [B, Kc-1, C] or None (zeros).
-
-  Returns:
-    (out [B, T, C] in fp32, padded inputs [B, Kc-1+T, C]).
-  """
-  b, t, c = x.shape
-  kc = w.shape[0]
-  if window is None:
-    window = jnp.zeros((b, kc - 1, c), x.dtype)
-  xpad = jnp.concatenate([window.astype(x.dtype), x], axis=1)
-  seg_pad = jnp.concatenate([jnp.repeat(segment_ids[:, :1], kc - 1, axis=1), segment_ids], axis=1)
-  out = jnp.zeros((b, t, c), jnp.float32)
-  for j in range(kc):
-    same = (seg_pad[:, j:j + t] == segment_ids)[..., None]
-    tap = jnp.where(same, xpad[:, j:j + t].astype(jnp.float32), 0.0)
-    out = out + tap * w[j].astype(jnp.float32)
-  return out, xpad
 
 
 def two_stream_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, block_starts: jax.Array,
@@ -65,7 +29,7 @@ def two_stream_conv(x: jax.Array, w: jax.Array, segment_ids: jax.Array, block_st
   """
   b, n, c = x.shape
   t = n // (1 + num_views)
-  clean, _ = causal_conv(x[:, :t], w, segment_ids)
+  clean, _ = front.causal_conv(x[:, :t], w, segment_ids)
   noisy = two_stream_gdn.noisy_conv(x[:, :t], x[:, t:].reshape(b, num_views, t, c), w,
                                     segment_ids, block_starts)
   return jnp.concatenate([clean, noisy.reshape(b, num_views * t, c)], axis=1)
@@ -150,34 +114,22 @@ def _conv_silu_bwd(num_views, res, dy):
 _conv_silu_manual_vjp.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 
 
-def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
-  """The Kc-1 inputs ending at each row's last valid token:
-  xpad[b, n_valid[b] : n_valid[b]+Kc-1]."""
-  return jax.vmap(lambda xp, n: jax.lax.dynamic_slice_in_dim(xp, n, kc - 1, axis=0))(xpad, n_valid)
-
-
-# Up to this many tokens a cached pass runs the token recurrence instead of
+# Up to this many tokens a cached pass runs the fused token loop (`gdr.fused_decode`) instead of
 # padding to a whole chunk.
 _RECURRENT_MAX_TOKENS = 16
 
 
-def _delta_rule(cfg: config_lib.ModelConfig, q, k, v, g, beta, *, initial_state, segment_ids,
-                output_final_state):
-  scale = cfg.linear_key_head_dim ** -0.5
-  if initial_state is not None and q.shape[1] <= _RECURRENT_MAX_TOKENS:
-    impl = cfg.gdn_decode_impl
-    op = functools.partial(gdr.recurrent_gated_delta_rule, implementation=impl)
-  else:
-    impl = cfg.gdn_impl
-    op = functools.partial(gdr.chunk_gated_delta_rule, chunk_size=cfg.gdn_chunk_size,
-                           implementation=impl)
-
+def _chunked_rule(cfg: config_lib.ModelConfig, q, k, v, g, beta, *, initial_state, segment_ids,
+                  output_final_state):
+  """The chunked rule (training forward, prefill, long cached passes), per batch shard."""
   def run(q, k, v, g, beta, initial_state, segment_ids):
-    return op(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-              segment_ids=segment_ids, output_final_state=output_final_state)
+    return gdr.chunk_gated_delta_rule(
+        q, k, v, g, beta, scale=cfg.linear_key_head_dim ** -0.5, initial_state=initial_state,
+        segment_ids=segment_ids, output_final_state=output_final_state,
+        chunk_size=cfg.gdn_chunk_size, implementation=cfg.gdn_impl)
 
   return shd.per_batch_shard(run, q, k, v, g, beta, initial_state, segment_ids,
-                             enabled=layers.kernels_configured(impl))
+                             enabled=layers.kernels_configured(cfg.gdn_impl))
 
 
 class GatedDeltaNet(nnx.Module):
@@ -223,37 +175,22 @@ class GatedDeltaNet(nnx.Module):
     z = self.in_proj_z(x).reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
     return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
-  def split_heads(self, qkv_conv: jax.Array):
-    """Step C (q/k/v part): post-conv [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and
+  def split_heads(self, act: jax.Array):
+    """Step C (q/k/v part): post-activation [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and
     v [B,T,NV,DV]."""
     cfg = self.cfg
-    b, t, _ = qkv_conv.shape
-    kd = cfg.linear_num_key_heads * cfg.linear_key_head_dim
-    q = qkv_conv[..., :kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
-    k = qkv_conv[..., kd:2 * kd].reshape(b, t, cfg.linear_num_key_heads, cfg.linear_key_head_dim)
-    v = qkv_conv[..., 2 * kd:].reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-    return l2_normalize(q), l2_normalize(k), v
+    return front.split_heads(act, cfg.linear_num_key_heads, cfg.linear_key_head_dim,
+                             cfg.linear_value_head_dim)
 
   def gates(self, b_in: jax.Array, a_in: jax.Array):
     """Step C (gates): beta = sigmoid(b); g = -exp(A_log) softplus(a + dt_bias), both fp32."""
-    beta = jax.nn.sigmoid(b_in.astype(jnp.float32))
-    a = a_in.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
-    g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
-    return g, beta
+    return front.gates(b_in, a_in, self.A_log[...], self.dt_bias[...])
 
   def output(self, o: jax.Array, z: jax.Array, dtype) -> jax.Array:
     """Step E."""
     b, t = o.shape[:2]
     y = self.norm(o.astype(jnp.float32), z).astype(dtype)
     return self.out_proj(y.reshape(b, t, -1))
-
-  def _heads(self, x: jax.Array, segment_ids: jax.Array, conv_state: jax.Array | None):
-    """Steps A-C: (q, k, v, g, beta, z, padded pre-conv qkv) of x [B, T, D]."""
-    qkv, z, b_in, a_in = self.mixer_inputs(x)
-    qkv, xpad = causal_conv(qkv, self.conv_weight[...], segment_ids, conv_state)
-    q, k, v = self.split_heads(jax.nn.silu(qkv))
-    g, beta = self.gates(b_in, a_in)
-    return q, k, v, g, beta, z, xpad
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, *,
                state: cache_lib.GDNState | None = None, valid: jax.Array | None = None,
@@ -264,56 +201,86 @@ class GatedDeltaNet(nnx.Module):
       x: [B, T, D] (already input-normed).
       segment_ids: [B, T]; the recurrence and the conv restart where the id changes.
       state: optional GDNState to continue from (decode / chunked prefill). Only the first segment
-        of each row continues it.
+        of each row continues it. Up to `_RECURRENT_MAX_TOKENS` tokens run `gdr.fused_decode`.
       valid: optional bool [B, T], a per-row prefix of real tokens (right padding). Padding tokens
-        are identity steps and the returned conv window ends at the last valid token.
-
+        are identity steps (their outputs unspecified) and the returned conv window ends at the
+        last valid token.
       return_replay: also return a GDNReplay (requires `state`), from which `replay_state`
         recomputes the state after any prefix of the T tokens (speculative decoding rollback).
 
     Returns:
       (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).
     """
+    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    o, next_state = self._pass(qkv, b_in, a_in, segment_ids, state, valid)
+    y = self.output(o, z, x.dtype)
+    if return_replay:
+      return y, next_state, cache_lib.GDNReplay(qkv=qkv, b_in=b_in, a_in=a_in,
+                                                segment_ids=segment_ids)
+    return y, next_state
+
+  def _pass(self, qkv, b_in, a_in, segment_ids, state, valid):
+    """Steps B-D from the in-projections: (o [B, T, HV, V], next GDNState or None). A cached pass
+    of up to `_RECURRENT_MAX_TOKENS` tokens is fused, anything else chunked."""
+    if state is not None and qkv.shape[1] <= _RECURRENT_MAX_TOKENS:
+      return self._fused_pass(qkv, b_in, a_in, segment_ids, state, valid, True)
+    return self._chunked_pass(qkv, b_in, a_in, segment_ids, state, valid)
+
+  def _chunked_pass(self, qkv, b_in, a_in, segment_ids, state, valid):
+    """Steps B-D by the chunked rule: (o [B, T, HV, V], next GDNState or None)."""
     cfg = self.cfg
-    q, k, v, g, beta, z, xpad = self._heads(x, segment_ids, None if state is None else state.conv)
+    pre, xpad = front.causal_conv(qkv, self.conv_weight[...], segment_ids,
+                                  None if state is None else state.conv)
+    q, k, v = self.split_heads(jax.nn.silu(pre))
+    g, beta = self.gates(b_in, a_in)
     if valid is not None:
       g = jnp.where(valid[..., None], g, 0.0)
       beta = jnp.where(valid[..., None], beta, 0.0)
-    dt = x.dtype  # the op computes in fp32 internally; bf16 operands halve its memory traffic
-    o, final = _delta_rule(cfg, q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
-                           initial_state=None if state is None else state.recurrent,
-                           segment_ids=segment_ids, output_final_state=state is not None)
-    y = self.output(o, z, x.dtype)
+    dt = qkv.dtype  # the op computes in fp32 internally; bf16 operands halve its memory traffic
+    o, final = _chunked_rule(cfg, q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
+                             initial_state=None if state is None else state.recurrent,
+                             segment_ids=segment_ids, output_final_state=state is not None)
     if state is None:
-      return y, None
-    if valid is None:  # every row ends at T: a static slice, not a per-row gather (decode steps)
-      window = xpad[:, x.shape[1]:]
+      return o, None
+    t = qkv.shape[1]
+    if valid is None:  # every row ends at T: a static slice, not a per-row gather
+      window = xpad[:, t:]
     else:
-      window = last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32),
-                           cfg.linear_conv_kernel_dim)
-    window = window.astype(state.conv.dtype)
-    next_state = cache_lib.GDNState(conv=window, recurrent=final)
-    if return_replay:
-      return y, next_state, cache_lib.GDNReplay(q=q.astype(dt), k=k.astype(dt), v=v.astype(dt),
-                                                g=g, beta=beta, xpad=xpad)
-    return y, next_state
+      window = front.last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32),
+                                 cfg.linear_conv_kernel_dim)
+    return o, cache_lib.GDNState(conv=window.astype(state.conv.dtype), recurrent=final)
+
+  def _fused_pass(self, qkv, b_in, a_in, segment_ids, state, valid, with_state: bool):
+    """Steps B-D of a cached pass by `gdr.fused_decode` (one kernel on GPU), per batch shard:
+    (o [B, T, HV, V], next GDNState, or None without `with_state`)."""
+    cfg = self.cfg
+
+    def run(conv_weight, a_log, dt_bias, qkv, b_in, a_in, segment_ids, valid, window, recurrent):
+      return gdr.fused_decode(
+          qkv, b_in, a_in, conv_weight, a_log, dt_bias, window=window, initial_state=recurrent,
+          num_key_heads=cfg.linear_num_key_heads, scale=cfg.linear_key_head_dim ** -0.5,
+          segment_ids=segment_ids, valid=valid, output_final_state=with_state,
+          implementation=cfg.gdn_decode_impl)
+
+    o, leaving = shd.per_batch_shard(
+        run, qkv, b_in, a_in, segment_ids, valid, state.conv, state.recurrent,
+        shared=(self.conv_weight[...], self.A_log[...], self.dt_bias[...]),
+        enabled=layers.kernels_configured(cfg.gdn_decode_impl))
+    if leaving is None:
+      return o, None
+    return o, cache_lib.GDNState(conv=leaving[0], recurrent=leaving[1])
 
   def noisy_block(self, x: jax.Array, segment_ids: jax.Array,
                   state: cache_lib.GDNState) -> jax.Array:
     """y [B, T, D] of a block that continues `state` and leaves it as it was (a noisy block at
-    decode). More than one token runs `block_gated_delta_rule` (the state read once, no per-token
-    or leaving state): in XLA the block-parallel form, as the training step's chunked noisy stream
-    does, with the decode kernel (`cfg.gdn_decode_impl`) its token loop. One token runs the decode
-    recurrence, so a one-slot block is the AR step bit for bit."""
+    decode): `gdr.fused_decode` without the leaving state (no per-token or leaving state formed;
+    XLA runs the rule's block-parallel form, as the training step's chunked noisy stream does).
+    One token runs the cached pass itself, so a one-slot block is the AR step bit for bit."""
     if x.shape[1] == 1:
       return self(x, segment_ids, state=state)[0]
-    q, k, v, g, beta, z, _ = self._heads(x, segment_ids, state.conv)
-    dt = x.dtype
-    o = gdr.block_gated_delta_rule(q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
-                                   initial_state=state.recurrent, segment_ids=segment_ids,
-                                   scale=self.cfg.linear_key_head_dim ** -0.5,
-                                   implementation=self.cfg.gdn_decode_impl)
-    return self.output(o, z, dt)
+    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    o, _ = self._fused_pass(qkv, b_in, a_in, segment_ids, state, None, False)
+    return self.output(o, z, x.dtype)
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
                  schedule: str = 'auto', max_block: int = 32) -> jax.Array:
@@ -358,15 +325,8 @@ class GatedDeltaNet(nnx.Module):
 
   def replay_state(self, state: cache_lib.GDNState, replay: cache_lib.GDNReplay,
                    n_keep: jax.Array) -> cache_lib.GDNState:
-    """The state after the first n_keep [B] tokens of a pass that started from `state`.
-
-    Steps t >= n_keep become identities (g = 0, beta = 0), so only the recurrence is recomputed.
-    """
-    cfg = self.cfg
-    keep = jnp.arange(replay.g.shape[1])[None] < n_keep[:, None]
-    _, final = _delta_rule(cfg, replay.q, replay.k, replay.v,
-                           jnp.where(keep[..., None], replay.g, 0.0),
-                           jnp.where(keep[..., None], replay.beta, 0.0),
-                           initial_state=state.recurrent, segment_ids=None, output_final_state=True)
-    window = last_window(replay.xpad, n_keep, cfg.linear_conv_kernel_dim).astype(state.conv.dtype)
-    return cache_lib.GDNState(conv=window, recurrent=final)
+    """The state after the first n_keep [B] tokens of a pass that started from `state`: the pass's
+    inputs rerun the way the pass ran (fused or chunked), with tokens t >= n_keep marked invalid
+    (identity steps)."""
+    keep = jnp.arange(replay.qkv.shape[1])[None] < n_keep[:, None]
+    return self._pass(replay.qkv, replay.b_in, replay.a_in, replay.segment_ids, state, keep)[1]

@@ -8,11 +8,11 @@ from flax import nnx
 from flare_jax import sharding as shd
 from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
-from flare_jax.model import gated_deltanet
 from flare_jax.model import layers
 from flare_jax.model import transformer
 from flare_jax.sampling import sampler as sampler_lib
 from pallas_kernels.attention import mask as mask_lib
+from pallas_kernels.gated_delta_rule import front
 
 L, F = config_lib.LINEAR, config_lib.FULL
 
@@ -200,7 +200,7 @@ def test_causal_conv_matches_a_loop_with_resets_and_window(rng):
   w = rng.standard_normal((kc, c)).astype(np.float32)
   window = rng.standard_normal((b, kc - 1, c)).astype(np.float32)
   seg = np.array([[0] * 4 + [1] * 7, [2] * 11], np.int32)
-  out, _ = gated_deltanet.causal_conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(seg),
+  out, _ = front.causal_conv(jnp.asarray(x), jnp.asarray(w), jnp.asarray(seg),
                                       jnp.asarray(window))
   ref = np.zeros((b, t, c))
   for i in range(b):

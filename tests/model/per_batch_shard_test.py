@@ -6,6 +6,7 @@ import numpy as np
 from flax import nnx
 
 from flare_jax import sharding as shd
+from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.objective import two_stream
@@ -85,3 +86,33 @@ def test_flare_loss_with_a_kernel_schedule_on_a_mesh_matches_one_device(cpu_mesh
   for a, b in zip(jax.tree.leaves(nnx.state(grads, nnx.Param)),
                   jax.tree.leaves(nnx.state(grads1, nnx.Param))):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_cached_passes_run_per_batch_shard_and_match_one_device(cpu_mesh, rng):
+  """Cached passes (a prefill, then fused 1- and 3-token passes) with the decode kernel configured
+  (off GPU it falls back to XLA) run per batch shard, the layer's params closed over inside the
+  shard_map, and equal one device's logits and caches."""
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', gdn_decode_impl='pallas')
+  tokens = jnp.asarray(rng.integers(0, 256, (4, 24)), jnp.int32)
+
+  def decode(model):
+    cache = cache_lib.init_cache(cfg, batch=4, max_len=32)
+    step = nnx.jit(lambda m, tok, pos, c: m(tok, positions=pos, cache=c))
+    pieces, t = [], 0
+    for n in (20, 1, 3):
+      pos = jnp.broadcast_to(jnp.arange(t, t + n, dtype=jnp.int32), (4, n))
+      logits, cache = step(model, tokens[:, t:t + n], pos, cache)
+      pieces.append(logits)
+      t += n
+    return jnp.concatenate(pieces, 1), cache
+
+  with jax.set_mesh(cpu_mesh), nnx.logical_axis_rules(shd.DEFAULT_RULES):
+    model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
+    one = jnp.zeros((4, 1), jnp.int32)
+    jaxpr = str(jax.make_jaxpr(lambda c: model(one, positions=one, cache=c)[0])(
+        cache_lib.init_cache(cfg, batch=4, max_len=32)))
+    sharded = decode(model)
+  assert 'shard_map' in jaxpr  # the GDN layer's fused pass
+  single = decode(transformer.FlareLM(cfg, rngs=nnx.Rngs(0)))
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

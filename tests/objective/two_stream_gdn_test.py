@@ -15,6 +15,7 @@ from flare_jax.model import two_stream_gdn
 from flare_jax.objective import layout as layout_lib
 from flare_jax.objective import two_stream
 from pallas_kernels import gated_delta_rule as gdr
+from pallas_kernels.gated_delta_rule import front
 
 H, HV, K, DV, CHUNK = 1, 2, 8, 8, 16
 SCALE = K ** -0.5
@@ -225,7 +226,7 @@ def test_noisy_conv_is_the_plain_conv_over_each_slots_visible_sequence(rng):
     for u in range(views):
       # Row i of the batch: what slot i sees (slots after i do not reach i's causal output).
       seen = np.where(ahead[r][..., None], x_noisy[r, u][None], x_clean[r][None])  # [t, t, c]
-      want, _ = gated_deltanet.causal_conv(jnp.asarray(seen), jnp.asarray(w),
+      want, _ = front.causal_conv(jnp.asarray(seen), jnp.asarray(w),
                                            jnp.asarray(np.repeat(seg[r:r + 1], t, 0)))
       np.testing.assert_allclose(got[r, u], want[np.arange(t), np.arange(t)], atol=1e-5,
                                  rtol=1e-5, err_msg=f'row {r} view {u}')
