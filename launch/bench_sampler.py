@@ -8,8 +8,8 @@ bandwidth).
 `--hf` also times transformers' `generate` on a random model of the same config in a separate
 process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every case once per
 XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
-`--gdn_decode_impl=xla,pallas` times the GDN cached passes side by side, XLA's chain against the fused
-kernel (`gdr.fused_decode`; one model each).
+`--gdn_decode_impl=xla,pallas` times the GDN cached passes side by side, XLA's chain against the
+fused kernel (`gdr.fused_decode`; one model each).
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import json

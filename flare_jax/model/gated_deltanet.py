@@ -232,22 +232,14 @@ class GatedDeltaNet(nnx.Module):
     pre, xpad = front.causal_conv(qkv, self.conv_weight[...], segment_ids,
                                   None if state is None else state.conv)
     q, k, v = self.split_heads(jax.nn.silu(pre))
-    g, beta = self.gates(b_in, a_in)
-    if valid is not None:
-      g = jnp.where(valid[..., None], g, 0.0)
-      beta = jnp.where(valid[..., None], beta, 0.0)
+    g, beta = front.mask_invalid(*self.gates(b_in, a_in), valid)
     dt = qkv.dtype  # the op computes in fp32 internally; bf16 operands halve its memory traffic
     o, final = _chunked_rule(cfg, q.astype(dt), k.astype(dt), v.astype(dt), g, beta,
                              initial_state=None if state is None else state.recurrent,
                              segment_ids=segment_ids, output_final_state=state is not None)
     if state is None:
       return o, None
-    t = qkv.shape[1]
-    if valid is None:  # every row ends at T: a static slice, not a per-row gather
-      window = xpad[:, t:]
-    else:
-      window = front.last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32),
-                                 cfg.linear_conv_kernel_dim)
+    window = front.leaving_window(xpad, valid, cfg.linear_conv_kernel_dim)
     return o, cache_lib.GDNState(conv=window.astype(state.conv.dtype), recurrent=final)
 
   def _fused_pass(self, qkv, b_in, a_in, segment_ids, state, valid, with_state: bool):

@@ -62,6 +62,21 @@ def last_window(xpad: jax.Array, n_valid: jax.Array, kc: int) -> jax.Array:
   return jax.vmap(lambda xp, n: jax.lax.dynamic_slice_in_dim(xp, n, kc - 1, axis=0))(xpad, n_valid)
 
 
+def leaving_window(xpad: jax.Array, valid: jax.Array | None, kc: int) -> jax.Array:
+  """The conv window a pass leaves: `last_window` at each row's valid length, or (valid None:
+  every row ends at T, as in decode steps) a static slice rather than a per-row gather."""
+  if valid is None:
+    return xpad[:, xpad.shape[1] - (kc - 1):]
+  return last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32), kc)
+
+
+def mask_invalid(g: jax.Array, beta: jax.Array, valid: jax.Array | None):
+  """(g, beta) [B, T, HV] with padding tokens (valid [B, T] False) made identity steps."""
+  if valid is None:
+    return g, beta
+  return jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
+
+
 def split_heads(act: jax.Array, num_key_heads: int, key_dim: int, value_dim: int):
   """Post-activation q|k|v channels [B, T, C] -> l2-normed q, k [B, T, NK, DK] fp32 and
   v [B, T, NV, DV] (C = 2 NK DK + NV DV)."""
@@ -105,10 +120,7 @@ def fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, init
   seg = jnp.zeros((bsz, t), jnp.int32) if segment_ids is None else segment_ids
   pre, xpad = causal_conv(x, conv_weight, seg, window)
   q, k, v = split_heads(jax.nn.silu(pre), num_key_heads, kd, vd)
-  g, beta = gates(b_in, a_in, a_log, dt_bias)
-  if valid is not None:
-    g = jnp.where(valid[..., None], g, 0.0)
-    beta = jnp.where(valid[..., None], beta, 0.0)
+  g, beta = mask_invalid(*gates(b_in, a_in, a_log, dt_bias), valid)
   # The rule computes in fp32; its operands are rounded to x's dtype, as in the training pass.
   q, k, v = (a.astype(x.dtype) for a in (q, k, v))
   if not output_final_state:
@@ -117,8 +129,5 @@ def fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, init
   o, state = xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, scale=scale,
                                                 initial_state=initial_state,
                                                 segment_ids=segment_ids, output_final_state=True)
-  if valid is None:  # every row ends at T: a static slice, not a per-row gather (decode steps)
-    leaving = xpad[:, t:]
-  else:
-    leaving = last_window(xpad, jnp.sum(valid, axis=1, dtype=jnp.int32), conv_weight.shape[0])
+  leaving = leaving_window(xpad, valid, conv_weight.shape[0])
   return o, (leaving.astype(window.dtype), state)
