@@ -14,11 +14,11 @@ rounded to the inputs' dtype before the rule, as the model's other paths do.
 
 With the leaving state, each program writes its state slice over the cached one and its part of
 the leaving window: the v tile's channels, and the q/k channels of its key head from the head's
-first program. Every token runs the same code whatever T is, so T single-token calls equal one
-T-token call bit for bit: greedy AR-Trust == AR rests on this (the AR step, the verify pass and the
-rollback replay, which reruns a pass with its tail marked invalid, all run this kernel). A
-one-token call loads nothing ahead; longer ones load each next token's inputs before storing the
-current outputs (`recurrent_pallas`).
+first program. Every token runs the same step function whatever T is, so T single-token calls
+equal one T-token call bit for bit (GPU-tested): greedy AR-Trust == AR rests on this (the AR step,
+the verify pass and the rollback replay, which reruns a pass with its tail marked invalid, all run
+this kernel). A one-token call loads nothing ahead; longer ones load each next token's inputs
+before storing the current outputs (`recurrent_pallas`).
 
 H200, Qwen3.5-2B-shaped random model, bf16, batch 8, `launch.bench_sampler --new_tokens=128`
 (2026-12-03): in one run against XLA's chain, the AR step 1.83 against 2.03 ms (468 launches
@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import backend
+from pallas_kernels.gated_delta_rule import front
 from pallas_kernels.gated_delta_rule import recurrent_pallas
 
 _F32 = jnp.float32
@@ -44,7 +45,6 @@ NUM_WARPS = recurrent_pallas.NUM_WARPS
 # Outputs only (noisy blocks): nothing has to match another call bit for bit, and 2 warps ran
 # the recurrence of a 4-token block in 10.8 us against 16.8 at 4 (launch.bench_decode, H200).
 NUM_WARPS_OUTPUTS_ONLY = 2
-_L2_EPS = 1e-6  # front.l2_normalize's
 
 
 def kernel_takes(num_key_heads: int, key_dim: int, value_dim: int,
@@ -94,8 +94,8 @@ def _kernel(xq_ref, xk_ref, xv_ref, wq_ref, wk_ref, wv_ref, cq_ref, ck_ref, cv_r
         acc = acc + tap * taps[j][g]
       pre.append(acc * jax.nn.sigmoid(acc))  # SiLU
     q, k, v = pre
-    q = rounded(q * jax.lax.rsqrt(jnp.sum(q * q) + _L2_EPS)) * scale
-    k = rounded(k * jax.lax.rsqrt(jnp.sum(k * k) + _L2_EPS))
+    q = rounded(q * jax.lax.rsqrt(jnp.sum(q * q) + front.L2_EPS)) * scale
+    k = rounded(k * jax.lax.rsqrt(jnp.sum(k * k) + front.L2_EPS))
     beta = jax.nn.sigmoid(b_t.astype(_F32))
     decay = jnp.exp(-rate * jax.nn.softplus(a_t.astype(_F32) + dt_bias))
     if has_valid:

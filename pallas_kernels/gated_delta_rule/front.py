@@ -17,9 +17,10 @@ import jax.numpy as jnp
 from pallas_kernels.gated_delta_rule import xla
 
 _F32 = jnp.float32
+L2_EPS = 1e-6  # HF's l2norm eps
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
   """x * rsqrt(sum(x^2) + eps) over the last axis, fp32 (HF's l2norm; eps inside the sqrt)."""
   x = x.astype(_F32)
   return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
