@@ -21,7 +21,6 @@ to XLA's largest output (a correctness check beside the timing). Impl names: `xl
 
 --cpu_smoke runs a tiny shape with the kernel interpreted (the numbers only show the script works).
 """
-
 import jax
 import jax.numpy as jnp
 import numpy as np

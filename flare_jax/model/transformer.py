@@ -67,7 +67,7 @@ class FlareLM(nnx.Module):
     noisy_tail = n > 0 (with a cache): the last n tokens are one noisy block seeded at the end of
     each row's valid prefix (Diffusion-Trust's first block primed in the prefill); the cache
     advances over the valid prefix only. n = T: the whole call is one noisy block over the cache,
-    which comes back unchanged (GDN layers run it in the block-parallel form, no state formed).
+    which comes back unchanged (GDN layers run `GatedDeltaNet.noisy_block`, no state formed).
     """
     if noisy_tail and (cache is None or return_gdn_replay):
       raise ValueError('noisy_tail needs a cache and no GDN replay')

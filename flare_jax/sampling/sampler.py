@@ -121,7 +121,7 @@ def _clean_meta(start, t):
 
 def _noisy_pass(model, block, start, cache):
   """Logits [B, bsz, vocab] of one noisy pass over `block` [B, bsz] seeded at each row's cached
-  end; the cache is not advanced (its GDN layers run the block-parallel form)."""
+  end; the cache is not advanced (its GDN layers run `GatedDeltaNet.noisy_block`)."""
   bsz = block.shape[1]
   h, _ = model.hidden_states(block, _noisy_meta(start, bsz), cache=cache, noisy_tail=bsz)
   return model.logits(h)
