@@ -67,7 +67,8 @@ def test_flare_loss_accounting(make_row, make_model):
   assert float(m['loss_diff']) > 0
 
 
-@pytest.mark.parametrize('remat', ['none', 'block'])
+# remat 'none' (~65 s) is slow: 'block' scans the same layers; model_test checks remat itself
+@pytest.mark.parametrize('remat', [pytest.param('none', marks=pytest.mark.slow), 'block'])
 def test_scanned_layers_give_the_same_loss_and_gradients(make_row, remat):
   """scan_layers: the pattern (GDN, attention) x 2 as a lax.scan over stacked params equals the
   per-layer loop, for the two-stream loss and every parameter's gradient."""

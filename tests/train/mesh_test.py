@@ -26,7 +26,8 @@ STEPS = 3
 SEQ_LEN = 32
 GDN_CHUNK = 16  # two chunks per row
 BATCH = 8  # divisible by every mesh's data * fsdp
-MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2))  # (data, fsdp, tensor)
+# (data, fsdp, tensor); data alone (~70 s) is slow: 2x2x2 shards data too, beside fsdp and tensor
+MESHES = (pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2), (1, 4, 2))
 # fp32 everywhere; sharding only reorders reductions (psums over fsdp/tensor, the batch mean over
 # data). Measured: max relative loss difference 2e-7 over the 3 steps (jaxlib 0.10.2).
 LOSS_RTOL = 1e-5
@@ -137,6 +138,9 @@ def test_flare_steps_on_a_mesh_match_one_device_and_state_is_sharded(mesh_shape)
   _check_sharding(state, mesh_shape)
 
 
+# ~170 s on CI's 2 cores: scan_layers is CI-tested on one device (losses_test), meshes by the
+# flare steps above
+@pytest.mark.slow
 def test_scanned_layers_on_a_mesh_match_the_layer_loop_on_one_device():
   """scan_layers (params stacked inside the step) under fsdp and tensor sharding: the 8-layer
   'medium' preset, pattern (GDN x 3, attention) x 2."""
