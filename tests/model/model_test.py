@@ -74,7 +74,7 @@ def test_untied_head_has_its_own_weights(rng):
   assert hasattr(model, 'lm_head')
   tied, _ = _model()
   assert not hasattr(tied, 'lm_head')
-  assert model(_tokens(rng, 1, 5))[0].shape[-1] == 272
+  assert _fwd(model, _tokens(rng, 1, 5))[0].shape[-1] == 272
 
 
 def test_packed_row_equals_each_document_alone(rng):

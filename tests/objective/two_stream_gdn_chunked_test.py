@@ -161,7 +161,10 @@ def test_chunked_gradients_equal_simple(rng, layout):
 
 
 
-@pytest.mark.parametrize('max_block, chunk', [(1, 16), (2, 16), (3, 16), (4, 64), (16, 32)])
+# blocks 1 and 2 (~40 s together on CI's 2 cores) are slow: block 3 takes the same short paths
+@pytest.mark.parametrize('max_block, chunk', [
+    pytest.param(1, 16, marks=pytest.mark.slow), pytest.param(2, 16, marks=pytest.mark.slow),
+    (3, 16), (4, 64), (16, 32)])
 def test_short_products_as_sums_equal_matmuls(rng, monkeypatch, max_block, chunk):
   """The GPU's form of the short products (exact fp32 multiply-and-sum, `_mm`) gives the CPU's
   matmul form's outputs and gradients, at row tiles of 1, 2, 4 and 16 (the block-1 and block-2

@@ -26,8 +26,10 @@ STEPS = 3
 SEQ_LEN = 32
 GDN_CHUNK = 16  # two chunks per row
 BATCH = 8  # divisible by every mesh's data * fsdp
-# (data, fsdp, tensor); data alone (~70 s) is slow: 2x2x2 shards data too, beside fsdp and tensor
-MESHES = (pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2), (1, 4, 2))
+# (data, fsdp, tensor). Only 2x2x2, which shards all three axes, runs in CI; data alone (~70 s on
+# CI's 2 cores) and 1x4x2 (~40 s) are slow.
+MESHES = (pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2),
+          pytest.param((1, 4, 2), marks=pytest.mark.slow))
 # fp32 everywhere; sharding only reorders reductions (psums over fsdp/tensor, the batch mean over
 # data). Measured: max relative loss difference 2e-7 over the 3 steps (jaxlib 0.10.2).
 LOSS_RTOL = 1e-5
