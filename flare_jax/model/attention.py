@@ -11,6 +11,9 @@ from flare_jax.model import config as config_lib
 from flare_jax.model import layers
 from pallas_kernels import attention as attn_ops
 
+# Step A/B's projections, in the order `project` reads them.
+_IN_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj')
+
 
 class Attention(nnx.Module):
   """Gated GQA attention.
@@ -33,17 +36,27 @@ class Attention(nnx.Module):
     self.o_proj = layers.Dense(hq * hd, d, (shd.HEADS, shd.EMBED), **kw)
     self.q_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     self.k_norm = layers.RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.qkv_proj: layers.MergedDense | None = nnx.data(None)  # see `merge_in_projections`
+
+  def merge_in_projections(self) -> None:
+    """q, k and v projections as one GEMM, `qkv_proj` (for decode copies; see
+    `layers.merge_projections`)."""
+    layers.merge_projections(self, 'qkv_proj', _IN_PROJECTIONS)
 
   def project(self, x: jax.Array, positions: jax.Array):
     """Returns q [B,T,Hq,D], k, v [B,T,Hkv,D] (normed and rotated) and gate [B,T,Hq*D]."""
     cfg = self.cfg
     b, t, _ = x.shape
     hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qg = self.q_proj(x).reshape(b, t, hq, 2, hd)
+    if self.qkv_proj is None:
+      qg, k, v = (getattr(self, name)(x) for name in _IN_PROJECTIONS)
+    else:
+      qg, k, v = self.qkv_proj(x)
+    qg = qg.reshape(b, t, hq, 2, hd)
     q, gate = qg[:, :, :, 0], qg[:, :, :, 1].reshape(b, t, hq * hd)
     q = self.q_norm(q)
-    k = self.k_norm(self.k_proj(x).reshape(b, t, hkv, hd))
-    v = self.v_proj(x).reshape(b, t, hkv, hd)
+    k = self.k_norm(k.reshape(b, t, hkv, hd))
+    v = v.reshape(b, t, hkv, hd)
     rope = dict(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
     q = layers.apply_partial_rope(q, positions, **rope)
     k = layers.apply_partial_rope(k, positions, **rope)

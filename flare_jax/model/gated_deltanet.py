@@ -114,6 +114,9 @@ def _conv_silu_bwd(num_views, res, dy):
 _conv_silu_manual_vjp.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 
 
+# Step A's projections, in the order `mixer_inputs` returns them.
+_IN_PROJECTIONS = ('in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a')
+
 # Up to this many tokens a cached pass runs the fused token loop (`gdr.fused_decode`) instead of
 # padding to a whole chunk.
 _RECURRENT_MAX_TOKENS = 16
@@ -167,13 +170,23 @@ class GatedDeltaNet(nnx.Module):
     self.dt_bias = nnx.Param(
         shd.param_init(nnx.initializers.ones, (shd.GDN_HEADS,))(rngs.params(), (nv,), pdt))
     self.norm = layers.GatedRMSNorm(dv, eps=cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.in_proj: layers.MergedDense | None = nnx.data(None)  # see `merge_in_projections`
+
+  def merge_in_projections(self) -> None:
+    """The four in-projections as one GEMM, `in_proj` (for decode copies; see
+    `layers.merge_projections`)."""
+    layers.merge_projections(self, 'in_proj', _IN_PROJECTIONS)
 
   def mixer_inputs(self, x: jax.Array):
     """Step A: pre-conv qkv [B,T,C], z [B,T,NV,DV], b and a [B,T,NV]."""
     b, t, _ = x.shape
     cfg = self.cfg
-    z = self.in_proj_z(x).reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-    return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+    if self.in_proj is None:
+      qkv, z, b_in, a_in = (getattr(self, name)(x) for name in _IN_PROJECTIONS)
+    else:
+      qkv, z, b_in, a_in = self.in_proj(x)
+    z = z.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
+    return qkv, z, b_in, a_in
 
   def split_heads(self, act: jax.Array):
     """Step C (q/k/v part): post-activation [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and

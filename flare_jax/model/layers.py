@@ -3,6 +3,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flare_jax import sharding as shd
@@ -50,6 +51,38 @@ class Embedder(nnx.Module):
     return jnp.dot(h.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
+class MergedDense(nnx.Module):
+  """Dense layers that read one input, run as one GEMM: kernel [in, sum of their outs], their
+  kernels side by side. Built by `merge_projections` for decode copies; __call__ returns each
+  part's output, in order."""
+
+  def __init__(self, parts: Sequence[Dense]):
+    if len({p.dtype for p in parts}) != 1 or len({p.kernel.shape[0] for p in parts}) != 1:
+      raise ValueError('merged Dense layers must share their input size and compute dtype')
+    self.kernel = nnx.Param(jnp.concatenate([p.kernel[...] for p in parts], axis=1))
+    self.splits = tuple(int(i) for i in np.cumsum([p.kernel.shape[1] for p in parts])[:-1])
+    self.dtype = parts[0].dtype
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return tuple(jnp.split(y, self.splits, axis=-1))
+
+
+def merge_projections(owner: nnx.Module, merged_name: str, names: Sequence[str]) -> None:
+  """Replaces, in place, the Dense layers `owner.<names>` (which read one input) by one
+  MergedDense `owner.<merged_name>`.
+
+  One GEMM per pass instead of several: at decode a small projection is a launch or three (XLA
+  merges small GEMMs by concatenating their weights inside the decode loop, then splits the
+  product and reduces its split-K partials), each a few microseconds at batch 8. Changes the
+  parameter tree, so it is meant for a decode copy (as `cast_matmul_weights`): checkpoints and
+  training keep the separate layers, whose sharding rules name each part's own axes.
+  """
+  setattr(owner, merged_name, nnx.data(MergedDense([getattr(owner, n) for n in names])))
+  for n in names:
+    delattr(owner, n)
+
+
 def cast_matmul_weights(model: nnx.Module) -> None:
   """Casts, in place, every Dense kernel and Embedder table inside `model` to its compute dtype.
 
@@ -58,7 +91,7 @@ def cast_matmul_weights(model: nnx.Module) -> None:
   merged inside jit: the arrays it was merged from are untouched.
   """
   for _, module in nnx.iter_modules(model):
-    if isinstance(module, Dense):
+    if isinstance(module, (Dense, MergedDense)):
       module.kernel.set_value(module.kernel.get_value().astype(module.dtype))
     elif isinstance(module, Embedder):
       module.embedding.set_value(module.embedding.get_value().astype(module.dtype))

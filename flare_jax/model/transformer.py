@@ -117,6 +117,13 @@ class FlareLM(nnx.Module):
 
     return jax.lax.scan(group, h, tuple(stacked))[0]
 
+  def merge_in_projections(self) -> None:
+    """Every mixer's input projections as one GEMM per layer, in place (decode copies: the
+    parameter tree changes; `layers.merge_projections`)."""
+    for blk in self.layers:
+      (blk.self_attn if blk.layer_type == config_lib.FULL else blk.linear_attn
+       ).merge_in_projections()
+
   def logits(self, h: jax.Array) -> jax.Array:
     """LM head: [B, T, D] -> fp32 logits [B, T, vocab]."""
     if self.cfg.tie_word_embeddings:

@@ -223,12 +223,12 @@ class Sampler:
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
-    params = _decode_params(self.graphdef, self.params)  # cast once, not per iteration
-    state, draft_q = _start(self.graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
+    graphdef, params = _decode_split(self.graphdef, self.params)  # once, not per iteration
+    state, draft_q = _start(graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                             mask_id=self.model_cfg.resolved_mask_token_id)
     emitted, first = 0, _peels_first_step(cfg)
     while True:
-      state = _advance(self.graphdef, params, state, draft_q if first else None, cfg=cfg,
+      state = _advance(graphdef, params, state, draft_q if first else None, cfg=cfg,
                        mask_id=self.model_cfg.resolved_mask_token_id, first=first)
       first = False
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
@@ -327,9 +327,12 @@ def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerCon
 
 
 def _decode_model(graphdef, params) -> transformer.FlareLM:
-  """The model with its matmul weights in the compute dtype (cast once, before any loop)."""
+  """The model as the decode loop runs it, prepared once before any loop: matmul weights in the
+  compute dtype and each mixer's input projections merged into one GEMM. Inside `_generate` the
+  merged kernels are a copy beside the given params (2B: ~0.7 GB)."""
   model = nnx.merge(graphdef, params)
   layers.cast_matmul_weights(model)
+  model.merge_in_projections()
   return model
 
 
@@ -338,9 +341,18 @@ def _decode_params(graphdef, params):
   return nnx.split(_decode_model(graphdef, params))[1]
 
 
+def _decode_split(graphdef, params):
+  """(graphdef, params) of `_decode_model`, prepared once for per-iteration calls; `params` is
+  left as it was (the preparation runs on a traced copy)."""
+  graphdefs = []  # the decode copy's structure, from an abstract trace (no compile, no copy)
+  jax.eval_shape(lambda p: graphdefs.append(nnx.split(_decode_model(graphdef, p))[0]), params)
+  return graphdefs[0], _decode_params(graphdef, params)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
 def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
-  """(state, draft_q) of `_init_state`; params: from `_decode_params`, as for `_advance`."""
+  """(state, draft_q) of `_init_state`; graphdef, params: from `_decode_split`, as for
+  `_advance`."""
   return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id,
                      mask_id)
 

@@ -63,10 +63,37 @@ def test_matmul_weights_cast_to_the_compute_dtype_leave_logits_unchanged(rng, ti
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   # The sampler casts a copy merged inside jit: its own params stay fp32.
   graphdef, state = nnx.split(model)
-  decode = sampler_lib._decode_params(graphdef, state)  # pylint: disable=protected-access
+  _, decode = sampler_lib._decode_split(graphdef, state)  # pylint: disable=protected-access
   assert {x.dtype for x in jax.tree.leaves(decode)} == {jnp.dtype(jnp.bfloat16),
                                                        jnp.dtype(jnp.float32)}
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state))
+
+
+def test_merged_in_projections_leave_forward_and_cached_passes_unchanged(rng):
+  """`merge_in_projections` (the sampler's decode copies): one [in, sum of outs] kernel per mixer
+  in place of its separate projections, whose weights it holds side by side; the full forward and
+  a prefill + one-token cached pass give the same logits."""
+  model, _ = _model(layer_types=(L, F, L))
+  merged = nnx.clone(model)
+  merged.merge_in_projections()
+  gdn, attn = merged.layers[0].linear_attn, merged.layers[1].self_attn
+  assert not any(hasattr(gdn, n) for n in ('in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a'))
+  assert not any(hasattr(attn, n) for n in ('q_proj', 'k_proj', 'v_proj'))
+  src = model.layers[0].linear_attn
+  parts = [src.in_proj_qkv, src.in_proj_z, src.in_proj_b, src.in_proj_a]
+  np.testing.assert_array_equal(
+      np.asarray(gdn.in_proj.kernel[...]),
+      np.concatenate([np.asarray(p.kernel[...]) for p in parts], axis=1))
+  tokens = _tokens(rng, 2, 13)
+  np.testing.assert_allclose(_fwd(merged, tokens)[0], _fwd(model, tokens)[0], atol=1e-5, rtol=1e-5)
+  for m in (model, merged):
+    cache = cache_lib.init_cache(m.cfg, batch=2, max_len=16)
+    _, cache = _fwd(m, tokens[:, :12], cache=cache)
+    step, _ = _fwd(m, tokens[:, 12:], cache=cache,
+                   positions=jnp.full((2, 1), 12, jnp.int32))
+    if m is model:
+      want = step
+  np.testing.assert_allclose(step, want, atol=1e-5, rtol=1e-5)
 
 
 def test_untied_head_has_its_own_weights(rng):
