@@ -31,13 +31,15 @@ class GDNReplay:
   """The inputs of a cached GDN pass, enough to recompute its state after any prefix of its T
   tokens from the state it started at (`GatedDeltaNet.replay_state`).
 
-  qkv: [B, T, C] pre-conv q|k|v inputs; b_in, a_in: [B, T, NV] pre-gate inputs; segment_ids: [B, T].
+  qkv: [B, T, C] pre-conv q|k|v inputs; b_in, a_in: [B, T, NV] pre-gate inputs; segment_ids: [B, T];
+  merged: the merged in-projection's product they are column ranges of (decode copies), or None.
   """
 
   qkv: jax.Array
   b_in: jax.Array
   a_in: jax.Array
   segment_ids: jax.Array
+  merged: jax.Array | None = None
 
 
 LayerCache = KVCache | GDNState

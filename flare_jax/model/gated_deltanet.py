@@ -1,5 +1,6 @@
 """Gated DeltaNet mixer of Qwen3.5 (the "linear_attention" layers)."""
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,17 @@ _conv_silu_manual_vjp.defvjp(_conv_silu_fwd, _conv_silu_bwd)
 # Step A's projections, in the order `mixer_inputs` returns them.
 _IN_PROJECTIONS = ('in_proj_qkv', 'in_proj_z', 'in_proj_b', 'in_proj_a')
 
+
+class MixerInputs(NamedTuple):
+  """Step A's products: pre-conv qkv [B,T,C], z [B,T,NV,DV], b_in and a_in [B,T,NV]; `merged`
+  is the merged in-projection's product [B,T,C+NV*DV+2NV] they are column ranges of (decode
+  copies, `GatedDeltaNet.merge_in_projections`), else None."""
+  qkv: jax.Array
+  z: jax.Array
+  b_in: jax.Array
+  a_in: jax.Array
+  merged: jax.Array | None = None
+
 # Up to this many tokens a cached pass runs the fused token loop (`gdr.fused_decode`) instead of
 # padding to a whole chunk.
 _RECURRENT_MAX_TOKENS = 16
@@ -177,16 +189,18 @@ class GatedDeltaNet(nnx.Module):
     `layers.merge_projections`)."""
     layers.merge_projections(self, 'in_proj', _IN_PROJECTIONS)
 
-  def mixer_inputs(self, x: jax.Array):
-    """Step A: pre-conv qkv [B,T,C], z [B,T,NV,DV], b and a [B,T,NV]."""
+  def mixer_inputs(self, x: jax.Array) -> MixerInputs:
+    """Step A."""
     b, t, _ = x.shape
     cfg = self.cfg
+    merged = None
     if self.in_proj is None:
       qkv, z, b_in, a_in = (getattr(self, name)(x) for name in _IN_PROJECTIONS)
     else:
-      qkv, z, b_in, a_in = self.in_proj(x)
+      merged = self.in_proj.project(x)
+      qkv, z, b_in, a_in = self.in_proj.split(merged)
     z = z.reshape(b, t, cfg.linear_num_value_heads, cfg.linear_value_head_dim)
-    return qkv, z, b_in, a_in
+    return MixerInputs(qkv, z, b_in, a_in, merged)
 
   def split_heads(self, act: jax.Array):
     """Step C (q/k/v part): post-activation [B,T,C] -> l2-normed q, k [B,T,NK,DK] fp32 and
@@ -224,24 +238,26 @@ class GatedDeltaNet(nnx.Module):
     Returns:
       (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).
     """
-    qkv, z, b_in, a_in = self.mixer_inputs(x)
-    o, next_state = self._pass(qkv, b_in, a_in, segment_ids, state, valid)
-    y = self.output(o, z, x.dtype)
+    inputs = self.mixer_inputs(x)
+    o, next_state = self._pass(inputs, segment_ids, state, valid)
+    y = self.output(o, inputs.z, x.dtype)
     if return_replay:
-      return y, next_state, cache_lib.GDNReplay(qkv=qkv, b_in=b_in, a_in=a_in,
-                                                segment_ids=segment_ids)
+      return y, next_state, cache_lib.GDNReplay(
+          qkv=inputs.qkv, b_in=inputs.b_in, a_in=inputs.a_in, segment_ids=segment_ids,
+          merged=inputs.merged)
     return y, next_state
 
-  def _pass(self, qkv, b_in, a_in, segment_ids, state, valid):
+  def _pass(self, inputs: MixerInputs, segment_ids, state, valid):
     """Steps B-D from the in-projections: (o [B, T, HV, V], next GDNState or None). A cached pass
     of up to `_RECURRENT_MAX_TOKENS` tokens is fused, anything else chunked."""
-    if state is not None and qkv.shape[1] <= _RECURRENT_MAX_TOKENS:
-      return self._fused_pass(qkv, b_in, a_in, segment_ids, state, valid, True)
-    return self._chunked_pass(qkv, b_in, a_in, segment_ids, state, valid)
+    if state is not None and inputs.qkv.shape[1] <= _RECURRENT_MAX_TOKENS:
+      return self._fused_pass(inputs, segment_ids, state, valid, True)
+    return self._chunked_pass(inputs, segment_ids, state, valid)
 
-  def _chunked_pass(self, qkv, b_in, a_in, segment_ids, state, valid):
+  def _chunked_pass(self, inputs: MixerInputs, segment_ids, state, valid):
     """Steps B-D by the chunked rule: (o [B, T, HV, V], next GDNState or None)."""
     cfg = self.cfg
+    qkv, b_in, a_in = inputs.qkv, inputs.b_in, inputs.a_in
     pre, xpad = front.causal_conv(qkv, self.conv_weight[...], segment_ids,
                                   None if state is None else state.conv)
     q, k, v = self.split_heads(jax.nn.silu(pre))
@@ -255,20 +271,28 @@ class GatedDeltaNet(nnx.Module):
     window = front.leaving_window(xpad, valid, cfg.linear_conv_kernel_dim)
     return o, cache_lib.GDNState(conv=window.astype(state.conv.dtype), recurrent=final)
 
-  def _fused_pass(self, qkv, b_in, a_in, segment_ids, state, valid, with_state: bool):
+  def _fused_pass(self, inputs: MixerInputs, segment_ids, state, valid, with_state: bool):
     """Steps B-D of a cached pass by `gdr.fused_decode` (one kernel on GPU), per batch shard:
-    (o [B, T, HV, V], next GDNState, or None without `with_state`)."""
+    (o [B, T, HV, V], next GDNState, or None without `with_state`). A merged product is passed
+    whole, its columns read in place."""
     cfg = self.cfg
+    if inputs.merged is None:
+      operands, columns = (inputs.qkv, inputs.b_in, inputs.a_in), dict(b_col=0, a_col=0)
+    else:
+      operands = (inputs.merged,) * 3
+      qkv_col, _, b_col, a_col = self.in_proj.starts
+      assert qkv_col == 0, 'q|k|v must lead the merged product'
+      columns = dict(b_col=b_col, a_col=a_col)
 
     def run(conv_weight, a_log, dt_bias, qkv, b_in, a_in, segment_ids, valid, window, recurrent):
       return gdr.fused_decode(
           qkv, b_in, a_in, conv_weight, a_log, dt_bias, window=window, initial_state=recurrent,
           num_key_heads=cfg.linear_num_key_heads, scale=cfg.linear_key_head_dim ** -0.5,
           segment_ids=segment_ids, valid=valid, output_final_state=with_state,
-          implementation=cfg.gdn_decode_impl)
+          implementation=cfg.gdn_decode_impl, **columns)
 
     o, leaving = shd.per_batch_shard(
-        run, qkv, b_in, a_in, segment_ids, valid, state.conv, state.recurrent,
+        run, *operands, segment_ids, valid, state.conv, state.recurrent,
         shared=(self.conv_weight[...], self.A_log[...], self.dt_bias[...]),
         enabled=layers.kernels_configured(cfg.gdn_decode_impl))
     if leaving is None:
@@ -283,9 +307,9 @@ class GatedDeltaNet(nnx.Module):
     One token runs the cached pass itself, so a one-slot block is the AR step bit for bit."""
     if x.shape[1] == 1:
       return self(x, segment_ids, state=state)[0]
-    qkv, z, b_in, a_in = self.mixer_inputs(x)
-    o, _ = self._fused_pass(qkv, b_in, a_in, segment_ids, state, None, False)
-    return self.output(o, z, x.dtype)
+    inputs = self.mixer_inputs(x)
+    o, _ = self._fused_pass(inputs, segment_ids, state, None, False)
+    return self.output(o, inputs.z, x.dtype)
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
                  schedule: str = 'auto', max_block: int = 32) -> jax.Array:
@@ -303,7 +327,7 @@ class GatedDeltaNet(nnx.Module):
     cfg = self.cfg
     b, n, _ = x.shape
     t = n // (1 + num_views)
-    qkv, z, b_in, a_in = self.mixer_inputs(x)
+    qkv, z, b_in, a_in, _ = self.mixer_inputs(x)
     seg = meta.segment_ids[:, :t]
     pos = meta.positions[:, t:2 * t]
     # Noisy block starts as slot indices of the row (positions restart at each document).
@@ -334,4 +358,5 @@ class GatedDeltaNet(nnx.Module):
     inputs rerun the way the pass ran (fused or chunked), with tokens t >= n_keep marked invalid
     (identity steps)."""
     keep = jnp.arange(replay.qkv.shape[1])[None] < n_keep[:, None]
-    return self._pass(replay.qkv, replay.b_in, replay.a_in, replay.segment_ids, state, keep)[1]
+    inputs = MixerInputs(replay.qkv, None, replay.b_in, replay.a_in, replay.merged)
+    return self._pass(inputs, replay.segment_ids, state, keep)[1]

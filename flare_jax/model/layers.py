@@ -64,8 +64,19 @@ class MergedDense(nnx.Module):
     self.dtype = parts[0].dtype
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    return self.split(self.project(x))
+
+  def project(self, x: jax.Array) -> jax.Array:
+    """The merged product [..., sum of the parts' outs]; part i is columns [starts[i], ...)."""
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+  def split(self, y: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(jnp.split(y, self.splits, axis=-1))
+
+  @property
+  def starts(self) -> tuple[int, ...]:
+    """Each part's first column in the merged product."""
+    return (0,) + self.splits
 
 
 def merge_projections(owner: nnx.Module, merged_name: str, names: Sequence[str]) -> None:

@@ -261,22 +261,26 @@ def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
 
 
 def _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
-                 segment_ids, valid):
+                 segment_ids, valid, b_col, a_col):
   problems = []
   if x.ndim != 3 or initial_state.ndim != 4:
     raise ValueError(f'fused decode: x {x.shape} must be [B, T, C] and initial_state '
                      f'{initial_state.shape} [B, HV, K, V]')
-  bsz, t, c = x.shape
+  bsz, t, width = x.shape
   _, hv, kd, vd = initial_state.shape
+  c = 2 * num_key_heads * kd + hv * vd
   if initial_state.shape[0] != bsz:
     problems.append(f'initial_state {initial_state.shape} must have the B={bsz} of x')
   if hv % num_key_heads:
     problems.append(f'HV={hv} is not a multiple of num_key_heads={num_key_heads}')
-  if c != 2 * num_key_heads * kd + hv * vd:
-    problems.append(f'C={c} is not 2 NK K + HV V = {2 * num_key_heads * kd + hv * vd}')
+  if width < c:
+    problems.append(f'x has {width} columns, fewer than C = 2 NK K + HV V = {c}')
+  for name, a, col in (('b_in', b_in, b_col), ('a_in', a_in, a_col)):
+    if a.ndim != 3 or a.shape[:2] != (bsz, t) or not 0 <= col <= a.shape[2] - hv:
+      problems.append(f'{name} {a.shape} must be [B={bsz}, T={t}, .] with columns '
+                      f'[{col}, {col} + HV={hv}) inside')
   kc = conv_weight.shape[0]
-  for name, a, want in (('b_in', b_in, (bsz, t, hv)), ('a_in', a_in, (bsz, t, hv)),
-                        ('conv_weight', conv_weight, (kc, c)), ('a_log', a_log, (hv,)),
+  for name, a, want in (('conv_weight', conv_weight, (kc, c)), ('a_log', a_log, (hv,)),
                         ('dt_bias', dt_bias, (hv,)), ('window', window, (bsz, kc - 1, c)),
                         ('segment_ids', segment_ids, (bsz, t)), ('valid', valid, (bsz, t))):
     if a is not None and a.shape != want:
@@ -289,12 +293,18 @@ def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: ja
                  a_log: jax.Array, dt_bias: jax.Array, *, window: jax.Array,
                  initial_state: jax.Array, num_key_heads: int, scale: float | None = None,
                  segment_ids: jax.Array | None = None, valid: jax.Array | None = None,
-                 output_final_state: bool = True, implementation: str | None = None):
+                 output_final_state: bool = True, b_col: int = 0, a_col: int = 0,
+                 implementation: str | None = None):
   """A cached Gated DeltaNet pass of a few tokens, from the in-projections to the rule's outputs:
   conv (window in, window out), activations, l2 norms, gates and the rule
   (`front.fused_decode_xla` gives the contract). `implementation`: None (the backend's best:
   `DEFAULT_DECODE_BY_BACKEND`, else xla) | 'xla' | 'pallas' (`decode_pallas`, one kernel, not
   differentiable). Inputs the kernel cannot take run on xla instead, said once in the log.
+
+  The inputs may be column ranges of wider buffers: q|k|v = x[..., :C], b = b_in[..., b_col:
+  b_col + HV], a = a_in[..., a_col:a_col + HV] (C = 2 NK K + HV V). A merged in-projection passes
+  its product three times; the kernel reads it in place (xla slices), where slicing it first would
+  cost a launch per operand at decode sizes.
 
   Returns:
     (o [B, T, HV, V] in x.dtype, (window [B, Kc-1, C], state [B, HV, K, V] fp32) or None without
@@ -304,11 +314,14 @@ def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: ja
     ValueError: unknown implementation or inconsistent shapes.
   """
   _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
-               segment_ids, valid)
+               segment_ids, valid, b_col, a_col)
   kw = dict(window=window, initial_state=initial_state, num_key_heads=num_key_heads, scale=scale,
             segment_ids=segment_ids, valid=valid, output_final_state=output_final_state)
   from pallas_kernels.gated_delta_rule import decode_pallas  # pylint: disable=g-import-not-at-top
   kd, vd = initial_state.shape[2:]
   if _use_decode_kernel(implementation, decode_pallas.kernel_takes(num_key_heads, kd, vd)):
-    return decode_pallas.fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, **kw)
-  return front.fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, **kw)
+    return decode_pallas.fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias,
+                                             b_col=b_col, a_col=a_col, **kw)
+  hv = initial_state.shape[1]
+  return front.fused_decode_xla(x[..., :conv_weight.shape[1]], b_in[..., b_col:b_col + hv],
+                                a_in[..., a_col:a_col + hv], conv_weight, a_log, dt_bias, **kw)

@@ -27,6 +27,11 @@ against 539), an AR-Trust pass (block 4) 2.39 against 3.62, a Diffusion-Trust pa
 recurrence kernel alone took 5.7 plus XLA's front fusions. As committed (one-token calls without
 load-ahead, 2 warps for noisy blocks; another run): 1.84, 2.45, 2.28 and 3.45 ms; the recurrence
 kernel with XLA's front (the code before) 1.95, 2.47, 2.35 and 3.55 ms in a third run.
+
+The inputs may be column ranges of one buffer (`b_col`, `a_col`): the model's decode copy passes
+its merged in-projection's product whole, where XLA would slice three operands out of it, a launch
+each (same benchmark, 2026-12-04, side by side: AR step 1.74 against 1.81 ms, AR-Trust 2.26
+against 2.37, Diffusion-Trust k = 4 3.28 against 3.45).
 """
 import functools
 
@@ -145,11 +150,12 @@ def _kernel(xq_ref, xk_ref, xv_ref, wq_ref, wk_ref, wv_ref, cq_ref, ck_ref, cv_r
       win_ref[r, pl.ds((num_key_heads + key_head) * kd, kd)] = window[r][1].astype(win_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('num_key_heads', 'scale', 'with_state', 'block_v',
-                                             'num_warps', 'interpret'))
-def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, *,
+@functools.partial(jax.jit, static_argnames=('b_col', 'a_col', 'num_key_heads', 'scale',
+                                             'with_state', 'block_v', 'num_warps', 'interpret'))
+def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, *, b_col, a_col,
            num_key_heads, scale, with_state, block_v, num_warps, interpret):
-  bsz, t, c = x.shape
+  bsz, t, _ = x.shape
+  c = window.shape[-1]
   _, hv, kd, vd = s0.shape
   kc = conv_weight.shape[0]
   grp = hv // num_key_heads
@@ -165,8 +171,8 @@ def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, *
       pl.BlockSpec((kc, kd), qk(0)), pl.BlockSpec((kc, kd), qk(1)), pl.BlockSpec((kc, bv), vb),
       pl.BlockSpec((None, kc - 1, kd), row(qk(0))), pl.BlockSpec((None, kc - 1, kd), row(qk(1))),
       pl.BlockSpec((None, kc - 1, bv), row(vb)),
-      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, j)),
-      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, j)),
+      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, b_col + j)),
+      pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, a_col + j)),
       pl.BlockSpec((hv,), lambda i, j, n: (0,)), pl.BlockSpec((hv,), lambda i, j, n: (0,)),
       pl.BlockSpec((None, t), lambda i, j, n: (i, 0))]
   args = [x, x, x, conv_weight, conv_weight, conv_weight, window, window, window, b_in, a_in,
@@ -198,9 +204,11 @@ def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, *
 
 def fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, initial_state,
                         num_key_heads: int, scale: float | None = None, segment_ids=None,
-                        valid=None, output_final_state: bool = True, block_v: int = BLOCK_V,
-                        num_warps: int | None = None, interpret: bool = False):
+                        valid=None, output_final_state: bool = True, b_col: int = 0,
+                        a_col: int = 0, block_v: int = BLOCK_V, num_warps: int | None = None,
+                        interpret: bool = False):
   """`front.fused_decode_xla`'s contract in one kernel (not differentiable: decoding only).
+  The inputs may be column ranges of wider buffers, read in place (`api.fused_decode`'s columns).
   num_warps: None is NUM_WARPS with the leaving state (every such call must reduce in the same
   order: the bit-for-bit contract), NUM_WARPS_OUTPUTS_ONLY without.
 
@@ -218,7 +226,7 @@ def fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, i
   if num_warps is None:
     num_warps = NUM_WARPS if output_final_state else NUM_WARPS_OUTPUTS_ONLY
   return _fused(x, b_in, a_in, conv_weight, a_log.astype(_F32), dt_bias, window,
-                initial_state.astype(_F32), seg, valid,
+                initial_state.astype(_F32), seg, valid, b_col=b_col, a_col=a_col,
                 num_key_heads=num_key_heads, scale=float(kd ** -0.5 if scale is None else scale),
                 with_state=output_final_state, block_v=block_v, num_warps=num_warps,
                 interpret=interpret)

@@ -140,11 +140,38 @@ def test_dispatch_runs_xla_off_gpu_and_checks_shapes(rng):
       np.testing.assert_array_equal(a, b)
   with pytest.raises(ValueError, match='unknown recurrent'):
     _call(api.fused_decode, args, 1, implementation='triton')
-  with pytest.raises(ValueError, match=r'C=64 is not 2 NK K \+ HV V = 96'):
+  with pytest.raises(ValueError, match=r'x has 64 columns, fewer than C = 2 NK K \+ HV V = 96'):
     _call(api.fused_decode, args, 2)
+  with pytest.raises(ValueError, match=r'b_in \(2, 3, 2\) must be .* columns \[1, 1 \+ HV=2\)'):
+    _call(api.fused_decode, args, 1, b_col=1)
   bad = args[:6] + (args[6][:, :1],) + args[7:]
   with pytest.raises(ValueError, match=r'window \(2, 1, 64\) must be \(2, 3, 64\)'):
     _call(api.fused_decode, bad, 1)
+
+
+def _packed(args, extra_cols: int):
+  """args with x, b_in and a_in as column ranges of one buffer [B, T, C + extra + 2 HV] (as a
+  merged in-projection's product: q|k|v, other columns, b, a), and those columns."""
+  x, b_in, a_in = args[:3]
+  filler = jnp.full(x.shape[:2] + (extra_cols,), 7.0, x.dtype)  # read by neither
+  merged = jnp.concatenate([x, filler, b_in, a_in], axis=-1)
+  b_col = x.shape[-1] + extra_cols
+  return (merged,) * 3 + args[3:], dict(b_col=b_col, a_col=b_col + b_in.shape[-1])
+
+
+@pytest.mark.parametrize('with_state', [True, False])
+def test_inputs_read_in_place_from_one_buffer_equal_separate_inputs(rng, with_state):
+  """Bit for bit, in the kernel (interpret mode on CPU) and on the xla path."""
+  args = _inputs(rng, 2, 3, 1, 2, 16, 32, 4, jnp.bfloat16)
+  packed, columns = _packed(args, extra_cols=40)  # not a whole number of K or V tiles
+  kw = dict(output_final_state=with_state, valid=jnp.asarray([[1, 1, 1], [1, 1, 0]], bool))
+  runs = [(_kernel, dict(block_v=16)),
+          (lambda a, nk, **k: _call(api.fused_decode, a, nk, implementation='xla', **k), {})]
+  for fn, tiles in runs:
+    want = fn(args, 1, **kw, **tiles)
+    got = fn(packed, 1, **kw, **columns, **tiles)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 def test_head_sizes_the_kernel_does_not_take_are_named():
@@ -168,6 +195,18 @@ def test_gpu_decode_shapes_match_the_xla_chain(rng, t, mode):
   with jax.default_matmul_precision('highest'):
     err_o, err_s = _assert_matches_reference(args, nk, 2e-2, 2e-2, **kw)
   print(f'\nfused decode T={t} {mode}: relative RMS o {err_o:.2e}, state {err_s}')
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('t', [1, 4])
+def test_gpu_inputs_read_in_place_from_one_buffer_equal_separate_inputs(rng, t):
+  """Qwen3.5-2B's merged in-projection layout: q|k|v, z (HV V columns), b, a."""
+  b, nk, hv, kd, vd, kc = _GPU_ARGS
+  args = _inputs(rng, b, t, nk, hv, kd, vd, kc, jnp.bfloat16)
+  packed, columns = _packed(args, extra_cols=hv * vd)
+  want, got = _kernel(args, nk), _kernel(packed, nk, **columns)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
 @pytest.mark.gpu
