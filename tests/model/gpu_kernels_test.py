@@ -48,11 +48,22 @@ def _xla_results(dtype: str, head_dim: int):
             _loss_and_grads('xla', dtype, head_dim, *_packed_rows()))
 
 
+# float32 limits per gradient. The gate parameters' gradients (A_log, dt_bias) are sums over every
+# token that cancel: XLA's own fp32 path, chunk 64 against 32 (CPU, 2026-12-04), differs by 1.0e-5
+# in A_log and dt_bias against <= 9e-7 in every weight matrix but W_a (4.5e-6). On an H200
+# (2026-12-04) A_log and dt_bias measured 9.97e-5 and 9.80e-5 with pallas (IEEE fp32 products)
+# and 1.19e-4, then 1.55e-4 and 1.51e-4 with triton (TF32x3 products, whose runs vary); every other
+# gradient <= 3.7e-5 (W_a).
+_FP32_LIMIT, _FP32_GATE_LIMIT = 1e-4, 5e-4
+_GATE_PARAMS = ("['A_log']", "['dt_bias']")
+
+
 @pytest.mark.parametrize('impl', ['pallas', 'triton'])
 # float32 kernels take K <= 64 (shared memory); bf16 runs Qwen3.5's head size 128.
 @pytest.mark.parametrize('dtype, head_dim', [('float32', 64), ('bfloat16', 128)])
 def test_model_loss_and_grads_match_xla_path(impl, dtype, head_dim):
-  """float32: the kernel path equals the XLA path (relative RMS 1e-4 per gradient).
+  """float32: the kernel path equals the XLA path (relative RMS 1e-4 per gradient, 5e-4 for the
+  gate parameters: see _FP32_LIMIT).
 
   bfloat16: against the float32 XLA model, every gradient's relative RMS error is within 2e-2
   (fla's loosest kernel limit, for dg/dbeta) and the loss within 1e-2; the bf16 XLA path's errors
@@ -67,8 +78,12 @@ def test_model_loss_and_grads_match_xla_path(impl, dtype, head_dim):
   assert got.keys() == ref.keys()
   if dtype == 'float32':
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
-    for name in ref:
-      testing.assert_close(f'{impl} grad {name}', got[name], ref[name], 1e-4)
+    errors = {name: testing.rms_ratio(got[name], ref[name]) for name in ref}
+    for name in sorted(errors, key=errors.get)[-4:]:
+      print(f'{impl} fp32 grad {name}: relative RMS {errors[name]:.2e}')
+    for name, err in errors.items():
+      limit = _FP32_GATE_LIMIT if name.endswith(_GATE_PARAMS) else _FP32_LIMIT
+      assert err <= limit, f'{impl} grad {name}: relative RMS error {err:.3e} > {limit:.0e}'
     return
   print(f'loss: fp32 {ref_loss:.6f}  xla-bf16 {xla_loss:.6f}  {impl}-bf16 {got_loss:.6f}')
   errors = {}
