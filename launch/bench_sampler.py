@@ -9,7 +9,8 @@ bandwidth).
 process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every case once per
 XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
 `--gdn_decode_impl=xla,pallas` times the GDN cached passes side by side, XLA's chain against the
-fused kernel (`gdr.fused_decode`; one model each).
+fused kernel (`gdr.fused_decode`; one model each); `--attn_decode_impl=xla,pallas` the same for the
+attention layers' cached calls (`attn_ops.cache_attention`). Rows are labelled 'GDN / attention'.
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import json
@@ -45,6 +46,9 @@ _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _DECODE_IMPLS = flags.DEFINE_list(
     'gdn_decode_impl', ['default'],
     "ModelConfig.gdn_decode_impl values to time side by side ('default': the backend's).")
+_ATTN_DECODE_IMPLS = flags.DEFINE_list(
+    'attn_decode_impl', ['default'],
+    "ModelConfig.attn_decode_impl values to time side by side ('default': the backend's).")
 _XLA_VARIANTS = flags.DEFINE_string(
     'xla_variants', '', "';'-separated XLA flag sets ('default': none), each added to XLA_FLAGS "
     'in its own process, whose rows come side by side in one table.')
@@ -113,23 +117,27 @@ print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
   return float('nan')
 
 
-def _config(decode_impl: str = 'default') -> config_lib.ModelConfig:
+def _config(gdn_impl: str = 'default', attn_impl: str = 'default') -> config_lib.ModelConfig:
+  pick = lambda impl: None if impl == 'default' else impl
   return config_lib.VARIANTS[_VARIANT.value].replace(
-      dtype='bfloat16', param_dtype='bfloat16',
-      gdn_decode_impl=None if decode_impl == 'default' else decode_impl)
+      dtype='bfloat16', param_dtype='bfloat16', gdn_decode_impl=pick(gdn_impl),
+      attn_decode_impl=pick(attn_impl))
 
 
 def _measure() -> list[dict]:
-  """Times every (decode implementation, concurrency, mode) case in this process: one row each."""
+  """Times every (decode implementations, concurrency, mode) case in this process: one row
+  each."""
   rows = []
-  for impl in _DECODE_IMPLS.value:
-    _measure_model(impl, rows)
+  for gdn_impl in _DECODE_IMPLS.value:
+    for attn_impl in _ATTN_DECODE_IMPLS.value:
+      _measure_model(gdn_impl, attn_impl, rows)
   return rows
 
 
-def _measure_model(decode_impl: str, rows: list[dict]) -> None:
-  """Appends the rows of one model (its GDN decode implementation) to `rows`."""
-  cfg = _config(decode_impl)
+def _measure_model(gdn_impl: str, attn_impl: str, rows: list[dict]) -> None:
+  """Appends the rows of one model (its GDN and attention decode implementations) to `rows`."""
+  cfg = _config(gdn_impl, attn_impl)
+  decode_impl = f'{gdn_impl} / {attn_impl}'
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
   sampler = sampler_lib.Sampler(model)
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
@@ -177,7 +185,7 @@ def _measure_model(decode_impl: str, rows: list[dict]) -> None:
 def _print_tables(rows: list[dict]) -> None:
   variants = any('xla' in r for r in rows)
   impls = len({r.get('decode_impl') for r in rows}) > 1
-  lead = ('| XLA flags ' if variants else '') + ('| GDN decode ' if impls else '')
+  lead = ('| XLA flags ' if variants else '') + ('| GDN / attention decode ' if impls else '')
   print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | '
         'acceptance |')
   print('|---' * (7 + variants + impls) + '|')
@@ -194,7 +202,7 @@ def _print_tables(rows: list[dict]) -> None:
   for r in rows:
     if r.get('kernels_per_pass'):
       where = f" (XLA flags {r['xla']!r})" if variants else ''
-      where += f" (GDN decode {r['decode_impl']})" if impls else ''
+      where += f" (GDN / attention decode {r['decode_impl']})" if impls else ''
       print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']}{where} "
             '(prefill included):')
       print(bench_util.timeline_line(r['timeline_per_pass'], r['ms_per_pass'], per='pass'))

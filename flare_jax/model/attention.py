@@ -94,7 +94,11 @@ class Attention(nnx.Module):
     start = meta.positions[:, 0]
     new_cache = cache_lib.KVCache(cache_lib.write_rows(cache.k, k, start),
                                   cache_lib.write_rows(cache.v, v, start))
-    o = shd.per_batch_shard(attend, q, new_cache.k, new_cache.v, meta,
+    attend_cache = functools.partial(
+        attn_ops.cache_attention, implementation=self.cfg.attn_impl,
+        decode_implementation=self.cfg.attn_decode_impl, q_tile=self.cfg.attn_q_tile)
+    kernels = kernels or layers.kernels_configured(self.cfg.attn_decode_impl)
+    o = shd.per_batch_shard(attend_cache, q, new_cache.k, new_cache.v, meta,
                             _cache_key_meta(meta, cache.k.shape[1]), enabled=kernels)
     return self.output(o, gate), new_cache
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from flare_jax.model import config as config_lib
+from pallas_kernels.attention import decode_pallas as attn_decode
 
 
 @flax.struct.dataclass
@@ -45,13 +46,20 @@ class GDNReplay:
 LayerCache = KVCache | GDNState
 
 
+# KV caches hold a whole number of the decode attention kernel's key tiles (it walks whole tiles).
+KV_SLOT_MULTIPLE = attn_decode.BLOCK_K
+
+
 def init_cache(cfg: config_lib.ModelConfig, batch: int, max_len: int) -> tuple[LayerCache, ...]:
-  """An empty cache: zeros everywhere (a zero GDN state is the state before any token)."""
+  """An empty cache: zeros everywhere (a zero GDN state is the state before any token). KV caches
+  get max_len slots rounded up to KV_SLOT_MULTIPLE; slots past the written ones are never visible
+  (slot j holds position j, past every query's horizon)."""
   dtype = jnp.dtype(cfg.dtype)
+  slots = -(-max_len // KV_SLOT_MULTIPLE) * KV_SLOT_MULTIPLE
   layers = []
   for layer_type in cfg.layer_types:
     if layer_type == config_lib.FULL:
-      shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+      shape = (batch, slots, cfg.num_key_value_heads, cfg.head_dim)
       layers.append(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)))
     else:
       layers.append(GDNState(

@@ -51,6 +51,9 @@ class ModelConfig:
   # recurrence (gdr.fused_decode): None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
   gdn_decode_impl: str | None = None
   attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
+  # Cached attention calls of few queries (attn_ops.cache_attention): None | 'xla' | 'pallas'
+  # (None: xla; the decode kernel measured no faster at the AR step)
+  attn_decode_impl: str | None = None
   # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
   gdn_conv_backward: str = 'manual'  # GDN_CONV_BACKWARDS
   gdn_chunk_size: int = 64
@@ -85,7 +88,8 @@ class ModelConfig:
       problems.append(f'gdn_conv_backward={self.gdn_conv_backward!r} (known: {GDN_CONV_BACKWARDS})')
     for name, known in (('gdn_impl', gdr_api.IMPLEMENTATIONS),
                         ('gdn_decode_impl', gdr_api.DECODE_IMPLEMENTATIONS),
-                        ('attn_impl', attn_api.IMPLEMENTATIONS)):
+                        ('attn_impl', attn_api.IMPLEMENTATIONS),
+                        ('attn_decode_impl', attn_api.DECODE_IMPLEMENTATIONS)):
       if getattr(self, name) not in (None, *known):
         problems.append(f'{name}={getattr(self, name)!r} (known: None, {", ".join(known)})')
     if self.remat not in ('none', 'block'):

@@ -16,6 +16,10 @@ DEFAULT_BY_BACKEND = {'gpu': 'pallas'}
 # kernels pad queries to their tile and read K/V once per query head, which few queries cannot
 # amortise.
 MIN_KERNEL_QUERIES = 64
+# Few queries over a cache (`cache_attention`): the decode kernel or xla. None picks xla: the kernel
+# is GPU-verified but did not speed up the AR step (`decode_pallas`'s docstring has the figures).
+DECODE_IMPLEMENTATIONS = ('xla', 'pallas')
+DEFAULT_DECODE_BY_BACKEND = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,3 +80,38 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.TokenMe
     from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
     return pallas.attention_pallas(q, k, v, q_meta, k_meta, scale=scale)
   return xla.attention_xla(q, k, v, q_meta, k_meta, scale=scale, q_tile=q_tile)
+
+
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.TokenMeta,
+                    k_meta: mask_lib.TokenMeta, *, scale: float | None = None,
+                    implementation: str | None = None, decode_implementation: str | None = None,
+                    q_tile: int = 512) -> jax.Array:
+  """`attention` of a cached call (k, v the cache, this call's keys written; slot j holds
+  position j). Few queries (T x H / Hkv <= `decode_pallas.MAX_ROWS`) run the decode kernel when
+  `decode_implementation` picks it ('pallas'; None: `DEFAULT_DECODE_BY_BACKEND`, else xla), the
+  backend is a GPU and the kernel takes the shapes (`decode_pallas.kernel_takes`; else xla,
+  logged once); everything else runs `attention` with `implementation` and `q_tile`.
+
+  Raises:
+    ValueError: unknown implementation.
+  """
+  from pallas_kernels.attention import decode_pallas  # pylint: disable=g-import-not-at-top
+  impl = decode_implementation
+  if impl is None:
+    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
+  if impl not in DECODE_IMPLEMENTATIONS:
+    raise ValueError(f'unknown decode attention implementation {impl!r}; '
+                     f'known: {DECODE_IMPLEMENTATIONS} or None')
+  few = q.ndim == 4 and k.ndim == 4 and (
+      decode_pallas.query_rows(q.shape, k.shape) <= decode_pallas.MAX_ROWS)
+  if impl == 'pallas' and few:
+    why = decode_pallas.kernel_takes(q.shape, k.shape, q.dtype)
+    if backend.default_backend() != 'gpu':
+      why = f'it needs a GPU (backend is {backend.default_backend()!r})'
+    if why is None and q.dtype == k.dtype == v.dtype:
+      return decode_pallas.attention_decode_pallas(q, k, v, q_meta, k_meta, scale=scale)
+    _log_once(f'decode kernel cannot take this call ({why or "q, k, v dtypes differ"}); '
+              'using xla')
+    implementation = 'xla'
+  return attention(q, k, v, q_meta, k_meta, scale=scale, implementation=implementation,
+                   q_tile=q_tile)
