@@ -96,18 +96,13 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.T
     ValueError: unknown implementation.
   """
   from pallas_kernels.attention import decode_pallas  # pylint: disable=g-import-not-at-top
-  impl = decode_implementation
-  if impl is None:
-    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
-  if impl not in DECODE_IMPLEMENTATIONS:
-    raise ValueError(f'unknown decode attention implementation {impl!r}; '
-                     f'known: {DECODE_IMPLEMENTATIONS} or None')
+  impl = backend.resolve_implementation(decode_implementation, DECODE_IMPLEMENTATIONS,
+                                        DEFAULT_DECODE_BY_BACKEND, 'decode attention')
   few = q.ndim == 4 and k.ndim == 4 and (
       decode_pallas.query_rows(q.shape, k.shape) <= decode_pallas.MAX_ROWS)
   if impl == 'pallas' and few:
-    why = decode_pallas.kernel_takes(q.shape, k.shape, q.dtype)
-    if backend.default_backend() != 'gpu':
-      why = f'it needs a GPU (backend is {backend.default_backend()!r})'
+    why = backend.why_gpu_kernel_cannot_run(
+        decode_pallas.kernel_takes(q.shape, k.shape, q.dtype))
     if why is None and q.dtype == k.dtype == v.dtype:
       return decode_pallas.attention_decode_pallas(q, k, v, q_meta, k_meta, scale=scale)
     _log_once(f'decode kernel cannot take this call ({why or "q, k, v dtypes differ"}); '

@@ -41,12 +41,8 @@ def _check(q, k, v, g, beta, initial_state, segment_ids):
 
 
 def _resolve(implementation: str | None) -> str:
-  if implementation is None:
-    return DEFAULT_BY_BACKEND.get(backend.default_backend(), 'xla')
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f'unknown gated delta rule implementation {implementation!r}; '
-                     f'known: {IMPLEMENTATIONS} or None')
-  return implementation
+  return backend.resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_BACKEND,
+                                        'gated delta rule')
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,16 +195,11 @@ def _use_decode_kernel(implementation: str | None, why_not: str | None) -> bool:
   """Whether `implementation` (None: `DEFAULT_DECODE_BY_BACKEND`, else xla) picks the decode
   kernels and they can run here: `why_not` (the kernel's shape check) is None and the backend is a
   GPU. A kernel choice that cannot run falls back to xla, logged once."""
-  impl = implementation
-  if impl is None:
-    impl = DEFAULT_DECODE_BY_BACKEND.get(backend.default_backend(), 'xla')
-  if impl not in DECODE_IMPLEMENTATIONS:
-    raise ValueError(f'unknown recurrent gated delta rule implementation {impl!r}; '
-                     f'known: {DECODE_IMPLEMENTATIONS} or None')
+  impl = backend.resolve_implementation(implementation, DECODE_IMPLEMENTATIONS,
+                                        DEFAULT_DECODE_BY_BACKEND, 'recurrent gated delta rule')
   if impl == 'xla':
     return False
-  if backend.default_backend() != 'gpu':
-    why_not = f'it needs a GPU (backend is {backend.default_backend()!r})'
+  why_not = backend.why_gpu_kernel_cannot_run(why_not)
   if why_not:
     _log_fallback_once('decode pallas', why_not)
     return False
