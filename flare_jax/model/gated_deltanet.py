@@ -129,6 +129,7 @@ class MixerInputs(NamedTuple):
   a_in: jax.Array
   merged: jax.Array | None = None
 
+
 # Up to this many tokens a cached pass runs the fused token loop (`gdr.fused_decode`) instead of
 # padding to a whole chunk.
 _RECURRENT_MAX_TOKENS = 16
