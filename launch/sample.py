@@ -48,6 +48,10 @@ _DECODE_IMPL = flags.DEFINE_enum(
     'gdn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
     "GDN cached passes: conv, gates and recurrence in one kernel or in XLA "
     "(ModelConfig.gdn_decode_impl; 'auto': pallas on GPU).")
+_ATTN_DECODE_IMPL = flags.DEFINE_enum(
+    'attn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
+    "Attention cached calls: the decode kernel or XLA (ModelConfig.attn_decode_impl; 'auto': "
+    'xla, as the kernel measured no faster).')
 
 
 def _read_prompts() -> list[str]:
@@ -88,8 +92,9 @@ def _sampler_config() -> sampler_lib.SamplerConfig:
 def _load(ckpt: str):
   """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
   try:
-    impl = None if _DECODE_IMPL.value == 'auto' else _DECODE_IMPL.value
-    model = model_io.load_model(ckpt, dtype=_DTYPE.value, gdn_decode_impl=impl)
+    pick = lambda flag: None if flag.value == 'auto' else flag.value
+    model = model_io.load_model(ckpt, dtype=_DTYPE.value, gdn_decode_impl=pick(_DECODE_IMPL),
+                                attn_decode_impl=pick(_ATTN_DECODE_IMPL))
     return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')

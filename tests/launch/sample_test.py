@@ -19,13 +19,15 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
                  + json.dumps({'prompt': prompts[2]}) + '\n')
   out = tmp_path / 'out.jsonl'
   run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
-                '--max_new_tokens=4', '--mode=ar_trust', '--gdn_decode_impl=xla')
+                '--max_new_tokens=4', '--mode=ar_trust', '--gdn_decode_impl=xla',
+                '--attn_decode_impl=pallas')  # off GPU: falls back to xla, logged
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['prompt'] for r in rows] == prompts
   assert all(r['tokens'] == 4 and 0 <= r['acceptance'] <= 1 for r in rows)
   assert not (tmp_path / 'out.jsonl.partial').exists()
   assert '[2/3]' in run.stderr and '[3/3]' in run.stderr
+  assert 'decode kernel cannot take this call (it needs a GPU' in run.stderr  # the flag reached it
 
 
 @pytest.mark.parametrize('args, message', [
