@@ -101,12 +101,10 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.T
   few = q.ndim == 4 and k.ndim == 4 and (
       decode_pallas.query_rows(q.shape, k.shape) <= decode_pallas.MAX_ROWS)
   if impl == 'pallas' and few:
-    why = backend.why_gpu_kernel_cannot_run(
-        decode_pallas.kernel_takes(q.shape, k.shape, q.dtype))
-    if why is None and q.dtype == k.dtype == v.dtype:
+    why = backend.why_gpu_kernel_cannot_run(decode_pallas.kernel_takes(q, k, v))
+    if why is None:
       return decode_pallas.attention_decode_pallas(q, k, v, q_meta, k_meta, scale=scale)
-    _log_once(f'decode kernel cannot take this call ({why or "q, k, v dtypes differ"}); '
-              'using xla')
+    _log_once(f'decode kernel cannot take this call ({why}); using xla')
     implementation = 'xla'
   return attention(q, k, v, q_meta, k_meta, scale=scale, implementation=implementation,
                    q_tile=q_tile)

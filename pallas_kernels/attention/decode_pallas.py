@@ -31,11 +31,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._common import backend
 from pallas_kernels.attention import mask as mask_lib
+from pallas_kernels.attention import pallas as flash
 
-_F32 = jnp.float32
-_NEG = -1e30  # masked score and initial row max: finite, so a fully masked tile gives no inf - inf
-_LOG2E = 1.4426950408889634
 _N_FIELDS = len(mask_lib.TokenMeta._fields)
+
 _MIN_ROWS = 16  # tensor-core products take >= 16 rows
 MAX_ROWS = 64  # T x G above this: the flash kernels' query tiles pay off
 BLOCK_K = 64
@@ -47,50 +46,32 @@ def query_rows(q_shape, k_shape) -> int:
   return q_shape[1] * (q_shape[2] // k_shape[2])
 
 
-def kernel_takes(q_shape, k_shape, dtype, block_k: int = BLOCK_K) -> str | None:
-  """None if the kernel takes q [B, T, H, D] over a cache k [B, S, Hkv, D], else why not."""
-  d, s = q_shape[3], k_shape[1]
-  if query_rows(q_shape, k_shape) > MAX_ROWS:
-    return f'T x G = {query_rows(q_shape, k_shape)} query rows > {MAX_ROWS}'
-  if d < 16 or d > 256 or d != backend.next_pow2(d):
-    return f'head dim D={d} is not a power of two in [16, 256]'
+def kernel_takes(q, k, v, block_k: int = BLOCK_K) -> str | None:
+  """None if the kernel takes q [B, T, H, D] over a cache k, v [B, S, Hkv, D] (arrays or
+  ShapeDtypeStructs), else why not."""
+  d, s = q.shape[3], k.shape[1]
+  if query_rows(q.shape, k.shape) > MAX_ROWS:
+    return f'T x G = {query_rows(q.shape, k.shape)} query rows > {MAX_ROWS}'
+  if d < 16 or d != backend.next_pow2(d):
+    return f'head dim D={d} is not a power of two >= 16'
   if s % block_k:
     return f'cache length S={s} is not a multiple of the key tile {block_k}'
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                              jnp.dtype(jnp.float32)):
-    return f'dtype {jnp.dtype(dtype)}'
-  return None
-
-
-def _dot(a, b, *, tb=False):
-  prec = jax.lax.Precision.HIGHEST if a.dtype == _F32 else jax.lax.Precision.DEFAULT
-  dims = (((1,), (1 if tb else 0,)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=_F32)
+  return flash.unsupported_reason(q, k, v)  # D <= 256 and the dtypes
 
 
 def _kernel(n_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, *, scale, bk):
   """Blocks: n [B] key tiles to walk per row; q, o [R, D]; k, v [S, D] (the program's kv head);
   metadata [4, R] and [4, S] (TokenMeta fields stacked)."""
   q = q_ref[...]
-  q_meta = mask_lib.TokenMeta(*(qm_ref[f, :] for f in range(_N_FIELDS)))
-  rows, d = q.shape
+  fields = range(_N_FIELDS)
+  q_meta = mask_lib.TokenMeta(*(qm_ref[f, :] for f in fields))
 
   def step(j, carry):
-    acc, m, l = carry
     keys = pl.ds(j * bk, bk)
-    k, v = k_ref[keys, :], v_ref[keys, :]
-    vis = mask_lib.visible(q_meta,
-                           mask_lib.TokenMeta(*(km_ref[f, keys] for f in range(_N_FIELDS))))
-    s = jnp.where(vis, _dot(q, k, tb=True) * (scale * _LOG2E), _NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+    vis = mask_lib.visible(q_meta, mask_lib.TokenMeta(*(km_ref[f, keys] for f in fields)))
+    return flash.online_softmax_step(q, k_ref[keys, :], v_ref[keys, :], vis, carry, scale)
 
-  init = (jnp.zeros((rows, d), _F32), jnp.full((rows,), _NEG, _F32), jnp.zeros((rows,), _F32))
-  acc, _, l = jax.lax.fori_loop(0, n_ref[pl.program_id(0)], step, init)
+  acc, _, l = jax.lax.fori_loop(0, n_ref[pl.program_id(0)], step, flash.softmax_init(*q.shape))
   o_ref[...] = (acc / jnp.where(l > 0.0, l, 1.0)[:, None]).astype(o_ref.dtype)
 
 
@@ -143,9 +124,9 @@ def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
   Raises:
     ValueError: inputs the kernel does not take (`kernel_takes`).
   """
-  why = kernel_takes(q.shape, k.shape, q.dtype, block_k)
-  if why or not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f'decode attention kernel: {why or "q, k, v dtypes differ"}')
+  why = kernel_takes(q, k, v, block_k)
+  if why:
+    raise ValueError(f'decode attention kernel: {why}')
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)

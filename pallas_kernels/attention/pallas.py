@@ -327,6 +327,30 @@ def _probs(q, k, lse, scale2, vis):
   return p if vis is None else jnp.where(vis, p, 0.0)
 
 
+def online_softmax_step(q, k, v, vis, carry, scale):
+  """One key tile of the online softmax in base 2 (scores times scale * log2 e): carry (acc [bq, D],
+  row max m [bq], denominator l [bq], all fp32) updated with the tile's k, v [bk, D] on the
+  visible pairs `vis` [bq, bk] (None: all). A tile with no visible pair leaves the carry as it
+  was, bit for bit."""
+  acc, m, l = carry
+  s = _dot(q, k, tb=True) * (scale * _LOG2E)
+  if vis is not None:
+    s = jnp.where(vis, s, _NEG)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  alpha = jnp.exp2(m - m_new)
+  p = jnp.exp2(s - m_new[:, None])
+  if vis is not None:
+    p = jnp.where(vis, p, 0.0)
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+  return acc, m_new, l
+
+
+def softmax_init(rows: int, d: int):
+  """The online softmax's carry before any key: (acc, m, l) for `rows` queries of head dim d."""
+  return jnp.zeros((rows, d), _F32), jnp.full((rows,), _NEG, _F32), jnp.zeros((rows,), _F32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels. Refs arrive as (inputs..., outputs...).
 # ---------------------------------------------------------------------------------------------
@@ -346,25 +370,12 @@ def _fwd_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref
 
   def body(masked):
     def step(n, carry):
-      acc, m, l = carry
       rows = pl.ds(entry(n + 2) * bk, bk)
-      k, v = k_ref[b, rows, :], v_ref[b, rows, :]
-      s = _dot(q, k, tb=True) * (scale * _LOG2E)
-      if masked:
-        vis = mask_lib.visible(q_meta, _load_meta(km_ref, b, rows))
-        s = jnp.where(vis, s, _NEG)
-      m_new = jnp.maximum(m, jnp.max(s, axis=1))
-      alpha = jnp.exp2(m - m_new)
-      p = jnp.exp2(s - m_new[:, None])
-      if masked:
-        p = jnp.where(vis, p, 0.0)
-      l = alpha * l + jnp.sum(p, axis=1)
-      acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
-      return acc, m_new, l
+      vis = mask_lib.visible(q_meta, _load_meta(km_ref, b, rows)) if masked else None
+      return online_softmax_step(q, k_ref[b, rows, :], v_ref[b, rows, :], vis, carry, scale)
     return step
 
-  init = (jnp.zeros((bq, d), _F32), jnp.full((bq,), _NEG, _F32), jnp.zeros((bq,), _F32))
-  acc, m, l = _visit(entry, body, init)
+  acc, m, l = _visit(entry, body, softmax_init(bq, d))
   seen = l > 0.0
   o_ref[b, q_rows, :] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
   lse_ref[b, q_rows] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)) * _LOG2E, _DEAD_LSE)

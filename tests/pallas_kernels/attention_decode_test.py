@@ -84,10 +84,16 @@ def test_one_token_calls_equal_one_clean_call_bit_for_bit(rng):
 
 
 def test_shapes_the_kernel_does_not_take_are_named():
-  assert 'query rows' in decode_pallas.kernel_takes((1, 17, 16, 256), (1, 64, 4, 256), jnp.bfloat16)
-  assert 'D=96' in decode_pallas.kernel_takes((1, 1, 16, 96), (1, 64, 4, 96), jnp.bfloat16)
-  assert 'S=100' in decode_pallas.kernel_takes((1, 1, 16, 256), (1, 100, 4, 256), jnp.bfloat16)
-  assert decode_pallas.kernel_takes((8, 4, 8, 256), (8, 256, 2, 256), jnp.bfloat16) is None
+  def takes(q_shape, kv_shape, dtype=jnp.bfloat16, v_dtype=None):
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt)
+    return decode_pallas.kernel_takes(spec(q_shape, dtype), spec(kv_shape, dtype),
+                                      spec(kv_shape, v_dtype or dtype))
+  assert 'query rows' in takes((1, 17, 16, 256), (1, 64, 4, 256))
+  assert 'D=96' in takes((1, 1, 16, 96), (1, 64, 4, 96))
+  assert 'D=512 > 256' in takes((1, 1, 16, 512), (1, 64, 4, 512))
+  assert 'S=100' in takes((1, 1, 16, 256), (1, 100, 4, 256))
+  assert 'dtypes differ' in takes((8, 4, 8, 256), (8, 256, 2, 256), v_dtype=jnp.float32)
+  assert takes((8, 4, 8, 256), (8, 256, 2, 256)) is None
   with pytest.raises(ValueError, match='S=100'):
     decode_pallas.attention_decode_pallas(*(jnp.zeros(x) for x in (
         (1, 1, 4, 16), (1, 100, 2, 16), (1, 100, 2, 16))), *_cache_meta([0], 1, 100, 1))
