@@ -42,11 +42,11 @@ def _losses(workdir: str) -> list[float]:
     return [json.loads(line)['loss'] for line in f]
 
 
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, one_cpu_device_env):
   docs = tmp_path / 'docs.jsonl'
   docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')  # one CPU device per process
+  env = one_cpu_device_env
   port = _free_port()
   multi = str(tmp_path / 'multi')
   procs = [subprocess.Popen(

@@ -1,5 +1,6 @@
 """Trainer (through the CLI): kill-and-resume, loss falls, FLARE conversion of an AR model,
 export."""
+import functools
 import json
 import os
 import subprocess
@@ -17,9 +18,8 @@ def _jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def _train(workdir, *overrides):
-  """Runs the training CLI in a fresh single-device process (the tests' 8 fake devices stripped)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+def _train(env, workdir, *overrides):
+  """Runs the training CLI in a fresh process with `env` (`one_cpu_device_env`)."""
   cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py',
          f'--workdir={workdir}', '--config.data.seq_len=32', '--config.ckpt.async_save=False',
          *overrides]
@@ -29,12 +29,13 @@ def _train(workdir, *overrides):
   return out.stdout
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path):
+def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, one_cpu_device_env):
   common = ('--config.train.num_steps=8', '--config.ckpt.every=3', '--config.objective.name=ar',
             '--config.train.log_every=1')
-  _train(tmp_path / 'full', *common)
-  _train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
-  log = _train(tmp_path / 'resumed', *common)
+  train = functools.partial(_train, one_cpu_device_env)
+  train(tmp_path / 'full', *common)
+  train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
+  log = train(tmp_path / 'resumed', *common)
   assert 'resumed from' in log and 'at step 4' in log
   full = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'full' / 'metrics.jsonl')}
   resumed = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'resumed' / 'metrics.jsonl')}
@@ -45,14 +46,16 @@ def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path):
   assert any(n.startswith('jit_step') for n in os.listdir(tmp_path / 'full' / 'xla_cache'))
 
 
-def test_flare_conversion_of_an_ar_model_lowers_loss_diff_and_keeps_loss_ar(tmp_path):
-  _train(tmp_path / 'ar', '--config.train.num_steps=60', '--config.objective.name=ar',
+def test_flare_conversion_of_an_ar_model_lowers_loss_diff_and_keeps_loss_ar(tmp_path,
+                                                                             one_cpu_device_env):
+  train = functools.partial(_train, one_cpu_device_env)
+  train(tmp_path / 'ar', '--config.train.num_steps=60', '--config.objective.name=ar',
          '--config.train.log_every=20', '--config.optim.warmup_steps=5')
   hf_export.export_hf(str(tmp_path / 'ar' / 'model'), str(tmp_path / 'hf'), dtype='float32',
                       log=lambda _: None)
   hf_import.convert_hf_checkpoint(str(tmp_path / 'hf'), str(tmp_path / 'converted'),
                                   log=lambda _: None)
-  _train(tmp_path / 'flare', '--config.train.num_steps=40', '--config.objective.name=flare',
+  train(tmp_path / 'flare', '--config.train.num_steps=40', '--config.objective.name=flare',
          '--config.train.log_every=5', '--config.optim.lr=1e-3', '--config.optim.warmup_steps=5',
          f'--config.init_from={tmp_path / "converted"}', '--config.data.tokenizer=byte')
   rows = _jsonl(tmp_path / 'flare' / 'metrics.jsonl')
