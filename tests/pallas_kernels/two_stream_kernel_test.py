@@ -210,7 +210,7 @@ def test_given_checkpoints_equal_the_ops_own_clean_pass(rng, family, backward):
   from pallas_kernels.gated_delta_rule import api  # pylint: disable=g-import-not-at-top
   module = pytest.importorskip(f'pallas_kernels.gated_delta_rule.two_stream_{family}')
   op = getattr(module, f'noisy_delta_rule_{family}')
-  t, block, chunk = 70, 4, 16
+  t, block, chunk = 40, 4, 16
   seg, starts = _layout(rng, 'random', t, block)
   clean, noisy = _inputs(rng, 2, t, 2, 1, 2, 16, 20)
   kw = dict(scale=0.25, chunk_size=chunk, max_block=block, interpret=True, backward=backward)
