@@ -51,7 +51,7 @@ _DECODE_IMPL = flags.DEFINE_enum(
 _ATTN_DECODE_IMPL = flags.DEFINE_enum(
     'attn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
     "Attention cached calls: the decode kernel or XLA (ModelConfig.attn_decode_impl; 'auto': "
-    'xla, as the kernel measured no faster).')
+    'pallas on GPU).')
 
 
 def _read_prompts() -> list[str]:

@@ -99,11 +99,11 @@ class Attention(nnx.Module):
         decode_implementation=self.cfg.attn_decode_impl, q_tile=self.cfg.attn_q_tile)
     kernels = kernels or layers.kernels_configured(self.cfg.attn_decode_impl)
     o = shd.per_batch_shard(attend_cache, q, new_cache.k, new_cache.v, meta,
-                            _cache_key_meta(meta, cache.k.shape[1]), enabled=kernels)
+                            cache_key_meta(meta, cache.k.shape[1]), enabled=kernels)
     return self.output(o, gate), new_cache
 
 
-def _cache_key_meta(meta: attn_ops.TokenMeta, s: int) -> attn_ops.TokenMeta:
+def cache_key_meta(meta: attn_ops.TokenMeta, s: int) -> attn_ops.TokenMeta:
   """Metadata of the S cache slots after row b's T new tokens were written at meta.positions[b, 0].
 
   Slot j holds position j. The new slots take the new tokens' view/block (so a noisy block over the

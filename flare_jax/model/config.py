@@ -52,7 +52,7 @@ class ModelConfig:
   gdn_decode_impl: str | None = None
   attn_impl: str | None = None  # None | 'xla' | 'pallas' (None: pallas on GPU, xla elsewhere)
   # Cached attention calls of few queries (attn_ops.cache_attention): None | 'xla' | 'pallas'
-  # (None: xla; the decode kernel measured no faster at the AR step)
+  # (None: the decode kernel on GPU, xla elsewhere)
   attn_decode_impl: str | None = None
   # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
   gdn_conv_backward: str = 'manual'  # GDN_CONV_BACKWARDS

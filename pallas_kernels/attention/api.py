@@ -16,10 +16,10 @@ DEFAULT_BY_BACKEND = {'gpu': 'pallas'}
 # kernels pad queries to their tile and read K/V once per query head, which few queries cannot
 # amortise.
 MIN_KERNEL_QUERIES = 64
-# Few queries over a cache (`cache_attention`): the decode kernel or xla. None picks xla: the kernel
-# is GPU-verified but did not speed up the AR step (`decode_pallas`'s docstring has the figures).
+# Few queries over a cache (`cache_attention`): the decode kernel or xla. None picks the kernel on
+# GPU, where it measured faster in every sampler mode (`decode_pallas`'s docstring has the figures).
 DECODE_IMPLEMENTATIONS = ('xla', 'pallas')
-DEFAULT_DECODE_BY_BACKEND = {}
+DEFAULT_DECODE_BY_BACKEND = {'gpu': 'pallas'}
 
 
 @functools.lru_cache(maxsize=None)

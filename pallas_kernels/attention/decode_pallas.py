@@ -4,23 +4,31 @@ blocks).
 The flash kernels (`pallas.py`) tile queries by 64 and read K/V once per query head, which a decode
 step's one query per head cannot amortise, so XLA has run these calls: per attention layer a
 scores GEMM, a mask, two reductions, a cast and a PV GEMM, each a launch of a few microseconds.
-Here one program per (batch row, kv head) takes every query of the kv head's group - T tokens x
-G = H / Hkv heads, rows r = t G + g of one [R, D] tile (R padded to 16) - and walks the key tiles
-in order with an online softmax (base 2, as the flash forward), so each K/V row is read once per
-kv head. Visibility is `mask.visible` of the metadata on every tile, and the walk stops after the
-tile holding the row's furthest query position: no query sees a key past it (clean keys end at
-their horizon, noisy ones are the call's own block), so the cache's unused tail costs nothing.
+Here the programs of one (batch row, kv head) take every query of the kv head's group - T tokens
+x G = H / Hkv heads, rows r = t G + g of one [R, D] tile (R padded to 16) - and share its walk
+over the key tiles (flash-decoding): program c of `num_splits` runs an online softmax (base 2, as
+the flash forward) over its own run of tiles and writes the unnormalised partial result, which
+`_combine` weighs by each split's row max; enough splits that the grid fills the GPU
+(`splits_for`). Visibility is `mask.visible` of the metadata on every tile, and the walk stops
+after the tile holding the row's furthest query position: no query sees a key past it (clean keys
+end at their horizon, noisy ones are the call's own block), so the cache's unused tail costs only
+programs that exit at once.
 
-Forward only (decoding). Each query row's result depends on its own row and the tiles walked, and
-a tile with no visible key leaves it unchanged, so a query gets the same bits whatever else the
-call holds, as long as R pads to the same size.
+Forward only (decoding). Each query row's result depends on its own row and the tiles walked: a
+tile, or a whole split, with no visible key leaves it unchanged (the split weighs exactly 0), so
+a query gets the same bits whatever else the call holds, as long as R pads to the same size and
+the cache (hence the split) is the same.
 
-H200, 2026-12-04 (GPU tests pass: bf16 relative RMS 0.9e-3 to 1.9e-3 against fp32 XLA at 2B's
-shapes, one-token calls equal to a 4-token call bit for bit). `launch.bench_sampler --batch=8
---modes=ar,ar_trust --new_tokens=64 --attn_decode_impl=xla,pallas`, one run: AR step 1.94 ms
-against XLA's 1.90, AR-Trust 2.38 against 2.46 ms per pass. Not the default: at batch 8 the grid
-is B x Hkv = 16 programs, each walking every key tile alone; splitting the walk over programs
-(flash-decoding, a second pass to combine) is the next step.
+H200, 2026-12-04 (GPU tests pass at 2B's shapes: bf16 against fp32 XLA within relative RMS 1e-2,
+one-token calls equal to a 4-token call bit for bit; the GPU sampler tests pass with it).
+`launch.bench_sampler --attn_decode_impl=xla,pallas`, 2B-shaped random model, bf16, one run each,
+ms per pass against XLA's: 128-token prompts, 128 new tokens: AR 1.81 / 1.84 (batch 1), 1.71 /
+1.78 (batch 8); AR-Trust 1.73 / 1.76, 2.15 / 2.27; Diffusion-Trust k=4 2.23 / 2.41, 3.23 / 3.27.
+2048-token prompts: AR 1.96 / 1.98, 2.49 / 2.50; AR-Trust 1.88 / 2.04, 3.03 / 3.26. Before the
+split (one program per row and kv head: 16 programs at batch 8) the AR step had measured 1.94
+against XLA's 1.90. The call alone (`launch.bench_attention_decode`, 16 chained calls, caches that
+fit the 50 MB L2, so noisy) favours more splits at B=8, S=2176, T=1 (one tile per program 38 us,
+the default 17 splits 43, XLA 35) and fewer at S=8192 (17 splits 73 us, 128 splits 97, XLA 73).
 """
 import functools
 
@@ -39,6 +47,7 @@ _MIN_ROWS = 16  # tensor-core products take >= 16 rows
 MAX_ROWS = 64  # T x G above this: the flash kernels' query tiles pay off
 BLOCK_K = 64
 NUM_WARPS = 4
+TARGET_PROGRAMS = 264  # two per SM of an H100 / H200: the key walk splits until the grid has these
 
 
 def query_rows(q_shape, k_shape) -> int:
@@ -59,9 +68,17 @@ def kernel_takes(q, k, v, block_k: int = BLOCK_K) -> str | None:
   return flash.unsupported_reason(q, k, v)  # D <= 256 and the dtypes
 
 
-def _kernel(n_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, *, scale, bk):
-  """Blocks: n [B] key tiles to walk per row; q, o [R, D]; k, v [S, D] (the program's kv head);
-  metadata [4, R] and [4, S] (TokenMeta fields stacked)."""
+def splits_for(b: int, hkv: int, n_tiles: int, target_programs: int = TARGET_PROGRAMS) -> int:
+  """Programs per (batch row, kv head) sharing its key walk: enough for ~`target_programs` in all,
+  at most one per key tile."""
+  return max(1, min(n_tiles, -(-target_programs // (b * hkv))))
+
+
+def _kernel(n_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, acc_ref, m_ref, l_ref, *, scale, bk,
+            per_split):
+  """Program (row i, kv head j, split s) walks key tiles [s, s + 1) * per_split, cut at the row's
+  last tile n[i]. Blocks: q [R, D]; k, v [S, D]; metadata [4, R] and [4, S] (TokenMeta fields
+  stacked); out: the split's unnormalised acc [R, D], base-2 row max m [R] and denominator l [R]."""
   q = q_ref[...]
   fields = range(_N_FIELDS)
   q_meta = mask_lib.TokenMeta(*(qm_ref[f, :] for f in fields))
@@ -71,17 +88,35 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, *, scale, bk):
     vis = mask_lib.visible(q_meta, mask_lib.TokenMeta(*(km_ref[f, keys] for f in fields)))
     return flash.online_softmax_step(q, k_ref[keys, :], v_ref[keys, :], vis, carry, scale)
 
-  acc, _, l = jax.lax.fori_loop(0, n_ref[pl.program_id(0)], step, flash.softmax_init(*q.shape))
-  o_ref[...] = (acc / jnp.where(l > 0.0, l, 1.0)[:, None]).astype(o_ref.dtype)
+  first = pl.program_id(2) * per_split
+  last = jnp.minimum(first + per_split, n_ref[pl.program_id(0)])
+  acc, m, l = jax.lax.fori_loop(first, jnp.maximum(first, last), step,
+                                flash.softmax_init(*q.shape))
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'num_warps', 'interpret'))
-def _call(q, k, v, q_meta, k_meta, *, scale, block_k, num_warps, interpret):
+def _combine(acc, m, l):
+  """Softmax over the splits' partial results: acc [..., n, R, D], m, l [..., n, R] -> [..., R, D]
+  fp32. A split that saw no key (m at its initial value, l = 0) weighs exactly 0 unless none saw
+  one; then the result is 0."""
+  w = jnp.exp2(m - jnp.max(m, axis=-2, keepdims=True))
+  den = jnp.sum(w * l, axis=-2)
+  return jnp.sum(w[..., None] * acc, axis=-3) / jnp.where(den > 0.0, den, 1.0)[..., None]
+
+
+@functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'num_splits', 'num_warps',
+                                             'interpret'))
+def _call(q, k, v, q_meta, k_meta, *, scale, block_k, num_splits, num_warps, interpret):
   b, t, h, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   grp = h // hkv
   r = t * grp
   rp = max(_MIN_ROWS, backend.next_pow2(r))
+  tiles = s // block_k
+  splits = min(num_splits, tiles) if num_splits else splits_for(b, hkv, tiles)
+  per_split = -(-tiles // splits)
   # Rows r = t G + g of kv head j: query head j G + g at token t.
   q_rows = q.reshape(b, t, hkv, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, r, d)
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
@@ -90,25 +125,31 @@ def _call(q, k, v, q_meta, k_meta, *, scale, block_k, num_warps, interpret):
   qm = jnp.stack([jnp.pad(jnp.repeat(x.astype(jnp.int32), grp, axis=1), ((0, 0), (0, rp - r)),
                           constant_values=fill) for x, fill in zip(q_meta, fills)], axis=1)
   km = jnp.stack([x.astype(jnp.int32) for x in k_meta], axis=1)
-  n_tiles = jnp.minimum(jnp.max(q_meta.positions, axis=1) // block_k + 1, s // block_k)
-  kv_spec = pl.BlockSpec((None, s, None, d), lambda i, j: (i, 0, j, 0))
-  row_spec = pl.BlockSpec((None, None, rp, d), lambda i, j: (i, j, 0, 0))
+  n_tiles = jnp.minimum(jnp.max(q_meta.positions, axis=1) // block_k + 1, tiles)
+  kv_spec = pl.BlockSpec((None, s, None, d), lambda i, j, c: (i, 0, j, 0))
+  row_spec = pl.BlockSpec((None, None, rp, d), lambda i, j, c: (i, j, 0, 0))
+  part_spec = lambda *shape: pl.BlockSpec((None, None, None, *shape),
+                                          lambda i, j, c: (i, j, c) + (0,) * len(shape))
+  part_shape = lambda *shape: jax.ShapeDtypeStruct((b, hkv, splits, *shape), jnp.float32)
   params = None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
-  o = pl.pallas_call(
-      functools.partial(_kernel, scale=scale, bk=block_k),
-      out_shape=jax.ShapeDtypeStruct((b, hkv, rp, d), q.dtype), grid=(b, hkv),
-      in_specs=[pl.BlockSpec((b,), lambda i, j: (0,)), row_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, _N_FIELDS, rp), lambda i, j: (i, 0, 0)),
-                pl.BlockSpec((None, _N_FIELDS, s), lambda i, j: (i, 0, 0))],
-      out_specs=row_spec, compiler_params=params, interpret=interpret,
-      name='attention_decode')(n_tiles.astype(jnp.int32), q_rows, k, v, qm, km)
-  return o[:, :, :r].reshape(b, hkv, t, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+  acc, m, l = pl.pallas_call(
+      functools.partial(_kernel, scale=scale, bk=block_k, per_split=per_split),
+      out_shape=(part_shape(rp, d), part_shape(rp), part_shape(rp)), grid=(b, hkv, splits),
+      in_specs=[pl.BlockSpec((b,), lambda i, j, c: (0,)), row_spec, kv_spec, kv_spec,
+                pl.BlockSpec((None, _N_FIELDS, rp), lambda i, j, c: (i, 0, 0)),
+                pl.BlockSpec((None, _N_FIELDS, s), lambda i, j, c: (i, 0, 0))],
+      out_specs=(part_spec(rp, d), part_spec(rp), part_spec(rp)), compiler_params=params,
+      interpret=interpret, name='attention_decode')(n_tiles.astype(jnp.int32), q_rows, k, v,
+                                                    qm, km)
+  o = _combine(acc, m, l)[:, :, :r].astype(q.dtype)
+  return o.reshape(b, hkv, t, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
 
 
 def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
                             q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, *,
                             scale: float | None = None, block_k: int = BLOCK_K,
-                            num_warps: int = NUM_WARPS, interpret: bool | None = None):
+                            num_splits: int | None = None, num_warps: int = NUM_WARPS,
+                            interpret: bool | None = None):
   """`api.attention`'s contract for a few queries over a cache, in one kernel (not
   differentiable).
 
@@ -116,6 +157,8 @@ def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     q: [B, T, H, D]; k, v: [B, S, Hkv, D] (the cache, this call's keys written); one dtype.
     q_meta: fields [B, T]; k_meta: fields [B, S]. Every key a query sees must lie at or before
       the row's furthest query position (true of a cache: slot j holds position j).
+    num_splits: programs sharing each (row, kv head)'s key walk, at most one per key tile (None:
+      `splits_for`).
     interpret: run the Pallas interpreter (default: when the backend is not a GPU).
 
   Returns:
@@ -125,10 +168,12 @@ def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     ValueError: inputs the kernel does not take (`kernel_takes`).
   """
   why = kernel_takes(q, k, v, block_k)
+  if num_splits is not None and num_splits < 1:
+    why = f'num_splits={num_splits} < 1'
   if why:
     raise ValueError(f'decode attention kernel: {why}')
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  return _call(q, k, v, q_meta, k_meta, scale=scale, block_k=block_k, num_warps=num_warps,
-               interpret=interpret)
+  return _call(q, k, v, q_meta, k_meta, scale=scale, block_k=block_k, num_splits=num_splits,
+               num_warps=num_warps, interpret=interpret)

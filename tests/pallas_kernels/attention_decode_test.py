@@ -1,5 +1,5 @@
 """The decode attention kernel (`attention.decode_pallas`: few queries over a KV cache) against the
-XLA path, with the model's cache metadata (`attention._cache_key_meta`).
+XLA path, with the model's cache metadata (`attention.cache_key_meta`).
 
 CPU: interpret mode, small shapes and key tiles, GQA, ragged rows with stale cache slots past
 each row's tokens (random data: any leak shows), clean calls, a noisy block, a clean token
@@ -30,7 +30,7 @@ def _cache_meta(starts, t, s, noisy_from):
   block_start = np.where(noisy, np.asarray(starts)[:, None] + noisy_from, pos)
   field = lambda x: jnp.asarray(np.broadcast_to(x, (b, t)), jnp.int32)
   q_meta = mask_lib.TokenMeta(field(0), field(pos), field(noisy.astype(int)), field(block_start))
-  return q_meta, model_attention._cache_key_meta(q_meta, s)  # pylint: disable=protected-access
+  return q_meta, model_attention.cache_key_meta(q_meta, s)
 
 
 def _qkv(rng, b, t, s, h, hkv, d, dtype):
@@ -58,13 +58,32 @@ def _assert_matches_xla(q, k, v, q_meta, k_meta, tol, **kw):
 @pytest.mark.parametrize('t, noisy_from', [(1, 1), (3, 3), (4, 0), (5, 1)])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_matches_the_xla_path(rng, t, noisy_from, dtype):
-  """Clean decode steps and verify passes, a noisy block, a clean token then a noisy block."""
+  """Clean decode steps and verify passes, a noisy block, a clean token then a noisy block;
+  the key walk split over the default 4 programs (one tile each)."""
   if _ON_GPU:
     pytest.skip('CPU interpret-mode case (the GPU cases are below)')
   q, k, v = _qkv(rng, 3, t, 64, 4, 2, 16, dtype)
   q_meta, k_meta = _cache_meta([0, 21, 58 - t], t, 64, noisy_from)  # last row in the last tile
   _assert_matches_xla(q, k, v, q_meta, k_meta, 1e-5 if dtype == jnp.float32 else 1e-2,
                       block_k=16)
+
+
+@pytest.mark.parametrize('num_splits', [1, 3, 6])
+def test_any_split_of_the_key_walk_matches_the_xla_path(rng, num_splits):
+  """One program per walk, 3 over 4 tiles (the last split empty), more splits than tiles (one
+  per tile)."""
+  if _ON_GPU:
+    pytest.skip('CPU interpret-mode case')
+  q, k, v = _qkv(rng, 3, 5, 64, 4, 2, 16, jnp.float32)
+  q_meta, k_meta = _cache_meta([0, 21, 53], 5, 64, 1)
+  _assert_matches_xla(q, k, v, q_meta, k_meta, 1e-5, block_k=16, num_splits=num_splits)
+
+
+def test_splits_fill_the_target_grid_up_to_one_per_tile():
+  assert decode_pallas.splits_for(8, 2, 4, target_programs=264) == 4  # capped at the tiles
+  assert decode_pallas.splits_for(8, 2, 512, target_programs=264) == 17  # 272 programs
+  assert decode_pallas.splits_for(64, 4, 512, target_programs=264) == 2
+  assert decode_pallas.splits_for(512, 8, 512, target_programs=264) == 1
 
 
 def _assert_one_token_calls_equal_one_call(q, k, v, starts, **kw):
@@ -94,6 +113,10 @@ def test_shapes_the_kernel_does_not_take_are_named():
   assert 'S=100' in takes((1, 1, 16, 256), (1, 100, 4, 256))
   assert 'dtypes differ' in takes((8, 4, 8, 256), (8, 256, 2, 256), v_dtype=jnp.float32)
   assert takes((8, 4, 8, 256), (8, 256, 2, 256)) is None
+  with pytest.raises(ValueError, match='num_splits=0'):
+    decode_pallas.attention_decode_pallas(*(jnp.zeros(x) for x in (
+        (1, 1, 4, 16), (1, 64, 2, 16), (1, 64, 2, 16))), *_cache_meta([0], 1, 64, 1),
+                                          num_splits=0)
   with pytest.raises(ValueError, match='S=100'):
     decode_pallas.attention_decode_pallas(*(jnp.zeros(x) for x in (
         (1, 1, 4, 16), (1, 100, 2, 16), (1, 100, 2, 16))), *_cache_meta([0], 1, 100, 1))

@@ -78,7 +78,7 @@ def _cache(b, t, s, starts, noisy):
   pos = np.asarray(starts)[:, None] + np.arange(t)[None]
   start = np.broadcast_to(np.asarray(starts)[:, None], (b, t)) if noisy else pos
   q_meta = _meta(np.zeros((b, t)), pos, np.full((b, t), int(noisy)), start)
-  return q_meta, model_attention._cache_key_meta(q_meta, s)  # pylint: disable=protected-access
+  return q_meta, model_attention.cache_key_meta(q_meta, s)
 
 
 def _random_meta(rng, b, n, *, sorted_segments=False):

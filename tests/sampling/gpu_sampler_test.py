@@ -1,5 +1,6 @@
-"""GPU: the sampler with the decode recurrence kernel (`gdn_decode_impl='pallas'`, the GPU
-default) decodes as with XLA's recurrence, and greedy AR-Trust still equals greedy AR with it.
+"""GPU: the sampler with the decode kernels (`gdn_decode_impl='pallas'` and
+`attn_decode_impl='pallas'`, the GPU defaults) decodes as with XLA's cached passes, and greedy
+AR-Trust still equals greedy AR with them.
 
 fp32 compute at 'highest' matmul precision: in 16-bit compute the one-token AR step and the
 block-wide verify pass round differently (README), which is not what these tests are about.
@@ -17,7 +18,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _sampler(decode_impl: str) -> sampler_lib.Sampler:
-  cfg = config_lib.VARIANTS['small'].replace(dtype='float32', gdn_decode_impl=decode_impl)
+  """A sampler whose GDN and attention cached passes both run `decode_impl`."""
+  cfg = config_lib.VARIANTS['small'].replace(dtype='float32', gdn_decode_impl=decode_impl,
+                                             attn_decode_impl=decode_impl)
   return sampler_lib.Sampler(transformer.FlareLM(cfg, rngs=nnx.Rngs(5)))
 
 
@@ -27,7 +30,7 @@ def _prompts():
   return rng.integers(0, 256, (4, 11)).astype(np.int32), lengths
 
 
-def test_kernel_and_xla_recurrences_decode_the_same_tokens():
+def test_kernels_and_xla_decode_the_same_tokens():
   prompts, lengths = _prompts()
   cfg = sampler_lib.SamplerConfig(mode='ar', max_new_tokens=24)
   with jax.default_matmul_precision('highest'):
@@ -37,7 +40,7 @@ def test_kernel_and_xla_recurrences_decode_the_same_tokens():
 
 
 @pytest.mark.parametrize('block', [2, 4, 8])
-def test_greedy_ar_trust_equals_greedy_ar_with_the_kernel(block):
+def test_greedy_ar_trust_equals_greedy_ar_with_the_kernels(block):
   prompts, lengths = _prompts()
   sampler = _sampler('pallas')
   with jax.default_matmul_precision('highest'):
@@ -46,3 +49,14 @@ def test_greedy_ar_trust_equals_greedy_ar_with_the_kernel(block):
     spec = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
         mode='ar_trust', block_size=block, max_new_tokens=24))
   np.testing.assert_array_equal(spec.tokens, ar.tokens)
+
+
+def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar_with_the_kernels():
+  prompts, lengths = _prompts()
+  sampler = _sampler('pallas')
+  with jax.default_matmul_precision('highest'):
+    ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar',
+                                                                      max_new_tokens=12))
+    dt = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode='diffusion_trust', block_size=1, threshold=1.0, max_new_tokens=12))
+  np.testing.assert_array_equal(dt.tokens, ar.tokens)
