@@ -95,13 +95,7 @@ def _case(b: int, s: int, t: int, impls: list[str], heads: tuple[int, int, int])
     us = 1e3 * ms / _CALLS.value
     rows.append(dict(batch=b, cache=s, tokens=t, impl=name, us_per_call=us,
                      cache_gb_per_s=cache_bytes / us / 1e3, heads=h, kv_heads=hkv, head_dim=d))
-  ref = outs.get('xla')
-  for row in rows:
-    row['vs_xla'] = row['max_diff_vs_xla'] = None
-    if ref is not None:
-      row['vs_xla'] = row['us_per_call'] / rows[0]['us_per_call']
-      row['max_diff_vs_xla'] = float(np.max(np.abs(outs[row['impl']] - ref))
-                                     / (np.max(np.abs(ref)) + 1e-30))
+  bench_util.compare_to_xla(rows, outs)
   return rows
 
 

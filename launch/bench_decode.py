@@ -176,13 +176,7 @@ def _case(t: int, mode: str, impls: list[str], shape: dict) -> list[dict]:
     us = 1e3 * ms / _CALLS.value
     rows.append(dict(op=_OP.value, tokens=t, mode=mode, impl=name, us_per_call=us,
                      state_gb_per_s=state_bytes / us / 1e3, **shape))
-  ref = one_call.get('xla')  # xla runs first when asked for (main)
-  for row in rows:
-    row['vs_xla'] = row['max_diff_vs_xla'] = None
-    if ref is not None:
-      row['vs_xla'] = row['us_per_call'] / rows[0]['us_per_call']
-      row['max_diff_vs_xla'] = float(np.max(np.abs(one_call[row['impl']] - ref))
-                                     / (np.max(np.abs(ref)) + 1e-30))
+  bench_util.compare_to_xla(rows, one_call)  # xla runs first when asked for (main)
   return rows
 
 

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 _RESULT = 'RESULT '
 
 
@@ -35,10 +37,10 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
 
   back_to_back=1 times single calls, each synced (`sync`): latency, host dispatch included.
   back_to_back=n times n calls issued back to back and synced once (each result is dropped
-  before the next call, so memory stays that of one call), divided by n: with asynchronous dispatch the host's
-  work overlaps the device's, as inside a training loop, so short kernels are no longer timed
-  with their dispatch (on an H200 the clean GDN forward measured 0.5-0.8 ms synced per call
-  against a 0.25 ms GPU span).
+  before the next call, so memory stays that of one call), divided by n: with asynchronous
+  dispatch the host's work overlaps the device's, as inside a training loop, so short kernels are
+  no longer timed with their dispatch (on an H200 the clean GDN forward measured 0.5-0.8 ms
+  synced per call against a 0.25 ms GPU span).
   """
   for _ in range(warmup):
     sync(fn())
@@ -149,6 +151,19 @@ def record(results: list[Any], res: Any, path: str) -> None:
   results.append(res)
   print(json.dumps(res), flush=True)
   write_json(path, results)
+
+
+def compare_to_xla(rows: list[dict[str, Any]], outputs: dict[str, np.ndarray]) -> None:
+  """Adds to each row (keyed by 'impl', with 'us_per_call') 'vs_xla', its time over the xla row's
+  (rows[0]: xla runs first when asked for), and 'max_diff_vs_xla', the largest difference of its
+  `outputs` from xla's relative to xla's largest; None without an xla row."""
+  ref = outputs.get('xla')
+  for row in rows:
+    row['vs_xla'] = row['max_diff_vs_xla'] = None
+    if ref is not None:
+      row['vs_xla'] = row['us_per_call'] / rows[0]['us_per_call']
+      row['max_diff_vs_xla'] = float(np.max(np.abs(outputs[row['impl']] - ref))
+                                     / (np.max(np.abs(ref)) + 1e-30))
 
 
 def top_kernels(events: list[tuple[str, float]], calls: int, top: int) -> list[list[Any]]:
