@@ -139,9 +139,10 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
 
 def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):
   """The Pallas attention kernels' launches (forward, dq, dk/dv; `options`: BlockSizes fields,
-  'FIELD[=N]' each, see `BlockSizes.with_fields`) for one forward + backward of causal attention over [B, T, H, D] queries and Hkv
-  key/value heads (BlockSizes for `device_kind`). The mask is read from metadata inside the
-  kernels, so the causal case compiles the same kernels as the two-stream one."""
+  'FIELD[=N]' each, see `BlockSizes.with_fields`) for one forward + backward of causal attention
+  over [B, T, H, D] queries and Hkv key/value heads (BlockSizes for `device_kind`). The mask is
+  read from metadata inside the kernels, so the causal case compiles the same kernels as the
+  two-stream one."""
   spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
 
   def fwd_bwd(q, k, v):

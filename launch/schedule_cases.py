@@ -84,7 +84,8 @@ def table(results: list[dict], baseline: str) -> str:
     g = r.get
     lines.append(
         f"{lead} {bench_util.fmt(g('fwd_ms'), '.2f')} | {bench_util.fmt(g('fwdbwd_ms'), '.2f')} | "
-        f"{bench_util.fmt(g('fwd_temp_gib'), '.3f')} | {bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')}"
-        f" | {ratio('fwd')} | {ratio('fwdbwd')} | {vs_clean('fwd')} | {vs_clean('fwdbwd')} | "
+        f"{bench_util.fmt(g('fwd_temp_gib'), '.3f')} | "
+        f"{bench_util.fmt(g('fwdbwd_temp_gib'), '.3f')} | {ratio('fwd')} | {ratio('fwdbwd')} | "
+        f"{vs_clean('fwd')} | {vs_clean('fwdbwd')} | "
         f"{ratio('fwd', gib)} | {ratio('fwdbwd', gib)} |")
   return '\n'.join(lines)

@@ -500,7 +500,8 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   ctx = tsp._clean_pass(clean, segment_ids, z.c, 'triton', interpret)
   noisy_p, meta, ctx, _ = tsp._operands(  # pylint: disable=protected-access
       clean[1], ctx, noisy, segment_ids, block_starts, z, keep_dtype=True)
-  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (the inputs' dtype, as clean k), g, beta [B, V, Tp, HV] (fp32);
+  # Layouts: noisy q, k [B, V, Tp, H, Kp], v [B, V, Tp, HV, Vp] (the inputs' dtype, as clean k),
+  # g, beta [B, V, Tp, HV] (fp32);
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = _forward_products(noisy[0].dtype)

@@ -5,7 +5,8 @@ only its chunk checkpoints h_c (state entering chunk c) and corrected values v'.
 is one step of the chunked delta rule from its seed S0 = S(p), the clean state after
 p = block_start - 1:
 
-    Γ    in-block inclusive cumulative noisy log-decay;  D_jl = e^{Γ_j - Γ_l}  (same block, l <= j)
+    Γ    in-block inclusive cumulative noisy log-decay;
+    D_jl = e^{Γ_j - Γ_l}  (same block, l <= j)
     A    = strict_lower(β_j k_j.k_l D_jl);  T = (I + A)^-1 (block-diagonal: blocks <= max_block)
     W    = T diag(β e^Γ) K;  U = T diag(β) V;  V' = U - W S0
     O    = scale [diag(e^Γ) Q S0 + (Q K^T ⊙ D) V']

@@ -331,7 +331,8 @@ def _assert_conservative(q_meta, k_meta, bq, bk, label):
   missed = tile_has_visible & ~table
   assert not missed.any(), f'{label}: visible tiles marked invisible at {np.argwhere(missed)[:5]}'
   wrong = full & ~tile_all_visible
-  assert not wrong.any(), f'{label}: tiles with invisible pairs marked full at {np.argwhere(wrong)[:5]}'
+  assert not wrong.any(), (
+      f'{label}: tiles with invisible pairs marked full at {np.argwhere(wrong)[:5]}')
   assert not padding_visible, f'{label}: padding is visible'
   return table, full
 
