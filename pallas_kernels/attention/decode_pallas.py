@@ -168,7 +168,7 @@ def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     ValueError: inputs the kernel does not take (`kernel_takes`).
   """
   why = kernel_takes(q, k, v, block_k)
-  if num_splits is not None and num_splits < 1:
+  if why is None and num_splits is not None and num_splits < 1:
     why = f'num_splits={num_splits} < 1'
   if why:
     raise ValueError(f'decode attention kernel: {why}')
