@@ -39,24 +39,22 @@ def test_kernels_and_xla_decode_the_same_tokens():
   np.testing.assert_array_equal(kernel.tokens, xla.tokens)
 
 
-@pytest.mark.parametrize('block', [2, 4, 8])
-def test_greedy_ar_trust_equals_greedy_ar_with_the_kernels(block):
+def _assert_equals_greedy_ar(new_tokens: int, **mode):
+  """`mode` (SamplerConfig fields) decodes the prompts to greedy AR's tokens, with the kernels."""
   prompts, lengths = _prompts()
   sampler = _sampler('pallas')
   with jax.default_matmul_precision('highest'):
-    ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar',
-                                                                      max_new_tokens=24))
-    spec = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
-        mode='ar_trust', block_size=block, max_new_tokens=24))
-  np.testing.assert_array_equal(spec.tokens, ar.tokens)
+    ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode='ar', max_new_tokens=new_tokens))
+    other = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        max_new_tokens=new_tokens, **mode))
+  np.testing.assert_array_equal(other.tokens, ar.tokens)
+
+
+@pytest.mark.parametrize('block', [2, 4, 8])
+def test_greedy_ar_trust_equals_greedy_ar_with_the_kernels(block):
+  _assert_equals_greedy_ar(24, mode='ar_trust', block_size=block)
 
 
 def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar_with_the_kernels():
-  prompts, lengths = _prompts()
-  sampler = _sampler('pallas')
-  with jax.default_matmul_precision('highest'):
-    ar = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(mode='ar',
-                                                                      max_new_tokens=12))
-    dt = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
-        mode='diffusion_trust', block_size=1, threshold=1.0, max_new_tokens=12))
-  np.testing.assert_array_equal(dt.tokens, ar.tokens)
+  _assert_equals_greedy_ar(12, mode='diffusion_trust', block_size=1, threshold=1.0)
