@@ -17,7 +17,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.dtype = 'bfloat16'  # compute dtype (params stay in param_dtype)
   c.model.param_dtype = 'float32'  # master weights
   c.model.remat = 'none'  # 'none' | 'block': rematerialise each decoder block in the backward
-  # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer)
+  # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer).
+  # Off: on an H200 the 0.8B flare step compiled in 47 s instead of 90 s with it, but peaked at
+  # 37.3 GiB instead of 20.2 (README, Measured).
   c.model.scan_layers = False
   c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
   c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule
