@@ -9,22 +9,8 @@ Run: python -m launch.train --config=configs/flare_9b.py --workdir=/runs/flare_9
 """
 import ml_collections as mlc
 
-from configs import base
 from configs import common
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  arg = common.parse_arg(arg, objective='flare', fsdp=-1, tensor=1)
-  c = base.get_config()
-  c.model.variant = '9b'
-  c.model.dtype = 'bfloat16'
-  c.model.remat = 'block'
-  c.objective.name = arg.objective
-  c.data.tokenizer = ''  # the init checkpoint's tokenizer.json
-  c.data.seq_len = 4096
-  c.data.batch_size = 32
-  c.optim.lr = 1e-5
-  c.optim.warmup_steps = 50
-  c.train.num_steps = 5000
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, arg.fsdp, arg.tensor
-  return c
+  return common.hf_conversion('9b', arg)
