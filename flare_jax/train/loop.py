@@ -39,7 +39,6 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   Returns:
     The last logged metrics.
   """
-  os.makedirs(workdir, exist_ok=True)
   model_cfg = state_lib.resolve_model_config(c)
   # The objective's settings are checked here, before the data, model and optimizer are built.
   loss_fn = objectives.make_loss_fn(c, model_cfg)
@@ -49,9 +48,6 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   _log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}, '
        f'processes: {jax.process_count()}, mesh: {dict(mesh.shape)}')
   _log(f'model: {json.dumps(model_cfg.to_dict(), sort_keys=True)}')
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(c.to_json_best_effort(indent=2))
 
   from flare_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from flare_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -67,6 +63,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   report = getattr(data_iter, 'report', None)
   if callable(report):
     _log(report())
+  # Only now, with the config, tokenizer and data checked, does the run write anything.
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(c.to_json_best_effort(indent=2))
 
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
   load_params = None

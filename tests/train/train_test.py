@@ -11,6 +11,7 @@ import pytest
 from configs import flare_tiny
 from flare_jax.checkpoint import hf_export
 from flare_jax.checkpoint import hf_import
+from flare_jax.train import loop
 
 
 def _jsonl(path):
@@ -71,3 +72,16 @@ def test_misspelt_override_fails_loudly():
     c.optim.learning_rate = 1.0
   with pytest.raises(ValueError, match='unknown config argument'):
     flare_tiny.get_config('stepz=3')
+
+
+@pytest.mark.parametrize('override, message', [
+    (dict(source='jsonl', paths='/nonexistent/train.jsonl'), 'data files not found'),
+    (dict(tokenizer=''), 'data.tokenizer is empty'),
+])
+def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
+  c = flare_tiny.get_config()
+  c.data.update(override)
+  workdir = tmp_path / 'run'
+  with pytest.raises(ValueError, match=message):
+    loop.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()
