@@ -5,6 +5,8 @@ Multi-process (one process per GPU or host): add --multihost; jax.distributed.in
 cluster (SLURM, Open MPI, Kubernetes, ...) or takes --coordinator_address, --num_processes and
 --process_id. Every process gets the same flags and --workdir (a shared filesystem).
 """
+import sys
+
 import jax
 from absl import app
 from absl import flags
@@ -32,7 +34,10 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   c, workdir = _CONFIG.value, _WORKDIR.value
   runtime.enable_compilation_cache(c.train.compilation_cache, workdir)
-  loop.train_and_evaluate(c, workdir)
+  try:
+    loop.train_and_evaluate(c, workdir)
+  except loop.ConfigError as e:  # bad input: its message, not a traceback
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -18,6 +18,10 @@ from flare_jax.train import state as state_lib
 from flare_jax.train import step as step_lib
 
 
+class ConfigError(ValueError):
+  """The run cannot start: its config, tokenizer or data failed a check. Nothing was written."""
+
+
 class NonFiniteLossError(RuntimeError):
   """Raised when a step's loss is NaN/inf; the last good checkpoint is kept."""
 
@@ -32,13 +36,9 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains per config `c`, writing checkpoints and metrics to `workdir`;
-  resumes if it has a checkpoint.
-
-  Returns:
-    The last logged metrics.
-  """
+def _checked_setup(c: mlc.ConfigDict):
+  """Checks the run's config, tokenizer and data and opens them: (model config, loss fn, batch
+  validator, mesh, rules, optimizer, data iterator). Writes nothing."""
   model_cfg = state_lib.resolve_model_config(c)
   # The objective's settings are checked here, before the data, model and optimizer are built.
   loss_fn = objectives.make_loss_fn(c, model_cfg)
@@ -63,13 +63,33 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   report = getattr(data_iter, 'report', None)
   if callable(report):
     _log(report())
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  return model_cfg, loss_fn, validate, mesh, rules, tx, data_iter
+
+
+def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains per config `c`, writing checkpoints and metrics to `workdir`;
+  resumes if it has a checkpoint.
+
+  Returns:
+    The last logged metrics.
+
+  Raises:
+    ConfigError: the config, tokenizer or data failed a check (before anything is written).
+    NonFiniteLossError: a step's loss was NaN or inf.
+  """
+  try:
+    model_cfg, loss_fn, validate, mesh, rules, tx, data_iter = _checked_setup(c)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConfigError(str(e)) from e
+  report = getattr(data_iter, 'report', None)  # the data mix so far, logged at checkpoints
+  tok_spec = c.data.tokenizer or c.init_from  # the tokenizer files the exported model takes
   # Only now, with the config, tokenizer and data checked, does the run write anything.
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(c.to_json_best_effort(indent=2))
 
-  tx = optim.make_optimizer(c.optim, c.train.num_steps)
   load_params = None
   if c.init_from:
     from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top

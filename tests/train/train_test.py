@@ -82,6 +82,17 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   c = flare_tiny.get_config()
   c.data.update(override)
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(loop.ConfigError, match=message):
     loop.train_and_evaluate(c, str(workdir))
   assert not workdir.exists()
+
+
+def test_the_cli_reports_bad_input_in_one_line(tmp_path, one_cpu_device_env):
+  cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py',
+         f'--workdir={tmp_path / "run"}', '--config.data.source=jsonl',
+         f'--config.data.paths={tmp_path / "missing.jsonl"}']
+  out = subprocess.run(cmd, env=one_cpu_device_env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  assert out.returncode == 1
+  assert 'error: data files not found' in out.stderr and 'Traceback' not in out.stderr
+  assert not (tmp_path / 'run').exists()
