@@ -145,6 +145,17 @@ def pad_cotangents(do: jax.Array, dht: jax.Array, pq: jax.Array, pv: jax.Array):
           pad_to(dht.astype(jnp.float32), (b, hv, pq.shape[3], vp)))
 
 
+def crop_grads(grads, q, k, v, g, beta, h0, segs):
+  """The padded gradients (dq, dk, dv, dg, db, dh0) cut back to the inputs' shapes and dtypes
+  (the inverse of `pad_inputs`), plus zero cotangents for the segment masks `segs`."""
+  dq, dk, dv, dg, db, dh0 = grads
+  t, kd, vd = q.shape[1], q.shape[3], v.shape[3]
+  return (dq[:, :t, :, :kd].astype(q.dtype), dk[:, :t, :, :kd].astype(k.dtype),
+          dv[:, :t, :, :vd].astype(v.dtype), dg[:, :t].astype(g.dtype),
+          db[:, :t].astype(beta.dtype), dh0[:, :, :kd, :vd].astype(h0.dtype),
+          jax.tree.map(jnp.zeros_like, segs))
+
+
 def segment_masks(segment_ids: jax.Array, tp: int, chunk_size: int):
   """fp32 [B, Tp] (segment number, carry, writes) for documents starting anywhere.
 

@@ -518,8 +518,7 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
 def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   q, k, v, g, beta, h0, segs, w, gc, h, vn, tmat = res
   do, dht = cts
-  b, t, hq, kd = q.shape
-  vd = v.shape[3]
+  b, _, hq, _ = q.shape
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
   bs = configs.block_sizes_for(d.vd, 'pallas', pq.dtype)
@@ -531,10 +530,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   if d.grp > 1:  # value heads sharing a key head
     dq = dq.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
     dk = dk.reshape(b, d.tp, hq, d.grp, d.kd).sum(3)
-  return (dq[:, :t, :, :kd].astype(q.dtype), dk[:, :t, :, :kd].astype(k.dtype),
-          dv[:, :t, :, :vd].astype(v.dtype), dg[:, :t].astype(g.dtype),
-          db[:, :t].astype(beta.dtype), dh0[:, :, :kd, :vd].astype(h0.dtype),
-          jax.tree.map(jnp.zeros_like, segs))
+  return configs.crop_grads((dq, dk, dv, dg, db, dh0), q, k, v, g, beta, h0, segs)
 
 
 _gdr.defvjp(_gdr_fwd, _gdr_bwd)

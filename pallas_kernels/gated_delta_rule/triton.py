@@ -613,8 +613,6 @@ def _key_heads(x, d: _Dims):
 def _gdr_bwd(scale, chunk_size, interpret, res, cts):
   q, k, v, g, beta, h0, segs, w, gc, h, vn, tm = res
   do, dht = cts
-  b, t, _, kd = q.shape
-  vd = v.shape[3]
   pq, pk, pv, _, pb, _ = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
   d = _Dims(pq, pv, chunk_size)
   pdo, pdht = configs.pad_cotangents(do, dht, pq, pv)
@@ -622,10 +620,7 @@ def _gdr_bwd(scale, chunk_size, interpret, res, cts):
       pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, (), scale=scale, chunk_size=chunk_size,
       interpret=interpret, grad_dtypes=configs.grad_dtypes(q.dtype, v.dtype, d.grp))
   dq, dk = _key_heads(dq, d), _key_heads(dk, d)
-  return (dq[:, :t, :, :kd].astype(q.dtype), dk[:, :t, :, :kd].astype(k.dtype),
-          dv[:, :t, :, :vd].astype(v.dtype), dg[:, :t].astype(g.dtype),
-          db[:, :t].astype(beta.dtype), dh0[:, :, :kd, :vd].astype(h0.dtype),
-          jax.tree.map(jnp.zeros_like, segs))
+  return configs.crop_grads((dq, dk, dv, dg, db, dh0), q, k, v, g, beta, h0, segs)
 
 
 _gdr.defvjp(_gdr_fwd, _gdr_bwd)
