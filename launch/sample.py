@@ -34,6 +34,9 @@ _OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).'
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
                                  "(default: the checkpoint's).")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
+_STOP_IDS = flags.DEFINE_list(
+    'stop_ids', [], 'More token ids that end a sequence (comma-separated), beside the '
+    "tokenizer's end ids (eos and any other eos_token_id its generation_config.json lists).")
 _BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block size.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
@@ -89,6 +92,17 @@ def _sampler_config() -> sampler_lib.SamplerConfig:
     raise app.UsageError(str(e)) from e
 
 
+def _stop_ids() -> set[int]:
+  """--stop_ids as ints (usage errors for anything else)."""
+  try:
+    ids = {int(i) for i in _STOP_IDS.value}
+  except ValueError as e:
+    raise app.UsageError(f'--stop_ids must be token ids, got {_STOP_IDS.value}') from e
+  if any(i < 0 for i in ids):
+    raise app.UsageError(f'--stop_ids must be >= 0, got {sorted(ids)}')
+  return ids
+
+
 def _load(ckpt: str):
   """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
   try:
@@ -107,10 +121,14 @@ def main(argv):
   if _BATCH.value < 1:
     raise app.UsageError(f'--batch_size must be >= 1, got {_BATCH.value}')
   prompts = _read_prompts()
+  extra = _stop_ids()
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
   model, tokenizer = _load(_CKPT.value)
-  eos = {tokenizer.eos_id} | (
+  if bad := sorted(i for i in extra if i >= model.cfg.vocab_size):
+    raise app.UsageError(f'--stop_ids {bad} are not token ids of this model '
+                         f'(vocabulary of {model.cfg.vocab_size})')
+  eos = set(tokenizer.stop_ids) | extra | (
       {model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
   cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
   sampler = sampler_lib.Sampler(model)

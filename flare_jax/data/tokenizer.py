@@ -24,6 +24,12 @@ class Tokenizer(Protocol):
     ...
 
   @property
+  def stop_ids(self) -> tuple[int, ...]:
+    """The ids that end a generation: eos_id and any other end-of-sequence id the checkpoint
+    lists (a chat model's end of turn), ascending."""
+    ...
+
+  @property
   def pad_id(self) -> int:
     ...
 
@@ -82,6 +88,7 @@ class ByteTokenizer:
 
   vocab_size = property(lambda self: 260)
   eos_id = property(lambda self: 256)
+  stop_ids = property(lambda self: (self.eos_id,))
   pad_id = property(lambda self: 257)
   bos_id = property(lambda self: None)
   special_ids = property(lambda self: frozenset(range(256, 260)))
@@ -129,12 +136,15 @@ class HFTokenizer:
   """
 
   def __init__(self, tok: Any, *, eos_id: int, pad_id: int, bos_id: int | None,
-               chat_template: str | None = None, special_tokens: dict[str, str] | None = None):
+               chat_template: str | None = None, special_tokens: dict[str, str] | None = None,
+               stop_ids: Sequence[int] = ()):
     """Args: tok: a `tokenizers.Tokenizer`; eos_id / pad_id / bos_id: special ids; chat_template:
     a jinja2 chat template (None: the built-in format); special_tokens: names such as 'eos_token' ->
-    their strings, passed to the template."""
+    their strings, passed to the template; stop_ids: more ids that end a generation (eos_id
+    always does)."""
     self._tok = tok
     self._eos_id, self._pad_id, self._bos_id = int(eos_id), int(pad_id), bos_id
+    self._stop_ids = tuple(sorted({self._eos_id, *(int(i) for i in stop_ids)}))
     self._chat_template = chat_template
     self._special_tokens = dict(special_tokens or {})
     self._compiled = None  # the jinja2 template, compiled on first use (not pickled)
@@ -187,6 +197,10 @@ class HFTokenizer:
     if eos_id is None:
       raise ValueError(f'{directory}: no eos token in tokenizer_config.json, '
                        'generation_config.json or config.json')
+    # Every listed eos id ends a generation (Qwen's generation_config lists end of turn and end of
+    # text), though training appends only the first.
+    listed = [c.get('eos_token_id') for c in id_cfgs]
+    stop_ids = [i for x in listed for i in (x if isinstance(x, list) else [x]) if i is not None]
     template = tok_cfg.get('chat_template')
     if isinstance(template, list):  # [{'name': 'default', 'template': ...}, ...]
       named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
@@ -203,10 +217,11 @@ class HFTokenizer:
         specials[name] = value
     return cls(tok, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id,
                chat_template=template if isinstance(template, str) else None,
-               special_tokens=specials)
+               special_tokens=specials, stop_ids=stop_ids)
 
   vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
   eos_id = property(lambda self: self._eos_id)
+  stop_ids = property(lambda self: self._stop_ids)
   pad_id = property(lambda self: self._pad_id)
   bos_id = property(lambda self: self._bos_id)
   special_ids = property(lambda self: self._special_ids)

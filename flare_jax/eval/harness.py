@@ -206,8 +206,9 @@ def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *
 
 
 def stop_ids(tokenizer, kind: str) -> tuple[int, ...]:
-  """EOS, plus the newline token for single-line answers (exact, numeric) when it is one token."""
-  ids = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+  """The tokenizer's stop ids (EOS and any other end of sequence it lists), plus the newline
+  token for single-line answers (exact, numeric) when it is one token."""
+  ids = list(tokenizer.stop_ids)
   newline = tokenizer.encode('\n')
   if kind in ('exact', 'numeric') and len(newline) == 1:
     ids.append(newline[0])

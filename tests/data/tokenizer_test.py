@@ -36,6 +36,7 @@ def test_byte_tokenizer_round_trips_unicode_and_reserves_ids():
   assert ids == list(text.encode('utf-8'))
   assert tok.decode(ids) == text
   assert (tok.vocab_size, tok.eos_id, tok.pad_id, tok.bos_id) == (260, 256, 257, None)
+  assert tok.stop_ids == (256,)
   assert tok.special_ids == {256, 257, 258, 259}
 
 
@@ -109,6 +110,7 @@ def test_hf_tokenizer_config_fallbacks(tmp_path):
   tok = tokenizer_lib.HFTokenizer.from_dir(str(tmp_path))
   # generation_config before config.json; the first of a list; pad from config.json.
   assert (tok.eos_id, tok.bos_id, tok.pad_id) == (4, 1, 0)
+  assert tok.stop_ids == (2, 4)  # every listed eos id ends a generation
   assert tok.render_chat(CHAT)[0] == CHATML_PROMPT  # the template came from chat_template.jinja
 
 

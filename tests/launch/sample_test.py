@@ -34,6 +34,8 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
     (['--top_p=0', '--prompt=hi'], 'top_p must be in (0, 1]'),
     (['--prompts=/nonexistent/p.jsonl'], 'no such file'),
     (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
+    (['--prompt=hi', '--stop_ids=5,x'], '--stop_ids must be token ids'),
+    (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
 ])
 def test_bad_flags_are_usage_errors(ckpt, args, message):
   run = _sample(f'--ckpt={ckpt}', *args)
@@ -45,3 +47,15 @@ def test_a_directory_that_is_no_checkpoint_is_one_error_line(tmp_path):
   run = _sample(f'--ckpt={tmp_path}', '--prompt=hi')
   assert run.returncode == 1 and 'Traceback' not in run.stderr
   assert f'error: {tmp_path} is not a model checkpoint' in run.stderr
+
+
+def test_stop_ids_end_every_sequence_at_its_first_token(ckpt, tmp_path):
+  """With every id of the model's vocabulary (272) a stop id, each sequence ends after one
+  token."""
+  src = tmp_path / 'prompts.jsonl'
+  src.write_text('\n'.join(json.dumps({'prompt': p}) for p in ('a = ', '1+2=')) + '\n')
+  out = tmp_path / 'out.jsonl'
+  run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--max_new_tokens=4',
+                '--stop_ids=' + ','.join(map(str, range(272))))
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert [json.loads(line)['tokens'] for line in out.read_text().splitlines()] == [1, 1]
