@@ -3,7 +3,10 @@
 python -m launch.sample --ckpt=DIR --mode=ar_trust --prompt="def add(a, b):"
 python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.jsonl --output=out.jsonl
 
---prompts is JSONL with a "prompt" field per line. One prompt streams its text as it is committed;
+--prompts is JSONL with a "prompt" text or a "messages" chat (a list of {"role", "content"} turns)
+per line; chats, and with --chat every prompt as a user turn, go through the checkpoint's chat
+template (its generation prompt), and the sequence ends at any eos id the checkpoint lists (Qwen:
+end of turn or of text). One prompt streams its text as it is committed;
 several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per
 bucket), with a progress line per batch on stderr. --output is written as FILE.partial and renamed
 to FILE once every prompt is decoded, so FILE is never half-written and a failed run leaves the
@@ -29,7 +32,10 @@ from flare_jax.sampling import sampler as sampler_lib
 _CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
 _MODE = flags.DEFINE_enum('mode', 'ar', list(sampler_lib.MODES), 'Decoding mode.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'One prompt (streams its output).')
-_PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL file of {"prompt": ...} lines.')
+_PROMPTS = flags.DEFINE_string('prompts', None,
+                               'JSONL file of {"prompt": ...} or {"messages": [...]} lines.')
+_CHAT = flags.DEFINE_bool('chat', False, 'Send each prompt text as a user turn through the '
+                          "checkpoint's chat template (\"messages\" lines always go through it).")
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
                                  "(default: the checkpoint's).")
@@ -57,11 +63,12 @@ _ATTN_DECODE_IMPL = flags.DEFINE_enum(
     'pallas on GPU).')
 
 
-def _read_prompts() -> list[str]:
+def _read_prompts() -> list[dict]:
+  """The prompts as given: {'prompt': str} or {'messages': [turns]} each."""
   if (_PROMPT.value is None) == (_PROMPTS.value is None):
     raise app.UsageError('pass exactly one of --prompt or --prompts')
   if _PROMPT.value is not None:
-    return [_PROMPT.value]
+    return [{'prompt': _PROMPT.value}]
   prompts = []
   if not os.path.isfile(_PROMPTS.value):
     raise app.UsageError(f'--prompts={_PROMPTS.value}: no such file')
@@ -69,16 +76,38 @@ def _read_prompts() -> list[str]:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
+      where = f'{_PROMPTS.value}:{n}'
       try:
-        prompt = json.loads(line)['prompt']
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise app.UsageError(f'{_PROMPTS.value}:{n}: expected {{"prompt": "..."}} ({e})') from e
-      if not isinstance(prompt, str) or not prompt:
-        raise app.UsageError(f'{_PROMPTS.value}:{n}: "prompt" must be a non-empty string')
-      prompts.append(prompt)
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise app.UsageError(f'{where}: not JSON ({e})') from e
+      if not isinstance(row, dict) or ('prompt' in row) == ('messages' in row):
+        raise app.UsageError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+      if 'prompt' in row:
+        if not isinstance(row['prompt'], str) or not row['prompt']:
+          raise app.UsageError(f'{where}: "prompt" must be a non-empty string')
+        prompts.append({'prompt': row['prompt']})
+        continue
+      try:
+        tokenizer_lib.check_turns(row['messages'])
+      except ValueError as e:
+        raise app.UsageError(f'{where}: {e}') from e
+      if not row['messages']:
+        raise app.UsageError(f'{where}: "messages" is empty')
+      prompts.append({'messages': row['messages']})
   if not prompts:
     raise app.UsageError(f'{_PROMPTS.value} has no prompts')
   return prompts
+
+
+def _prompt_text(item: dict, tokenizer) -> str:
+  """The text a prompt item is decoded from: a chat (or, with --chat, a text as a user turn)
+  through the tokenizer's chat template, else the text itself."""
+  if 'messages' in item:
+    return tokenizer.render_prompt(item['messages'])
+  if _CHAT.value:
+    return tokenizer.render_prompt([{'role': 'user', 'content': item['prompt']}])
+  return item['prompt']
 
 
 def _sampler_config() -> sampler_lib.SamplerConfig:
@@ -133,11 +162,15 @@ def main(argv):
   cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
   sampler = sampler_lib.Sampler(model)
   rng = jax.random.key(_SEED.value)
-  encoded = [tokenizer.encode(p) for p in prompts]
+  try:
+    texts = [_prompt_text(item, tokenizer) for item in prompts]
+  except ValueError as e:  # the chat template refused a chat
+    sys.exit(f'error: {e}')
+  encoded = [tokenizer.encode(t) for t in texts]
   if any(not ids for ids in encoded):
     raise app.UsageError('a prompt encodes to no tokens')
   if len(prompts) == 1 and not _OUTPUT.value:
-    print(prompts[0], end='', flush=True)
+    print(texts[0], end='', flush=True)
     for piece in sampler.stream(encoded[0], cfg, rng):
       print(tokenizer.decode(piece), end='', flush=True)
     print()
@@ -169,7 +202,7 @@ def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out):
     for r, ids in enumerate(chunk):
       n = int(res.num_tokens[r])
       out.write(json.dumps({
-          'prompt': prompts[i + r], 'completion': tokenizer.decode(res.tokens[r, :n]),
+          **prompts[i + r], 'completion': tokenizer.decode(res.tokens[r, :n]),
           'tokens': n, 'forward_passes': int(res.n_forward[r]),
           'acceptance': (float(res.n_accepted[r]) / max(int(res.n_drafted[r]), 1)
                          if cfg.mode == 'ar_trust' else None)}) + '\n')

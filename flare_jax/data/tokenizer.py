@@ -50,6 +50,21 @@ class Tokenizer(Protocol):
   def render_chat(self, messages: list[dict]) -> tuple[str, str]:
     ...
 
+  def render_prompt(self, messages: list[dict]) -> str:
+    ...
+
+
+def builtin_render_prompt(messages: list[dict]) -> str:
+  """The built-in format's generation prompt for `messages` (a conversation awaiting the
+  assistant's turn): every turn, then the header `<|im_start|>assistant\\n`.
+
+  Raises:
+    ValueError: a message that is not a {'role': str, 'content': str} turn.
+  """
+  check_turns(messages)
+  turns = ''.join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+  return turns + f'{IM_START}assistant\n'
+
 
 def builtin_render_chat(messages: list[dict]) -> tuple[str, str]:
   """Renders chat turns in the built-in format, `<|im_start|>{role}\\n{content}<|im_end|>\\n` each.
@@ -65,14 +80,22 @@ def builtin_render_chat(messages: list[dict]) -> tuple[str, str]:
     ValueError: no messages, or the last one is not an assistant turn.
   """
   _check_chat(messages)
-  prompt = ''.join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages[:-1])
-  return prompt + f'{IM_START}assistant\n', messages[-1]['content'] + IM_END
+  return builtin_render_prompt(messages[:-1]), messages[-1]['content'] + IM_END
 
 
 def _check_chat(messages: list[dict]) -> None:
   if not messages or messages[-1].get('role') != 'assistant':
     raise ValueError('a chat example must end with an assistant message; got roles '
                      f"{[m.get('role') for m in messages]}")
+
+
+def check_turns(messages: list[dict]) -> None:
+  """Raises ValueError unless `messages` is a list of {"role": str, "content": str} turns."""
+  if not isinstance(messages, list) or not all(
+      isinstance(m, dict) and isinstance(m.get('role'), str) and isinstance(m.get('content'), str)
+      for m in messages):
+    raise ValueError('a chat is a list of {"role": str, "content": str} turns; got '
+                     f'{str(messages)[:200]}')
 
 
 class ByteTokenizer:
@@ -116,6 +139,9 @@ class ByteTokenizer:
 
   def render_chat(self, messages: list[dict]) -> tuple[str, str]:
     return builtin_render_chat(messages)
+
+  def render_prompt(self, messages: list[dict]) -> str:
+    return builtin_render_prompt(messages)
 
 
 def _read_json(path: str) -> dict:
@@ -246,7 +272,7 @@ class HFTokenizer:
     if self._chat_template is None:
       return builtin_render_chat(messages)
     _check_chat(messages)
-    prompt = self._render(messages[:-1], add_generation_prompt=True)
+    prompt = self.render_prompt(messages[:-1])
     full = self._render(messages, add_generation_prompt=False)
     if not full.startswith(prompt):
       raise ValueError('the chat template renders the conversation so that it does not start with '
@@ -254,11 +280,28 @@ class HFTokenizer:
                        f'{prompt[-80:]!r} vs full {full[:len(prompt)][-80:]!r}')
     return prompt, full[len(prompt):].rstrip()
 
+  def render_prompt(self, messages: list[dict]) -> str:
+    """The text a model continues to answer `messages` (a conversation awaiting the assistant's
+    turn): the chat template with its generation prompt, else the built-in format.
+
+    Raises:
+      ValueError: a message that is not a {'role': str, 'content': str} turn, or the template
+        failing on the messages.
+    """
+    if self._chat_template is None:
+      return builtin_render_prompt(messages)
+    check_turns(messages)
+    return self._render(messages, add_generation_prompt=True)
+
   def _render(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    import jinja2  # pylint: disable=g-import-not-at-top
     if self._compiled is None:
       self._compiled = _compile_template(self._chat_template)
-    return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                 **self._special_tokens)
+    try:
+      return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **self._special_tokens)
+    except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception(...)
+      raise ValueError(f'the chat template failed on these messages: {e}') from e
 
   def __getstate__(self):  # grain worker processes pickle the pipeline
     state = dict(self.__dict__)

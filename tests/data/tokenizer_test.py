@@ -55,6 +55,10 @@ def test_builtin_chat_format():
   assert response == 'It is 4.<|im_end|>'
   with pytest.raises(ValueError, match='must end with an assistant message'):
     tokenizer_lib.builtin_render_chat(CHAT[:-1])
+  # Sampling's prompt for the conversation so far is the training prompt's text.
+  assert tokenizer_lib.ByteTokenizer().render_prompt(CHAT[:-1]) == CHATML_PROMPT
+  with pytest.raises(ValueError, match='a chat is a list of'):
+    tokenizer_lib.builtin_render_prompt([{'role': 'user'}])
 
 
 def _write_checkpoint_tokenizer(directory, *, tokenizer_config=None, files=None):
@@ -91,6 +95,9 @@ def test_hf_tokenizer_ids_round_trip_and_chat_template(tmp_path):
       tok.special_ids)
   prompt, response = tok.render_chat(CHAT)
   assert prompt == CHATML_PROMPT and response == 'It is 4.<|im_end|>'
+  assert tok.render_prompt(CHAT[:-1]) == CHATML_PROMPT  # through the template, as in training
+  with pytest.raises(ValueError, match='a chat is a list of'):
+    tok.render_prompt([{'role': 'user', 'content': 3}])
   prompt_ids = tok.encode(prompt)  # specials in the rendered text become their single ids
   assert prompt_ids.count(raw.token_to_id('<|im_start|>')) == 5
   assert prompt_ids.count(raw.token_to_id('<|im_end|>')) == 4
@@ -138,6 +145,17 @@ def test_chat_template_that_rewrites_history_is_an_error(tmp_path):
     tok.render_chat(CHAT)
   with pytest.raises(ValueError, match='must end with an assistant message'):
     tok.render_chat(CHAT[:2])
+
+
+def test_a_template_that_raises_is_a_value_error(tmp_path):
+  refuses = ("{% if messages[0]['role'] != 'system' %}"
+             "{{ raise_exception('a system turn must come first') }}{% endif %}" + CHATML_TEMPLATE)
+  _write_checkpoint_tokenizer(tmp_path, tokenizer_config={'eos_token': '<|im_end|>',
+                                                          'chat_template': refuses})
+  tok = tokenizer_lib.load_tokenizer(str(tmp_path))
+  assert tok.render_prompt(CHAT[:-1]) == CHATML_PROMPT
+  with pytest.raises(ValueError, match='the chat template failed.*a system turn must come first'):
+    tok.render_prompt(CHAT[1:2])
 
 
 def test_missing_files_and_tokens_are_clear_errors(tmp_path):

@@ -35,9 +35,16 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
     (['--prompts=/nonexistent/p.jsonl'], 'no such file'),
     (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
     (['--prompt=hi', '--stop_ids=5,x'], '--stop_ids must be token ids'),
+    (['--prompts={bad_chat}'], 'bad_chat.jsonl:2: a chat is a list of'),
+    (['--prompts={both}'], 'both.jsonl:1: expected {"prompt": "..."} or {"messages": [...]}'),
     (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
 ])
-def test_bad_flags_are_usage_errors(ckpt, args, message):
+def test_bad_flags_are_usage_errors(ckpt, tmp_path, args, message):
+  files = {'bad_chat': '{"prompt": "ok"}\n{"messages": [{"role": "user"}]}\n',
+           'both': '{"prompt": "a", "messages": []}\n'}
+  for name, text in files.items():
+    (tmp_path / f'{name}.jsonl').write_text(text)
+  args = [a.format(**{n: tmp_path / f'{n}.jsonl' for n in files}) for a in args]
   run = _sample(f'--ckpt={ckpt}', *args)
   assert run.returncode != 0 and message in run.stderr
   assert 'Traceback' not in run.stderr
@@ -59,3 +66,19 @@ def test_stop_ids_end_every_sequence_at_its_first_token(ckpt, tmp_path):
                 '--stop_ids=' + ','.join(map(str, range(272))))
   assert run.returncode == 0, run.stderr[-2000:]
   assert [json.loads(line)['tokens'] for line in out.read_text().splitlines()] == [1, 1]
+
+
+def test_chats_and_chat_prompts_go_through_the_template(ckpt, tmp_path):
+  chat = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+  src = tmp_path / 'prompts.jsonl'
+  src.write_text(json.dumps({'prompt': 'Hi'}) + '\n' + json.dumps({'messages': chat}) + '\n')
+  out = tmp_path / 'out.jsonl'
+  run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--max_new_tokens=3',
+                '--chat')
+  assert run.returncode == 0, run.stderr[-2000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert rows[0]['prompt'] == 'Hi' and rows[1]['messages'] == chat  # echoed as given
+  assert all(isinstance(r['completion'], str) and 1 <= r['tokens'] <= 3 for r in rows)
+  streamed = _sample(f'--ckpt={ckpt}', '--prompt=Hi', '--chat', '--max_new_tokens=2')
+  assert streamed.returncode == 0, streamed.stderr[-2000:]
+  assert streamed.stdout.startswith('<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n')
