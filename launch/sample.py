@@ -187,7 +187,8 @@ def main(argv):
 
 def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out):
   """Decodes the prompts in batches of --batch_size, one JSON line per prompt into `out`."""
-  done = 0
+  done = tokens = 0
+  seconds = 0.0
   for i in range(0, len(prompts), _BATCH.value):
     chunk = encoded[i:i + _BATCH.value]
     width = -(-max(map(len, chunk)) // 64) * 64
@@ -208,7 +209,11 @@ def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out):
                          if cfg.mode == 'ar_trust' else None)}) + '\n')
     out.flush()
     done += len(chunk)
+    tokens += int(res.num_tokens[:len(chunk)].sum())
+    seconds += secs
     print(f'[{done}/{len(prompts)}] batch of {len(chunk)} in {secs:.1f} s', file=sys.stderr)
+  print(f'{tokens} tokens in {seconds:.1f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s '
+        '(compiles included)', file=sys.stderr)
 
 
 if __name__ == '__main__':

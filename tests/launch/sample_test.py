@@ -27,6 +27,7 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
   assert all(r['tokens'] == 4 and 0 <= r['acceptance'] <= 1 for r in rows)
   assert not (tmp_path / 'out.jsonl.partial').exists()
   assert '[2/3]' in run.stderr and '[3/3]' in run.stderr
+  assert '12 tokens in ' in run.stderr and 'tokens/s' in run.stderr  # 3 prompts x 4 tokens
   assert 'decode kernel cannot take this call (it needs a GPU' in run.stderr  # the flag reached it
 
 
