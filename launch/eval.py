@@ -32,6 +32,8 @@ _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their la
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenizer.json "
                                  "('' = the checkpoint's tokenizer, else byte).")
+_CHAT = flags.DEFINE_bool('chat', False, "Send each example's prompt as a user turn through the "
+                          "checkpoint's chat template (instruct checkpoints).")
 _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, '
                            '.results.json).')
 
@@ -62,17 +64,21 @@ def main(argv):
   try:
     model = model_io.load_model(_CKPT.value)
     tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value)
+    if _CHAT.value:
+      examples = [dict(ex, prompt=tokenizer_lib.render_user_prompt(tok, ex['prompt']))
+                  for ex in examples]
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
-  print(f'{_TASK.value}: {len(examples)} {kind} examples; '
+  templated = ' through the chat template' if _CHAT.value else ''
+  print(f'{_TASK.value}: {len(examples)} {kind} examples{templated}; '
         f'modes: {list(modes) if kind != "choice" else "loglik"}')
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
                              max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value)
   print_table(results)
   out = _OUT.value or os.path.splitext(_TASK.value)[0] + '.results.json'
   with open(out, 'w') as f:
-    json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'results': results}, f,
-              indent=1)
+    json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
+               'results': results}, f, indent=1)
   print(f'wrote {out}')
 
 

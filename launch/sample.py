@@ -106,7 +106,7 @@ def _prompt_text(item: dict, tokenizer) -> str:
   if 'messages' in item:
     return tokenizer.render_prompt(item['messages'])
   if _CHAT.value:
-    return tokenizer.render_prompt([{'role': 'user', 'content': item['prompt']}])
+    return tokenizer_lib.render_user_prompt(tokenizer, item['prompt'])
   return item['prompt']
 
 

@@ -89,6 +89,12 @@ def _check_chat(messages: list[dict]) -> None:
                      f"{[m.get('role') for m in messages]}")
 
 
+def render_user_prompt(tokenizer: 'Tokenizer', text: str) -> str:
+  """`text` as a user turn through the tokenizer's chat template: the generation prompt an
+  instruct model answers."""
+  return tokenizer.render_prompt([{'role': 'user', 'content': text}])
+
+
 def check_turns(messages: list[dict]) -> None:
   """Raises ValueError unless `messages` is a list of {"role": str, "content": str} turns."""
   if not isinstance(messages, list) or not all(

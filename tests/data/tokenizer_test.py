@@ -57,6 +57,8 @@ def test_builtin_chat_format():
     tokenizer_lib.builtin_render_chat(CHAT[:-1])
   # Sampling's prompt for the conversation so far is the training prompt's text.
   assert tokenizer_lib.ByteTokenizer().render_prompt(CHAT[:-1]) == CHATML_PROMPT
+  assert tokenizer_lib.render_user_prompt(tokenizer_lib.ByteTokenizer(), 'Hi there') == (
+      '<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n')
   with pytest.raises(ValueError, match='a chat is a list of'):
     tokenizer_lib.builtin_render_prompt([{'role': 'user'}])
 

@@ -31,6 +31,15 @@ def test_writes_one_result_per_mode(ckpt, task, tmp_path):
   assert f'wrote {out}' in run.stdout
 
 
+def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
+  out = tmp_path / 'results.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar', '--max_new_tokens=2', '--chat',
+              f'--out={out}')
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'numeric examples through the chat template' in run.stdout
+  assert json.loads(out.read_text())['chat'] is True
+
+
 @pytest.mark.parametrize('args, message', [(['--task=/nonexistent.jsonl'], 'no such file'),
                                            (['--modes=beam'], "unknown mode 'beam'")])
 def test_bad_flags_are_usage_errors(ckpt, task, args, message):
