@@ -14,6 +14,7 @@ from flare_jax.train import checkpointing
 from flare_jax.train import metrics as metrics_lib
 from flare_jax.train import objectives
 from flare_jax.train import optim
+from flare_jax.train import preemption
 from flare_jax.train import state as state_lib
 from flare_jax.train import step as step_lib
 
@@ -101,7 +102,9 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   if start_step:
     _log(f'resumed from {workdir}/ckpt at step {start_step}')
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+  stopped_at = None
+  with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
+        preemption.StopOnSigterm() as stop_signal):
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
     batch_sharding = jax.sharding.NamedSharding(
         mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
@@ -129,7 +132,10 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       else:
         steps_since += 1
       last_step = done == end
-      if done % c.train.log_every == 0 or last_step or done % c.ckpt.every == 0:
+      if not last_step and stop_signal.requested(done):  # SIGTERM: checkpoint this step, stop
+        stopped_at = done
+      final = last_step or stopped_at is not None
+      if done % c.train.log_every == 0 or final or done % c.ckpt.every == 0:
         m = jax.device_get(m)
         if not np.isfinite(m['loss']):
           bad = os.path.join(workdir, f'nonfinite_batch_step{done}.npz')
@@ -151,14 +157,19 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
             f'{k}={v:.4g}' for k, v in last.items() if k not in ('n_targets',)))
         t_last, steps_since = time.time(), 0
-      if done % c.ckpt.every == 0 or last_step:
+      if done % c.ckpt.every == 0 or final:
         checkpointing.save(manager, done, train.state, data_iter)
         if callable(report):
           _log(report())
+      if stopped_at is not None:
+        break
   manager.wait_until_finished()
   manager.close()
   writer.close()
-  if end == c.train.num_steps:
+  if stopped_at is not None:
+    _log(f'stopped after step {stopped_at} on SIGTERM, its checkpoint saved: the same command '
+         'resumes the run')
+  elif end == c.train.num_steps:
     _export_model(train, workdir, tok_spec)
   return last
 

@@ -6,6 +6,7 @@ so the `ar` losses (means over the batch) must agree up to float reduction order
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,3 +78,39 @@ def test_two_processes_match_one_process(tmp_path, one_cpu_device_env):
   # Both processes wrote their shards of one checkpoint and one exported model.
   assert os.path.isfile(os.path.join(multi, 'model', 'model_config.json'))
   assert not [n for n in os.listdir(multi) if '.tmp-' in n]
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path, one_cpu_device_env):
+  """JAX's preemption service: the process that gets SIGTERM tells the other; both save the same
+  step's checkpoint and exit cleanly."""
+  docs = tmp_path / 'docs.jsonl'
+  docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  port = _free_port()
+  workdir = str(tmp_path / 'multi')
+  cmd = [c.replace(f'steps={_STEPS}', 'steps=100000') for c in _train_cmd(str(docs), workdir)]
+  procs = [subprocess.Popen(
+      cmd + ['--multihost', f'--coordinator_address=localhost:{port}', '--num_processes=2',
+             f'--process_id={i}', '--config.train.log_every=100000',
+             '--config.ckpt.every=100000'],
+      cwd=repo, env=one_cpu_device_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  lines = []
+  for line in procs[0].stdout:  # process 0 logs; its first step has run
+    lines.append(line)
+    if 'compiled and ran' in line:
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  try:
+    outs = [''.join(lines) + procs[0].communicate(timeout=300)[0],
+            procs[1].communicate(timeout=300)[0]]
+  except subprocess.TimeoutExpired:
+    for q in procs:
+      q.kill()
+    pytest.fail('the processes did not stop within 300 s of the SIGTERM')
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  stopped = [line for line in outs[0].splitlines() if line.startswith('stopped after step')]
+  assert stopped, outs[0][-3000:]
+  step = int(stopped[0].split()[3])
+  assert os.path.isdir(os.path.join(workdir, 'ckpt', str(step)))

@@ -3,6 +3,7 @@ export."""
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -96,3 +97,30 @@ def test_the_cli_reports_bad_input_in_one_line(tmp_path, one_cpu_device_env):
   assert out.returncode == 1
   assert 'error: data files not found' in out.stderr and 'Traceback' not in out.stderr
   assert not (tmp_path / 'run').exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes(tmp_path, one_cpu_device_env):
+  workdir = tmp_path / 'run'
+  args = ('--config.train.num_steps=100000', '--config.ckpt.every=100000',
+          '--config.objective.name=ar', '--config.train.log_every=1000')
+  cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py',
+         f'--workdir={workdir}', '--config.data.seq_len=32', '--config.ckpt.async_save=False',
+         *args]
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  proc = subprocess.Popen(cmd, env=one_cpu_device_env, cwd=repo, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:  # the first step has compiled and run: the loop is going
+    lines.append(line)
+    if 'compiled and ran' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  lines += proc.stdout.readlines()
+  assert proc.wait(timeout=300) == 0, ''.join(lines)[-3000:]
+  stopped = [line for line in lines if line.startswith('stopped after step')]
+  assert stopped, ''.join(lines)[-3000:]
+  step = int(stopped[0].split()[3])
+  assert 1 <= step < 100000
+  assert not (workdir / 'model').exists()  # an unfinished run exports no model
+  log = _train(one_cpu_device_env, workdir, *args, '--config.train.stop_after=2')
+  assert f'resumed from {workdir}/ckpt at step {step}' in log
