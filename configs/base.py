@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data = mlc.ConfigDict()
   c.data.source = 'arithmetic'  # 'jsonl' | 'array_record' | 'stdlib' | 'arithmetic'
   c.data.paths = ''  # comma-separated files for jsonl / array_record
+  # held-out files of the same format (train.eval_every); stdlib / arithmetic hold out their own
+  c.data.eval_paths = ''
   c.data.tokenizer = 'byte'  # 'byte' | a directory with tokenizer.json ('' = the init checkpoint's)
   c.data.seq_len = 128  # packed row length T
   c.data.batch_size = 8  # global batch (rows per optimizer step, before accumulation split)
@@ -88,6 +90,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.compilation_cache = 'workdir'
   # stop this invocation after N steps (checkpointing first); -1 = run to the end
   c.train.stop_after = -1
+  # held-out loss (the objective's, on the 'heldout' split: data.eval_paths for files) every N
+  # steps and at the end, over the same eval_batches batches each time; 0 = off
+  c.train.eval_every = 0
+  c.train.eval_batches = 4
 
   # --- mesh and sharding: strategy is picked by the mesh shape alone (size-1 axes are free). ---
   c.mesh = mlc.ConfigDict()

@@ -19,8 +19,9 @@ so a resumed run sees exactly the batches it would have seen.
   long_docs     documents longer than seq_len: 'split' | 'truncate' | 'drop' (counted in `report()`)
   worker_count  grain worker processes (0 = in-process)
 Optional fields: num_examples (size of the 'arithmetic' source, default 20000), packing_bins (rows
-packed at once, default 16). The split argument picks 'train' / 'heldout' for 'stdlib' and
-'arithmetic' (another seed); for files, the files are the split.
+packed at once, default 16), eval_paths (the 'heldout' split of file sources). The split argument
+picks 'train' / 'heldout' for 'stdlib' and 'arithmetic' (another seed); for files, paths or
+eval_paths.
 """
 import dataclasses
 from typing import Any, Sequence
@@ -46,10 +47,15 @@ def make_source(data_cfg: Any, split: str = 'train'):
   if split not in ('train', 'heldout'):
     raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
   kind = data_cfg.source
-  if kind == 'jsonl':
-    return sources.JsonlSource(data_cfg.paths, on_malformed=data_cfg.on_malformed)
-  if kind == 'array_record':
-    return sources.ArrayRecordSource(data_cfg.paths)
+  if kind in ('jsonl', 'array_record'):
+    field = 'paths' if split == 'train' else 'eval_paths'
+    paths = getattr(data_cfg, field, '')
+    if not paths:
+      raise ValueError(f'no data paths given for the {split} split of data.source={kind!r} '
+                       f'(data.{field} is empty)')
+    if kind == 'jsonl':
+      return sources.JsonlSource(paths, on_malformed=data_cfg.on_malformed)
+    return sources.ArrayRecordSource(paths)
   if kind == 'stdlib':
     return sources.StdlibSource(split)
   if kind == 'arithmetic':

@@ -39,7 +39,7 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 def _checked_setup(c: mlc.ConfigDict):
   """Checks the run's config, tokenizer and data and opens them: (model config, loss fn, batch
-  validator, mesh, rules, optimizer, data iterator). Writes nothing."""
+  validator, mesh, rules, optimizer, data iterator, held-out batches or None). Writes nothing."""
   model_cfg = state_lib.resolve_model_config(c)
   # The objective's settings are checked here, before the data, model and optimizer are built.
   loss_fn = objectives.make_loss_fn(c, model_cfg)
@@ -65,7 +65,21 @@ def _checked_setup(c: mlc.ConfigDict):
   if callable(report):
     _log(report())
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
-  return model_cfg, loss_fn, validate, mesh, rules, tx, data_iter
+  heldout = None
+  if c.train.eval_every > 0:
+    if c.train.eval_batches < 1:
+      raise ValueError(f'train.eval_batches must be >= 1, got {c.train.eval_batches}')
+    it = pipeline.make_iterator(c.data, tokenizer, process_index=jax.process_index(),
+                                process_count=jax.process_count(), split='heldout')
+    heldout = []
+    for batch in it:
+      validate(batch)
+      heldout.append(batch)
+      if len(heldout) == c.train.eval_batches:
+        break
+    if not heldout:
+      raise ValueError('the held-out split gave no batch (train.eval_every > 0)')
+  return model_cfg, loss_fn, validate, mesh, rules, tx, data_iter, heldout
 
 
 def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
@@ -80,7 +94,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     NonFiniteLossError: a step's loss was NaN or inf.
   """
   try:
-    model_cfg, loss_fn, validate, mesh, rules, tx, data_iter = _checked_setup(c)
+    model_cfg, loss_fn, validate, mesh, rules, tx, data_iter, heldout = _checked_setup(c)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
   report = getattr(data_iter, 'report', None)  # the data mix so far, logged at checkpoints
@@ -106,6 +120,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
         preemption.StopOnSigterm() as stop_signal):
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
+    eval_fn = step_lib.make_eval_step(train.graphdef, loss_fn) if heldout else None
     batch_sharding = jax.sharding.NamedSharding(
         mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
@@ -135,7 +150,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       if not last_step and stop_signal.requested(done):  # SIGTERM: checkpoint this step, stop
         stopped_at = done
       final = last_step or stopped_at is not None
-      if done % c.train.log_every == 0 or final or done % c.ckpt.every == 0:
+      evaluating = eval_fn is not None and (done % c.train.eval_every == 0 or final)
+      if done % c.train.log_every == 0 or final or done % c.ckpt.every == 0 or evaluating:
         m = jax.device_get(m)
         if not np.isfinite(m['loss']):
           bad = os.path.join(workdir, f'nonfinite_batch_step{done}.npz')
@@ -153,9 +169,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
           last['step_time_s'] = dt / steps_since
           if peak:
             last['mfu'] = flops_per_step / (dt / steps_since) / (peak * jax.device_count())
+        if evaluating:  # the same batches and noise every time: comparable across steps
+          last.update(_evaluate(eval_fn, train.state, heldout, batch_sharding, base_rng))
         writer.write(done, last)
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
-            f'{k}={v:.4g}' for k, v in last.items() if k not in ('n_targets',)))
+            f'{k}={v:.4g}' for k, v in last.items() if not k.endswith('n_targets')))
         t_last, steps_since = time.time(), 0
       if done % c.ckpt.every == 0 or final:
         checkpointing.save(manager, done, train.state, data_iter)
@@ -172,6 +190,15 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   elif end == c.train.num_steps:
     _export_model(train, workdir, tok_spec)
   return last
+
+
+def _evaluate(eval_fn, state, heldout, sharding, base_rng) -> dict[str, float]:
+  """The held-out metrics, prefixed 'eval_': token means over the held-out batches."""
+  rng = jax.random.fold_in(base_rng, 2**31 - 1)  # apart from every training step's noise
+  per_batch = [{k: float(v) for k, v in jax.device_get(
+      eval_fn(state, _global_batch(b, sharding), jax.random.fold_in(rng, i))).items()}
+               for i, b in enumerate(heldout)]
+  return {f'eval_{k}': v for k, v in step_lib.mean_over_batches(per_batch).items()}
 
 
 def _export_model(train: state_lib.TrainState, workdir: str, tokenizer_dir: str) -> None:

@@ -71,3 +71,26 @@ def make_train_step(graphdef, state_shardings, loss_fn: LossFn, grad_accum: int)
     return nnx.state((model, opt)), out
 
   return jax.jit(step, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def make_eval_step(graphdef, loss_fn: LossFn):
+  """Returns evaluate(state, batch, rng) -> metrics of one batch: 'loss' and the loss_fn's
+  metrics ('n_targets' included), the model unchanged. Jitted."""
+
+  def evaluate(state, batch, rng):
+    model, _ = nnx.merge(graphdef, state)
+    loss, metrics = loss_fn(model, batch, rng)
+    return dict(metrics, loss=loss)
+
+  return jax.jit(evaluate)
+
+
+def mean_over_batches(per_batch: list[dict[str, float]]) -> dict[str, float]:
+  """Metrics of several batches combined as one: each a mean weighted by the batches' n_targets
+  (so the loss is the token mean over all of them); n_targets summed."""
+  n = [b['n_targets'] for b in per_batch]
+  total = max(sum(n), 1.0)
+  out = {k: sum(b[k] * w for b, w in zip(per_batch, n)) / total
+         for k in per_batch[0] if k != 'n_targets'}
+  out['n_targets'] = sum(n)
+  return out

@@ -196,3 +196,15 @@ def test_worker_processes_are_deterministic_and_resume():
   for e in runs[0][4:]:
     np.testing.assert_array_equal(next(resumed)['tokens'], e)
   resumed.close()
+
+
+def test_file_sources_hold_out_eval_paths(tmp_path):
+  train_dir, heldout_dir = tmp_path / 'train', tmp_path / 'heldout'
+  train_dir.mkdir()
+  heldout_dir.mkdir()
+  train, heldout = _jsonl(train_dir, n=5), _jsonl(heldout_dir, n=7)
+  cfg = _cfg(source='jsonl', paths=train, eval_paths=heldout, num_epochs=1)
+  assert len(pipeline.make_source(cfg, 'train')) == 5
+  assert len(pipeline.make_source(cfg, 'heldout')) == 7
+  with pytest.raises(ValueError, match='no data paths given for the heldout split'):
+    pipeline.make_source(_cfg(source='jsonl', paths=train), 'heldout')

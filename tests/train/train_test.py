@@ -33,7 +33,8 @@ def _train(env, workdir, *overrides):
 
 def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, one_cpu_device_env):
   common = ('--config.train.num_steps=8', '--config.ckpt.every=3', '--config.objective.name=ar',
-            '--config.train.log_every=1')
+            '--config.train.log_every=1', '--config.train.eval_every=4',
+            '--config.train.eval_batches=2')
   train = functools.partial(_train, one_cpu_device_env)
   train(tmp_path / 'full', *common)
   train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
@@ -45,6 +46,14 @@ def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, o
   for step in range(1, 9):
     assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
   assert full[8] < 0.9 * full[1]  # 8 steps of the tiny model: the loss is already falling
+  # Held-out loss at steps 4 and 8 only: the same batches and noise each time, so a resumed run
+  # reports the uninterrupted run's figures; it falls too.
+  evals = {name: {r['step']: r['eval_loss'] for r in _jsonl(tmp_path / name / 'metrics.jsonl')
+                  if 'eval_loss' in r} for name in ('full', 'resumed')}
+  assert sorted(evals['full']) == sorted(evals['resumed']) == [4, 8]
+  for step in (4, 8):
+    assert evals['resumed'][step] == pytest.approx(evals['full'][step], rel=1e-5), step
+  assert evals['full'][8] < evals['full'][4]
   assert any(n.startswith('jit_step') for n in os.listdir(tmp_path / 'full' / 'xla_cache'))
 
 
@@ -76,12 +85,19 @@ def test_misspelt_override_fails_loudly():
 
 
 @pytest.mark.parametrize('override, message', [
-    (dict(source='jsonl', paths='/nonexistent/train.jsonl'), 'data files not found'),
-    (dict(tokenizer=''), 'data.tokenizer is empty'),
+    (dict(data=dict(source='jsonl', paths='/nonexistent/train.jsonl')), 'data files not found'),
+    (dict(data=dict(tokenizer='')), 'data.tokenizer is empty'),
+    (dict(train=dict(eval_every=5), data=dict(source='jsonl', paths='{tmp}/train.jsonl')),
+     r'no data paths given for the heldout split .*data.eval_paths is empty'),
+    (dict(train=dict(eval_every=5, eval_batches=0)), 'train.eval_batches must be >= 1'),
 ])
 def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
+  (tmp_path / 'train.jsonl').write_text(''.join(json.dumps({'text': f'doc {i}'}) + '\n'
+                                               for i in range(20)))
   c = flare_tiny.get_config()
-  c.data.update(override)
+  for group, fields in override.items():
+    c[group].update({k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+                     for k, v in fields.items()})
   workdir = tmp_path / 'run'
   with pytest.raises(loop.ConfigError, match=message):
     loop.train_and_evaluate(c, str(workdir))
