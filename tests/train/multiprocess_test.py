@@ -29,13 +29,45 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_cmd(docs: str, workdir: str) -> list[str]:
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _docs(tmp_path) -> str:
+  path = tmp_path / 'docs.jsonl'
+  path.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
+  return str(path)
+
+
+def _train_cmd(docs: str, workdir: str, steps: int = _STEPS) -> list[str]:
   return [sys.executable, '-m', 'launch.train', f'--workdir={workdir}',
-          f'--config=configs/flare_tiny.py:objective=ar,steps={_STEPS}',
+          f'--config=configs/flare_tiny.py:objective=ar,steps={steps}',
           '--config.data.source=jsonl', f'--config.data.paths={docs}',
           '--config.data.seq_len=32', '--config.data.batch_size=4',
           '--config.data.long_docs=truncate', '--config.data.packing_bins=1',
           '--config.train.log_every=1', '--config.optim.warmup_steps=0']
+
+
+def _start_two(cmd: list[str], env) -> list[subprocess.Popen]:
+  """`cmd` as processes 0 and 1 of one JAX cluster (output piped, stderr into stdout)."""
+  port = _free_port()
+  return [subprocess.Popen(cmd + ['--multihost', f'--coordinator_address=localhost:{port}',
+                                  '--num_processes=2', f'--process_id={i}'],
+                           cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) for i in range(2)]
+
+
+def _finish(procs, timeout: int, read=('', '')) -> list[str]:
+  """Each process's output (after `read`, what was already read of it); fails the test unless
+  both exit with 0 within `timeout` s."""
+  try:
+    outs = [head + p.communicate(timeout=timeout)[0] for p, head in zip(procs, read)]
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    pytest.fail(f'the two processes did not finish in {timeout} s')
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  return outs
 
 
 def _losses(workdir: str) -> list[float]:
@@ -44,30 +76,13 @@ def _losses(workdir: str) -> list[float]:
 
 
 def test_two_processes_match_one_process(tmp_path, one_cpu_device_env):
-  docs = tmp_path / 'docs.jsonl'
-  docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  docs = _docs(tmp_path)
   env = one_cpu_device_env
-  port = _free_port()
   multi = str(tmp_path / 'multi')
-  procs = [subprocess.Popen(
-      _train_cmd(str(docs), multi) + ['--multihost', f'--coordinator_address=localhost:{port}',
-                                      '--num_processes=2', f'--process_id={i}'],
-      cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    try:
-      outs.append(p.communicate(timeout=400)[0])
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('the two-process run did not finish in 400 s')
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  outs = _finish(_start_two(_train_cmd(docs, multi), env), timeout=400)
   assert 'processes: 2' in outs[0]
   single = str(tmp_path / 'single')
-  run = subprocess.run(_train_cmd(str(docs), single), cwd=repo, env=env, capture_output=True,
+  run = subprocess.run(_train_cmd(docs, single), cwd=_REPO, env=env, capture_output=True,
                        text=True, timeout=400)
   assert run.returncode == 0, run.stderr[-3000:]
 
@@ -83,33 +98,17 @@ def test_two_processes_match_one_process(tmp_path, one_cpu_device_env):
 def test_sigterm_to_one_process_stops_both_at_one_checkpointed_step(tmp_path, one_cpu_device_env):
   """JAX's preemption service: the process that gets SIGTERM tells the other; both save the same
   step's checkpoint and exit cleanly."""
-  docs = tmp_path / 'docs.jsonl'
-  docs.write_text(''.join(json.dumps({'text': d}) + '\n' for d in _DOCS))
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  port = _free_port()
   workdir = str(tmp_path / 'multi')
-  cmd = [c.replace(f'steps={_STEPS}', 'steps=100000') for c in _train_cmd(str(docs), workdir)]
-  procs = [subprocess.Popen(
-      cmd + ['--multihost', f'--coordinator_address=localhost:{port}', '--num_processes=2',
-             f'--process_id={i}', '--config.train.log_every=100000',
-             '--config.ckpt.every=100000'],
-      cwd=repo, env=one_cpu_device_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+  cmd = _train_cmd(_docs(tmp_path), workdir, steps=100000) + [
+      '--config.train.log_every=100000', '--config.ckpt.every=100000']
+  procs = _start_two(cmd, one_cpu_device_env)
   lines = []
   for line in procs[0].stdout:  # process 0 logs; its first step has run
     lines.append(line)
     if 'compiled and ran' in line:
       procs[1].send_signal(signal.SIGTERM)
       break
-  try:
-    outs = [''.join(lines) + procs[0].communicate(timeout=300)[0],
-            procs[1].communicate(timeout=300)[0]]
-  except subprocess.TimeoutExpired:
-    for q in procs:
-      q.kill()
-    pytest.fail('the processes did not stop within 300 s of the SIGTERM')
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, f'process {i} failed:\n{out[-3000:]}'
+  outs = _finish(procs, timeout=300, read=(''.join(lines), ''))
   stopped = [line for line in outs[0].splitlines() if line.startswith('stopped after step')]
   assert stopped, outs[0][-3000:]
   step = int(stopped[0].split()[3])
