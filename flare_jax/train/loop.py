@@ -69,7 +69,10 @@ def _checked_setup(c: mlc.ConfigDict):
   if c.train.eval_every > 0:
     if c.train.eval_batches < 1:
       raise ValueError(f'train.eval_batches must be >= 1, got {c.train.eval_batches}')
-    it = pipeline.make_iterator(c.data, tokenizer, process_index=jax.process_index(),
+    # The split repeats if it is short, so that every process gets eval_batches batches.
+    heldout_cfg = c.data.copy_and_resolve_references()
+    heldout_cfg.num_epochs = -1
+    it = pipeline.make_iterator(heldout_cfg, tokenizer, process_index=jax.process_index(),
                                 process_count=jax.process_count(), split='heldout')
     heldout = []
     for batch in it:

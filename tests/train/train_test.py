@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import flare_tiny
@@ -140,3 +141,17 @@ def test_sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes(tmp_path, one
   assert not (workdir / 'model').exists()  # an unfinished run exports no model
   log = _train(one_cpu_device_env, workdir, *args, '--config.train.stop_after=2')
   assert f'resumed from {workdir}/ckpt at step {step}' in log
+
+
+def test_a_held_out_file_shorter_than_eval_batches_repeats(tmp_path):
+  docs = lambda n: ''.join(json.dumps({'text': f'{i}+{i}={2 * i}'}) + '\n' for i in range(n))
+  (tmp_path / 'train.jsonl').write_text(docs(40))
+  (tmp_path / 'heldout.jsonl').write_text(docs(1))  # one row: one batch in one epoch
+  c = flare_tiny.get_config()
+  c.data.update(source='jsonl', paths=str(tmp_path / 'train.jsonl'), num_epochs=1,
+                eval_paths=str(tmp_path / 'heldout.jsonl'), seq_len=32)
+  c.train.update(eval_every=2, eval_batches=3)
+  heldout = loop._checked_setup(c)[-1]  # pylint: disable=protected-access
+  assert len(heldout) == 3  # every process gets eval_batches batches: collectives stay matched
+  for batch in heldout[1:]:
+    np.testing.assert_array_equal(batch['tokens'], heldout[0]['tokens'])
