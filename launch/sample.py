@@ -42,7 +42,8 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
 _STOP_IDS = flags.DEFINE_list(
     'stop_ids', [], 'More token ids that end a sequence (comma-separated), beside the '
-    "tokenizer's end ids (eos and any other eos_token_id its generation_config.json lists).")
+    "tokenizer's end ids (eos and every eos_token_id its generation_config.json or config.json "
+    'lists).')
 _BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block size.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')

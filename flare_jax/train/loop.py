@@ -126,6 +126,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     eval_fn = step_lib.make_eval_step(train.graphdef, loss_fn) if heldout else None
     batch_sharding = jax.sharding.NamedSharding(
         mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))
+    if heldout:  # on the devices once: every evaluation reads the same batches
+      heldout = [_global_batch(b, batch_sharding) for b in heldout]
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     base_rng = jax.random.key(c.train.seed + 1)
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, c.train.peak_flops)
@@ -173,7 +175,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
           if peak:
             last['mfu'] = flops_per_step / (dt / steps_since) / (peak * jax.device_count())
         if evaluating:  # the same batches and noise every time: comparable across steps
-          last.update(_evaluate(eval_fn, train.state, heldout, batch_sharding, base_rng))
+          last.update(_evaluate(eval_fn, train.state, heldout, base_rng))
         writer.write(done, last)
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
             f'{k}={v:.4g}' for k, v in last.items() if not k.endswith('n_targets')))
@@ -195,12 +197,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   return last
 
 
-def _evaluate(eval_fn, state, heldout, sharding, base_rng) -> dict[str, float]:
-  """The held-out metrics, prefixed 'eval_': token means over the held-out batches."""
+def _evaluate(eval_fn, state, heldout, base_rng) -> dict[str, float]:
+  """The held-out metrics, prefixed 'eval_': token means over the held-out (device) batches."""
   rng = jax.random.fold_in(base_rng, 2**31 - 1)  # apart from every training step's noise
-  per_batch = [{k: float(v) for k, v in jax.device_get(
-      eval_fn(state, _global_batch(b, sharding), jax.random.fold_in(rng, i))).items()}
-               for i, b in enumerate(heldout)]
+  outs = [eval_fn(state, b, jax.random.fold_in(rng, i)) for i, b in enumerate(heldout)]
+  per_batch = [{k: float(v) for k, v in m.items()} for m in jax.device_get(outs)]
   return {f'eval_{k}': v for k, v in step_lib.mean_over_batches(per_batch).items()}
 
 
