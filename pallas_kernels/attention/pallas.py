@@ -34,7 +34,13 @@ and dS^T cut this kernel's ptxas spill from 152 to 8 bytes and its time not at a
 spills are not what bounds it. delta = rowsum(o * dO) computed by the dq kernel for its rows
 (a second output) in place of XLA's reduction (0.019 ms): fwd+bwd 1.97 / 1.96 ms against 1.98 /
 1.96 causal, two-stream 6.02 / 6.03 against 6.00 / 6.01 (H200, 2026-12-04, runs alternating with
-this code), with 0.03 / 0.10 GiB more temp memory: not kept.
+this code), with 0.03 / 0.10 GiB more temp memory: not kept. A dk/dv program of 64 keys worked
+as two 32-key sub-tiles, each with its own products and accumulators, sharing every q / dO tile
+(half the q / dO traffic at mma.sync-sized products; branch `exp/dkdv-key-splits`): 1.32 ms at 8
+warps against this kernel's 1.00, 2.17 with 32 query rows, 5.63 with 128 keys as four sub-tiles
+(H200, causal, `--profile`, one run, 2026-12-04). In the same run, every kernel's neighbouring
+tiles were slower too: dk/dv 64 keys x 32 queries at 8 warps 1.42 ms; dq 64 x 64 at 8 warps 0.83
+against 0.51, 64 x 32 at 4 warps 0.65; forward 128 x 32 at 3 stages 0.45 against 0.33.
 
 Launch order: grids are (heads, row tiles), and a program takes its (row, tile) from a launch
 order computed in XLA (`_launch_order`): by default the tiles with the longest visit lists first,
