@@ -56,11 +56,14 @@ def main(argv):
   if not os.path.isfile(_TASK.value):
     raise app.UsageError(f'--task={_TASK.value}: no such file')
   try:
-    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
     modes = {spec: harness.mode_config(spec, _NEW.value)
              for spec in harness.parse_modes(_MODES.value)}
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  try:
+    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
+  except ValueError as e:  # the task file's content: the reasons, no flag help
+    sys.exit(f'error: {e}')
   try:
     model = model_io.load_model(_CKPT.value)
     tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value)

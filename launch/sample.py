@@ -65,7 +65,12 @@ _ATTN_DECODE_IMPL = flags.DEFINE_enum(
 
 
 def _read_prompts() -> list[dict]:
-  """The prompts as given: {'prompt': str} or {'messages': [turns]} each."""
+  """The prompts as given: {'prompt': str} or {'messages': [turns]} each.
+
+  Raises:
+    app.UsageError: not exactly one of --prompt and --prompts, or no such --prompts file.
+    ValueError: a --prompts line that is not a prompt (its file:line in the message).
+  """
   if (_PROMPT.value is None) == (_PROMPTS.value is None):
     raise app.UsageError('pass exactly one of --prompt or --prompts')
   if _PROMPT.value is not None:
@@ -81,23 +86,23 @@ def _read_prompts() -> list[dict]:
       try:
         row = json.loads(line)
       except json.JSONDecodeError as e:
-        raise app.UsageError(f'{where}: not JSON ({e})') from e
+        raise ValueError(f'{where}: not JSON ({e})') from e
       if not isinstance(row, dict) or ('prompt' in row) == ('messages' in row):
-        raise app.UsageError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        raise ValueError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
       if 'prompt' in row:
         if not isinstance(row['prompt'], str) or not row['prompt']:
-          raise app.UsageError(f'{where}: "prompt" must be a non-empty string')
+          raise ValueError(f'{where}: "prompt" must be a non-empty string')
         prompts.append({'prompt': row['prompt']})
         continue
       try:
         tokenizer_lib.check_turns(row['messages'])
       except ValueError as e:
-        raise app.UsageError(f'{where}: {e}') from e
+        raise ValueError(f'{where}: {e}') from e
       if not row['messages']:
-        raise app.UsageError(f'{where}: "messages" is empty')
+        raise ValueError(f'{where}: "messages" is empty')
       prompts.append({'messages': row['messages']})
   if not prompts:
-    raise app.UsageError(f'{_PROMPTS.value} has no prompts')
+    raise ValueError(f'{_PROMPTS.value} has no prompts')
   return prompts
 
 
@@ -150,7 +155,10 @@ def main(argv):
   cfg = _sampler_config()
   if _BATCH.value < 1:
     raise app.UsageError(f'--batch_size must be >= 1, got {_BATCH.value}')
-  prompts = _read_prompts()
+  try:
+    prompts = _read_prompts()
+  except ValueError as e:  # the file's content: one line, no flag help
+    sys.exit(f'error: {e}')
   extra = _stop_ids()
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
@@ -168,8 +176,8 @@ def main(argv):
   except ValueError as e:  # the chat template refused a chat
     sys.exit(f'error: {e}')
   encoded = [tokenizer.encode(t) for t in texts]
-  if any(not ids for ids in encoded):
-    raise app.UsageError('a prompt encodes to no tokens')
+  if empty := [n for n, ids in enumerate(encoded, 1) if not ids]:
+    sys.exit(f'error: prompt(s) {empty} encode to no tokens')
   if len(prompts) == 1 and not _OUTPUT.value:
     print(texts[0], end='', flush=True)
     for piece in sampler.stream(encoded[0], cfg, rng):

@@ -45,3 +45,12 @@ def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
 def test_bad_flags_are_usage_errors(ckpt, task, args, message):
   run = _eval(f'--ckpt={ckpt}', f'--task={task}', *args)
   assert run.returncode != 0 and message in run.stderr and 'Traceback' not in run.stderr
+
+
+def test_a_malformed_task_file_is_one_error_report(ckpt, tmp_path):
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "x"}\n')
+  run = _eval(f'--ckpt={ckpt}', f'--task={bad}')
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert f'{bad}:2: not a numeric example' in run.stderr and run.stderr.count('error:') == 1
+  assert '--max_new_tokens' not in run.stderr  # no usage text

@@ -36,19 +36,29 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
     (['--prompts=/nonexistent/p.jsonl'], 'no such file'),
     (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
     (['--prompt=hi', '--stop_ids=5,x'], '--stop_ids must be token ids'),
-    (['--prompts={bad_chat}'], 'bad_chat.jsonl:2: a chat is a list of'),
-    (['--prompts={both}'], 'both.jsonl:1: expected {"prompt": "..."} or {"messages": [...]}'),
     (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
 ])
-def test_bad_flags_are_usage_errors(ckpt, tmp_path, args, message):
-  files = {'bad_chat': '{"prompt": "ok"}\n{"messages": [{"role": "user"}]}\n',
-           'both': '{"prompt": "a", "messages": []}\n'}
-  for name, text in files.items():
-    (tmp_path / f'{name}.jsonl').write_text(text)
-  args = [a.format(**{n: tmp_path / f'{n}.jsonl' for n in files}) for a in args]
+def test_bad_flags_are_usage_errors(ckpt, args, message):
   run = _sample(f'--ckpt={ckpt}', *args)
   assert run.returncode != 0 and message in run.stderr
   assert 'Traceback' not in run.stderr
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"prompt": "ok"}\n{"messages": [{"role": "user"}]}\n', ':2: a chat is a list of'),
+    ('{"prompt": "a", "messages": []}\n', ':1: expected {"prompt": "..."} or {"messages": [...]}'),
+    ('{"prompt": "ok"}\n\n{"prompt": ""}\n', ':3: "prompt" must be a non-empty string'),
+    ('{"prompt": "ok"\n', ':1: not JSON'),
+    ('\n\n', 'has no prompts'),
+])
+def test_a_bad_prompts_file_is_one_error_line(ckpt, tmp_path, text, message):
+  """The file's content, not the flags, is wrong: its file:line and reason, without flag help."""
+  src = tmp_path / 'p.jsonl'
+  src.write_text(text)
+  run = _sample(f'--ckpt={ckpt}', f'--prompts={src}')
+  assert run.returncode == 1 and 'Traceback' not in run.stderr
+  assert f'error: {src}{message}' in run.stderr or f'error: {src} {message}' in run.stderr
+  assert '--top_k' not in run.stderr  # no usage text
 
 
 def test_a_directory_that_is_no_checkpoint_is_one_error_line(tmp_path):
