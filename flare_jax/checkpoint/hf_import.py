@@ -175,9 +175,7 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | Non
   Raises:
     ValueError: see `plan_import`; a mask_token_id the tokenizer can produce; an existing out_dir.
   """
-  out_abs = os.path.abspath(out_dir)
-  if os.path.isdir(out_abs) and os.listdir(out_abs) and not overwrite:
-    raise ValueError(f'output directory {out_abs} exists and is not empty (pass overwrite)')
+  model_io.check_output_dir(out_dir, overwrite)  # before any conversion work
   if mask_token_id is not None:
     config_overrides['mask_token_id'] = mask_token_id
   cfg, entries, files, skipped, notes = plan_import(hf_dir, **config_overrides)

@@ -37,6 +37,14 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+  """Raises ValueError if `out_dir` exists, is not empty and overwrite is False."""
+  out_dir = os.path.abspath(out_dir)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise ValueError(f'output directory {out_dir} exists and is not empty (overwrite=True, '
+                     '--overwrite on the command line, replaces it)')
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out_dir: str, overwrite: bool = False):
   """Yields a temporary directory beside `out_dir` that replaces it only if the block succeeds.
@@ -48,9 +56,8 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
   Raises:
     ValueError: `out_dir` exists, is not empty and overwrite is False.
   """
+  check_output_dir(out_dir, overwrite)
   out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise ValueError(f'output directory {out_dir} exists and is not empty (pass overwrite)')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   prefix = '.' + os.path.basename(out_dir) + '.tmp-'
