@@ -33,6 +33,47 @@ def _log(msg: str) -> None:
   logging.info(msg)
 
 
+def _flat(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _config_changes(old_json: str, new_json: str, limit: int = 20) -> list[str]:
+  """'key: old -> new' for every config key that differs between two config.json texts (added
+  and removed keys as missing), at most `limit` lines and a count of the rest."""
+  old, new = _flat(json.loads(old_json)), _flat(json.loads(new_json))
+  missing = '(missing)'
+  lines = [f'{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}'
+           for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
+  return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
+
+
+def _record_config(c: mlc.ConfigDict, workdir: str, start_step: int) -> None:
+  """Writes workdir/config.json (process 0). A run resuming at `start_step` with a config that
+  differs from the one there logs the changed keys and keeps the earlier file as
+  config.step{start_step}.json, so that every config a checkpoint saw is on disk."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, 'config.json')
+  text = c.to_json_best_effort(indent=2)
+  if start_step and os.path.exists(path):
+    with open(path) as f:
+      before = f.read()
+    if changes := _config_changes(before, text):
+      kept = os.path.join(workdir, f'config.step{start_step}.json')
+      os.replace(path, kept)
+      _log(f'config changed since the run that wrote step {start_step} (its config is now '
+           f'{kept}):\n  ' + '\n  '.join(changes))
+  with open(path, 'w') as f:
+    f.write(text)
+
+
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
@@ -104,9 +145,6 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   tok_spec = c.data.tokenizer or c.init_from  # the tokenizer files the exported model takes
   # Only now, with the config, tokenizer and data checked, does the run write anything.
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(c.to_json_best_effort(indent=2))
 
   load_params = None
   if c.init_from:
@@ -118,6 +156,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   start_step = 0 if start_step is None else start_step
   if start_step:
     _log(f'resumed from {workdir}/ckpt at step {start_step}')
+  _record_config(c, workdir, start_step)
 
   stopped_at = None
   with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),

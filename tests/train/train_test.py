@@ -141,6 +141,23 @@ def test_sigterm_saves_a_checkpoint_and_stops_then_the_run_resumes(tmp_path, one
   assert not (workdir / 'model').exists()  # an unfinished run exports no model
   log = _train(one_cpu_device_env, workdir, *args, '--config.train.stop_after=2')
   assert f'resumed from {workdir}/ckpt at step {step}' in log
+  # The resumed run's config differs in one key: logged, the earlier file kept.
+  assert f'config changed since the run that wrote step {step}' in log
+  assert 'train.stop_after: -1 -> 2' in log
+  earlier = json.loads((workdir / f'config.step{step}.json').read_text())
+  assert earlier['train']['stop_after'] == -1
+  assert json.loads((workdir / 'config.json').read_text())['train']['stop_after'] == 2
+
+
+def test_config_changes_name_every_differing_key():
+  old = json.dumps({'optim': {'lr': 1e-3, 'b1': 0.9}, 'data': {'seq_len': 64}, 'gone': 1})
+  new = json.dumps({'optim': {'lr': 3e-4, 'b1': 0.9}, 'data': {'seq_len': 64}, 'added': 'x'})
+  changes = loop._config_changes(old, new)  # pylint: disable=protected-access
+  assert changes == ['added: "(missing)" -> "x"', 'gone: 1 -> "(missing)"',
+                     'optim.lr: 0.001 -> 0.0003']
+  assert loop._config_changes(old, old) == []  # pylint: disable=protected-access
+  many = json.dumps({f'k{i:02d}': i for i in range(25)})
+  assert loop._config_changes('{}', many, limit=20)[-1] == '... and 5 more'  # pylint: disable=protected-access
 
 
 def test_a_held_out_file_shorter_than_eval_batches_repeats(tmp_path):
