@@ -7,6 +7,7 @@ import os
 
 import grain
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -26,11 +27,48 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter) -> None:
       data_iter=grain.checkpoint.CheckpointSave(data_iter)))
 
 
+class StateMismatchError(ValueError):
+  """The newest checkpoint holds a train state of another structure or shape than this run's."""
+
+
+def _leaves(tree) -> dict[str, tuple]:
+  """{'model.layers.0.mlp...': (shape, dtype)} of a pure-dict train state or its metadata (the
+  state's items 0 and 1 named model and optimizer)."""
+  names = {'0': 'model', '1': 'optimizer'}
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    keys = [str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path]
+    keys[0] = names.get(keys[0], keys[0])
+    out['.'.join(keys)] = (tuple(leaf.shape), str(leaf.dtype))
+  return out
+
+
+def state_mismatch(saved_state_dir: str, target, limit: int = 6) -> list[str]:
+  """What differs between the train state saved in `saved_state_dir` (a step's 'state' item) and
+  `target` (a pure dict of arrays or ShapeDtypeStructs): leaves only one side has and leaves of
+  another shape, the model's first; at most `limit` lines and a count of the rest."""
+  saved = _leaves(ocp.PyTreeCheckpointHandler().metadata(epath.Path(saved_state_dir)))
+  wanted = _leaves(target)
+  lines = []
+  for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (not k.startswith('model'), k)):
+    if key not in wanted:
+      lines.append(f'{key} is in the checkpoint only')
+    elif key not in saved:
+      lines.append(f'{key} is in this run only')
+    elif saved[key][0] != wanted[key][0]:
+      lines.append(f'{key} has shape {saved[key][0]} in the checkpoint, {wanted[key][0]} here')
+  return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
+
+
 def restore_latest(manager: ocp.CheckpointManager, state, data_iter):
   """Restores the newest checkpoint onto `state`'s shardings (no host copy) and into `data_iter`.
 
   Returns:
     (step, state) or (None, state) when the workdir has no checkpoint.
+
+  Raises:
+    StateMismatchError: the checkpoint's train state has another structure or shapes (another
+      model or optimizer); nothing was restored.
   """
   step = manager.latest_step()
   if step is None:
@@ -38,8 +76,17 @@ def restore_latest(manager: ocp.CheckpointManager, state, data_iter):
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       nnx.to_pure_dict(state))
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target),
-      data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target),
+        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+  except ValueError:
+    where = os.path.join(manager.directory, str(step))
+    mismatch = state_mismatch(os.path.join(where, 'state'), target)
+    if not mismatch:
+      raise
+    raise StateMismatchError(
+        f'the checkpoint {where} holds another model or optimizer than this run builds:\n  '
+        + '\n  '.join(mismatch)) from None
   nnx.replace_by_pure_dict(state, restored['state'])
   return step, state

@@ -20,7 +20,8 @@ from flare_jax.train import step as step_lib
 
 
 class ConfigError(ValueError):
-  """The run cannot start: its config, tokenizer or data failed a check. Nothing was written."""
+  """The run cannot start: its config, tokenizer or data failed a check, or the workdir's
+  checkpoint holds another model or optimizer. Nothing was written."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,6 +53,20 @@ def _config_changes(old_json: str, new_json: str, limit: int = 20) -> list[str]:
   lines = [f'{k}: {json.dumps(old.get(k, missing))} -> {json.dumps(new.get(k, missing))}'
            for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
   return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
+
+
+def _saved_config_note(c: mlc.ConfigDict, workdir: str) -> str:
+  """How this run's config differs from workdir/config.json (the run that wrote the checkpoints),
+  for an error that a different config explains."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return f'{path} is missing: compare the run that wrote the checkpoints with this one.'
+  with open(path) as f:
+    changes = _config_changes(f.read(), c.to_json_best_effort(indent=2))
+  if not changes:
+    return f'This run\'s config equals {path}.'
+  return (f'This run\'s config differs from {path} (the one that wrote the checkpoints) in:\n  '
+          + '\n  '.join(changes) + '\nResume with that config, or train into a new --workdir.')
 
 
 def _record_config(c: mlc.ConfigDict, workdir: str, start_step: int) -> None:
@@ -152,7 +167,10 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     load_params = lambda param_shardings: model_io.load_params(c.init_from, param_shardings)
   train = state_lib.create_train_state(model_cfg, tx, mesh, rules, c.train.seed, load_params)
   manager = checkpointing.make_manager(workdir, c.ckpt.keep, c.ckpt.async_save)
-  start_step, train.state = checkpointing.restore_latest(manager, train.state, data_iter)
+  try:
+    start_step, train.state = checkpointing.restore_latest(manager, train.state, data_iter)
+  except checkpointing.StateMismatchError as e:
+    raise ConfigError(f'{e}\n{_saved_config_note(c, workdir)}') from None
   start_step = 0 if start_step is None else start_step
   if start_step:
     _log(f'resumed from {workdir}/ckpt at step {start_step}')

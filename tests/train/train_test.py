@@ -105,6 +105,25 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   assert not workdir.exists()
 
 
+def test_resuming_another_model_names_what_differs_and_writes_nothing(tmp_path):
+  """A workdir whose checkpoint holds another model: the leaves that differ and the config keys
+  that explain it, before any step; the workdir's config.json stays the checkpoints' config."""
+  c = flare_tiny.get_config('objective=ar,steps=1')
+  c.data.seq_len = 32
+  c.ckpt.async_save = False
+  workdir = tmp_path / 'run'
+  loop.train_and_evaluate(c, str(workdir))
+  saved_config = (workdir / 'config.json').read_text()
+  c.model.variant = 'small'
+  with pytest.raises(loop.ConfigError) as err:
+    loop.train_and_evaluate(c, str(workdir))
+  message = str(err.value)
+  assert 'holds another model or optimizer than this run builds' in message
+  assert 'model.embed_tokens.embedding has shape (272, 64) in the checkpoint, (272, 128)' in message
+  assert 'model.variant: "tiny" -> "small"' in message
+  assert (workdir / 'config.json').read_text() == saved_config
+
+
 def test_the_cli_reports_bad_input_in_one_line(tmp_path, one_cpu_device_env):
   cmd = [sys.executable, '-m', 'launch.train', '--config=configs/flare_tiny.py',
          f'--workdir={tmp_path / "run"}', '--config.data.source=jsonl',

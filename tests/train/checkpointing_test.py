@@ -1,0 +1,60 @@
+"""Train checkpoints: restore round trip, and a checkpoint of another model is one clear error
+naming the leaves that differ."""
+import grain
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flare_jax.train import checkpointing
+
+
+class _Net(nnx.Module):
+  def __init__(self, width: int, depth: int, seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.layers = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(depth)])
+
+
+def _state(width: int, depth: int, seed: int = 0):
+  """A train state as the trainer's: (model, optimizer)."""
+  model = _Net(width, depth, seed)
+  return nnx.state((model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)))
+
+
+def _data():
+  return iter(grain.MapDataset.range(8).to_iter_dataset())
+
+
+@pytest.fixture
+def manager(tmp_path):
+  """A manager holding one checkpoint (step 3) of _Net(4, 2, seed 0)."""
+  manager = checkpointing.make_manager(str(tmp_path), keep=2, async_save=False)
+  checkpointing.save(manager, 3, _state(4, 2), _data())
+  manager.wait_until_finished()
+  yield manager
+  manager.close()
+
+
+def test_restore_onto_the_same_model_round_trips(manager):
+  step, restored = checkpointing.restore_latest(manager, _state(4, 2, seed=1), _data())
+  assert step == 3
+  want = jax.tree.leaves(nnx.to_pure_dict(_state(4, 2)))
+  got = jax.tree.leaves(nnx.to_pure_dict(restored))
+  assert len(got) == len(want) and not np.array_equal(
+      jax.tree.leaves(nnx.to_pure_dict(_state(4, 2, seed=1)))[1], want[1])  # seeds differ
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('width, depth, lines', [
+    (8, 2, ['model.layers.0.kernel has shape (4, 4) in the checkpoint, (8, 8) here']),
+    (4, 3, ['model.layers.2.bias is in this run only', 'model.layers.2.kernel is in this run only']),
+    (4, 1, ['model.layers.1.bias is in the checkpoint only',
+            'optimizer.opt_state.0.mu.layers.1.bias is in the checkpoint only']),
+], ids=['wider', 'deeper', 'shallower'])
+def test_another_model_is_a_state_mismatch_naming_the_leaves(manager, width, depth, lines):
+  with pytest.raises(checkpointing.StateMismatchError, match='holds another model') as err:
+    checkpointing.restore_latest(manager, _state(width, depth), _data())
+  for line in lines:
+    assert line in str(err.value)
