@@ -152,11 +152,28 @@ def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfi
 
 def load_config(ckpt_dir: str) -> config_lib.ModelConfig:
   """The ModelConfig stored in a model checkpoint directory."""
+  if not os.path.isdir(ckpt_dir):
+    raise ValueError(f'{ckpt_dir}: no such directory')
   path = os.path.join(ckpt_dir, CONFIG_FILE)
   if not os.path.isfile(path):
     raise ValueError(f'{ckpt_dir} is not a model checkpoint: no {CONFIG_FILE} '
-                     '(convert Hugging Face weights with python -m launch.convert_hf)')
+                     f'({_what_it_is(ckpt_dir)})')
   return config_lib.ModelConfig.load(path)
+
+
+def _what_it_is(path: str) -> str:
+  """A hint for a directory that is not a model checkpoint: a training workdir (finished or not)
+  or a Hugging Face checkpoint, else how checkpoints are made."""
+  if os.path.isfile(os.path.join(path, 'model', CONFIG_FILE)):
+    return f'a training workdir: its model is {os.path.join(path, "model")}'
+  if os.path.isdir(os.path.join(path, 'ckpt')):
+    return ('a training workdir whose run has not finished: the model is exported to '
+            f'{os.path.join(path, "model")} at the end')
+  if os.path.isfile(os.path.join(path, 'config.json')) and any(
+      f.endswith('.safetensors') for f in os.listdir(path)):
+    return (f'a Hugging Face checkpoint? convert it first: python -m launch.convert_hf '
+            f'--hf_dir={path} --out=DIR')
+  return 'convert Hugging Face weights with python -m launch.convert_hf, or train one'
 
 
 def abstract_params(cfg: config_lib.ModelConfig) -> dict:

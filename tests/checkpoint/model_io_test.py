@@ -126,3 +126,21 @@ def test_writes_are_atomic_and_never_clobber(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
   with pytest.raises(ValueError, match='not a model checkpoint'):
     model_io.load_model(str(tmp_path))
+
+
+def test_a_directory_that_is_no_checkpoint_says_what_it_is(tmp_path):
+  """load_config's error names what the directory looks like and where the model is."""
+  cases = {'missing': 'no such directory', 'empty': 'convert Hugging Face weights',
+           'workdir': f'a training workdir: its model is {tmp_path / "workdir" / "model"}',
+           'unfinished': 'a training workdir whose run has not finished',
+           'hf': 'a Hugging Face checkpoint? convert it first: python -m launch.convert_hf '
+                 f'--hf_dir={tmp_path / "hf"}'}
+  for name in ('empty', 'unfinished/ckpt', 'workdir/model', 'hf'):
+    os.makedirs(tmp_path / name)
+  (tmp_path / 'workdir' / 'model' / model_io.CONFIG_FILE).write_text('{}')
+  (tmp_path / 'hf' / 'config.json').write_text('{}')
+  (tmp_path / 'hf' / 'model.safetensors').write_bytes(b'')
+  for name, hint in cases.items():
+    with pytest.raises(ValueError) as err:
+      model_io.load_config(str(tmp_path / name))
+    assert hint in str(err.value), name
