@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.paths = ''  # comma-separated files for jsonl / array_record
   # held-out files of the same format (train.eval_every); stdlib / arithmetic hold out their own
   c.data.eval_paths = ''
+  c.data.weights = ''  # comma-separated, one per data.paths entry: sample each file by weight
   c.data.tokenizer = 'byte'  # 'byte' | a directory with tokenizer.json ('' = the init checkpoint's)
   c.data.seq_len = 128  # packed row length T
   c.data.batch_size = 8  # global batch (rows per optimizer step, before accumulation split)

@@ -19,7 +19,9 @@ so a resumed run sees exactly the batches it would have seen.
   long_docs     documents longer than seq_len: 'split' | 'truncate' | 'drop' (counted in `report()`)
   worker_count  grain worker processes (0 = in-process)
 Optional fields: num_examples (size of the 'arithmetic' source, default 20000), packing_bins (rows
-packed at once, default 16), eval_paths (the 'heldout' split of file sources). The split argument
+packed at once, default 16), eval_paths (the 'heldout' split of file sources), weights (file
+sources, train split: one positive weight per entry of paths, each entry then a source of its own,
+sampled in proportion to its weight; needs num_epochs forever). The split argument
 picks 'train' / 'heldout' for 'stdlib' and 'arithmetic' (another seed); for files, paths or
 eval_paths.
 """
@@ -63,6 +65,73 @@ def make_source(data_cfg: Any, split: str = 'train'):
     seed = data_cfg.seed if split == 'train' else data_cfg.seed + 1_000_003
     return sources.SyntheticArithmeticSource(n, seed=seed)
   raise ValueError(f'unknown data.source {kind!r}; known: {SOURCES}')
+
+
+def _weights(data_cfg: Any) -> list[float]:
+  """data.weights as floats ([] when unset): a list or a comma-separated str."""
+  raw = getattr(data_cfg, 'weights', '') or ''
+  items = raw.split(',') if isinstance(raw, str) else list(raw)
+  try:
+    weights = [float(w) for w in items if str(w).strip()]
+  except ValueError as e:
+    raise ValueError(f'data.weights must be numbers, got {raw!r}') from e
+  if any(not (w > 0 and np.isfinite(w)) for w in weights):
+    raise ValueError(f'data.weights must be positive and finite, got {raw!r}')
+  return weights
+
+
+class Mixture:
+  """Sources sampled in proportion to their weights (`data.weights`): its length and report.
+
+  parts: (source, weight) pairs; names: what the report calls each source (its path).
+  """
+
+  def __init__(self, parts: list[tuple[Any, float]], names: Sequence[str] = ()):
+    self.parts, self.names = parts, list(names) or [''] * len(parts)
+
+  def __len__(self) -> int:
+    return sum(len(source) for source, _ in self.parts)
+
+  def report(self) -> str:
+    total = sum(w for _, w in self.parts)
+    each = '; '.join(f'{w / total:.3g} from {name} [{source.report().removeprefix("data: ")}]'
+                     for name, (source, w) in zip(self.names, self.parts))
+    return f'data: a mixture of {len(self.parts)} sources by weight: {each}'
+
+
+def make_mixture(data_cfg: Any, split: str = 'train') -> Mixture:
+  """The split's sources with their weights: one source of weight 1 (`make_source`), or with
+  data.weights on the train split of a file source, one per entry of data.paths.
+
+  Raises:
+    ValueError: weights that are not positive numbers, one per path, or a finite num_epochs with
+      weights; the sources' own errors.
+  """
+  weights = _weights(data_cfg)
+  if not weights or split != 'train':
+    return Mixture([(make_source(data_cfg, split), 1.0)])
+  if data_cfg.source not in ('jsonl', 'array_record'):
+    raise ValueError(f'data.weights mixes file sources (jsonl, array_record), not '
+                     f'data.source={data_cfg.source!r}')
+  paths = data_cfg.paths.split(',') if isinstance(data_cfg.paths, str) else list(data_cfg.paths)
+  paths = [p.strip() for p in paths if p and p.strip()]
+  if len(paths) != len(weights):
+    raise ValueError(f'data.weights has {len(weights)} weights for {len(paths)} data.paths '
+                     'entries: give one per path')
+  if _num_epochs(data_cfg) is not None:
+    raise ValueError('data.weights samples its sources forever: set data.num_epochs=-1')
+  one = lambda path: make_source(_PathsOverride(data_cfg, path), split)
+  return Mixture([(one(path), w) for path, w in zip(paths, weights)], paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PathsOverride:
+  """data_cfg with `paths` replaced (the other fields read through)."""
+  base: Any
+  paths: str
+
+  def __getattr__(self, name):
+    return getattr(self.base, name)
 
 
 def _num_epochs(data_cfg: Any) -> int | None:
@@ -149,13 +218,18 @@ def make_dataset(data_cfg: Any, tokenizer, *, process_index: int = 0, process_co
   batch = data_cfg.batch_size // process_count
   seq_len = int(data_cfg.seq_len)
   num_epochs = _num_epochs(data_cfg)
-  source = make_source(data_cfg, split)
-  if len(source) < process_count:
-    raise ValueError(f'{len(source)} examples cannot be sharded over {process_count} processes')
+  mixture = make_mixture(data_cfg, split)
+  for source, _ in mixture.parts:
+    if len(source) < process_count:
+      raise ValueError(f'{len(source)} examples cannot be sharded over {process_count} processes')
 
-  # --- Stage 1: random access: this process's shard (index-based), shuffled anew each epoch ---
-  ds = grain.MapDataset.source(source)[process_index::process_count]
-  ds = ds.shuffle(seed=int(data_cfg.seed)).repeat(num_epochs)
+  # --- Stage 1: random access: this process's shard of each source (index-based), shuffled anew
+  # each epoch; several sources are sampled by weight ---
+  shards = [grain.MapDataset.source(source)[process_index::process_count]
+            .shuffle(seed=int(data_cfg.seed) + i).repeat(num_epochs)
+            for i, (source, _) in enumerate(mixture.parts)]
+  ds = shards[0] if len(shards) == 1 else grain.MapDataset.mix(
+      shards, [w for _, w in mixture.parts])
   ds = ds.map(_Tokenize(tokenizer)).to_iter_dataset(_READ_OPTIONS)
   # --- Stage 2: documents -> packed rows -> batches ---
   ds = packing.FitLengthIterDataset(ds, seq_len, data_cfg.long_docs)
@@ -169,7 +243,8 @@ def make_dataset(data_cfg: Any, tokenizer, *, process_index: int = 0, process_co
       raise ValueError('data.worker_count > 0 needs parsed absl flags: run under absl.app.run (as '
                        'launch/ does) or call absl.flags.FLAGS.mark_as_parsed() first')
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.worker_count)))
-  return _WithReport(ds, source, data_cfg.long_docs)
+  return _WithReport(ds, mixture if len(mixture.parts) > 1 else mixture.parts[0][0],
+                     data_cfg.long_docs)
 
 
 def make_iterator(data_cfg: Any, tokenizer, *, process_index: int = 0, process_count: int = 1,

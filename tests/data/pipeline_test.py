@@ -208,3 +208,56 @@ def test_file_sources_hold_out_eval_paths(tmp_path):
   assert len(pipeline.make_source(cfg, 'heldout')) == 7
   with pytest.raises(ValueError, match='no data paths given for the heldout split'):
     pipeline.make_source(_cfg(source='jsonl', paths=train), 'heldout')
+
+
+def _lettered(tmp_path, letter, n):
+  """A JSONL file of n documents '<letter> <i>' (so each batch's documents name their file)."""
+  path = tmp_path / f'{letter}.jsonl'
+  path.write_text(''.join(json.dumps({'text': f'{letter} {i}'}) + '\n' for i in range(n)))
+  return str(path)
+
+
+def _first_letters(batches):
+  return collections.Counter(chr(tokens[0]) for tokens, _ in _documents(batches))
+
+
+def test_weights_sample_each_file_in_proportion(tmp_path):
+  """data.weights 3,1: three in four documents from the first file (a small file repeats), the
+  same batches again from the same config and after a resume, and the report names both."""
+  paths = f"{_lettered(tmp_path, 'a', 50)},{_lettered(tmp_path, 'b', 7)}"
+  cfg = _cfg(source='jsonl', paths=paths, weights='3,1', batch_size=8)
+  it = pipeline.make_iterator(cfg, TOK)
+  batches = [next(it) for _ in range(30)]
+  letters = _first_letters(batches)
+  share = letters['a'] / (letters['a'] + letters['b'])
+  assert set(letters) == {'a', 'b'} and abs(share - 0.75) < 0.05, letters
+  assert 'a mixture of 2 sources by weight: 0.75 from ' in it.report() and 'b.jsonl' in it.report()
+  again = pipeline.make_iterator(cfg, TOK)
+  for want in batches[:5]:
+    np.testing.assert_array_equal(next(again)['tokens'], want['tokens'])
+  state = again.get_state()
+  resumed = pipeline.make_iterator(cfg, TOK)
+  resumed.set_state(state)
+  for want in batches[5:10]:
+    np.testing.assert_array_equal(next(resumed)['tokens'], want['tokens'])
+
+
+def test_one_weighted_path_gives_the_unweighted_batches(tmp_path):
+  path = _lettered(tmp_path, 'a', 20)
+  plain = pipeline.make_iterator(_cfg(source='jsonl', paths=path), TOK)
+  weighted = pipeline.make_iterator(_cfg(source='jsonl', paths=path, weights='2.5'), TOK)
+  for _ in range(4):
+    np.testing.assert_array_equal(next(plain)['tokens'], next(weighted)['tokens'])
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(weights='1'), 'has 1 weights for 2 data.paths entries'),
+    (dict(weights='1,0'), 'must be positive and finite'),
+    (dict(weights='1,x'), 'must be numbers'),
+    (dict(weights='1,1', num_epochs=2), 'set data.num_epochs=-1'),
+    (dict(weights='1,1', source='arithmetic'), 'mixes file sources'),
+])
+def test_bad_weights_are_config_errors(tmp_path, overrides, message):
+  paths = f"{_lettered(tmp_path, 'a', 5)},{_lettered(tmp_path, 'b', 5)}"
+  with pytest.raises(ValueError, match=message):
+    pipeline.make_iterator(_cfg(**{'source': 'jsonl', 'paths': paths, **overrides}), TOK)
