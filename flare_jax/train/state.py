@@ -1,13 +1,13 @@
 """Model config resolution and the sharded train state (model + optimizer)
 built without a host copy."""
 import dataclasses
-import os
 from typing import Any
 
 import jax
 import ml_collections as mlc
 from flax import nnx
 
+from flare_jax.checkpoint import model_io
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 
@@ -25,11 +25,10 @@ def resolve_model_config(c: mlc.ConfigDict) -> config_lib.ModelConfig:
   """The ModelConfig a run trains: the init checkpoint's or the named variant,
   plus config overrides."""
   if c.init_from:
-    path = os.path.join(c.init_from, 'model_config.json')
-    if not os.path.exists(path):
-      raise ValueError(f'init_from={c.init_from!r} has no model_config.json '
-                       '(convert a Hugging Face checkpoint with python -m launch.convert_hf first)')
-    cfg = config_lib.ModelConfig.load(path)
+    try:
+      cfg = model_io.load_config(c.init_from)
+    except ValueError as e:
+      raise ValueError(f'init_from: {e}') from e
   else:
     if c.model.variant not in config_lib.VARIANTS:
       raise ValueError(f'unknown model.variant {c.model.variant!r}; '
