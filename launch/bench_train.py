@@ -11,6 +11,12 @@ temporaries, minus aliased donated state); peak is the device allocator's peak s
 process (so it never goes down).
 `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every objective once per XLA
 flag set, each in its own process, side by side in one table (ratios against the first row).
+`--steps=0` only compiles: compile time and XLA's memory estimate (step and temporaries) per
+objective and flag set, e.g. why a setting needs more memory:
+
+python -m launch.bench_train --config=configs/flare_0p8b.py --objectives=flare --steps=0 \
+  --config.model.scan_layers=True \
+  --xla_variants='default;--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL'
 """
 import copy
 import time
@@ -33,7 +39,8 @@ from launch import bench_util
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _OBJECTIVES = flags.DEFINE_list('objectives', ['ar', 'flare'], 'Objectives to compare.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per objective (0: compile only: compile '
+                             "time and XLA's memory estimate, no step runs).")
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compiling.')
 _OUT = flags.DEFINE_string('out', '', 'Optional JSON file for the results.')
 _PROFILE = flags.DEFINE_integer('profile', 0, 'Also list this many top GPU kernels of a step and '
@@ -83,6 +90,8 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
     print(f'{objective}: lowered in {lower_s:.1f} s, compiled in {compile_s - lower_s:.1f} s',
           flush=True)
     mem = compiled.memory_analysis()
+    if steps == 0:
+      return dict(objective=objective, compile_s=compile_s, **_memory(mem))
     state = train.state
     for i in range(warmup):
       t1 = time.perf_counter()
@@ -116,20 +125,27 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
              peak_gib=_peak_bytes() / _GIB)
   if peak:
     out['mfu'] = flops / step_s / (peak * jax.device_count())
-  if mem is not None:
-    step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                  - mem.alias_size_in_bytes)
-    out['step_mem_gib'] = step_bytes / _GIB
+  out.update(_memory(mem))
   out.update(profile)
   del state, train, compiled
   return out
+
+
+def _memory(mem) -> dict[str, float]:
+  """XLA's compiled estimate: the step's memory (arguments + outputs + temporaries - aliased)
+  and its temporaries alone, in GiB ({} when the backend gives none)."""
+  if mem is None:
+    return {}
+  step_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes)
+  return dict(step_mem_gib=step_bytes / _GIB, temp_gib=mem.temp_size_in_bytes / _GIB)
 
 
 def _table(results: list[dict[str, float]]) -> str:
   """One row per result; step time against the first measured row's."""
   base = next((r for r in results if 'error' not in r), None)
   cols = ('objective', 'streams', 'step_ms', 'tokens_per_s', 'tflops_per_s', 'mfu', 'step_mem_gib',
-          'peak_gib', 'compile_s', 'loss')
+          'temp_gib', 'peak_gib', 'compile_s', 'loss')
   if any('xla' in r for r in results):
     cols = ('xla',) + cols
   against = '-' if base is None else base['objective'] + (
@@ -144,7 +160,9 @@ def _table(results: list[dict[str, float]]) -> str:
     for k in cols:
       v = r.get(k, float('nan'))
       cells.append(v if isinstance(v, str) else f'{v:.4g}')
-    lines.append('| ' + ' | '.join(cells) + f' | {r["step_ms"] / base["step_ms"]:.2f}x |')
+    timed = 'step_ms' in r and 'step_ms' in base
+    lines.append('| ' + ' | '.join(cells)
+                 + (f' | {r["step_ms"] / base["step_ms"]:.2f}x |' if timed else ' | - |'))
   return '\n'.join(lines)
 
 
@@ -154,6 +172,8 @@ def main(argv):
   c = _CONFIG.value
   if not all(o in objectives.OBJECTIVES for o in _OBJECTIVES.value):
     raise app.UsageError(f'--objectives must be among {objectives.OBJECTIVES}')
+  if _STEPS.value < 0 or (_STEPS.value == 0 and _PROFILE.value):
+    raise app.UsageError('--steps must be >= 0, and > 0 with --profile')
   variants = bench_util.xla_variants(_XLA_VARIANTS.value)
   if variants:
     results = bench_util.run_xla_variants('launch.bench_train', variants, _VARIANT_TIMEOUT.value,
