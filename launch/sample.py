@@ -10,7 +10,8 @@ end of turn or of text). One prompt streams its text as it is committed;
 several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per
 bucket), with a progress line per batch on stderr. --output is written as FILE.partial and renamed
 to FILE once every prompt is decoded, so FILE is never half-written and a failed run leaves the
-finished prompts in FILE.partial. Flags, prompts and the output directory are checked before the
+finished prompts in FILE.partial; the same command with --resume continues from them (a run
+without --resume will not overwrite a FILE.partial). Flags, prompts and the output directory are checked before the
 model loads.
 The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
 """
@@ -37,6 +38,8 @@ _PROMPTS = flags.DEFINE_string('prompts', None,
 _CHAT = flags.DEFINE_bool('chat', False, 'Send each prompt text as a user turn through the '
                           "checkpoint's chat template (\"messages\" lines always go through it).")
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).')
+_RESUME = flags.DEFINE_bool('resume', False, 'Continue the FILE.partial an interrupted --output '
+                            'run left: its rows must be the first prompts, in order.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
                                  "(default: the checkpoint's).")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
@@ -162,6 +165,12 @@ def main(argv):
   extra = _stop_ids()
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
+  if _RESUME.value and not _OUTPUT.value:
+    raise app.UsageError('--resume continues an --output file: pass --output')
+  try:
+    start = _finished_rows(prompts) if _OUTPUT.value else 0
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   model, tokenizer = _load(_CKPT.value)
   if bad := sorted(i for i in extra if i >= model.cfg.vocab_size):
     raise app.UsageError(f'--stop_ids {bad} are not token ids of this model '
@@ -188,17 +197,52 @@ def main(argv):
     _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, sys.stdout)
     return
   partial = _OUTPUT.value + '.partial'
-  with open(partial, 'w') as out:
-    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out)
+  with open(partial, 'a' if start else 'w') as out:
+    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start)
   os.replace(partial, _OUTPUT.value)
   print(f'wrote {len(prompts)} results to {_OUTPUT.value}', file=sys.stderr)
 
 
-def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out):
-  """Decodes the prompts in batches of --batch_size, one JSON line per prompt into `out`."""
-  done = tokens = 0
+def _finished_rows(prompts: list[dict]) -> int:
+  """How many prompts --output's FILE.partial already holds (0 without one). With --resume, its
+  complete rows must be the first prompts in order, a multiple of --batch_size unless all
+  (so each batch meets the seed it would have met); a torn last line is cut off.
+
+  Raises:
+    ValueError: a FILE.partial without --resume, or rows that do not continue these prompts.
+  """
+  partial = _OUTPUT.value + '.partial'
+  if not os.path.exists(partial):
+    return 0
+  if not _RESUME.value:
+    raise ValueError(f'{partial} exists (an interrupted run\'s finished prompts): pass --resume '
+                     'to continue it, or remove it')
+  rows, keep = 0, 0
+  with open(partial, 'rb') as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        break  # a line cut short by the interruption
+      if rows >= len(prompts) or any(row.get(k) != v for k, v in prompts[rows].items()):
+        raise ValueError(f'{partial}:{rows + 1} is not the result of prompt {rows + 1} of '
+                         f'{_PROMPTS.value}: resume with the interrupted run\'s prompts')
+      rows, keep = rows + 1, keep + len(line)
+  if rows % _BATCH.value and rows < len(prompts):
+    raise ValueError(f'{partial} holds {rows} rows, not a multiple of --batch_size='
+                     f'{_BATCH.value}: resume with the interrupted run\'s --batch_size')
+  with open(partial, 'r+b') as f:
+    f.truncate(keep)
+  print(f'resuming {partial}: {rows} of {len(prompts)} prompts done', file=sys.stderr)
+  return rows
+
+
+def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start: int = 0):
+  """Decodes prompts[start:] in batches of --batch_size, one JSON line per prompt into `out`
+  (batch i meets the seed fold_in(rng, i), wherever the run starts)."""
+  done, tokens = start, 0
   seconds = 0.0
-  for i in range(0, len(prompts), _BATCH.value):
+  for i in range(start, len(prompts), _BATCH.value):
     chunk = encoded[i:i + _BATCH.value]
     width = -(-max(map(len, chunk)) // 64) * 64
     batch = np.full((_BATCH.value, width), tokenizer.pad_id, np.int32)

@@ -93,3 +93,30 @@ def test_chats_and_chat_prompts_go_through_the_template(ckpt, tmp_path):
   streamed = _sample(f'--ckpt={ckpt}', '--prompt=Hi', '--chat', '--max_new_tokens=2')
   assert streamed.returncode == 0, streamed.stderr[-2000:]
   assert streamed.stdout.startswith('<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n')
+
+
+def test_an_interrupted_output_resumes_to_the_uninterrupted_result(ckpt, tmp_path):
+  """--resume continues FILE.partial (a torn last line cut off) and gives the file an
+  uninterrupted sampled run writes; without --resume, or with other prompts, FILE.partial is kept
+  and the run stops with the reason."""
+  src = tmp_path / 'prompts.jsonl'
+  src.write_text(''.join(json.dumps({'prompt': p}) + '\n' for p in ('a = ', '1+2=', 'def f(')))
+  common = [f'--ckpt={ckpt}', f'--prompts={src}', '--batch_size=1', '--max_new_tokens=3',
+            '--temperature=1.0', '--seed=7', '--gdn_decode_impl=xla', '--attn_decode_impl=xla']
+  full = tmp_path / 'full.jsonl'
+  assert _sample(*common, f'--output={full}').returncode == 0
+  rows = full.read_text().splitlines(keepends=True)
+  out = tmp_path / 'out.jsonl'
+  partial = tmp_path / 'out.jsonl.partial'
+  partial.write_text(rows[0] + rows[1][:7])  # one row done, the second torn
+  refused = _sample(*common, f'--output={out}')
+  assert refused.returncode == 1 and 'pass --resume to continue it' in refused.stderr
+  other = tmp_path / 'other.jsonl'
+  other.write_text(json.dumps({'prompt': 'x'}) + '\n')
+  mismatch = _sample(*common[:1], f'--prompts={other}', *common[2:], f'--output={out}', '--resume')
+  assert mismatch.returncode == 1 and 'is not the result of prompt 1' in mismatch.stderr
+  assert partial.read_text() == rows[0] + rows[1][:7]  # untouched by the refusals
+  resumed = _sample(*common, f'--output={out}', '--resume')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'resuming' in resumed.stderr and '1 of 3 prompts done' in resumed.stderr
+  assert out.read_text() == full.read_text() and not partial.exists()
