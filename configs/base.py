@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # held-out files of the same format (train.eval_every); stdlib / arithmetic hold out their own
   c.data.eval_paths = ''
   c.data.weights = ''  # comma-separated, one per data.paths entry: sample each file by weight
+  # variables for the tokenizer's chat template (a JSON object), e.g. '{"enable_thinking": false}'
+  c.data.chat_template_kwargs = ''
   c.data.tokenizer = 'byte'  # 'byte' | a directory with tokenizer.json ('' = the init checkpoint's)
   c.data.seq_len = 128  # packed row length T
   c.data.batch_size = 8  # global batch (rows per optimizer step, before accumulation split)

@@ -55,7 +55,8 @@ _GIB = 1024 ** 3
 
 
 def _one_batch(c, mesh, rules):
-  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer or c.init_from)
+  tokenizer = tokenizer_lib.load_tokenizer(c.data.tokenizer or c.init_from,
+                                           c.data.chat_template_kwargs)
   host = next(pipeline.make_iterator(c.data, tokenizer))
   pspec = shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules)
   sharding = jax.sharding.NamedSharding(mesh, pspec)

@@ -30,6 +30,9 @@ _BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per jitted batch.')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Generation budget per example.')
 _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their last N tokens.')
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
+_TEMPLATE_KWARGS = flags.DEFINE_string(
+    'chat_template_kwargs', '', 'Variables for the chat template (a JSON object), e.g. '
+    '\'{"enable_thinking": false}\' (as transformers\' apply_chat_template kwargs).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenizer.json "
                                  "('' = the checkpoint's tokenizer, else byte).")
 _CHAT = flags.DEFINE_bool('chat', False, "Send each example's prompt as a user turn through the "
@@ -58,6 +61,7 @@ def main(argv):
   try:
     modes = {spec: harness.mode_config(spec, _NEW.value)
              for spec in harness.parse_modes(_MODES.value)}
+    tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
@@ -66,7 +70,8 @@ def main(argv):
     sys.exit(f'error: {e}')
   try:
     model = model_io.load_model(_CKPT.value)
-    tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value)
+    tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value,
+                                             _TEMPLATE_KWARGS.value)
     if _CHAT.value:
       examples = [dict(ex, prompt=tokenizer_lib.render_user_prompt(tok, ex['prompt']))
                   for ex in examples]
@@ -81,6 +86,7 @@ def main(argv):
   out = _OUT.value or os.path.splitext(_TASK.value)[0] + '.results.json'
   with open(out, 'w') as f:
     json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
+               'chat_template_kwargs': tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value),
                'results': results}, f, indent=1)
   print(f'wrote {out}')
 

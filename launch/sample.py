@@ -40,6 +40,9 @@ _CHAT = flags.DEFINE_bool('chat', False, 'Send each prompt text as a user turn t
 _OUTPUT = flags.DEFINE_string('output', None, 'JSONL results (default: stdout).')
 _RESUME = flags.DEFINE_bool('resume', False, 'Continue the FILE.partial an interrupted --output '
                             'run left: its rows must be the first prompts, in order.')
+_TEMPLATE_KWARGS = flags.DEFINE_string(
+    'chat_template_kwargs', '', 'Variables for the chat template (a JSON object), e.g. '
+    '\'{"enable_thinking": false}\' (as transformers\' apply_chat_template kwargs).')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a directory "
                                  "(default: the checkpoint's).")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Tokens to generate per prompt.')
@@ -147,7 +150,8 @@ def _load(ckpt: str):
     pick = lambda flag: None if flag.value == 'auto' else flag.value
     model = model_io.load_model(ckpt, dtype=_DTYPE.value, gdn_decode_impl=pick(_DECODE_IMPL),
                                 attn_decode_impl=pick(_ATTN_DECODE_IMPL))
-    return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value)
+    return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value,
+                                                     _TEMPLATE_KWARGS.value)
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
 
@@ -165,6 +169,10 @@ def main(argv):
   extra = _stop_ids()
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
+  try:
+    tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
+  except ValueError as e:
+    raise app.UsageError(f'--chat_template_kwargs: {e}') from e
   if _RESUME.value and not _OUTPUT.value:
     raise app.UsageError('--resume continues an --output file: pass --output')
   try:

@@ -3,10 +3,11 @@
 Both follow the `Tokenizer` protocol. No tokenizer ever produces the model's [MASK] id (the last row
 of the embedding table, which is larger than any tokenizer vocabulary used here).
 """
+import copy
 import json
 import os
 import re
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 # The built-in chat format (ChatML-like), used when a checkpoint has no chat template.
 IM_START, IM_END = '<|im_start|>', '<|im_end|>'
@@ -95,6 +96,43 @@ def render_user_prompt(tokenizer: 'Tokenizer', text: str) -> str:
   return tokenizer.render_prompt([{'role': 'user', 'content': text}])
 
 
+def parse_template_kwargs(text: str) -> dict[str, Any]:
+  """A chat_template_kwargs flag or config value: '' (none) or a JSON object of the variables a
+  chat template reads beside the messages, e.g. '{"enable_thinking": false}'.
+
+  Raises:
+    ValueError: not a JSON object, or a key the renderer sets itself.
+  """
+  if not text.strip():
+    return {}
+  try:
+    kwargs = json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'chat_template_kwargs is not JSON ({e}): {text!r}') from e
+  if not isinstance(kwargs, dict):
+    raise ValueError(f'chat_template_kwargs must be a JSON object, got {text!r}')
+  if taken := sorted(set(kwargs) & {'messages', 'add_generation_prompt'}):
+    raise ValueError(f'chat_template_kwargs may not set {taken}: the renderer sets them')
+  return kwargs
+
+
+def with_template_kwargs(tokenizer: 'Tokenizer', kwargs: Mapping[str, Any]) -> 'Tokenizer':
+  """The tokenizer rendering chats with these template variables ({}: the tokenizer itself).
+
+  Raises:
+    ValueError: variables for a tokenizer without a chat template (the built-in format takes
+      none).
+  """
+  if not kwargs:
+    return tokenizer
+  if getattr(tokenizer, 'chat_template', None) is None:
+    raise ValueError(f'chat_template_kwargs {dict(kwargs)} given, but this tokenizer has no chat '
+                     'template (the built-in chat format takes no variables)')
+  out = copy.copy(tokenizer)
+  out._template_kwargs = {**tokenizer._template_kwargs, **kwargs}  # pylint: disable=protected-access
+  return out
+
+
 def check_turns(messages: list[dict]) -> None:
   """Raises ValueError unless `messages` is a list of {"role": str, "content": str} turns."""
   if not isinstance(messages, list) or not all(
@@ -179,6 +217,7 @@ class HFTokenizer:
     self._stop_ids = tuple(sorted({self._eos_id, *(int(i) for i in stop_ids)}))
     self._chat_template = chat_template
     self._special_tokens = dict(special_tokens or {})
+    self._template_kwargs = {}  # more template variables (`with_template_kwargs`)
     self._compiled = None  # the jinja2 template, compiled on first use (not pickled)
     decoder = tok.get_added_tokens_decoder()
     self._special_ids = frozenset(
@@ -252,6 +291,7 @@ class HFTokenizer:
                special_tokens=specials, stop_ids=stop_ids)
 
   vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
+  chat_template = property(lambda self: self._chat_template)
   eos_id = property(lambda self: self._eos_id)
   stop_ids = property(lambda self: self._stop_ids)
   pad_id = property(lambda self: self._pad_id)
@@ -305,7 +345,7 @@ class HFTokenizer:
       self._compiled = _compile_template(self._chat_template)
     try:
       return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                   **self._special_tokens)
+                                   **{**self._special_tokens, **self._template_kwargs})
     except jinja2.exceptions.TemplateError as e:  # e.g. the template's raise_exception(...)
       raise ValueError(f'the chat template failed on these messages: {e}') from e
 
@@ -334,24 +374,28 @@ def _compile_template(source: str):
   return env.from_string(source)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-  """'byte' or a directory holding tokenizer.json (a converted checkpoint carries its tokenizer).
+def load_tokenizer(spec: str, chat_template_kwargs: str = '') -> Tokenizer:
+  """'byte' or a directory holding tokenizer.json (a converted checkpoint carries its tokenizer),
+  rendering chats with `chat_template_kwargs` ('' or a JSON object, `parse_template_kwargs`).
 
   Raises:
-    ValueError: an unknown spec, or a directory without tokenizer.json.
+    ValueError: an unknown spec, a directory without tokenizer.json, or bad chat_template_kwargs.
   """
+  kwargs = parse_template_kwargs(chat_template_kwargs)
   if spec == 'byte':
-    return ByteTokenizer()
-  if os.path.isdir(spec):
-    if os.path.isfile(os.path.join(spec, 'tokenizer.json')):
-      return HFTokenizer.from_dir(spec)
+    tokenizer = ByteTokenizer()
+  elif not os.path.isdir(spec):
+    raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a directory with tokenizer.json")
+  elif os.path.isfile(os.path.join(spec, 'tokenizer.json')):
+    tokenizer = HFTokenizer.from_dir(spec)
+  else:
     raise ValueError(f"{spec} has no tokenizer.json; use 'byte' for the built-in byte tokenizer")
-  raise ValueError(f"unknown tokenizer {spec!r}: use 'byte' or a directory with tokenizer.json")
+  return with_template_kwargs(tokenizer, kwargs)
 
 
-def checkpoint_tokenizer(ckpt_dir: str, spec: str = '') -> Tokenizer:
+def checkpoint_tokenizer(ckpt_dir: str, spec: str = '', chat_template_kwargs: str = '') -> Tokenizer:
   """`spec` if given, else the checkpoint's tokenizer.json, else the byte tokenizer (a model trained
   from scratch on bytes carries none). Raises as `load_tokenizer`."""
   if not spec:
     spec = ckpt_dir if os.path.isfile(os.path.join(ckpt_dir, 'tokenizer.json')) else 'byte'
-  return load_tokenizer(spec)
+  return load_tokenizer(spec, chat_template_kwargs)

@@ -111,7 +111,7 @@ def _checked_setup(c: mlc.ConfigDict):
   tok_spec = c.data.tokenizer or c.init_from
   if not tok_spec:
     raise ValueError('data.tokenizer is empty and there is no init_from checkpoint to take it from')
-  tokenizer = tokenizer_lib.load_tokenizer(tok_spec)
+  tokenizer = tokenizer_lib.load_tokenizer(tok_spec, c.data.chat_template_kwargs)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} ids, '
                      f'model embeds {model_cfg.vocab_size}')

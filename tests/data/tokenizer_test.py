@@ -189,3 +189,35 @@ def test_checkpoint_tokenizer_prefers_the_spec_then_the_checkpoints_file_then_by
                     tokenizer_lib.ByteTokenizer)
   with pytest.raises(ValueError, match='no tokenizer.json'):
     tokenizer_lib.checkpoint_tokenizer(str(with_file), str(without))
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path):
+  """chat_template_kwargs as transformers' apply_chat_template kwargs: a Qwen-style
+  enable_thinking switch, applied to prompts and kept by pickled copies (grain workers); the
+  tokenizer loaded without them is unchanged."""
+  thinking = CHATML_TEMPLATE.replace(
+      "{{ '<|im_start|>assistant\\n' }}{% endif %}",
+      "{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and not enable_thinking %}"
+      "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}{% endif %}")
+  _write_checkpoint_tokenizer(tmp_path, tokenizer_config={'eos_token': '<|im_end|>',
+                                                          'chat_template': thinking})
+  plain = tokenizer_lib.load_tokenizer(str(tmp_path))
+  off = tokenizer_lib.load_tokenizer(str(tmp_path), '{"enable_thinking": false}')
+  assert plain.render_prompt(CHAT[:-1]) == CHATML_PROMPT
+  assert off.render_prompt(CHAT[:-1]) == CHATML_PROMPT + '<think>\n\n</think>\n\n'
+  assert pickle.loads(pickle.dumps(off)).render_prompt(CHAT[:-1]).endswith('</think>\n\n')
+  assert plain.render_prompt(CHAT[:-1]) == CHATML_PROMPT  # `off` is a copy
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"enable_thinking": ', 'not JSON'), ('[1]', 'must be a JSON object'),
+    ('{"messages": []}', "may not set \\['messages'\\]")])
+def test_bad_chat_template_kwargs_are_value_errors(text, message):
+  with pytest.raises(ValueError, match=message):
+    tokenizer_lib.parse_template_kwargs(text)
+
+
+def test_chat_template_kwargs_need_a_chat_template():
+  with pytest.raises(ValueError, match='has no chat template'):
+    tokenizer_lib.load_tokenizer('byte', '{"enable_thinking": false}')
+  assert tokenizer_lib.parse_template_kwargs('  ') == {}

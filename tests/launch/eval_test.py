@@ -41,7 +41,9 @@ def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
 
 
 @pytest.mark.parametrize('args, message', [(['--task=/nonexistent.jsonl'], 'no such file'),
-                                           (['--modes=beam'], "unknown mode 'beam'")])
+                                           (['--modes=beam'], "unknown mode 'beam'"),
+                                           (['--chat_template_kwargs={"messages": 1}'],
+                                            'may not set')])
 def test_bad_flags_are_usage_errors(ckpt, task, args, message):
   run = _eval(f'--ckpt={ckpt}', f'--task={task}', *args)
   assert run.returncode != 0 and message in run.stderr and 'Traceback' not in run.stderr

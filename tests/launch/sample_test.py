@@ -37,6 +37,9 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
     (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
     (['--prompt=hi', '--stop_ids=5,x'], '--stop_ids must be token ids'),
     (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
+    (['--prompt=hi', '--chat_template_kwargs=[1]'], 'must be a JSON object'),
+    (['--prompt=hi', '--chat_template_kwargs={"enable_thinking": false}'],
+     'this tokenizer has no chat template'),  # the byte tokenizer's built-in format
 ])
 def test_bad_flags_are_usage_errors(ckpt, args, message):
   run = _sample(f'--ckpt={ckpt}', *args)

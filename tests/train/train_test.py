@@ -91,6 +91,8 @@ def test_misspelt_override_fails_loudly():
     (dict(train=dict(eval_every=5), data=dict(source='jsonl', paths='{tmp}/train.jsonl')),
      r'no data paths given for the heldout split .*data.eval_paths is empty'),
     (dict(train=dict(eval_every=5, eval_batches=0)), 'train.eval_batches must be >= 1'),
+    (dict(data=dict(chat_template_kwargs='{{"enable_thinking": false}}')),  # str.format braces
+     'this tokenizer has no chat template'),
 ])
 def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   (tmp_path / 'train.jsonl').write_text(''.join(json.dumps({'text': f'doc {i}'}) + '\n'
