@@ -11,8 +11,8 @@ several are decoded in jitted batches (prompt widths padded to a multiple of 64:
 bucket), with a progress line per batch on stderr. --output is written as FILE.partial and renamed
 to FILE once every prompt is decoded, so FILE is never half-written and a failed run leaves the
 finished prompts in FILE.partial; the same command with --resume continues from them (a run
-without --resume will not overwrite a FILE.partial). Flags, prompts and the output directory are checked before the
-model loads.
+without --resume will not overwrite a FILE.partial). Flags, prompts and the output directory are
+checked before the model loads.
 The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
 """
 import dataclasses

@@ -129,7 +129,8 @@ def with_template_kwargs(tokenizer: 'Tokenizer', kwargs: Mapping[str, Any]) -> '
     raise ValueError(f'chat_template_kwargs {dict(kwargs)} given, but this tokenizer has no chat '
                      'template (the built-in chat format takes no variables)')
   out = copy.copy(tokenizer)
-  out._template_kwargs = {**tokenizer._template_kwargs, **kwargs}  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  out._template_kwargs = {**tokenizer._template_kwargs, **kwargs}
   return out
 
 
@@ -393,7 +394,8 @@ def load_tokenizer(spec: str, chat_template_kwargs: str = '') -> Tokenizer:
   return with_template_kwargs(tokenizer, kwargs)
 
 
-def checkpoint_tokenizer(ckpt_dir: str, spec: str = '', chat_template_kwargs: str = '') -> Tokenizer:
+def checkpoint_tokenizer(ckpt_dir: str, spec: str = '',
+                         chat_template_kwargs: str = '') -> Tokenizer:
   """`spec` if given, else the checkpoint's tokenizer.json, else the byte tokenizer (a model trained
   from scratch on bytes carries none). Raises as `load_tokenizer`."""
   if not spec:

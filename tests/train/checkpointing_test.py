@@ -49,7 +49,8 @@ def test_restore_onto_the_same_model_round_trips(manager):
 
 @pytest.mark.parametrize('width, depth, lines', [
     (8, 2, ['model.layers.0.kernel has shape (4, 4) in the checkpoint, (8, 8) here']),
-    (4, 3, ['model.layers.2.bias is in this run only', 'model.layers.2.kernel is in this run only']),
+    (4, 3, ['model.layers.2.bias is in this run only',
+            'model.layers.2.kernel is in this run only']),
     (4, 1, ['model.layers.1.bias is in the checkpoint only',
             'optimizer.opt_state.0.mu.layers.1.bias is in the checkpoint only']),
 ], ids=['wider', 'deeper', 'shallower'])

@@ -178,7 +178,8 @@ def test_config_changes_name_every_differing_key():
                      'optim.lr: 0.001 -> 0.0003']
   assert loop._config_changes(old, old) == []  # pylint: disable=protected-access
   many = json.dumps({f'k{i:02d}': i for i in range(25)})
-  assert loop._config_changes('{}', many, limit=20)[-1] == '... and 5 more'  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  assert loop._config_changes('{}', many, limit=20)[-1] == '... and 5 more'
 
 
 def test_a_held_out_file_shorter_than_eval_batches_repeats(tmp_path):
