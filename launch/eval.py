@@ -38,7 +38,18 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenize
 _CHAT = flags.DEFINE_bool('chat', False, "Send each example's prompt as a user turn through the "
                           "checkpoint's chat template (instruct checkpoints).")
 _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, '
-                           '.results.json).')
+                           'TASK.results.json, or TASK.results.N.json if taken: none is '
+                           'overwritten).')
+
+
+def _default_out(task: str) -> str:
+  """TASK.results.json beside the task file, or the first free TASK.results.N.json (N = 2, 3,
+  ...), so that evaluating another checkpoint on the same task keeps the earlier results."""
+  stem = os.path.splitext(task)[0] + '.results'
+  n = 1
+  while os.path.exists(path := stem + ('' if n == 1 else f'.{n}') + '.json'):
+    n += 1
+  return path
 
 
 def print_table(results: dict) -> None:
@@ -83,7 +94,7 @@ def main(argv):
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
                              max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value)
   print_table(results)
-  out = _OUT.value or os.path.splitext(_TASK.value)[0] + '.results.json'
+  out = _OUT.value or _default_out(_TASK.value)
   with open(out, 'w') as f:
     json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
                'chat_template_kwargs': tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value),

@@ -56,3 +56,13 @@ def test_a_malformed_task_file_is_one_error_report(ckpt, tmp_path):
   assert run.returncode == 1 and 'Traceback' not in run.stderr
   assert f'{bad}:2: not a numeric example' in run.stderr and run.stderr.count('error:') == 1
   assert '--max_new_tokens' not in run.stderr  # no usage text
+
+
+def test_default_results_files_never_overwrite_each_other(ckpt, task):
+  """Without --out, a second evaluation of the task writes TASK.results.2.json beside the first."""
+  for _ in range(2):
+    run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar', '--max_new_tokens=2')
+    assert run.returncode == 0, run.stderr[-2000:]
+  first, second = (task.parent / f'arith.results{n}.json' for n in ('', '.2'))
+  assert f'wrote {second}' in run.stdout
+  assert json.loads(first.read_text())['task'] == json.loads(second.read_text())['task']
