@@ -72,7 +72,7 @@ def main(argv):
   try:
     modes = {spec: harness.mode_config(spec, _NEW.value)
              for spec in harness.parse_modes(_MODES.value)}
-    tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
+    template_kwargs = tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
@@ -97,7 +97,7 @@ def main(argv):
   out = _OUT.value or _default_out(_TASK.value)
   with open(out, 'w') as f:
     json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
-               'chat_template_kwargs': tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value),
+               'chat_template_kwargs': template_kwargs,
                'results': results}, f, indent=1)
   print(f'wrote {out}')
 

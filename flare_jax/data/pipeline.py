@@ -93,6 +93,8 @@ class Mixture:
     return sum(len(source) for source, _ in self.parts)
 
   def report(self) -> str:
+    if len(self.parts) == 1:
+      return self.parts[0][0].report()
     total = sum(w for _, w in self.parts)
     each = '; '.join(f'{w / total:.3g} from {name} [{source.report().removeprefix("data: ")}]'
                      for name, (source, w) in zip(self.names, self.parts))
@@ -113,8 +115,7 @@ def make_mixture(data_cfg: Any, split: str = 'train') -> Mixture:
   if data_cfg.source not in ('jsonl', 'array_record'):
     raise ValueError(f'data.weights mixes file sources (jsonl, array_record), not '
                      f'data.source={data_cfg.source!r}')
-  paths = data_cfg.paths.split(',') if isinstance(data_cfg.paths, str) else list(data_cfg.paths)
-  paths = [p.strip() for p in paths if p and p.strip()]
+  paths = sources.as_paths(data_cfg.paths)
   if len(paths) != len(weights):
     raise ValueError(f'data.weights has {len(weights)} weights for {len(paths)} data.paths '
                      'entries: give one per path')
@@ -243,8 +244,7 @@ def make_dataset(data_cfg: Any, tokenizer, *, process_index: int = 0, process_co
       raise ValueError('data.worker_count > 0 needs parsed absl flags: run under absl.app.run (as '
                        'launch/ does) or call absl.flags.FLAGS.mark_as_parsed() first')
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.worker_count)))
-  return _WithReport(ds, mixture if len(mixture.parts) > 1 else mixture.parts[0][0],
-                     data_cfg.long_docs)
+  return _WithReport(ds, mixture, data_cfg.long_docs)
 
 
 def make_iterator(data_cfg: Any, tokenizer, *, process_index: int = 0, process_count: int = 1,

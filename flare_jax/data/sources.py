@@ -64,7 +64,9 @@ class MalformedLines:
     return f'{self.count} malformed lines: ' + '; '.join(self.first) + more
 
 
-def _as_paths(paths: str | Sequence[str]) -> list[str]:
+def as_paths(paths: str | Sequence[str]) -> list[str]:
+  """data.paths as a list of existing files (a comma-separated str or a list); raises ValueError
+  for none or missing files."""
   if isinstance(paths, str):
     paths = paths.split(',')
   out = [p.strip() for p in paths if p and p.strip()]
@@ -94,7 +96,7 @@ class JsonlSource:
     """
     if on_malformed not in ('skip', 'error'):
       raise ValueError(f"on_malformed must be 'skip' or 'error', got {on_malformed!r}")
-    self._paths = _as_paths(paths)
+    self._paths = as_paths(paths)
     self.malformed = MalformedLines()
     file_ids, offsets, lengths = [], [], []
     for file_id, path in enumerate(self._paths):
@@ -165,7 +167,7 @@ class ArrayRecordSource:
 
   def __init__(self, paths: str | Sequence[str]):
     import grain  # pylint: disable=g-import-not-at-top
-    self._paths = _as_paths(paths)
+    self._paths = as_paths(paths)
     self._src = grain.sources.ArrayRecordDataSource(self._paths)
 
   def __len__(self) -> int:

@@ -128,10 +128,7 @@ def with_template_kwargs(tokenizer: 'Tokenizer', kwargs: Mapping[str, Any]) -> '
   if getattr(tokenizer, 'chat_template', None) is None:
     raise ValueError(f'chat_template_kwargs {dict(kwargs)} given, but this tokenizer has no chat '
                      'template (the built-in chat format takes no variables)')
-  out = copy.copy(tokenizer)
-  # pylint: disable-next=protected-access
-  out._template_kwargs = {**tokenizer._template_kwargs, **kwargs}
-  return out
+  return tokenizer.with_template_kwargs(kwargs)
 
 
 def check_turns(messages: list[dict]) -> None:
@@ -290,6 +287,12 @@ class HFTokenizer:
     return cls(tok, eos_id=eos_id, pad_id=eos_id if pad_id is None else pad_id, bos_id=bos_id,
                chat_template=template if isinstance(template, str) else None,
                special_tokens=specials, stop_ids=stop_ids)
+
+  def with_template_kwargs(self, kwargs: Mapping[str, Any]) -> 'HFTokenizer':
+    """A copy that renders chats with these template variables as well."""
+    out = copy.copy(self)
+    out._template_kwargs = {**self._template_kwargs, **kwargs}
+    return out
 
   vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
   chat_template = property(lambda self: self._chat_template)

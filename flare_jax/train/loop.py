@@ -55,14 +55,21 @@ def _config_changes(old_json: str, new_json: str, limit: int = 20) -> list[str]:
   return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
 
 
+def _changes_since_saved(c: mlc.ConfigDict, workdir: str) -> tuple[str, list[str] | None]:
+  """(workdir/config.json, how config `c` differs from it; None when there is no such file)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return path, None
+  with open(path) as f:
+    return path, _config_changes(f.read(), c.to_json_best_effort(indent=2))
+
+
 def _saved_config_note(c: mlc.ConfigDict, workdir: str) -> str:
   """How this run's config differs from workdir/config.json (the run that wrote the checkpoints),
   for an error that a different config explains."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path, changes = _changes_since_saved(c, workdir)
+  if changes is None:
     return f'{path} is missing: compare the run that wrote the checkpoints with this one.'
-  with open(path) as f:
-    changes = _config_changes(f.read(), c.to_json_best_effort(indent=2))
   if not changes:
     return f'This run\'s config equals {path}.'
   return (f'This run\'s config differs from {path} (the one that wrote the checkpoints) in:\n  '
@@ -75,18 +82,14 @@ def _record_config(c: mlc.ConfigDict, workdir: str, start_step: int) -> None:
   config.step{start_step}.json, so that every config a checkpoint saw is on disk."""
   if jax.process_index() != 0:
     return
-  path = os.path.join(workdir, 'config.json')
-  text = c.to_json_best_effort(indent=2)
-  if start_step and os.path.exists(path):
-    with open(path) as f:
-      before = f.read()
-    if changes := _config_changes(before, text):
-      kept = os.path.join(workdir, f'config.step{start_step}.json')
-      os.replace(path, kept)
-      _log(f'config changed since the run that wrote step {start_step} (its config is now '
-           f'{kept}):\n  ' + '\n  '.join(changes))
+  path, changes = _changes_since_saved(c, workdir)
+  if start_step and changes:
+    kept = os.path.join(workdir, f'config.step{start_step}.json')
+    os.replace(path, kept)
+    _log(f'config changed since the run that wrote step {start_step} (its config is now '
+         f'{kept}):\n  ' + '\n  '.join(changes))
   with open(path, 'w') as f:
-    f.write(text)
+    f.write(c.to_json_best_effort(indent=2))
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
