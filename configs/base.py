@@ -73,7 +73,12 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.optim = mlc.ConfigDict()
   c.optim.lr = 3e-4  # peak learning rate
   c.optim.warmup_steps = 100  # linear warmup from 0
-  c.optim.min_lr_ratio = 0.1  # cosine floor as a fraction of lr
+  # after warmup: 'cosine' or 'linear' decay to lr * min_lr_ratio at train.num_steps, 'constant'
+  # (stay at lr), or 'wsd' (warmup-stable-decay: hold lr, then decay linearly to lr * min_lr_ratio
+  # over the last decay_fraction of train.num_steps)
+  c.optim.schedule = 'cosine'
+  c.optim.min_lr_ratio = 0.1  # the decay's floor as a fraction of lr
+  c.optim.decay_fraction = 0.2  # 'wsd' only: share of train.num_steps spent decaying
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
@@ -97,6 +102,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # steps and at the end, over the same eval_batches batches each time; 0 = off
   c.train.eval_every = 0
   c.train.eval_batches = 4
+  # 'FIRST:LAST': a jax.profiler trace of steps FIRST..LAST (as logged, inclusive) into
+  # workdir/profile (TensorBoard's profile plugin, or the *.trace.json.gz in Perfetto); '' = off.
+  # Step 1 includes compilation.
+  c.train.profile_steps = ''
 
   # --- mesh and sharding: strategy is picked by the mesh shape alone (size-1 axes are free). ---
   c.mesh = mlc.ConfigDict()

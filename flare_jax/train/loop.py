@@ -15,6 +15,7 @@ from flare_jax.train import metrics as metrics_lib
 from flare_jax.train import objectives
 from flare_jax.train import optim
 from flare_jax.train import preemption
+from flare_jax.train import profiling
 from flare_jax.train import state as state_lib
 from flare_jax.train import step as step_lib
 
@@ -124,6 +125,9 @@ def _checked_setup(c: mlc.ConfigDict):
   if callable(report):
     _log(report())
   tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  warning = optim.schedule_warning(c.optim, c.train.num_steps)
+  if warning:
+    _log(f'warning: {warning}')
   heldout = None
   if c.train.eval_every > 0:
     if c.train.eval_batches < 1:
@@ -156,6 +160,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     NonFiniteLossError: a step's loss was NaN or inf.
   """
   try:
+    profile_window = profiling.parse_profile_steps(c.train.profile_steps, c.train.num_steps)
     model_cfg, loss_fn, validate, mesh, rules, tx, data_iter, heldout = _checked_setup(c)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
@@ -179,9 +184,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     _log(f'resumed from {workdir}/ckpt at step {start_step}')
   _record_config(c, workdir, start_step)
 
+  profiler = profiling.StepProfiler(profile_window, os.path.join(workdir, 'profile'), _log)
+  profiler.skip_before(start_step)
   stopped_at = None
   with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
-        preemption.StopOnSigterm() as stop_signal):
+        preemption.StopOnSigterm() as stop_signal, profiler):
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
     eval_fn = step_lib.make_eval_step(train.graphdef, loss_fn) if heldout else None
     batch_sharding = jax.sharding.NamedSharding(
@@ -203,8 +210,10 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       host_batch = next(data_iter)
       validate(host_batch)
       batch = _global_batch(host_batch, batch_sharding)
-      train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
       done = step + 1
+      profiler.before_step(done)
+      train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
+      profiler.after_step(done, (train.state, m))
       if step == start_step:  # compiles: keep it out of the throughput window
         jax.block_until_ready(m)
         _log(f'step {done}: compiled and ran in {time.time() - t_last:.1f} s')

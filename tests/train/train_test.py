@@ -35,12 +35,16 @@ def _train(env, workdir, *overrides):
 def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, one_cpu_device_env):
   common = ('--config.train.num_steps=8', '--config.ckpt.every=3', '--config.objective.name=ar',
             '--config.train.log_every=1', '--config.train.eval_every=4',
-            '--config.train.eval_batches=2')
+            '--config.train.eval_batches=2', '--config.train.profile_steps=2:3')
   train = functools.partial(_train, one_cpu_device_env)
-  train(tmp_path / 'full', *common)
+  log = train(tmp_path / 'full', *common)
+  assert 'profile of steps 2:3 written to' in log
+  traces = list((tmp_path / 'full' / 'profile').glob('plugins/profile/*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
   train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
   log = train(tmp_path / 'resumed', *common)
   assert 'resumed from' in log and 'at step 4' in log
+  assert 'starts at or before the resumed step 4: not profiling' in log
   full = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'full' / 'metrics.jsonl')}
   resumed = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'resumed' / 'metrics.jsonl')}
   assert sorted(resumed) == list(range(1, 9))
@@ -93,6 +97,8 @@ def test_misspelt_override_fails_loudly():
     (dict(train=dict(eval_every=5, eval_batches=0)), 'train.eval_batches must be >= 1'),
     (dict(data=dict(chat_template_kwargs='{{"enable_thinking": false}}')),  # str.format braces
      'this tokenizer has no chat template'),
+    (dict(optim=dict(schedule='cosin')), r"optim.schedule must be one of .*got 'cosin'"),
+    (dict(train=dict(profile_steps='5')), "train.profile_steps must be 'FIRST:LAST'"),
 ])
 def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   (tmp_path / 'train.jsonl').write_text(''.join(json.dumps({'text': f'doc {i}'}) + '\n'
