@@ -36,6 +36,7 @@ from absl import flags
 from absl import logging
 
 from launch import bench_util
+from launch import runtime
 
 _CASES = flags.DEFINE_list('cases', ['causal', 'two_stream'], 'causal and/or two_stream.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
@@ -319,4 +320,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

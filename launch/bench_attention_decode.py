@@ -24,6 +24,7 @@ from absl import flags
 
 from flare_jax.model import attention as model_attention
 from launch import bench_util
+from launch import runtime
 from pallas_kernels.attention import api
 from pallas_kernels.attention import decode_pallas
 from pallas_kernels.attention import mask as mask_lib
@@ -132,4 +133,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

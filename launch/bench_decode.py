@@ -28,6 +28,7 @@ from absl import app
 from absl import flags
 
 from launch import bench_util
+from launch import runtime
 from pallas_kernels.gated_delta_rule import decode_pallas
 from pallas_kernels.gated_delta_rule import front
 from pallas_kernels.gated_delta_rule import recurrent_pallas
@@ -212,4 +213,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

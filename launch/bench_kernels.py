@@ -17,10 +17,10 @@ miscompile of chunk_bwd_dqkwg); for timing only, this script bypasses that guard
 """
 import sys
 
-from absl import app
 from absl import flags
 
 from launch import bench_util
+from launch import runtime
 
 _SHAPES = flags.DEFINE_list('shapes', ['1x4096', '8x4096', '4x16384'], 'BxT cases.')
 _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'triton', 'fla'],
@@ -189,4 +189,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -29,6 +29,7 @@ from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.sampling import sampler as sampler_lib
 from launch import bench_util
+from launch import runtime
 
 _VARIANT = flags.DEFINE_string('variant', '2b', 'flare_jax.model.config.VARIANTS key.')
 _BATCH = flags.DEFINE_list('batch', ['1', '8'], 'Concurrency levels.')
@@ -231,4 +232,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -23,6 +23,7 @@ from absl import app
 from absl import flags
 
 from launch import bench_util
+from launch import runtime
 from launch import schedule_cases
 
 _SCHEDULES = flags.DEFINE_list(
@@ -230,4 +231,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -36,6 +36,7 @@ from flare_jax.train import optim
 from flare_jax.train import state as state_lib
 from flare_jax.train import step as step_lib
 from launch import bench_util
+from launch import runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _OBJECTIVES = flags.DEFINE_list('objectives', ['ar', 'flare'], 'Objectives to compare.')
@@ -207,4 +208,4 @@ def _measure(c) -> list[dict]:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

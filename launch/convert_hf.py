@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 
 from flare_jax.checkpoint import hf_import
+from launch import runtime
 
 _DTYPES = ['float32', 'bfloat16', 'float16']
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'Hugging Face checkpoint directory.', required=True)
@@ -54,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

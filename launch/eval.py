@@ -17,6 +17,7 @@ from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
 from flare_jax.eval import tasks
+from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None,
                             'Model dir (launch.train workdir/model or convert_hf out).',
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -9,6 +9,7 @@ from absl import app
 from absl import flags
 
 from flare_jax.checkpoint import hf_export
+from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
 _OUT = flags.DEFINE_string('out', None, 'Output Hugging Face directory.', required=True)
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

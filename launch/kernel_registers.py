@@ -24,6 +24,7 @@ from absl import flags
 import jax.numpy as jnp
 
 from launch import register_report
+from launch import runtime
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 
 _ARCH = flags.DEFINE_integer('arch', 90, 'CUDA compute capability x10 (80 A100, 90 H100/H200).')
@@ -86,4 +87,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

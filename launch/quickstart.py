@@ -16,7 +16,6 @@ import time
 
 import jax
 import numpy as np
-from absl import app
 from absl import flags
 from flax import nnx
 
@@ -26,6 +25,7 @@ from flare_jax.checkpoint import model_io
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.sampling import sampler as sampler_lib
+from launch import runtime
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/quickstart', 'Where checkpoints are written.')
 _NEW = flags.DEFINE_integer('new_tokens', 24, 'Tokens to generate per prompt.')
@@ -92,4 +92,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

@@ -29,6 +29,7 @@ from absl import flags
 from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.sampling import sampler as sampler_lib
+from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
 _MODE = flags.DEFINE_enum('mode', 'ar', list(sampler_lib.MODES), 'Decoding mode.')
@@ -278,4 +279,4 @@ def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start: 
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

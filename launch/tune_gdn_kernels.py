@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from launch import bench_util
 from launch import gdn_cases
+from launch import runtime
 from pallas_kernels.gated_delta_rule import configs
 
 _IMPL = flags.DEFINE_enum('impl', 'triton', ['triton', 'pallas'], 'Kernel family to tune.')
@@ -119,4 +120,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run(main)

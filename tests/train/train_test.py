@@ -3,6 +3,7 @@ export."""
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,8 @@ def _train(env, workdir, *overrides):
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
   assert out.returncode == 0, out.stderr[-3000:]
+  # Progress goes to stdout; libraries' INFO lines (orbax's, per checkpoint) stay off the terminal.
+  assert not re.search(r'^I\d{4} ', out.stderr, re.MULTILINE), out.stderr[-3000:]
   return out.stdout
 
 
