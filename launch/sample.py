@@ -197,10 +197,7 @@ def main(argv):
   if empty := [n for n, ids in enumerate(encoded, 1) if not ids]:
     sys.exit(f'error: prompt(s) {empty} encode to no tokens')
   if len(prompts) == 1 and not _OUTPUT.value:
-    print(texts[0], end='', flush=True)
-    for piece in sampler.stream(encoded[0], cfg, rng):
-      print(tokenizer.decode(piece), end='', flush=True)
-    print()
+    _stream_one(sampler, cfg, rng, tokenizer, texts[0], encoded[0])
     return
   if not _OUTPUT.value:
     _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, sys.stdout)
@@ -210,6 +207,27 @@ def main(argv):
     _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start)
   os.replace(partial, _OUTPUT.value)
   print(f'wrote {len(prompts)} results to {_OUTPUT.value}', file=sys.stderr)
+
+
+def _stream_one(sampler, cfg, rng, tokenizer, text: str, ids: list[int]) -> None:
+  """Prints the prompt, then its completion as it is committed; the row's totals on stderr."""
+  print(text, end='', flush=True)
+  pieces, text_of = sampler.stream(ids, cfg, rng), tokenizer_lib.IncrementalDecoder(tokenizer)
+  t0 = time.perf_counter()
+  while True:
+    try:
+      piece = next(pieces)
+    except StopIteration as finished:
+      stats = finished.value
+      break
+    print(text_of.add(piece), end='', flush=True)
+  print(text_of.flush(), flush=True)
+  secs = time.perf_counter() - t0
+  line = (f'{stats.tokens} tokens, {stats.forward_passes} forward passes '
+          f'({stats.forward_passes / max(stats.tokens, 1):.2f} per token)')
+  if cfg.mode == 'ar_trust':
+    line += f', {stats.accepted} of {stats.drafted} drafts accepted'
+  print(f'{line}, {secs:.1f} s (compiles included)', file=sys.stderr)
 
 
 def _finished_rows(prompts: list[dict]) -> int:

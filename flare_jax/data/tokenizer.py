@@ -140,6 +140,33 @@ def check_turns(messages: list[dict]) -> None:
                      f'{str(messages)[:200]}')
 
 
+class IncrementalDecoder:
+  """The text of a growing id sequence, as new pieces: for streaming generated tokens.
+
+  Decoding each piece alone would show a character whose bytes span two pieces (UTF-8 through a
+  byte-level vocabulary) as two U+FFFD. Here every `add` decodes all ids so far and returns the text
+  not yet returned, holding back trailing U+FFFD (a character whose last bytes are still to come);
+  `flush` returns whatever is held back at the end.
+  """
+
+  def __init__(self, tokenizer: Tokenizer):
+    self._tokenizer = tokenizer
+    self._ids: list[int] = []
+    self._shown = 0  # characters of the decoded text already returned
+
+  def add(self, ids: Sequence[int]) -> str:
+    self._ids.extend(int(i) for i in ids)
+    return self._take(self._tokenizer.decode(self._ids).rstrip('\ufffd'))
+
+  def flush(self) -> str:
+    return self._take(self._tokenizer.decode(self._ids))
+
+  def _take(self, text: str) -> str:
+    new = text[self._shown:]
+    self._shown = max(self._shown, len(text))
+    return new
+
+
 class ByteTokenizer:
   """UTF-8 bytes are ids 0..255; then <|endoftext|>=256 (eos), <|pad|>=257, <|im_start|>=258,
   <|im_end|>=259. `encode` maps those four strings in the text to their ids (as HF tokenizers do for

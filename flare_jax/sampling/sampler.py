@@ -110,6 +110,16 @@ class DecodeResult:
   n_accepted: jax.Array  # [B]
 
 
+@dataclasses.dataclass(frozen=True)
+class StreamStats:
+  """One streamed row's totals: tokens generated (EOS included), model passes, AR-Trust drafts
+  proposed and accepted."""
+  tokens: int
+  forward_passes: int
+  drafted: int
+  accepted: int
+
+
 def _positions(start: jax.Array, t: int) -> jax.Array:
   return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
 
@@ -218,7 +228,8 @@ class Sampler:
 
   def stream(self, prompt, cfg: SamplerConfig, rng: jax.Array | None = None):
     """Decodes one prompt (a list of ids), yielding the newly committed token ids
-    after every iteration.
+    after every iteration; the generator returns the row's `StreamStats` (`StopIteration.value`,
+    or `stats = yield from sampler.stream(...)`).
 
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
@@ -237,7 +248,8 @@ class Sampler:
         yield [int(t) for t in state.tokens[0, start:start + n_new - emitted]]
         emitted = n_new
       if bool(state.done[0]) or int(state.step) >= cfg.max_new_tokens:
-        return
+        return StreamStats(tokens=emitted, forward_passes=int(state.n_forward[0]),
+                           drafted=int(state.n_drafted[0]), accepted=int(state.n_accepted[0]))
 
 
 def buffer_len(prompt_width: int, cfg: SamplerConfig) -> int:

@@ -221,3 +221,31 @@ def test_chat_template_kwargs_need_a_chat_template():
   with pytest.raises(ValueError, match='has no chat template'):
     tokenizer_lib.load_tokenizer('byte', '{"enable_thinking": false}')
   assert tokenizer_lib.parse_template_kwargs('  ') == {}
+
+
+@pytest.mark.parametrize('which', ['byte', 'hf'])
+def test_incremental_decoding_never_splits_a_character(tmp_path, which):
+  """Pieces of one id at a time: multi-byte characters arrive over several ids in both vocabularies
+  (bytes, and the BPE's byte-level alphabet: none of these characters is in its merges)."""
+  if which == 'byte':
+    tok = tokenizer_lib.ByteTokenizer()
+  else:
+    _write_checkpoint_tokenizer(tmp_path, tokenizer_config={'eos_token': '<|im_end|>'})
+    tok = tokenizer_lib.load_tokenizer(str(tmp_path))
+  text = 'héllo wörld, 2+2 ≈ 4 🙂!'
+  ids = tok.encode(text)
+  assert len(ids) > len(text)  # some character spans several ids
+  decoder = tokenizer_lib.IncrementalDecoder(tok)
+  shown = [decoder.add([i]) for i in ids]
+  assert ''.join(shown) == text and decoder.flush() == ''
+  assert not any('\ufffd' in piece for piece in shown)
+  assert shown[-1] == '!'
+
+
+def test_incremental_decoding_flushes_bytes_that_never_form_a_character():
+  tok = tokenizer_lib.ByteTokenizer()
+  decoder = tokenizer_lib.IncrementalDecoder(tok)
+  assert decoder.add([ord('a'), 0xE2]) == 'a'  # the first byte of a 3-byte character: held back
+  assert decoder.add([0x89]) == ''
+  assert decoder.flush() == '\ufffd'  # the text ends before the character does
+  assert decoder.add([ord('b')]) == 'b'

@@ -1,6 +1,7 @@
 """launch.sample end to end on a tiny saved checkpoint (`ckpt`, conftest): batched JSONL decoding
 into --output (renamed from FILE.partial once complete), and clear errors before any model work."""
 import json
+import re
 import subprocess
 import sys
 
@@ -29,6 +30,15 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
   assert '[2/3]' in run.stderr and '[3/3]' in run.stderr
   assert '12 tokens in ' in run.stderr and 'tokens/s' in run.stderr  # 3 prompts x 4 tokens
   assert 'decode kernel cannot take this call (it needs a GPU' in run.stderr  # the flag reached it
+
+
+def test_one_prompt_streams_its_text_then_its_totals(ckpt):
+  run = _sample(f'--ckpt={ckpt}', '--prompt=1+2=', '--max_new_tokens=5', '--mode=ar_trust',
+                '--block_size=2')
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.startswith('1+2=') and run.stdout.endswith('\n')
+  assert re.search(r'^5 tokens, \d+ forward passes \(\d\.\d\d per token\), \d+ of \d+ drafts '
+                   r'accepted, [\d.]+ s', run.stderr, re.MULTILINE), run.stderr[-2000:]
 
 
 @pytest.mark.parametrize('args, message', [

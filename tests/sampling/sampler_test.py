@@ -162,10 +162,19 @@ def test_streaming_yields_exactly_the_batch_output(tiny, rng, mode):
   prompt = list(rng.integers(0, 256, 6))
   cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=9, commit='fixed', tokens_per_pass=2)
   sampler = sampler_lib.Sampler(tiny)
-  pieces = list(sampler.stream(prompt, cfg))
+  stream, pieces = sampler.stream(prompt, cfg), []
+  while True:
+    try:
+      pieces.append(next(stream))
+    except StopIteration as finished:  # the generator returns the row's totals
+      stats = finished.value
+      break
   batch = sampler.generate(np.asarray([prompt]), np.asarray([6]), cfg)
   assert sum(pieces, []) == list(np.asarray(batch.tokens[0]))
   assert all(pieces)
+  assert stats == sampler_lib.StreamStats(
+      tokens=int(batch.num_tokens[0]), forward_passes=int(batch.n_forward[0]),
+      drafted=int(batch.n_drafted[0]), accepted=int(batch.n_accepted[0]))
 
 
 def test_bad_inputs_raise_clear_errors(tiny):
