@@ -16,6 +16,7 @@ from absl import flags
 from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
+from flare_jax.eval import report
 from flare_jax.eval import tasks
 from launch import runtime
 
@@ -59,10 +60,9 @@ def print_table(results: dict) -> None:
         ' tokens/s | passes/token | acceptance |\n|---|---|' + ('---|' if graded else '') +
         '---|---|---|')
   for name, r in results.items():
-    prefix = f" {r.get('line_prefix', float('nan')):.3f} |" if graded else ''
-    print(f"| {name} | {r['accuracy']:.3f} |{prefix} {r.get('tokens_per_s', float('nan')):.1f} | "
-          f"{r.get('passes_per_token', float('nan')):.3f} | "
-          f"{r.get('acceptance_rate', float('nan')):.3f} |")
+    prefix = f" {report.cell(r.get('line_prefix'))} |" if graded else ''
+    print(f"| {name} | {r['accuracy']:.3f} |{prefix} {report.cell(r.get('tokens_per_s'), '.1f')} | "
+          f"{report.cell(r.get('passes_per_token'))} | {report.cell(r.get('acceptance_rate'))} |")
 
 
 def main(argv):

@@ -20,14 +20,18 @@ def rows(results: dict):
         yield task, model, mode, m
 
 
+def cell(x, spec: str = '.3f') -> str:
+  """A metric for a table: '-' when absent or NaN (not measured in this mode)."""
+  return '-' if x is None or x != x else format(x, spec)
+
+
 def table(results: dict) -> str:
   lines = ['| task | model | mode | accuracy | line prefix | passes / token | tokens / s | '
            'acceptance |', '|---|---|---|---|---|---|---|---|']
-  fmt = lambda x: '-' if x is None or x != x else f'{x:.3f}'  # absent or NaN: not measured
   for task, model, mode, m in rows(results):
     lines.append(f"| {task} | {model} | `{mode}` | {m['accuracy']:.3f} | "
-                 f"{fmt(m.get('line_prefix'))} | {m['passes_per_token']:.3f} | "
-                 f"{m['tokens_per_s']:.1f} | {fmt(m.get('acceptance_rate'))} |")
+                 f"{cell(m.get('line_prefix'))} | {m['passes_per_token']:.3f} | "
+                 f"{m['tokens_per_s']:.1f} | {cell(m.get('acceptance_rate'))} |")
   return '\n'.join(lines)
 
 
