@@ -211,6 +211,9 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       validate(host_batch)
       batch = _global_batch(host_batch, batch_sharding)
       done = step + 1
+      if step == start_step:
+        _log(f'step {done}: compiling the train step (minutes for the 0.8B+ presets), or '
+             'loading it from train.compilation_cache')
       profiler.before_step(done)
       train.state, m = step_fn(train.state, batch, jax.random.fold_in(base_rng, step))
       profiler.after_step(done, (train.state, m))
