@@ -2,10 +2,12 @@
 
 python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
     --modes='ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9' --out=results.json
+(a mode without b= takes the block size the checkpoint's FLARE training used, else 4)
 
 Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode) and choice
 (log-likelihood; modes do not apply). See flare_jax/eval/tasks.py. Prints a table and writes JSON.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -18,13 +20,14 @@ from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
 from flare_jax.eval import report
 from flare_jax.eval import tasks
+from flare_jax.sampling import training_record
 from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None,
                             'Model dir (launch.train workdir/model or convert_hf out).',
                             required=True)
 _TASK = flags.DEFINE_string('task', None, 'Task JSONL file.', required=True)
-_MODES = flags.DEFINE_string('modes', 'ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9',
+_MODES = flags.DEFINE_string('modes', 'ar;ar_trust;diffusion_trust:threshold=0.9',
                              'Modes joined by ";": mode[:b=B,threshold=X | k=K] (bare names may be '
                              'comma-separated).')
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Evaluate only the first N examples (0 = all).')
@@ -70,12 +73,21 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   if not os.path.isfile(_TASK.value):
     raise app.UsageError(f'--task={_TASK.value}: no such file')
+  record = model_io.load_training(_CKPT.value)
   try:
-    modes = {spec: harness.mode_config(spec, _NEW.value)
+    # Block sizes not given in a spec: the checkpoint's FLARE training's.
+    modes = {spec: harness.mode_config(spec, _NEW.value,
+                                       training_record.default_block_size(record))
              for spec in harness.parse_modes(_MODES.value)}
     template_kwargs = tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  try:
+    warnings = {training_record.check_mode(cfg.mode, record) for cfg in modes.values()}
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  for warning in sorted(filter(None, warnings)):
+    print(f'warning: {warning}', file=sys.stderr)
   try:
     kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
   except ValueError as e:  # the task file's content: the reasons, no flag help
@@ -98,7 +110,8 @@ def main(argv):
   out = _OUT.value or _default_out(_TASK.value)
   with open(out, 'w') as f:
     json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
-               'chat_template_kwargs': template_kwargs,
+               'chat_template_kwargs': template_kwargs, 'training': record,
+               'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in modes.items()},
                'results': results}, f, indent=1)
   print(f'wrote {out}')
 

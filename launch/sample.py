@@ -29,6 +29,7 @@ from absl import flags
 from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.sampling import sampler as sampler_lib
+from flare_jax.sampling import training_record
 from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
@@ -51,7 +52,8 @@ _STOP_IDS = flags.DEFINE_list(
     'stop_ids', [], 'More token ids that end a sequence (comma-separated), beside the '
     "tokenizer's end ids (eos and every eos_token_id its generation_config.json or config.json "
     'lists).')
-_BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block size.')
+_BLOCK = flags.DEFINE_integer('block_size', None, 'AR-Trust / Diffusion-Trust block size '
+                              "(default: the checkpoint's FLARE training's, else 4).")
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus filter (1 = off).')
@@ -123,11 +125,15 @@ def _prompt_text(item: dict, tokenizer) -> str:
   return item['prompt']
 
 
-def _sampler_config() -> sampler_lib.SamplerConfig:
-  """The decoding flags as a SamplerConfig (its checks as usage errors); EOS ids come later."""
+def _sampler_config(record: dict | None) -> sampler_lib.SamplerConfig:
+  """The decoding flags as a SamplerConfig (its checks as usage errors); EOS ids come later.
+  Without --block_size, the block size of the checkpoint's training `record`."""
+  block_size = _BLOCK.value
+  if block_size is None:
+    block_size = training_record.default_block_size(record)
   try:
     return sampler_lib.SamplerConfig(
-        mode=_MODE.value, block_size=_BLOCK.value, max_new_tokens=_MAX_NEW.value,
+        mode=_MODE.value, block_size=block_size, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
         commit=_COMMIT.value, threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value)
   except ValueError as e:
@@ -160,7 +166,18 @@ def _load(ckpt: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  cfg = _sampler_config()
+  record = model_io.load_training(_CKPT.value)
+  cfg = _sampler_config(record)
+  try:
+    warning = training_record.check_mode(cfg.mode, record)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
+  if warning:
+    print(f'warning: {warning}', file=sys.stderr)
+  if cfg.mode in training_record.NOISY_MODES and _BLOCK.value is None:
+    source = ("the checkpoint's FLARE training" if training_record.trained_block_size(record)
+              else "the sampler's default: the checkpoint records none")
+    print(f'block size {cfg.block_size} ({source})', file=sys.stderr)
   if _BATCH.value < 1:
     raise app.UsageError(f'--batch_size must be >= 1, got {_BATCH.value}')
   try:

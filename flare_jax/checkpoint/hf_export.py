@@ -45,7 +45,8 @@ def export_hf(source: Any, out_dir: str, *, dtype: str = 'bfloat16', overwrite: 
   Args:
     source: a model checkpoint directory (see model_io), a FlareLM, or a `(params, cfg)` pair
       (params: pure dict or `nnx.State`).
-    out_dir: output directory: model.safetensors, config.json and tokenizer files.
+    out_dir: output directory: model.safetensors, config.json, tokenizer files and the source
+      checkpoint's training record (model_io.TRAINING_FILE, which the importer carries back).
     dtype: tensor dtype ('bfloat16', 'float32', 'float16'); A_log and the GDN norm stay fp32.
     overwrite: replace an existing non-empty `out_dir`.
     tokenizer_dir: where tokenizer files come from (default: the checkpoint directory, if any).
@@ -56,10 +57,11 @@ def export_hf(source: Any, out_dir: str, *, dtype: str = 'bfloat16', overwrite: 
   """
   if dtype not in _DTYPES:
     raise ValueError(f'unknown export dtype {dtype!r}; known: {sorted(_DTYPES)}')
+  record_dir = None
   if isinstance(source, (str, os.PathLike)):
     source = os.fspath(source)
     cfg, params = model_io.load_config(source), model_io.load_params(source)
-    tokenizer_dir = tokenizer_dir or source
+    tokenizer_dir, record_dir = tokenizer_dir or source, source
   elif isinstance(source, tuple):
     params, cfg = model_io.params_of(source[0]), source[1]
   else:
@@ -67,5 +69,6 @@ def export_hf(source: Any, out_dir: str, *, dtype: str = 'bfloat16', overwrite: 
   with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
     write_hf_dir(params, cfg, tmp, dtype)
     copied = model_io.copy_tokenizer_files(tokenizer_dir, tmp) if tokenizer_dir else []
+    copied += model_io.copy_training_record(record_dir, tmp) if record_dir else []
   log(f'wrote {out_dir}: model.safetensors ({dtype}), config.json'
       + (f', {", ".join(copied)}' if copied else ''))

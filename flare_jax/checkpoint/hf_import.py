@@ -207,7 +207,7 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | Non
         hf_mapping.set_path(params, e.path, np.ascontiguousarray(value))
   with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
     model_io.write_params(params, cfg, tmp)
-    copied = model_io.copy_tokenizer_files(hf_dir, tmp)
+    copied = model_io.copy_tokenizer_files(hf_dir, tmp) + model_io.copy_training_record(hf_dir, tmp)
   extra = f' + {", ".join(copied)}' if copied else ''
   log(f'wrote {out_dir} (params + {model_io.CONFIG_FILE}{extra})')
   return cfg

@@ -4,8 +4,10 @@ Layout of a model checkpoint directory:
   model_config.json     ModelConfig fields (flare_jax.model.config)
   params/               orbax checkpoint of the parameters (pure dict, param dtype)
   tokenizer.json, ...   tokenizer files carried over from the source, if any
+  flare_training.json   how the trainer trained it (objective, FLARE settings), if it did
 """
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +23,10 @@ from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 
 CONFIG_FILE = 'model_config.json'
+# How the model was last trained (written by the trainer; `load_training`): the objective, and the
+# FLARE settings its noisy passes learned, which decoding defaults to and checks against.
+# The same file travels into and back from Hugging Face exports (transformers ignores it).
+TRAINING_FILE = 'flare_training.json'
 PARAMS_DIR = 'params'
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'chat_template.jinja', 'generation_config.json', 'vocab.json', 'merges.txt',
@@ -119,8 +125,9 @@ def params_of(model_or_params: Any) -> dict:
 
 def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfig | None = None,
                tokenizer_dir: str | None = None, extra_files: Iterable[str] = (),
-               overwrite: bool = False) -> None:
-  """Saves params + config (+ tokenizer files from `tokenizer_dir`, + `extra_files`) atomically.
+               training: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
+  """Saves params + config (+ tokenizer files from `tokenizer_dir`, + `extra_files`, + the
+  `training` record as TRAINING_FILE) atomically.
 
   Args:
     model_or_params: a FlareLM, or its param `nnx.State` / pure dict (then `cfg` is required).
@@ -128,6 +135,7 @@ def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfi
     cfg: the model config (defaults to `model.cfg`).
     tokenizer_dir: a directory whose tokenizer files (TOKENIZER_FILES) are copied.
     extra_files: further files copied into `out_dir` under their base names.
+    training: how the model was trained (JSON-serialisable; see `load_training`).
     overwrite: replace an existing non-empty `out_dir`.
 
   Raises:
@@ -148,6 +156,28 @@ def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfi
         copy_tokenizer_files(tokenizer_dir, tmp)
       for f in extra_files:
         shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
+      if training is not None:
+        with open(os.path.join(tmp, TRAINING_FILE), 'w') as f:
+          json.dump(dict(training), f, indent=1)
+
+
+def copy_training_record(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies src_dir's TRAINING_FILE, if any, into dst_dir; returns the names copied."""
+  src = os.path.join(src_dir, TRAINING_FILE)
+  if not os.path.isfile(src):
+    return []
+  shutil.copy2(src, os.path.join(dst_dir, TRAINING_FILE))
+  return [TRAINING_FILE]
+
+
+def load_training(ckpt_dir: str) -> dict | None:
+  """The checkpoint's training record, or None when it has none (a converted Hugging Face
+  checkpoint, or one saved before records were kept)."""
+  path = os.path.join(ckpt_dir, TRAINING_FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def load_config(ckpt_dir: str) -> config_lib.ModelConfig:

@@ -252,11 +252,15 @@ def parse_modes(text: str) -> list[str]:
   return [m.strip() for m in text.split(sep) if m.strip()]
 
 
-def mode_config(spec: str, max_new_tokens: int) -> sampler_lib.SamplerConfig:
+def mode_config(spec: str, max_new_tokens: int,
+                block_size: int | None = None) -> sampler_lib.SamplerConfig:
   """A SamplerConfig from 'ar' | 'ar_trust[:b=4]' | 'diffusion_trust[:b=4,threshold=0.9 | k=2]'
-  (b: block size; k: fixed tokens per pass; greedy). Raises ValueError on an unknown field."""
+  (b: block size, else `block_size`, else the sampler's default; k: fixed tokens per pass;
+  greedy). Raises ValueError on an unknown field."""
   mode, _, rest = spec.partition(':')
   kw = dict(mode=mode, max_new_tokens=max_new_tokens)
+  if block_size is not None:
+    kw['block_size'] = block_size
   for item in filter(None, rest.split(',')):
     key, _, value = item.partition('=')
     if key == 'b':

@@ -265,7 +265,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     _log(f'stopped after step {stopped_at} on SIGTERM, its checkpoint saved: the same command '
          'resumes the run')
   elif end == c.train.num_steps:
-    _export_model(train, workdir, tok_spec)
+    _export_model(train, workdir, tok_spec, c)
   return last
 
 
@@ -277,15 +277,20 @@ def _evaluate(eval_fn, state, heldout, base_rng) -> dict[str, float]:
   return {f'eval_{k}': v for k, v in step_lib.mean_over_batches(per_batch).items()}
 
 
-def _export_model(train: state_lib.TrainState, workdir: str, tokenizer_dir: str) -> None:
-  """Writes workdir/model: params + model_config.json (+ tokenizer files),
-  for sampling and export."""
+def _export_model(train: state_lib.TrainState, workdir: str, tokenizer_dir: str,
+                  c: mlc.ConfigDict) -> None:
+  """Writes workdir/model: params + model_config.json (+ tokenizer files) + the training record
+  (objective and FLARE settings, which decoding defaults to), for sampling and export."""
   from flare_jax.checkpoint import model_io  # pylint: disable=g-import-not-at-top
+  from flare_jax.sampling import training_record  # pylint: disable=g-import-not-at-top
   model, _ = nnx.merge(train.graphdef, train.state)
   out = os.path.join(workdir, 'model')
+  record = training_record.make_record(
+      c.objective, c.train.num_steps, c.init_from,
+      model_io.load_training(c.init_from) if c.init_from else None)
   model_io.save_model(model, out,
                       tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
-                      overwrite=True)
+                      training=record, overwrite=True)
   _log(f'wrote {out} (python -m launch.sample --ckpt={out} / '
        f'python -m launch.export_hf --ckpt={out})')
 

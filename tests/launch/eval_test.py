@@ -20,15 +20,22 @@ def task(tmp_path):
   return path
 
 
-def test_writes_one_result_per_mode(ckpt, task, tmp_path):
+def test_writes_one_result_per_mode(recorded_ckpt, task, tmp_path):
+  ckpt, record = recorded_ckpt(block_size=2)  # trained with blocks of 2
   out = tmp_path / 'results.json'
-  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar;ar_trust:b=2',
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar;ar_trust;diffusion_trust:b=3,k=1',
               '--max_new_tokens=3', f'--out={out}')
   assert run.returncode == 0, run.stderr[-2000:]
   saved = json.loads(out.read_text())
-  assert saved['task'] == str(task) and set(saved['results']) == {'ar', 'ar_trust:b=2'}
+  assert saved['task'] == str(task)
+  assert set(saved['results']) == {'ar', 'ar_trust', 'diffusion_trust:b=3,k=1'}
   assert all(0 <= r['accuracy'] <= 1 for r in saved['results'].values())
   assert f'wrote {out}' in run.stdout
+  # A mode without b= decodes with the trained block size; the JSON says how each mode ran.
+  configs = saved['sampler_configs']
+  assert configs['ar_trust']['block_size'] == 2 and configs['diffusion_trust:b=3,k=1'][
+      'block_size'] == 3
+  assert saved['training'] == record
 
 
 def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):

@@ -41,6 +41,17 @@ def test_one_prompt_streams_its_text_then_its_totals(ckpt):
                    r'accepted, [\d.]+ s', run.stderr, re.MULTILINE), run.stderr[-2000:]
 
 
+@pytest.mark.parametrize('record, mode, rc, message', [
+    (dict(block_size=2), 'diffusion_trust', 0, "block size 2 (the checkpoint's FLARE training)"),
+    (dict(name='ar'), 'ar_trust', 0, 'warning: this checkpoint was never trained with the FLARE'),
+    (dict(logit_shift=False), 'ar_trust', 1, 'error: ar_trust decodes with the logit-shift layout'),
+])
+def test_noisy_modes_follow_the_checkpoints_training(recorded_ckpt, record, mode, rc, message):
+  ckpt, _ = recorded_ckpt(**record)
+  run = _sample(f'--ckpt={ckpt}', '--prompt=1+2=', '--max_new_tokens=2', f'--mode={mode}')
+  assert run.returncode == rc and message in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize('args, message', [
     (['--top_p=0', '--prompt=hi'], 'top_p must be in (0, 1]'),
     (['--prompts=/nonexistent/p.jsonl'], 'no such file'),

@@ -14,6 +14,7 @@ import pytest
 from configs import flare_tiny
 from flare_jax.checkpoint import hf_export
 from flare_jax.checkpoint import hf_import
+from flare_jax.checkpoint import model_io
 from flare_jax.train import loop
 
 
@@ -81,6 +82,15 @@ def test_flare_conversion_of_an_ar_model_lowers_loss_diff_and_keeps_loss_ar(tmp_
   first, last = rows[0], rows[-1]
   assert last["loss_diff"] < 0.9 * first["loss_diff"], (first, last)
   assert last['loss_ar'] < 1.1 * first['loss_ar'], (first, last)
+  # Each model says how it was trained; the record travels through the Hugging Face round trip.
+  ar_record = model_io.load_training(str(tmp_path / 'ar' / 'model'))
+  assert ar_record == {'objective': 'ar', 'steps': 60, 'init_from': None, 'flare': None}
+  assert model_io.load_training(str(tmp_path / 'hf')) == ar_record
+  assert model_io.load_training(str(tmp_path / 'converted')) == ar_record
+  flare_record = model_io.load_training(str(tmp_path / 'flare' / 'model'))
+  assert flare_record == {
+      'objective': 'flare', 'steps': 40, 'init_from': str(tmp_path / 'converted'),
+      'flare': {'block_size': 4, 'num_views': 2, 'logit_shift': True, 'noise': 'uniform'}}
 
 
 def test_misspelt_override_fails_loudly():
