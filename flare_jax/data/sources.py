@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import sysconfig
-from typing import Iterable, Sequence
+import time
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -78,6 +80,10 @@ def as_paths(paths: str | Sequence[str]) -> list[str]:
   return out
 
 
+def _stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 class JsonlSource:
   """JSON-lines files, indexed once by byte offset so that `__getitem__` is O(1) (one pread).
 
@@ -87,8 +93,13 @@ class JsonlSource:
   raises. Blank lines are ignored.
   """
 
-  def __init__(self, paths: str | Sequence[str], on_malformed: str = 'skip'):
-    """Args: paths: files (a list or a comma-separated string); on_malformed: 'skip' | 'error'.
+  # Files at least this large report their indexing (a few hundred MB/s: a minute per ~20 GB).
+  PROGRESS_BYTES = 1 << 30
+
+  def __init__(self, paths: str | Sequence[str], on_malformed: str = 'skip',
+               log: Callable[[str], None] = _stderr):
+    """Args: paths: files (a list or a comma-separated string); on_malformed: 'skip' | 'error';
+    log: where files of PROGRESS_BYTES or more report their indexing, every PROGRESS_BYTES.
 
     Raises:
       ValueError: a missing file, an unknown on_malformed, malformed lines with 'error', or no
@@ -100,9 +111,15 @@ class JsonlSource:
     self.malformed = MalformedLines()
     file_ids, offsets, lengths = [], [], []
     for file_id, path in enumerate(self._paths):
+      size, started = os.path.getsize(path), time.perf_counter()
+      report_at = self.PROGRESS_BYTES if size >= self.PROGRESS_BYTES else None
       with open(path, 'rb') as f:
         offset = 0
         for line_no, line in enumerate(f, 1):
+          if report_at is not None and offset >= report_at:
+            log(f'indexing {path}: {offset / 2**30:.1f} of {size / 2**30:.1f} GiB, '
+                f'{time.perf_counter() - started:.0f} s')
+            report_at += self.PROGRESS_BYTES
           if line.strip():
             try:
               why = validate_example(json.loads(line.decode('utf-8')))
@@ -117,6 +134,8 @@ class JsonlSource:
             else:
               self.malformed.add(f'{path}:{line_no}', why)
           offset += len(line)
+      if report_at is not None:
+        log(f'indexed {path}: {size / 2**30:.1f} GiB in {time.perf_counter() - started:.0f} s')
     if self.malformed.count and on_malformed == 'error':
       raise ValueError(f'{self.malformed.describe()} (on_malformed=error)')
     if not offsets:

@@ -119,3 +119,17 @@ def test_arithmetic_source_is_correct_and_seeded():
   assert {op for ex in examples for op in '+-*' if op in ex['prompt']} == {'+', '-', '*'}
   assert examples == [sources.SyntheticArithmeticSource(200, seed=3)[i] for i in range(200)]
   assert examples != [sources.SyntheticArithmeticSource(200, seed=4)[i] for i in range(200)]
+
+
+def test_jsonl_reports_indexing_progress_of_large_files_only(tmp_path, monkeypatch):
+  monkeypatch.setattr(sources.JsonlSource, 'PROGRESS_BYTES', 1000)
+  line = json.dumps({'text': 'x' * 90}) + '\n'  # 103 bytes
+  (tmp_path / 'big.jsonl').write_text(line * 30)  # 3090 bytes: lines start past 1000 and 2000
+  (tmp_path / 'small.jsonl').write_text(line * 9)  # 927 bytes: below the threshold
+  messages = []
+  src = sources.JsonlSource([str(tmp_path / 'big.jsonl'), str(tmp_path / 'small.jsonl')],
+                            log=messages.append)
+  assert len(src) == 39
+  big = tmp_path / 'big.jsonl'
+  assert len(messages) == 3 and all(m.startswith(f'indexing {big}: ') for m in messages[:2])
+  assert messages[2].startswith(f'indexed {big}: ')
