@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+import jax
 from absl import app
 from absl import flags
 
@@ -34,6 +35,8 @@ _LIMIT = flags.DEFINE_integer('limit', 0, 'Evaluate only the first N examples (0
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per jitted batch.')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Generation budget per example.')
 _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their last N tokens.')
+_DATA_PARALLEL = flags.DEFINE_bool('data_parallel', True, "Split each batch over this process's "
+                                   'devices (params replicated on each).')
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
 _TEMPLATE_KWARGS = flags.DEFINE_string(
     'chat_template_kwargs', '', 'Variables for the chat template (a JSON object), e.g. '
@@ -105,7 +108,8 @@ def main(argv):
   print(f'{_TASK.value}: {len(examples)} {kind} examples{templated}; '
         f'modes: {list(modes) if kind != "choice" else "loglik"}')
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
-                             max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value)
+                             max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value,
+                             devices=jax.local_devices() if _DATA_PARALLEL.value else None)
   print_table(results)
   out = _OUT.value or _default_out(_TASK.value)
   with open(out, 'w') as f:

@@ -61,6 +61,8 @@ _COMMIT = flags.DEFINE_enum('commit', 'threshold', ['threshold', 'fixed'], 'Diff
 _THRESHOLD = flags.DEFINE_float('threshold', 0.9, 'Diffusion-Trust confidence threshold.')
 _PER_PASS = flags.DEFINE_integer('tokens_per_pass', 2, "Tokens per pass for --commit=fixed.")
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts per jitted batch.')
+_DATA_PARALLEL = flags.DEFINE_bool('data_parallel', True, "Split each batch over this process's "
+                                   'devices (params replicated on each; not for one --prompt).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'Compute dtype.')
 _DECODE_IMPL = flags.DEFINE_enum(
@@ -204,7 +206,9 @@ def main(argv):
   eos = set(tokenizer.stop_ids) | extra | (
       {model.cfg.eos_token_id} if model.cfg.eos_token_id is not None else set())
   cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
-  sampler = sampler_lib.Sampler(model)
+  several = len(prompts) > 1 or bool(_OUTPUT.value)
+  sampler = sampler_lib.Sampler(
+      model, jax.local_devices() if _DATA_PARALLEL.value and several else None)
   rng = jax.random.key(_SEED.value)
   try:
     texts = [_prompt_text(item, tokenizer) for item in prompts]

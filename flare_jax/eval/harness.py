@@ -76,14 +76,16 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multipl
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.SamplerConfig, *,
                    batch_size: int = 16, max_prompt_len: int = 512, seed: int = 0,
-                   on_progress: Callable[[int, int], None] | None = None):
-  """Decodes every prompt with `cfg`. Returns (output texts, GenerationStats)."""
+                   on_progress: Callable[[int, int], None] | None = None,
+                   sampler: sampler_lib.Sampler | None = None):
+  """Decodes every prompt with `cfg` (through `sampler`, else a one-device Sampler of `model`).
+  Returns (output texts, GenerationStats)."""
   ids, lengths = encode_prompts(tokenizer, prompts, max_prompt_len)
   n = len(prompts)
   pad = (-n) % batch_size
   ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
   lengths = np.concatenate([lengths, np.repeat(lengths[-1:], pad)])
-  sampler = sampler_lib.Sampler(model)
+  sampler = sampler or sampler_lib.Sampler(model)
   rng = jax.random.key(seed)
   batches = len(ids) // batch_size
   # The keys before the clock starts (fold_in compiles on its first call), then the first batch
@@ -220,21 +222,24 @@ def stop_ids(tokenizer, kind: str) -> tuple[int, ...]:
 def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              modes: dict[str, sampler_lib.SamplerConfig] | None = None, *, batch_size: int = 16,
              max_prompt_len: int = 512, code_timeout_s: float = 10.0,
-             keep_outputs: bool = False) -> dict[str, dict]:
+             keep_outputs: bool = False,
+             devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
-  added to each config's eos_ids). 'choice': one 'loglik' entry (decoding mode does not apply)."""
+  added to each config's eos_ids), decoded data parallel over `devices` when several.
+  'choice': one 'loglik' entry (decoding mode does not apply)."""
   if kind == 'choice':
     logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
                              on_progress=progress('choice'))
     correct = [float(scorers.best_choice(ll) == ex['label']) for ll, ex in zip(logliks, examples)]
     return {'loglik': {'accuracy': float(np.mean(correct)), 'n': len(examples)}}
   results = {}
+  sampler = sampler_lib.Sampler(model, devices)  # params replicated once for every mode
   for name, cfg in (modes or {}).items():
     eos = set(cfg.eos_ids) | set(stop_ids(tokenizer, kind))
     cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
     outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in examples], cfg,
                                     batch_size=batch_size, max_prompt_len=max_prompt_len,
-                                    on_progress=progress(f'{name:>24s}'))
+                                    on_progress=progress(f'{name:>24s}'), sampler=sampler)
     scores = score_outputs(kind, examples, outputs, code_timeout_s=code_timeout_s)
     results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
     if kind == 'exact':  # graded too: exact lines are rare for small models

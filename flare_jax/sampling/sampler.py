@@ -18,11 +18,14 @@ run through the model. Slot j of every buffer holds position j, so rows never ne
 """
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from flare_jax.model import cache as cache_lib
 from flare_jax.model import layers
@@ -110,6 +113,9 @@ class DecodeResult:
   n_accepted: jax.Array  # [B]
 
 
+_DATA = 'data'  # the mesh axis data-parallel decoding splits the batch over
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamStats:
   """One streamed row's totals: tokens generated (EOS included), model passes, AR-Trust drafts
@@ -179,11 +185,21 @@ def _eos_hit(tokens: jax.Array, count: jax.Array, eos_ids: tuple[int, ...]):
 
 class Sampler:
   """Batch decoder for a FlareLM.
-  Build once; `generate` compiles once per (config, batch, lengths)."""
+  Build once; `generate` compiles once per (config, batch, lengths).
 
-  def __init__(self, model: transformer.FlareLM):
+  With several `devices`, `generate` is data parallel: the params are replicated onto every device
+  once, here, and each device decodes its slice of the batch (the batch padded to a multiple of
+  the device count with copies of its last row, which are dropped), with its own sampling key.
+  Greedy decoding gives every row the tokens one device gives it.
+  """
+
+  def __init__(self, model: transformer.FlareLM, devices: Sequence[jax.Device] | None = None):
     self.graphdef, self.params = nnx.split(model)
     self.model_cfg = model.cfg
+    self.mesh = None
+    if devices is not None and len(devices) > 1:
+      self.mesh = jax.sharding.Mesh(np.asarray(devices), (_DATA,))
+      self.params = jax.device_put(self.params, jax.sharding.NamedSharding(self.mesh, P()))
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
                pad_id: int = 0) -> DecodeResult:
@@ -200,8 +216,17 @@ class Sampler:
       ValueError: empty batch, empty prompt, lengths out of range, ids out of the vocabulary.
     """
     prompts, prompt_lengths, rng = self._validate(prompts, prompt_lengths, cfg, rng)
-    return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
-                     mask_id=self.model_cfg.resolved_mask_token_id, pad_id=pad_id)
+    mask_id = self.model_cfg.resolved_mask_token_id
+    if self.mesh is None:
+      return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
+                       mask_id=mask_id, pad_id=pad_id)
+    rows = prompts.shape[0]
+    fill = -rows % self.mesh.size
+    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
+    result = _generate_data_parallel(self.graphdef, self.params, pad(prompts),
+                                     pad(prompt_lengths), rng, cfg=cfg, mask_id=mask_id,
+                                     pad_id=pad_id, mesh=self.mesh)
+    return jax.tree.map(lambda x: x[:rows], result)
 
   def _validate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng):
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -336,6 +361,20 @@ def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerCon
   state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
                              lambda st: _iteration(model, st, cfg, mask_id), state)
   return _result(state, cfg, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id', 'mesh'))
+def _generate_data_parallel(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig,
+                            mask_id: int, pad_id: int, mesh) -> DecodeResult:
+  """`_generate` on each device of `mesh`'s data axis for its rows (params replicated). Each
+  device loops until its own rows are done; nothing is exchanged between them."""
+  def one_device(params, prompts, prompt_lengths, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(_DATA))
+    return _generate(graphdef, params, prompts, prompt_lengths, rng, cfg=cfg, mask_id=mask_id,
+                     pad_id=pad_id)
+  rows = P(_DATA)
+  return jax.shard_map(one_device, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=rows,
+                       check_vma=False)(params, prompts, prompt_lengths, rng)
 
 
 def _decode_model(graphdef, params) -> transformer.FlareLM:

@@ -58,3 +58,20 @@ def test_greedy_ar_trust_equals_greedy_ar_with_the_kernels(block):
 
 def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar_with_the_kernels():
   _assert_equals_greedy_ar(12, mode='diffusion_trust', block_size=1, threshold=1.0)
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason='needs 2 GPUs')
+@pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
+def test_data_parallel_decoding_with_the_kernels_matches_one_gpu(mode):
+  """The decode kernels run inside the per-device program of the data-parallel sampler."""
+  prompts, lengths = _prompts()
+  cfg = config_lib.VARIANTS['small'].replace(dtype='float32', gdn_decode_impl='pallas',
+                                             attn_decode_impl='pallas')
+  model = transformer.FlareLM(cfg, rngs=nnx.Rngs(5))
+  sampler_cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=16, commit='fixed',
+                                          tokens_per_pass=2)
+  with jax.default_matmul_precision('highest'):
+    one = sampler_lib.Sampler(model).generate(prompts, lengths, sampler_cfg)
+    split = sampler_lib.Sampler(model, devices=jax.devices()[:2]).generate(
+        prompts, lengths, sampler_cfg)
+  np.testing.assert_array_equal(split.tokens, one.tokens)

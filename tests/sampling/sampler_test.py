@@ -262,3 +262,31 @@ def test_slots_after_a_committed_eos_are_not_needed():
                                       [True, True, True, True],  # the 9 is still masked
                                       [True, True, False, True]])  # no committed EOS
   np.testing.assert_array_equal(sampler_lib._needed(targets, masked, ()), masked)
+
+
+@pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
+def test_data_parallel_decoding_gives_each_row_its_one_device_tokens(tiny, rng, mode):
+  """5 ragged rows over 2 devices (padded to 6) and over 3; EOS ends some rows early."""
+  prompts, lengths = _ragged_prompts(rng, [3, 7, 1, 5, 6], 8)
+  cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=7, block_size=3, commit='fixed',
+                                  tokens_per_pass=2)
+  one = sampler_lib.Sampler(tiny).generate(prompts, lengths, cfg)
+  cfg = dataclasses.replace(cfg, eos_ids=(int(one.tokens[1, 2]),))  # row 1 stops at its 3rd token
+  one = sampler_lib.Sampler(tiny).generate(prompts, lengths, cfg)
+  for n in (2, 3):
+    split = sampler_lib.Sampler(tiny, devices=jax.devices()[:n]).generate(prompts, lengths, cfg)
+    for field in ('tokens', 'num_tokens', 'n_forward', 'n_drafted', 'n_accepted'):
+      np.testing.assert_array_equal(getattr(split, field), getattr(one, field), err_msg=field)
+  assert int(one.num_tokens[1]) <= 3
+
+
+def test_data_parallel_sampling_draws_each_devices_rows_with_its_own_key(tiny):
+  """The same prompt on every row at temperature 1: rows at the same place on different devices
+  must not repeat each other's samples."""
+  prompts, lengths = np.full((4, 4), 7, np.int32), np.full((4,), 4, np.int32)
+  cfg = sampler_lib.SamplerConfig(mode='ar', max_new_tokens=12, temperature=1.0)
+  out = sampler_lib.Sampler(tiny, devices=jax.devices()[:2]).generate(
+      prompts, lengths, cfg, jax.random.key(0))
+  tokens = np.asarray(out.tokens)
+  assert tokens.shape == (4, 12)
+  assert not np.array_equal(tokens[0], tokens[2]) and not np.array_equal(tokens[1], tokens[3])
