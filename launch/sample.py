@@ -244,8 +244,9 @@ def _stream_one(sampler, cfg, rng, tokenizer, text: str, ids: list[int]) -> None
     print(text_of.add(piece), end='', flush=True)
   print(text_of.flush(), flush=True)
   secs = time.perf_counter() - t0
-  line = (f'{stats.tokens} tokens, {stats.forward_passes} forward passes '
-          f'({stats.forward_passes / max(stats.tokens, 1):.2f} per token)')
+  passes = stats.forward_passes - 1  # after the prefill, as launch.eval counts them
+  line = (f'{stats.tokens} tokens, {passes} forward passes after the prefill '
+          f'({passes / max(stats.tokens, 1):.2f} per token)')
   if cfg.mode == 'ar_trust':
     line += f', {stats.accepted} of {stats.drafted} drafts accepted'
   print(f'{line}, {secs:.1f} s (compiles included)', file=sys.stderr)

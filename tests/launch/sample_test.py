@@ -37,8 +37,9 @@ def test_one_prompt_streams_its_text_then_its_totals(ckpt):
                 '--block_size=2')
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.startswith('1+2=') and run.stdout.endswith('\n')
-  assert re.search(r'^5 tokens, \d+ forward passes \(\d\.\d\d per token\), \d+ of \d+ drafts '
-                   r'accepted, [\d.]+ s', run.stderr, re.MULTILINE), run.stderr[-2000:]
+  assert re.search(r'^5 tokens, \d+ forward passes after the prefill \(\d\.\d\d per token\), '
+                   r'\d+ of \d+ drafts accepted, [\d.]+ s', run.stderr, re.MULTILINE), (
+                       run.stderr[-2000:])
 
 
 @pytest.mark.parametrize('record, mode, rc, message', [
