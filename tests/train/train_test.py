@@ -36,7 +36,8 @@ def _train(env, workdir, *overrides):
   return out.stdout
 
 
-def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, one_cpu_device_env):
+def test_kill_and_resume_on_more_devices_matches_an_uninterrupted_run(tmp_path,
+                                                                     one_cpu_device_env):
   common = ('--config.train.num_steps=8', '--config.ckpt.every=3', '--config.objective.name=ar',
             '--config.train.log_every=1', '--config.train.eval_every=4',
             '--config.train.eval_batches=2', '--config.train.profile_steps=2:3')
@@ -46,7 +47,12 @@ def test_kill_and_resume_matches_an_uninterrupted_run_and_loss_falls(tmp_path, o
   traces = list((tmp_path / 'full' / 'profile').glob('plugins/profile/*/*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
   train(tmp_path / 'resumed', *common, '--config.train.stop_after=4')  # saves at 3 and at 4
-  log = train(tmp_path / 'resumed', *common)
+  # The rest on 4 devices (data 2 x fsdp 2), as a job restarted on more GPUs: the state is
+  # resharded on restore and the data stream continues where it stopped.
+  four_devices = dict(one_cpu_device_env, XLA_FLAGS=(
+      one_cpu_device_env['XLA_FLAGS'] + ' --xla_force_host_platform_device_count=4').strip())
+  log = _train(four_devices, tmp_path / 'resumed', *common, '--config.mesh.fsdp=2')
+  assert 'devices: 4 x cpu' in log and "mesh: {'data': 2, 'fsdp': 2, 'tensor': 1}" in log
   assert 'resumed from' in log and 'at step 4' in log
   assert 'starts at or before the resumed step 4: not profiling' in log
   full = {r['step']: r['loss'] for r in _jsonl(tmp_path / 'full' / 'metrics.jsonl')}
