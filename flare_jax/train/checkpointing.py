@@ -4,6 +4,7 @@
 is the grain iterator, so a resumed run consumes exactly the data an uninterrupted run would.
 """
 import os
+import re
 
 import grain
 import jax
@@ -29,6 +30,19 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter) -> None:
 
 class StateMismatchError(ValueError):
   """The newest checkpoint holds a train state of another structure or shape than this run's."""
+
+
+class DataStateMismatchError(StateMismatchError):
+  """The newest checkpoint's data-stream state was written by another number of processes."""
+
+
+def _data_writers(data_iter_dir: str) -> int | None:
+  """How many processes wrote a step's 'data_iter' item (grain: one process_I-of-N.json each), or
+  None when it cannot tell."""
+  counts = {int(m.group(1)) for name in (os.listdir(data_iter_dir)
+                                         if os.path.isdir(data_iter_dir) else ())
+            if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', name))}
+  return counts.pop() if len(counts) == 1 else None
 
 
 def _leaves(tree) -> dict[str, tuple]:
@@ -60,28 +74,39 @@ def state_mismatch(saved_state_dir: str, target, limit: int = 6) -> list[str]:
   return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, data_iter):
-  """Restores the newest checkpoint onto `state`'s shardings (no host copy) and into `data_iter`.
+def restore_latest(manager: ocp.CheckpointManager, state, data_iter, restart_data: bool = False):
+  """Restores the newest checkpoint onto `state`'s shardings (no host copy) and into `data_iter`
+  (left as it is, at its start, with `restart_data`).
 
   Returns:
     (step, state) or (None, state) when the workdir has no checkpoint.
 
   Raises:
+    DataStateMismatchError: the checkpoint's data stream was written by another number of
+      processes than this run's (and not `restart_data`); nothing was restored.
     StateMismatchError: the checkpoint's train state has another structure or shapes (another
       model or optimizer); nothing was restored.
   """
   step = manager.latest_step()
   if step is None:
     return None, state
+  where = os.path.join(manager.directory, str(step))
+  writers = _data_writers(os.path.join(where, 'data_iter'))
+  if not restart_data and writers not in (None, jax.process_count()):
+    raise DataStateMismatchError(
+        f'the checkpoint {where} holds the data stream of {writers} processes, this run has '
+        f'{jax.process_count()}: each process resumes its own shard of the data, so resume with '
+        f'{writers} processes, or set train.restart_data=True to restore the model and optimizer '
+        'and start the data stream from its beginning')
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       nnx.to_pure_dict(state))
+  items = dict(state=ocp.args.StandardRestore(target))
+  if not restart_data:
+    items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target),
-        data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
   except ValueError:
-    where = os.path.join(manager.directory, str(step))
     mismatch = state_mismatch(os.path.join(where, 'state'), target)
     if not mismatch:
       raise

@@ -59,3 +59,25 @@ def test_another_model_is_a_state_mismatch_naming_the_leaves(manager, width, dep
     checkpointing.restore_latest(manager, _state(width, depth), _data())
   for line in lines:
     assert line in str(err.value)
+
+
+def _as_written_by_two_processes(manager):
+  """Renames step 3's data-stream file as if two processes had written it."""
+  data_dir = manager.directory / '3' / 'data_iter'
+  (data_dir / 'process_0-of-1.json').rename(data_dir / 'process_0-of-2.json')
+  (data_dir / 'process_0-of-2.json').copy(data_dir / 'process_1-of-2.json')
+
+
+def test_a_data_stream_of_another_process_count_is_refused_or_restarted(manager):
+  _as_written_by_two_processes(manager)
+  with pytest.raises(checkpointing.DataStateMismatchError,
+                     match='holds the data stream of 2 processes, this run has 1'):
+    checkpointing.restore_latest(manager, _state(4, 2, seed=1), _data())
+  data = _data()
+  next(data)
+  step, restored = checkpointing.restore_latest(manager, _state(4, 2, seed=1), data,
+                                                restart_data=True)
+  assert step == 3 and next(data) == 1  # the stream is left where it was
+  for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(restored)),
+                  jax.tree.leaves(nnx.to_pure_dict(_state(4, 2)))):
+    np.testing.assert_array_equal(a, b)
