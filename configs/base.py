@@ -98,8 +98,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.compilation_cache = 'workdir'
   # stop this invocation after N steps (checkpointing first); -1 = run to the end
   c.train.stop_after = -1
-  # on resume, restore the model and optimizer but start the data stream from its beginning: for a
-  # run restarted on another number of processes (each process's stream position is its own)
+  # a run resumed on another number of processes cannot resume the data stream (one position per
+  # process): True restores the model and optimizer and starts the data from its beginning,
+  # False stops with an error. A resume on as many processes always continues the stream.
   c.train.restart_data = False
   # held-out loss (the objective's, on the 'heldout' split: data.eval_paths for files) every N
   # steps and at the end, over the same eval_batches batches each time; 0 = off

@@ -5,6 +5,7 @@ is the grain iterator, so a resumed run consumes exactly the data an uninterrupt
 """
 import os
 import re
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -74,25 +75,33 @@ def state_mismatch(saved_state_dir: str, target, limit: int = 6) -> list[str]:
   return lines[:limit] + ([f'... and {len(lines) - limit} more'] if len(lines) > limit else [])
 
 
-def restore_latest(manager: ocp.CheckpointManager, state, data_iter, restart_data: bool = False):
-  """Restores the newest checkpoint onto `state`'s shardings (no host copy) and into `data_iter`
-  (left as it is, at its start, with `restart_data`).
+class Restored(NamedTuple):
+  step: int | None  # None: the workdir has no checkpoint
+  state: Any
+  data_restarted: bool  # data_iter was left at its start (restart_data, another process count)
 
-  Returns:
-    (step, state) or (None, state) when the workdir has no checkpoint.
+
+def restore_latest(manager: ocp.CheckpointManager, state, data_iter,
+                   restart_data: bool = False) -> Restored:
+  """Restores the newest checkpoint onto `state`'s shardings (no host copy) and into `data_iter`.
+
+  A checkpoint's data stream is one position per process, so a run on another number of processes
+  cannot resume it: with `restart_data` that run restores the rest and leaves `data_iter` at its
+  start; otherwise it is an error.
 
   Raises:
     DataStateMismatchError: the checkpoint's data stream was written by another number of
-      processes than this run's (and not `restart_data`); nothing was restored.
+      processes than this run's, without `restart_data`; nothing was restored.
     StateMismatchError: the checkpoint's train state has another structure or shapes (another
       model or optimizer); nothing was restored.
   """
   step = manager.latest_step()
   if step is None:
-    return None, state
+    return Restored(None, state, False)
   where = os.path.join(manager.directory, str(step))
   writers = _data_writers(os.path.join(where, 'data_iter'))
-  if not restart_data and writers not in (None, jax.process_count()):
+  restart = writers not in (None, jax.process_count())
+  if restart and not restart_data:
     raise DataStateMismatchError(
         f'the checkpoint {where} holds the data stream of {writers} processes, this run has '
         f'{jax.process_count()}: each process resumes its own shard of the data, so resume with '
@@ -102,7 +111,7 @@ def restore_latest(manager: ocp.CheckpointManager, state, data_iter, restart_dat
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       nnx.to_pure_dict(state))
   items = dict(state=ocp.args.StandardRestore(target))
-  if not restart_data:
+  if not restart:
     items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
@@ -114,4 +123,4 @@ def restore_latest(manager: ocp.CheckpointManager, state, data_iter, restart_dat
         f'the checkpoint {where} holds another model or optimizer than this run builds:\n  '
         + '\n  '.join(mismatch)) from None
   nnx.replace_by_pure_dict(state, restored['state'])
-  return step, state
+  return Restored(step, state, restart)

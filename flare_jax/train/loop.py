@@ -176,8 +176,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   train = state_lib.create_train_state(model_cfg, tx, mesh, rules, c.train.seed, load_params)
   manager = checkpointing.make_manager(workdir, c.ckpt.keep, c.ckpt.async_save)
   try:
-    start_step, train.state = checkpointing.restore_latest(manager, train.state, data_iter,
-                                                           c.train.restart_data)
+    start_step, train.state, data_restarted = checkpointing.restore_latest(
+        manager, train.state, data_iter, c.train.restart_data)
   except checkpointing.DataStateMismatchError as e:
     raise ConfigError(str(e)) from None
   except checkpointing.StateMismatchError as e:
@@ -185,8 +185,8 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   start_step = 0 if start_step is None else start_step
   if start_step:
     _log(f'resumed from {workdir}/ckpt at step {start_step}'
-         + ('; the data stream starts from its beginning (train.restart_data)'
-            if c.train.restart_data else ''))
+         + ('; its data stream was written by another number of processes, so the data starts '
+            'from its beginning (train.restart_data)' if data_restarted else ''))
   _record_config(c, workdir, start_step)
 
   profiler = profiling.StepProfiler(profile_window, os.path.join(workdir, 'profile'), _log)

@@ -37,8 +37,9 @@ def manager(tmp_path):
 
 
 def test_restore_onto_the_same_model_round_trips(manager):
-  step, restored = checkpointing.restore_latest(manager, _state(4, 2, seed=1), _data())
-  assert step == 3
+  step, restored, data_restarted = checkpointing.restore_latest(manager, _state(4, 2, seed=1),
+                                                                _data())
+  assert step == 3 and not data_restarted
   want = jax.tree.leaves(nnx.to_pure_dict(_state(4, 2)))
   got = jax.tree.leaves(nnx.to_pure_dict(restored))
   assert len(got) == len(want) and not np.array_equal(
@@ -75,9 +76,17 @@ def test_a_data_stream_of_another_process_count_is_refused_or_restarted(manager)
     checkpointing.restore_latest(manager, _state(4, 2, seed=1), _data())
   data = _data()
   next(data)
-  step, restored = checkpointing.restore_latest(manager, _state(4, 2, seed=1), data,
-                                                restart_data=True)
-  assert step == 3 and next(data) == 1  # the stream is left where it was
+  step, restored, data_restarted = checkpointing.restore_latest(
+      manager, _state(4, 2, seed=1), data, restart_data=True)
+  assert step == 3 and data_restarted and next(data) == 1  # the stream is left where it was
   for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(restored)),
                   jax.tree.leaves(nnx.to_pure_dict(_state(4, 2)))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_restart_data_still_resumes_a_stream_of_as_many_processes(manager):
+  data = _data()
+  next(data)  # the saved stream is at its start: restoring it rewinds this one
+  _, _, data_restarted = checkpointing.restore_latest(manager, _state(4, 2), data,
+                                                      restart_data=True)
+  assert not data_restarted and next(data) == 0
