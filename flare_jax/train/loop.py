@@ -93,6 +93,14 @@ def _record_config(c: mlc.ConfigDict, workdir: str, start_step: int) -> None:
     f.write(c.to_json_best_effort(indent=2))
 
 
+def _duration(seconds: float) -> str:
+  """'1h02m', '14m56s' or '42s'."""
+  s = int(round(seconds))
+  if s >= 3600:
+    return f'{s // 3600}h{s % 3600 // 60:02d}m'
+  return f'{s // 60}m{s % 60:02d}s' if s >= 60 else f'{s}s'
+
+
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
@@ -128,6 +136,10 @@ def _checked_setup(c: mlc.ConfigDict):
   warning = optim.schedule_warning(c.optim, c.train.num_steps)
   if warning:
     _log(f'warning: {warning}')
+  if model_cfg.param_dtype != 'float32':
+    _log(f'warning: model.param_dtype={model_cfg.param_dtype} keeps the master weights and '
+         "AdamW's moments in it too: updates smaller than its rounding step are lost (float32 is "
+         'the usual choice; model.dtype sets the compute dtype)')
   heldout = None
   if c.train.eval_every > 0:
     if c.train.eval_batches < 1:
@@ -254,8 +266,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         if evaluating:  # the same batches and noise every time: comparable across steps
           last.update(_evaluate(eval_fn, train.state, heldout, base_rng))
         writer.write(done, last)
+        eta = ''
+        if 'step_time_s' in last and done < c.train.num_steps:
+          eta = f' eta={_duration(last["step_time_s"] * (c.train.num_steps - done))}'
         _log(f'step {done}/{c.train.num_steps} ' + ' '.join(
-            f'{k}={v:.4g}' for k, v in last.items() if not k.endswith('n_targets')))
+            f'{k}={v:.4g}' for k, v in last.items() if not k.endswith('n_targets')) + eta)
         t_last, steps_since = time.time(), 0
       if done % c.ckpt.every == 0 or final:
         checkpointing.save(manager, done, train.state, data_iter)

@@ -219,3 +219,9 @@ def test_a_held_out_file_shorter_than_eval_batches_repeats(tmp_path):
   assert len(heldout) == 3  # every process gets eval_batches batches: collectives stay matched
   for batch in heldout[1:]:
     np.testing.assert_array_equal(batch['tokens'], heldout[0]['tokens'])
+
+
+@pytest.mark.parametrize('seconds, text', [(0.4, '0s'), (42, '42s'), (896, '14m56s'),
+                                           (3720, '1h02m'), (90061, '25h01m')])
+def test_durations_read_at_a_glance(seconds, text):
+  assert loop._duration(seconds) == text  # pylint: disable=protected-access
