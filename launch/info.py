@@ -14,6 +14,7 @@ from absl import flags
 from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.model import config as config_lib
+from flare_jax.sampling import training_record
 from launch import runtime
 
 _CKPT = flags.DEFINE_string('ckpt', None, 'Model checkpoint directory.', required=True)
@@ -43,7 +44,9 @@ def describe(ckpt: str) -> str:
   ]
   record = model_io.load_training(ckpt)
   if record is None:
-    lines.append('  training: not recorded (a converted Hugging Face checkpoint, or an older one)')
+    lines.append('  training: not recorded (a checkpoint older than the records)')
+  elif record.get('objective') == training_record.IMPORTED:
+    lines.append(f"  training: converted from {record.get('init_from')}, which records none")
   else:
     flare = record.get('flare')
     how = (f"FLARE block size {flare['block_size']}, {flare['num_views']} view(s), "

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from flare_jax.checkpoint import hf_mapping
 from flare_jax.checkpoint import model_io
 from flare_jax.model import config as config_lib
+from flare_jax.sampling import training_record
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -208,6 +209,9 @@ def convert_hf_checkpoint(hf_dir: str, out_dir: str, *, mask_token_id: int | Non
   with model_io.atomic_output_dir(out_dir, overwrite) as tmp:
     model_io.write_params(params, cfg, tmp)
     copied = model_io.copy_tokenizer_files(hf_dir, tmp) + model_io.copy_training_record(hf_dir, tmp)
+    if model_io.TRAINING_FILE not in copied:
+      model_io.write_training_record(tmp, training_record.imported_record(hf_dir))
+      copied.append(model_io.TRAINING_FILE)
   extra = f' + {", ".join(copied)}' if copied else ''
   log(f'wrote {out_dir} (params + {model_io.CONFIG_FILE}{extra})')
   return cfg

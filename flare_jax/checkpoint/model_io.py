@@ -157,8 +157,13 @@ def save_model(model_or_params: Any, out_dir: str, *, cfg: config_lib.ModelConfi
       for f in extra_files:
         shutil.copy2(f, os.path.join(tmp, os.path.basename(f)))
       if training is not None:
-        with open(os.path.join(tmp, TRAINING_FILE), 'w') as f:
-          json.dump(dict(training), f, indent=1)
+        write_training_record(tmp, training)
+
+
+def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
+  """Writes `record` (JSON-serialisable; see `load_training`) as directory's TRAINING_FILE."""
+  with open(os.path.join(directory, TRAINING_FILE), 'w') as f:
+    json.dump(dict(record), f, indent=1)
 
 
 def copy_training_record(src_dir: str, dst_dir: str) -> list[str]:

@@ -12,6 +12,13 @@ from flare_jax.sampling import sampler
 # When the checkpoint does not say (converted or older checkpoints): the sampler's default.
 DEFAULT_BLOCK_SIZE = sampler.SamplerConfig.block_size
 NOISY_MODES = ('ar_trust', 'diffusion_trust')
+IMPORTED = 'imported'  # the objective of a checkpoint converted from one with no record
+
+
+def imported_record(source: str) -> dict:
+  """The record of a checkpoint converted from `source`, a Hugging Face checkpoint that carries
+  no record: nothing says its noisy passes were trained."""
+  return {'objective': IMPORTED, 'steps': 0, 'init_from': source, 'flare': None}
 
 
 def make_record(objective: Mapping[str, Any], steps: int, init_from: str,
@@ -48,10 +55,15 @@ def check_mode(mode: str, record: Mapping[str, Any] | None) -> str | None:
   if mode not in NOISY_MODES or record is None:
     return None
   flare = record.get('flare')
+  consequence = (f'{mode} drafts or denoises poorly (AR-Trust stays exact, Diffusion-Trust does '
+                 'not)')
+  if flare is None and record.get('objective') == IMPORTED:
+    return (f'this checkpoint was converted from {record.get("init_from")}, which records no '
+            'FLARE training: unless it was FLARE-trained elsewhere, its noisy passes are '
+            f'untrained and {consequence}')
   if flare is None:
     return (f'this checkpoint was never trained with the FLARE objective (objective '
-            f'{record.get("objective")!r}): its noisy passes are untrained, so {mode} drafts or '
-            'denoises poorly (AR-Trust stays exact, Diffusion-Trust does not)')
+            f'{record.get("objective")!r}): its noisy passes are untrained, so {consequence}')
   if not flare.get('logit_shift', True):
     raise ValueError(f'{mode} decodes with the logit-shift layout (slot p predicts token p+1); '
                      'this checkpoint was trained with objective.logit_shift=False')

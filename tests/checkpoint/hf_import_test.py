@@ -39,6 +39,9 @@ def test_import_fills_every_leaf_with_its_source(tmp_path, tie, layers):
   assert got_cfg == cfg.replace(dtype='bfloat16', mask_token_id=cfg.vocab_size - 1)
   assert model_io.load_config(str(tmp_path / 'out')) == got_cfg
   _assert_same_params(model_io.load_params(str(tmp_path / 'out')), params)
+  # A source with no training record: the converted checkpoint says it was imported.
+  assert model_io.load_training(str(tmp_path / 'out')) == {
+      'objective': 'imported', 'steps': 0, 'init_from': str(tmp_path / 'hf'), 'flare': None}
 
 
 def test_bf16_source_is_read_exactly_and_fp32_tensors_stay_exact(tmp_path):
@@ -169,5 +172,6 @@ def test_mask_id_must_not_be_a_tokenizer_id_and_existing_output_is_kept(tmp_path
                                         mask_token_id=7, **QUIET)
   assert cfg.resolved_mask_token_id == 7 == model_io.load_config(str(out)).mask_token_id
   assert sorted(p.name for p in out.iterdir()) == [
-      'chat_template.jinja', 'model_config.json', 'params', 'tokenizer.json']
+      'chat_template.jinja', 'flare_training.json', 'model_config.json', 'params',
+      'tokenizer.json']
   assert sorted(p.name for p in tmp_path.iterdir()) == ['hf', 'out']  # no temp dirs left

@@ -35,5 +35,9 @@ def test_noisy_modes_are_checked_against_the_record():
   assert 'never trained with the FLARE objective' in training_record.check_mode(
       'diffusion_trust', ar_only)
   assert training_record.check_mode('ar', no_shift) is None
+  imported = training_record.imported_record('/hf/qwen')
+  assert 'converted from /hf/qwen, which records no FLARE training' in training_record.check_mode(
+      'ar_trust', imported)
+  assert training_record.default_block_size(imported) == training_record.DEFAULT_BLOCK_SIZE
   with pytest.raises(ValueError, match='objective.logit_shift=False'):
     training_record.check_mode('ar_trust', no_shift)
