@@ -10,7 +10,8 @@ def test_window_specs(spec, expected):
 
 
 @pytest.mark.parametrize('spec, message', [
-    ('5', "must be 'FIRST:LAST'"), ('a:b', "must be 'FIRST:LAST'"), ('1:2:3', "must be 'FIRST:LAST'"),
+    ('5', "must be 'FIRST:LAST'"), ('a:b', "must be 'FIRST:LAST'"),
+    ('1:2:3', "must be 'FIRST:LAST'"),
     ('0:2', '1 <= FIRST <= LAST'), ('4:3', '1 <= FIRST <= LAST'),
     ('11:12', r'starts at step 11, after the run ends \(train.num_steps=10\)'),
 ])
