@@ -89,15 +89,20 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
   _sync(f'atomic_output_dir:renamed:{out_dir}')
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-  """Copies the tokenizer / generation files present in `src_dir`; returns their names."""
+def _copy_present(names: Iterable[str], src_dir: str, dst_dir: str) -> list[str]:
+  """Copies those of `names` present in `src_dir` into `dst_dir`; returns their names."""
   copied = []
-  for name in TOKENIZER_FILES:
+  for name in names:
     src = os.path.join(src_dir, name)
     if os.path.isfile(src):
       shutil.copy2(src, os.path.join(dst_dir, name))
       copied.append(name)
   return copied
+
+
+def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
+  """Copies the tokenizer / generation files present in `src_dir`; returns their names."""
+  return _copy_present(TOKENIZER_FILES, src_dir, dst_dir)
 
 
 def write_params(params: dict, cfg: config_lib.ModelConfig, directory: str) -> None:
@@ -168,11 +173,7 @@ def write_training_record(directory: str, record: Mapping[str, Any]) -> None:
 
 def copy_training_record(src_dir: str, dst_dir: str) -> list[str]:
   """Copies src_dir's TRAINING_FILE, if any, into dst_dir; returns the names copied."""
-  src = os.path.join(src_dir, TRAINING_FILE)
-  if not os.path.isfile(src):
-    return []
-  shutil.copy2(src, os.path.join(dst_dir, TRAINING_FILE))
-  return [TRAINING_FILE]
+  return _copy_present((TRAINING_FILE,), src_dir, dst_dir)
 
 
 def load_training(ckpt_dir: str) -> dict | None:

@@ -214,6 +214,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
       heldout = [_global_batch(b, batch_sharding) for b in heldout]
     writer = metrics_lib.MetricsWriter(workdir, enabled=jax.process_index() == 0)
     base_rng = jax.random.key(c.train.seed + 1)
+    lr_schedule = optim.learning_rate_schedule(c.optim, c.train.num_steps)  # logged, not applied
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, c.train.peak_flops)
     streams = objectives.num_streams(c)
     flops_per_step = metrics_lib.train_flops_per_row(
@@ -257,7 +258,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
               f'checkpoint: step {manager.latest_step()}')
         dt = time.time() - t_last
         last = {k: float(v) for k, v in m.items()}
-        last['lr'] = float(optim.learning_rate_schedule(c.optim, c.train.num_steps)(step))
+        last['lr'] = float(lr_schedule(step))
         if steps_since:
           last['tokens_per_s'] = steps_since * c.data.batch_size * c.data.seq_len / dt
           last['step_time_s'] = dt / steps_since

@@ -82,11 +82,11 @@ def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
   Raises:
     ValueError: an `optim.*` field is out of range (`check_optim_config`).
   """
-  check_optim_config(optim_cfg, num_steps)
+  schedule = learning_rate_schedule(optim_cfg, num_steps)  # checks every optim field
   parts = []
   if optim_cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   parts.append(optax.adamw(
-      learning_rate_schedule(optim_cfg, num_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
       eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=_decay_mask))
   return optax.chain(*parts)
