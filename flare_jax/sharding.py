@@ -10,6 +10,8 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -141,6 +143,39 @@ def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True, shared:
   in_specs = jax.tree.map(lambda _: P(), shared) + jax.tree.map(lambda _: spec, args)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec,
                        check_vma=False)(*shared, *args)
+
+
+REPLICA_AXIS = 'data'  # the one axis of a `replica_mesh`
+
+
+def replica_mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh | None:
+  """A 1-D mesh (REPLICA_AXIS) over `devices` for data-parallel inference with replicated params;
+  None for no devices or one (run unsplit)."""
+  if devices is None or len(devices) < 2:
+    return None
+  return jax.sharding.Mesh(np.asarray(devices), (REPLICA_AXIS,))
+
+
+def replicate(tree, mesh: jax.sharding.Mesh):
+  """`tree` copied whole onto every device of `mesh`."""
+  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
+
+
+def split_rows(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
+  """fn(shared, *rows) run on every device of a `replica_mesh`, each on its slice of the rows.
+
+  rows: arrays with a leading batch axis, padded to a multiple of the device count with copies of
+  their last row (dropped from the outputs, which also lead with the batch axis). shared: a pytree
+  every device gets whole (params, a key). Inside fn, `jax.lax.axis_index(REPLICA_AXIS)` names the
+  device. Nothing is exchanged between devices, so each can run its own loop to its own end.
+  """
+  n = rows[0].shape[0]
+  fill = -n % mesh.size
+  padded = [jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x for x in rows]
+  spec = P(REPLICA_AXIS)
+  out = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (spec,) * len(rows), out_specs=spec,
+                      check_vma=False)(shared, *padded)
+  return jax.tree.map(lambda x: x[:n], out)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,6 +5,7 @@ with repeats that are not scored), so each mode compiles once per task. Speed fi
 compile: the first batch is run once untimed.
 """
 import dataclasses
+import functools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flare_jax import sharding as shd
 from flare_jax.eval import scorers
 from flare_jax.sampling import sampler as sampler_lib
 
@@ -116,7 +118,6 @@ def _strip_stop(tokens, stop_ids) -> list[int]:
   return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
 
 
-@nnx.jit
 def _next_token_logprobs(model, tokens, lengths):
   """log p(tokens[:, t+1] | tokens[:, :t+1]) [B, T-1], zero past each row's length."""
   logits, _ = model(tokens)
@@ -126,42 +127,76 @@ def _next_token_logprobs(model, tokens, lengths):
   return jnp.where(valid, picked, 0.0)
 
 
-@nnx.jit
 def _last_logits(model, tokens, lengths):
   """Next-token logits after each row's last token: [B, vocab] fp32 (rows right-padded)."""
   logits, _ = model(tokens)
   return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], 1)[:, 0].astype(jnp.float32)
 
 
-def top2_gaps(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16) -> np.ndarray:
+class Scorer:
+  """Clean forward passes that score right-padded rows (tokens int [B, T], lengths int [B]), data
+  parallel over `devices` when several: the params are replicated onto each once, here, and each
+  device scores its slice of every batch. Compiles once per batch shape."""
+
+  def __init__(self, model, devices: Sequence[jax.Device] | None = None):
+    self.graphdef, self.params = nnx.split(model)
+    self.mesh = shd.replica_mesh(devices)
+    if self.mesh is not None:
+      self.params = shd.replicate(self.params, self.mesh)
+
+  def next_token_logprobs(self, tokens, lengths) -> np.ndarray:
+    """[B, T-1] fp32: log p(tokens[:, t+1] | tokens[:, :t+1]), zero past each row's length."""
+    return self._run(_next_token_logprobs, tokens, lengths)
+
+  def last_logits(self, tokens, lengths) -> np.ndarray:
+    """[B, vocab] fp32: the next-token logits after each row's last token."""
+    return self._run(_last_logits, tokens, lengths)
+
+  def _run(self, fn, tokens, lengths) -> np.ndarray:
+    return np.asarray(_score(fn, self.graphdef, self.params, jnp.asarray(tokens, jnp.int32),
+                             jnp.asarray(lengths, jnp.int32), mesh=self.mesh))
+
+
+@functools.partial(jax.jit, static_argnames=('fn', 'graphdef', 'mesh'))
+def _score(fn, graphdef, params, tokens, lengths, *, mesh):
+  one_device = lambda params, tokens, lengths: fn(nnx.merge(graphdef, params), tokens, lengths)
+  if mesh is None:
+    return one_device(params, tokens, lengths)
+  return shd.split_rows(one_device, mesh, params, tokens, lengths)
+
+
+def top2_gaps(model, tokenizer, texts: Sequence[str], *, batch_size: int = 16,
+              devices: Sequence[jax.Device] | None = None) -> np.ndarray:
   """Top-1 minus top-2 next-token logit after each text, [len(texts)]: how near the greedy choice
-  there is to a tie (a gap below the logits' rounding error can flip between two computations)."""
+  there is to a tie (a gap below the logits' rounding error can flip between two computations).
+  Scored data parallel over `devices` when several (`Scorer`)."""
   rows = [tokenizer.encode(t) for t in texts]
   if not rows or not all(rows):
     raise ValueError('top2_gaps needs non-empty texts')
-  gaps = []
+  scorer, gaps = Scorer(model, devices), []
   for i in range(0, len(rows), batch_size):
     chunk = _fill(rows[i:i + batch_size], batch_size)
-    tokens, lengths = _padded(chunk, tokenizer.pad_id)
-    top = jax.lax.top_k(_last_logits(model, jnp.asarray(tokens), jnp.asarray(lengths)), 2)[0]
-    gaps.append(np.asarray(top[:, 0] - top[:, 1])[:min(batch_size, len(rows) - i)])
+    logits = scorer.last_logits(*_padded(chunk, tokenizer.pad_id))
+    top = np.partition(logits, -2, axis=-1)[:, -2:]  # the two largest, the largest last
+    gaps.append((top[:, 1] - top[:, 0])[:min(batch_size, len(rows) - i)])
   return np.concatenate(gaps)
 
 
 def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: int = 16,
-                   on_progress=None) -> list[list[float]]:
-  """Per example, the summed log-likelihood of each choice's tokens after its prompt."""
+                   on_progress=None,
+                   devices: Sequence[jax.Device] | None = None) -> list[list[float]]:
+  """Per example, the summed log-likelihood of each choice's tokens after its prompt; scored data
+  parallel over `devices` when several (`Scorer`)."""
   rows, spans = [], []
   for ex in examples:
     prompt = tokenizer.encode(ex['prompt'])
     for choice in ex['choices']:
       rows.append(prompt + tokenizer.encode(choice))
       spans.append((len(prompt), len(rows[-1])))
-  scores = []
+  scorer, scores = Scorer(model, devices), []
   for i in range(0, len(rows), batch_size):
     chunk = _fill(rows[i:i + batch_size], batch_size)
-    tokens, lengths = _padded(chunk, tokenizer.pad_id)
-    lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+    lp = scorer.next_token_logprobs(*_padded(chunk, tokenizer.pad_id))
     for j in range(min(batch_size, len(rows) - i)):
       start, end = spans[i + j]
       scores.append(float(lp[j, start - 1:end - 1].sum()))
@@ -175,8 +210,10 @@ def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: in
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
-               batch_size: int = 16, max_rows: int = 0) -> dict[str, float]:
-  """Token-level perplexity of the AR path over `texts` cut into rows of `seq_len` tokens.
+               batch_size: int = 16, max_rows: int = 0,
+               devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+  """Token-level perplexity of the AR path over `texts` cut into rows of `seq_len` tokens, scored
+  data parallel over `devices` when several (`Scorer`).
   Returns {'nll': mean nats per predicted token, 'perplexity', 'tokens'}."""
   rows = []
   for text in texts:
@@ -185,11 +222,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
   rows = [r for r in rows if len(r) > 1][:max_rows or None]
   if not rows:
     raise ValueError('no text to score')
-  total, count = 0.0, 0
+  scorer, total, count = Scorer(model, devices), 0.0, 0
   for i in range(0, len(rows), batch_size):
     chunk = _fill(rows[i:i + batch_size], batch_size)
     tokens, lengths = _padded(chunk, tokenizer.pad_id, multiple=seq_len)
-    lp = np.asarray(_next_token_logprobs(model, jnp.asarray(tokens), jnp.asarray(lengths)))
+    lp = scorer.next_token_logprobs(tokens, lengths)
     real = min(batch_size, len(rows) - i)
     total -= float(lp[:real].sum())
     count += int((lengths[:real] - 1).sum())
@@ -226,10 +263,10 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
   added to each config's eos_ids), decoded data parallel over `devices` when several.
-  'choice': one 'loglik' entry (decoding mode does not apply)."""
+  'choice': one 'loglik' entry (decoding mode does not apply), scored likewise."""
   if kind == 'choice':
     logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
-                             on_progress=progress('choice'))
+                             on_progress=progress('choice'), devices=devices)
     correct = [float(scorers.best_choice(ll) == ex['label']) for ll, ex in zip(logliks, examples)]
     return {'loglik': {'accuracy': float(np.mean(correct)), 'n': len(examples)}}
   results = {}

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
+from flare_jax import sharding as shd
 from flare_jax.model import cache as cache_lib
 from flare_jax.model import layers
 from flare_jax.model import transformer
@@ -113,9 +112,6 @@ class DecodeResult:
   n_accepted: jax.Array  # [B]
 
 
-_DATA = 'data'  # the mesh axis data-parallel decoding splits the batch over
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamStats:
   """One streamed row's totals: tokens generated (EOS included), model passes, AR-Trust drafts
@@ -196,10 +192,9 @@ class Sampler:
   def __init__(self, model: transformer.FlareLM, devices: Sequence[jax.Device] | None = None):
     self.graphdef, self.params = nnx.split(model)
     self.model_cfg = model.cfg
-    self.mesh = None
-    if devices is not None and len(devices) > 1:
-      self.mesh = jax.sharding.Mesh(np.asarray(devices), (_DATA,))
-      self.params = jax.device_put(self.params, jax.sharding.NamedSharding(self.mesh, P()))
+    self.mesh = shd.replica_mesh(devices)
+    if self.mesh is not None:
+      self.params = shd.replicate(self.params, self.mesh)
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
                pad_id: int = 0) -> DecodeResult:
@@ -220,13 +215,8 @@ class Sampler:
     if self.mesh is None:
       return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
                        mask_id=mask_id, pad_id=pad_id)
-    rows = prompts.shape[0]
-    fill = -rows % self.mesh.size
-    pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
-    result = _generate_data_parallel(self.graphdef, self.params, pad(prompts),
-                                     pad(prompt_lengths), rng, cfg=cfg, mask_id=mask_id,
-                                     pad_id=pad_id, mesh=self.mesh)
-    return jax.tree.map(lambda x: x[:rows], result)
+    return _generate_data_parallel(self.graphdef, self.params, prompts, prompt_lengths, rng,
+                                   cfg=cfg, mask_id=mask_id, pad_id=pad_id, mesh=self.mesh)
 
   def _validate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng):
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -368,13 +358,12 @@ def _generate_data_parallel(graphdef, params, prompts, prompt_lengths, rng, *, c
                             mask_id: int, pad_id: int, mesh) -> DecodeResult:
   """`_generate` on each device of `mesh`'s data axis for its rows (params replicated). Each
   device loops until its own rows are done; nothing is exchanged between them."""
-  def one_device(params, prompts, prompt_lengths, rng):
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(_DATA))
+  def one_device(shared, prompts, prompt_lengths):
+    params, rng = shared
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
     return _generate(graphdef, params, prompts, prompt_lengths, rng, cfg=cfg, mask_id=mask_id,
                      pad_id=pad_id)
-  rows = P(_DATA)
-  return jax.shard_map(one_device, mesh=mesh, in_specs=(P(), rows, rows, P()), out_specs=rows,
-                       check_vma=False)(params, prompts, prompt_lengths, rng)
+  return shd.split_rows(one_device, mesh, (params, rng), prompts, prompt_lengths)
 
 
 def _decode_model(graphdef, params) -> transformer.FlareLM:

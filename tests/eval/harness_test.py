@@ -93,6 +93,28 @@ def test_top2_gaps_match_direct_forward(model):
     harness.top2_gaps(model, TOK, ['a', ''])
 
 
+def test_scoring_split_over_devices_equals_one_device(model):
+  """3 devices and batches of 4 rows: every batch is padded to 6 rows (two per device), whose
+  copies must be dropped; each row's scores equal the one-device scores."""
+  devices = jax.devices()[:3]
+  examples = [{'prompt': 'x = 1 +', 'choices': [' 1', ' 22', 'abc'], 'label': 0},
+              {'prompt': 'def f(', 'choices': ['a):', 'self'], 'label': 1}]
+  one = harness.choice_logliks(model, TOK, examples, batch_size=4)
+  split = harness.choice_logliks(model, TOK, examples, batch_size=4, devices=devices)
+  np.testing.assert_allclose(np.concatenate(split), np.concatenate(one), rtol=1e-5, atol=1e-5)
+  text = 'import os\nprint(os.getcwd())\n'
+  one = harness.perplexity(model, TOK, [text], seq_len=8, batch_size=4)
+  split = harness.perplexity(model, TOK, [text], seq_len=8, batch_size=4, devices=devices)
+  assert split['tokens'] == one['tokens']
+  np.testing.assert_allclose(split['nll'], one['nll'], rtol=1e-5)
+  texts = ['a', 'hello world', 'def main():\n', '1+2=', 'xyz']
+  np.testing.assert_allclose(harness.top2_gaps(model, TOK, texts, batch_size=4, devices=devices),
+                             harness.top2_gaps(model, TOK, texts, batch_size=4),
+                             rtol=1e-5, atol=1e-5)
+  scorer = harness.Scorer(model, devices)
+  assert len(scorer.params['embed_tokens']['embedding'].sharding.device_set) == 3
+
+
 def test_exact_tasks_also_report_the_graded_line_prefix(model):
   """Targets built from the model's own greedy outputs: the first is matched exactly, the second
   only up to its last character, so accuracy is 1/2 and the line prefix (1 + (n-1)/n) / 2."""
