@@ -135,8 +135,8 @@ def per_batch_shard(fn: Callable[..., Any], *args, enabled: bool = True, shared:
   shards = math.prod(mesh.shape[a] for a in axes)
   batch = jax.tree.leaves(args)[0].shape[0]
   if batch % shards:
-    _warn_once(f'a batch of {batch} rows does not divide over the {shards} shards of mesh axes '
-               f'{axes}: kernels run on the whole batch on every device')
+    _warn_once(f'per_batch_shard: a batch of {batch} rows does not divide over the {shards} shards '
+               f'of mesh axes {axes}: kernels run on the whole batch on every device')
   if shards == 1 or batch % shards:
     return whole()
   spec = P(axes)
@@ -171,6 +171,9 @@ def split_rows(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
   """
   n = rows[0].shape[0]
   fill = -n % mesh.size
+  if fill:
+    _warn_once(f'{n} rows do not divide over {mesh.size} devices: each call computes {fill} '
+               f'padding rows too (a batch size that is a multiple of {mesh.size} wastes none)')
   padded = [jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x for x in rows]
   spec = P(REPLICA_AXIS)
   out = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (spec,) * len(rows), out_specs=spec,
@@ -180,7 +183,7 @@ def split_rows(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-  logging.warning('per_batch_shard: %s', message)
+  logging.warning('%s', message)
 
 
 def mesh_is_active() -> bool:
