@@ -4,8 +4,9 @@ python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
     --modes='ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9' --out=results.json
 (a mode without b= takes the block size the checkpoint's FLARE training used, else 4)
 
-Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode) and choice
-(log-likelihood; modes do not apply). See flare_jax/eval/tasks.py. Prints a table and writes JSON.
+Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode), choice
+(log-likelihood) and text (AR perplexity over rows of --seq_len tokens); modes do not apply to the
+last two. See flare_jax/eval/tasks.py. Prints a table and writes JSON.
 """
 import dataclasses
 import json
@@ -35,6 +36,8 @@ _LIMIT = flags.DEFINE_integer('limit', 0, 'Evaluate only the first N examples (0
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per jitted batch.')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Generation budget per example.')
 _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their last N tokens.')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'text tasks: the texts are cut into rows of this '
+                                'many tokens, each scored alone.')
 _DATA_PARALLEL = flags.DEFINE_bool('data_parallel', True, "Split each batch over this process's "
                                    'devices (params replicated on each).')
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
@@ -50,6 +53,10 @@ _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the t
                            'overwritten).')
 
 
+# The kinds that decode nothing: --modes do not apply (not checked, not recorded).
+_SCORED_BY = {'choice': 'loglik', 'text': 'perplexity'}
+
+
 def _default_out(task: str) -> str:
   """TASK.results.json beside the task file, or the first free TASK.results.N.json (N = 2, 3,
   ...), so that evaluating another checkpoint on the same task keeps the earlier results."""
@@ -61,6 +68,11 @@ def _default_out(task: str) -> str:
 
 
 def print_table(results: dict) -> None:
+  if 'perplexity' in results:  # a text task
+    r = results['perplexity']
+    print(f"| nats / token | perplexity | tokens | texts |\n|---|---|---|---|\n"
+          f"| {r['nll']:.4f} | {r['perplexity']:.3f} | {r['tokens']} | {r['n']} |")
+    return
   graded = any('line_prefix' in r for r in results.values())  # 'exact' tasks
   print('| mode | accuracy |' + (' line prefix |' if graded else '') +
         ' tokens/s | passes/token | acceptance |\n|---|---|' + ('---|' if graded else '') +
@@ -76,6 +88,8 @@ def main(argv):
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
   if not os.path.isfile(_TASK.value):
     raise app.UsageError(f'--task={_TASK.value}: no such file')
+  if _SEQ_LEN.value < 2:
+    raise app.UsageError(f'--seq_len must be >= 2 (one token predicted), got {_SEQ_LEN.value}')
   record = model_io.load_training(_CKPT.value)
   try:
     # Block sizes not given in a spec: the checkpoint's FLARE training's.
@@ -86,19 +100,23 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   try:
+    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
+  except ValueError as e:  # the task file's content: the reasons, no flag help
+    sys.exit(f'error: {e}')
+  if kind in _SCORED_BY:
+    modes = {}
+  try:
     warnings = {training_record.check_mode(cfg.mode, record) for cfg in modes.values()}
   except ValueError as e:
     sys.exit(f'error: {e}')
   for warning in sorted(filter(None, warnings)):
     print(f'warning: {warning}', file=sys.stderr)
   try:
-    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
-  except ValueError as e:  # the task file's content: the reasons, no flag help
-    sys.exit(f'error: {e}')
-  try:
     model = model_io.load_model(_CKPT.value)
     tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value,
                                              _TEMPLATE_KWARGS.value)
+    if _CHAT.value and kind == 'text':
+      raise ValueError('--chat does not apply to text tasks (they have no prompts)')
     if _CHAT.value:
       examples = [dict(ex, prompt=tokenizer_lib.render_user_prompt(tok, ex['prompt']))
                   for ex in examples]
@@ -106,9 +124,10 @@ def main(argv):
     sys.exit(f'error: {e}')
   templated = ' through the chat template' if _CHAT.value else ''
   print(f'{_TASK.value}: {len(examples)} {kind} examples{templated}; '
-        f'modes: {list(modes) if kind != "choice" else "loglik"}')
+        f'modes: {_SCORED_BY.get(kind, list(modes))}')
   results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
                              max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value,
+                             seq_len=_SEQ_LEN.value,
                              devices=jax.local_devices() if _DATA_PARALLEL.value else None)
   print_table(results)
   out = _OUT.value or _default_out(_TASK.value)

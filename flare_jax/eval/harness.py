@@ -210,7 +210,7 @@ def choice_logliks(model, tokenizer, examples: Sequence[dict], *, batch_size: in
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
-               batch_size: int = 16, max_rows: int = 0,
+               batch_size: int = 16, max_rows: int = 0, on_progress=None,
                devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
   """Token-level perplexity of the AR path over `texts` cut into rows of `seq_len` tokens, scored
   data parallel over `devices` when several (`Scorer`).
@@ -230,6 +230,8 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
     real = min(batch_size, len(rows) - i)
     total -= float(lp[:real].sum())
     count += int((lengths[:real] - 1).sum())
+    if on_progress:
+      on_progress(i + real, len(rows))
   nll = total / count
   return {'nll': nll, 'perplexity': float(np.exp(nll)), 'tokens': count}
 
@@ -259,11 +261,16 @@ def stop_ids(tokenizer, kind: str) -> tuple[int, ...]:
 def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              modes: dict[str, sampler_lib.SamplerConfig] | None = None, *, batch_size: int = 16,
              max_prompt_len: int = 512, code_timeout_s: float = 10.0,
-             keep_outputs: bool = False,
+             keep_outputs: bool = False, seq_len: int = 1024,
              devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
   added to each config's eos_ids), decoded data parallel over `devices` when several.
-  'choice': one 'loglik' entry (decoding mode does not apply), scored likewise."""
+  'choice': one 'loglik' entry, 'text': one 'perplexity' entry (`perplexity` over rows of
+  `seq_len` tokens); decoding modes do not apply to these two, scored likewise."""
+  if kind == 'text':
+    ppl = perplexity(model, tokenizer, [ex['text'] for ex in examples], seq_len=seq_len,
+                     batch_size=batch_size, on_progress=progress('perplexity'), devices=devices)
+    return {'perplexity': {**ppl, 'n': len(examples)}}
   if kind == 'choice':
     logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
                              on_progress=progress('choice'), devices=devices)

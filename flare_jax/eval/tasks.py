@@ -4,10 +4,12 @@
   exact    {"prompt": "...", "target": "next line"}       generate, score the first line
   code     {"prompt": "...", "tests": "assert f(1) == 2"} generate, run program + tests
   choice   {"prompt": "...", "choices": ["a", "b"], "label": 1}   log-likelihood of each choice
+  text     {"text": "..."}                                  AR perplexity over all the texts
 """
 import json
 
-KINDS = {'numeric': 'answer', 'exact': 'target', 'code': 'tests', 'choice': 'choices'}
+KINDS = {'numeric': 'answer', 'exact': 'target', 'code': 'tests', 'choice': 'choices',
+         'text': 'text'}
 
 
 def _kind_of(example: dict) -> str | None:
@@ -18,6 +20,9 @@ def _kind_of(example: dict) -> str | None:
 def _problem(example, kind: str) -> str | None:
   if not isinstance(example, dict):
     return 'not a JSON object'
+  if kind == 'text' and _kind_of(example) == kind:
+    text = example['text']
+    return None if isinstance(text, str) and text else '"text" must be a non-empty string'
   if not isinstance(example.get('prompt'), str):
     return 'no "prompt" string'
   if _kind_of(example) != kind:

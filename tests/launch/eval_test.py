@@ -6,6 +6,10 @@ import sys
 
 import pytest
 
+from flare_jax.checkpoint import model_io
+from flare_jax.data import tokenizer as tokenizer_lib
+from flare_jax.eval import harness
+
 
 def _eval(*args):
   return subprocess.run([sys.executable, '-m', 'launch.eval', *args], capture_output=True,
@@ -73,3 +77,30 @@ def test_default_results_files_never_overwrite_each_other(ckpt, task):
   first, second = (task.parent / f'arith.results{n}.json' for n in ('', '.2'))
   assert f'wrote {second}' in run.stdout
   assert json.loads(first.read_text())['task'] == json.loads(second.read_text())['task']
+
+
+def test_text_tasks_report_the_perplexity_of_the_model(ckpt, tmp_path):
+  """A text task scores AR perplexity over rows of --seq_len tokens, as harness.perplexity does on
+  the loaded checkpoint; no decoding mode runs (an untrained model's noisy-mode warning is not
+  printed) and --chat is refused."""
+  texts = ['import os\nprint(os.getcwd())\n', 'def f(x):\n  return x + 1\n']
+  task = tmp_path / 'held_out.jsonl'
+  task.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+  out = tmp_path / 'results.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--seq_len=16', '--batch_size=3',
+              f'--out={out}')
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert 'modes: perplexity' in run.stdout and 'warning' not in run.stderr
+  saved = json.loads(out.read_text())
+  assert saved['kind'] == 'text' and saved['sampler_configs'] == {}
+  model = model_io.load_model(ckpt)
+  want = harness.perplexity(model, tokenizer_lib.checkpoint_tokenizer(ckpt), texts, seq_len=16)
+  got = saved['results']['perplexity']
+  assert got['tokens'] == want['tokens'] and got['n'] == 2
+  assert got['nll'] == pytest.approx(want['nll'], rel=1e-5)
+  assert f"{want['perplexity']:.3f}" in run.stdout
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--chat')
+  assert run.returncode == 1 and 'does not apply to text tasks' in run.stderr
+  task.write_text('{"text": "a"}\n{"text": ""}\n')
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}')
+  assert run.returncode == 1 and f'{task}:2: "text" must be a non-empty string' in run.stderr
