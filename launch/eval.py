@@ -1,4 +1,4 @@
-"""Batched, jitted evaluation of a checkpoint on a JSONL task file, per decoding mode.
+"""Batched, jitted evaluation of a checkpoint on JSONL task files, per decoding mode.
 
 python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
     --modes='ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9' --out=results.json
@@ -6,7 +6,8 @@ python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
 
 Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode), choice
 (log-likelihood) and text (AR perplexity over rows of --seq_len tokens); modes do not apply to the
-last two. See flare_jax/eval/tasks.py. Prints a table and writes JSON.
+last two. See flare_jax/eval/tasks.py. Prints a table and writes JSON per task; --task=a,b,c
+evaluates several with one model load (every file is checked before the first is evaluated).
 """
 import dataclasses
 import json
@@ -28,7 +29,9 @@ from launch import runtime
 _CKPT = flags.DEFINE_string('ckpt', None,
                             'Model dir (launch.train workdir/model or convert_hf out).',
                             required=True)
-_TASK = flags.DEFINE_string('task', None, 'Task JSONL file.', required=True)
+_TASK = flags.DEFINE_string('task', None, 'Task JSONL file, or several joined by "," (the model '
+                            'loads once; each result file is written as its task finishes).',
+                            required=True)
 _MODES = flags.DEFINE_string('modes', 'ar;ar_trust;diffusion_trust:threshold=0.9',
                              'Modes joined by ";": mode[:b=B,threshold=X | k=K] (bare names may be '
                              'comma-separated).')
@@ -86,8 +89,15 @@ def print_table(results: dict) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Too many command-line arguments: {argv[1:]}')
-  if not os.path.isfile(_TASK.value):
-    raise app.UsageError(f'--task={_TASK.value}: no such file')
+  paths = [p for p in _TASK.value.split(',') if p]
+  if not paths:
+    raise app.UsageError('--task names no file')
+  for path in paths:
+    if not os.path.isfile(path):
+      raise app.UsageError(f'--task={path}: no such file')
+  if _OUT.value and len(paths) > 1:
+    raise app.UsageError('--out names one results file: with several tasks leave it out (each '
+                         "task's results are written beside it)")
   if _SEQ_LEN.value < 2:
     raise app.UsageError(f'--seq_len must be >= 2 (one token predicted), got {_SEQ_LEN.value}')
   record = model_io.load_training(_CKPT.value)
@@ -99,14 +109,16 @@ def main(argv):
     template_kwargs = tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  try:
-    kind, examples = tasks.load_task(_TASK.value, _LIMIT.value)
-  except ValueError as e:  # the task file's content: the reasons, no flag help
+  try:  # every task file is read and checked before any is evaluated
+    loaded = [(path, *tasks.load_task(path, _LIMIT.value)) for path in paths]
+  except ValueError as e:  # a task file's content: the reasons, no flag help
     sys.exit(f'error: {e}')
-  if kind in _SCORED_BY:
-    modes = {}
+  kinds = {kind for _, kind, _ in loaded}
+  if _CHAT.value and 'text' in kinds:
+    sys.exit('error: --chat does not apply to text tasks (they have no prompts)')
   try:
-    warnings = {training_record.check_mode(cfg.mode, record) for cfg in modes.values()}
+    warnings = {training_record.check_mode(cfg.mode, record) for cfg in modes.values()
+                if kinds - set(_SCORED_BY)}
   except ValueError as e:
     sys.exit(f'error: {e}')
   for warning in sorted(filter(None, warnings)):
@@ -115,28 +127,37 @@ def main(argv):
     model = model_io.load_model(_CKPT.value)
     tok = tokenizer_lib.checkpoint_tokenizer(_CKPT.value, _TOKENIZER.value,
                                              _TEMPLATE_KWARGS.value)
-    if _CHAT.value and kind == 'text':
-      raise ValueError('--chat does not apply to text tasks (they have no prompts)')
     if _CHAT.value:
-      examples = [dict(ex, prompt=tokenizer_lib.render_user_prompt(tok, ex['prompt']))
-                  for ex in examples]
+      loaded = [(path, kind, [dict(ex, prompt=tokenizer_lib.render_user_prompt(tok, ex['prompt']))
+                              for ex in examples]) for path, kind, examples in loaded]
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
-  templated = ' through the chat template' if _CHAT.value else ''
-  print(f'{_TASK.value}: {len(examples)} {kind} examples{templated}; '
-        f'modes: {_SCORED_BY.get(kind, list(modes))}')
-  results = harness.evaluate(model, tok, kind, examples, modes, batch_size=_BATCH.value,
-                             max_prompt_len=_MAX_PROMPT.value, code_timeout_s=_CODE_TIMEOUT.value,
-                             seq_len=_SEQ_LEN.value,
-                             devices=jax.local_devices() if _DATA_PARALLEL.value else None)
-  print_table(results)
-  out = _OUT.value or _default_out(_TASK.value)
-  with open(out, 'w') as f:
-    json.dump({'ckpt': _CKPT.value, 'task': _TASK.value, 'kind': kind, 'chat': _CHAT.value,
-               'chat_template_kwargs': template_kwargs, 'training': record,
-               'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in modes.items()},
-               'results': results}, f, indent=1)
-  print(f'wrote {out}')
+  devices = jax.local_devices() if _DATA_PARALLEL.value else None
+  for path, kind, examples in loaded:
+    task_modes = {} if kind in _SCORED_BY else modes
+    templated = ' through the chat template' if _CHAT.value else ''
+    print(f'{path}: {len(examples)} {kind} examples{templated}; '
+          f'modes: {_SCORED_BY.get(kind, list(task_modes))}')
+    results = harness.evaluate(model, tok, kind, examples, task_modes, batch_size=_BATCH.value,
+                               max_prompt_len=_MAX_PROMPT.value,
+                               code_timeout_s=_CODE_TIMEOUT.value, seq_len=_SEQ_LEN.value,
+                               devices=devices)
+    print_table(results)
+    out = _OUT.value or _default_out(path)
+    _write_json(out, {
+        'ckpt': _CKPT.value, 'task': path, 'kind': kind, 'chat': _CHAT.value,
+        'chat_template_kwargs': template_kwargs, 'training': record,
+        'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in task_modes.items()},
+        'results': results})
+    print(f'wrote {out}')
+
+
+def _write_json(path: str, obj) -> None:
+  """Writes obj to path whole or not at all (through path.partial)."""
+  partial = path + '.partial'
+  with open(partial, 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(partial, path)
 
 
 if __name__ == '__main__':

@@ -104,3 +104,26 @@ def test_text_tasks_report_the_perplexity_of_the_model(ckpt, tmp_path):
   task.write_text('{"text": "a"}\n{"text": ""}\n')
   run = _eval(f'--ckpt={ckpt}', f'--task={task}')
   assert run.returncode == 1 and f'{task}:2: "text" must be a non-empty string' in run.stderr
+
+
+def test_several_tasks_load_the_model_once_and_are_all_checked_first(ckpt, task, tmp_path):
+  """--task=a,b: each task's results beside it, as when evaluated alone; a malformed file among
+  them stops the run before anything is evaluated or written; --out is refused."""
+  text = tmp_path / 'held_out.jsonl'
+  text.write_text(json.dumps({'text': 'import os\n'}) + '\n')
+  run = _eval(f'--ckpt={ckpt}', f'--task={task},{text}', '--modes=ar', '--max_new_tokens=2')
+  assert run.returncode == 0, run.stderr[-2000:]
+  both = [json.loads((tmp_path / name).read_text())
+          for name in ('arith.results.json', 'held_out.results.json')]
+  assert [b['kind'] for b in both] == ['numeric', 'text']
+  assert set(both[0]['results']) == {'ar'} and 'perplexity' in both[1]['results']
+  alone = tmp_path / 'alone.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={text}', f'--out={alone}')
+  assert json.loads(alone.read_text())['results'] == both[1]['results']
+  bad = tmp_path / 'bad.jsonl'
+  bad.write_text('{"prompt": "x"}\n')
+  run = _eval(f'--ckpt={ckpt}', f'--task={task},{bad}', '--modes=ar', '--max_new_tokens=2')
+  assert run.returncode == 1 and f'{bad}:1:' in run.stderr
+  assert not (tmp_path / 'arith.results.2.json').exists()
+  run = _eval(f'--ckpt={ckpt}', f'--task={task},{text}', f'--out={alone}')
+  assert run.returncode != 0 and 'with several tasks leave it out' in run.stderr
