@@ -76,6 +76,11 @@ def print_table(results: dict) -> None:
     print(f"| nats / token | perplexity | tokens | texts |\n|---|---|---|---|\n"
           f"| {r['nll']:.4f} | {r['perplexity']:.3f} | {r['tokens']} | {r['n']} |")
     return
+  if 'loglik' in results:  # a choice task
+    r = results['loglik']
+    print(f"| accuracy | accuracy (per-byte log-likelihood) | examples |\n|---|---|---|\n"
+          f"| {r['accuracy']:.3f} | {r['accuracy_norm']:.3f} | {r['n']} |")
+    return
   graded = any('line_prefix' in r for r in results.values())  # 'exact' tasks
   print('| mode | accuracy |' + (' line prefix |' if graded else '') +
         ' tokens/s | passes/token | acceptance |\n|---|---|' + ('---|' if graded else '') +

@@ -274,8 +274,15 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
   if kind == 'choice':
     logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
                              on_progress=progress('choice'), devices=devices)
-    correct = [float(scorers.best_choice(ll) == ex['label']) for ll, ex in zip(logliks, examples)]
-    return {'loglik': {'accuracy': float(np.mean(correct)), 'n': len(examples)}}
+    # accuracy_norm: each choice's log-likelihood per UTF-8 byte, so that long choices are not
+    # penalised for their length (lm-evaluation-harness's acc_norm)
+    correct, correct_norm = [], []
+    for ll, ex in zip(logliks, examples):
+      per_byte = [x / len(c.encode('utf-8')) for x, c in zip(ll, ex['choices'])]
+      correct.append(scorers.best_choice(ll) == ex['label'])
+      correct_norm.append(scorers.best_choice(per_byte) == ex['label'])
+    return {'loglik': {'accuracy': float(np.mean(correct)),
+                       'accuracy_norm': float(np.mean(correct_norm)), 'n': len(examples)}}
   results = {}
   sampler = sampler_lib.Sampler(model, devices)  # params replicated once for every mode
   for name, cfg in (modes or {}).items():

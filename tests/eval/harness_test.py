@@ -130,3 +130,20 @@ def test_exact_tasks_also_report_the_graded_line_prefix(model):
   n = len(lines[1])
   assert res['accuracy'] == 0.5
   assert res['line_prefix'] == pytest.approx((1 + (n - 1) / n) / 2)
+
+
+def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):
+  """Labels set to each example's best choice per byte: accuracy_norm is 1, and plain accuracy
+  counts the examples where the summed log-likelihood picks the same choice (long choices sum
+  more negative terms: with this seed's model the two differ on one example of the five)."""
+  examples = [{'prompt': p, 'choices': ['a', 'abcdefghijkl', ' x = 1', '\n'], 'label': 0}
+              for p in ('x', 'def f(', 'import os\n', '1+2=', 'hello')]
+  logliks = harness.choice_logliks(model, TOK, examples, batch_size=8)
+  lengths = np.asarray([len(c.encode()) for c in examples[0]['choices']], np.float64)
+  per_byte = [int(np.argmax(np.asarray(ll) / lengths)) for ll in logliks]
+  summed = [int(np.argmax(ll)) for ll in logliks]
+  examples = [dict(ex, label=best) for ex, best in zip(examples, per_byte)]
+  res = harness.evaluate(model, TOK, 'choice', examples, batch_size=8)['loglik']
+  assert res['accuracy_norm'] == 1.0 and res['n'] == 5
+  assert res['accuracy'] == pytest.approx(np.mean(np.asarray(summed) == np.asarray(per_byte)))
+  assert res['accuracy'] < 1.0  # the two rules disagree somewhere, so the test tells them apart

@@ -127,3 +127,16 @@ def test_several_tasks_load_the_model_once_and_are_all_checked_first(ckpt, task,
   assert not (tmp_path / 'arith.results.2.json').exists()
   run = _eval(f'--ckpt={ckpt}', f'--task={task},{text}', f'--out={alone}')
   assert run.returncode != 0 and 'with several tasks leave it out' in run.stderr
+
+
+def test_choice_tasks_print_both_accuracies(ckpt, tmp_path):
+  task = tmp_path / 'choice.jsonl'
+  task.write_text(''.join(json.dumps({'prompt': p, 'choices': ['a', 'bcd'], 'label': 1}) + '\n'
+                          for p in ('x', 'y', 'z')))
+  out = tmp_path / 'results.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', f'--out={out}')
+  assert run.returncode == 0, run.stderr[-2000:]
+  r = json.loads(out.read_text())['results']['loglik']
+  assert set(r) == {'accuracy', 'accuracy_norm', 'n'} and r['n'] == 3
+  assert f"| {r['accuracy']:.3f} | {r['accuracy_norm']:.3f} | 3 |" in run.stdout
+  assert 'modes: loglik' in run.stdout and 'warning' not in run.stderr
