@@ -138,6 +138,8 @@ def main(argv):
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   devices = jax.local_devices() if _DATA_PARALLEL.value else None
+  used = devices or jax.local_devices()[:1]
+  run_on = f'{len(used)} x {used[0].device_kind}'  # what the speed figures were measured on
   for path, kind, examples in loaded:
     task_modes = {} if kind in _SCORED_BY else modes
     templated = ' through the chat template' if _CHAT.value else ''
@@ -151,7 +153,8 @@ def main(argv):
     out = _OUT.value or _default_out(path)
     _write_json(out, {
         'ckpt': _CKPT.value, 'task': path, 'kind': kind, 'chat': _CHAT.value,
-        'chat_template_kwargs': template_kwargs, 'training': record,
+        'chat_template_kwargs': template_kwargs, 'training': record, 'devices': run_on,
+        'batch_size': _BATCH.value,
         'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in task_modes.items()},
         'results': results})
     print(f'wrote {out}')

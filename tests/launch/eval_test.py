@@ -40,6 +40,7 @@ def test_writes_one_result_per_mode(recorded_ckpt, task, tmp_path):
   assert configs['ar_trust']['block_size'] == 2 and configs['diffusion_trust:b=3,k=1'][
       'block_size'] == 3
   assert saved['training'] == record
+  assert saved['devices'] == '8 x cpu' and saved['batch_size'] == 16  # conftest's 8 CPU devices
 
 
 def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
