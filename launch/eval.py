@@ -5,9 +5,10 @@ python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
 (a mode without b= takes the block size the checkpoint's FLARE training used, else 4)
 
 Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode), choice
-(log-likelihood) and text (AR perplexity over rows of --seq_len tokens); modes do not apply to the
-last two. See flare_jax/eval/tasks.py. Prints a table and writes JSON per task; --task=a,b,c
-evaluates several with one model load (every file is checked before the first is evaluated).
+(log-likelihood) and text (AR perplexity over rows of --seq_len tokens, and FLARE's training loss
+at the checkpoint's trained objective); modes do not apply to the last two. See
+flare_jax/eval/tasks.py. Prints a table and writes JSON per task; --task=a,b,c evaluates several
+with one model load (every file is checked before the first is evaluated).
 """
 import dataclasses
 import json
@@ -41,6 +42,9 @@ _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Generation budget per example
 _MAX_PROMPT = flags.DEFINE_integer('max_prompt_len', 512, 'Prompts keep their last N tokens.')
 _SEQ_LEN = flags.DEFINE_integer('seq_len', 1024, 'text tasks: the texts are cut into rows of this '
                                 'many tokens, each scored alone.')
+_FLARE_LOSS = flags.DEFINE_bool('flare_loss', True, "text tasks: also FLARE's training loss (AR "
+                                 "and diffusion terms) at the objective the checkpoint was trained "
+                                 'with, else the default objective.')
 _DATA_PARALLEL = flags.DEFINE_bool('data_parallel', True, "Split each batch over this process's "
                                    'devices (params replicated on each).')
 _CODE_TIMEOUT = flags.DEFINE_float('code_timeout_s', 10.0, 'Time limit per code-task program.')
@@ -75,6 +79,13 @@ def print_table(results: dict) -> None:
     r = results['perplexity']
     print(f"| nats / token | perplexity | tokens | texts |\n|---|---|---|---|\n"
           f"| {r['nll']:.4f} | {r['perplexity']:.3f} | {r['tokens']} | {r['n']} |")
+    if 'flare_loss' in results:
+      r = results['flare_loss']
+      o = r['objective']
+      print(f"\nFLARE loss (block {o['block_size']}, {o['num_views']} views, noise {o['noise']}), "
+            f"nats per target:\n| loss | AR term | diffusion term | targets |\n|---|---|---|---|\n"
+            f"| {r['loss']:.4f} | {r['loss_ar']:.4f} | {r['loss_diff']:.4f} | "
+            f"{int(r['n_targets'])} |")
     return
   if 'loglik' in results:  # a choice task
     r = results['loglik']
@@ -138,6 +149,7 @@ def main(argv):
   except (ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   devices = jax.local_devices() if _DATA_PARALLEL.value else None
+  objective = training_record.trained_objective(record) if _FLARE_LOSS.value else None
   used = devices or jax.local_devices()[:1]
   run_on = f'{len(used)} x {used[0].device_kind}'  # what the speed figures were measured on
   for path, kind, examples in loaded:
@@ -148,7 +160,7 @@ def main(argv):
     results = harness.evaluate(model, tok, kind, examples, task_modes, batch_size=_BATCH.value,
                                max_prompt_len=_MAX_PROMPT.value,
                                code_timeout_s=_CODE_TIMEOUT.value, seq_len=_SEQ_LEN.value,
-                               devices=devices)
+                               objective=objective, devices=devices)
     print_table(results)
     out = _OUT.value or _default_out(path)
     _write_json(out, {

@@ -17,7 +17,9 @@ from flax import nnx
 
 from flare_jax import sharding as shd
 from flare_jax.eval import scorers
+from flare_jax.objective import two_stream
 from flare_jax.sampling import sampler as sampler_lib
+from flare_jax.train import step as step_lib
 
 
 @dataclasses.dataclass
@@ -215,13 +217,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
   """Token-level perplexity of the AR path over `texts` cut into rows of `seq_len` tokens, scored
   data parallel over `devices` when several (`Scorer`).
   Returns {'nll': mean nats per predicted token, 'perplexity', 'tokens'}."""
-  rows = []
-  for text in texts:
-    ids = tokenizer.encode(text)
-    rows += [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
-  rows = [r for r in rows if len(r) > 1][:max_rows or None]
-  if not rows:
-    raise ValueError('no text to score')
+  rows = _text_rows(tokenizer, texts, seq_len, max_rows)
   scorer, total, count = Scorer(model, devices), 0.0, 0
   for i in range(0, len(rows), batch_size):
     chunk = _fill(rows[i:i + batch_size], batch_size)
@@ -234,6 +230,74 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
       on_progress(i + real, len(rows))
   nll = total / count
   return {'nll': nll, 'perplexity': float(np.exp(nll)), 'tokens': count}
+
+
+def _text_rows(tokenizer, texts: Sequence[str], seq_len: int, max_rows: int = 0):
+  """The texts' tokens cut into rows of at most seq_len, each with a token to predict."""
+  rows = []
+  for text in texts:
+    ids = tokenizer.encode(text)
+    rows += [ids[i:i + seq_len] for i in range(0, len(ids) - 1, seq_len)]
+  rows = [r for r in rows if len(r) > 1][:max_rows or None]
+  if not rows:
+    raise ValueError('no text to score')
+  return rows
+
+
+def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
+                        objective: two_stream.ObjectiveConfig, *, seq_len: int = 256,
+                        batch_size: int = 16, seed: int = 0, on_progress=None,
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, float]:
+  """FLARE's training loss on `texts` cut into rows as in `perplexity`, every token after a row's
+  first a target: the trainer's metrics (`two_stream.flare_loss`) as one mean over all targets.
+
+  'loss_ar' is the clean stream's NLL per target (`perplexity`'s nll); 'loss_diff' the noisy
+  views' term per target (summed over views, as trained); 'loss' their sum; 'n_targets'.
+  The noise is drawn from `seed`, per batch, and per device when data parallel over `devices`
+  (so loss_diff depends on the device count; the rest does not).
+  """
+  rows = _text_rows(tokenizer, texts, seq_len)
+  graphdef, params = nnx.split(model)
+  mesh = shd.replica_mesh(devices)
+  width = batch_size
+  if mesh is not None:
+    params = shd.replicate(params, mesh)
+    width = -(-batch_size // mesh.size) * mesh.size  # rows beyond the batch: empty, no targets
+  key, per_device = jax.random.key(seed), []
+  for i in range(0, len(rows), batch_size):
+    chunk = rows[i:i + batch_size]
+    tokens, lengths = _padded(chunk + [[tokenizer.pad_id]] * (width - len(chunk)),
+                              tokenizer.pad_id, multiple=seq_len)
+    real = np.arange(tokens.shape[1])[None] < lengths[:, None]
+    real[len(chunk):] = False
+    batch = {'tokens': tokens, 'segment_ids': real.astype(np.int32),
+             'positions': np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32),
+                                          tokens.shape).copy(),
+             'response_mask': real}
+    metrics = jax.device_get(_flare_metrics(objective, graphdef, params, batch,
+                                            jax.random.fold_in(key, i), mesh=mesh))
+    per_device += [{k: float(v[d]) for k, v in metrics.items()}
+                   for d in range(len(metrics['n_targets']))]
+    if on_progress:
+      on_progress(i + len(chunk), len(rows))
+  out = step_lib.mean_over_batches(per_device)
+  return {**out, 'loss': out['loss_ar'] + out['loss_diff']}
+
+
+@functools.partial(jax.jit, static_argnames=('objective', 'graphdef', 'mesh'))
+def _flare_metrics(objective, graphdef, params, batch, rng, *, mesh):
+  """flare_loss's metrics of one batch, one value per device: each [devices] ([1] unsplit)."""
+  def one_device(shared, batch):
+    params, rng = shared
+    if mesh is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
+    _, metrics = two_stream.flare_loss(nnx.merge(graphdef, params), batch, rng, objective)
+    rows = batch['tokens'].shape[0]  # split_rows returns rows: the device's values on each
+    return {k: jnp.broadcast_to(v, (rows,)) for k, v in metrics.items()}
+  if mesh is None:
+    return jax.tree.map(lambda x: x[:1], one_device((params, rng), batch))
+  per_row = shd.split_rows(one_device, mesh, (params, rng), batch)
+  return jax.tree.map(lambda x: x[::x.shape[0] // mesh.size], per_row)
 
 
 def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *,
@@ -262,15 +326,24 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              modes: dict[str, sampler_lib.SamplerConfig] | None = None, *, batch_size: int = 16,
              max_prompt_len: int = 512, code_timeout_s: float = 10.0,
              keep_outputs: bool = False, seq_len: int = 1024,
+             objective: two_stream.ObjectiveConfig | None = None,
              devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
   added to each config's eos_ids), decoded data parallel over `devices` when several.
-  'choice': one 'loglik' entry, 'text': one 'perplexity' entry (`perplexity` over rows of
-  `seq_len` tokens); decoding modes do not apply to these two, scored likewise."""
+  'choice': one 'loglik' entry. 'text': a 'perplexity' entry (`perplexity` over rows of `seq_len`
+  tokens), and with an `objective` a 'flare_loss' entry (`flare_loss_on_texts`, seed 0).
+  Decoding modes do not apply to these two, scored likewise."""
   if kind == 'text':
-    ppl = perplexity(model, tokenizer, [ex['text'] for ex in examples], seq_len=seq_len,
-                     batch_size=batch_size, on_progress=progress('perplexity'), devices=devices)
-    return {'perplexity': {**ppl, 'n': len(examples)}}
+    texts = [ex['text'] for ex in examples]
+    ppl = perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size,
+                     on_progress=progress('perplexity'), devices=devices)
+    out = {'perplexity': {**ppl, 'n': len(examples)}}
+    if objective is not None:
+      loss = flare_loss_on_texts(model, tokenizer, texts, objective, seq_len=seq_len,
+                                 batch_size=batch_size, on_progress=progress('flare loss'),
+                                 devices=devices)
+      out['flare_loss'] = {**loss, 'objective': dataclasses.asdict(objective), 'seed': 0}
+    return out
   if kind == 'choice':
     logliks = choice_logliks(model, tokenizer, examples, batch_size=batch_size,
                              on_progress=progress('choice'), devices=devices)

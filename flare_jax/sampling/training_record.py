@@ -7,6 +7,7 @@ the latest FLARE training in the model's history (an AR run from a FLARE model k
 from collections.abc import Mapping
 from typing import Any
 
+from flare_jax.objective import two_stream
 from flare_jax.sampling import sampler
 
 # When the checkpoint does not say (converted or older checkpoints): the sampler's default.
@@ -37,6 +38,13 @@ def trained_block_size(record: Mapping[str, Any] | None) -> int | None:
   """The block size the model's noisy passes were trained with, if the record says."""
   flare = (record or {}).get('flare')
   return int(flare['block_size']) if flare else None
+
+
+def trained_objective(record: Mapping[str, Any] | None) -> two_stream.ObjectiveConfig:
+  """The FLARE objective the model was trained with (block size, views, logit shift, noise), if
+  the record says; else the objective's defaults (what a conversion would start with)."""
+  flare = (record or {}).get('flare')
+  return two_stream.ObjectiveConfig(**flare) if flare else two_stream.ObjectiveConfig()
 
 
 def default_block_size(record: Mapping[str, Any] | None) -> int:

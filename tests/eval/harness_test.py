@@ -9,6 +9,7 @@ from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
+from flare_jax.objective import two_stream
 
 
 @pytest.fixture(scope='module')
@@ -147,3 +148,26 @@ def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):
   assert res['accuracy_norm'] == 1.0 and res['n'] == 5
   assert res['accuracy'] == pytest.approx(np.mean(np.asarray(summed) == np.asarray(per_byte)))
   assert res['accuracy'] < 1.0  # the two rules disagree somewhere, so the test tells them apart
+
+
+def test_flare_loss_on_texts_clean_stream_is_the_perplexity_and_noise_follows_the_seed(model):
+  """The clean stream of the two-stream pass is the AR path: loss_ar equals `perplexity`'s nll
+  over the same targets, on one device and on three (batches of 4 rows padded with empty rows to
+  6); loss_diff is reproducible from its seed and changes with it."""
+  texts = ['import os\nprint(os.getcwd())\n', 'def f(x):\n  return x + 1\n', 'a = [1, 2, 3]\n']
+  objective = two_stream.ObjectiveConfig(block_size=4, num_views=2)
+  ppl = harness.perplexity(model, TOK, texts, seq_len=16, batch_size=4)
+  one = harness.flare_loss_on_texts(model, TOK, texts, objective, seq_len=16, batch_size=4)
+  assert one['n_targets'] == ppl['tokens']
+  np.testing.assert_allclose(one['loss_ar'], ppl['nll'], rtol=1e-5)
+  assert np.isfinite(one['loss_diff']) and one['loss_diff'] > 0
+  again = harness.flare_loss_on_texts(model, TOK, texts, objective, seq_len=16, batch_size=4)
+  assert again == one
+  other = harness.flare_loss_on_texts(model, TOK, texts, objective, seq_len=16, batch_size=4,
+                                      seed=1)
+  assert other['loss_diff'] != one['loss_diff'] and other['loss_ar'] == one['loss_ar']
+  split = harness.flare_loss_on_texts(model, TOK, texts, objective, seq_len=16, batch_size=4,
+                                      devices=jax.devices()[:3])
+  assert split['n_targets'] == ppl['tokens']
+  np.testing.assert_allclose(split['loss_ar'], ppl['nll'], rtol=1e-5)
+  assert np.isfinite(split['loss_diff'])

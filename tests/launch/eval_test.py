@@ -100,6 +100,15 @@ def test_text_tasks_report_the_perplexity_of_the_model(ckpt, tmp_path):
   assert got['tokens'] == want['tokens'] and got['n'] == 2
   assert got['nll'] == pytest.approx(want['nll'], rel=1e-5)
   assert f"{want['perplexity']:.3f}" in run.stdout
+  # FLARE's loss at the default objective (this checkpoint records none): its AR term is the
+  # perplexity's nll; --noflare_loss leaves it out.
+  loss = saved['results']['flare_loss']
+  assert loss['objective']['block_size'] == 4 and loss['n_targets'] == want['tokens']
+  assert loss['loss_ar'] == pytest.approx(want['nll'], rel=1e-5)
+  assert f"{loss['loss_diff']:.4f}" in run.stdout
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--seq_len=16', '--noflare_loss',
+              f'--out={out}')
+  assert run.returncode == 0 and 'flare_loss' not in json.loads(out.read_text())['results']
   run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--chat')
   assert run.returncode == 1 and 'does not apply to text tasks' in run.stderr
   task.write_text('{"text": "a"}\n{"text": ""}\n')

@@ -1,6 +1,7 @@
 """A checkpoint's training record: what it keeps through AR runs, and what decoding makes of it."""
 import pytest
 
+from flare_jax.objective import two_stream
 from flare_jax.sampling import training_record
 
 FLARE = dict(name='flare', block_size=8, num_views=2, logit_shift=True, noise='uniform')
@@ -41,3 +42,13 @@ def test_noisy_modes_are_checked_against_the_record():
   assert training_record.default_block_size(imported) == training_record.DEFAULT_BLOCK_SIZE
   with pytest.raises(ValueError, match='objective.logit_shift=False'):
     training_record.check_mode('ar_trust', no_shift)
+
+
+def test_the_trained_objective_is_the_recorded_one_else_the_default():
+  noise = 'position_dependent'
+  record = training_record.make_record(dict(FLARE, num_views=1, noise=noise), 100, '', None)
+  got = training_record.trained_objective(record)
+  assert (got.block_size, got.num_views, got.logit_shift, got.noise) == (8, 1, True, noise)
+  default = two_stream.ObjectiveConfig()
+  assert training_record.trained_objective(None) == default
+  assert training_record.trained_objective(training_record.imported_record('/hf')) == default
