@@ -156,27 +156,29 @@ def replica_mesh(devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh | No
   return jax.sharding.Mesh(np.asarray(devices), (REPLICA_AXIS,))
 
 
-def replicate(tree, mesh: jax.sharding.Mesh):
-  """`tree` copied whole onto every device of `mesh`."""
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
+def replicate_over(tree, devices: Sequence[jax.Device] | None):
+  """(the `replica_mesh` of `devices`, `tree` copied whole onto each of its devices), or
+  (None, tree) for no devices or one."""
+  mesh = replica_mesh(devices)
+  if mesh is None:
+    return None, tree
+  return mesh, jax.device_put(tree, jax.sharding.NamedSharding(mesh, P()))
 
 
 def split_rows(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
   """fn(shared, *rows) run on every device of a `replica_mesh`, each on its slice of the rows.
 
-  rows: pytrees of arrays with one leading batch axis, padded to a multiple of the device count
-  with copies of their last row (dropped from the outputs, which also lead with the batch axis).
-  shared: a pytree every device gets whole (params, a key). Inside fn,
-  `jax.lax.axis_index(REPLICA_AXIS)` names the device. Nothing is exchanged between devices, so
-  each can run its own loop to its own end.
+  rows: arrays with a leading batch axis, padded to a multiple of the device count with copies of
+  their last row (dropped from the outputs, which also lead with the batch axis). shared: a pytree
+  every device gets whole (params, a key). Inside fn, `jax.lax.axis_index(REPLICA_AXIS)` names the
+  device. Nothing is exchanged between devices, so each can run its own loop to its own end.
   """
-  n = jax.tree.leaves(rows)[0].shape[0]
+  n = rows[0].shape[0]
   fill = -n % mesh.size
   if fill:
     _warn_once(f'{n} rows do not divide over {mesh.size} devices: each call computes {fill} '
                f'padding rows too (a batch size that is a multiple of {mesh.size} wastes none)')
-  pad = lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x
-  padded = jax.tree.map(pad, list(rows))
+  padded = [jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x for x in rows]
   spec = P(REPLICA_AXIS)
   out = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (spec,) * len(rows), out_specs=spec,
                       check_vma=False)(shared, *padded)

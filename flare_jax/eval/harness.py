@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from flare_jax import sharding as shd
 from flare_jax.eval import scorers
@@ -141,10 +142,8 @@ class Scorer:
   device scores its slice of every batch. Compiles once per batch shape."""
 
   def __init__(self, model, devices: Sequence[jax.Device] | None = None):
-    self.graphdef, self.params = nnx.split(model)
-    self.mesh = shd.replica_mesh(devices)
-    if self.mesh is not None:
-      self.params = shd.replicate(self.params, self.mesh)
+    self.graphdef, params = nnx.split(model)
+    self.mesh, self.params = shd.replicate_over(params, devices)
 
   def next_token_logprobs(self, tokens, lengths) -> np.ndarray:
     """[B, T-1] fp32: log p(tokens[:, t+1] | tokens[:, :t+1]), zero past each row's length."""
@@ -258,11 +257,9 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
   """
   rows = _text_rows(tokenizer, texts, seq_len)
   graphdef, params = nnx.split(model)
-  mesh = shd.replica_mesh(devices)
-  width = batch_size
-  if mesh is not None:
-    params = shd.replicate(params, mesh)
-    width = -(-batch_size // mesh.size) * mesh.size  # rows beyond the batch: empty, no targets
+  mesh, params = shd.replicate_over(params, devices)
+  devices_used = 1 if mesh is None else mesh.size
+  width = -(-batch_size // devices_used) * devices_used  # rows beyond the batch: empty, no targets
   key, per_device = jax.random.key(seed), []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
@@ -276,8 +273,7 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
              'response_mask': real}
     metrics = jax.device_get(_flare_metrics(objective, graphdef, params, batch,
                                             jax.random.fold_in(key, i), mesh=mesh))
-    per_device += [{k: float(v[d]) for k, v in metrics.items()}
-                   for d in range(len(metrics['n_targets']))]
+    per_device += [{k: float(v[d]) for k, v in metrics.items()} for d in range(devices_used)]
     if on_progress:
       on_progress(i + len(chunk), len(rows))
   out = step_lib.mean_over_batches(per_device)
@@ -286,18 +282,18 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
 
 @functools.partial(jax.jit, static_argnames=('objective', 'graphdef', 'mesh'))
 def _flare_metrics(objective, graphdef, params, batch, rng, *, mesh):
-  """flare_loss's metrics of one batch, one value per device: each [devices] ([1] unsplit)."""
-  def one_device(shared, batch):
-    params, rng = shared
+  """flare_loss's metrics of one batch (rows a multiple of the device count), per device: each
+  [devices] ([1] without a mesh), the device's slice of the rows with its own noise."""
+  def one_device(params, batch, rng):
     if mesh is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
     _, metrics = two_stream.flare_loss(nnx.merge(graphdef, params), batch, rng, objective)
-    rows = batch['tokens'].shape[0]  # split_rows returns rows: the device's values on each
-    return {k: jnp.broadcast_to(v, (rows,)) for k, v in metrics.items()}
+    return {k: v[None] for k, v in metrics.items()}
   if mesh is None:
-    return jax.tree.map(lambda x: x[:1], one_device((params, rng), batch))
-  per_row = shd.split_rows(one_device, mesh, (params, rng), batch)
-  return jax.tree.map(lambda x: x[::x.shape[0] // mesh.size], per_row)
+    return one_device(params, batch, rng)
+  rows = P(shd.REPLICA_AXIS)
+  return jax.shard_map(one_device, mesh=mesh, in_specs=(P(), rows, P()), out_specs=rows,
+                       check_vma=False)(params, batch, rng)
 
 
 def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *,

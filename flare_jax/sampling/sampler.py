@@ -192,9 +192,7 @@ class Sampler:
   def __init__(self, model: transformer.FlareLM, devices: Sequence[jax.Device] | None = None):
     self.graphdef, self.params = nnx.split(model)
     self.model_cfg = model.cfg
-    self.mesh = shd.replica_mesh(devices)
-    if self.mesh is not None:
-      self.params = shd.replicate(self.params, self.mesh)
+    self.mesh, self.params = shd.replicate_over(self.params, devices)
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
                pad_id: int = 0) -> DecodeResult:
