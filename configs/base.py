@@ -19,7 +19,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.remat = 'none'  # 'none' | 'block': rematerialise each decoder block in the backward
   # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer).
   # Off: on an H200 the 0.8B flare step compiled in 47 s instead of 90 s with it, but peaked at
-  # 37.3 GiB instead of 20.2 (README, Measured).
+  # 37.3 GiB instead of 20.2; XLA's latency-hiding scheduler is the cause: on one GPU add
+  # XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false with it (24.3 GiB; README, Measured).
   c.model.scan_layers = False
   c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
   c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule

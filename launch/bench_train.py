@@ -16,7 +16,7 @@ objective and flag set, e.g. why a setting needs more memory:
 
 python -m launch.bench_train --config=configs/flare_0p8b.py --objectives=flare --steps=0 \
   --config.model.scan_layers=True \
-  --xla_variants='default;--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL'
+  --xla_variants='default;--xla_gpu_enable_latency_hiding_scheduler=false'
 """
 import copy
 import time
