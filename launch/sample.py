@@ -6,13 +6,19 @@ python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.json
 --prompts is JSONL with a "prompt" text or a "messages" chat (a list of {"role", "content"} turns)
 per line; chats, and with --chat every prompt as a user turn, go through the checkpoint's chat
 template (its generation prompt), and the sequence ends at any eos id the checkpoint lists (Qwen:
-end of turn or of text). One prompt streams its text as it is committed;
-several are decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per
-bucket), with a progress line per batch on stderr. --output is written as FILE.partial and renamed
-to FILE once every prompt is decoded, so FILE is never half-written and a failed run leaves the
-finished prompts in FILE.partial; the same command with --resume continues from them (a run
-without --resume will not overwrite a FILE.partial). Flags, prompts and the output directory are
-checked before the model loads.
+end of turn or of text; the completion leaves that token out). --stop cuts a completion before
+the first of its strings (matched on the decoded text, so a stop string may span tokens).
+
+One prompt streams its text as it is committed, and stops decoding at a stop string. Several are
+decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket; a
+batch decodes on past stop strings, which cut the text), with a progress line per batch on stderr
+and one JSON line per prompt: the prompt, its completion, tokens (generated, EOS included),
+forward passes, AR-Trust's acceptance and finish_reason: "stop" (an end id or a stop string) or
+"length" (--max_new_tokens). --output is written as FILE.partial and renamed to FILE once every
+prompt is decoded, so FILE is never half-written and a failed run leaves the finished prompts in
+FILE.partial; the same command with --resume continues from them (a run without --resume will not
+overwrite a FILE.partial). Flags, prompts and the output directory are checked before the model
+loads.
 The tokenizer is the checkpoint's tokenizer.json, else the built-in byte tokenizer.
 """
 import dataclasses
@@ -29,6 +35,7 @@ from absl import flags
 from flare_jax.checkpoint import model_io
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.sampling import sampler as sampler_lib
+from flare_jax.sampling import stop_strings
 from flare_jax.sampling import training_record
 from launch import runtime
 
@@ -52,6 +59,9 @@ _STOP_IDS = flags.DEFINE_list(
     'stop_ids', [], 'More token ids that end a sequence (comma-separated), beside the '
     "tokenizer's end ids (eos and every eos_token_id its generation_config.json or config.json "
     'lists).')
+_STOP = flags.DEFINE_multi_string(
+    'stop', [], 'Text that ends a completion, which is cut before it (repeatable: --stop=A '
+    r"--stop=B). \n, \t, \r and \\ are read as escapes, so --stop='\n\n' is a blank line.")
 _BLOCK = flags.DEFINE_integer('block_size', None, 'AR-Trust / Diffusion-Trust block size '
                               "(default: the checkpoint's FLARE training's, else 4).")
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
@@ -153,6 +163,14 @@ def _stop_ids() -> set[int]:
   return ids
 
 
+def _stop_strings() -> tuple[str, ...]:
+  """--stop with its escapes read (usage errors for an unknown escape or an empty string)."""
+  try:
+    return stop_strings.check([stop_strings.unescape(t) for t in _STOP.value])
+  except ValueError as e:
+    raise app.UsageError(f'--stop: {e}') from e
+
+
 def _load(ckpt: str):
   """(model, tokenizer) of the checkpoint; exits with the reason when it cannot be read."""
   try:
@@ -186,7 +204,7 @@ def main(argv):
     prompts = _read_prompts()
   except ValueError as e:  # the file's content: one line, no flag help
     sys.exit(f'error: {e}')
-  extra = _stop_ids()
+  extra, stops = _stop_ids(), _stop_strings()
   if _OUTPUT.value and not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
     raise app.UsageError(f'--output={_OUTPUT.value}: its directory does not exist')
   try:
@@ -218,37 +236,42 @@ def main(argv):
   if empty := [n for n, ids in enumerate(encoded, 1) if not ids]:
     sys.exit(f'error: prompt(s) {empty} encode to no tokens')
   if len(prompts) == 1 and not _OUTPUT.value:
-    _stream_one(sampler, cfg, rng, tokenizer, texts[0], encoded[0])
+    _stream_one(sampler, cfg, rng, tokenizer, stops, texts[0], encoded[0])
     return
   if not _OUTPUT.value:
-    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, sys.stdout)
+    _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, sys.stdout)
     return
   partial = _OUTPUT.value + '.partial'
   with open(partial, 'a' if start else 'w') as out:
-    _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start)
+    _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, out, start)
   os.replace(partial, _OUTPUT.value)
   print(f'wrote {len(prompts)} results to {_OUTPUT.value}', file=sys.stderr)
 
 
-def _stream_one(sampler, cfg, rng, tokenizer, text: str, ids: list[int]) -> None:
-  """Prints the prompt, then its completion as it is committed; the row's totals on stderr."""
+def _stream_one(sampler, cfg, rng, tokenizer, stops, text: str, ids: list[int]) -> None:
+  """Prints the prompt, then its completion as it is committed (without its EOS token; decoding
+  ends at the first stop string); the row's totals on stderr."""
   print(text, end='', flush=True)
   pieces, text_of = sampler.stream(ids, cfg, rng), tokenizer_lib.IncrementalDecoder(tokenizer)
+  shown = stop_strings.StopStringStream(stops)
   t0 = time.perf_counter()
   while True:
     try:
-      piece = next(pieces)
+      piece = pieces.send(True if shown.stopped else None)
     except StopIteration as finished:
       stats = finished.value
       break
-    print(text_of.add(piece), end='', flush=True)
-  print(text_of.flush(), flush=True)
+    piece, _ = sampler_lib.completion_ids(piece, cfg.eos_ids)  # only a last piece ends in EOS
+    print(shown.add(text_of.add(piece)), end='', flush=True)
+  print(shown.add(text_of.flush()) + shown.flush(), flush=True)
   secs = time.perf_counter() - t0
   passes = stats.forward_passes - 1  # after the prefill, as launch.eval counts them
   line = (f'{stats.tokens} tokens, {passes} forward passes after the prefill '
           f'({passes / max(stats.tokens, 1):.2f} per token)')
   if cfg.mode == 'ar_trust':
     line += f', {stats.accepted} of {stats.drafted} drafts accepted'
+  if shown.stopped:
+    line += ', ended at a stop string'
   print(f'{line}, {secs:.1f} s (compiles included)', file=sys.stderr)
 
 
@@ -286,9 +309,10 @@ def _finished_rows(prompts: list[dict]) -> int:
   return rows
 
 
-def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start: int = 0):
+def _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, out, start: int = 0):
   """Decodes prompts[start:] in batches of --batch_size, one JSON line per prompt into `out`
-  (batch i meets the seed fold_in(rng, i), wherever the run starts)."""
+  (batch i meets the seed fold_in(rng, i), wherever the run starts); completions are cut at the
+  first stop string."""
   done, tokens = start, 0
   seconds = 0.0
   for i in range(start, len(prompts), _BATCH.value):
@@ -304,11 +328,14 @@ def _decode_batches(sampler, cfg, rng, tokenizer, prompts, encoded, out, start: 
     secs = time.perf_counter() - t0
     for r, ids in enumerate(chunk):
       n = int(res.num_tokens[r])
+      kept, ended = sampler_lib.completion_ids(res.tokens[r, :n], cfg.eos_ids)
+      completion, hit = stop_strings.cut(tokenizer.decode(kept), stops)
       out.write(json.dumps({
-          **prompts[i + r], 'completion': tokenizer.decode(res.tokens[r, :n]),
+          **prompts[i + r], 'completion': completion,
           'tokens': n, 'forward_passes': int(res.n_forward[r]),
           'acceptance': (float(res.n_accepted[r]) / max(int(res.n_drafted[r]), 1)
-                         if cfg.mode == 'ar_trust' else None)}) + '\n')
+                         if cfg.mode == 'ar_trust' else None),
+          'finish_reason': 'stop' if ended or hit else 'length'}) + '\n')
     out.flush()
     done += len(chunk)
     tokens += int(res.num_tokens[:len(chunk)].sum())

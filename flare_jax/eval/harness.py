@@ -106,7 +106,8 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.Sa
     keep = min(batch_size, n - i * batch_size)
     for b in range(keep):
       count = int(res.num_tokens[b])
-      outputs.append(tokenizer.decode(_strip_stop(res.tokens[b, :count], cfg.eos_ids)))
+      kept, _ = sampler_lib.completion_ids(res.tokens[b, :count], cfg.eos_ids)
+      outputs.append(tokenizer.decode(kept))
     stats.tokens += int(res.num_tokens[:keep].sum())
     stats.forward_passes += int((res.n_forward[:keep] - 1).sum())
     stats.drafted += int(res.n_drafted[:keep].sum())
@@ -114,11 +115,6 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.Sa
     if on_progress:
       on_progress(i + 1, batches)
   return outputs, stats
-
-
-def _strip_stop(tokens, stop_ids) -> list[int]:
-  tokens = [int(t) for t in tokens]
-  return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens
 
 
 def _next_token_logprobs(model, tokens, lengths):

@@ -122,6 +122,14 @@ class StreamStats:
   accepted: int
 
 
+def completion_ids(tokens, eos_ids: tuple[int, ...]) -> tuple[list[int], bool]:
+  """A row's generated ids (its first `num_tokens`, which end at its first EOS if any) without
+  that EOS, and whether the row ended at one (else it ran out of tokens)."""
+  ids = [int(t) for t in tokens]
+  ended = bool(ids) and ids[-1] in eos_ids
+  return (ids[:-1] if ended else ids), ended
+
+
 def _positions(start: jax.Array, t: int) -> jax.Array:
   return start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
 
@@ -242,7 +250,8 @@ class Sampler:
   def stream(self, prompt, cfg: SamplerConfig, rng: jax.Array | None = None):
     """Decodes one prompt (a list of ids), yielding the newly committed token ids
     after every iteration; the generator returns the row's `StreamStats` (`StopIteration.value`,
-    or `stats = yield from sampler.stream(...)`).
+    or `stats = yield from sampler.stream(...)`). Sending it True (`send(True)`, where `next`
+    sends None) ends the decoding there, e.g. at a stop string: it then returns at once.
 
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
@@ -250,7 +259,7 @@ class Sampler:
     graphdef, params = _decode_split(self.graphdef, self.params)  # once, not per iteration
     state, draft_q = _start(graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                             mask_id=self.model_cfg.resolved_mask_token_id)
-    emitted, first = 0, _peels_first_step(cfg)
+    emitted, first, stop = 0, _peels_first_step(cfg), False
     while True:
       state = _advance(graphdef, params, state, draft_q if first else None, cfg=cfg,
                        mask_id=self.model_cfg.resolved_mask_token_id, first=first)
@@ -258,9 +267,9 @@ class Sampler:
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
       if n_new > emitted:
         start = int(state.prompt_len[0]) + emitted
-        yield [int(t) for t in state.tokens[0, start:start + n_new - emitted]]
+        stop = yield [int(t) for t in state.tokens[0, start:start + n_new - emitted]]
         emitted = n_new
-      if bool(state.done[0]) or int(state.step) >= cfg.max_new_tokens:
+      if stop or bool(state.done[0]) or int(state.step) >= cfg.max_new_tokens:
         return StreamStats(tokens=emitted, forward_passes=int(state.n_forward[0]),
                            drafted=int(state.n_drafted[0]), accepted=int(state.n_accepted[0]))
 

@@ -59,6 +59,8 @@ def test_noisy_modes_follow_the_checkpoints_training(recorded_ckpt, record, mode
     (['--prompt=hi', '--output=/nonexistent/out.jsonl'], 'its directory does not exist'),
     (['--prompt=hi', '--stop_ids=5,x'], '--stop_ids must be token ids'),
     (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
+    (['--prompt=hi', '--stop=ok', '--stop='], '--stop: a stop string must not be empty'),
+    (['--prompt=hi', r'--stop=\q'], r"--stop: '\\q': unknown escape \q"),
     (['--prompt=hi', '--chat_template_kwargs=[1]'], 'must be a JSON object'),
     (['--prompt=hi', '--chat_template_kwargs={"enable_thinking": false}'],
      'this tokenizer has no chat template'),  # the byte tokenizer's built-in format
@@ -102,6 +104,45 @@ def test_stop_ids_end_every_sequence_at_its_first_token(ckpt, tmp_path):
                 '--stop_ids=' + ','.join(map(str, range(272))))
   assert run.returncode == 0, run.stderr[-2000:]
   assert [json.loads(line)['tokens'] for line in out.read_text().splitlines()] == [1, 1]
+
+
+def _stop_char(text: str) -> str:
+  """A printable ASCII character of `text` after its first character (a stop string to try)."""
+  chars = [c for c in text[1:] if 33 <= ord(c) < 127 and c != '\\']
+  assert chars, f'no printable character to stop at in {text!r}'
+  return chars[len(chars) // 2]
+
+
+def test_stop_strings_cut_batched_and_streamed_completions(ckpt, tmp_path):
+  """Each completion with --stop is the completion without it, cut before the stop string's
+  first occurrence (finish_reason "stop" where it occurs); a streamed prompt ends there."""
+  src = tmp_path / 'prompts.jsonl'
+  src.write_text('\n'.join(json.dumps({'prompt': p}) for p in ('a = ', '1+2=', 'x')) + '\n')
+  rows = {}
+  for name, extra in (('free', []), ('stopped', None)):
+    if extra is None:
+      stop = _stop_char(rows['free'][0]['completion'])
+      extra = [f'--stop={stop}', '--stop=never seen']
+    out = tmp_path / f'{name}.jsonl'
+    run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
+                  '--max_new_tokens=16', '--temperature=1', *extra)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+  for free, stopped in zip(rows['free'], rows['stopped']):
+    hit = stop in free['completion']
+    assert stopped['completion'] == free['completion'].split(stop)[0]
+    assert stopped['finish_reason'] == ('stop' if hit else free['finish_reason'])
+    assert free['finish_reason'] == ('length' if free['tokens'] == 16 else 'stop')
+    assert stopped['tokens'] == free['tokens']  # a batch decodes on; only the text is cut
+  sampled = ('--prompt=a = ', '--max_new_tokens=16', '--temperature=1')  # greedy repeats a token
+  free = _sample(f'--ckpt={ckpt}', *sampled)
+  assert free.returncode == 0, free.stderr[-2000:]
+  completion = free.stdout[len('a = '):-1]
+  stop = _stop_char(completion)
+  cut = _sample(f'--ckpt={ckpt}', *sampled, f'--stop={stop}')
+  assert cut.returncode == 0, cut.stderr[-2000:]
+  assert cut.stdout == 'a = ' + completion.split(stop)[0] + '\n'
+  assert 'ended at a stop string' in cut.stderr and 'ended at' not in free.stderr
 
 
 def test_chats_and_chat_prompts_go_through_the_template(ckpt, tmp_path):

@@ -177,6 +177,27 @@ def test_streaming_yields_exactly_the_batch_output(tiny, rng, mode):
       drafted=int(batch.n_drafted[0]), accepted=int(batch.n_accepted[0]))
 
 
+def test_a_stream_sent_true_ends_there(tiny, rng):
+  """`send(True)` after the first piece (a stop string seen) returns the totals at once: the
+  tokens emitted so far, fewer forward passes than decoding on."""
+  prompt = list(rng.integers(0, 256, 6))
+  cfg = sampler_lib.SamplerConfig(mode='ar', max_new_tokens=8)
+  sampler = sampler_lib.Sampler(tiny)
+  stream = sampler.stream(prompt, cfg)
+  first = next(stream)
+  with pytest.raises(StopIteration) as finished:
+    stream.send(True)
+  full = sampler.generate(np.asarray([prompt]), np.asarray([6]), cfg)
+  assert finished.value.value.tokens == len(first) < int(full.num_tokens[0])
+  assert finished.value.value.forward_passes < int(full.n_forward[0])
+
+
+def test_completion_ids_leave_out_the_end_id():
+  assert sampler_lib.completion_ids(np.array([5, 7, 2]), (2, 3)) == ([5, 7], True)
+  assert sampler_lib.completion_ids(np.array([5, 2, 7]), (2,)) == ([5, 2, 7], False)
+  assert sampler_lib.completion_ids(np.array([], np.int32), (2,)) == ([], False)
+
+
 def test_bad_inputs_raise_clear_errors(tiny):
   sampler = sampler_lib.Sampler(tiny)
   cfg = sampler_lib.SamplerConfig()
