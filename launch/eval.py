@@ -60,7 +60,8 @@ _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the t
                            'overwritten).')
 
 
-# The kinds that decode nothing: --modes do not apply (not checked, not recorded).
+# How the kinds that decode nothing (not tasks.GENERATED) are scored: --modes do not apply to
+# them (not checked, not recorded).
 _SCORED_BY = {'choice': 'loglik', 'text': 'perplexity'}
 
 
@@ -134,7 +135,7 @@ def main(argv):
     sys.exit('error: --chat does not apply to text tasks (they have no prompts)')
   try:
     warnings = {training_record.check_mode(cfg.mode, record) for cfg in modes.values()
-                if kinds - set(_SCORED_BY)}
+                if kinds & set(tasks.GENERATED)}
   except ValueError as e:
     sys.exit(f'error: {e}')
   for warning in sorted(filter(None, warnings)):
@@ -153,7 +154,7 @@ def main(argv):
   used = devices or jax.local_devices()[:1]
   run_on = f'{len(used)} x {used[0].device_kind}'  # what the speed figures were measured on
   for path, kind, examples in loaded:
-    task_modes = {} if kind in _SCORED_BY else modes
+    task_modes = modes if kind in tasks.GENERATED else {}
     templated = ' through the chat template' if _CHAT.value else ''
     print(f'{path}: {len(examples)} {kind} examples{templated}; '
           f'modes: {_SCORED_BY.get(kind, list(task_modes))}')

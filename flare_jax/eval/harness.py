@@ -20,6 +20,7 @@ from flare_jax import sharding as shd
 from flare_jax.eval import scorers
 from flare_jax.objective import two_stream
 from flare_jax.sampling import sampler as sampler_lib
+from flare_jax.sampling import stop_strings
 from flare_jax.train import step as step_lib
 
 
@@ -299,7 +300,8 @@ def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *
   if kind == 'exact':
     return [scorers.score_exact_line(o, ex['target']) for o, ex in zip(outputs, examples)]
   if kind == 'code':
-    return [scorers.score_code(o, ex['tests'], timeout_s=code_timeout_s)
+    return [scorers.score_code(o, ex['tests'], timeout_s=code_timeout_s,
+                               prompt_code=ex['prompt'] if ex.get('prompt_is_code') else None)
             for o, ex in zip(outputs, examples)]
   raise ValueError(f'{kind!r} tasks are not scored from generated text')
 
@@ -321,7 +323,8 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              objective: two_stream.ObjectiveConfig | None = None,
              devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
-  added to each config's eos_ids), decoded data parallel over `devices` when several.
+  added to each config's eos_ids; outputs cut at their example's "stop" strings), decoded data
+  parallel over `devices` when several.
   'choice': one 'loglik' entry. 'text': a 'perplexity' entry (`perplexity` over rows of `seq_len`
   tokens), and with an `objective` a 'flare_loss' entry (`flare_loss_on_texts`, seed 0).
   Decoding modes do not apply to these two, scored likewise."""
@@ -356,6 +359,7 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
     outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in examples], cfg,
                                     batch_size=batch_size, max_prompt_len=max_prompt_len,
                                     on_progress=progress(f'{name:>24s}'), sampler=sampler)
+    outputs = [stop_strings.cut(o, ex.get('stop', ()))[0] for o, ex in zip(outputs, examples)]
     scores = score_outputs(kind, examples, outputs, code_timeout_s=code_timeout_s)
     results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
     if kind == 'exact':  # graded too: exact lines are rare for small models

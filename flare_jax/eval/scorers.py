@@ -85,13 +85,17 @@ def extract_program(output: str) -> str:
   return m.group(1) if m else output
 
 
-def score_code(output: str, tests: str, *, timeout_s: float = 10.0) -> float:
+def score_code(output: str, tests: str, *, timeout_s: float = 10.0,
+               prompt_code: str | None = None) -> float:
   """1.0 when the output's program followed by `tests` exits 0 within `timeout_s`, else 0.0.
+  The program is `extract_program(output)`, or with `prompt_code` (a HumanEval-style prompt: the
+  program's start) `prompt_code + output`.
 
   Runs `python -I` (no user site, no PYTHON* env) in a temporary directory with an empty
   environment and sockets disabled; a syntax error, exception, failed assert or timeout scores 0.
   """
-  source = _SANDBOX_PRELUDE + extract_program(output) + '\n\n' + tests + '\n'
+  program = extract_program(output) if prompt_code is None else prompt_code + output
+  source = _SANDBOX_PRELUDE + program + '\n\n' + tests + '\n'
   with tempfile.TemporaryDirectory(prefix='flare_eval_') as tmp:
     path = os.path.join(tmp, 'candidate.py')
     with open(path, 'w', encoding='utf-8') as f:

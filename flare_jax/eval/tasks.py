@@ -5,11 +5,17 @@
   code     {"prompt": "...", "tests": "assert f(1) == 2"} generate, run program + tests
   choice   {"prompt": "...", "choices": ["a", "b"], "label": 1}   log-likelihood of each choice
   text     {"text": "..."}                                  AR perplexity over all the texts
+
+Generated kinds may add "stop": ["\\n\\n", ...]: the output is cut before the first of these
+strings, then scored (and kept so). A code example with "prompt_is_code": true is HumanEval style:
+its program is the prompt followed by the output (else the output alone, or its first ```python
+block).
 """
 import json
 
 KINDS = {'numeric': 'answer', 'exact': 'target', 'code': 'tests', 'choice': 'choices',
          'text': 'text'}
+GENERATED = ('numeric', 'exact', 'code')  # kinds scored from generated text
 
 
 def _kind_of(example: dict) -> str | None:
@@ -36,6 +42,17 @@ def _problem(example, kind: str) -> str | None:
       return f'"label" must be an index into the {len(choices)} choices'
   elif not isinstance(example[KINDS[kind]], (str, int, float)):
     return f'"{KINDS[kind]}" must be a string'
+  if 'stop' in example:
+    stops = example['stop']
+    if kind not in GENERATED:
+      return f'"stop" applies to generated kinds {GENERATED}, not {kind}'
+    if not (isinstance(stops, list) and all(isinstance(x, str) and x for x in stops)):
+      return '"stop" must be a list of non-empty strings'
+  if 'prompt_is_code' in example:
+    if kind != 'code':
+      return f'"prompt_is_code" applies to code examples, not {kind}'
+    if not isinstance(example['prompt_is_code'], bool):
+      return '"prompt_is_code" must be true or false'
   return None
 
 

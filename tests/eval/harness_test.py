@@ -1,5 +1,7 @@
 """The evaluation harness on a random tiny model: batching does not change results, and speed stats
 add up."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -132,6 +134,27 @@ def test_exact_tasks_also_report_the_graded_line_prefix(model):
   n = len(lines[1])
   assert res['accuracy'] == 0.5
   assert res['line_prefix'] == pytest.approx((1 + (n - 1) / n) / 2)
+
+
+def test_outputs_are_cut_at_their_examples_stop_strings_before_scoring(model):
+  """Each kept output is the free output cut before its example's first stop string (taken from
+  the free outputs, so it occurs); examples without one are left whole; a HumanEval-style code
+  example runs its prompt followed by the output."""
+  cfg = dataclasses.replace(harness.mode_config('ar', 6), temperature=1.0)  # greedy repeats
+  examples = [{'prompt': p, 'answer': '7'} for p in ('x = ', 'def f(', '1+2=')]
+  free = harness.evaluate(model, TOK, 'numeric', examples, {'ar': cfg}, batch_size=4,
+                          keep_outputs=True)['ar']['outputs']
+  stop = free[0][len(free[0]) // 2]
+  stopped = [{**examples[0], 'stop': [stop]}, {**examples[1], 'stop': [stop, 'never']},
+             examples[2]]
+  cut = harness.evaluate(model, TOK, 'numeric', stopped, {'ar': cfg}, batch_size=4,
+                         keep_outputs=True)['ar']['outputs']
+  assert cut == [free[0].split(stop)[0], free[1].split(stop)[0], free[2]]
+  assert len(cut[0]) < len(free[0])
+  humaneval = {'prompt': 'def add(a, b):\n', 'tests': 'assert add(2, 3) == 5',
+               'prompt_is_code': True}
+  assert harness.score_outputs('code', [humaneval, {**humaneval, 'prompt_is_code': False}],
+                               ['    return a + b'] * 2) == [1.0, 0.0]
 
 
 def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):

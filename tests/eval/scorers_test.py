@@ -82,6 +82,14 @@ def test_code(output, want):
   assert scorers.score_code(output, TESTS) == want
 
 
+def test_code_after_a_humaneval_style_prompt():
+  """With the prompt as the program's start, the output alone is the function's body."""
+  body = '    return a + b\n'
+  assert scorers.score_code(body, TESTS, prompt_code='def add(a, b):\n') == 1.0
+  assert scorers.score_code(body, TESTS) == 0.0  # an indented body alone does not run
+  assert scorers.score_code('    return a - b', TESTS, prompt_code='def add(a, b):\n') == 0.0
+
+
 def test_code_time_limit_and_no_network():
   assert scorers.score_code('while True:\n    pass', '', timeout_s=1.0) == 0.0
   net = 'import socket\ns = socket.create_connection(("127.0.0.1", 9))'
@@ -113,3 +121,24 @@ def test_load_task_kinds_and_malformed_lines(tmp_path):
   label.write_text(json.dumps({'prompt': 'a', 'choices': ['x', 'y'], 'label': 2}) + '\n')
   with pytest.raises(ValueError, match='label'):
     tasks.load_task(str(label))
+
+
+def test_stop_strings_and_humaneval_prompts_in_task_files(tmp_path):
+  code = {'prompt': 'def f():\n', 'tests': 'assert f() == 1', 'stop': ['\ndef', '\nif'],
+          'prompt_is_code': True}
+  good = tmp_path / 'good.jsonl'
+  good.write_text(json.dumps(code) + '\n' + json.dumps({**code, 'prompt_is_code': False}) + '\n')
+  assert tasks.load_task(str(good)) == ('code', [code, {**code, 'prompt_is_code': False}])
+  for row, message in [
+      ({**code, 'stop': '\ndef'}, '"stop" must be a list of non-empty strings'),
+      ({**code, 'stop': ['']}, '"stop" must be a list of non-empty strings'),
+      ({**code, 'prompt_is_code': 'yes'}, '"prompt_is_code" must be true or false'),
+      ({'prompt': '1+1=', 'answer': '2', 'prompt_is_code': True},
+       '"prompt_is_code" applies to code examples, not numeric'),
+      ({'prompt': 'a', 'choices': ['x', 'y'], 'label': 0, 'stop': ['x']},
+       "\"stop\" applies to generated kinds ('numeric', 'exact', 'code'), not choice")]:
+    bad = tmp_path / 'bad.jsonl'
+    bad.write_text(json.dumps(row) + '\n')
+    with pytest.raises(ValueError) as e:
+      tasks.load_task(str(bad))
+    assert f'bad.jsonl:1: {message}' in str(e.value)
