@@ -7,7 +7,8 @@ python -m launch.sample --ckpt=DIR --mode=diffusion_trust --prompts=prompts.json
 per line; chats, and with --chat every prompt as a user turn, go through the checkpoint's chat
 template (its generation prompt), and the sequence ends at any eos id the checkpoint lists (Qwen:
 end of turn or of text; the completion leaves that token out). --stop cuts a completion before
-the first of its strings (matched on the decoded text, so a stop string may span tokens).
+the first of its strings (matched on the decoded text, so a stop string may span tokens); a
+--prompts line may add its own, "stop": ["...", ...].
 
 One prompt streams its text as it is committed, and stops decoding at a stop string. Several are
 decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket; a
@@ -110,10 +111,16 @@ def _read_prompts() -> list[dict]:
         raise ValueError(f'{where}: not JSON ({e})') from e
       if not isinstance(row, dict) or ('prompt' in row) == ('messages' in row):
         raise ValueError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+      stop = {}
+      if 'stop' in row:
+        if not (isinstance(row['stop'], list) and all(isinstance(x, str) and x
+                                                       for x in row['stop'])):
+          raise ValueError(f'{where}: "stop" must be a list of non-empty strings')
+        stop = {'stop': row['stop']}
       if 'prompt' in row:
         if not isinstance(row['prompt'], str) or not row['prompt']:
           raise ValueError(f'{where}: "prompt" must be a non-empty string')
-        prompts.append({'prompt': row['prompt']})
+        prompts.append({'prompt': row['prompt'], **stop})
         continue
       try:
         tokenizer_lib.check_turns(row['messages'])
@@ -121,7 +128,7 @@ def _read_prompts() -> list[dict]:
         raise ValueError(f'{where}: {e}') from e
       if not row['messages']:
         raise ValueError(f'{where}: "messages" is empty')
-      prompts.append({'messages': row['messages']})
+      prompts.append({'messages': row['messages'], **stop})
   if not prompts:
     raise ValueError(f'{_PROMPTS.value} has no prompts')
   return prompts
@@ -236,7 +243,8 @@ def main(argv):
   if empty := [n for n, ids in enumerate(encoded, 1) if not ids]:
     sys.exit(f'error: prompt(s) {empty} encode to no tokens')
   if len(prompts) == 1 and not _OUTPUT.value:
-    _stream_one(sampler, cfg, rng, tokenizer, stops, texts[0], encoded[0])
+    _stream_one(sampler, cfg, rng, tokenizer, stops + tuple(prompts[0].get('stop', ())),
+                texts[0], encoded[0])
     return
   if not _OUTPUT.value:
     _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, sys.stdout)
@@ -312,7 +320,7 @@ def _finished_rows(prompts: list[dict]) -> int:
 def _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, out, start: int = 0):
   """Decodes prompts[start:] in batches of --batch_size, one JSON line per prompt into `out`
   (batch i meets the seed fold_in(rng, i), wherever the run starts); completions are cut at the
-  first stop string."""
+  first of `stops` and their prompt's own stop strings."""
   done, tokens = start, 0
   seconds = 0.0
   for i in range(start, len(prompts), _BATCH.value):
@@ -329,7 +337,8 @@ def _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, out, 
     for r, ids in enumerate(chunk):
       n = int(res.num_tokens[r])
       kept, ended = sampler_lib.completion_ids(res.tokens[r, :n], cfg.eos_ids)
-      completion, hit = stop_strings.cut(tokenizer.decode(kept), stops)
+      completion, hit = stop_strings.cut(tokenizer.decode(kept),
+                                         stops + tuple(prompts[i + r].get('stop', ())))
       out.write(json.dumps({
           **prompts[i + r], 'completion': completion,
           'tokens': n, 'forward_passes': int(res.n_forward[r]),

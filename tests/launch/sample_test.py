@@ -76,6 +76,7 @@ def test_bad_flags_are_usage_errors(ckpt, args, message):
     ('{"prompt": "a", "messages": []}\n', ':1: expected {"prompt": "..."} or {"messages": [...]}'),
     ('{"prompt": "ok"}\n\n{"prompt": ""}\n', ':3: "prompt" must be a non-empty string'),
     ('{"prompt": "ok"\n', ':1: not JSON'),
+    ('{"prompt": "ok", "stop": "\\n"}\n', ':1: "stop" must be a list of non-empty strings'),
     ('\n\n', 'has no prompts'),
 ])
 def test_a_bad_prompts_file_is_one_error_line(ckpt, tmp_path, text, message):
@@ -134,6 +135,20 @@ def test_stop_strings_cut_batched_and_streamed_completions(ckpt, tmp_path):
     assert stopped['finish_reason'] == ('stop' if hit else free['finish_reason'])
     assert free['finish_reason'] == ('length' if free['tokens'] == 16 else 'stop')
     assert stopped['tokens'] == free['tokens']  # a batch decodes on; only the text is cut
+  # A prompt's own stop strings, beside --stop's (the second prompt's holds the first's stop).
+  own = _stop_char(rows['free'][2]['completion'])
+  src.write_text(json.dumps({'prompt': 'a = '}) + '\n'
+                 + json.dumps({'prompt': '1+2=', 'stop': [stop]}) + '\n'
+                 + json.dumps({'prompt': 'x', 'stop': ['never seen', own]}) + '\n')
+  out = tmp_path / 'own.jsonl'
+  run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
+                '--max_new_tokens=16', '--temperature=1')
+  assert run.returncode == 0, run.stderr[-2000:]
+  own_rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r['completion'] for r in own_rows] == [
+      rows['free'][0]['completion'], rows['free'][1]['completion'].split(stop)[0],
+      rows['free'][2]['completion'].split(own)[0]]
+  assert own_rows[2]['stop'] == ['never seen', own]  # echoed with the prompt
   sampled = ('--prompt=a = ', '--max_new_tokens=16', '--temperature=1')  # greedy repeats a token
   free = _sample(f'--ckpt={ckpt}', *sampled)
   assert free.returncode == 0, free.stderr[-2000:]
