@@ -4,6 +4,11 @@ python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
     --modes='ar;ar_trust:b=4;diffusion_trust:b=4,threshold=0.9' --out=results.json
 (a mode without b= takes the block size the checkpoint's FLARE training used, else 4)
 
+Modes may sample (t=0.8 and more, see --modes); --samples=N decodes every example N times and
+reports pass@k beside the accuracy (pass@1), e.g. for code tasks:
+python -m launch.eval --ckpt=DIR --task=code.jsonl --modes='ar:t=0.8;diffusion_trust:k=2,t=0.8' \
+    --samples=10
+
 Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode), choice
 (log-likelihood) and text (AR perplexity over rows of --seq_len tokens, and FLARE's training loss
 at the checkpoint's trained objective); modes do not apply to the last two. See
@@ -35,7 +40,12 @@ _TASK = flags.DEFINE_string('task', None, 'Task JSONL file, or several joined by
                             required=True)
 _MODES = flags.DEFINE_string('modes', 'ar;ar_trust;diffusion_trust:threshold=0.9',
                              'Modes joined by ";": mode[:b=B,threshold=X | k=K] (bare names may be '
-                             'comma-separated).')
+                             'comma-separated), greedy unless sampling: t=T (temperature), '
+                             'top_p=P, top_k=K, e.g. "ar:t=0.8,top_p=0.95".')
+_SAMPLES = flags.DEFINE_integer('samples', 1, 'Decodes per example (generated kinds): accuracy is '
+                                'their mean (pass@1), and pass@k is reported for k = 1, 5, 10, '
+                                '100 up to it and for it. Use with sampling modes (t=...).')
+_SEED = flags.DEFINE_integer('seed', 0, "Sampling modes' seed.")
 _LIMIT = flags.DEFINE_integer('limit', 0, 'Evaluate only the first N examples (0 = all).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Sequences per jitted batch.')
 _NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Generation budget per example.')
@@ -94,12 +104,14 @@ def print_table(results: dict) -> None:
           f"| {r['accuracy']:.3f} | {r['accuracy_norm']:.3f} | {r['n']} |")
     return
   graded = any('line_prefix' in r for r in results.values())  # 'exact' tasks
-  print('| mode | accuracy |' + (' line prefix |' if graded else '') +
-        ' tokens/s | passes/token | acceptance |\n|---|---|' + ('---|' if graded else '') +
-        '---|---|---|')
+  passes = [k for k in next(iter(results.values()), {}) if k.startswith('pass@')]
+  print('| mode | accuracy |' + ''.join(f' {k} |' for k in passes) +
+        (' line prefix |' if graded else '') + ' tokens/s | passes/token | acceptance |\n|---|---|'
+        + '---|' * (len(passes) + graded) + '---|---|---|')
   for name, r in results.items():
-    prefix = f" {report.cell(r.get('line_prefix'))} |" if graded else ''
-    print(f"| {name} | {r['accuracy']:.3f} |{prefix} {report.cell(r.get('tokens_per_s'), '.1f')} | "
+    extra = ''.join(f' {r[k]:.3f} |' for k in passes)
+    extra += f" {report.cell(r.get('line_prefix'))} |" if graded else ''
+    print(f"| {name} | {r['accuracy']:.3f} |{extra} {report.cell(r.get('tokens_per_s'), '.1f')} | "
           f"{report.cell(r.get('passes_per_token'))} | {report.cell(r.get('acceptance_rate'))} |")
 
 
@@ -115,6 +127,8 @@ def main(argv):
   if _OUT.value and len(paths) > 1:
     raise app.UsageError('--out names one results file: with several tasks leave it out (each '
                          "task's results are written beside it)")
+  if _SAMPLES.value < 1:
+    raise app.UsageError(f'--samples must be >= 1, got {_SAMPLES.value}')
   if _SEQ_LEN.value < 2:
     raise app.UsageError(f'--seq_len must be >= 2 (one token predicted), got {_SEQ_LEN.value}')
   record = model_io.load_training(_CKPT.value)
@@ -126,6 +140,9 @@ def main(argv):
     template_kwargs = tokenizer_lib.parse_template_kwargs(_TEMPLATE_KWARGS.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
+  if _SAMPLES.value > 1 and (greedy := [n for n, cfg in modes.items() if cfg.temperature == 0]):
+    print(f'warning: --samples={_SAMPLES.value} with greedy modes {greedy}: their samples are all '
+          'the same decode (add t=... to sample)', file=sys.stderr)
   try:  # every task file is read and checked before any is evaluated
     loaded = [(path, *tasks.load_task(path, _LIMIT.value)) for path in paths]
   except ValueError as e:  # a task file's content: the reasons, no flag help
@@ -161,13 +178,14 @@ def main(argv):
     results = harness.evaluate(model, tok, kind, examples, task_modes, batch_size=_BATCH.value,
                                max_prompt_len=_MAX_PROMPT.value,
                                code_timeout_s=_CODE_TIMEOUT.value, seq_len=_SEQ_LEN.value,
-                               objective=objective, devices=devices)
+                               objective=objective, devices=devices, samples=_SAMPLES.value,
+                               seed=_SEED.value)
     print_table(results)
     out = _OUT.value or _default_out(path)
     _write_json(out, {
         'ckpt': _CKPT.value, 'task': path, 'kind': kind, 'chat': _CHAT.value,
         'chat_template_kwargs': template_kwargs, 'training': record, 'devices': run_on,
-        'batch_size': _BATCH.value,
+        'batch_size': _BATCH.value, 'samples': _SAMPLES.value, 'seed': _SEED.value,
         'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in task_modes.items()},
         'results': results})
     print(f'wrote {out}')

@@ -316,15 +316,25 @@ def stop_ids(tokenizer, kind: str) -> tuple[int, ...]:
   return tuple(ids)
 
 
+def pass_at_ks(samples: int) -> list[int]:
+  """The k reported for `samples` samples per example: 1, 5, 10, 100 where <= samples, and
+  samples itself."""
+  return sorted({k for k in (1, 5, 10, 100) if k <= samples} | {samples})
+
+
 def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
              modes: dict[str, sampler_lib.SamplerConfig] | None = None, *, batch_size: int = 16,
              max_prompt_len: int = 512, code_timeout_s: float = 10.0,
              keep_outputs: bool = False, seq_len: int = 1024,
              objective: two_stream.ObjectiveConfig | None = None,
-             devices: Sequence[jax.Device] | None = None) -> dict[str, dict]:
+             devices: Sequence[jax.Device] | None = None, samples: int = 1,
+             seed: int = 0) -> dict[str, dict]:
   """Scores a task. Generation kinds: one entry per mode with accuracy and speed (`stop_ids` are
   added to each config's eos_ids; outputs cut at their example's "stop" strings), decoded data
-  parallel over `devices` when several.
+  parallel over `devices` when several, from `seed`. With `samples` > 1 every example is decoded
+  that many times (in a sampling mode, each a different draw): accuracy is the mean over all
+  samples (pass@1), and 'pass@k' the mean unbiased pass@k over examples (`pass_at_ks`); kept
+  outputs are then example-major, `samples` per example.
   'choice': one 'loglik' entry. 'text': a 'perplexity' entry (`perplexity` over rows of `seq_len`
   tokens), and with an `objective` a 'flare_loss' entry (`flare_loss_on_texts`, seed 0).
   Decoding modes do not apply to these two, scored likewise."""
@@ -351,20 +361,29 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
       correct_norm.append(scorers.best_choice(per_byte) == ex['label'])
     return {'loglik': {'accuracy': float(np.mean(correct)),
                        'accuracy_norm': float(np.mean(correct_norm)), 'n': len(examples)}}
+  if samples < 1:
+    raise ValueError(f'samples must be >= 1, got {samples}')
   results = {}
   sampler = sampler_lib.Sampler(model, devices)  # params replicated once for every mode
+  drawn = [ex for ex in examples for _ in range(samples)]  # example-major
   for name, cfg in (modes or {}).items():
     eos = set(cfg.eos_ids) | set(stop_ids(tokenizer, kind))
     cfg = dataclasses.replace(cfg, eos_ids=tuple(sorted(eos)))
-    outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in examples], cfg,
+    outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in drawn], cfg,
                                     batch_size=batch_size, max_prompt_len=max_prompt_len,
-                                    on_progress=progress(f'{name:>24s}'), sampler=sampler)
-    outputs = [stop_strings.cut(o, ex.get('stop', ()))[0] for o, ex in zip(outputs, examples)]
-    scores = score_outputs(kind, examples, outputs, code_timeout_s=code_timeout_s)
+                                    seed=seed, on_progress=progress(f'{name:>24s}'),
+                                    sampler=sampler)
+    outputs = [stop_strings.cut(o, ex.get('stop', ()))[0] for o, ex in zip(outputs, drawn)]
+    scores = score_outputs(kind, drawn, outputs, code_timeout_s=code_timeout_s)
     results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
+    if samples > 1:
+      correct = np.reshape(scores, (len(examples), samples)).sum(1).round().astype(int)
+      results[name].update(samples=samples, **{
+          f'pass@{k}': float(np.mean([scorers.pass_at_k(samples, int(c), k) for c in correct]))
+          for k in pass_at_ks(samples)})
     if kind == 'exact':  # graded too: exact lines are rare for small models
       results[name]['line_prefix'] = float(np.mean(
-          [scorers.score_line_prefix(o, ex['target']) for o, ex in zip(outputs, examples)]))
+          [scorers.score_line_prefix(o, ex['target']) for o, ex in zip(outputs, drawn)]))
     if keep_outputs:
       results[name]['outputs'] = outputs
   return results
@@ -377,11 +396,17 @@ def parse_modes(text: str) -> list[str]:
   return [m.strip() for m in text.split(sep) if m.strip()]
 
 
+# Mode spec fields that make a mode sample: spec key -> (SamplerConfig field, type).
+_SAMPLING_FIELDS = {'t': ('temperature', float), 'top_p': ('top_p', float),
+                    'top_k': ('top_k', int)}
+
+
 def mode_config(spec: str, max_new_tokens: int,
                 block_size: int | None = None) -> sampler_lib.SamplerConfig:
   """A SamplerConfig from 'ar' | 'ar_trust[:b=4]' | 'diffusion_trust[:b=4,threshold=0.9 | k=2]'
-  (b: block size, else `block_size`, else the sampler's default; k: fixed tokens per pass;
-  greedy). Raises ValueError on an unknown field."""
+  (b: block size, else `block_size`, else the sampler's default; k: fixed tokens per pass),
+  greedy unless sampling fields follow: t=0.8 (temperature), top_p=0.95, top_k=50 (e.g.
+  'ar:t=0.8,top_p=0.95'). Raises ValueError on an unknown field or a bad value."""
   mode, _, rest = spec.partition(':')
   kw = dict(mode=mode, max_new_tokens=max_new_tokens)
   if block_size is not None:
@@ -394,6 +419,10 @@ def mode_config(spec: str, max_new_tokens: int,
       kw.update(commit='threshold', threshold=float(value))
     elif key == 'k':
       kw.update(commit='fixed', tokens_per_pass=int(value))
+    elif key in _SAMPLING_FIELDS:
+      name, kind = _SAMPLING_FIELDS[key]
+      kw[name] = kind(value)
     else:
-      raise ValueError(f'unknown mode field {key!r} in {spec!r} (known: b, threshold, k)')
+      raise ValueError(f'unknown mode field {key!r} in {spec!r} (known: b, threshold, k, '
+                       f'{", ".join(_SAMPLING_FIELDS)})')
   return sampler_lib.SamplerConfig(**kw)

@@ -61,6 +61,15 @@ def score_line_prefix(output: str, target: str) -> float:
   return len(os.path.commonprefix([got, want])) / max(len(got), len(want))
 
 
+def pass_at_k(n: int, correct: int, k: int) -> float:
+  """The chance that at least one of k samples drawn without replacement from n, of which
+  `correct` are correct, is correct: 1 - C(n - correct, k) / C(n, k) (Chen et al. 2021's unbiased
+  pass@k estimator)."""
+  if not 0 <= correct <= n or not 1 <= k <= n:
+    raise ValueError(f'need 0 <= correct <= n and 1 <= k <= n, got n={n} correct={correct} k={k}')
+  return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
 def best_choice(logliks: Sequence[float]) -> int:
   """Index of the highest log-likelihood (the first on ties)."""
   if not logliks:

@@ -9,6 +9,7 @@ from flax import nnx
 
 from flare_jax.data import tokenizer as tokenizer_lib
 from flare_jax.eval import harness
+from flare_jax.eval import scorers
 from flare_jax.model import config as config_lib
 from flare_jax.model import transformer
 from flare_jax.objective import two_stream
@@ -78,6 +79,11 @@ def test_mode_config_parsing():
   assert harness.mode_config('diffusion_trust:threshold=0.7', 8).threshold == 0.7
   with pytest.raises(ValueError, match='unknown mode field'):
     harness.mode_config('ar:temp=1', 8)
+  cfg = harness.mode_config('diffusion_trust:k=2,t=0.8,top_p=0.9,top_k=50', 8)
+  assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.tokens_per_pass) == (0.8, 0.9, 50, 2)
+  assert harness.mode_config('ar', 8).temperature == 0  # greedy unless told
+  with pytest.raises(ValueError, match='top_p'):
+    harness.mode_config('ar:top_p=0', 8)
   with pytest.raises(ValueError, match='unknown mode'):
     harness.mode_config('beam', 8)
   with pytest.raises(ValueError, match='no tokens'):
@@ -155,6 +161,36 @@ def test_outputs_are_cut_at_their_examples_stop_strings_before_scoring(model):
                'prompt_is_code': True}
   assert harness.score_outputs('code', [humaneval, {**humaneval, 'prompt_is_code': False}],
                                ['    return a + b'] * 2) == [1.0, 0.0]
+
+
+def test_samples_report_pass_at_k_over_independent_draws(model):
+  """3 sampled decodes per example: the targets are the first lines of some draws of a first run,
+  so the same seed scores each draw as the scorer does alone; accuracy is the mean over draws,
+  pass@k the mean of scorers.pass_at_k over examples. Another seed draws other outputs."""
+  cfg = harness.mode_config('ar:t=1', 4)
+  examples = [{'prompt': p, 'target': 'unset'} for p in ('x = ', 'def f(', '1+2=')]
+  run = lambda rows, seed=0: harness.evaluate(model, TOK, 'exact', rows, {'ar': cfg},
+                                              batch_size=4, keep_outputs=True, samples=3,
+                                              seed=seed)['ar']
+  drawn = run(examples)['outputs']
+  assert len(drawn) == 9 and len(set(drawn)) > 3  # the draws differ
+  targets = [{**ex, 'target': scorers.first_line(drawn[3 * i + i % 3])}
+             for i, ex in enumerate(examples)]
+  res = run(targets)
+  assert res['outputs'] == drawn
+  scores = np.reshape([scorers.score_exact_line(o, ex['target'])
+                       for o, ex in zip(drawn, [t for t in targets for _ in range(3)])], (3, 3))
+  assert scores.max(1).tolist() == [1, 1, 1]  # each example's chosen draw
+  assert res['accuracy'] == pytest.approx(scores.mean())
+  assert res['samples'] == 3 and set(res) >= {'pass@1', 'pass@3'} and 'pass@5' not in res
+  for k in (1, 3):
+    assert res[f'pass@{k}'] == pytest.approx(np.mean(
+        [scorers.pass_at_k(3, int(c), k) for c in scores.sum(1)]))
+  assert res['pass@1'] == pytest.approx(res['accuracy']) and res['pass@3'] == 1.0
+  assert run(examples, seed=1)['outputs'] != drawn
+  assert harness.pass_at_ks(3) == [1, 3] and harness.pass_at_ks(20) == [1, 5, 10, 20]
+  with pytest.raises(ValueError, match='samples must be >= 1'):
+    harness.evaluate(model, TOK, 'exact', examples, {'ar': cfg}, samples=0)
 
 
 def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):

@@ -1,4 +1,5 @@
 """Scorers with known answers, including malformed model output."""
+import itertools
 import json
 
 import pytest
@@ -88,6 +89,20 @@ def test_code_after_a_humaneval_style_prompt():
   assert scorers.score_code(body, TESTS, prompt_code='def add(a, b):\n') == 1.0
   assert scorers.score_code(body, TESTS) == 0.0  # an indented body alone does not run
   assert scorers.score_code('    return a - b', TESTS, prompt_code='def add(a, b):\n') == 0.0
+
+
+def test_pass_at_k_is_the_chance_that_a_drawn_subset_holds_a_correct_sample():
+  """Against enumerating every k-subset of n samples, `correct` of them correct."""
+  for n in range(1, 7):
+    for correct in range(n + 1):
+      flags = [True] * correct + [False] * (n - correct)
+      for k in range(1, n + 1):
+        subsets = list(itertools.combinations(flags, k))
+        want = sum(any(s) for s in subsets) / len(subsets)
+        assert scorers.pass_at_k(n, correct, k) == pytest.approx(want, abs=1e-12)
+  for bad in ((3, 4, 1), (3, 1, 0), (3, 1, 4), (3, -1, 1)):
+    with pytest.raises(ValueError):
+      scorers.pass_at_k(*bad)
 
 
 def test_code_time_limit_and_no_network():

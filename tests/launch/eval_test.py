@@ -52,8 +52,24 @@ def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
   assert json.loads(out.read_text())['chat'] is True
 
 
+def test_samples_report_pass_at_k_and_warn_for_greedy_modes(ckpt, task, tmp_path):
+  out = tmp_path / 'results.json'
+  run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar;ar:t=1,top_k=20',
+              '--max_new_tokens=2', '--samples=2', '--seed=3', f'--out={out}')
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "warning: --samples=2 with greedy modes ['ar']" in run.stderr
+  saved = json.loads(out.read_text())
+  assert (saved['samples'], saved['seed']) == (2, 3)
+  assert saved['sampler_configs']['ar:t=1,top_k=20']['temperature'] == 1.0
+  for r in saved['results'].values():
+    assert r['samples'] == 2 and r['pass@1'] == pytest.approx(r['accuracy'])
+    assert r['pass@1'] <= r['pass@2'] <= 1 and r['tokens'] <= 3 * 2 * 2
+  assert '| mode | accuracy | pass@1 | pass@2 |' in run.stdout
+
+
 @pytest.mark.parametrize('args, message', [(['--task=/nonexistent.jsonl'], 'no such file'),
                                            (['--modes=beam'], "unknown mode 'beam'"),
+                                           (['--samples=0'], '--samples must be >= 1'),
                                            (['--chat_template_kwargs={"messages": 1}'],
                                             'may not set')])
 def test_bad_flags_are_usage_errors(ckpt, task, args, message):
