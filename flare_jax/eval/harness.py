@@ -4,8 +4,10 @@ Every generation batch has the same shape (prompts right-padded to one width, th
 with repeats that are not scored), so each mode compiles once per task. Speed figures exclude that
 compile: the first batch is run once untimed.
 """
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -294,15 +296,26 @@ def _flare_metrics(objective, graphdef, params, batch, rng, *, mesh):
 
 
 def score_outputs(kind: str, examples: Sequence[dict], outputs: Sequence[str], *,
-                  code_timeout_s: float = 10.0) -> list[float]:
+                  code_timeout_s: float = 10.0,
+                  on_progress: Callable[[int, int], None] | None = None) -> list[float]:
+  """One score per (example, output). Code runs one program per output, `os.cpu_count()` at a
+  time (each is a subprocess: threads only wait), reporting each finished one to `on_progress`."""
   if kind == 'numeric':
     return [scorers.score_numeric(o, ex['answer']) for o, ex in zip(outputs, examples)]
   if kind == 'exact':
     return [scorers.score_exact_line(o, ex['target']) for o, ex in zip(outputs, examples)]
   if kind == 'code':
-    return [scorers.score_code(o, ex['tests'], timeout_s=code_timeout_s,
-                               prompt_code=ex['prompt'] if ex.get('prompt_is_code') else None)
-            for o, ex in zip(outputs, examples)]
+    def run(pair):
+      o, ex = pair
+      return scorers.score_code(o, ex['tests'], timeout_s=code_timeout_s,
+                                prompt_code=ex['prompt'] if ex.get('prompt_is_code') else None)
+    scores = []
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      for score in pool.map(run, zip(outputs, examples)):  # in order
+        scores.append(score)
+        if on_progress:
+          on_progress(len(scores), len(outputs))
+    return scores
   raise ValueError(f'{kind!r} tasks are not scored from generated text')
 
 
@@ -374,7 +387,9 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
                                     seed=seed, on_progress=progress(f'{name:>24s}'),
                                     sampler=sampler)
     outputs = [stop_strings.cut(o, ex.get('stop', ()))[0] for o, ex in zip(outputs, drawn)]
-    scores = score_outputs(kind, drawn, outputs, code_timeout_s=code_timeout_s)
+    scores = score_outputs(kind, drawn, outputs, code_timeout_s=code_timeout_s,
+                           on_progress=progress(f'{"running programs":>24s}')
+                           if kind == 'code' else None)
     results[name] = {'accuracy': float(np.mean(scores)), 'n': len(examples), **stats.summary()}
     if samples > 1:
       correct = np.reshape(scores, (len(examples), samples)).sum(1).round().astype(int)

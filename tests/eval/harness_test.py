@@ -163,6 +163,17 @@ def test_outputs_are_cut_at_their_examples_stop_strings_before_scoring(model):
                                ['    return a + b'] * 2) == [1.0, 0.0]
 
 
+def test_code_outputs_run_concurrently_and_score_in_order():
+  ex = {'prompt': 'def add(a, b):\n', 'tests': 'assert add(2, 3) == 5', 'prompt_is_code': True}
+  outputs = ['    return a + b', '    return a - b', '    return b + a', '    import time\n'
+             '    time.sleep(0.5)\n    return a + b', 'syntax error(', '    return 5']
+  seen = []
+  scores = harness.score_outputs('code', [ex] * 6, outputs,
+                                 on_progress=lambda done, total: seen.append((done, total)))
+  assert scores == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+  assert seen == [(i, 6) for i in range(1, 7)]
+
+
 def test_samples_report_pass_at_k_over_independent_draws(model):
   """3 sampled decodes per example: the targets are the first lines of some draws of a first run,
   so the same seed scores each draw as the scorer does alone; accuracy is the mean over draws,
