@@ -13,7 +13,8 @@ Task kinds (from the file's keys): numeric, exact, code (generation, one result 
 (log-likelihood) and text (AR perplexity over rows of --seq_len tokens, and FLARE's training loss
 at the checkpoint's trained objective); modes do not apply to the last two. See
 flare_jax/eval/tasks.py. Prints a table and writes JSON per task; --task=a,b,c evaluates several
-with one model load (every file is checked before the first is evaluated).
+with one model load (every file is checked before the first is evaluated). --save_outputs also
+writes every generated output and its score to RESULTS.outputs.jsonl.
 """
 import dataclasses
 import json
@@ -65,6 +66,10 @@ _TOKENIZER = flags.DEFINE_string('tokenizer', '', "'byte' or a dir with tokenize
                                  "('' = the checkpoint's tokenizer, else byte).")
 _CHAT = flags.DEFINE_bool('chat', False, "Send each example's prompt as a user turn through the "
                           "checkpoint's chat template (instruct checkpoints).")
+_SAVE_OUTPUTS = flags.DEFINE_bool(
+    'save_outputs', False, 'Generated kinds: also write every output with its score, one JSON '
+    'line each ({"mode", "example", "sample", "prompt", "output", "score"}), to '
+    'RESULTS.outputs.jsonl beside the results file.')
 _OUT = flags.DEFINE_string('out', '', 'JSON results file (default: next to the task, '
                            'TASK.results.json, or TASK.results.N.json if taken: none is '
                            'overwritten).')
@@ -179,9 +184,13 @@ def main(argv):
                                max_prompt_len=_MAX_PROMPT.value,
                                code_timeout_s=_CODE_TIMEOUT.value, seq_len=_SEQ_LEN.value,
                                objective=objective, devices=devices, samples=_SAMPLES.value,
-                               seed=_SEED.value)
+                               seed=_SEED.value, keep_outputs=_SAVE_OUTPUTS.value)
     print_table(results)
     out = _OUT.value or _default_out(path)
+    if _SAVE_OUTPUTS.value and task_modes:
+      outputs_path = os.path.splitext(out)[0] + '.outputs.jsonl'
+      _write_outputs(outputs_path, examples, results)
+      print(f'wrote {outputs_path}')
     _write_json(out, {
         'ckpt': _CKPT.value, 'task': path, 'kind': kind, 'chat': _CHAT.value,
         'chat_template_kwargs': template_kwargs, 'training': record, 'devices': run_on,
@@ -189,6 +198,21 @@ def main(argv):
         'sampler_configs': {name: dataclasses.asdict(cfg) for name, cfg in task_modes.items()},
         'results': results})
     print(f'wrote {out}')
+
+
+def _write_outputs(path: str, examples: list[dict], results: dict) -> None:
+  """Moves every mode's kept outputs and scores out of `results` into JSONL at `path`, one line per
+  output (whole or not at all, through path.partial)."""
+  partial = path + '.partial'
+  with open(partial, 'w') as f:
+    for mode, r in results.items():
+      outputs, scores = r.pop('outputs'), r.pop('scores')
+      samples = len(outputs) // len(examples)
+      for i, (output, score) in enumerate(zip(outputs, scores)):
+        f.write(json.dumps({'mode': mode, 'example': i // samples, 'sample': i % samples,
+                            'prompt': examples[i // samples]['prompt'], 'output': output,
+                            'score': score}) + '\n')
+  os.replace(partial, path)
 
 
 def _write_json(path: str, obj) -> None:

@@ -346,8 +346,9 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
   added to each config's eos_ids; outputs cut at their example's "stop" strings), decoded data
   parallel over `devices` when several, from `seed`. With `samples` > 1 every example is decoded
   that many times (in a sampling mode, each a different draw): accuracy is the mean over all
-  samples (pass@1), and 'pass@k' the mean unbiased pass@k over examples (`pass_at_ks`); kept
-  outputs are then example-major, `samples` per example.
+  samples (pass@1), and 'pass@k' the mean unbiased pass@k over examples (`pass_at_ks`). With
+  `keep_outputs`, each mode's 'outputs' (cut at the stop strings) and their 'scores', example-major
+  (`samples` per example).
   'choice': one 'loglik' entry. 'text': a 'perplexity' entry (`perplexity` over rows of `seq_len`
   tokens), and with an `objective` a 'flare_loss' entry (`flare_loss_on_texts`, seed 0).
   Decoding modes do not apply to these two, scored likewise."""
@@ -400,7 +401,7 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
       results[name]['line_prefix'] = float(np.mean(
           [scorers.score_line_prefix(o, ex['target']) for o, ex in zip(outputs, drawn)]))
     if keep_outputs:
-      results[name]['outputs'] = outputs
+      results[name].update(outputs=outputs, scores=[float(x) for x in scores])
   return results
 
 

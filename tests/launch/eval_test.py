@@ -55,7 +55,7 @@ def test_chat_sends_prompts_through_the_template(ckpt, task, tmp_path):
 def test_samples_report_pass_at_k_and_warn_for_greedy_modes(ckpt, task, tmp_path):
   out = tmp_path / 'results.json'
   run = _eval(f'--ckpt={ckpt}', f'--task={task}', '--modes=ar;ar:t=1,top_k=20',
-              '--max_new_tokens=2', '--samples=2', '--seed=3', f'--out={out}')
+              '--max_new_tokens=2', '--samples=2', '--seed=3', f'--out={out}', '--save_outputs')
   assert run.returncode == 0, run.stderr[-2000:]
   assert "warning: --samples=2 with greedy modes ['ar']" in run.stderr
   saved = json.loads(out.read_text())
@@ -64,7 +64,19 @@ def test_samples_report_pass_at_k_and_warn_for_greedy_modes(ckpt, task, tmp_path
   for r in saved['results'].values():
     assert r['samples'] == 2 and r['pass@1'] == pytest.approx(r['accuracy'])
     assert r['pass@1'] <= r['pass@2'] <= 1 and r['tokens'] <= 3 * 2 * 2
+    assert 'outputs' not in r and 'scores' not in r  # in the outputs file instead
   assert '| mode | accuracy | pass@1 | pass@2 |' in run.stdout
+  # --save_outputs: every (mode, example, sample) once, its prompt, output and score
+  lines = [json.loads(x) for x in (tmp_path / 'results.outputs.jsonl').read_text().splitlines()]
+  assert [(x['mode'], x['example'], x['sample']) for x in lines] == [
+      (m, e, s) for m in ('ar', 'ar:t=1,top_k=20') for e in range(3) for s in range(2)]
+  assert [x['prompt'] for x in lines[:6]] == ['1+1=', '1+1=', '2+2=', '2+2=', '3+3=', '3+3=']
+  for mode, r in saved['results'].items():
+    scores = [x['score'] for x in lines if x['mode'] == mode]
+    assert sum(scores) / len(scores) == pytest.approx(r['accuracy'])
+  greedy = [x['output'] for x in lines if x['mode'] == 'ar']
+  assert greedy[0::2] == greedy[1::2]  # a greedy mode's samples are one decode
+  assert f"wrote {tmp_path / 'results.outputs.jsonl'}" in run.stdout
 
 
 @pytest.mark.parametrize('args, message', [(['--task=/nonexistent.jsonl'], 'no such file'),
