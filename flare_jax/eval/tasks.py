@@ -9,7 +9,7 @@
 Generated kinds may add "stop": ["\\n\\n", ...]: the output is cut before the first of these
 strings, then scored (and kept so). A code example with "prompt_is_code": true is HumanEval style:
 its program is the prompt followed by the output (else the output alone, or its first ```python
-block).
+block). `launch.convert_task` writes HumanEval, MBPP and GSM8K files in this format.
 """
 import json
 
