@@ -175,9 +175,11 @@ def test_code_outputs_run_concurrently_and_score_in_order():
 
 
 def test_samples_report_pass_at_k_over_independent_draws(model):
-  """3 sampled decodes per example: the targets are the first lines of some draws of a first run,
-  so the same seed scores each draw as the scorer does alone; accuracy is the mean over draws,
-  pass@k the mean of scorers.pass_at_k over examples. Another seed draws other outputs."""
+  """3 sampled decodes per example: the targets are the first lines of each example's first draw
+  in a first run, so the same seed scores each draw as the scorer does alone; accuracy is the mean
+  over draws, pass@k the mean of scorers.pass_at_k over examples (a per-example count taken across
+  examples instead would differ: the correct draws sit in one column). Another seed draws other
+  outputs."""
   cfg = harness.mode_config('ar:t=1', 4)
   examples = [{'prompt': p, 'target': 'unset'} for p in ('x = ', 'def f(', '1+2=')]
   run = lambda rows, seed=0: harness.evaluate(model, TOK, 'exact', rows, {'ar': cfg},
@@ -185,7 +187,7 @@ def test_samples_report_pass_at_k_over_independent_draws(model):
                                               seed=seed)['ar']
   drawn = run(examples)['outputs']
   assert len(drawn) == 9 and len(set(drawn)) > 3  # the draws differ
-  targets = [{**ex, 'target': scorers.first_line(drawn[3 * i + i % 3])}
+  targets = [{**ex, 'target': scorers.first_line(drawn[3 * i])}
              for i, ex in enumerate(examples)]
   res = run(targets)
   assert res['outputs'] == drawn
