@@ -6,8 +6,8 @@ python -m launch.eval --ckpt=runs/demo/flare/model --task=tasks/arith.jsonl \
 
 Modes may sample (t=0.8 and more, see --modes); --samples=N decodes every example N times and
 reports pass@k beside the accuracy (pass@1), e.g. for code tasks:
-python -m launch.eval --ckpt=DIR --task=humaneval.jsonl --modes='ar:t=0.8;diffusion_trust:k=2,t=0.8' \
-    --samples=10
+python -m launch.eval --ckpt=DIR --task=humaneval.jsonl --samples=10 \
+    --modes='ar:t=0.8;diffusion_trust:k=2,t=0.8'
 
 Task kinds (from the file's keys): numeric, exact, code (generation, one result per mode), choice
 (log-likelihood) and text (AR perplexity over rows of --seq_len tokens, and FLARE's training loss

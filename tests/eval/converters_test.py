@@ -14,7 +14,8 @@ HUMANEVAL = {
     'task_id': 'HumanEval/0', 'entry_point': 'add',
     'prompt': 'def add(a, b):\n    """The sum of a and b."""\n',
     'canonical_solution': '    return a + b\n',
-    'test': 'def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n'}
+    'test': ('def check(candidate):\n    assert candidate(2, 3) == 5\n'
+             '    assert candidate(-1, 1) == 0\n')}
 MBPP = {'task_id': 7, 'text': 'Write a function to add two numbers.',
         'code': 'def add(a, b):\n    return a + b', 'test_setup_code': '',
         'test_list': ['assert add(2, 3) == 5', 'assert add(0, 0) == 0']}
