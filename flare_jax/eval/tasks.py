@@ -26,6 +26,10 @@ def _kind_of(example: dict) -> str | None:
 def _problem(example, kind: str) -> str | None:
   if not isinstance(example, dict):
     return 'not a JSON object'
+  return _kind_problem(example, kind) or _options_problem(example, kind)
+
+
+def _kind_problem(example: dict, kind: str) -> str | None:
   if kind == 'text' and _kind_of(example) == kind:
     text = example['text']
     return None if isinstance(text, str) and text else '"text" must be a non-empty string'
@@ -42,6 +46,11 @@ def _problem(example, kind: str) -> str | None:
       return f'"label" must be an index into the {len(choices)} choices'
   elif not isinstance(example[KINDS[kind]], (str, int, float)):
     return f'"{KINDS[kind]}" must be a string'
+  return None
+
+
+def _options_problem(example: dict, kind: str) -> str | None:
+  """The optional keys: "stop" (generated kinds), "prompt_is_code" (code)."""
   if 'stop' in example:
     stops = example['stop']
     if kind not in GENERATED:

@@ -151,7 +151,9 @@ def test_stop_strings_and_humaneval_prompts_in_task_files(tmp_path):
       ({'prompt': '1+1=', 'answer': '2', 'prompt_is_code': True},
        '"prompt_is_code" applies to code examples, not numeric'),
       ({'prompt': 'a', 'choices': ['x', 'y'], 'label': 0, 'stop': ['x']},
-       "\"stop\" applies to generated kinds ('numeric', 'exact', 'code'), not choice")]:
+       "\"stop\" applies to generated kinds ('numeric', 'exact', 'code'), not choice"),
+      ({'text': 'abc', 'stop': ['x']},
+       "\"stop\" applies to generated kinds ('numeric', 'exact', 'code'), not text")]:
     bad = tmp_path / 'bad.jsonl'
     bad.write_text(json.dumps(row) + '\n')
     with pytest.raises(ValueError) as e:
