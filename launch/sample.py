@@ -113,9 +113,10 @@ def _read_prompts() -> list[dict]:
         raise ValueError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
       stop = {}
       if 'stop' in row:
-        if not (isinstance(row['stop'], list) and all(isinstance(x, str) and x
-                                                       for x in row['stop'])):
-          raise ValueError(f'{where}: "stop" must be a list of non-empty strings')
+        try:
+          stop_strings.from_json(row['stop'])
+        except ValueError as e:
+          raise ValueError(f'{where}: {e}') from e
         stop = {'stop': row['stop']}
       if 'prompt' in row:
         if not isinstance(row['prompt'], str) or not row['prompt']:

@@ -13,6 +13,8 @@ block). `launch.convert_task` writes HumanEval, MBPP and GSM8K files in this for
 """
 import json
 
+from flare_jax.sampling import stop_strings
+
 KINDS = {'numeric': 'answer', 'exact': 'target', 'code': 'tests', 'choice': 'choices',
          'text': 'text'}
 GENERATED = ('numeric', 'exact', 'code')  # kinds scored from generated text
@@ -52,11 +54,12 @@ def _kind_problem(example: dict, kind: str) -> str | None:
 def _options_problem(example: dict, kind: str) -> str | None:
   """The optional keys: "stop" (generated kinds), "prompt_is_code" (code)."""
   if 'stop' in example:
-    stops = example['stop']
     if kind not in GENERATED:
       return f'"stop" applies to generated kinds {GENERATED}, not {kind}'
-    if not (isinstance(stops, list) and all(isinstance(x, str) and x for x in stops)):
-      return '"stop" must be a list of non-empty strings'
+    try:
+      stop_strings.from_json(example['stop'])
+    except ValueError as e:
+      return str(e)
   if 'prompt_is_code' in example:
     if kind != 'code':
       return f'"prompt_is_code" applies to code examples, not {kind}'

@@ -35,6 +35,17 @@ def check(stops: Sequence[str]) -> tuple[str, ...]:
   return tuple(stops)
 
 
+def from_json(value) -> tuple[str, ...]:
+  """A task or prompt line's "stop" value as stop strings.
+
+  Raises:
+    ValueError: anything but a list of non-empty strings.
+  """
+  if not (isinstance(value, list) and all(isinstance(x, str) and x for x in value)):
+    raise ValueError('"stop" must be a list of non-empty strings')
+  return tuple(value)
+
+
 def cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
   """(text up to the earliest occurrence of any stop string, whether there was one)."""
   hits = [i for i in (text.find(s) for s in stops) if i >= 0]
