@@ -174,15 +174,28 @@ def split_rows(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
   device. Nothing is exchanged between devices, so each can run its own loop to its own end.
   """
   n = rows[0].shape[0]
+  out = per_device(fn, mesh, shared, *pad_rows(rows, mesh))
+  return jax.tree.map(lambda x: x[:n], out)
+
+
+def pad_rows(rows: Sequence[jax.Array], mesh: jax.sharding.Mesh) -> list[jax.Array]:
+  """rows (arrays with one leading batch axis) padded to a multiple of `mesh.size` with copies of
+  their last row."""
+  n = rows[0].shape[0]
   fill = -n % mesh.size
   if fill:
     _warn_once(f'{n} rows do not divide over {mesh.size} devices: each call computes {fill} '
                f'padding rows too (a batch size that is a multiple of {mesh.size} wastes none)')
-  padded = [jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x for x in rows]
+  return [jnp.concatenate([x, jnp.repeat(x[-1:], fill, axis=0)]) if fill else x for x in rows]
+
+
+def per_device(fn: Callable[..., Any], mesh: jax.sharding.Mesh, shared, *rows):
+  """fn(shared, *rows) on every device of a `replica_mesh`: each gets `shared` whole and its
+  equal slice of every leaf of `rows` (split along the leading axis, which must divide over the
+  devices); the outputs' leaves are joined along their leading axis."""
   spec = P(REPLICA_AXIS)
-  out = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (spec,) * len(rows), out_specs=spec,
-                      check_vma=False)(shared, *padded)
-  return jax.tree.map(lambda x: x[:n], out)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (spec,) * len(rows), out_specs=spec,
+                       check_vma=False)(shared, *rows)
 
 
 @functools.lru_cache(maxsize=None)

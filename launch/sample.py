@@ -11,8 +11,10 @@ the first of its strings (matched on the decoded text, so a stop string may span
 --prompts line may add its own, "stop": ["...", ...].
 
 One prompt streams its text as it is committed, and stops decoding at a stop string. Several are
-decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket; a
-batch decodes on past stop strings, which cut the text), with a progress line per batch on stderr
+decoded in jitted batches (prompt widths padded to a multiple of 64: one compile per bucket; with
+stop strings the rows are checked every --stop_check_every iterations, and a row ends at the first
+check after its text holds one; a batch ends when all its rows have), with a progress line per
+batch on stderr
 and one JSON line per prompt: the prompt, its completion, tokens (generated, EOS included),
 forward passes, AR-Trust's acceptance and finish_reason: "stop" (an end id or a stop string) or
 "length" (--max_new_tokens). --output is written as FILE.partial and renamed to FILE once every
@@ -63,6 +65,10 @@ _STOP_IDS = flags.DEFINE_list(
 _STOP = flags.DEFINE_multi_string(
     'stop', [], 'Text that ends a completion, which is cut before it (repeatable: --stop=A '
     r"--stop=B). \n, \t, \r and \\ are read as escapes, so --stop='\n\n' is a blank line.")
+_STOP_CHECK_EVERY = flags.DEFINE_integer(
+    'stop_check_every', 16, 'With stop strings, batched decoding checks each row\'s text every '
+    'this many iterations and ends the rows that hold one (fewer: rows end sooner after their '
+    'stop string, for more host round trips).')
 _BLOCK = flags.DEFINE_integer('block_size', None, 'AR-Trust / Diffusion-Trust block size '
                               "(default: the checkpoint's FLARE training's, else 4).")
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
@@ -208,6 +214,8 @@ def main(argv):
     print(f'block size {cfg.block_size} ({source})', file=sys.stderr)
   if _BATCH.value < 1:
     raise app.UsageError(f'--batch_size must be >= 1, got {_BATCH.value}')
+  if _STOP_CHECK_EVERY.value < 1:
+    raise app.UsageError(f'--stop_check_every must be >= 1, got {_STOP_CHECK_EVERY.value}')
   try:
     prompts = _read_prompts()
   except ValueError as e:  # the file's content: one line, no flag help
@@ -332,14 +340,18 @@ def _decode_batches(sampler, cfg, rng, tokenizer, stops, prompts, encoded, out, 
     for r, ids in enumerate(chunk):
       batch[r, :len(ids)] = ids
       lengths[r] = len(ids)
+    row_stops = [stops + tuple(p.get('stop', ())) for p in prompts[i:i + len(chunk)]]
+    # With stop strings a row ends soon after its first one (filler rows at once).
+    stop_test = stop_strings.stop_test(tokenizer.decode, row_stops) if any(row_stops) else None
     t0 = time.perf_counter()
-    res = jax.device_get(sampler.generate(batch, lengths, cfg, jax.random.fold_in(rng, i)))
+    res = jax.device_get(sampler.generate(batch, lengths, cfg, jax.random.fold_in(rng, i),
+                                          should_stop=stop_test,
+                                          check_every=_STOP_CHECK_EVERY.value))
     secs = time.perf_counter() - t0
     for r, ids in enumerate(chunk):
       n = int(res.num_tokens[r])
       kept, ended = sampler_lib.completion_ids(res.tokens[r, :n], cfg.eos_ids)
-      completion, hit = stop_strings.cut(tokenizer.decode(kept),
-                                         stops + tuple(prompts[i + r].get('stop', ())))
+      completion, hit = stop_strings.cut(tokenizer.decode(kept), row_stops[r])
       out.write(json.dumps({
           **prompts[i + r], 'completion': completion,
           'tokens': n, 'forward_passes': int(res.n_forward[r]),

@@ -85,9 +85,11 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_len: int, multipl
 def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.SamplerConfig, *,
                    batch_size: int = 16, max_prompt_len: int = 512, seed: int = 0,
                    on_progress: Callable[[int, int], None] | None = None,
-                   sampler: sampler_lib.Sampler | None = None):
+                   sampler: sampler_lib.Sampler | None = None,
+                   stops: Sequence[Sequence[str]] | None = None):
   """Decodes every prompt with `cfg` (through `sampler`, else a one-device Sampler of `model`).
-  Returns (output texts, GenerationStats)."""
+  `stops`: each prompt's stop strings; a row ends soon after its text holds one (the outputs are
+  not cut here). Returns (output texts, GenerationStats)."""
   ids, lengths = encode_prompts(tokenizer, prompts, max_prompt_len)
   n = len(prompts)
   pad = (-n) % batch_size
@@ -99,12 +101,18 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], cfg: sampler_lib.Sa
   # The keys before the clock starts (fold_in compiles on its first call), then the first batch
   # once untimed: it compiles the decode.
   keys = [jax.random.fold_in(rng, i) for i in range(batches)]
-  jax.device_get(sampler.generate(ids[:batch_size], lengths[:batch_size], cfg, keys[0]))
+  checked = stops is not None and any(stops)
+  def stop_test(i):  # batch i's rows: its prompts', then filler that stops at once
+    return (stop_strings.stop_test(tokenizer.decode, stops[i * batch_size:(i + 1) * batch_size])
+            if checked else None)
+  jax.device_get(sampler.generate(ids[:batch_size], lengths[:batch_size], cfg, keys[0],
+                                  should_stop=(lambda r, ids: False) if checked else None))
   stats, outputs = GenerationStats(), []
   for i in range(batches):
     sl = slice(i * batch_size, (i + 1) * batch_size)
     t0 = time.perf_counter()
-    res = jax.device_get(sampler.generate(ids[sl], lengths[sl], cfg, keys[i]))
+    res = jax.device_get(sampler.generate(ids[sl], lengths[sl], cfg, keys[i],
+                                          should_stop=stop_test(i)))
     stats.seconds += time.perf_counter() - t0
     keep = min(batch_size, n - i * batch_size)
     for b in range(keep):
@@ -386,7 +394,7 @@ def evaluate(model, tokenizer, kind: str, examples: Sequence[dict],
     outputs, stats = generate_texts(model, tokenizer, [ex['prompt'] for ex in drawn], cfg,
                                     batch_size=batch_size, max_prompt_len=max_prompt_len,
                                     seed=seed, on_progress=progress(f'{name:>24s}'),
-                                    sampler=sampler)
+                                    sampler=sampler, stops=[ex.get('stop', ()) for ex in drawn])
     outputs = [stop_strings.cut(o, ex.get('stop', ()))[0] for o, ex in zip(outputs, drawn)]
     scores = score_outputs(kind, drawn, outputs, code_timeout_s=code_timeout_s,
                            on_progress=progress(f'{"running programs":>24s}')

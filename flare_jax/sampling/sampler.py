@@ -18,11 +18,12 @@ run through the model. Slot j of every buffer holds position j, so rows never ne
 """
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flare_jax import sharding as shd
@@ -203,7 +204,8 @@ class Sampler:
     self.mesh, self.params = shd.replicate_over(self.params, devices)
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
-               pad_id: int = 0) -> DecodeResult:
+               pad_id: int = 0, *, should_stop: Callable[[int, np.ndarray], bool] | None = None,
+               check_every: int = 16) -> DecodeResult:
     """Decodes a batch of right-padded prompts.
 
     Args:
@@ -212,17 +214,57 @@ class Sampler:
       cfg: decoding policy.
       rng: key for sampling (required when temperature > 0).
       pad_id: filler for generated slots past each row's end.
+      should_stop: optional host-side test, `should_stop(row, ids) -> bool`, of a row's generated
+        ids so far (e.g. for a stop string in their text). The decode then runs in segments of
+        `check_every` iterations; after each, every row still going is tested, and a row it
+        answers True for ends there (its result keeps the ids so far). The batch ends as soon as
+        every row has. Rows it never stops get exactly the tokens decoding without it gives them.
+      check_every: iterations between two tests (with `should_stop`).
 
     Raises:
-      ValueError: empty batch, empty prompt, lengths out of range, ids out of the vocabulary.
+      ValueError: empty batch, empty prompt, lengths out of range, ids out of the vocabulary,
+        check_every < 1.
     """
     prompts, prompt_lengths, rng = self._validate(prompts, prompt_lengths, cfg, rng)
     mask_id = self.model_cfg.resolved_mask_token_id
+    if should_stop is not None:
+      if check_every < 1:
+        raise ValueError(f'check_every must be >= 1, got {check_every}')
+      return self._generate_checked(prompts, prompt_lengths, cfg, rng, pad_id, should_stop,
+                                    check_every)
     if self.mesh is None:
       return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
                        mask_id=mask_id, pad_id=pad_id)
     return _generate_data_parallel(self.graphdef, self.params, prompts, prompt_lengths, rng,
                                    cfg=cfg, mask_id=mask_id, pad_id=pad_id, mesh=self.mesh)
+
+  def _generate_checked(self, prompts, prompt_lengths, cfg: SamplerConfig, rng, pad_id: int,
+                        should_stop: Callable[[int, np.ndarray], bool],
+                        check_every: int) -> DecodeResult:
+    """`generate` with `should_stop`: jitted segments of the decode loop, the rows tested on the
+    host between them. With a mesh every state leaf leads with the device axis."""
+    n, mesh = prompts.shape[0], self.mesh
+    if mesh is not None:
+      prompts, prompt_lengths = shd.pad_rows((prompts, prompt_lengths), mesh)
+    graphdef, params = _decode_split(self.graphdef, self.params)
+    static = dict(cfg=cfg, mask_id=self.model_cfg.resolved_mask_token_id, mesh=mesh)
+    until = min(check_every, cfg.max_new_tokens)
+    state = _begin(graphdef, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
+    stopped = np.arange(prompts.shape[0]) >= n  # padding rows are never tested
+    while True:
+      tokens, length, start, done = (
+          x.reshape(-1, *x.shape[2:]) if mesh is not None else x
+          for x in jax.device_get((state.tokens, state.length, state.prompt_len, state.done)))
+      for r in np.flatnonzero(~done & ~stopped):
+        count = min(int(length[r] - start[r]), cfg.max_new_tokens)
+        stopped[r] = bool(should_stop(int(r), tokens[r, start[r]:start[r] + count]))
+      if until >= cfg.max_new_tokens or np.all(done | stopped):
+        break
+      until = min(until + check_every, cfg.max_new_tokens)
+      state = _resume(graphdef, params, state, jnp.asarray(stopped.reshape(state.done.shape)),
+                      until, **static)
+    return jax.tree.map(lambda x: x[:n], _checked_result(state, cfg=cfg, pad_id=pad_id,
+                                                         mesh=mesh))
 
   def _validate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng):
     prompts = jnp.asarray(prompts, jnp.int32)
@@ -348,16 +390,30 @@ def _result(state: DecodeState, cfg: SamplerConfig, pad_id: int) -> DecodeResult
                       n_drafted=state.n_drafted, n_accepted=state.n_accepted)
 
 
+def _started(model, prompts, prompt_lengths, rng, cfg: SamplerConfig, pad_id: int,
+             mask_id: int) -> DecodeState:
+  """The state after the prefill (and AR-Trust's peeled first step)."""
+  state, draft_q = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
+  if _peels_first_step(cfg):  # no row is done before it and max_new_tokens >= 1
+    state = _iteration(model, state, cfg, mask_id, first=True, draft_q=draft_q)
+  return state
+
+
+def _loop(model, state: DecodeState, cfg: SamplerConfig, mask_id: int,
+          until: jax.Array | None = None) -> DecodeState:
+  """Iterations until every row is done or max_new_tokens iterations (or `until`) have run."""
+  def going(st):
+    more = jnp.any(~st.done) & (st.step < cfg.max_new_tokens)
+    return more if until is None else more & (st.step < until)
+  return jax.lax.while_loop(going, lambda st: _iteration(model, st, cfg, mask_id), state)
+
+
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id'))
 def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
   model = _decode_model(graphdef, params)
-  state, draft_q = _init_state(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
-  if _peels_first_step(cfg):  # no row is done before it and max_new_tokens >= 1
-    state = _iteration(model, state, cfg, mask_id, first=True, draft_q=draft_q)
-  state = jax.lax.while_loop(lambda st: jnp.any(~st.done) & (st.step < cfg.max_new_tokens),
-                             lambda st: _iteration(model, st, cfg, mask_id), state)
-  return _result(state, cfg, pad_id)
+  state = _started(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
+  return _result(_loop(model, state, cfg, mask_id), cfg, pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id', 'mesh'))
@@ -371,6 +427,59 @@ def _generate_data_parallel(graphdef, params, prompts, prompt_lengths, rng, *, c
     return _generate(graphdef, params, prompts, prompt_lengths, rng, cfg=cfg, mask_id=mask_id,
                      pad_id=pad_id)
   return shd.split_rows(one_device, mesh, (params, rng), prompts, prompt_lengths)
+
+
+# --- The decode in segments (`generate` with `should_stop`). graphdef, params: from
+# `_decode_split`. With a mesh each device runs its rows' loop, and every leaf of the state between
+# segments leads with the device axis (scalars such as `step` become one per device).
+
+def _on_devices(run, mesh, shared, *rows):
+  """run(shared, *rows) whole without a mesh; else on every device, which gets the slice [i] of
+  each leaf of `rows` (leading with the device axis), and the outputs stacked on that axis."""
+  if mesh is None:
+    return run(shared, *rows)
+  def one_device(shared, *rows):
+    out = run(shared, *jax.tree.map(lambda x: x[0], rows))
+    return jax.tree.map(lambda x: x[None], out)
+  return shd.per_device(one_device, mesh, shared, *rows)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id', 'mesh'))
+def _begin(graphdef, params, prompts, prompt_lengths, rng, until, *, cfg: SamplerConfig,
+           mask_id: int, pad_id: int, mesh) -> DecodeState:
+  """The prefill and the iterations up to `until`; each device's key as in
+  `_generate_data_parallel`."""
+  def run(shared, prompts, prompt_lengths):
+    params, rng, until = shared
+    if mesh is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
+    model = nnx.merge(graphdef, params)
+    state = _started(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
+    return _loop(model, state, cfg, mask_id, until)
+  if mesh is not None:  # [B] -> [devices, B / devices]
+    prompts, prompt_lengths = (x.reshape(mesh.size, -1, *x.shape[1:])
+                               for x in (prompts, prompt_lengths))
+  return _on_devices(run, mesh, (params, rng, until), prompts, prompt_lengths)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'mesh'),
+                   donate_argnames='state')
+def _resume(graphdef, params, state, stopped, until, *, cfg: SamplerConfig, mask_id: int,
+            mesh) -> DecodeState:
+  """Ends the `stopped` rows ([B] bool, shaped as state.done) and runs on up to `until`."""
+  def run(shared, state, stopped):
+    params, until = shared
+    model = nnx.merge(graphdef, params)
+    return _loop(model, state.replace(done=state.done | stopped), cfg, mask_id, until)
+  return _on_devices(run, mesh, (params, until), state, stopped)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'pad_id', 'mesh'))
+def _checked_result(state, *, cfg: SamplerConfig, pad_id: int, mesh) -> DecodeResult:
+  if mesh is None:
+    return _result(state, cfg, pad_id)
+  res = jax.vmap(lambda st: _result(st, cfg, pad_id))(state)
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), res)
 
 
 def _decode_model(graphdef, params) -> transformer.FlareLM:

@@ -2,10 +2,11 @@
 
 Decoding itself stops at token ids (`SamplerConfig.eos_ids`); a stop string can span tokens, or
 be part of one, so it is matched on the decoded text: `cut` on a finished completion,
-`StopStringStream` on text as it is streamed.
+`StopStringStream` on text as it is streamed, and `stop_test` on a batch's rows between segments
+of its decode (`Sampler.generate`'s `should_stop`), which ends each row soon after its stop string.
 """
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _ESCAPES = {'n': '\n', 't': '\t', 'r': '\r', '\\': '\\'}
 
@@ -47,9 +48,31 @@ def from_json(value) -> tuple[str, ...]:
 
 
 def cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-  """(text up to the earliest occurrence of any stop string, whether there was one)."""
-  hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-  return (text[:min(hits)], True) if hits else (text, False)
+  """(text before the stop string that is complete first, whether there was one).
+
+  "First" is by where an occurrence ends (of two ending at one place, the longer), as when text
+  is read as it is generated: so the cut of a text that holds a stop string is also the cut of
+  every longer text that begins with it, and decoding may end as soon as one appears. (Of stops
+  ['bcd', 'c'], 'abcd' is cut to 'ab'.)
+  """
+  ends = [(i + len(s), -len(s)) for s, i in ((s, text.find(s)) for s in stops) if i >= 0]
+  if not ends:
+    return text, False
+  end, minus_len = min(ends)
+  return text[:end + minus_len], True
+
+
+def stop_test(decode: Callable[[Sequence[int]], str], stops: Sequence[Sequence[str]]):
+  """`Sampler.generate`'s `should_stop` for stop strings: row r stops once the text of its ids
+  holds one of `stops[r]` (rows past the end of `stops` stop at once: batch filler). `decode`:
+  ids -> text (a tokenizer's). A trailing U+FFFD (a character still missing bytes) is left out."""
+  def should_stop(row: int, ids) -> bool:
+    if row >= len(stops):
+      return True
+    if not stops[row]:
+      return False
+    return cut(decode([int(i) for i in ids]).rstrip('\ufffd'), stops[row])[1]
+  return should_stop
 
 
 def _partial_tail(text: str, stops: Sequence[str]) -> int:

@@ -61,6 +61,7 @@ def test_noisy_modes_follow_the_checkpoints_training(recorded_ckpt, record, mode
     (['--prompt=hi', '--stop_ids=272'], 'are not token ids of this model (vocabulary of 272)'),
     (['--prompt=hi', '--stop=ok', '--stop='], '--stop: a stop string must not be empty'),
     (['--prompt=hi', r'--stop=\q'], r"--stop: '\\q': unknown escape \q"),
+    (['--prompt=hi', '--stop_check_every=0'], '--stop_check_every must be >= 1'),
     (['--prompt=hi', '--chat_template_kwargs=[1]'], 'must be a JSON object'),
     (['--prompt=hi', '--chat_template_kwargs={"enable_thinking": false}'],
      'this tokenizer has no chat template'),  # the byte tokenizer's built-in format
@@ -116,14 +117,15 @@ def _stop_char(text: str) -> str:
 
 def test_stop_strings_cut_batched_and_streamed_completions(ckpt, tmp_path):
   """Each completion with --stop is the completion without it, cut before the stop string's
-  first occurrence (finish_reason "stop" where it occurs); a streamed prompt ends there."""
+  first occurrence (finish_reason "stop" where it occurs), and its row ends soon after it; a
+  streamed prompt ends there."""
   src = tmp_path / 'prompts.jsonl'
   src.write_text('\n'.join(json.dumps({'prompt': p}) for p in ('a = ', '1+2=', 'x')) + '\n')
   rows = {}
   for name, extra in (('free', []), ('stopped', None)):
     if extra is None:
       stop = _stop_char(rows['free'][0]['completion'])
-      extra = [f'--stop={stop}', '--stop=never seen']
+      extra = [f'--stop={stop}', '--stop=never seen', '--stop_check_every=2']
     out = tmp_path / f'{name}.jsonl'
     run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
                   '--max_new_tokens=16', '--temperature=1', *extra)
@@ -134,7 +136,9 @@ def test_stop_strings_cut_batched_and_streamed_completions(ckpt, tmp_path):
     assert stopped['completion'] == free['completion'].split(stop)[0]
     assert stopped['finish_reason'] == ('stop' if hit else free['finish_reason'])
     assert free['finish_reason'] == ('length' if free['tokens'] == 16 else 'stop')
-    assert stopped['tokens'] == free['tokens']  # a batch decodes on; only the text is cut
+    # A row whose text holds a stop string ends at the next check; the others run as before.
+    assert stopped['tokens'] <= free['tokens'] if hit else stopped['tokens'] == free['tokens']
+  assert rows['stopped'][0]['tokens'] < rows['free'][0]['tokens']  # its stop is mid-completion
   # A prompt's own stop strings, beside --stop's (the second prompt's holds the first's stop).
   own = _stop_char(rows['free'][2]['completion'])
   src.write_text(json.dumps({'prompt': 'a = '}) + '\n'

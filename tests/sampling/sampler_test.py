@@ -219,6 +219,9 @@ def test_bad_inputs_raise_clear_errors(tiny):
   with pytest.raises(ValueError, match='rng'):
     sampler.generate(np.zeros((1, 4), np.int32), np.array([4]),
                      sampler_lib.SamplerConfig(temperature=1.0))
+  with pytest.raises(ValueError, match='check_every'):
+    sampler.generate(np.zeros((1, 4), np.int32), np.array([4]), cfg,
+                     should_stop=lambda r, ids: False, check_every=0)
 
 
 def test_speculative_accept_is_exact_in_distribution():
@@ -311,3 +314,57 @@ def test_data_parallel_sampling_draws_each_devices_rows_with_its_own_key(tiny):
   tokens = np.asarray(out.tokens)
   assert tokens.shape == (4, 12)
   assert not np.array_equal(tokens[0], tokens[2]) and not np.array_equal(tokens[1], tokens[3])
+
+
+_FIELDS = ('tokens', 'num_tokens', 'n_forward', 'n_drafted', 'n_accepted')
+
+
+@pytest.mark.parametrize('mode, devices, temperature', [
+    ('ar_trust', 2, 1.0), ('diffusion_trust', 1, 0.0)])
+def test_should_stop_ends_rows_between_segments_and_leaves_the_others_alone(
+    tiny, rng, mode, devices, temperature):
+  """`generate(should_stop=...)` runs the loop in segments of check_every iterations. A test
+  that never stops gives exactly the one-pass result; a row it stops keeps a prefix of its
+  one-pass tokens (the ids the test saw last), and the rows it never stops their whole result."""
+  prompts, lengths = _ragged_prompts(rng, [3, 7, 1, 5, 6], 8)  # 5 rows: padded on 2 devices
+  cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=11, block_size=3,
+                                  temperature=temperature)
+  sampler = sampler_lib.Sampler(tiny, devices=jax.devices()[:devices] if devices > 1 else None)
+  key = jax.random.key(1)
+  one = jax.device_get(sampler.generate(prompts, lengths, cfg, key))
+  never = sampler.generate(prompts, lengths, cfg, key, should_stop=lambda r, ids: False,
+                           check_every=2)
+  for field in _FIELDS:
+    np.testing.assert_array_equal(getattr(never, field), getattr(one, field), err_msg=field)
+
+  stop_at = [2, None, 4, 1, None]  # row r stops once it has stop_at[r] tokens
+  seen = {}
+  def should_stop(r, ids):
+    np.testing.assert_array_equal(ids, one.tokens[r, :len(ids)])  # what decoding made so far
+    seen[r] = len(ids)
+    return stop_at[r] is not None and len(ids) >= stop_at[r]
+  part = jax.device_get(sampler.generate(prompts, lengths, cfg, key, should_stop=should_stop,
+                                         check_every=2))
+  for r, k in enumerate(stop_at):
+    n = int(part.num_tokens[r])
+    if k is None:
+      for field in _FIELDS:
+        np.testing.assert_array_equal(getattr(part, field)[r], getattr(one, field)[r])
+      continue
+    assert n == seen[r] and k <= n < int(one.num_tokens[r]), (r, n)
+    np.testing.assert_array_equal(part.tokens[r, :n], one.tokens[r, :n])
+    assert np.all(part.tokens[r, n:] == 0) and part.n_forward[r] < one.n_forward[r]
+
+
+def test_a_batch_ends_once_should_stop_has_ended_every_row(tiny, rng):
+  """AR, one token per iteration: the rows are tested after 3, 6, 9 tokens."""
+  prompts, lengths = _ragged_prompts(rng, [3, 7, 1], 8)
+  cfg = sampler_lib.SamplerConfig(mode='ar', max_new_tokens=20)
+  tested = []
+  def should_stop(r, ids):
+    tested.append(len(ids))
+    return len(ids) >= 2 + 3 * r
+  res = sampler_lib.Sampler(tiny).generate(prompts, lengths, cfg, should_stop=should_stop,
+                                           check_every=3)
+  assert list(np.asarray(res.num_tokens)) == [3, 6, 9]
+  assert max(tested) == 9  # no segment ran after the last row stopped
