@@ -75,3 +75,24 @@ def test_data_parallel_decoding_with_the_kernels_matches_one_gpu(mode):
     split = sampler_lib.Sampler(model, devices=jax.devices()[:2]).generate(
         prompts, lengths, sampler_cfg)
   np.testing.assert_array_equal(split.tokens, one.tokens)
+
+
+@pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
+def test_segmented_decoding_with_the_kernels_equals_one_pass(mode):
+  """`should_stop` runs the loop in jitted segments with the kernels: a test that never stops
+  gives the one-pass tokens; a stopped row keeps a prefix of them."""
+  prompts, lengths = _prompts()
+  sampler = _sampler('pallas')
+  cfg = sampler_lib.SamplerConfig(mode=mode, max_new_tokens=20, block_size=4)
+  with jax.default_matmul_precision('highest'):
+    one = jax.device_get(sampler.generate(prompts, lengths, cfg))
+    never = sampler.generate(prompts, lengths, cfg, should_stop=lambda r, ids: False,
+                             check_every=3)
+    part = jax.device_get(sampler.generate(prompts, lengths, cfg, check_every=3,
+                                           should_stop=lambda r, ids: r == 1 and len(ids) >= 2))
+  np.testing.assert_array_equal(never.tokens, one.tokens)
+  np.testing.assert_array_equal(never.n_forward, one.n_forward)
+  n = int(part.num_tokens[1])
+  assert 2 <= n < int(one.num_tokens[1])
+  np.testing.assert_array_equal(part.tokens[1, :n], one.tokens[1, :n])
+  np.testing.assert_array_equal(np.delete(part.tokens, 1, 0), np.delete(one.tokens, 1, 0))
