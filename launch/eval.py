@@ -40,7 +40,8 @@ _TASK = flags.DEFINE_string('task', None, 'Task JSONL file, or several joined by
                             'loads once; each result file is written as its task finishes).',
                             required=True)
 _MODES = flags.DEFINE_string('modes', 'ar;ar_trust;diffusion_trust:threshold=0.9',
-                             'Modes joined by ";": mode[:b=B,threshold=X | k=K] (bare names may be '
+                             'Modes joined by ";": mode[:b=B,threshold=X | k=K | factor=F | '
+                             'entropy=H] (bare names may be '
                              'comma-separated), greedy unless sampling: t=T (temperature), '
                              'top_p=P, top_k=K, e.g. "ar:t=0.8,top_p=0.95".')
 _SAMPLES = flags.DEFINE_integer('samples', 1, 'Decodes per example (generated kinds): accuracy is '

@@ -74,9 +74,18 @@ _BLOCK = flags.DEFINE_integer('block_size', None, 'AR-Trust / Diffusion-Trust bl
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Top-k filter (0 = off).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus filter (1 = off).')
-_COMMIT = flags.DEFINE_enum('commit', 'threshold', ['threshold', 'fixed'], 'Diffusion-Trust rule.')
+_COMMIT = flags.DEFINE_enum(
+    'commit', 'threshold', list(sampler_lib.COMMIT_RULES), 'Diffusion-Trust commit rule, each '
+    'committing at least the most certain slot per pass: threshold (confidence >= --threshold), '
+    "fixed (--tokens_per_pass), factor (Fast-dLLM's, --factor), entropy (EB-sampler's, "
+    '--entropy_bound).')
 _THRESHOLD = flags.DEFINE_float('threshold', 0.9, 'Diffusion-Trust confidence threshold.')
 _PER_PASS = flags.DEFINE_integer('tokens_per_pass', 2, "Tokens per pass for --commit=fixed.")
+_FACTOR = flags.DEFINE_float('factor', 1.0, 'For --commit=factor: the n most confident slots, n '
+                             'the largest with (i + 1)(1 - c_i) < factor for the i-th highest '
+                             'confidences c_i up to n (larger: more per pass).')
+_ENTROPY_BOUND = flags.DEFINE_float('entropy_bound', 0.5, 'For --commit=entropy: slots by rising '
+                                    'entropy while the entropy before each is <= this (nats).')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Prompts per jitted batch.')
 _DATA_PARALLEL = flags.DEFINE_bool('data_parallel', True, "Split each batch over this process's "
                                    'devices (params replicated on each; not for one --prompt).')
@@ -161,7 +170,8 @@ def _sampler_config(record: dict | None) -> sampler_lib.SamplerConfig:
     return sampler_lib.SamplerConfig(
         mode=_MODE.value, block_size=block_size, max_new_tokens=_MAX_NEW.value,
         temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-        commit=_COMMIT.value, threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value)
+        commit=_COMMIT.value, threshold=_THRESHOLD.value, tokens_per_pass=_PER_PASS.value,
+        factor=_FACTOR.value, entropy_bound=_ENTROPY_BOUND.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
 

@@ -423,30 +423,42 @@ def parse_modes(text: str) -> list[str]:
 # Mode spec fields that make a mode sample: spec key -> (SamplerConfig field, type).
 _SAMPLING_FIELDS = {'t': ('temperature', float), 'top_p': ('top_p', float),
                     'top_k': ('top_k', int)}
+# Mode spec fields that pick Diffusion-Trust's commit rule: spec key -> (rule, its field, type).
+_COMMIT_FIELDS = {'threshold': ('threshold', 'threshold', float),
+                  'k': ('fixed', 'tokens_per_pass', int), 'factor': ('factor', 'factor', float),
+                  'entropy': ('entropy', 'entropy_bound', float)}
 
 
 def mode_config(spec: str, max_new_tokens: int,
                 block_size: int | None = None) -> sampler_lib.SamplerConfig:
-  """A SamplerConfig from 'ar' | 'ar_trust[:b=4]' | 'diffusion_trust[:b=4,threshold=0.9 | k=2]'
-  (b: block size, else `block_size`, else the sampler's default; k: fixed tokens per pass),
-  greedy unless sampling fields follow: t=0.8 (temperature), top_p=0.95, top_k=50 (e.g.
-  'ar:t=0.8,top_p=0.95'). Raises ValueError on an unknown field or a bad value."""
+  """A SamplerConfig from 'ar' | 'ar_trust[:b=4]' |
+  'diffusion_trust[:b=4,threshold=0.9 | k=2 | factor=1.0 | entropy=0.5]' (b: block size, else
+  `block_size`, else the sampler's default; one commit rule: threshold, k fixed tokens per pass,
+  factor Fast-dLLM's, entropy the EB-sampler's bound in nats; see SamplerConfig), greedy unless
+  sampling fields follow: t=0.8 (temperature), top_p=0.95, top_k=50 (e.g. 'ar:t=0.8,top_p=0.95').
+  Raises ValueError on an unknown field, a bad value, a commit rule outside diffusion_trust or
+  two in one spec."""
   mode, _, rest = spec.partition(':')
   kw = dict(mode=mode, max_new_tokens=max_new_tokens)
   if block_size is not None:
     kw['block_size'] = block_size
+  rules = []
   for item in filter(None, rest.split(',')):
     key, _, value = item.partition('=')
     if key == 'b':
       kw['block_size'] = int(value)
-    elif key == 'threshold':
-      kw.update(commit='threshold', threshold=float(value))
-    elif key == 'k':
-      kw.update(commit='fixed', tokens_per_pass=int(value))
+    elif key in _COMMIT_FIELDS:
+      rule, name, kind = _COMMIT_FIELDS[key]
+      kw.update(commit=rule, **{name: kind(value)})
+      rules.append(key)
     elif key in _SAMPLING_FIELDS:
       name, kind = _SAMPLING_FIELDS[key]
       kw[name] = kind(value)
     else:
-      raise ValueError(f'unknown mode field {key!r} in {spec!r} (known: b, threshold, k, '
-                       f'{", ".join(_SAMPLING_FIELDS)})')
+      raise ValueError(f'unknown mode field {key!r} in {spec!r} (known: b, '
+                       f'{", ".join(_COMMIT_FIELDS)}, {", ".join(_SAMPLING_FIELDS)})')
+  if rules and mode != 'diffusion_trust':
+    raise ValueError(f'{spec!r}: {rules[0]}= picks a Diffusion-Trust commit rule; {mode} has none')
+  if len(rules) > 1:
+    raise ValueError(f'{spec!r}: one commit rule per mode, got {" and ".join(rules)}')
   return sampler_lib.SamplerConfig(**kw)

@@ -104,7 +104,8 @@ match); arithmetic with operands 0..{cfg['demo'].get('arithmetic_max_operand', 1
                 for k, v in ppl.items()) + f"""
 
 ## Quality and speed per decoding setting
-`b`: block size; `threshold`: Diffusion-Trust confidence to commit; `k`: tokens committed per pass.
+`b`: block size; Diffusion-Trust's commit rule: `threshold` (confidence to commit), `k` (tokens
+per pass), `factor` (Fast-dLLM's factor rule) or `entropy` (the EB-sampler's bound, nats).
 Line prefix (next-line task): the common prefix of the generated and the true line over the longer
 of the two, a graded version of exact match (the plot shows it for that task). Passes / token
 counts decode forward passes (prefill excluded): plain AR is 1.0. The prefill also runs AR-Trust's

@@ -1,4 +1,5 @@
-"""Token policies shared by the decoding modes: logit warping, speculative acceptance, commit rules.
+"""Token policies shared by the decoding modes: logit warping, speculative acceptance, commit rules
+(Diffusion-Trust: threshold, fixed k, Fast-dLLM's factor, entropy-bounded).
 
 All functions are pure, batched and jit-able; probabilities are computed in fp32.
 """
@@ -116,3 +117,46 @@ def top_k_commit(confidence: jax.Array, masked: jax.Array, k: int) -> jax.Array:
   conf = jnp.where(masked, confidence, -1.0)
   rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
   return masked & (rank < k)
+
+
+def factor_commit(confidence: jax.Array, masked: jax.Array, factor: float) -> jax.Array:
+  """Fast-dLLM's factor rule: commit the n most confident masked slots of each row, n the largest
+  with (i + 1)(1 - c_i) < factor for every i <= n (c_i the i-th highest confidence, from 1), and
+  at least the most confident one. Larger factors commit more per pass.
+
+  Args:
+    confidence: [B, L] probability of each slot's proposed token.
+    masked: [B, L] bool, slots still masked.
+
+  Returns:
+    bool [B, L] slots to commit (a subset of `masked`).
+  """
+  conf = jnp.where(masked, confidence, -1.0)
+  rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0: most confident
+  # The confidence falls and the bound 1 - factor / (rank + 2) rises with the rank, so the slots
+  # that pass are the most confident ones: no running product is needed.
+  return masked & ((rank == 0) | ((rank + 2) * (1.0 - conf) < factor))
+
+
+def entropy_commit(entropy: jax.Array, masked: jax.Array, bound: float) -> jax.Array:
+  """Entropy-bounded rule (EB-sampler): commit the masked slots of each row in order of rising
+  entropy while the entropy of those committed before each is <= bound (nats), so at least the
+  most certain one; bound 0 commits it alone (and ties at zero entropy).
+
+  Args:
+    entropy: [B, L] entropy of each slot's sampling distribution.
+    masked: [B, L] bool, slots still masked.
+
+  Returns:
+    bool [B, L] slots to commit (a subset of `masked`).
+  """
+  rank = jnp.argsort(jnp.argsort(jnp.where(masked, entropy, jnp.inf), axis=-1), axis=-1)
+  h = jnp.where(masked, entropy, 0.0)
+  # before[b, i]: summed entropy of the masked slots ranked before slot i (L is a block: small)
+  before = jnp.sum(jnp.where(rank[:, None, :] < rank[:, :, None], h[:, None, :], 0.0), axis=-1)
+  return masked & (before <= bound)
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+  """Entropy in nats [...] of distributions probs [..., vocab] (0 log 0 = 0)."""
+  return -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.maximum(probs, 1e-38)), 0.0), axis=-1)

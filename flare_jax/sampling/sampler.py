@@ -34,6 +34,7 @@ from flare_jax.sampling import policies
 from pallas_kernels.attention import mask as mask_lib
 
 MODES = ('ar', 'ar_trust', 'diffusion_trust')
+COMMIT_RULES = ('threshold', 'fixed', 'factor', 'entropy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +47,17 @@ class SamplerConfig:
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0
   top_p: float = 1.0
-  commit: str = 'threshold'  # Diffusion-Trust: 'threshold' | 'fixed' (tokens_per_pass per pass)
+  # Diffusion-Trust's commit rule (each commits at least the most certain slot per pass):
+  #   'threshold'  every slot whose confidence is >= threshold
+  #   'fixed'      tokens_per_pass slots, the most confident
+  #   'factor'     Fast-dLLM: the n most confident, n the largest with (i + 1)(1 - c_i) < factor
+  #                for the i-th highest confidences c_i, i <= n
+  #   'entropy'    EB-sampler: slots by rising entropy while the entropy before each <= entropy_bound
+  commit: str = 'threshold'
   threshold: float = 0.9
   tokens_per_pass: int = 1
+  factor: float = 1.0
+  entropy_bound: float = 0.5  # nats
   eos_ids: tuple[int, ...] = ()
   # 0: sized to the prompts + max_new_tokens; else a hard limit (error if exceeded)
   cache_len: int = 0
@@ -60,8 +69,8 @@ class SamplerConfig:
       raise ValueError(f'block_size must be in 1..32, got {self.block_size}')
     if self.max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {self.max_new_tokens}')
-    if self.commit not in ('threshold', 'fixed'):
-      raise ValueError(f"commit must be 'threshold' or 'fixed', got {self.commit!r}")
+    if self.commit not in COMMIT_RULES:
+      raise ValueError(f'commit must be one of {COMMIT_RULES}, got {self.commit!r}')
     if self.commit == 'fixed' and self.tokens_per_pass < 1:
       raise ValueError(f'tokens_per_pass must be >= 1, got {self.tokens_per_pass}')
     if self.temperature < 0:
@@ -72,6 +81,10 @@ class SamplerConfig:
       raise ValueError(f'top_p must be in (0, 1] (1 = off), got {self.top_p}')
     if self.commit == 'threshold' and not 0 <= self.threshold <= 1:
       raise ValueError(f'threshold must be in [0, 1], got {self.threshold}')
+    if self.commit == 'factor' and not self.factor > 0:
+      raise ValueError(f'factor must be > 0, got {self.factor}')
+    if self.commit == 'entropy' and not self.entropy_bound >= 0:
+      raise ValueError(f'entropy_bound must be >= 0, got {self.entropy_bound}')
     if self.cache_len < 0:
       raise ValueError(f'cache_len must be >= 0 (0 = sized to the prompts), got {self.cache_len}')
 
@@ -602,14 +615,19 @@ def _denoise_update(logits, targets, masked, rng, cfg: SamplerConfig):
   row still needed the pass), rows with nothing needed left unchanged. Slots after a committed EOS
   stay masked (so they stay [MASK] in the block the other slots see) but are never committed."""
   proposal = policies.sample(rng, logits, cfg.temperature, cfg.top_k, cfg.top_p)
-  # Confidence: the proposal's probability (at temperature 1 when decoding greedily).
+  # Confidence: the proposal's probability; entropy: the distribution's (at temperature 1 when
+  # decoding greedily).
   probs = jax.nn.softmax(policies.warp_logits(logits, cfg.temperature or 1.0, cfg.top_k, cfg.top_p))
   conf = jnp.take_along_axis(probs, proposal[..., None], axis=-1)[..., 0]
   needed = _needed(targets, masked, cfg.eos_ids)
   if cfg.commit == 'threshold':
     sel = policies.threshold_commit(conf, needed, cfg.threshold)
-  else:
+  elif cfg.commit == 'fixed':
     sel = policies.top_k_commit(conf, needed, cfg.tokens_per_pass)
+  elif cfg.commit == 'factor':
+    sel = policies.factor_commit(conf, needed, cfg.factor)
+  else:
+    sel = policies.entropy_commit(policies.entropy(probs), needed, cfg.entropy_bound)
   active = jnp.any(needed, axis=1)
   sel = sel & active[:, None]
   return jnp.where(sel, proposal, targets), masked & ~sel, active

@@ -77,6 +77,16 @@ def test_mode_config_parsing():
   assert (cfg.mode, cfg.block_size, cfg.commit, cfg.tokens_per_pass) == (
       'diffusion_trust', 8, 'fixed', 4)
   assert harness.mode_config('diffusion_trust:threshold=0.7', 8).threshold == 0.7
+  cfg = harness.mode_config('diffusion_trust:factor=2', 8)
+  assert (cfg.commit, cfg.factor) == ('factor', 2.0)
+  cfg = harness.mode_config('diffusion_trust:b=4,entropy=0.25', 8)
+  assert (cfg.commit, cfg.entropy_bound, cfg.block_size) == ('entropy', 0.25, 4)
+  with pytest.raises(ValueError, match='one commit rule per mode, got k and entropy'):
+    harness.mode_config('diffusion_trust:k=2,entropy=1', 8)
+  with pytest.raises(ValueError, match='ar_trust has none'):
+    harness.mode_config('ar_trust:k=2', 8)
+  with pytest.raises(ValueError, match='factor must be > 0'):
+    harness.mode_config('diffusion_trust:factor=0', 8)
   with pytest.raises(ValueError, match='unknown mode field'):
     harness.mode_config('ar:temp=1', 8)
   cfg = harness.mode_config('diffusion_trust:k=2,t=0.8,top_p=0.9,top_k=50', 8)

@@ -62,6 +62,7 @@ def test_noisy_modes_follow_the_checkpoints_training(recorded_ckpt, record, mode
     (['--prompt=hi', '--stop=ok', '--stop='], '--stop: a stop string must not be empty'),
     (['--prompt=hi', r'--stop=\q'], r"--stop: '\\q': unknown escape \q"),
     (['--prompt=hi', '--stop_check_every=0'], '--stop_check_every must be >= 1'),
+    (['--prompt=hi', '--commit=factor', '--factor=0'], 'factor must be > 0'),
     (['--prompt=hi', '--chat_template_kwargs=[1]'], 'must be a JSON object'),
     (['--prompt=hi', '--chat_template_kwargs={"enable_thinking": false}'],
      'this tokenizer has no chat template'),  # the byte tokenizer's built-in format

@@ -73,18 +73,28 @@ def test_diffusion_trust_one_token_blocks_at_full_threshold_equal_greedy_ar(tiny
 
 
 def test_diffusion_trust_fixed_schedule_uses_fewer_passes_per_token_with_larger_k(tiny, rng):
+  """Also the other commit rules at their extremes: a vanishing factor or entropy bound commits
+  one slot per pass (the factor rule the most confident, as k=1), an unbounded entropy bound the
+  whole block at once (as k=4)."""
   prompts, lengths = _ragged_prompts(rng, [4, 6], 6)
   sampler = sampler_lib.Sampler(tiny)
-  passes = []
-  for k in (1, 4):
-    res = sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
-        mode='diffusion_trust', block_size=4, commit='fixed', tokens_per_pass=k, max_new_tokens=8))
-    assert list(np.asarray(res.num_tokens)) == [8, 8]
-    passes.append(np.asarray(res.n_forward))
+  runs = {}
+  for name, rule in [('k=1', dict(commit='fixed', tokens_per_pass=1)),
+                     ('k=4', dict(commit='fixed', tokens_per_pass=4)),
+                     ('factor=1e-9', dict(commit='factor', factor=1e-9)),
+                     ('entropy=0', dict(commit='entropy', entropy_bound=0.0)),
+                     ('entropy=1e9', dict(commit='entropy', entropy_bound=1e9))]:
+    res = jax.device_get(sampler.generate(prompts, lengths, sampler_lib.SamplerConfig(
+        mode='diffusion_trust', block_size=4, max_new_tokens=8, **rule)))
+    assert list(res.num_tokens) == [8, 8], name
+    runs[name] = res
   # The prefill, then per block of 4: 4 / k denoising passes, the first of them fused with the
   # prefill (first block) or with the previous block's commit pass; then its own commit pass.
-  np.testing.assert_array_equal(passes[0], 1 + 2 * (4 - 1) + 2)
-  np.testing.assert_array_equal(passes[1], 1 + 2 * (1 - 1) + 2)
+  for name, k in [('k=1', 1), ('factor=1e-9', 1), ('entropy=0', 1), ('k=4', 4),
+                  ('entropy=1e9', 4)]:
+    np.testing.assert_array_equal(runs[name].n_forward, 1 + 2 * (4 // k - 1) + 2, err_msg=name)
+  np.testing.assert_array_equal(runs['factor=1e-9'].tokens, runs['k=1'].tokens)
+  np.testing.assert_array_equal(runs['entropy=1e9'].tokens, runs['k=4'].tokens)
 
 
 def _unfused_diffusion_trust(model, prompt, cfg):
@@ -210,7 +220,10 @@ def test_bad_inputs_raise_clear_errors(tiny):
   for bad, message in [(dict(mode='beam'), 'unknown mode'), (dict(top_k=-1), 'top_k'),
                        (dict(top_p=0.0), 'top_p'), (dict(top_p=1.5), 'top_p'),
                        (dict(threshold=1.2), 'threshold'), (dict(cache_len=-1), 'cache_len'),
-                       (dict(block_size=0), 'block_size'), (dict(temperature=-1.0), 'temperature')]:
+                       (dict(block_size=0), 'block_size'), (dict(temperature=-1.0), 'temperature'),
+                       (dict(commit='top'), 'commit must be one of'),
+                       (dict(commit='factor', factor=0.0), 'factor must be > 0'),
+                       (dict(commit='entropy', entropy_bound=-0.1), 'entropy_bound must be >= 0')]:
     with pytest.raises(ValueError, match=message):
       sampler_lib.SamplerConfig(**bad)
   with pytest.raises(ValueError, match='exceed cache_len 16'):
@@ -368,3 +381,23 @@ def test_a_batch_ends_once_should_stop_has_ended_every_row(tiny, rng):
                                            check_every=3)
   assert list(np.asarray(res.num_tokens)) == [3, 6, 9]
   assert max(tested) == 9  # no segment ran after the last row stopped
+
+
+@pytest.mark.parametrize('rule, picks', [
+    (dict(commit='threshold', threshold=0.58), [0]), (dict(commit='threshold', threshold=0.5),
+                                                       [0, 1]),
+    (dict(commit='fixed', tokens_per_pass=1), [0]), (dict(commit='factor', factor=1.3), [0]),
+    (dict(commit='factor', factor=1.4), [0, 1]), (dict(commit='entropy', entropy_bound=0.5),
+                                                   [1]),
+    (dict(commit='entropy', entropy_bound=0.7), [0, 1])])
+def test_each_commit_rule_reaches_the_denoising_pass(rule, picks):
+  """Slot 0 is the more confident (0.6 against 0.55), slot 1 the more certain (entropy 0.69
+  against 0.95): the entropy rule takes slot 1 first, the others slot 0; the factor rule takes
+  slot 1 too once 3 (1 - 0.55) = 1.35 < factor."""
+  probs = jnp.array([[[0.6, 0.2, 0.2, 0.0], [0.55, 0.45, 0.0, 0.0]]])
+  logits = jnp.log(jnp.maximum(probs, 1e-30))
+  cfg = sampler_lib.SamplerConfig(mode='diffusion_trust', block_size=2, **rule)
+  targets, masked, active = sampler_lib._denoise_update(  # pylint: disable=protected-access
+      logits, jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), jax.random.key(0), cfg)
+  assert np.asarray(masked).tolist() == [[0 not in picks, 1 not in picks]] and bool(active[0])
+  assert np.all(np.asarray(targets)[0, picks] == 0)  # the argmax tokens
