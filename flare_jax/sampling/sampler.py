@@ -52,7 +52,8 @@ class SamplerConfig:
   #   'fixed'      tokens_per_pass slots, the most confident
   #   'factor'     Fast-dLLM: the n most confident, n the largest with (i + 1)(1 - c_i) < factor
   #                for the i-th highest confidences c_i, i <= n
-  #   'entropy'    EB-sampler: slots by rising entropy while the entropy before each <= entropy_bound
+  #   'entropy'    EB-sampler: slots by rising entropy while the entropy before each is
+  #                <= entropy_bound
   commit: str = 'threshold'
   threshold: float = 0.9
   tokens_per_pass: int = 1
