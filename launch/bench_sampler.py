@@ -11,6 +11,9 @@ XLA flag set, each in its own process, side by side in one table (an A/B of comp
 `--gdn_decode_impl=xla,pallas` times the GDN cached passes side by side, XLA's chain against the
 fused kernel (`gdr.fused_decode`; one model each); `--attn_decode_impl=xla,pallas` the same for the
 attention layers' cached calls (`attn_ops.cache_attention`). Rows are labelled 'GDN / attention'.
+`--check_every=16,4` also times each case decoded in segments with a row test between them (as
+with stop strings; `generate(should_stop=...)`, the test never stopping a row), labelled
+'MODE, checked every N': the cost of the host round trips beside the one-pass decode.
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import json
@@ -39,6 +42,9 @@ _BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block
 _KS = flags.DEFINE_list('k', ['1', '2', '4'], 'Diffusion-Trust tokens committed per pass.')
 _MODES = flags.DEFINE_list('modes', ['ar', 'ar_trust', 'diffusion_trust'], 'Modes to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per case (median reported).')
+_CHECK_EVERY = flags.DEFINE_list(
+    'check_every', [], 'Also time every case decoded in segments of this many iterations with a '
+    'host-side row test between them (one that never stops a row).')
 _HF = flags.DEFINE_bool('hf', False, 'Also time transformers generate (separate process).')
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also list the top GPU kernels per model pass of each case.')
@@ -181,6 +187,15 @@ def _measure_model(gdn_impl: str, attn_impl: str, rows: list[dict]) -> None:
         row['timeline_per_pass'] = {k: v if k == 'widest_gap_ms' else v / max(passes, 1)
                                     for k, v in timeline.items()}
       bench_util.record(rows, row, '' if _CHILD.value else _OUT.value)
+      for every in map(int, _CHECK_EVERY.value):
+        never = lambda r, ids: False
+        seconds, _ = _time(lambda: sampler.generate(prompts, lengths, scfg, should_stop=never,
+                                                    check_every=every), _REPEATS.value)
+        bench_util.record(rows, dict(
+            mode=f'{name}, checked every {every}', batch=batch, decode_impl=decode_impl,
+            tokens_per_s=toks / seconds, passes_per_token=passes / _NEW.value,
+            ms_per_pass=1e3 * seconds / max(passes, 1), acceptance=row['acceptance']),
+            '' if _CHILD.value else _OUT.value)
 
 
 def _print_tables(rows: list[dict]) -> None:

@@ -216,6 +216,14 @@ class Sampler:
     self.graphdef, self.params = nnx.split(model)
     self.model_cfg = model.cfg
     self.mesh, self.params = shd.replicate_over(self.params, devices)
+    self._decode_graphdef = None  # traced at the first stream or checked decode
+
+  def _decode_split(self):
+    """(graphdef, params) of the decode model: its structure traced once per sampler, its
+    params a prepared copy per call (freed with the call)."""
+    if self._decode_graphdef is None:
+      self._decode_graphdef = _decode_graphdef(self.graphdef, self.params)
+    return _decode_split(self.graphdef, self.params, self._decode_graphdef)
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
                pad_id: int = 0, *, should_stop: Callable[[int, np.ndarray], bool] | None = None,
@@ -260,7 +268,7 @@ class Sampler:
     n, mesh = prompts.shape[0], self.mesh
     if mesh is not None:
       prompts, prompt_lengths = shd.pad_rows((prompts, prompt_lengths), mesh)
-    graphdef, params = _decode_split(self.graphdef, self.params)
+    graphdef, params = self._decode_split()
     static = dict(cfg=cfg, mask_id=self.model_cfg.resolved_mask_token_id, mesh=mesh)
     until = min(check_every, cfg.max_new_tokens)
     state = _begin(graphdef, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
@@ -312,7 +320,7 @@ class Sampler:
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
-    graphdef, params = _decode_split(self.graphdef, self.params)  # once, not per iteration
+    graphdef, params = self._decode_split()  # once, not per iteration
     state, draft_q = _start(graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                             mask_id=self.model_cfg.resolved_mask_token_id)
     emitted, first, stop = 0, _peels_first_step(cfg), False
@@ -511,12 +519,19 @@ def _decode_params(graphdef, params):
   return nnx.split(_decode_model(graphdef, params))[1]
 
 
-def _decode_split(graphdef, params):
-  """(graphdef, params) of `_decode_model`, prepared once for per-iteration calls; `params` is
-  left as it was (the preparation runs on a traced copy)."""
-  graphdefs = []  # the decode copy's structure, from an abstract trace (no compile, no copy)
+def _decode_graphdef(graphdef, params):
+  """The structure of `_decode_model`, from an abstract trace (no compile, no copy)."""
+  graphdefs = []
   jax.eval_shape(lambda p: graphdefs.append(nnx.split(_decode_model(graphdef, p))[0]), params)
-  return graphdefs[0], _decode_params(graphdef, params)
+  return graphdefs[0]
+
+
+def _decode_split(graphdef, params, decode_graphdef=None):
+  """(graphdef, params) of `_decode_model`, prepared once for per-iteration calls; `params` is
+  left as it was (the preparation runs on a jitted copy). `decode_graphdef`: the structure if
+  already traced (`_decode_graphdef`)."""
+  return (decode_graphdef or _decode_graphdef(graphdef, params),
+          _decode_params(graphdef, params))
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
