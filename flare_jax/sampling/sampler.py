@@ -214,16 +214,21 @@ class Sampler:
 
   def __init__(self, model: transformer.FlareLM, devices: Sequence[jax.Device] | None = None):
     self.graphdef, self.params = nnx.split(model)
+    self._structure = _Structure(self.graphdef, jax.tree.structure(self.params))
     self.model_cfg = model.cfg
     self.mesh, self.params = shd.replicate_over(self.params, devices)
-    self._decode_graphdef = None  # traced at the first stream or checked decode
+    self._decode_structure = None  # traced at the first stream or checked decode
 
   def _decode_split(self):
-    """(graphdef, params) of the decode model: its structure traced once per sampler, its
-    params a prepared copy per call (freed with the call)."""
-    if self._decode_graphdef is None:
-      self._decode_graphdef = _decode_graphdef(self.graphdef, self.params)
-    return _decode_split(self.graphdef, self.params, self._decode_graphdef)
+    """(structure, params) of the decode model for per-iteration calls: its structure traced
+    once per sampler; its params a prepared copy per call (freed with the call), as a flat list
+    of arrays (`structure.merge` rebuilds the model), which jit takes in without the Python-level
+    flattening of every nnx Variable at every call."""
+    if self._decode_structure is None:
+      graphdef, treedef = _decode_graphdef(self.graphdef, self.params)
+      self._decode_structure = _Structure(graphdef, treedef)
+    params = _decode_params(self._structure, self.params)
+    return self._decode_structure, jax.tree.leaves(params)
 
   def generate(self, prompts, prompt_lengths, cfg: SamplerConfig, rng: jax.Array | None = None,
                pad_id: int = 0, *, should_stop: Callable[[int, np.ndarray], bool] | None = None,
@@ -255,9 +260,9 @@ class Sampler:
       return self._generate_checked(prompts, prompt_lengths, cfg, rng, pad_id, should_stop,
                                     check_every)
     if self.mesh is None:
-      return _generate(self.graphdef, self.params, prompts, prompt_lengths, rng, cfg=cfg,
+      return _generate(self._structure, self.params, prompts, prompt_lengths, rng, cfg=cfg,
                        mask_id=mask_id, pad_id=pad_id)
-    return _generate_data_parallel(self.graphdef, self.params, prompts, prompt_lengths, rng,
+    return _generate_data_parallel(self._structure, self.params, prompts, prompt_lengths, rng,
                                    cfg=cfg, mask_id=mask_id, pad_id=pad_id, mesh=self.mesh)
 
   def _generate_checked(self, prompts, prompt_lengths, cfg: SamplerConfig, rng, pad_id: int,
@@ -268,10 +273,10 @@ class Sampler:
     n, mesh = prompts.shape[0], self.mesh
     if mesh is not None:
       prompts, prompt_lengths = shd.pad_rows((prompts, prompt_lengths), mesh)
-    graphdef, params = self._decode_split()
+    structure, params = self._decode_split()
     static = dict(cfg=cfg, mask_id=self.model_cfg.resolved_mask_token_id, mesh=mesh)
     until = min(check_every, cfg.max_new_tokens)
-    state = _begin(graphdef, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
+    state = _begin(structure, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
     stopped = np.arange(prompts.shape[0]) >= n  # padding rows are never tested
     while True:
       tokens, length, start, done = (
@@ -283,7 +288,7 @@ class Sampler:
       if until >= cfg.max_new_tokens or np.all(done | stopped):
         break
       until = min(until + check_every, cfg.max_new_tokens)
-      state = _resume(graphdef, params, state, jnp.asarray(stopped.reshape(state.done.shape)),
+      state = _resume(structure, params, state, jnp.asarray(stopped.reshape(state.done.shape)),
                       until, **static)
     return jax.tree.map(lambda x: x[:n], _checked_result(state, cfg=cfg, pad_id=pad_id,
                                                          mesh=mesh))
@@ -320,12 +325,12 @@ class Sampler:
     Each iteration is one jitted call (compiled once), so text can be shown as it is committed.
     """
     prompts, lengths, rng = self._validate([list(prompt)], [len(prompt)], cfg, rng)
-    graphdef, params = self._decode_split()  # once, not per iteration
-    state, draft_q = _start(graphdef, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
+    structure, params = self._decode_split()  # once, not per iteration
+    state, draft_q = _start(structure, params, prompts, lengths, rng, cfg=cfg, pad_id=0,
                             mask_id=self.model_cfg.resolved_mask_token_id)
     emitted, first, stop = 0, _peels_first_step(cfg), False
     while True:
-      state = _advance(graphdef, params, state, draft_q if first else None, cfg=cfg,
+      state = _advance(structure, params, state, draft_q if first else None, cfg=cfg,
                        mask_id=self.model_cfg.resolved_mask_token_id, first=first)
       first = False
       n_new = min(int(state.length[0] - state.prompt_len[0]), cfg.max_new_tokens)
@@ -430,30 +435,30 @@ def _loop(model, state: DecodeState, cfg: SamplerConfig, mask_id: int,
   return jax.lax.while_loop(going, lambda st: _iteration(model, st, cfg, mask_id), state)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id'))
-def _generate(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'mask_id', 'pad_id'))
+def _generate(structure, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig, mask_id: int,
               pad_id: int) -> DecodeResult:
-  model = _decode_model(graphdef, params)
+  model = _decode_model(structure.graphdef, params)
   state = _started(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
   return _result(_loop(model, state, cfg, mask_id), cfg, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id', 'mesh'))
-def _generate_data_parallel(graphdef, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig,
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'mask_id', 'pad_id', 'mesh'))
+def _generate_data_parallel(structure, params, prompts, prompt_lengths, rng, *, cfg: SamplerConfig,
                             mask_id: int, pad_id: int, mesh) -> DecodeResult:
   """`_generate` on each device of `mesh`'s data axis for its rows (params replicated). Each
   device loops until its own rows are done; nothing is exchanged between them."""
   def one_device(shared, prompts, prompt_lengths):
     params, rng = shared
     rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
-    return _generate(graphdef, params, prompts, prompt_lengths, rng, cfg=cfg, mask_id=mask_id,
+    return _generate(structure, params, prompts, prompt_lengths, rng, cfg=cfg, mask_id=mask_id,
                      pad_id=pad_id)
   return shd.split_rows(one_device, mesh, (params, rng), prompts, prompt_lengths)
 
 
-# --- The decode in segments (`generate` with `should_stop`). graphdef, params: from
-# `_decode_split`. With a mesh each device runs its rows' loop, and every leaf of the state between
-# segments leads with the device axis (scalars such as `step` become one per device).
+# --- The decode in segments (`generate` with `should_stop`). structure, params: from
+# `Sampler._decode_split`. With a mesh each device runs its rows' loop, and every leaf of the
+# state between segments leads with the device axis (scalars such as `step` become one per device).
 
 def _on_devices(run, mesh, shared, *rows):
   """run(shared, *rows) whole without a mesh; else on every device, which gets the slice [i] of
@@ -466,8 +471,8 @@ def _on_devices(run, mesh, shared, *rows):
   return shd.per_device(one_device, mesh, shared, *rows)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'pad_id', 'mesh'))
-def _begin(graphdef, params, prompts, prompt_lengths, rng, until, *, cfg: SamplerConfig,
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'mask_id', 'pad_id', 'mesh'))
+def _begin(structure, params, prompts, prompt_lengths, rng, until, *, cfg: SamplerConfig,
            mask_id: int, pad_id: int, mesh) -> DecodeState:
   """The prefill and the iterations up to `until`; each device's key as in
   `_generate_data_parallel`."""
@@ -475,7 +480,7 @@ def _begin(graphdef, params, prompts, prompt_lengths, rng, until, *, cfg: Sample
     params, rng, until = shared
     if mesh is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(shd.REPLICA_AXIS))
-    model = nnx.merge(graphdef, params)
+    model = structure.merge(params)
     state = _started(model, prompts, prompt_lengths, rng, cfg, pad_id, mask_id)
     return _loop(model, state, cfg, mask_id, until)
   if mesh is not None:  # [B] -> [devices, B / devices]
@@ -484,14 +489,14 @@ def _begin(graphdef, params, prompts, prompt_lengths, rng, until, *, cfg: Sample
   return _on_devices(run, mesh, (params, rng, until), prompts, prompt_lengths)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'mesh'),
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'mask_id', 'mesh'),
                    donate_argnames='state')
-def _resume(graphdef, params, state, stopped, until, *, cfg: SamplerConfig, mask_id: int,
+def _resume(structure, params, state, stopped, until, *, cfg: SamplerConfig, mask_id: int,
             mesh) -> DecodeState:
   """Ends the `stopped` rows ([B] bool, shaped as state.done) and runs on up to `until`."""
   def run(shared, state, stopped):
     params, until = shared
-    model = nnx.merge(graphdef, params)
+    model = structure.merge(params)
     return _loop(model, state.replace(done=state.done | stopped), cfg, mask_id, until)
   return _on_devices(run, mesh, (params, until), state, stopped)
 
@@ -514,38 +519,64 @@ def _decode_model(graphdef, params) -> transformer.FlareLM:
   return model
 
 
-@functools.partial(jax.jit, static_argnames='graphdef')
-def _decode_params(graphdef, params):
-  return nnx.split(_decode_model(graphdef, params))[1]
+@functools.partial(jax.jit, static_argnames='structure')
+def _decode_params(structure, params):
+  return nnx.split(_decode_model(structure.graphdef, params))[1]
 
 
 def _decode_graphdef(graphdef, params):
-  """The structure of `_decode_model`, from an abstract trace (no compile, no copy)."""
-  graphdefs = []
-  jax.eval_shape(lambda p: graphdefs.append(nnx.split(_decode_model(graphdef, p))[0]), params)
-  return graphdefs[0]
+  """(graphdef, params treedef) of `_decode_model`, from an abstract trace (no compile, no
+  copy)."""
+  out = []
+  jax.eval_shape(lambda p: out.append(nnx.split(_decode_model(graphdef, p))), params)
+  decode_graphdef, decode_params = out[0]
+  return decode_graphdef, jax.tree.structure(decode_params)
 
 
-def _decode_split(graphdef, params, decode_graphdef=None):
-  """(graphdef, params) of `_decode_model`, prepared once for per-iteration calls; `params` is
-  left as it was (the preparation runs on a jitted copy). `decode_graphdef`: the structure if
-  already traced (`_decode_graphdef`)."""
-  return (decode_graphdef or _decode_graphdef(graphdef, params),
-          _decode_params(graphdef, params))
+def _decode_split(graphdef, params):
+  """(graphdef, params) of `_decode_model`; `params` is left as it was (the preparation runs on
+  a jitted copy)."""
+  return (_decode_graphdef(graphdef, params)[0],
+          _decode_params(_Structure(graphdef, jax.tree.structure(params)), params))
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'pad_id', 'mask_id'))
-def _start(graphdef, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
-  """(state, draft_q) of `_init_state`; graphdef, params: from `_decode_split`, as for
+class _Structure:
+  """A model's GraphDef (and its params' treedef) as a static jit argument, hashed once. jit
+  hashes its static arguments at every call, and a GraphDef hashes by walking the whole module
+  graph (~2 ms for a 24-layer model): per streamed iteration and per decode segment, that was a
+  large share of a step."""
+  __slots__ = ('graphdef', 'treedef', '_hash')
+
+  def __init__(self, graphdef, treedef):
+    self.graphdef, self.treedef, self._hash = graphdef, treedef, hash(graphdef)
+
+  def merge(self, params):
+    """The model from its params: an nnx State, or its leaves in `treedef` order."""
+    if isinstance(params, list):
+      params = jax.tree.unflatten(self.treedef, params)
+    return nnx.merge(self.graphdef, params)
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return isinstance(other, _Structure) and (self is other or (
+        self._hash == other._hash and self.graphdef == other.graphdef
+        and self.treedef == other.treedef))
+
+
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'pad_id', 'mask_id'))
+def _start(structure, params, prompts, prompt_lengths, rng, *, cfg, pad_id, mask_id):
+  """(state, draft_q) of `_init_state`; structure, params: from `Sampler._decode_split`, as for
   `_advance`."""
-  return _init_state(nnx.merge(graphdef, params), prompts, prompt_lengths, rng, cfg, pad_id,
-                     mask_id)
+  return _init_state(structure.merge(params), prompts, prompt_lengths, rng, cfg,
+                     pad_id, mask_id)
 
 
-@functools.partial(jax.jit, static_argnames=('graphdef', 'cfg', 'mask_id', 'first'),
+@functools.partial(jax.jit, static_argnames=('structure', 'cfg', 'mask_id', 'first'),
                    donate_argnames='state')
-def _advance(graphdef, params, state, draft_q=None, *, cfg, mask_id, first=False):
-  return _iteration(nnx.merge(graphdef, params), state, cfg, mask_id, first, draft_q)
+def _advance(structure, params, state, draft_q=None, *, cfg, mask_id, first=False):
+  return _iteration(structure.merge(params), state, cfg, mask_id, first, draft_q)
 
 
 def _commit(state: DecodeState, new_tokens, count, cfg: SamplerConfig, cache,
