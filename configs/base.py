@@ -19,8 +19,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.model.remat = 'none'  # 'none' | 'block': rematerialise each decoder block in the backward
   # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer).
   # Off: on an H200 the 0.8B flare step compiled in 47 s instead of 90 s with it, but peaked at
-  # 37.3 GiB instead of 20.2; XLA's latency-hiding scheduler is the cause: on one GPU add
-  # XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false with it (24.3 GiB; README, Measured).
+  # 37.3 GiB instead of 20.2 with XLA's latency-hiding scheduler, which train.latency_hiding='auto'
+  # turns off for it on one GPU (24.4 GiB; README, Measured).
   c.model.scan_layers = False
   c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
   c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule
@@ -94,6 +94,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.log_every = 10  # progress line + metrics every N steps
   c.train.seed = 0  # params init / noise RNG
   c.train.peak_flops = -1.0  # per-device peak FLOP/s for MFU; -1 = guess from the device kind
+  # XLA's GPU latency-hiding scheduler for the train step: 'auto' (off for a scanned step on one
+  # GPU, where it hides no communication and cost a third more memory; else XLA's default) |
+  # 'on' | 'off' (both override XLA_FLAGS)
+  c.train.latency_hiding = 'auto'
   # JAX persistent compilation cache: '' (off) | 'workdir' (workdir/xla_cache) | a directory. A
   # restarted run skips recompiling its step (minutes for the 0.8B+ presets).
   c.train.compilation_cache = 'workdir'

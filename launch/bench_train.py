@@ -14,9 +14,13 @@ flag set, each in its own process, side by side in one table (ratios against the
 `--steps=0` only compiles: compile time and XLA's memory estimate (step and temporaries) per
 objective and flag set, e.g. why a setting needs more memory:
 
+F=--xla_gpu_enable_latency_hiding_scheduler
 python -m launch.bench_train --config=configs/flare_0p8b.py --objectives=flare --steps=0 \
-  --config.model.scan_layers=True \
-  --xla_variants='default;--xla_gpu_enable_latency_hiding_scheduler=false'
+  --config.model.scan_layers=True --xla_variants="$F=true;$F=false"
+
+The step compiles with the config's `train.latency_hiding` option, as in training
+(`flare_jax.train.step.compiler_options`): its default, 'auto', follows XLA_FLAGS where they name
+the scheduler (as above), and otherwise turns it off for a scanned step on one GPU.
 """
 import copy
 import time
@@ -81,8 +85,10 @@ def bench_objective(c, objective: str, steps: int, warmup: int) -> dict[str, flo
   batch = _one_batch(c, mesh, rules)
   rng = jax.random.key(0)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    options = step_lib.compiler_options(c.train.latency_hiding, model_cfg.scan_layers, mesh)
     step_fn = step_lib.make_train_step(train.graphdef, train.shardings,
-                                       objectives.make_loss_fn(c, model_cfg), c.optim.grad_accum)
+                                       objectives.make_loss_fn(c, model_cfg), c.optim.grad_accum,
+                                       options)
     print(f'{objective}: lowering and compiling the train step ...', flush=True)
     t0 = time.perf_counter()
     lowered = step_fn.lower(train.state, batch, rng)

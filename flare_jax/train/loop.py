@@ -174,6 +174,7 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   try:
     profile_window = profiling.parse_profile_steps(c.train.profile_steps, c.train.num_steps)
     model_cfg, loss_fn, validate, mesh, rules, tx, data_iter, heldout = _checked_setup(c)
+    step_options = step_lib.compiler_options(c.train.latency_hiding, model_cfg.scan_layers, mesh)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
   report = getattr(data_iter, 'report', None)  # the data mix so far, logged at checkpoints
@@ -206,7 +207,11 @@ def train_and_evaluate(c: mlc.ConfigDict, workdir: str) -> dict[str, float]:
   stopped_at = None
   with (jax.set_mesh(mesh), nnx.logical_axis_rules(rules),
         preemption.StopOnSigterm() as stop_signal, profiler):
-    step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum)
+    step_fn = step_lib.make_train_step(train.graphdef, train.shardings, loss_fn, c.optim.grad_accum,
+                                       step_options)
+    if step_options:
+      _log(f'train step XLA options: {step_options} (train.latency_hiding='
+           f'{c.train.latency_hiding})')
     eval_fn = step_lib.make_eval_step(train.graphdef, loss_fn) if heldout else None
     batch_sharding = jax.sharding.NamedSharding(
         mesh, shd.logical_to_pspec((shd.ACT_BATCH, shd.ACT_SEQ), rules))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from flare_jax.checkpoint import hf_export
 from flare_jax.checkpoint import hf_import
 from flare_jax.checkpoint import model_io
 from flare_jax.train import loop
+from flare_jax.train import step as step_lib
 
 
 def _jsonl(path):
@@ -118,6 +120,7 @@ def test_misspelt_override_fails_loudly():
      'this tokenizer has no chat template'),
     (dict(optim=dict(schedule='cosin')), r"optim.schedule must be one of .*got 'cosin'"),
     (dict(train=dict(profile_steps='5')), "train.profile_steps must be 'FIRST:LAST'"),
+    (dict(train=dict(latency_hiding='of')), r"train.latency_hiding must be one of .*got 'of'"),
 ])
 def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   (tmp_path / 'train.jsonl').write_text(''.join(json.dumps({'text': f'doc {i}'}) + '\n'
@@ -132,14 +135,17 @@ def test_a_run_that_cannot_start_writes_nothing(tmp_path, override, message):
   assert not workdir.exists()
 
 
-def test_resuming_another_model_names_what_differs_and_writes_nothing(tmp_path):
+def test_resuming_another_model_names_what_differs_and_writes_nothing(tmp_path, capsys):
   """A workdir whose checkpoint holds another model: the leaves that differ and the config keys
   that explain it, before any step; the workdir's config.json stays the checkpoints' config."""
   c = flare_tiny.get_config('objective=ar,steps=1')
   c.data.seq_len = 32
   c.ckpt.async_save = False
+  c.train.latency_hiding = 'off'  # a GPU option: XLA takes it on CPU too (and ignores it)
   workdir = tmp_path / 'run'
   loop.train_and_evaluate(c, str(workdir))
+  assert "train step XLA options: {'xla_gpu_enable_latency_hiding_scheduler': False}" in (
+      capsys.readouterr().out)
   saved_config = (workdir / 'config.json').read_text()
   c.model.variant = 'small'
   with pytest.raises(loop.ConfigError) as err:
@@ -225,3 +231,16 @@ def test_a_held_out_file_shorter_than_eval_batches_repeats(tmp_path):
                                            (3720, '1h02m'), (90061, '25h01m')])
 def test_durations_read_at_a_glance(seconds, text):
   assert loop._duration(seconds) == text  # pylint: disable=protected-access
+
+
+def test_the_latency_hiding_scheduler_is_off_for_a_scanned_step_on_one_gpu(monkeypatch):
+  one, two = (jax.make_mesh((n,), ('data',), devices=jax.devices()[:n]) for n in (1, 2))
+  off, on = ({'xla_gpu_enable_latency_hiding_scheduler': v} for v in (False, True))
+  options = functools.partial(step_lib.compiler_options, xla_flags='')
+  assert options('auto', True, one) is None  # not on a GPU
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert options('auto', True, one) == off
+  assert options('auto', False, one) is None and options('auto', True, two) is None
+  assert step_lib.compiler_options(  # XLA_FLAGS that name it decide
+      'auto', True, one, xla_flags='--xla_gpu_enable_latency_hiding_scheduler=true') is None
+  assert options('on', True, one) == on and options('off', False, two) == off
