@@ -111,31 +111,29 @@ def threshold_commit(confidence: jax.Array, masked: jax.Array, threshold: float)
   return masked & ((conf >= threshold) | best)
 
 
+def _confidence_rank(confidence: jax.Array, masked: jax.Array) -> jax.Array:
+  """Each slot's rank [B, L] by confidence among its row's masked slots (0: the most confident;
+  unmasked slots after them)."""
+  conf = jnp.where(masked, confidence, -1.0)
+  return jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
+
+
 def top_k_commit(confidence: jax.Array, masked: jax.Array, k: int) -> jax.Array:
   """Fixed schedule: commit the k most confident masked slots of each row
   (fewer if fewer remain)."""
-  conf = jnp.where(masked, confidence, -1.0)
-  rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)
-  return masked & (rank < k)
+  return masked & (_confidence_rank(confidence, masked) < k)
 
 
 def factor_commit(confidence: jax.Array, masked: jax.Array, factor: float) -> jax.Array:
   """Fast-dLLM's factor rule: commit the n most confident masked slots of each row, n the largest
   with (i + 1)(1 - c_i) < factor for every i <= n (c_i the i-th highest confidence, from 1), and
-  at least the most confident one. Larger factors commit more per pass.
-
-  Args:
-    confidence: [B, L] probability of each slot's proposed token.
-    masked: [B, L] bool, slots still masked.
-
-  Returns:
-    bool [B, L] slots to commit (a subset of `masked`).
+  at least the most confident one. Larger factors commit more per pass. Arrays as in
+  `threshold_commit`.
   """
-  conf = jnp.where(masked, confidence, -1.0)
-  rank = jnp.argsort(jnp.argsort(-conf, axis=-1), axis=-1)  # 0: most confident
+  rank = _confidence_rank(confidence, masked)
   # The confidence falls and the bound 1 - factor / (rank + 2) rises with the rank, so the slots
   # that pass are the most confident ones: no running product is needed.
-  return masked & ((rank == 0) | ((rank + 2) * (1.0 - conf) < factor))
+  return masked & ((rank == 0) | ((rank + 2) * (1.0 - confidence) < factor))
 
 
 def entropy_commit(entropy: jax.Array, masked: jax.Array, bound: float) -> jax.Array:
