@@ -279,9 +279,11 @@ class Sampler:
     state = _begin(structure, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
     stopped = np.arange(prompts.shape[0]) >= n  # padding rows are never tested
     while True:
+      # Copies (np.array), not views: on CPU a fetched array can share its device buffer, which
+      # `_resume` donates, and a buffer donated under a live view is memory freed under it.
       tokens, length, start, done = (
-          x.reshape(-1, *x.shape[2:]) if mesh is not None else x
-          for x in jax.device_get((state.tokens, state.length, state.prompt_len, state.done)))
+          np.array(x).reshape(-1, *x.shape[2:]) if mesh is not None else np.array(x)
+          for x in (state.tokens, state.length, state.prompt_len, state.done))
       for r in np.flatnonzero(~done & ~stopped):
         count = min(int(length[r] - start[r]), cfg.max_new_tokens)
         stopped[r] = bool(should_stop(int(r), tokens[r, start[r]:start[r] + count]))
