@@ -265,6 +265,24 @@ def _two_stream_vs_causal(results):
   return lines
 
 
+def _causal_vs_cudnn(results, modes):
+  """Per implementation timed on the causal case: its time / cuDNN's per mode (the kernel issue's
+  target is fwd+bwd within 1.3x)."""
+  by_impl = {r['impl']: r for r in results if r['case'] == 'causal' and 'error' not in r}
+  cudnn = by_impl.get('cudnn')
+  if cudnn is None:
+    return []
+  lines = []
+  for impl, r in by_impl.items():
+    if impl == 'cudnn':
+      continue
+    keys = [f'{mode}_ms' for mode in modes]
+    times = ', '.join(f'{key[:-3]} {r[key] / cudnn[key]:.2f}x' for key in keys
+                      if r.get(key) and cudnn.get(key))
+    lines.append(f'causal {impl} / cudnn: {times}')
+  return lines
+
+
 def _check_device():
   """Exits with an error (status 1) without a GPU, unless --cpu_smoke. Asks a subprocess, so that
   this process never initialises (and preallocates) the GPU the cases need."""
@@ -310,7 +328,7 @@ def main(argv):
             f"fraction of the score matrix {r['visible']:.4f} ({r['pairs_vs_causal']:.3f}x the "
             f"causal row's pairs); {_TILE}x{_TILE} tiles visited {r['tiles_visited']:.4f}")
   print(_table(results))
-  for line in _two_stream_vs_causal(results):
+  for line in _causal_vs_cudnn(results, _MODES.value) + _two_stream_vs_causal(results):
     print(line)
   for r in results:
     for mode in _MODES.value:
