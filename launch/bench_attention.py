@@ -257,9 +257,7 @@ def _two_stream_vs_causal(results):
     causal = by_case.get(('causal', impl))
     if case != 'two_stream' or causal is None:
       continue
-    keys = [f'{mode}_ms' for mode in _MODES.value]
-    times = ', '.join(f'{key[:-3]} {two[key] / causal[key]:.2f}x' for key in keys
-                      if two.get(key) and causal.get(key))
+    times = bench_util.time_ratios(two, causal, _MODES.value)
     lines.append(f"two_stream / causal, {impl}: {times} (visible pairs "
                  f"{two['pairs_vs_causal']:.2f}x)")
   return lines
@@ -276,10 +274,7 @@ def _causal_vs_cudnn(results, modes):
   for impl, r in by_impl.items():
     if impl == 'cudnn':
       continue
-    keys = [f'{mode}_ms' for mode in modes]
-    times = ', '.join(f'{key[:-3]} {r[key] / cudnn[key]:.2f}x' for key in keys
-                      if r.get(key) and cudnn.get(key))
-    lines.append(f'causal {impl} / cudnn: {times}')
+    lines.append(f'causal {impl} / cudnn: {bench_util.time_ratios(r, cudnn, modes)}')
   return lines
 
 

@@ -132,6 +132,13 @@ def xla_variants(text: str) -> list[str]:
   return [v.strip() for v in text.split(';') if v.strip()]
 
 
+def time_ratios(row: dict[str, Any], base: dict[str, Any], modes: list[str]) -> str:
+  """'fwd 1.25x, fwdbwd 1.30x': row's `{mode}_ms` / base's, for the modes both rows timed."""
+  keys = [f'{mode}_ms' for mode in modes]
+  return ', '.join(f'{key[:-3]} {row[key] / base[key]:.2f}x' for key in keys
+                   if row.get(key) and base.get(key))
+
+
 def fmt(x: float | None, spec: str = '.2f') -> str:
   return '-' if x is None else format(x, spec)
 

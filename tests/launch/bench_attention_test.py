@@ -24,13 +24,3 @@ def test_cpu_smoke_reports_both_cases_and_the_two_stream_to_causal_ratios(tmp_pa
                      for mode in ('fwd', 'fwdbwd'))
   assert f'two_stream / causal, pallas: {ratios} (visible pairs {pairs:.2f}x)' in run.stdout
 
-
-def test_causal_rows_are_compared_with_cudnn_per_mode():
-  from launch import bench_attention  # pylint: disable=g-import-not-at-top
-  results = [{'case': 'causal', 'impl': 'pallas', 'fwd_ms': 0.5, 'fwdbwd_ms': 2.6},
-             {'case': 'causal', 'impl': 'cudnn', 'fwd_ms': 0.4, 'fwdbwd_ms': 2.0},
-             {'case': 'two_stream', 'impl': 'pallas', 'fwd_ms': 9.0, 'fwdbwd_ms': 9.0},
-             {'case': 'causal', 'impl': 'xla', 'error': 'out of memory'}]
-  assert bench_attention._causal_vs_cudnn(results, ['fwd', 'fwdbwd']) == [
-      'causal pallas / cudnn: fwd 1.25x, fwdbwd 1.30x']
-  assert bench_attention._causal_vs_cudnn(results[:1], ['fwd']) == []

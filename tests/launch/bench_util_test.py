@@ -19,6 +19,14 @@ def test_top_kernels_ranks_by_total_time_per_call():
   assert bench_util.top_kernels([], calls=1, top=5) == []
 
 
+def test_time_ratios_cover_the_modes_both_rows_timed():
+  row = {'fwd_ms': 0.5, 'fwdbwd_ms': 2.6}
+  base = {'fwd_ms': 0.4, 'fwdbwd_ms': 2.0}
+  assert bench_util.time_ratios(row, base, ['fwd', 'fwdbwd']) == 'fwd 1.25x, fwdbwd 1.30x'
+  assert bench_util.time_ratios(row, {'fwdbwd_ms': 2.0}, ['fwd', 'fwdbwd']) == 'fwdbwd 1.30x'
+  assert bench_util.time_ratios(row, base, ['fwd']) == 'fwd 1.25x'
+
+
 def test_device_timeline_splits_calls_at_the_widest_gaps_and_merges_overlaps():
   us = 1000  # ns
   call = lambda t0, gap: [(t0, t0 + 10 * us), (t0 + 5 * us, t0 + 12 * us),  # two streams overlap
