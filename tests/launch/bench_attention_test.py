@@ -23,4 +23,3 @@ def test_cpu_smoke_reports_both_cases_and_the_two_stream_to_causal_ratios(tmp_pa
   ratios = ', '.join(f"{mode} {two[f'{mode}_ms'] / causal[f'{mode}_ms']:.2f}x"
                      for mode in ('fwd', 'fwdbwd'))
   assert f'two_stream / causal, pallas: {ratios} (visible pairs {pairs:.2f}x)' in run.stdout
-
