@@ -249,7 +249,7 @@ def _table(results):
   return '\n'.join(lines)
 
 
-def _two_stream_vs_causal(results):
+def _two_stream_vs_causal(results, modes):
   """Per implementation timed in both cases: its two-stream / causal time ratio per mode, next to
   the pairs ratio (visible pairs of the two-stream row / the causal row's)."""
   by_case = {(r['case'], r['impl']): r for r in results if 'error' not in r}
@@ -258,7 +258,7 @@ def _two_stream_vs_causal(results):
     causal = by_case.get(('causal', impl))
     if case != 'two_stream' or causal is None:
       continue
-    times = bench_util.time_ratios(two, causal, _MODES.value)
+    times = bench_util.time_ratios(two, causal, modes)
     lines.append(f"two_stream / causal, {impl}: {times} (visible pairs "
                  f"{two['pairs_vs_causal']:.2f}x)")
   return lines
@@ -268,15 +268,11 @@ def _causal_vs_cudnn(results, modes):
   """Per implementation timed on the causal case: its time / cuDNN's per mode (the kernel issue's
   target is fwd+bwd within 1.3x)."""
   by_impl = {r['impl']: r for r in results if r['case'] == 'causal' and 'error' not in r}
-  cudnn = by_impl.get('cudnn')
+  cudnn = by_impl.pop('cudnn', None)
   if cudnn is None:
     return []
-  lines = []
-  for impl, r in by_impl.items():
-    if impl == 'cudnn':
-      continue
-    lines.append(f'causal {impl} / cudnn: {bench_util.time_ratios(r, cudnn, modes)}')
-  return lines
+  return [f'causal {impl} / cudnn: {bench_util.time_ratios(r, cudnn, modes)}'
+          for impl, r in by_impl.items()]
 
 
 def _check_device():
@@ -324,10 +320,11 @@ def main(argv):
             f"fraction of the score matrix {r['visible']:.4f} ({r['pairs_vs_causal']:.3f}x the "
             f"causal row's pairs); {_TILE}x{_TILE} tiles visited {r['tiles_visited']:.4f}")
   print(_table(results))
-  for line in _causal_vs_cudnn(results, _MODES.value) + _two_stream_vs_causal(results):
+  modes = _MODES.value
+  for line in _causal_vs_cudnn(results, modes) + _two_stream_vs_causal(results, modes):
     print(line)
   for r in results:
-    for mode in _MODES.value:
+    for mode in modes:
       report = bench_util.profile_report(r, mode, f"{r['case']} {r['impl']} {mode}")
       if report:
         print(report)

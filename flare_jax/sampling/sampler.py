@@ -279,8 +279,8 @@ class Sampler:
     state = _begin(structure, params, prompts, prompt_lengths, rng, until, pad_id=pad_id, **static)
     stopped = np.arange(prompts.shape[0]) >= n  # padding rows are never tested
     while True:
-      # Copies (np.array), not views: on CPU a fetched array can share its device buffer, which
-      # `_resume` donates, and a buffer donated under a live view is memory freed under it.
+      # Copies (np.array), not views: on CPU a fetched array can share its device buffer, and JAX
+      # declines to donate a buffer under a live view, so `_resume` would copy the state instead.
       tokens, length, start, done = (
           np.array(x).reshape(-1, *x.shape[2:]) if mesh is not None else np.array(x)
           for x in (state.tokens, state.length, state.prompt_len, state.done))
