@@ -43,10 +43,13 @@ tiles were slower too: dk/dv 64 keys x 32 queries at 8 warps 1.42 ms; dq 64 x 64
 against 0.51, 64 x 32 at 4 warps 0.65; forward 128 x 32 at 3 stages 0.45 against 0.33.
 
 Launch order: grids are (heads, row tiles), and a program takes its (row, tile) from a launch
-order computed in XLA (`_launch_order`): by default the tiles with the longest visit lists first,
-so that the GPU's last wave holds short programs (H200, B = 1, T = 4096, 16 / 4 heads, D = 256,
-bf16, one run: causal forward 0.390 against 0.457 ms in tile order, forward+backward 2.52 against
-2.63; two-stream 1.21 / 7.71 against 1.26 / 7.71).
+order computed in XLA (`_launch_order`): by default row by row, each row's tiles with the longest
+visit lists first, so that the GPU's last wave holds short programs (H200, B = 1, T = 4096, 16 / 4
+heads, D = 256, bf16, one run: causal forward 0.390 against 0.457 ms in tile order,
+forward+backward 2.52 against 2.63; two-stream 1.21 / 7.71 against 1.26 / 7.71). Sorted across
+rows instead, at B = 4 the programs running at once spread over every row, whose k / v no longer
+fit in L2 together: on an H100 (2026-12-05, causal, B = 4) forward+backward took 7.72 ms against
+7.39 in tile order (one run); row by row it takes 7.41 against 7.40 (a later run).
 
 Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
@@ -109,8 +112,8 @@ class BlockSizes:
       the grouped kernel is as fast and needs no temporary memory (H200, B = 1, T = 4096, 16 / 4
       heads, forward+backward, one run: causal 1.99 against 2.04 ms, two-stream 6.07 against
       6.21).
-    heavy_first: launch each kernel's programs in descending order of the tiles they visit
-      (`_launch_order`), so that the longest ones start first and the GPU's last wave is short;
+    heavy_first: launch each row's programs in descending order of the tiles they visit, rows
+      in order (`_launch_order`), so that the longest ones start first and the last wave is short;
       off, programs run in tile order.
   """
 
@@ -287,13 +290,17 @@ def _visit_lists(q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, block_q
 
 def _launch_order(visit: jax.Array, heavy_first: bool) -> jax.Array:
   """int32 [B * n]: the flat (row, tile) ids `row * n + tile` in the order the programs take them,
-  for visit lists [B, n, m + 2]. With heavy_first, by descending count of visited tiles (stable):
-  list scheduling runs the longest jobs first and the GPU's last wave holds only short ones (a
-  causal row's tiles carry 1 to n units of work). Otherwise in id order."""
-  ids = jnp.arange(visit.shape[0] * visit.shape[1], dtype=jnp.int32)
+  for visit lists [B, n, m + 2]. Rows go in order; with heavy_first, each row's tiles by descending
+  count of visited tiles (stable): list scheduling runs the longest jobs first and the GPU's last
+  wave holds only short ones (a causal row's tiles carry 1 to n units of work). Sorting within
+  rows, not across them, keeps the programs running at once on few rows, whose k / v stay in L2
+  (one causal row's k and v at T = 4096, 4 kv heads, D = 256, bf16 are 16 MiB; an H100's L2 is
+  50 MB). Otherwise in id order."""
+  rows, tiles = visit.shape[:2]
   if not heavy_first:
-    return ids
-  return jnp.argsort(-visit[..., 1].reshape(-1), stable=True).astype(jnp.int32)
+    return jnp.arange(rows * tiles, dtype=jnp.int32)
+  within_row = jnp.argsort(-visit[..., 1], axis=-1, stable=True).astype(jnp.int32)
+  return (within_row + tiles * jnp.arange(rows, dtype=jnp.int32)[:, None]).reshape(-1)
 
 
 def _program_tile(order_ref, tiles: int):

@@ -163,9 +163,10 @@ def test_causal_and_packed_gqa_ragged(rng, heavy_first):
     _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=block_sizes)
 
 
-def test_launch_order_runs_the_longest_programs_first():
-  """On two rows (causal, and packed documents) the order is a permutation of the (row, tile) ids
-  whose visit counts never rise, ties in id order; without heavy_first it is the identity."""
+def test_launch_order_runs_each_rows_longest_programs_first():
+  """On two rows (packed documents, and causal) the order is a permutation of the (row, tile) ids
+  taking the rows in order and, within each, tiles whose visit counts never rise, ties in id order;
+  without heavy_first it is the identity."""
   seg = np.where(np.arange(64) < 40, 1, 2)[None].repeat(2, 0)
   seg[1] = 1
   meta = mask_lib.clean_meta(jnp.asarray(seg), jnp.asarray(_doc_positions(seg)))
@@ -173,10 +174,14 @@ def test_launch_order_runs_the_longest_programs_first():
   counts = np.asarray(visit[..., 1]).reshape(-1)
   order = np.asarray(pallas._launch_order(visit, True))  # pylint: disable=protected-access
   assert sorted(order) == list(range(8))
-  assert np.all(np.diff(counts[order]) <= 0), counts[order]
-  ties = [(counts[a], a) for a in order]
-  assert ties == sorted(ties, key=lambda x: (-x[0], x[1]))
-  assert list(order[:2]) == [2, 7]  # 4 marked tiles each (row 0's tile 2 is conservative)
+  rows = order // 4
+  assert np.all(np.diff(rows) >= 0), order
+  for row in (0, 1):
+    in_row = order[rows == row]
+    ties = [(counts[a], a) for a in in_row]
+    assert ties == sorted(ties, key=lambda x: (-x[0], x[1])), ties
+  # Row 0 visits 2, 3, 4, 2 tiles (the tables are conservative), row 1 (causal) 1, 2, 3, 4.
+  assert list(order) == [2, 1, 0, 3, 7, 6, 5, 4]
   in_tile_order = pallas._launch_order(visit, False)  # pylint: disable=protected-access
   np.testing.assert_array_equal(in_tile_order, np.arange(8))
 
