@@ -49,7 +49,11 @@ heads, D = 256, bf16, one run: causal forward 0.390 against 0.457 ms in tile ord
 forward+backward 2.52 against 2.63; two-stream 1.21 / 7.71 against 1.26 / 7.71). Sorted across
 rows instead, at B = 4 the programs running at once spread over every row, whose k / v no longer
 fit in L2 together: on an H100 (2026-12-05, causal, B = 4) forward+backward took 7.72 ms against
-7.39 in tile order (one run); row by row it takes 7.41 against 7.40 (a later run).
+7.39 in tile order (one run); row by row it takes 7.41 against 7.40 (a later run). Launching
+head by head instead (every (row, tile) of a head, then the next, so that the dk/dv programs
+running at once stream one head's q / dO rather than all 16 heads' 64 MiB; branch
+`exp/head-major-launch`) measured slower: causal 7.95 against 7.40 ms, two-stream 24.99 against
+24.43 (H100, B = 4, one run, 2026-12-05).
 
 Block sparsity: `tile_visibility` summarises the metadata of every tile (segment range, latest
 clean position a query may see, range of noisy views and block starts) and marks a (q tile, k tile)
