@@ -44,8 +44,8 @@ _IMPLS = flags.DEFINE_list('impls', ['xla', 'pallas', 'cudnn'],
                            'sets BlockSizes fields for that row (BlockSizes.with_fields): a flag '
                            '(dkdv_per_q_head: the per-query-head dk/dv kernel) or a tile '
                            '(block_k_dkv=32), over the flags\' tiles.')
-_BATCH = flags.DEFINE_integer('batch', 4, 'Rows per call (4: the attention kernel issue\'s '
-                              'figures).')
+_BATCH = flags.DEFINE_integer('batch', 4, 'Rows per call (the attention issue names no batch; '
+                              'its B=4 is the diffusion block, --block_size).')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Clean tokens per row (T).')
 _VIEWS = flags.DEFINE_integer('views', 2, 'Noisy views of the two_stream case.')
 _BLOCK_SIZE = flags.DEFINE_integer('block_size', 4, 'Diffusion block size of the two_stream case.')
