@@ -119,6 +119,9 @@ class BlockSizes:
     heavy_first: launch each row's programs in descending order of the tiles they visit, rows
       in order (`_launch_order`), so that the longest ones start first and the last wave is short;
       off, programs run in tile order.
+    lazy_rescale: 0, or the forward's `online_softmax_step` rescale_threshold tau (base-2
+      units): a row's reference max moves only by more than tau, so that the [bq, D] accumulator
+      is rescaled only on the few tiles where some row's max moved, not on every tile.
   """
 
   block_q: int = 64
@@ -135,6 +138,7 @@ class BlockSizes:
   num_stages_dkv: int = 2
   dkdv_per_q_head: bool = False
   heavy_first: bool = True
+  lazy_rescale: int = 0
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
@@ -344,22 +348,37 @@ def _probs(q, k, lse, scale2, vis):
   return p if vis is None else jnp.where(vis, p, 0.0)
 
 
-def online_softmax_step(q, k, v, vis, carry, scale):
+def online_softmax_step(q, k, v, vis, carry, scale, rescale_threshold=None):
   """One key tile of the online softmax in base 2 (scores times scale * log2 e): carry (acc [bq, D],
-  row max m [bq], denominator l [bq], all fp32) updated with the tile's k, v [bk, D] on the
-  visible pairs `vis` [bq, bk] (None: all). A tile with no visible pair leaves the carry as it
-  was, bit for bit."""
+  reference max m [bq], denominator l [bq], all fp32) updated with the tile's k, v [bk, D] on the
+  visible pairs `vis` [bq, bk] (None: all); acc and l sum exp2(score - m). A tile with no visible
+  pair leaves the carry as it was, bit for bit.
+
+  rescale_threshold None: m is the running row max, and acc is rescaled on every tile. A number
+  tau > 0 (base-2 units): a row's m moves only to a tile max above m + tau (so every term stays
+  <= 2**tau), and acc is rescaled only on tiles where some row's m moved (one uniform branch).
+  Rows whose m stayed are multiplied by exactly 1 when it runs, so a row's result does not depend
+  on the other rows of its tile."""
   acc, m, l = carry
   s = _dot(q, k, tb=True) * (scale * _LOG2E)
   if vis is not None:
     s = jnp.where(vis, s, _NEG)
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  m_tile = jnp.max(s, axis=1)
+  if rescale_threshold is None:
+    m_new = jnp.maximum(m, m_tile)
+  else:
+    m_new = jnp.where(m_tile > m + rescale_threshold, m_tile, m)
   alpha = jnp.exp2(m - m_new)
   p = jnp.exp2(s - m_new[:, None])
   if vis is not None:
     p = jnp.where(vis, p, 0.0)
   l = alpha * l + jnp.sum(p, axis=1)
-  acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v)
+  if rescale_threshold is None:
+    acc = alpha[:, None] * acc
+  else:
+    moved = jnp.max(m_new - m) > 0.0
+    acc = jax.lax.cond(moved, lambda a: alpha[:, None] * a, lambda a: a, acc)
+  acc = acc + _dot(p.astype(v.dtype), v)
   return acc, m_new, l
 
 
@@ -372,7 +391,7 @@ def softmax_init(rows: int, d: int):
 # Kernels. Refs arrive as (inputs..., outputs...).
 # ---------------------------------------------------------------------------------------------
 def _fwd_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref, lse_ref, *,
-                scale, bq, bk):
+                scale, bq, bk, rescale_threshold):
   """One (head, q tile of a row) in launch order: online softmax over the k tiles in its visit
   list, in base 2 (scores times scale * log2 e, so that each exponential is one exp2). Refs hold
   every row (and the program's head or kv head): q, o [B, Tp, D]; k, v [B, Sp, D]; metadata
@@ -389,7 +408,8 @@ def _fwd_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, qm_ref, km_ref, o_ref
     def step(n, carry):
       rows = pl.ds(entry(n + 2) * bk, bk)
       vis = mask_lib.visible(q_meta, _load_meta(km_ref, b, rows)) if masked else None
-      return online_softmax_step(q, k_ref[b, rows, :], v_ref[b, rows, :], vis, carry, scale)
+      return online_softmax_step(q, k_ref[b, rows, :], v_ref[b, rows, :], vis, carry, scale,
+                                 rescale_threshold)
     return step
 
   acc, m, l = _visit(entry, body, softmax_init(bq, d))
@@ -497,7 +517,8 @@ def _forward_call(q, k, v, qm, km, *, scale, bs: BlockSizes, interpret):
   own_head, kv_head = _head_spec(q, lambda h_: h_), _head_spec(k, lambda h_: h_ // grp)
   in_specs = [_whole(order), _whole(visit), own_head, kv_head, kv_head, _whole(qm), _whole(km)]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), _F32)]
-  kernel = functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk)
+  kernel = functools.partial(_fwd_kernel, scale=scale, bq=bq, bk=bk,
+                             rescale_threshold=bs.lazy_rescale or None)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(h, order.shape[0]), in_specs=in_specs,
       out_specs=[own_head, _row_spec(b, tp)],

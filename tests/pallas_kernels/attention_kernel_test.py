@@ -163,6 +163,61 @@ def test_causal_and_packed_gqa_ragged(rng, heavy_first):
     _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=block_sizes)
 
 
+def _step_rows(q, k, v, vis, tau, scale=0.5):
+  """(o [bq, D], lse [bq]) of `pallas.online_softmax_step` over the key tiles k, v [n, bk, D] with
+  visibility vis [n, bq, bk]."""
+  carry = pallas.softmax_init(*q.shape)
+  for j in range(k.shape[0]):
+    carry = pallas.online_softmax_step(q, k[j], v[j], vis[j], carry, scale, tau)
+  acc, m, l = carry
+  return acc / l[:, None], m + jnp.log2(l)
+
+
+def test_lazy_rescale_step_equals_the_running_max_and_keeps_rows_independent(rng):
+  """online_softmax_step with a rescale threshold: on keys whose scores climb tile by tile (so the
+  reference max moves on some tiles and stays on others), o and lse equal the running-max step's;
+  and a row's results are bit for bit the same whatever the other rows of its tile do."""
+  n, bq, bk, d = 6, 8, 16, 16
+  q = jnp.asarray(rng.standard_normal((bq, d)), jnp.float32)
+  growth = jnp.asarray(1.0 + 0.6 * np.arange(n), jnp.float32)[:, None, None]
+  k = jnp.asarray(rng.standard_normal((n, bk, d)), jnp.float32) * growth
+  v = jnp.asarray(rng.standard_normal((n, bk, d)), jnp.float32)
+  vis = jnp.asarray(rng.random((n, bq, bk)) < 0.8)
+  want_o, want_lse = _step_rows(q, k, v, vis, None)
+  for tau in (1.0, 8.0):
+    o, lse = _step_rows(q, k, v, vis, tau)
+    np.testing.assert_allclose(o, want_o, rtol=1e-5, atol=1e-6, err_msg=f'tau={tau}')
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5, err_msg=f'tau={tau}')
+  # Independence: row 0's scores rise by less than tau = 8 (base 2) on tile 1, so its max stays;
+  # row 1's rise by as little (q_a) or far more (q_b: its max moves, so acc is rescaled there).
+  # Row 0 must come out the same bit for bit.
+  k = np.zeros((3, 2, 4), np.float32)
+  k[:, :, 0] = k[:, :, 1] = [[0.0, 0.1], [1.0, 0.2], [0.5, 0.3]]
+  k = jnp.asarray(k)
+  v = jnp.asarray(rng.standard_normal((3, 2, 4)), jnp.float32)
+  vis = jnp.ones((3, 2, 2), bool)
+  q_a = jnp.asarray([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+  q_b = q_a.at[1].multiply(10.0)
+  a, b = _step_rows(q_a, k, v, vis, 8.0, scale=1.0), _step_rows(q_b, k, v, vis, 8.0, scale=1.0)
+  np.testing.assert_array_equal(a[0][0], b[0][0])
+  np.testing.assert_array_equal(a[1][0], b[1][0])
+
+
+@pytest.mark.parametrize('tau', [1, 8])
+def test_lazy_rescale_kernel_matches_xla(rng, tau):
+  """BlockSizes.lazy_rescale: keys whose scores grow along the row (so rows' maxima move on later
+  tiles, past tau = 1 often and tau = 8 sometimes), causal with packed documents and dead rows, and
+  a two-stream row."""
+  lazy = SMALL.with_fields(f'lazy_rescale={tau}')
+  q, k, v, do = _inputs(rng, 2, 45, 45, 4, 2, 16)
+  k = k * jnp.linspace(1.0, 6.0, 45)[None, :, None, None]
+  for label, meta in [('packed', _clean(2, 45, cuts=(7, 30))),
+                      ('dead rows', _with_dead_rows(_clean(2, 45, cuts=(11,)), (0, 12, 44)))]:
+    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=lazy)
+  meta = _two_stream(2, 15, 2, 4, cuts=(6,))
+  _assert_matches_xla(q, k, v, do, meta, meta, 'two-stream', block_sizes=lazy)
+
+
 def test_launch_order_runs_each_rows_longest_programs_first():
   """On two rows (packed documents, and causal) the order is a permutation of the (row, tile) ids
   taking the rows in order and, within each, tiles whose visit counts never rise, ties in id order;
@@ -277,8 +332,10 @@ def test_bf16_interpret_within_rms_limits(rng):
 
 @pytest.mark.parametrize('dtype, d, h, hkv, options',
                          [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
-                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True))],
-                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_per_head_dkdv'])
+                          (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True)),
+                          (jnp.bfloat16, 256, 16, 4, dict(lazy_rescale=8))],
+                         ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_per_head_dkdv',
+                              'bf16_d256_gqa4_lazy_rescale'])
 def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (two loops each: full tiles, then the rest)
   lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot
@@ -441,7 +498,8 @@ def _gpu_compare(q, k, v, do, q_meta, k_meta, impl='pallas'):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head')])
+@pytest.mark.parametrize('b, impl', [(1, 'pallas'), (2, 'pallas'), (1, 'pallas+dkdv_per_q_head'),
+                                     (2, 'pallas+lazy_rescale=8')])
 def test_gpu_two_stream_model_shape(b, impl):
   """T = 4096, V = 2, block 4 (12288 tokens), Hq 16 / Hkv 4 / D 256, two documents per row."""
   rng = np.random.default_rng(0)
@@ -452,7 +510,7 @@ def test_gpu_two_stream_model_shape(b, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head'])
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head', 'pallas+lazy_rescale=8'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
