@@ -121,7 +121,11 @@ class BlockSizes:
       off, programs run in tile order.
     lazy_rescale: 0, or the forward's `online_softmax_step` rescale_threshold tau (base-2
       units): a row's reference max moves only by more than tau, so that the [bq, D] accumulator
-      is rescaled only on the few tiles where some row's max moved, not on every tile.
+      is rescaled only on the few tiles where some row's max moved, not on every tile; scores
+      then reach exp2(tau) (256 at tau = 8) before the fp32 sum, far from overflow. H200, bf16,
+      4 rows, T = 4096, 16 / 4 heads, D = 256, one run (2026-12-05): forward causal 1.31 / 1.30
+      ms at tau 8 / 4 against 1.34 with the running max, two-stream row 4.25 / 4.25 against 4.44
+      (forward+backward 7.44 / 24.29 against 7.48 / 24.38; cuDNN's causal 0.95 / 5.27).
   """
 
   block_q: int = 64
@@ -138,7 +142,7 @@ class BlockSizes:
   num_stages_dkv: int = 2
   dkdv_per_q_head: bool = False
   heavy_first: bool = True
-  lazy_rescale: int = 0
+  lazy_rescale: int = 8
 
   @classmethod
   def get_default(cls, head_dim: int, dtype, device_kind: str = '') -> 'BlockSizes':
