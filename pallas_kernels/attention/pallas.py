@@ -116,6 +116,9 @@ class BlockSizes:
       the grouped kernel is as fast and needs no temporary memory (H200, B = 1, T = 4096, 16 / 4
       heads, forward+backward, one run: causal 1.99 against 2.04 ms, two-stream 6.07 against
       6.21).
+    split_dkdv: dv and dk from two kernels (`_dkdv_kernel`'s outputs), each with one fp32 [bk, D]
+      accumulator, so that 64-key tiles fit 4 warps' registers at D = 256; the work grows from
+      four products per (k tile, q tile) to five (S^T is computed in both).
     heavy_first: launch each row's programs in descending order of the tiles they visit, rows
       in order (`_launch_order`), so that the longest ones start first and the last wave is short;
       off, programs run in tile order.
@@ -141,6 +144,7 @@ class BlockSizes:
   num_stages_dq: int = 2
   num_stages_dkv: int = 2
   dkdv_per_q_head: bool = False
+  split_dkdv: bool = False
   heavy_first: bool = True
   lazy_rescale: int = 8
 
@@ -448,11 +452,11 @@ def _dq_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _dkdv_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qm_ref,
-                 km_ref, dk_ref, dv_ref, *, scale, bq, bk, groups):
+                 km_ref, *out_refs, scale, bq, bk, groups, outputs):
   """One (kv head or, with groups = 1, query head; k tile of a row) in launch order: sums over its
   `groups` query heads and, for each, over the q tiles in the k tile's visit list. q_ref, do_ref:
-  [B, Tp, groups, D]; lse_ref, delta_ref: [B, groups, Tp]; k, v, dk, dv [B, Sp, D]; visit lists
-  [B, m, n + 2]."""
+  [B, Tp, groups, D]; lse_ref, delta_ref: [B, groups, Tp]; k, v [B, Sp, D]; visit lists
+  [B, m, n + 2]; out_refs [B, Sp, D] for `outputs`, 'dk' and / or 'dv' in that order."""
   b, j = _program_tile(order_ref, visit_ref.shape[1])
   entry = lambda n: visit_ref[b, j, n]
   k_rows = pl.ds(j * bk, bk)
@@ -462,25 +466,27 @@ def _dkdv_kernel(order_ref, visit_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
   def head(g, carry):
     def body(masked):
       def step(n, carry):  # keys-first tiles [bk, bq]: no transposed operand in any product
-        dk, dv = carry
+        grads = dict(zip(outputs, carry))
         rows = pl.ds(entry(n + 2) * bq, bq)
         q, do = q_ref[b, rows, g, :], do_ref[b, rows, g, :]
         p_t = jnp.exp2(_dot(k, q, tb=True) * (scale * _LOG2E) - lse_ref[b, g, rows][None, :])
         if masked:
           p_t = jnp.where(mask_lib.visible_transposed(_load_meta(qm_ref, b, rows), k_meta), p_t,
                           0.0)
-        ds_t = p_t * (_dot(v, do, tb=True) - delta_ref[b, g, rows][None, :])
-        dv = dv + _dot(p_t.astype(do.dtype), do)
-        dk = dk + _dot(ds_t.astype(q.dtype), q)
-        return dk, dv
+        if 'dv' in grads:
+          grads['dv'] = grads['dv'] + _dot(p_t.astype(do.dtype), do)
+        if 'dk' in grads:
+          ds_t = p_t * (_dot(v, do, tb=True) - delta_ref[b, g, rows][None, :])
+          grads['dk'] = grads['dk'] + _dot(ds_t.astype(q.dtype), q)
+        return tuple(grads[name] for name in outputs)
       return step
 
     return _visit(entry, body, carry)
 
   zeros = jnp.zeros(k.shape, _F32)
-  dk, dv = jax.lax.fori_loop(0, groups, head, (zeros, zeros))
-  dk_ref[b, k_rows, :] = (dk * scale).astype(dk_ref.dtype)
-  dv_ref[b, k_rows, :] = dv.astype(dv_ref.dtype)
+  grads = jax.lax.fori_loop(0, groups, head, (zeros,) * len(outputs))
+  for name, grad, ref in zip(outputs, grads, out_refs):
+    ref[b, k_rows, :] = (grad * scale if name == 'dk' else grad).astype(ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,9 +554,11 @@ def _dq_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpre
       name='flash_attention_dq')(order, visit, q, k, v, do, lse, delta, qm, km)
 
 
-def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret):
-  """(dk, dv): one program per (kv head, k tile of a row) over the kv head's `grp` query heads, or
-  with bs.dkdv_per_q_head per (query head, k tile of a row), its fp32 partials summed here."""
+def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interpret,
+               outputs=('dk', 'dv')):
+  """The gradients named in `outputs` ('dk' and / or 'dv', in that order): one program per (kv
+  head, k tile of a row) over the kv head's `grp` query heads, or with bs.dkdv_per_q_head per
+  (query head, k tile of a row), its fp32 partials summed here."""
   b, tp, h, d = q.shape
   sp, hkv = k.shape[1], k.shape[2]
   bq, bk, grp = bs.block_q_dkv, bs.block_k_dkv, h // hkv
@@ -563,21 +571,18 @@ def _dkdv_call(q, k, v, do, lse, delta, qm, km, *, scale, bs: BlockSizes, interp
   rows = pl.BlockSpec((b, per, tp), lambda g_, r: (0, g_, 0))  # per heads from g_ * per
   in_specs = [_whole(order), _whole(visit), q_heads, kv_in, kv_in, q_heads, rows, rows,
               _whole(qm), _whole(km)]
-  if per == grp:
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  else:
-    out_shape = [jax.ShapeDtypeStruct((b, sp, h, d), _F32)] * 2
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype) if per == grp else
+               jax.ShapeDtypeStruct((b, sp, h, d), _F32)] * len(outputs)
   kv_out = _head_spec(out_shape[0], lambda g_: g_)
-  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, bk=bk, groups=per)
-  dk, dv = pl.pallas_call(
+  kernel = functools.partial(_dkdv_kernel, scale=scale, bq=bq, bk=bk, groups=per, outputs=outputs)
+  grads = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(h // per, order.shape[0]), in_specs=in_specs,
-      out_specs=[kv_out, kv_out],
+      out_specs=[kv_out] * len(outputs),
       compiler_params=_params(interpret, bs.num_warps_dkv, bs.num_stages_dkv), interpret=interpret,
-      name='flash_attention_dkdv')(order, visit, q, k, v, do, lse, delta, qm, km)
+      name='flash_attention_' + ''.join(outputs))(order, visit, q, k, v, do, lse, delta, qm, km)
   if per == grp:
-    return dk, dv
-  group_sum = lambda x, like: jnp.sum(x.reshape(b, sp, hkv, grp, d), axis=3).astype(like.dtype)
-  return group_sum(dk, k), group_sum(dv, v)
+    return tuple(grads)
+  return tuple(jnp.sum(x.reshape(b, sp, hkv, grp, d), axis=3).astype(k.dtype) for x in grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,7 +604,11 @@ def _flash_bwd(scale, bs, interpret, res, do):
   delta = jnp.einsum('bthd,bthd->bht', o.astype(_F32), do.astype(_F32))
   kw = dict(scale=scale, bs=bs, interpret=interpret)
   dq = _dq_call(q, k, v, do, lse, delta, qm, km, **kw)
-  dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
+  if bs.split_dkdv:
+    (dk,), (dv,) = (_dkdv_call(q, k, v, do, lse, delta, qm, km, **kw, outputs=(name,))
+                    for name in ('dk', 'dv'))
+  else:
+    dk, dv = _dkdv_call(q, k, v, do, lse, delta, qm, km, **kw)
   return dq, dk, dv, None, None
 
 

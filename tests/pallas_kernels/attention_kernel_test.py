@@ -241,12 +241,13 @@ def test_launch_order_runs_each_rows_longest_programs_first():
   np.testing.assert_array_equal(in_tile_order, np.arange(8))
 
 
-@pytest.mark.parametrize('block_k_dkv', [16, 32])
-def test_dkdv_per_query_head_matches_xla(rng, block_k_dkv):
-  """BlockSizes.dkdv_per_q_head: one dk/dv program per query head, whose fp32 partials are summed
-  over each GQA group, equals the XLA path: causal (GQA 4 -> 2), dead rows, two-stream (4 -> 1),
-  and cache metadata with stale slots."""
-  per_head = dataclasses.replace(SMALL, dkdv_per_q_head=True, block_k_dkv=block_k_dkv)
+@pytest.mark.parametrize('fields', ['dkdv_per_q_head+block_k_dkv=16', 'dkdv_per_q_head',
+                                    'split_dkdv', 'split_dkdv+dkdv_per_q_head+block_k_dkv=16'])
+def test_dkdv_variants_match_xla(rng, fields):
+  """BlockSizes.dkdv_per_q_head (one dk/dv program per query head, whose fp32 partials are summed
+  over each GQA group) and split_dkdv (dk and dv from two kernels) equal the XLA path: causal
+  (GQA 4 -> 2), dead rows, two-stream (4 -> 1), and cache metadata with stale slots."""
+  per_head = SMALL.with_fields(fields)
   q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
   for label, meta in [('causal', _clean(2, 37)),
                       ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
@@ -333,9 +334,10 @@ def test_bf16_interpret_within_rms_limits(rng):
 @pytest.mark.parametrize('dtype, d, h, hkv, options',
                          [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
                           (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True)),
-                          (jnp.bfloat16, 256, 16, 4, dict(lazy_rescale=0))],
+                          (jnp.bfloat16, 256, 16, 4, dict(lazy_rescale=0)),
+                          (jnp.bfloat16, 256, 16, 4, dict(split_dkdv=True, block_k_dkv=64))],
                          ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_per_head_dkdv',
-                              'bf16_d256_gqa4_running_max'])
+                              'bf16_d256_gqa4_running_max', 'bf16_d256_gqa4_split_dkdv'])
 def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
   """Without a GPU: the forward, dq and dk/dv kernels (two loops each: full tiles, then the rest)
   lower through Pallas' Triton backend with the default block sizes (power-of-two loads, dot
@@ -359,7 +361,8 @@ def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
       disabled_checks=[export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')])(
           spec(t, h), spec(s, hkv), spec(s, hkv), spec(t, h))
   module = exported.mlir_module()
-  kernels = ['flash_attention_fwd', 'flash_attention_dq', 'flash_attention_dkdv']
+  kernels = ['flash_attention_fwd', 'flash_attention_dq'] + (
+      ['flash_attention_dk', 'flash_attention_dv'] if bs.split_dkdv else ['flash_attention_dkdv'])
   assert module.count('stablehlo.custom_call @__gpu$xla.gpu.triton') == len(kernels)
   for name in kernels:
     assert f'name = "{name}"' in module, name
@@ -510,7 +513,8 @@ def test_gpu_two_stream_model_shape(b, impl):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head', 'pallas+lazy_rescale=0'])
+@pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head', 'pallas+lazy_rescale=0',
+                                  'pallas+split_dkdv+block_k_dkv=64'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
