@@ -117,8 +117,14 @@ class BlockSizes:
       heads, forward+backward, one run: causal 1.99 against 2.04 ms, two-stream 6.07 against
       6.21).
     split_dkdv: dv and dk from two kernels (`_dkdv_kernel`'s outputs), each with one fp32 [bk, D]
-      accumulator, so that 64-key tiles fit 4 warps' registers at D = 256; the work grows from
-      four products per (k tile, q tile) to five (S^T is computed in both).
+      accumulator, so that larger key tiles fit the registers at D = 256; the work grows from
+      four products per (k tile, q tile) to five (S^T is computed in both). Off by default: H100,
+      bf16, T = 4096, 16 / 4 heads, D = 256, causal fwd+bwd (2026-12-05, one run; two for 4
+      rows at 128 x 32): at 4 rows 7.14 / 7.17 ms with 128-key x 32-query tiles at 8 warps
+      against 7.38 / 7.37 (cuDNN 5.37: 1.33x against 1.37x), 7.88 at 64 x 64, 4 warps, 9.07 at
+      the default 32 x 64, 4 warps, 9.17 at 64 x 64, 8 warps; at 1 row (128 programs a kernel at
+      128-key tiles, fewer than the SMs) 2.59 against 1.95 ms; on the two-stream row at 4 rows
+      24.64 against 24.44. 128 x 64 at 8 warps does not fit shared memory.
     heavy_first: launch each row's programs in descending order of the tiles they visit, rows
       in order (`_launch_order`), so that the longest ones start first and the last wave is short;
       off, programs run in tile order.

@@ -335,7 +335,8 @@ def test_bf16_interpret_within_rms_limits(rng):
                          [(jnp.bfloat16, 256, 16, 4, {}), (jnp.float32, 60, 8, 2, {}),
                           (jnp.bfloat16, 256, 16, 4, dict(dkdv_per_q_head=True)),
                           (jnp.bfloat16, 256, 16, 4, dict(lazy_rescale=0)),
-                          (jnp.bfloat16, 256, 16, 4, dict(split_dkdv=True, block_k_dkv=64))],
+                          (jnp.bfloat16, 256, 16, 4, dict(split_dkdv=True, block_k_dkv=128,
+                                                          block_q_dkv=32, num_warps_dkv=8))],
                          ids=['bf16_d256_gqa4', 'fp32_d60', 'bf16_d256_gqa4_per_head_dkdv',
                               'bf16_d256_gqa4_running_max', 'bf16_d256_gqa4_split_dkdv'])
 def test_kernels_lower_to_triton_for_cuda(dtype, d, h, hkv, options):
@@ -514,7 +515,8 @@ def test_gpu_two_stream_model_shape(b, impl):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head', 'pallas+lazy_rescale=0',
-                                  'pallas+split_dkdv+block_k_dkv=64'])
+                                  'pallas+split_dkdv+block_k_dkv=128+block_q_dkv=32'
+                                  '+num_warps_dkv=8'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))
