@@ -16,7 +16,8 @@ block sparsity from a conservative tile table:
             query heads of its group, the q tiles that may see it: dv += P^T dO, dk += scale *
             dS^T q, on keys-first tiles S^T = k q^T [bk, bq] so that no product takes a
             transposed operand (or one program per (query head, k tile) with
-            `BlockSizes.dkdv_per_q_head`, the group summed in XLA).
+            `BlockSizes.dkdv_per_q_head`, the group summed in XLA; or dk and dv from two
+            kernels with `BlockSizes.split_dkdv`, faster for causal rows at batch >= 4 only).
 
 Tried and dropped (H200, T = 4096, D = 256, bf16): dq by atomic adds into fp32 in the dk/dv kernel
 in place of the dq kernel (2.3x slower forward+backward: 26.1 against 11.3 ms, two-stream shape).
