@@ -301,11 +301,6 @@ def test_slots_after_a_committed_eos_are_not_needed():
   np.testing.assert_array_equal(sampler_lib._needed(targets, masked, ()), masked)
 
 
-# Slow (out of CI): in 3 of 6 full CI runs (2026-12-05) an xdist worker segfaulted inside XLA:CPU's
-# compile (`backend_compile_and_load`, jaxlib 0.10.2, LLVM -O0) while this test compiled a sampler,
-# one-device or split; it passes alone and in smaller runs, and the data-parallel path is also
-# covered by the next test and by gpu_sampler_test's two-GPU tests.
-@pytest.mark.slow
 @pytest.mark.parametrize('mode', ['ar', 'ar_trust', 'diffusion_trust'])
 def test_data_parallel_decoding_gives_each_row_its_one_device_tokens(tiny, rng, mode):
   """5 ragged rows over 2 devices (padded to 6) and over 3; EOS ends some rows early."""
