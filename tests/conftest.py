@@ -29,16 +29,30 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.skip(reason='needs a CUDA GPU'))
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _drop_compiled_programs_after_each_module():
-  """XLA:CPU maps three memory regions (code, constants, data) per JIT-compiled object and keeps
-  them while the executable stays in a jit cache. Over the whole suite one xdist worker passed
-  43,000 maps by 69% of the run (2026-12-05), against Linux's limit of 65,530 per process
-  (vm.max_map_count), and XLA's compiles segfaulted in `backend_compile_and_load` in 3 of 9 full
-  runs. Dropping the caches after each test module keeps every worker far below the limit."""
+# XLA:CPU maps three memory regions (code, constants, data) per JIT-compiled object and keeps them
+# while its executable stays in a jit cache. Over the whole suite one xdist worker passed 43,000
+# maps by 69% of the run (2026-12-05), against Linux's limit of 65,530 per process
+# (vm.max_map_count), and XLA's compiles segfaulted in `backend_compile_and_load` in 3 of 9 full
+# runs. Dropped after each module, the caches still reached 32,000 maps within one module.
+_MAPS_BEFORE_CLEARING = 20_000
+
+
+def _memory_maps() -> int:
+  """Memory maps of this process (0 where /proc is not there)."""
+  try:
+    with open('/proc/self/maps', 'rb') as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return 0
+
+
+@pytest.fixture(autouse=True)
+def _keep_memory_maps_below_the_kernel_limit():
+  """After each test, drops the jit caches once the process holds _MAPS_BEFORE_CLEARING maps."""
   yield
-  jax.clear_caches()
-  gc.collect()
+  if _memory_maps() > _MAPS_BEFORE_CLEARING:
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
