@@ -247,17 +247,17 @@ def test_dkdv_variants_match_xla(rng, fields):
   """BlockSizes.dkdv_per_q_head (one dk/dv program per query head, whose fp32 partials are summed
   over each GQA group) and split_dkdv (dk and dv from two kernels) equal the XLA path: causal
   (GQA 4 -> 2), dead rows, two-stream (4 -> 1), and cache metadata with stale slots."""
-  per_head = SMALL.with_fields(fields)
+  variant = SMALL.with_fields(fields)
   q, k, v, do = _inputs(rng, 2, 37, 37, 4, 2, 8)
   for label, meta in [('causal', _clean(2, 37)),
                       ('dead rows', _with_dead_rows(_clean(2, 37, cuts=(11,)), (0, 12, 36)))]:
-    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=per_head)
+    _assert_matches_xla(q, k, v, do, meta, meta, label, block_sizes=variant)
   meta = _two_stream(2, 13, 2, 3, cuts=(6,))
   q, k, v, do = _inputs(rng, 2, 39, 39, 4, 1, 12)
-  _assert_matches_xla(q, k, v, do, meta, meta, 'two-stream', block_sizes=per_head)
+  _assert_matches_xla(q, k, v, do, meta, meta, 'two-stream', block_sizes=variant)
   q, k, v, do = _inputs(rng, 2, 5, 40, 4, 2, 16)
   q_meta, k_meta = _cache(2, 5, 40, starts=(0, 23), noisy=True)
-  _assert_matches_xla(q, k, v, do, q_meta, k_meta, 'cache', block_sizes=per_head)
+  _assert_matches_xla(q, k, v, do, q_meta, k_meta, 'cache', block_sizes=variant)
 
 
 
