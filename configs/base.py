@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Scan over repeats of the layer pattern in training (compile time ~ one group, not every layer).
   # Off: on an H200 the 0.8B flare step compiled in 47 s instead of 90 s with it, but peaked at
   # 37.3 GiB instead of 20.2 with XLA's latency-hiding scheduler, which train.latency_hiding='auto'
-  # turns off for it on one GPU (24.4 GiB; README, Measured).
+  # turns off for it on one GPU (24.4 GiB; docs/benchmarks.md).
   c.model.scan_layers = False
   c.model.mask_token_id = -1  # [MASK] id; -1 keeps the model's default (last embedding row)
   c.model.gdn_chunk_size = 64  # chunk of the chunked gated delta rule
