@@ -42,6 +42,14 @@ warps against this kernel's 1.00, 2.17 with 32 query rows, 5.63 with 128 keys as
 (H200, causal, `--profile`, one run, 2026-12-04). In the same run, every kernel's neighbouring
 tiles were slower too: dk/dv 64 keys x 32 queries at 8 warps 1.42 ms; dq 64 x 64 at 8 warps 0.83
 against 0.51, 64 x 32 at 4 warps 0.65; forward 128 x 32 at 3 stages 0.45 against 0.33.
+FA3-style warp specialization (a producer warpgroup loading tiles, consumer warpgroups computing,
+registers moved between them with setmaxnreg) is out of reach from JAX with Triton 3.6 (checked
+on CPU, compiling for sm_90, 2026-12-05): its Hopper pass (`tl.range(..., warp_specialize=True)`)
+partitions an attention forward loop only when the tiles come through TMA tensor descriptors
+made on device (`tl.make_tensor_descriptor`, 4 warps: setmaxnreg in the PTX, twice the wgmma),
+and leaves plain pointer loads unpartitioned (8 warps) or fails (4 warps). Device descriptors
+live in Triton's global scratch memory, for which jaxlib's launcher of jax-triton kernels passes
+a null pointer; Pallas exposes neither the descriptors nor the loop attribute.
 
 Launch order: grids are (heads, row tiles), and a program takes its (row, tile) from a launch
 order computed in XLA (`_launch_order`): by default row by row, each row's tiles with the longest
