@@ -156,6 +156,21 @@ def crop_grads(grads, q, k, v, g, beta, h0, segs):
           jax.tree.map(jnp.zeros_like, segs))
 
 
+def call_arguments(q, v, initial_state, segment_ids, scale, chunk_size):
+  """What both kernel families' entry points derive from their arguments: (scale as a float,
+  default K ** -0.5; the fp32 initial state [B, HV, K, V], zeros if None; the segment masks, ()
+  without segment ids)."""
+  b, t, _, kd = q.shape
+  hv, vd = v.shape[2:]
+  scale = float(kd ** -0.5 if scale is None else scale)
+  h0 = (jnp.zeros((b, hv, kd, vd), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  segs = ()
+  if segment_ids is not None:
+    segs = segment_masks(segment_ids, padded_dims(t, kd, vd, chunk_size)[0], chunk_size)
+  return scale, h0, segs
+
+
 def segment_masks(segment_ids: jax.Array, tp: int, chunk_size: int):
   """fp32 [B, Tp] (segment number, carry, writes) for documents starting anywhere.
 

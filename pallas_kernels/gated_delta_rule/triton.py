@@ -643,14 +643,6 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, *, scale=None, initial_state
                      f'{jax.default_backend()!r})')
   _jt(interpret)
   _kernels()
-  b, t, _, kd = q.shape
-  hv, vd = v.shape[2:]
-  scale = float(kd ** -0.5 if scale is None else scale)
-  h0 = (jnp.zeros((b, hv, kd, vd), _F32) if initial_state is None
-        else initial_state.astype(_F32))
-  segs = ()
-  if segment_ids is not None:
-    tp = configs.padded_dims(t, kd, vd, chunk_size)[0]
-    segs = configs.segment_masks(segment_ids, tp, chunk_size)
+  scale, h0, segs = configs.call_arguments(q, v, initial_state, segment_ids, scale, chunk_size)
   o, ht = _gdr(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret)
   return o, (ht if output_final_state else None)
