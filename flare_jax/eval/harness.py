@@ -61,9 +61,9 @@ def _fill(chunk: list, batch_size: int) -> list:
   return chunk + [chunk[-1]] * (batch_size - len(chunk))
 
 
-def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64):
-  """Right-padded int32 [N, W] (W a multiple of `multiple`) and lengths [N]."""
-  width = -(-max(map(len, rows)) // multiple) * multiple
+def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64, width: int = 0):
+  """Right-padded int32 [N, W] (W `width`, else a multiple of `multiple`) and lengths [N]."""
+  width = width or -(-max(map(len, rows)) // multiple) * multiple
   out = np.full((len(rows), width), pad_id, np.int32)
   for i, r in enumerate(rows):
     out[i, :len(r)] = r
@@ -225,9 +225,11 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
   Returns {'nll': mean nats per predicted token, 'perplexity', 'tokens'}."""
   rows = _text_rows(tokenizer, texts, seq_len, max_rows)
   scorer, total, count = Scorer(model, devices), 0.0, 0
+  batch_size, width = _text_batch_shape(rows, batch_size, seq_len,
+                                        multiple_of=1 if scorer.mesh is None else scorer.mesh.size)
   for i in range(0, len(rows), batch_size):
     chunk = _fill(rows[i:i + batch_size], batch_size)
-    tokens, lengths = _padded(chunk, tokenizer.pad_id, multiple=seq_len)
+    tokens, lengths = _padded(chunk, tokenizer.pad_id, width=width)
     lp = scorer.next_token_logprobs(tokens, lengths)
     real = min(batch_size, len(rows) - i)
     total -= float(lp[:real].sum())
@@ -236,6 +238,15 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
       on_progress(i + real, len(rows))
   nll = total / count
   return {'nll': nll, 'perplexity': float(np.exp(nll)), 'tokens': count}
+
+
+def _text_batch_shape(rows: list[list[int]], batch_size: int, seq_len: int,
+                      multiple_of: int = 1) -> tuple[int, int]:
+  """(rows per batch, tokens per row) for scoring `rows`: one shape for every batch (one
+  compile), no larger than the rows need: at most `batch_size` rows, rounded up to a multiple of
+  `multiple_of` (the devices), and the longest row rounded up to 64 tokens, at most `seq_len`."""
+  per_batch = -(-min(batch_size, len(rows)) // multiple_of) * multiple_of
+  return per_batch, min(seq_len, -(-max(map(len, rows)) // 64) * 64)
 
 
 def _text_rows(tokenizer, texts: Sequence[str], seq_len: int, max_rows: int = 0):
@@ -266,12 +277,13 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
   graphdef, params = nnx.split(model)
   mesh, params = shd.replicate_over(params, devices)
   devices_used = 1 if mesh is None else mesh.size
-  width = -(-batch_size // devices_used) * devices_used  # rows beyond the batch: empty, no targets
+  # rows beyond a batch's texts: empty, no targets
+  per_batch, width = _text_batch_shape(rows, batch_size, seq_len, multiple_of=devices_used)
   key, per_device = jax.random.key(seed), []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
-    tokens, lengths = _padded(chunk + [[tokenizer.pad_id]] * (width - len(chunk)),
-                              tokenizer.pad_id, multiple=seq_len)
+    tokens, lengths = _padded(chunk + [[tokenizer.pad_id]] * (per_batch - len(chunk)),
+                              tokenizer.pad_id, width=width)
     real = np.arange(tokens.shape[1])[None] < lengths[:, None]
     real[len(chunk):] = False
     batch = {'tokens': tokens, 'segment_ids': real.astype(np.int32),

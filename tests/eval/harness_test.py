@@ -233,6 +233,27 @@ def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):
   assert res['accuracy'] < 1.0  # the two rules disagree somewhere, so the test tells them apart
 
 
+@pytest.mark.parametrize('lengths,batch_size,seq_len,devices,want', [
+    ([5, 3], 16, 1024, 1, (2, 64)),  # a few short texts: 2 rows of 64, not 16 of 1024
+    ([1024, 7], 16, 1024, 1, (2, 1024)),
+    ([70] * 40, 16, 1024, 1, (16, 128)),
+    ([3] * 5, 4, 100, 3, (6, 64)),  # rows a multiple of the devices
+    ([90], 2, 100, 1, (1, 100)),  # never wider than seq_len
+])
+def test_text_batches_are_no_larger_than_their_rows_need(lengths, batch_size, seq_len, devices,
+                                                         want):
+  shape = harness._text_batch_shape  # pylint: disable=protected-access
+  assert shape([[1] * n for n in lengths], batch_size, seq_len, devices) == want
+
+
+def test_perplexity_does_not_depend_on_the_row_length_limit_above_the_texts(model):
+  texts = ['import os\n', 'x = 1\n']
+  short = harness.perplexity(model, TOK, texts, seq_len=64, batch_size=16)
+  long = harness.perplexity(model, TOK, texts, seq_len=4096, batch_size=16)
+  np.testing.assert_allclose(long['nll'], short['nll'], rtol=1e-6)
+  assert long['tokens'] == short['tokens'] == len('import os\n') + len('x = 1\n') - 2
+
+
 def test_flare_loss_on_texts_clean_stream_is_the_perplexity_and_noise_follows_the_seed(model):
   """The clean stream of the two-stream pass is the AR path: loss_ar equals `perplexity`'s nll
   over the same targets, on one device and on three (batches of 4 rows padded with empty rows to
