@@ -225,10 +225,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
   Returns {'nll': mean nats per predicted token, 'perplexity', 'tokens'}."""
   rows = _text_rows(tokenizer, texts, seq_len, max_rows)
   scorer, total, count = Scorer(model, devices), 0.0, 0
-  batch_size, width = _text_batch_shape(rows, batch_size, seq_len,
-                                        multiple_of=1 if scorer.mesh is None else scorer.mesh.size)
+  per_batch, width = _text_batch_shape(
+      rows, batch_size, seq_len, multiple_of=1 if scorer.mesh is None else scorer.mesh.size)
   for i in range(0, len(rows), batch_size):
-    chunk = _fill(rows[i:i + batch_size], batch_size)
+    chunk = _fill(rows[i:i + batch_size], per_batch)
     tokens, lengths = _padded(chunk, tokenizer.pad_id, width=width)
     lp = scorer.next_token_logprobs(tokens, lengths)
     real = min(batch_size, len(rows) - i)
@@ -243,9 +243,10 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, seq_len: int = 256,
 def _text_batch_shape(rows: list[list[int]], batch_size: int, seq_len: int,
                       multiple_of: int = 1) -> tuple[int, int]:
   """(rows per batch, tokens per row) for scoring `rows`: one shape for every batch (one
-  compile), no larger than the rows need: at most `batch_size` rows, rounded up to a multiple of
-  `multiple_of` (the devices), and the longest row rounded up to 64 tokens, at most `seq_len`."""
-  per_batch = -(-min(batch_size, len(rows)) // multiple_of) * multiple_of
+  compile), no larger than the rows need: `batch_size` rows, or all of them rounded up to a
+  multiple of `multiple_of` (the devices) when that is fewer; the longest row rounded up to 64
+  tokens, at most `seq_len`."""
+  per_batch = min(batch_size, -(-len(rows) // multiple_of) * multiple_of)
   return per_batch, min(seq_len, -(-max(map(len, rows)) // 64) * 64)
 
 
@@ -277,8 +278,9 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
   graphdef, params = nnx.split(model)
   mesh, params = shd.replicate_over(params, devices)
   devices_used = 1 if mesh is None else mesh.size
-  # rows beyond a batch's texts: empty, no targets
   per_batch, width = _text_batch_shape(rows, batch_size, seq_len, multiple_of=devices_used)
+  # a multiple of the devices (each scores its slice); rows beyond a batch's texts: empty
+  per_batch = -(-per_batch // devices_used) * devices_used
   key, per_device = jax.random.key(seed), []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]

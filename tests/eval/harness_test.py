@@ -237,7 +237,8 @@ def test_choice_tasks_score_summed_and_per_byte_log_likelihoods(model):
     ([5, 3], 16, 1024, 1, (2, 64)),  # a few short texts: 2 rows of 64, not 16 of 1024
     ([1024, 7], 16, 1024, 1, (2, 1024)),
     ([70] * 40, 16, 1024, 1, (16, 128)),
-    ([3] * 5, 4, 100, 3, (6, 64)),  # rows a multiple of the devices
+    ([3] * 2, 16, 100, 3, (3, 64)),  # all the rows, a multiple of the devices
+    ([3] * 5, 4, 100, 3, (4, 64)),  # never more than batch_size
     ([90], 2, 100, 1, (1, 100)),  # never wider than seq_len
 ])
 def test_text_batches_are_no_larger_than_their_rows_need(lengths, batch_size, seq_len, devices,
