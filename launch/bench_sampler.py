@@ -2,9 +2,13 @@
 
 python -m launch.bench_sampler --variant=2b --batch=1,8 --prompt_len=128 --new_tokens=256
 
-Prints, per (mode, concurrency): generated tokens/s, model passes per generated token, ms per pass,
-and for AR the step time against the HBM-bandwidth floor ((weights + cache bytes) / measured copy
-bandwidth).
+Prints, per (mode, concurrency): generated tokens/s, model passes per generated token, ms per pass
+(the whole call over its passes: prefill, host transfers and the decode loop), and for AR the
+decode step against the HBM-bandwidth floor ((weights + cache bytes) / measured copy bandwidth).
+The decode step is the marginal cost of a pass, (t_N - t_M) / (passes_N - passes_M) between calls
+generating N = --new_tokens and M = --step_base_tokens tokens: what each further token costs once
+the prompt is in the caches, over the later (longer-context) steps; the call's fixed cost
+(prefill, transfers) is printed beside it.
 `--hf` also times transformers' `generate` on a random model of the same config in a separate
 process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every case once per
 XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
@@ -42,6 +46,10 @@ _BLOCK = flags.DEFINE_integer('block_size', 4, 'AR-Trust / Diffusion-Trust block
 _KS = flags.DEFINE_list('k', ['1', '2', '4'], 'Diffusion-Trust tokens committed per pass.')
 _MODES = flags.DEFINE_list('modes', ['ar', 'ar_trust', 'diffusion_trust'], 'Modes to time.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs per case (median reported).')
+_STEP_BASE = flags.DEFINE_integer(
+    'step_base_tokens', 16, 'AR: also time a call generating this many tokens, for the decode '
+    'step as the marginal cost of a pass between it and --new_tokens (0: the whole call over its '
+    'passes instead).')
 _CHECK_EVERY = flags.DEFINE_list(
     'check_every', [], 'Also time every case decoded in segments of this many iterations with a '
     'host-side row test between them (one that never stops a row).')
@@ -178,7 +186,9 @@ def _measure_model(gdn_impl: str, attn_impl: str, rows: list[dict]) -> None:
           cache_bytes = _tree_bytes(jax.eval_shape(lambda: cache_lib.init_cache(cfg, batch, s)))
         floor_ms = 1e3 * (weight_bytes + cache_bytes) / bw
         row['bandwidth_floor_ms'] = floor_ms
-        row['step_vs_floor'] = row['ms_per_pass'] / floor_ms
+        row['pass_vs_floor'] = row['ms_per_pass'] / floor_ms
+        row.update(_decode_step(sampler, prompts, lengths, kw, seconds, passes))
+        row['step_vs_floor'] = row['step_ms'] / floor_ms
       if _PROFILE.value:  # one generate call, kernel times shared out over its passes
         kernels, timeline = bench_util.jax_kernel_profile(
             lambda: sampler.generate(prompts, lengths, scfg), calls=1, top=_PROFILE_TOP.value)
@@ -198,13 +208,33 @@ def _measure_model(gdn_impl: str, attn_impl: str, rows: list[dict]) -> None:
             '' if _CHILD.value else _OUT.value)
 
 
+def _decode_step(sampler, prompts, lengths, mode_kw, seconds, passes) -> dict:
+  """{'step_ms', 'fixed_ms'}: a pass's marginal cost and the call's fixed cost, from this call
+  (`seconds`, `passes`) and one generating --step_base_tokens tokens; without that, the whole
+  call over its passes and no fixed cost."""
+  base = _STEP_BASE.value
+  if not 0 < base < _NEW.value:
+    return dict(step_ms=1e3 * seconds / max(passes, 1), fixed_ms=float('nan'))
+  scfg = sampler_lib.SamplerConfig(max_new_tokens=base, **mode_kw)
+  base_seconds, res = _time(lambda: sampler.generate(prompts, lengths, scfg), _REPEATS.value)
+  base_passes = float(np.mean(np.asarray(res.n_forward) - 1))
+  step = (seconds - base_seconds) / max(passes - base_passes, 1)
+  return dict(step_ms=1e3 * step, fixed_ms=1e3 * (base_seconds - base_passes * step))
+
+
+def _step_cell(row: dict) -> str:
+  if 'step_ms' not in row:
+    return '-'
+  return f"{row['step_ms']:.2f} ({row['fixed_ms']:.1f})"
+
+
 def _print_tables(rows: list[dict]) -> None:
   variants = any('xla' in r for r in rows)
   impls = len({r.get('decode_impl') for r in rows}) > 1
   lead = ('| XLA flags ' if variants else '') + ('| GDN / attention decode ' if impls else '')
-  print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step / BW floor | '
-        'acceptance |')
-  print('|---' * (7 + variants + impls) + '|')
+  print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step ms (fixed ms) | '
+        'AR step / BW floor | acceptance |')
+  print('|---' * (8 + variants + impls) + '|')
   for r in rows:
     cell = f"| {r.get('xla') or 'default'} " if variants else ''
     cell += f"| {r.get('decode_impl', '-')} " if impls else ''
@@ -213,7 +243,8 @@ def _print_tables(rows: list[dict]) -> None:
       continue
     print(f"{cell}| {r['mode']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
           f"{r.get('passes_per_token', 0):.2f} "
-          f"| {r.get('ms_per_pass', 0):.2f} | {r.get('step_vs_floor', float('nan')):.2f} "
+          f"| {r.get('ms_per_pass', 0):.2f} | {_step_cell(r)} "
+          f"| {r.get('step_vs_floor', float('nan')):.2f} "
           f"| {r.get('acceptance', 0):.2f} |")
   for r in rows:
     if r.get('kernels_per_pass'):
