@@ -50,6 +50,9 @@ _STEP_BASE = flags.DEFINE_integer(
     'step_base_tokens', 16, 'AR: also time a call generating this many tokens, for the decode '
     'step as the marginal cost of a pass between it and --new_tokens (0: the whole call over its '
     'passes instead).')
+_BANDWIDTH_MIB = flags.DEFINE_integer(
+    'bandwidth_buffer_mib', 1024, 'Size of the buffer copied to measure the HBM bandwidth (large '
+    'enough to stream past the caches).')
 _CHECK_EVERY = flags.DEFINE_list(
     'check_every', [], 'Also time every case decoded in segments of this many iterations with a '
     'host-side row test between them (one that never stops a row).')
@@ -72,8 +75,9 @@ _CHILD = flags.DEFINE_bool('child', False, 'Internal: measure and print the rows
 
 
 def _hbm_bandwidth() -> float:
-  """Best measured device streaming bandwidth in bytes/s (read + write of a 1 GiB buffer)."""
-  x = jnp.ones((256, 1024, 1024), jnp.float32)
+  """Best measured device streaming bandwidth in bytes/s (read + write of a
+  --bandwidth_buffer_mib buffer)."""
+  x = jnp.ones((_BANDWIDTH_MIB.value, 256, 1024), jnp.float32)
   f = jax.jit(lambda a: a * 1.0001)
   for _ in range(3):  # warm-up: compile and let clocks settle
     f(x).block_until_ready()

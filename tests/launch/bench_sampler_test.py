@@ -13,6 +13,7 @@ def test_rows_of_every_mode_and_the_marginal_ar_step(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'launch.bench_sampler', '--variant=tiny', '--batch=2',
        '--prompt_len=8', '--new_tokens=16', '--step_base_tokens=4', '--k=2', '--repeats=1',
+       '--bandwidth_buffer_mib=16',
        '--modes=ar,ar_trust,diffusion_trust', f'--out={out}'],
       capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-2000:]
