@@ -56,6 +56,10 @@ def progress(prefix: str) -> Callable[[int, int], None]:
   return show
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 def _fill(chunk: list, batch_size: int) -> list:
   """The last batch filled to `batch_size` with repeats of its last row (one compiled shape)."""
   return chunk + [chunk[-1]] * (batch_size - len(chunk))
@@ -63,7 +67,7 @@ def _fill(chunk: list, batch_size: int) -> list:
 
 def _padded(rows: list[list[int]], pad_id: int, multiple: int = 64, width: int = 0):
   """Right-padded int32 [N, W] (W `width`, else a multiple of `multiple`) and lengths [N]."""
-  width = width or -(-max(map(len, rows)) // multiple) * multiple
+  width = width or _round_up(max(map(len, rows)), multiple)
   out = np.full((len(rows), width), pad_id, np.int32)
   for i, r in enumerate(rows):
     out[i, :len(r)] = r
@@ -246,8 +250,8 @@ def _text_batch_shape(rows: list[list[int]], batch_size: int, seq_len: int,
   compile), no larger than the rows need: `batch_size` rows, or all of them rounded up to a
   multiple of `multiple_of` (the devices) when that is fewer; the longest row rounded up to 64
   tokens, at most `seq_len`."""
-  per_batch = min(batch_size, -(-len(rows) // multiple_of) * multiple_of)
-  return per_batch, min(seq_len, -(-max(map(len, rows)) // 64) * 64)
+  per_batch = min(batch_size, _round_up(len(rows), multiple_of))
+  return per_batch, min(seq_len, _round_up(max(map(len, rows)), 64))
 
 
 def _text_rows(tokenizer, texts: Sequence[str], seq_len: int, max_rows: int = 0):
@@ -280,7 +284,7 @@ def flare_loss_on_texts(model, tokenizer, texts: Sequence[str],
   devices_used = 1 if mesh is None else mesh.size
   per_batch, width = _text_batch_shape(rows, batch_size, seq_len, multiple_of=devices_used)
   # a multiple of the devices (each scores its slice); rows beyond a batch's texts: empty
-  per_batch = -(-per_batch // devices_used) * devices_used
+  per_batch = _round_up(per_batch, devices_used)
   key, per_device = jax.random.key(seed), []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
