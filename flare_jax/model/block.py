@@ -39,7 +39,25 @@ class Block(nnx.Module):
     With noisy_tail = n > 0 (cached calls): the last n tokens are one noisy block seeded where each
     row's valid prefix of the first T - n tokens ends; the cache advances over that prefix only.
     """
-    x = self.input_layernorm(h)
+    h, mlp_out, cache, replay = self.residual_parts(
+        h, None, meta, cache=cache, valid=valid, return_replay=return_replay,
+        num_views=num_views, gdn_schedule=gdn_schedule, max_block=max_block,
+        noisy_tail=noisy_tail)
+    return shd.shard(h + mlp_out, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache, replay
+
+  def residual_parts(self, h: jax.Array, pending: jax.Array | None, meta: mask_lib.TokenMeta, *,
+                     norm_impl: str | None = 'xla', cache: cache_lib.LayerCache | None = None,
+                     valid: jax.Array | None = None, return_replay: bool = False,
+                     num_views: int = 0, gdn_schedule: str = 'auto', max_block: int = 32,
+                     noisy_tail: int = 0):
+    """The block on h + pending with its MLP output left unadded: (h + pending + mixer output,
+    MLP output, cache, replay), each [B, T, D] but the last two (see __call__).
+
+    Each residual add runs with the norm that reads its sum (`RMSNorm.after_add`, one kernel under
+    `norm_impl`), so a stack of blocks passing the MLP output on as the next one's `pending` adds
+    every residual inside a norm (cached passes, `FlareLM.hidden_states`). pending None: h as is.
+    """
+    h, x = self.input_layernorm.after_add(h, pending, norm_impl)
     replay = None
     if noisy_tail:
       x, cache = self._mixer_with_noisy_tail(x, meta, cache, valid, noisy_tail)
@@ -52,9 +70,10 @@ class Block(nnx.Module):
                                           return_replay=True)
     else:
       x, cache = self.linear_attn(x, meta.segment_ids, state=cache, valid=valid)
-    h = h + x
-    h = h + self.mlp(self.post_attention_layernorm(h))  # all tokens at once, noisy tail included
-    return shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)), cache, replay
+    h, x = self.post_attention_layernorm.after_add(h, x, norm_impl)
+    mlp_out = self.mlp(x)  # all tokens at once, noisy tail included
+    act = (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_EMBED)
+    return shd.shard(h, act), shd.shard(mlp_out, act), cache, replay
 
   def _mixer_with_noisy_tail(self, x, meta, cache, valid, n: int):
     """The mixer over [clean prefix (valid per row), noisy block of n]: the clean part advances the

@@ -7,6 +7,7 @@ import dataclasses
 import json
 from typing import Any
 
+from pallas_kernels import add_rms_norm
 from pallas_kernels.attention import api as attn_api
 from pallas_kernels.gated_delta_rule import api as gdr_api
 
@@ -54,6 +55,9 @@ class ModelConfig:
   # Cached attention calls of few queries (attn_ops.cache_attention): None | 'xla' | 'pallas'
   # (None: the decode kernel on GPU, xla elsewhere)
   attn_decode_impl: str | None = None
+  # Cached passes' residual adds, each with the RMSNorm that reads its sum (add_rms_norm):
+  # None | 'xla' | 'pallas' (None: one Pallas kernel per add on GPU, xla elsewhere)
+  norm_impl: str | None = None
   # Backward of the two-stream short conv + SiLU (gated_deltanet.two_stream_conv_silu).
   gdn_conv_backward: str = 'manual'  # GDN_CONV_BACKWARDS
   gdn_chunk_size: int = 64
@@ -89,7 +93,8 @@ class ModelConfig:
     for name, known in (('gdn_impl', gdr_api.IMPLEMENTATIONS),
                         ('gdn_decode_impl', gdr_api.DECODE_IMPLEMENTATIONS),
                         ('attn_impl', attn_api.IMPLEMENTATIONS),
-                        ('attn_decode_impl', attn_api.DECODE_IMPLEMENTATIONS)):
+                        ('attn_decode_impl', attn_api.DECODE_IMPLEMENTATIONS),
+                        ('norm_impl', add_rms_norm.IMPLEMENTATIONS)):
       if getattr(self, name) not in (None, *known):
         problems.append(f'{name}={getattr(self, name)!r} (known: None, {", ".join(known)})')
     if self.remat not in ('none', 'block'):

@@ -1,5 +1,6 @@
 """Building blocks: Dense, Embedder, the two RMSNorm conventions, SwiGLU MLP and partial RoPE."""
 from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from flare_jax import sharding as shd
+from pallas_kernels import add_rms_norm
 
 _INIT_STD = 0.02
 
@@ -108,12 +110,6 @@ def cast_matmul_weights(model: nnx.Module) -> None:
       module.embedding.set_value(module.embedding.get_value().astype(module.dtype))
 
 
-def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
-  """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32."""
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-
-
 class RMSNorm(nnx.Module):
   """Zero-centred RMSNorm of Qwen3.5: y = x_hat * (1 + w), w initialised to 0, computed in fp32."""
 
@@ -123,8 +119,22 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = rms_normalize(x, self.eps) * (1.0 + self.scale[...].astype(jnp.float32))
-    return y.astype(x.dtype)
+    return add_rms_norm.rms_norm(x, self.scale[...], self.eps)
+
+  def after_add(self, h: jax.Array, delta: jax.Array | None,
+                implementation: str | None = 'xla') -> tuple[jax.Array, jax.Array]:
+    """(s, self(s)) for the residual sum s = h + delta (s = h when delta is None).
+
+    implementation: `add_rms_norm`'s, for the add and the norm as one kernel ('xla': XLA's ops,
+    the same arithmetic). The kernel has no gradient rule: meant for cached passes.
+    """
+    if delta is None:
+      return h, self(h)
+    add_norm = functools.partial(add_rms_norm.add_rms_norm, eps=self.eps,
+                                 implementation=implementation)
+    return shd.per_batch_shard(lambda scale, h_, d_: add_norm(h_, d_, scale), h, delta,
+                               shared=(self.scale[...],),
+                               enabled=kernels_configured(implementation))
 
 
 class GatedRMSNorm(nnx.Module):
@@ -137,7 +147,7 @@ class GatedRMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    y = rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)
+    y = add_rms_norm.rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)
     return (y * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
 
 

@@ -77,22 +77,33 @@ class FlareLM(nnx.Module):
     period = layer_period(self.cfg.layer_types)
     if cache is None and not return_gdn_replay and self.cfg.scan_layers and period:
       return self.norm(self._scan_blocks(h, meta, valid, period, stream)), None
-    new_cache, replays = [], []
-    for i, blk in enumerate(self.layers):
-      layer_cache = None if cache is None else cache[i]
-      if self.cfg.remat == 'block' and cache is None:
+    if cache is None:
+      h, replays = self._uncached_blocks(h, meta, valid, return_gdn_replay, stream)
+      out = (self.norm(h), None)
+    else:
+      # Cached passes (inference): each block hands its MLP output on unadded, and every residual
+      # add runs inside the norm after it (one kernel per add on GPU, `Block.residual_parts`).
+      new_cache, replays, pending = [], [], None
+      for blk, layer_cache in zip(self.layers, cache):
+        h, pending, layer_cache, replay = blk.residual_parts(
+            h, pending, meta, norm_impl=self.cfg.norm_impl, cache=layer_cache, valid=valid,
+            return_replay=return_gdn_replay, noisy_tail=noisy_tail, **stream)
+        new_cache.append(layer_cache)
+        replays.append(replay)
+      out = (self.norm.after_add(h, pending, self.cfg.norm_impl)[1], tuple(new_cache))
+    return (*out, tuple(replays)) if return_gdn_replay else out
+
+  def _uncached_blocks(self, h, meta, valid, return_gdn_replay: bool, stream: dict):
+    """h after every block of an uncached pass, and each block's GDNReplay (None where none)."""
+    replays = []
+    for blk in self.layers:
+      if self.cfg.remat == 'block':
         h, _, _ = nnx.remat(lambda m, h_: m(h_, meta, valid=valid, **stream))(blk, h)
         replay = None
       else:
-        h, layer_cache, replay = blk(h, meta, cache=layer_cache, valid=valid,
-                                     return_replay=return_gdn_replay, noisy_tail=noisy_tail,
-                                     **stream)
-      new_cache.append(layer_cache)
+        h, _, replay = blk(h, meta, valid=valid, return_replay=return_gdn_replay, **stream)
       replays.append(replay)
-    new_cache = None if cache is None else tuple(new_cache)
-    if return_gdn_replay:
-      return self.norm(h), new_cache, tuple(replays)
-    return self.norm(h), new_cache
+    return h, tuple(replays)
 
   def _scan_blocks(self, h, meta, valid, period: int, stream: dict) -> jax.Array:
     """The blocks as a lax.scan over the N / period repeats of the layer pattern: block j of every

@@ -78,3 +78,5 @@ def test_invalid_model_config_names_the_problem():
     config_lib.VARIANTS['tiny'].replace(attn_impl='cudnn')
   with pytest.raises(ValueError, match="attn_decode_impl='triton' \\(known: None, xla, pallas\\)"):
     config_lib.VARIANTS['tiny'].replace(attn_decode_impl='triton')
+  with pytest.raises(ValueError, match="norm_impl='triton' \\(known: None, xla, pallas\\)"):
+    config_lib.VARIANTS['tiny'].replace(norm_impl='triton')

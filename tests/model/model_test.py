@@ -119,8 +119,11 @@ def test_packed_row_equals_each_document_alone(rng):
     start += n
 
 
-def test_prefill_then_decode_matches_full_forward(rng):
-  model, cfg = _model(layer_types=(L, F, L, F))
+@pytest.mark.parametrize('norm_impl', ['xla', 'pallas'])
+def test_prefill_then_decode_matches_full_forward(rng, norm_impl):
+  """Cached passes, with every residual add inside the norm after it (one kernel each under
+  'pallas', interpret mode off GPU), continue the uncached forward (XLA's adds and norms)."""
+  model, cfg = _model(layer_types=(L, F, L, F), norm_impl=norm_impl)
   tokens = _tokens(rng, 2, 50)
   full, _ = _fwd(model, tokens)
   cache = cache_lib.init_cache(cfg, batch=2, max_len=64)
