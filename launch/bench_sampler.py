@@ -14,12 +14,14 @@ process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times eve
 XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
 `--gdn_decode_impl=xla,pallas` times the GDN cached passes side by side, XLA's chain against the
 fused kernel (`gdr.fused_decode`; one model each); `--attn_decode_impl=xla,pallas` the same for the
-attention layers' cached calls (`attn_ops.cache_attention`). Rows are labelled 'GDN / attention'.
+attention layers' cached calls (`attn_ops.cache_attention`) and `--norm_impl=xla,pallas` for the
+residual adds with their norms (`add_rms_norm`). Rows are labelled 'GDN / attention / norm'.
 `--check_every=16,4` also times each case decoded in segments with a row test between them (as
 with stop strings; `generate(should_stop=...)`, the test never stopping a row), labelled
 'MODE, checked every N': the cost of the host round trips beside the one-pass decode.
 Fixed output length (EOS ignored), greedy decoding, random weights.
 """
+import itertools
 import json
 import subprocess
 import sys
@@ -67,6 +69,9 @@ _DECODE_IMPLS = flags.DEFINE_list(
 _ATTN_DECODE_IMPLS = flags.DEFINE_list(
     'attn_decode_impl', ['default'],
     "ModelConfig.attn_decode_impl values to time side by side ('default': the backend's).")
+_NORM_IMPLS = flags.DEFINE_list(
+    'norm_impl', ['default'],
+    "ModelConfig.norm_impl values to time side by side ('default': the backend's).")
 _XLA_VARIANTS = flags.DEFINE_string(
     'xla_variants', '', "';'-separated XLA flag sets ('default': none), each added to XLA_FLAGS "
     'in its own process, whose rows come side by side in one table.')
@@ -136,27 +141,28 @@ print("HF_TOKS", {batch} * {new} / (time.perf_counter() - t0))
   return float('nan')
 
 
-def _config(gdn_impl: str = 'default', attn_impl: str = 'default') -> config_lib.ModelConfig:
+def _config(impls: dict[str, str] | None = None) -> config_lib.ModelConfig:
+  """The --variant in bf16 with the ModelConfig fields in `impls` ('default': None)."""
   pick = lambda impl: None if impl == 'default' else impl
   return config_lib.VARIANTS[_VARIANT.value].replace(
-      dtype='bfloat16', param_dtype='bfloat16', gdn_decode_impl=pick(gdn_impl),
-      attn_decode_impl=pick(attn_impl))
+      dtype='bfloat16', param_dtype='bfloat16',
+      **{name: pick(impl) for name, impl in (impls or {}).items()})
 
 
 def _measure() -> list[dict]:
   """Times every (decode implementations, concurrency, mode) case in this process: one row
   each."""
   rows = []
-  for gdn_impl in _DECODE_IMPLS.value:
-    for attn_impl in _ATTN_DECODE_IMPLS.value:
-      _measure_model(gdn_impl, attn_impl, rows)
+  for gdn, attn, norm in itertools.product(_DECODE_IMPLS.value, _ATTN_DECODE_IMPLS.value,
+                                           _NORM_IMPLS.value):
+    _measure_model(dict(gdn_decode_impl=gdn, attn_decode_impl=attn, norm_impl=norm), rows)
   return rows
 
 
-def _measure_model(gdn_impl: str, attn_impl: str, rows: list[dict]) -> None:
-  """Appends the rows of one model (its GDN and attention decode implementations) to `rows`."""
-  cfg = _config(gdn_impl, attn_impl)
-  decode_impl = f'{gdn_impl} / {attn_impl}'
+def _measure_model(impls: dict[str, str], rows: list[dict]) -> None:
+  """Appends the rows of one model (its cached passes' implementations) to `rows`."""
+  cfg = _config(impls)
+  decode_impl = ' / '.join(impls.values())
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
   sampler = sampler_lib.Sampler(model)
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
@@ -235,7 +241,7 @@ def _step_cell(row: dict) -> str:
 def _print_tables(rows: list[dict]) -> None:
   variants = any('xla' in r for r in rows)
   impls = len({r.get('decode_impl') for r in rows}) > 1
-  lead = ('| XLA flags ' if variants else '') + ('| GDN / attention decode ' if impls else '')
+  lead = ('| XLA flags ' if variants else '') + ('| GDN / attention / norm ' if impls else '')
   print(f'\n{lead}| mode | batch | tok/s | passes/token | ms/pass | AR step ms (fixed ms) | '
         'AR step / BW floor | acceptance |')
   print('|---' * (8 + variants + impls) + '|')
@@ -253,7 +259,7 @@ def _print_tables(rows: list[dict]) -> None:
   for r in rows:
     if r.get('kernels_per_pass'):
       where = f" (XLA flags {r['xla']!r})" if variants else ''
-      where += f" (GDN / attention decode {r['decode_impl']})" if impls else ''
+      where += f" (GDN / attention / norm {r['decode_impl']})" if impls else ''
       print(f"\nTop GPU kernels per pass, {r['mode']} batch {r['batch']}{where} "
             '(prefill included):')
       print(bench_util.timeline_line(r['timeline_per_pass'], r['ms_per_pass'], per='pass'))

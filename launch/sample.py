@@ -99,6 +99,10 @@ _ATTN_DECODE_IMPL = flags.DEFINE_enum(
     'attn_decode_impl', 'auto', ['auto', 'xla', 'pallas'],
     "Attention cached calls: the decode kernel or XLA (ModelConfig.attn_decode_impl; 'auto': "
     'pallas on GPU).')
+_NORM_IMPL = flags.DEFINE_enum(
+    'norm_impl', 'auto', ['auto', 'xla', 'pallas'],
+    "Cached passes' residual adds with their RMSNorms: one kernel each or XLA "
+    "(ModelConfig.norm_impl; 'auto': pallas on GPU).")
 
 
 def _read_prompts() -> list[dict]:
@@ -200,7 +204,8 @@ def _load(ckpt: str):
   try:
     pick = lambda flag: None if flag.value == 'auto' else flag.value
     model = model_io.load_model(ckpt, dtype=_DTYPE.value, gdn_decode_impl=pick(_DECODE_IMPL),
-                                attn_decode_impl=pick(_ATTN_DECODE_IMPL))
+                                attn_decode_impl=pick(_ATTN_DECODE_IMPL),
+                                norm_impl=pick(_NORM_IMPL))
     return model, tokenizer_lib.checkpoint_tokenizer(ckpt, _TOKENIZER.value,
                                                      _TEMPLATE_KWARGS.value)
   except (ValueError, OSError) as e:

@@ -21,7 +21,8 @@ def test_batched_prompts_are_written_in_order_then_renamed(ckpt, tmp_path):
   out = tmp_path / 'out.jsonl'
   run = _sample(f'--ckpt={ckpt}', f'--prompts={src}', f'--output={out}', '--batch_size=2',
                 '--max_new_tokens=4', '--mode=ar_trust', '--gdn_decode_impl=xla',
-                '--attn_decode_impl=pallas')  # off GPU: falls back to xla, logged
+                '--attn_decode_impl=pallas',  # off GPU: falls back to xla, logged
+                '--norm_impl=pallas')  # off GPU: interpret mode
   assert run.returncode == 0, run.stderr[-2000:]
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r['prompt'] for r in rows] == prompts

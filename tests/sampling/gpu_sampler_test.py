@@ -1,6 +1,6 @@
-"""GPU: the sampler with the decode kernels (`gdn_decode_impl='pallas'` and
-`attn_decode_impl='pallas'`, the GPU defaults) decodes as with XLA's cached passes, and greedy
-AR-Trust still equals greedy AR with them.
+"""GPU: the sampler with the decode kernels (`gdn_decode_impl`, `attn_decode_impl` and `norm_impl`
+'pallas', the GPU defaults) decodes as with XLA's cached passes, and greedy AR-Trust still equals
+greedy AR with them.
 
 fp32 compute at 'highest' matmul precision: in 16-bit compute the one-token AR step and the
 block-wide verify pass round differently (README), which is not what these tests are about.
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _sampler(decode_impl: str) -> sampler_lib.Sampler:
-  """A sampler whose GDN and attention cached passes both run `decode_impl`."""
+  """A sampler whose GDN, attention and residual norm cached passes all run `decode_impl`."""
   cfg = config_lib.VARIANTS['small'].replace(dtype='float32', gdn_decode_impl=decode_impl,
-                                             attn_decode_impl=decode_impl)
+                                             attn_decode_impl=decode_impl, norm_impl=decode_impl)
   return sampler_lib.Sampler(transformer.FlareLM(cfg, rngs=nnx.Rngs(5)))
 
 
