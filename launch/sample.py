@@ -102,7 +102,7 @@ _ATTN_DECODE_IMPL = flags.DEFINE_enum(
 _NORM_IMPL = flags.DEFINE_enum(
     'norm_impl', 'auto', ['auto', 'xla', 'pallas'],
     "Cached passes' residual adds with their RMSNorms: one kernel each or XLA "
-    "(ModelConfig.norm_impl; 'auto': pallas on GPU).")
+    "(ModelConfig.norm_impl; 'auto': xla).")
 
 
 def _read_prompts() -> list[dict]:

@@ -125,8 +125,8 @@ class RMSNorm(nnx.Module):
                 implementation: str | None = 'xla') -> tuple[jax.Array, jax.Array]:
     """(s, self(s)) for the residual sum s = h + delta (s = h when delta is None).
 
-    implementation: `add_rms_norm`'s, for the add and the norm as one kernel ('xla': XLA's ops,
-    the same arithmetic). The kernel has no gradient rule: meant for cached passes.
+    implementation: `add_rms_norm`'s: 'pallas' runs the add and the norm as one kernel, None or
+    'xla' XLA's ops (the same arithmetic). The kernel has no gradient rule: cached passes only.
     """
     if delta is None:
       return h, self(h)
@@ -134,7 +134,7 @@ class RMSNorm(nnx.Module):
                                  implementation=implementation)
     return shd.per_batch_shard(lambda scale, h_, d_: add_norm(h_, d_, scale), h, delta,
                                shared=(self.scale[...],),
-                               enabled=kernels_configured(implementation))
+                               enabled=implementation == 'pallas')
 
 
 class GatedRMSNorm(nnx.Module):

@@ -82,7 +82,7 @@ class FlareLM(nnx.Module):
       out = (self.norm(h), None)
     else:
       # Cached passes (inference): each block hands its MLP output on unadded, and every residual
-      # add runs inside the norm after it (one kernel per add on GPU, `Block.residual_parts`).
+      # add runs inside the norm after it (one kernel per add under norm_impl='pallas').
       new_cache, replays, pending = [], [], None
       for blk, layer_cache in zip(self.layers, cache):
         h, pending, layer_cache, replay = blk.residual_parts(

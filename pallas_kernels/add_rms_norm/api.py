@@ -8,7 +8,10 @@ from pallas_kernels._common import backend
 from pallas_kernels.add_rms_norm import xla
 
 IMPLEMENTATIONS = ('xla', 'pallas')
-DEFAULT_BY_BACKEND = {'gpu': 'pallas'}
+# None means xla on every backend: in a decode step the residual adds XLA replaces are also where it
+# reduces the split-K partials of the GEMM before them, so the kernel's row needs that reduction
+# as a launch of its own (`pallas.py`'s docstring has the measurement).
+DEFAULT_BY_BACKEND = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -23,8 +26,7 @@ def add_rms_norm(h: jax.Array, delta: jax.Array, scale: jax.Array, *, eps: float
   Args:
     h, delta: [..., D] (delta is cast to h.dtype first).
     scale: [D], the norm's weight (applied as 1 + scale).
-    implementation: None (the kernel on GPU, xla elsewhere), 'xla' or 'pallas' (interpret mode
-      off GPU). Forward only: no gradient rule, so meant for cached (inference) passes.
+    implementation: None or 'xla' (XLA's ops), or 'pallas' (the kernel; interpret mode off GPU). Forward only: no gradient rule, so meant for cached (inference) passes.
   """
   impl = backend.resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_BACKEND,
                                         'add_rms_norm')

@@ -90,9 +90,11 @@ def test_flare_loss_with_a_kernel_schedule_on_a_mesh_matches_one_device(cpu_mesh
 
 def test_cached_passes_run_per_batch_shard_and_match_one_device(cpu_mesh, rng):
   """Cached passes (a prefill, then fused 1- and 3-token passes) with the decode kernel configured
-  (off GPU it falls back to XLA) run per batch shard, the layer's params closed over inside the
-  shard_map, and equal one device's logits and caches."""
-  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', gdn_decode_impl='pallas')
+  (off GPU it falls back to XLA) and the residual norm kernel (interpret mode off GPU) run per
+  batch shard, the layer's params closed over inside the shard_map, and equal one device's logits
+  and caches."""
+  cfg = config_lib.VARIANTS['tiny'].replace(dtype='float32', gdn_decode_impl='pallas',
+                                            norm_impl='pallas')
   tokens = jnp.asarray(rng.integers(0, 256, (4, 24)), jnp.int32)
 
   def decode(model):

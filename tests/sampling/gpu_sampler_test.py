@@ -1,6 +1,6 @@
 """GPU: the sampler with the decode kernels (`gdn_decode_impl`, `attn_decode_impl` and `norm_impl`
-'pallas', the GPU defaults) decodes as with XLA's cached passes, and greedy AR-Trust still equals
-greedy AR with them.
+'pallas'; the first two are the GPU defaults) decodes as with XLA's cached passes, and greedy
+AR-Trust still equals greedy AR with them.
 
 fp32 compute at 'highest' matmul precision: in 16-bit compute the one-token AR step and the
 block-wide verify pass round differently (README), which is not what these tests are about.
