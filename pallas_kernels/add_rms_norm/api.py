@@ -26,7 +26,8 @@ def add_rms_norm(h: jax.Array, delta: jax.Array, scale: jax.Array, *, eps: float
   Args:
     h, delta: [..., D] (delta is cast to h.dtype first).
     scale: [D], the norm's weight (applied as 1 + scale).
-    implementation: None or 'xla' (XLA's ops), or 'pallas' (the kernel; interpret mode off GPU). Forward only: no gradient rule, so meant for cached (inference) passes.
+    implementation: None or 'xla' (XLA's ops), or 'pallas' (the kernel; interpret mode off GPU).
+      Forward only: no gradient rule, so meant for cached (inference) passes.
   """
   impl = backend.resolve_implementation(implementation, IMPLEMENTATIONS, DEFAULT_BY_BACKEND,
                                         'add_rms_norm')
