@@ -25,5 +25,7 @@ def test_rows_of_every_mode_and_the_marginal_ar_step(tmp_path):
   # The call's fixed cost (prefill, transfers) is what separates the two AR figures.
   assert ar['step_ms'] + ar['fixed_ms'] / 16 == pytest.approx(ar['ms_per_pass'], rel=1e-6)
   assert ar['step_vs_floor'] == pytest.approx(ar['step_ms'] / ar['bandwidth_floor_ms'], rel=1e-6)
+  assert ar['step_vs_read_floor'] == pytest.approx(ar['step_ms'] / ar['read_floor_ms'], rel=1e-6)
+  assert 'read-only' in run.stdout and f"({ar['step_vs_read_floor']:.2f})" in run.stdout
   assert '| ar | 2 |' in run.stdout and 'AR step ms (fixed ms)' in run.stdout
 
