@@ -24,6 +24,7 @@ Fixed output length (EOS ignored), greedy decoding, random weights.
 """
 import itertools
 import json
+import math
 import subprocess
 import sys
 import time
@@ -237,8 +238,13 @@ def _decode_step(sampler, prompts, lengths, mode_kw, seconds, passes) -> dict:
   scfg = sampler_lib.SamplerConfig(max_new_tokens=base, **mode_kw)
   base_seconds, res = _time(lambda: sampler.generate(prompts, lengths, scfg), _REPEATS.value)
   base_passes = float(np.mean(np.asarray(res.n_forward) - 1))
-  step = (seconds - base_seconds) / max(passes - base_passes, 1)
-  return dict(step_ms=1e3 * step, fixed_ms=1e3 * (base_seconds - base_passes * step))
+  out = bench_util.marginal_step(seconds, passes, base_seconds, base_passes)
+  if math.isnan(out['step_ms']):
+    print(f'AR step: the {_NEW.value}-token call ({1e3 * seconds:.1f} ms) took no longer than the '
+          f'{base}-token one ({1e3 * base_seconds:.1f} ms), too noisy to give a step: raise '
+          '--repeats or --new_tokens', flush=True)
+  return out
+
 
 
 def _step_cell(row: dict) -> str:

@@ -2,6 +2,7 @@
 import collections
 import glob
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -53,6 +54,17 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
     sync(out)
     times.append((time.perf_counter() - t0) * 1e3 / back_to_back)
   return statistics.median(times)
+
+
+def marginal_step(seconds: float, passes: float, base_seconds: float,
+                  base_passes: float) -> dict:
+  """{'step_ms', 'fixed_ms'}: the slope and intercept of wall time over passes through two calls
+  (`seconds` for `passes`, `base_seconds` for fewer `base_passes`). Both NaN when the longer call
+  was not the slower one: its timings cannot resolve a step."""
+  step = (seconds - base_seconds) / max(passes - base_passes, 1)
+  if not step > 0:
+    return dict(step_ms=math.nan, fixed_ms=math.nan)
+  return dict(step_ms=1e3 * step, fixed_ms=1e3 * (base_seconds - base_passes * step))
 
 
 def print_result(result: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """launch.bench_util: kernel-time aggregation, its table, and the environment handed to children."""
 import json
+import math
 import os
 import sys
 
@@ -141,3 +142,12 @@ def test_xla_variants_each_run_a_child_with_its_flags(tmp_path, monkeypatch, cap
   assert rows[0]['argv'] == rows[1]['argv'] == ['--child', '--batch=8']
   assert [r['xla'] for r in rows] == variants
   assert 'no such flag' in rows[2]['error']
+
+
+def test_marginal_step_is_the_slope_through_two_calls_or_nan_when_unresolved():
+  # 10 passes in 50 ms and 2 passes in 18 ms: 4 ms a pass on top of a 10 ms fixed cost
+  got = bench_util.marginal_step(0.050, 10.0, 0.018, 2.0)
+  assert got['step_ms'] == pytest.approx(4.0) and got['fixed_ms'] == pytest.approx(10.0)
+  for slower_base in (0.050, 0.051):  # the longer call no slower: no step to report
+    got = bench_util.marginal_step(0.050, 10.0, slower_base, 2.0)
+    assert math.isnan(got['step_ms']) and math.isnan(got['fixed_ms'])
