@@ -1,5 +1,5 @@
-"""launch.bench_sampler on the tiny model (CPU): every mode's row, the AR decode step as the marginal
-cost of a pass beside the call's fixed cost, and the printed table."""
+"""launch.bench_sampler on the tiny model (CPU): every mode's row, the AR decode step as the
+marginal cost of a pass beside the call's fixed cost, and the printed table."""
 import json
 import math
 import subprocess
