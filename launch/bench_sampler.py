@@ -9,7 +9,8 @@ and against the stricter floor of the measured read-only bandwidth (a decode ste
 The decode step is the marginal cost of a pass, (t_N - t_M) / (passes_N - passes_M) between calls
 generating N = --new_tokens and M = --step_base_tokens tokens: what each further token costs once
 the prompt is in the caches, over the later (longer-context) steps; the call's fixed cost
-(prefill, transfers) is printed beside it.
+(prefill, transfers) is printed beside it. Both are NaN, with a message, when the longer call did
+not time slower (a noisy machine, too few tokens between the calls).
 `--hf` also times transformers' `generate` on a random model of the same config in a separate
 process. `--xla_variants='default;--xla_gpu_enable_triton_gemm=false'` times every case once per
 XLA flag set, each in its own process, side by side in one table (an A/B of compiler settings).
@@ -244,7 +245,6 @@ def _decode_step(sampler, prompts, lengths, mode_kw, seconds, passes) -> dict:
           f'{base}-token one ({1e3 * base_seconds:.1f} ms), too noisy to give a step: raise '
           '--repeats or --new_tokens', flush=True)
   return out
-
 
 
 def _step_cell(row: dict) -> str:

@@ -32,5 +32,3 @@ def test_rows_of_every_mode_and_the_marginal_ar_step(tmp_path):
   assert ar['step_vs_read_floor'] == ratio('read_floor_ms')
   assert 'read-only' in run.stdout and f"({ar['step_vs_read_floor']:.2f})" in run.stdout
   assert '| ar | 2 |' in run.stdout and 'AR step ms (fixed ms)' in run.stdout
-
-
