@@ -240,8 +240,8 @@ class GatedDeltaNet(nnx.Module):
       (y [B, T, D], next GDNState or None when `state` is None[, GDNReplay]).
     """
     inputs = self.mixer_inputs(x)
-    o, next_state = self._pass(inputs, segment_ids, state, valid)
-    y = self.output(o, inputs.z, x.dtype)
+    normed, next_state = self._pass(inputs, segment_ids, state, valid)
+    y = self.out_proj(normed.reshape(*x.shape[:2], -1))
     if return_replay:
       return y, next_state, cache_lib.GDNReplay(
           qkv=inputs.qkv, b_in=inputs.b_in, a_in=inputs.a_in, segment_ids=segment_ids,
@@ -249,11 +249,16 @@ class GatedDeltaNet(nnx.Module):
     return y, next_state
 
   def _pass(self, inputs: MixerInputs, segment_ids, state, valid):
-    """Steps B-D from the in-projections: (o [B, T, HV, V], next GDNState or None). A cached pass
-    of up to `_RECURRENT_MAX_TOKENS` tokens is fused, anything else chunked."""
+    """Steps B-E up to the out-projection: (y [B, T, HV, V] in the inputs' dtype, next GDNState
+    or None); y is the rule's raw outputs when inputs.z is None (a replay, which keeps the state
+    alone). A cached pass of up to `_RECURRENT_MAX_TOKENS` tokens is fused, anything else
+    chunked."""
     if state is not None and inputs.qkv.shape[1] <= _RECURRENT_MAX_TOKENS:
       return self._fused_pass(inputs, segment_ids, state, valid, True)
-    return self._chunked_pass(inputs, segment_ids, state, valid)
+    o, next_state = self._chunked_pass(inputs, segment_ids, state, valid)
+    if inputs.z is None:
+      return o, next_state
+    return self.norm(o.astype(jnp.float32), inputs.z).astype(inputs.qkv.dtype), next_state
 
   def _chunked_pass(self, inputs: MixerInputs, segment_ids, state, valid):
     """Steps B-D by the chunked rule: (o [B, T, HV, V], next GDNState or None)."""
@@ -273,32 +278,39 @@ class GatedDeltaNet(nnx.Module):
     return o, cache_lib.GDNState(conv=window.astype(state.conv.dtype), recurrent=final)
 
   def _fused_pass(self, inputs: MixerInputs, segment_ids, state, valid, with_state: bool):
-    """Steps B-D of a cached pass by `gdr.fused_decode` (one kernel on GPU), per batch shard:
-    (o [B, T, HV, V], next GDNState, or None without `with_state`). A merged product is passed
-    whole, its columns read in place."""
+    """Steps B-E up to the out-projection of a cached pass by `gdr.fused_decode` (one kernel on
+    GPU), per batch shard: (y [B, T, HV, V], next GDNState, or None without `with_state`); y as
+    `_pass`'s. A merged product is passed whole, its columns read in place."""
     cfg = self.cfg
+    z_src, z_col = None, 0
     if inputs.merged is None:
       operands, columns = (inputs.qkv, inputs.b_in, inputs.a_in), dict(b_col=0, a_col=0)
+      if inputs.z is not None:
+        z_src = inputs.z.reshape(*inputs.z.shape[:2], -1)
     else:
       operands = (inputs.merged,) * 3
-      qkv_col, _, b_col, a_col = self.in_proj.starts
+      qkv_col, z_col, b_col, a_col = self.in_proj.starts
       assert qkv_col == 0, 'q|k|v must lead the merged product'
       columns = dict(b_col=b_col, a_col=a_col)
+      if inputs.z is not None:
+        z_src = inputs.merged
 
-    def run(conv_weight, a_log, dt_bias, qkv, b_in, a_in, segment_ids, valid, window, recurrent):
+    def run(conv_weight, a_log, dt_bias, norm_weight, qkv, b_in, a_in, z_src, segment_ids, valid,
+            window, recurrent):
+      gate = None if z_src is None else front.OutputGate(z_src, norm_weight, self.norm.eps, z_col)
       return gdr.fused_decode(
           qkv, b_in, a_in, conv_weight, a_log, dt_bias, window=window, initial_state=recurrent,
           num_key_heads=cfg.linear_num_key_heads, scale=cfg.linear_key_head_dim ** -0.5,
-          segment_ids=segment_ids, valid=valid, output_final_state=with_state,
+          segment_ids=segment_ids, valid=valid, output_final_state=with_state, output_gate=gate,
           implementation=cfg.gdn_decode_impl, **columns)
 
-    o, leaving = shd.per_batch_shard(
-        run, *operands, segment_ids, valid, state.conv, state.recurrent,
-        shared=(self.conv_weight[...], self.A_log[...], self.dt_bias[...]),
+    y, leaving = shd.per_batch_shard(
+        run, *operands, z_src, segment_ids, valid, state.conv, state.recurrent,
+        shared=(self.conv_weight[...], self.A_log[...], self.dt_bias[...], self.norm.scale[...]),
         enabled=layers.kernels_configured(cfg.gdn_decode_impl))
     if leaving is None:
-      return o, None
-    return o, cache_lib.GDNState(conv=leaving[0], recurrent=leaving[1])
+      return y, None
+    return y, cache_lib.GDNState(conv=leaving[0], recurrent=leaving[1])
 
   def noisy_block(self, x: jax.Array, segment_ids: jax.Array,
                   state: cache_lib.GDNState) -> jax.Array:
@@ -308,9 +320,8 @@ class GatedDeltaNet(nnx.Module):
     One token runs the cached pass itself, so a one-slot block is the AR step bit for bit."""
     if x.shape[1] == 1:
       return self(x, segment_ids, state=state)[0]
-    inputs = self.mixer_inputs(x)
-    o, _ = self._fused_pass(inputs, segment_ids, state, None, False)
-    return self.output(o, inputs.z, x.dtype)
+    normed, _ = self._fused_pass(self.mixer_inputs(x), segment_ids, state, None, False)
+    return self.out_proj(normed.reshape(*x.shape[:2], -1))
 
   def two_stream(self, x: jax.Array, meta: mask_lib.TokenMeta, num_views: int,
                  schedule: str = 'auto', max_block: int = 32) -> jax.Array:

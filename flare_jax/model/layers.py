@@ -9,6 +9,7 @@ from flax import nnx
 
 from flare_jax import sharding as shd
 from pallas_kernels import add_rms_norm
+from pallas_kernels.gated_delta_rule import front as gdr_front
 
 _INIT_STD = 0.02
 
@@ -147,8 +148,7 @@ class GatedRMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
-    y = add_rms_norm.rms_normalize(x, self.eps) * self.scale[...].astype(jnp.float32)
-    return (y * jax.nn.silu(z.astype(jnp.float32))).astype(x.dtype)
+    return gdr_front.gated_norm(x, z, self.scale[...], self.eps).astype(x.dtype)
 
 
 class MLP(nnx.Module):

@@ -252,7 +252,7 @@ def block_gated_delta_rule(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Arra
 
 
 def _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
-                 segment_ids, valid, b_col, a_col):
+                 segment_ids, valid, b_col, a_col, output_gate):
   problems = []
   if x.ndim != 3 or initial_state.ndim != 4:
     raise ValueError(f'fused decode: x {x.shape} must be [B, T, C] and initial_state '
@@ -270,6 +270,13 @@ def _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_sta
     if a.ndim != 3 or a.shape[:2] != (bsz, t) or not 0 <= col <= a.shape[2] - hv:
       problems.append(f'{name} {a.shape} must be [B={bsz}, T={t}, .] with columns '
                       f'[{col}, {col} + HV={hv}) inside')
+  if output_gate is not None:
+    z, col = output_gate.z_src, output_gate.z_col
+    if z.ndim != 3 or z.shape[:2] != (bsz, t) or not 0 <= col <= z.shape[2] - hv * vd:
+      problems.append(f'output_gate.z_src {z.shape} must be [B={bsz}, T={t}, .] with columns '
+                      f'[{col}, {col} + HV V={hv * vd}) inside')
+    if output_gate.weight.shape != (vd,):
+      problems.append(f'output_gate.weight {output_gate.weight.shape} must be [V={vd}]')
   kc = conv_weight.shape[0]
   for name, a, want in (('conv_weight', conv_weight, (kc, c)), ('a_log', a_log, (hv,)),
                         ('dt_bias', dt_bias, (hv,)), ('window', window, (bsz, kc - 1, c)),
@@ -285,7 +292,7 @@ def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: ja
                  initial_state: jax.Array, num_key_heads: int, scale: float | None = None,
                  segment_ids: jax.Array | None = None, valid: jax.Array | None = None,
                  output_final_state: bool = True, b_col: int = 0, a_col: int = 0,
-                 implementation: str | None = None):
+                 output_gate: front.OutputGate | None = None, implementation: str | None = None):
   """A cached Gated DeltaNet pass of a few tokens, from the in-projections to the rule's outputs:
   conv (window in, window out), activations, l2 norms, gates and the rule
   (`front.fused_decode_xla` gives the contract). `implementation`: None (the backend's best:
@@ -297,6 +304,9 @@ def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: ja
   its product three times; the kernel reads it in place (xla slices), where slicing it first would
   cost a launch per operand at decode sizes.
 
+  output_gate: with it, the outputs come out of the output norm, `front.gate_outputs(o, gate)`
+  (the kernel's programs apply it where they hold whole value heads; z may be a column range too).
+
   Returns:
     (o [B, T, HV, V] in x.dtype, (window [B, Kc-1, C], state [B, HV, K, V] fp32) or None without
     output_final_state).
@@ -305,9 +315,10 @@ def fused_decode(x: jax.Array, b_in: jax.Array, a_in: jax.Array, conv_weight: ja
     ValueError: unknown implementation or inconsistent shapes.
   """
   _check_fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, initial_state, num_key_heads,
-               segment_ids, valid, b_col, a_col)
+               segment_ids, valid, b_col, a_col, output_gate)
   kw = dict(window=window, initial_state=initial_state, num_key_heads=num_key_heads, scale=scale,
-            segment_ids=segment_ids, valid=valid, output_final_state=output_final_state)
+            segment_ids=segment_ids, valid=valid, output_final_state=output_final_state,
+            output_gate=output_gate)
   from pallas_kernels.gated_delta_rule import decode_pallas  # pylint: disable=g-import-not-at-top
   kd, vd = initial_state.shape[2:]
   if _use_decode_kernel(implementation, decode_pallas.kernel_takes(num_key_heads, kd, vd)):

@@ -5,15 +5,19 @@ The model's mixer (flare_jax.model.gated_deltanet) runs, per token:
   conv  pre = causal depthwise conv of the in-projected q|k|v channels (Kc taps, no bias);
   act   q, k, v = split(silu(pre)); q, k = l2norm(q), l2norm(k);
   gates beta = sigmoid(b); g = -exp(A_log) softplus(a + dt_bias);
-  then the gated delta rule over (q, k, v, g, beta).
+  then the gated delta rule over (q, k, v, g, beta);
+  norm  y = w * rmsnorm(o) * silu(z) per value head (`gated_norm`), before the out-projection.
 
 Those functions live here, one source for the model and the decode kernel's reference:
 `fused_decode_xla` is that whole chain for a cached pass of a few tokens (conv window in, window
-out), the contract `decode_pallas` implements in one kernel.
+out; the output norm optional), the contract `decode_pallas` implements in one kernel.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.add_rms_norm import xla as norm_xla
 from pallas_kernels.gated_delta_rule import xla
 
 _F32 = jnp.float32
@@ -96,9 +100,32 @@ def gates(b_in: jax.Array, a_in: jax.Array, a_log: jax.Array, dt_bias: jax.Array
   return g, beta
 
 
+def gated_norm(o: jax.Array, z: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """weight * rmsnorm(o) * silu(z) over the last axis (one value head), in fp32."""
+  y = norm_xla.rms_normalize(o, eps) * weight.astype(_F32)
+  return y * jax.nn.silu(z.astype(_F32))
+
+
+class OutputGate(NamedTuple):
+  """The gated norm (`gated_norm`) of a cached pass's outputs, taken into the pass: weight [V],
+  z = z_src[..., z_col:z_col + HV V] ([B, T, .]; z_src may be a wider buffer, as a merged
+  in-projection's product)."""
+  z_src: jax.Array
+  weight: jax.Array
+  eps: float
+  z_col: int = 0
+
+
+def gate_outputs(o: jax.Array, gate: OutputGate) -> jax.Array:
+  """o [B, T, HV, V] -> `gated_norm(o, z)` in o.dtype."""
+  b, t, hv, vd = o.shape
+  z = gate.z_src[..., gate.z_col:gate.z_col + hv * vd].reshape(b, t, hv, vd)
+  return gated_norm(o, z, gate.weight, gate.eps).astype(o.dtype)
+
+
 def fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, initial_state,
                      num_key_heads: int, scale: float | None = None, segment_ids=None, valid=None,
-                     output_final_state: bool = True):
+                     output_final_state: bool = True, output_gate: OutputGate | None = None):
   """The mixer from the in-projections to the delta rule's outputs, for a cached pass.
 
   Args:
@@ -124,11 +151,12 @@ def fused_decode_xla(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, init
   g, beta = mask_invalid(*gates(b_in, a_in, a_log, dt_bias), valid)
   # The rule computes in fp32; its operands are rounded to x's dtype, as in the training pass.
   q, k, v = (a.astype(x.dtype) for a in (q, k, v))
+  gated = lambda o: o if output_gate is None else gate_outputs(o, output_gate)
   if not output_final_state:
-    return xla.block_gated_delta_rule_xla(q, k, v, g, beta, initial_state=initial_state,
-                                          scale=scale, segment_ids=segment_ids), None
+    return gated(xla.block_gated_delta_rule_xla(q, k, v, g, beta, initial_state=initial_state,
+                                                scale=scale, segment_ids=segment_ids)), None
   o, state = xla.recurrent_gated_delta_rule_xla(q, k, v, g, beta, scale=scale,
                                                 initial_state=initial_state,
                                                 segment_ids=segment_ids, output_final_state=True)
   leaving = leaving_window(xpad, valid, conv_weight.shape[0])
-  return o, (leaving.astype(window.dtype), state)
+  return gated(o), (leaving.astype(window.dtype), state)

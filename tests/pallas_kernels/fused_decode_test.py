@@ -86,14 +86,15 @@ def test_matches_the_xla_chain(rng, b, t, nk, hv, kd, vd, kc, block_v, dtype, ex
   _assert_matches_reference(args, nk, tol, tol, **kw)
 
 
-def _assert_single_tokens_equal_one_call(args, nk, **kw):
+def _assert_single_tokens_equal_one_call(args, nk, output_gate=None, **kw):
   x, b_in, a_in, w, a_log, dt_bias, window, state = args
-  o_all, (win_all, s_all) = _kernel(args, nk, **kw)
+  o_all, (win_all, s_all) = _kernel(args, nk, output_gate=output_gate, **kw)
   outs = []
   for i in range(x.shape[1]):
     one = lambda a: a[:, i:i + 1]  # pylint: disable=cell-var-from-loop
+    gate = None if output_gate is None else output_gate._replace(z_src=one(output_gate.z_src))
     o, (window, state) = _kernel((one(x), one(b_in), one(a_in), w, a_log, dt_bias, window, state),
-                                 nk, **kw)
+                                 nk, output_gate=gate, **kw)
     outs.append(o)
   np.testing.assert_array_equal(np.asarray(jnp.concatenate(outs, 1), np.float32),
                                 np.asarray(o_all, np.float32))
@@ -149,12 +150,14 @@ def test_dispatch_runs_xla_off_gpu_and_checks_shapes(rng):
     _call(api.fused_decode, bad, 1)
 
 
-def _packed(args, extra_cols: int):
+def _packed(args, extra_cols: int, between=None):
   """args with x, b_in and a_in as column ranges of one buffer [B, T, C + extra + 2 HV] (as a
-  merged in-projection's product: q|k|v, other columns, b, a), and those columns."""
+  merged in-projection's product: q|k|v, other columns, b, a), and those columns. The other
+  columns are `between` ([B, T, extra]) or a filler that nothing reads."""
   x, b_in, a_in = args[:3]
-  filler = jnp.full(x.shape[:2] + (extra_cols,), 7.0, x.dtype)  # read by neither
-  merged = jnp.concatenate([x, filler, b_in, a_in], axis=-1)
+  if between is None:
+    between = jnp.full(x.shape[:2] + (extra_cols,), 7.0, x.dtype)
+  merged = jnp.concatenate([x, between, b_in, a_in], axis=-1)
   b_col = x.shape[-1] + extra_cols
   return (merged,) * 3 + args[3:], dict(b_col=b_col, a_col=b_col + b_in.shape[-1])
 
@@ -172,6 +175,55 @@ def test_inputs_read_in_place_from_one_buffer_equal_separate_inputs(rng, with_st
     got = fn(packed, 1, **kw, **columns, **tiles)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
       np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+def _gate_inputs(rng, b, t, hv, vd, dtype):
+  """(z [B, T, HV V], norm weight [V]) for `front.OutputGate`."""
+  return (jnp.asarray(rng.standard_normal((b, t, hv * vd)), dtype),
+          jnp.asarray(rng.uniform(0.5, 1.5, vd), dtype))
+
+
+@pytest.mark.parametrize('block_v, z_at', [(32, 'own buffer'), (32, 'merged'),
+                                           (32, 'merged, off a head'), (16, 'merged')])
+def test_output_gate_matches_the_xla_chain(rng, block_v, z_at):
+  """The gated norm runs in the kernel where its programs hold whole value heads (block_v = V)
+  and z's columns start at a head, else in XLA after it: the xla chain's gated outputs either way,
+  with z in a buffer of its own or a column range of the merged product."""
+  if _ON_GPU:
+    pytest.skip('CPU interpret-mode case')
+  b, t, nk, hv, kd, vd, kc = 2, 3, 1, 2, 16, 32, 4
+  args = _inputs(rng, b, t, nk, hv, kd, vd, kc, jnp.bfloat16)
+  z, weight = _gate_inputs(rng, b, t, hv, vd, jnp.bfloat16)
+  kw = dict(valid=jnp.asarray([[1, 1, 1], [1, 1, 0]], bool))
+  want, (win_want, s_want) = _call(front.fused_decode_xla, args, nk,
+                                   output_gate=front.OutputGate(z, weight, 1e-6), **kw)
+  columns, gate = {}, front.OutputGate(z, weight, 1e-6)
+  if z_at != 'own buffer':
+    pad = 8 if 'off' in z_at else 0
+    between = jnp.concatenate([jnp.full((b, t, pad), 7.0, z.dtype), z], axis=-1)
+    z_col = args[0].shape[-1] + pad
+    args, columns = _packed(args, pad + z.shape[-1], between)
+    gate = front.OutputGate(args[0], weight, 1e-6, z_col)
+  got, (win, s) = _kernel(args, nk, block_v=block_v, output_gate=gate, **columns, **kw)
+  valid = kw['valid'][..., None, None]
+  err = testing.rms_ratio(jnp.where(valid, got, 0).astype(jnp.float32),
+                          jnp.where(valid, want, 0).astype(jnp.float32))
+  assert err <= 1e-2, err
+  np.testing.assert_array_equal(np.asarray(win, np.float32), np.asarray(win_want, np.float32))
+  assert testing.rms_ratio(s, s_want) <= 1e-2
+
+
+def test_whole_value_heads_for_calls_with_state():
+  """Calls with the state hold whole heads where they fit; the window goes in place only when
+  no two programs share a key head's q|k channels."""
+  assert decode_pallas.default_block_v(16, 128, 128, with_state=True) == 128
+  assert decode_pallas.default_block_v(16, 128, 128, with_state=False) == decode_pallas.BLOCK_V
+  assert decode_pallas.default_block_v(16, 128, 256, with_state=True) == decode_pallas.BLOCK_V
+  # 2 x 16 q|k channels are not whole 64-column tiles
+  assert decode_pallas.default_block_v(1, 16, 64, with_state=True) == decode_pallas.BLOCK_V
+  assert decode_pallas.window_in_place(16, 16, 128, block_v=128)
+  assert not decode_pallas.window_in_place(16, 32, 128, block_v=128)  # grouped value heads
+  assert not decode_pallas.window_in_place(16, 16, 128, block_v=32)  # a head over 4 programs
 
 
 def test_head_sizes_the_kernel_does_not_take_are_named():
@@ -210,9 +262,33 @@ def test_gpu_inputs_read_in_place_from_one_buffer_equal_separate_inputs(rng, t):
 
 
 @pytest.mark.gpu
-def test_gpu_single_token_calls_equal_one_call_bit_for_bit(rng):
+@pytest.mark.parametrize('t', [1, 4])
+def test_gpu_output_gate_in_the_kernel_matches_the_xla_chain(rng, t):
+  """Qwen3.5-2B's merged layout (q|k|v, z, b, a): whole value heads, the gated norm applied in
+  the kernel from z's columns read in place, the window written in place."""
   b, nk, hv, kd, vd, kc = _GPU_ARGS
-  _assert_single_tokens_equal_one_call(_inputs(rng, b, 4, nk, hv, kd, vd, kc, jnp.bfloat16), nk)
+  args = _inputs(rng, b, t, nk, hv, kd, vd, kc, jnp.bfloat16)
+  z, weight = _gate_inputs(rng, b, t, hv, vd, jnp.bfloat16)
+  with jax.default_matmul_precision('highest'):
+    want, (win_want, s_want) = _call(front.fused_decode_xla, args, nk,
+                                     output_gate=front.OutputGate(z, weight, 1e-6))
+  packed, columns = _packed(args, z.shape[-1], z)
+  gate = front.OutputGate(packed[0], weight, 1e-6, args[0].shape[-1])
+  got, (win, s) = _kernel(packed, nk, output_gate=gate, **columns)
+  err_o = testing.rms_ratio(got.astype(jnp.float32), want.astype(jnp.float32))
+  err_s = testing.rms_ratio(s, s_want)
+  print(f'\nfused decode + output gate T={t}: relative RMS y {err_o:.2e}, state {err_s:.2e}')
+  assert err_o <= 2e-2 and err_s <= 2e-2
+  np.testing.assert_array_equal(np.asarray(win, np.float32), np.asarray(win_want, np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('gated', [False, True])
+def test_gpu_single_token_calls_equal_one_call_bit_for_bit(rng, gated):
+  b, nk, hv, kd, vd, kc = _GPU_ARGS
+  args = _inputs(rng, b, 4, nk, hv, kd, vd, kc, jnp.bfloat16)
+  gate = front.OutputGate(*_gate_inputs(rng, b, 4, hv, vd, jnp.bfloat16), 1e-6) if gated else None
+  _assert_single_tokens_equal_one_call(args, nk, output_gate=gate)
 
 
 @pytest.mark.gpu
