@@ -294,11 +294,13 @@ def fused_decode_pallas(x, b_in, a_in, conv_weight, a_log, dt_bias, *, window, i
   if num_warps is None:
     num_warps = NUM_WARPS if output_final_state else NUM_WARPS_OUTPUTS_ONLY
   gate_in_kernel = (output_gate is not None and block_v >= vd and output_gate.z_col % vd == 0)
-  gate = output_gate if gate_in_kernel else front.OutputGate(None, None, None)
+  z_src, norm_weight, gate_eps, z_col = None, None, None, 0
+  if gate_in_kernel:
+    z_src, norm_weight, z_col = output_gate.z_src, output_gate.weight, output_gate.z_col
+    gate_eps = float(output_gate.eps)
   o, leaving = _fused(x, b_in, a_in, conv_weight, a_log.astype(_F32), dt_bias, window,
-                      initial_state.astype(_F32), seg, valid, gate.z_src, gate.weight,
-                      b_col=b_col, a_col=a_col, z_col=gate.z_col,
-                      gate_eps=None if gate.eps is None else float(gate.eps),
+                      initial_state.astype(_F32), seg, valid, z_src, norm_weight,
+                      b_col=b_col, a_col=a_col, z_col=z_col, gate_eps=gate_eps,
                       num_key_heads=num_key_heads,
                       scale=float(kd ** -0.5 if scale is None else scale),
                       with_state=output_final_state, block_v=block_v, num_warps=num_warps,
