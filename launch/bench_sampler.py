@@ -82,28 +82,6 @@ _VARIANT_TIMEOUT = flags.DEFINE_integer('variant_timeout', 1800, 'Seconds per --
 _CHILD = flags.DEFINE_bool('child', False, 'Internal: measure and print the rows as one result.')
 
 
-def _hbm_bandwidths() -> tuple[float, float]:
-  """Best measured device streaming bandwidths in bytes/s over a --bandwidth_buffer_mib buffer:
-  (copy: read + write of it, read: a sum over it)."""
-  x = jnp.ones((_BANDWIDTH_MIB.value, 256, 1024), jnp.float32)
-  return (_best_rate(jax.jit(lambda a: a * 1.0001), x, 2 * x.nbytes),
-          _best_rate(jax.jit(jnp.sum), x, x.nbytes))
-
-
-def _best_rate(f, x, bytes_per_call: int) -> float:
-  """bytes_per_call x calls / seconds at f(x)'s best of three runs of 20 calls."""
-  for _ in range(3):  # warm-up: compile and let clocks settle
-    f(x).block_until_ready()
-  best = 0.0
-  for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(20):
-      y = f(x)
-    y.block_until_ready()
-    best = max(best, bytes_per_call * 20 / (time.perf_counter() - t0))
-  return best
-
-
 def _tree_bytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
@@ -174,7 +152,7 @@ def _measure_model(impls: dict[str, str], rows: list[dict]) -> None:
   model = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
   sampler = sampler_lib.Sampler(model)
   weight_bytes = _tree_bytes(nnx.state(model, nnx.Param))
-  bw, read_bw = _hbm_bandwidths()
+  bw, read_bw = bench_util.hbm_bandwidths(_BANDWIDTH_MIB.value)
   print(f'device: {jax.devices()[0].device_kind}; model {_VARIANT.value}: '
         f'{weight_bytes / 2**30:.2f} GiB bf16 weights; '
         f'measured HBM copy bandwidth {bw / 1e9:.0f} GB/s, read-only {read_bw / 1e9:.0f} GB/s')

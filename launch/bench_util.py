@@ -56,6 +56,30 @@ def median_ms(fn: Callable[[], Any], sync: Callable[[Any], Any], warmup: int,
   return statistics.median(times)
 
 
+def hbm_bandwidths(buffer_mib: int) -> tuple[float, float]:
+  """Best measured device streaming bandwidths in bytes/s over a buffer of `buffer_mib` MiB:
+  (copy: read + write of it, read: a sum over it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  x = jnp.ones((buffer_mib, 256, 1024), jnp.float32)
+  return (_best_rate(jax.jit(lambda a: a * 1.0001), x, 2 * x.nbytes),
+          _best_rate(jax.jit(jnp.sum), x, x.nbytes))
+
+
+def _best_rate(f, x, bytes_per_call: int) -> float:
+  """bytes_per_call x calls / seconds at f(x)'s best of three runs of 20 calls."""
+  for _ in range(3):  # warm-up: compile and let clocks settle
+    f(x).block_until_ready()
+  best = 0.0
+  for _ in range(3):
+    t0 = time.perf_counter()
+    for _ in range(20):
+      y = f(x)
+    y.block_until_ready()
+    best = max(best, bytes_per_call * 20 / (time.perf_counter() - t0))
+  return best
+
+
 def marginal_step(seconds: float, passes: float, base_seconds: float,
                   base_passes: float) -> dict:
   """{'step_ms', 'fixed_ms'}: the slope and intercept of wall time over passes through two calls
