@@ -10,6 +10,9 @@ from flare_jax.model import cache as cache_lib
 from flare_jax.model import config as config_lib
 from flare_jax.model import layers
 from pallas_kernels import attention as attn_ops
+from pallas_kernels.attention import decode_front
+from pallas_kernels.attention import decode_pallas
+from pallas_kernels.attention import rope as rope_lib
 
 # Step A/B's projections, in the order `project` reads them.
 _IN_PROJECTIONS = ('q_proj', 'k_proj', 'v_proj')
@@ -58,8 +61,8 @@ class Attention(nnx.Module):
     k = self.k_norm(k.reshape(b, t, hkv, hd))
     v = v.reshape(b, t, hkv, hd)
     rope = dict(rotary_dim=cfg.rotary_dim, theta=cfg.rope_theta)
-    q = layers.apply_partial_rope(q, positions, **rope)
-    k = layers.apply_partial_rope(k, positions, **rope)
+    q = rope_lib.apply_partial_rope(q, positions, **rope)
+    k = rope_lib.apply_partial_rope(k, positions, **rope)
     return q, k, v, gate
 
   def output(self, o: jax.Array, gate: jax.Array) -> jax.Array:
@@ -83,6 +86,10 @@ class Attention(nnx.Module):
     Returns:
       (y [B, T, D], updated cache or None).
     """
+    if cache is not None and self.qkv_proj is not None and attn_ops.front_kernels_take(
+        x.shape[1], self.cfg.num_attention_heads, cache.k, cache.v, self.cfg.rotary_dim,
+        self.qkv_proj.dtype, self.cfg.attn_decode_impl):
+      return self.cached_call_by_kernels(x, meta, cache)
     q, k, v, gate = self.project(x, meta.positions)
     q = shd.shard(q, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_HEADS, None))
     attend = functools.partial(attn_ops.attention, implementation=self.cfg.attn_impl,
@@ -101,6 +108,38 @@ class Attention(nnx.Module):
     o = shd.per_batch_shard(attend_cache, q, new_cache.k, new_cache.v, meta,
                             cache_key_meta(meta, cache.k.shape[1]), enabled=kernels)
     return self.output(o, gate), new_cache
+
+  def cached_call_by_kernels(self, x: jax.Array, meta: attn_ops.TokenMeta,
+                             cache: cache_lib.KVCache, interpret: bool | None = None):
+    """__call__ over a cache as three launches after the merged projection (decode copies, see
+    `merge_in_projections`): the decode front kernel (q/k norms, RoPE, the query rows, this call's
+    keys and values written into the cache), the decode kernel and XLA's fusion of its splits
+    with the output gate. __call__ takes it where `attn_ops.front_kernels_take`; interpret (None:
+    off GPU) runs both kernels in the Pallas interpreter."""
+    cfg = self.cfg
+    b, t, _ = x.shape
+    hq, hd = cfg.num_attention_heads, cfg.head_dim
+    product = self.qkv_proj.project(x)
+    gate = product[..., :2 * hq * hd].reshape(b, t, hq, 2, hd)[:, :, :, 1].reshape(b, t, -1)
+    cos, sin = rope_lib.rope_tables(meta.positions, rotary_dim=cfg.rotary_dim,
+                                    theta=cfg.rope_theta, dtype=product.dtype)
+    _, k_col, v_col = self.qkv_proj.starts
+
+    def front(q_norm, k_norm, product, cos, sin, start, k_cache, v_cache):
+      return decode_front.decode_front_pallas(
+          product, cos, sin, start, q_norm, k_norm, k_cache, v_cache, num_heads=hq, k_col=k_col,
+          v_col=v_col, eps=cfg.rms_norm_eps, interpret=interpret)
+
+    def attend(rows, k_cache, v_cache, q_meta, k_meta):
+      return decode_pallas.attention_decode_rows(rows, k_cache, v_cache, q_meta, k_meta,
+                                                 num_heads=hq, interpret=interpret)
+
+    rows, k_cache, v_cache = shd.per_batch_shard(
+        front, product, cos, sin, meta.positions[:, 0], cache.k, cache.v,
+        shared=(self.q_norm.scale[...], self.k_norm.scale[...]))
+    o = shd.per_batch_shard(attend, rows, k_cache, v_cache, meta,
+                            cache_key_meta(meta, cache.k.shape[1]))
+    return self.output(o, gate), cache_lib.KVCache(k_cache, v_cache)
 
 
 def cache_key_meta(meta: attn_ops.TokenMeta, s: int) -> attn_ops.TokenMeta:

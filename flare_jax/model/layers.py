@@ -1,4 +1,5 @@
-"""Building blocks: Dense, Embedder, the two RMSNorm conventions, SwiGLU MLP and partial RoPE."""
+"""Building blocks: Dense, Embedder, the two RMSNorm conventions and the SwiGLU MLP (partial RoPE:
+`pallas_kernels.attention.rope`)."""
 from collections.abc import Sequence
 import functools
 
@@ -164,26 +165,3 @@ class MLP(nnx.Module):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
     h = shd.shard(h, (shd.ACT_BATCH, shd.ACT_SEQ, shd.ACT_MLP))
     return self.down_proj(h)
-
-
-def apply_partial_rope(x: jax.Array, positions: jax.Array, *, rotary_dim: int,
-                       theta: float) -> jax.Array:
-  """Rotate-half RoPE on the first `rotary_dim` features of each head; the rest pass through.
-
-  Args:
-    x: [B, T, H, D].
-    positions: [B, T] int.
-
-  Returns:
-    [B, T, H, D] in x.dtype (cos/sin computed in fp32, as transformers does).
-  """
-  if rotary_dim == 0:
-    return x
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # B T rot/2
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # B T 1 rot
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-  half = rotary_dim // 2
-  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-  return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)

@@ -108,3 +108,26 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_meta: mask_lib.T
     implementation = 'xla'
   return attention(q, k, v, q_meta, k_meta, scale=scale, implementation=implementation,
                    q_tile=q_tile)
+
+
+def front_kernels_take(tokens: int, num_heads: int, k_cache: jax.Array, v_cache: jax.Array,
+                       rotary_dim: int, dtype, decode_implementation: str | None = None) -> bool:
+  """Whether a cached call of `tokens` tokens runs from its merged q|gate|k|v product through
+  the decode front kernel and the decode kernel (`decode_front`, `decode_pallas`): the decode
+  implementation picks 'pallas' (None: `DEFAULT_DECODE_BY_BACKEND`), the backend is a GPU and both
+  kernels take the shapes. Otherwise the caller runs XLA's front and `cache_attention`.
+
+  Raises:
+    ValueError: unknown implementation.
+  """
+  from pallas_kernels.attention import decode_front  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.attention import decode_pallas  # pylint: disable=g-import-not-at-top
+  impl = backend.resolve_implementation(decode_implementation, DECODE_IMPLEMENTATIONS,
+                                        DEFAULT_DECODE_BY_BACKEND, 'decode attention')
+  if impl != 'pallas':
+    return False
+  b, _, hkv, d = k_cache.shape
+  q = jax.ShapeDtypeStruct((b, tokens, num_heads, d), dtype)
+  why = (decode_front.front_takes(tokens, num_heads, hkv, d, rotary_dim)
+         or decode_pallas.kernel_takes(q, k_cache, v_cache))
+  return backend.why_gpu_kernel_cannot_run(why) is None

@@ -14,6 +14,9 @@ after the tile holding the row's furthest query position: no query sees a key pa
 end at their horizon, noisy ones are the call's own block), so the cache's unused tail costs only
 programs that exit at once.
 
+The sampler's decode copies reach this kernel through `decode_front` (`attention_decode_rows`:
+queries already in the kernel's row layout, normed and rotated, this call's keys in the cache).
+
 Forward only (decoding). Each query row's result depends on its own row and the tiles walked: a
 tile, or a whole split, with no visible key leaves it unchanged (the split weighs exactly 0), so
 a query gets the same bits whatever else the call holds, as long as R pads to the same size and
@@ -106,21 +109,33 @@ def _combine(acc, m, l):
   return jnp.sum(w[..., None] * acc, axis=-3) / jnp.where(den > 0.0, den, 1.0)[..., None]
 
 
-@functools.partial(jax.jit, static_argnames=('scale', 'block_k', 'num_splits', 'num_warps',
-                                             'interpret'))
-def _call(q, k, v, q_meta, k_meta, *, scale, block_k, num_splits, num_warps, interpret):
+def padded_rows(t: int, grp: int) -> int:
+  """Query rows of one program: T x G padded to a power of two >= 16 (tensor-core products)."""
+  return max(_MIN_ROWS, backend.next_pow2(t * grp))
+
+
+def query_rows_layout(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """q [B, T, H, D] -> the kernel's query rows [B, Hkv, Rp, D]: row r = t G + g of kv head j is
+  query head j G + g at token t (G = H / Hkv); the rows from T x G to `padded_rows` are zeros."""
   b, t, h, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  grp = h // hkv
+  grp = h // num_kv_heads
+  rows = q.reshape(b, t, num_kv_heads, grp, d).transpose(0, 2, 1, 3, 4)
+  rows = rows.reshape(b, num_kv_heads, t * grp, d)
+  return jnp.pad(rows, ((0, 0), (0, 0), (0, padded_rows(t, grp) - t * grp), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=('grp', 'scale', 'block_k', 'num_splits',
+                                             'num_warps', 'interpret'))
+def _call(q_rows, k, v, q_meta, k_meta, *, grp, scale, block_k, num_splits, num_warps,
+          interpret):
+  b, hkv, rp, d = q_rows.shape
+  t = q_meta.positions.shape[1]
+  s = k.shape[1]
   r = t * grp
-  rp = max(_MIN_ROWS, backend.next_pow2(r))
   tiles = s // block_k
   splits = min(num_splits, tiles) if num_splits else splits_for(b, hkv, tiles)
   per_split = -(-tiles // splits)
-  # Rows r = t G + g of kv head j: query head j G + g at token t.
-  q_rows = q.reshape(b, t, hkv, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, r, d)
-  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
-  # Padding rows take segment -1: they see no key (and come out as zeros).
+  # Padding rows take segment -1: they see no key (and come out as zeros), whatever they hold.
   fills = (-1, 0, 0, 0)
   qm = jnp.stack([jnp.pad(jnp.repeat(x.astype(jnp.int32), grp, axis=1), ((0, 0), (0, rp - r)),
                           constant_values=fill) for x, fill in zip(q_meta, fills)], axis=1)
@@ -141,8 +156,8 @@ def _call(q, k, v, q_meta, k_meta, *, scale, block_k, num_splits, num_warps, int
       out_specs=(part_spec(rp, d), part_spec(rp), part_spec(rp)), compiler_params=params,
       interpret=interpret, name='attention_decode')(n_tiles.astype(jnp.int32), q_rows, k, v,
                                                     qm, km)
-  o = _combine(acc, m, l)[:, :, :r].astype(q.dtype)
-  return o.reshape(b, hkv, t, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h, d)
+  o = _combine(acc, m, l)[:, :, :r].astype(q_rows.dtype)
+  return o.reshape(b, hkv, t, grp, d).transpose(0, 2, 1, 3, 4).reshape(b, t, hkv * grp, d)
 
 
 def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -168,12 +183,37 @@ def attention_decode_pallas(q: jax.Array, k: jax.Array, v: jax.Array,
     ValueError: inputs the kernel does not take (`kernel_takes`).
   """
   why = kernel_takes(q, k, v, block_k)
+  if why:
+    raise ValueError(f'decode attention kernel: {why}')
+  return attention_decode_rows(
+      query_rows_layout(q, k.shape[2]), k, v, q_meta, k_meta, num_heads=q.shape[2], scale=scale,
+      block_k=block_k, num_splits=num_splits, num_warps=num_warps, interpret=interpret)
+
+
+def attention_decode_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array,
+                          q_meta: mask_lib.TokenMeta, k_meta: mask_lib.TokenMeta, *,
+                          num_heads: int, scale: float | None = None, block_k: int = BLOCK_K,
+                          num_splits: int | None = None, num_warps: int = NUM_WARPS,
+                          interpret: bool | None = None):
+  """`attention_decode_pallas` from queries already in the kernel's row layout
+  (`query_rows_layout`, or the decode front kernel's), checked as there: q_rows [B, Hkv, Rp, D]
+  for `num_heads` query heads; the padding rows may hold anything (they see no key).
+
+  Returns:
+    [B, T, H, D] in q_rows.dtype, T from q_meta.
+  """
+  b, t = q_meta.positions.shape
+  grp = num_heads // k.shape[2]
+  rows = jax.ShapeDtypeStruct((b, t, num_heads, q_rows.shape[-1]), q_rows.dtype)
+  why = kernel_takes(rows, k, v, block_k)
+  if why is None and q_rows.shape[2] != padded_rows(t, grp):
+    why = f'{q_rows.shape[2]} query rows, not padded_rows(T={t}, G={grp})'
   if why is None and num_splits is not None and num_splits < 1:
     why = f'num_splits={num_splits} < 1'
   if why:
     raise ValueError(f'decode attention kernel: {why}')
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
-  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  return _call(q, k, v, q_meta, k_meta, scale=scale, block_k=block_k, num_splits=num_splits,
-               num_warps=num_warps, interpret=interpret)
+  scale = float(q_rows.shape[-1] ** -0.5 if scale is None else scale)
+  return _call(q_rows, k, v, q_meta, k_meta, grp=grp, scale=scale, block_k=block_k,
+               num_splits=num_splits, num_warps=num_warps, interpret=interpret)

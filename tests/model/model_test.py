@@ -96,6 +96,33 @@ def test_merged_in_projections_leave_forward_and_cached_passes_unchanged(rng):
   np.testing.assert_allclose(step, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize('t, noisy', [(1, False), (4, False), (4, True), (2, True)])
+def test_attention_cached_call_by_kernels_matches_xla(rng, t, noisy):
+  """A decode copy's cached attention call as the decode front kernel and the decode kernel
+  (interpreted here; __call__ takes them on GPU) against XLA's ops: outputs and both caches."""
+  model, cfg = _model(layer_types=(L, F))
+  model.merge_in_projections()
+  attn = model.layers[1].self_attn
+  for norm in (attn.q_norm, attn.k_norm):  # zero-initialised: give the weights a part to play
+    norm.scale.set_value(jnp.asarray(0.2 * rng.standard_normal(cfg.head_dim), jnp.float32))
+  b, s = 2, 64
+  starts = np.array([5, 40])
+  pos = starts[:, None] + np.arange(t)[None]
+  field = lambda v: jnp.asarray(np.broadcast_to(v, (b, t)), jnp.int32)
+  meta = mask_lib.TokenMeta(field(0), field(pos), field(int(noisy)),
+                            field(starts[:, None] if noisy else pos))
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  kv = (b, s, cfg.num_key_value_heads, cfg.head_dim)
+  cache = cache_lib.KVCache(normal(*kv), normal(*kv))
+  x = normal(b, t, cfg.hidden_size)
+  want, want_cache = nnx.jit(lambda m, *a: m(*a[:2], cache=a[2]))(attn, x, meta, cache)
+  got, got_cache = nnx.jit(lambda m, *a: m.cached_call_by_kernels(*a, interpret=True))(
+      attn, x, meta, cache)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got_cache.k, want_cache.k, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(got_cache.v, want_cache.v)
+
+
 def test_untied_head_has_its_own_weights(rng):
   model, _ = _model(tie_word_embeddings=False)
   assert hasattr(model, 'lm_head')
