@@ -230,8 +230,9 @@ def _fused(x, b_in, a_in, conv_weight, a_log, dt_bias, window, s0, seg, valid, z
       pl.BlockSpec((None, t, None), lambda i, j, n: (i, 0, a_col + j)),
       pl.BlockSpec((hv,), lambda i, j, n: (0,)), pl.BlockSpec((hv,), lambda i, j, n: (0,)),
       pl.BlockSpec((None, t), lambda i, j, n: (i, 0))]
-  args = [x, x, x, conv_weight, conv_weight, conv_weight, window, b_in, a_in, a_log, dt_bias, seg]
-  window_arg = 6
+  args = [x, x, x, conv_weight, conv_weight, conv_weight]
+  window_arg = len(args)  # aliased to the leaving window when it is written in place
+  args += [window, b_in, a_in, a_log, dt_bias, seg]
   if valid is not None:
     in_specs.append(pl.BlockSpec((None, t), lambda i, j, n: (i, 0)))
     args.append(valid)
