@@ -50,13 +50,12 @@ class Attention(nnx.Module):
     """Returns q [B,T,Hq,D], k, v [B,T,Hkv,D] (normed and rotated) and gate [B,T,Hq*D]."""
     cfg = self.cfg
     b, t, _ = x.shape
-    hq, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    hkv, hd = cfg.num_key_value_heads, cfg.head_dim
     if self.qkv_proj is None:
       qg, k, v = (getattr(self, name)(x) for name in _IN_PROJECTIONS)
     else:
       qg, k, v = self.qkv_proj(x)
-    qg = qg.reshape(b, t, hq, 2, hd)
-    q, gate = qg[:, :, :, 0], qg[:, :, :, 1].reshape(b, t, hq * hd)
+    q, gate = self._query_and_gate(qg)
     q = self.q_norm(q)
     k = self.k_norm(k.reshape(b, t, hkv, hd))
     v = v.reshape(b, t, hkv, hd)
@@ -64,6 +63,14 @@ class Attention(nnx.Module):
     q = rope_lib.apply_partial_rope(q, positions, **rope)
     k = rope_lib.apply_partial_rope(k, positions, **rope)
     return q, k, v, gate
+
+  def _query_and_gate(self, qg: jax.Array):
+    """q [B, T, Hq, D] and gate [B, T, Hq * D] from q_proj's product [B, T, >= 2 Hq D] (its
+    leading columns): per head [query | gate], HF's interleaved layout."""
+    b, t = qg.shape[:2]
+    hq, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+    qg = qg[..., :2 * hq * hd].reshape(b, t, hq, 2, hd)
+    return qg[:, :, :, 0], qg[:, :, :, 1].reshape(b, t, hq * hd)
 
   def output(self, o: jax.Array, gate: jax.Array) -> jax.Array:
     b, t = o.shape[:2]
@@ -117,10 +124,9 @@ class Attention(nnx.Module):
     with the output gate. __call__ takes it where `attn_ops.front_kernels_take`; interpret (None:
     off GPU) runs both kernels in the Pallas interpreter."""
     cfg = self.cfg
-    b, t, _ = x.shape
-    hq, hd = cfg.num_attention_heads, cfg.head_dim
+    hq = cfg.num_attention_heads
     product = self.qkv_proj.project(x)
-    gate = product[..., :2 * hq * hd].reshape(b, t, hq, 2, hd)[:, :, :, 1].reshape(b, t, -1)
+    _, gate = self._query_and_gate(product)
     cos, sin = rope_lib.rope_tables(meta.positions, rotary_dim=cfg.rotary_dim,
                                     theta=cfg.rope_theta, dtype=product.dtype)
     _, k_col, v_col = self.qkv_proj.starts

@@ -10,6 +10,10 @@ def next_pow2(x: int) -> int:
   return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
+def is_pow2(x: int) -> bool:
+  return x >= 1 and x == next_pow2(x)
+
+
 def default_backend() -> str:
   return jax.default_backend()
 

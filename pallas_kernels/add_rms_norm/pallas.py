@@ -27,7 +27,7 @@ MAX_DIM = 16384  # one row per program lives in registers
 def kernel_takes(h: jax.Array) -> str | None:
   """None if the kernel takes rows of h [..., D], else why not."""
   d = h.shape[-1]
-  if d != backend.next_pow2(d) or d < 16:
+  if not backend.is_pow2(d) or d < 16:
     return f'D={d} is not a power of two >= 16'
   if d > MAX_DIM:
     return f'D={d} > {MAX_DIM}'

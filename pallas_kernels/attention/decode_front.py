@@ -58,7 +58,7 @@ def front_takes(tokens: int, num_heads: int, num_kv_heads: int, head_dim: int,
                 rotary_dim: int) -> str | None:
   """None if the kernel takes a call of `tokens` tokens with these head sizes, else why not."""
   grp = num_heads // num_kv_heads if num_kv_heads else 0
-  pow2 = lambda n: n >= 1 and n == backend.next_pow2(n)
+  pow2 = backend.is_pow2
   if not pow2(tokens):
     return f'T={tokens} tokens is not a power of two'
   if not grp or num_heads % num_kv_heads or not pow2(grp):
