@@ -332,11 +332,14 @@ def _clean_pass(clean, segment_ids, c, family=None, interpret=False):
   return h, v_new, gdr_xla.chunk_cumsum(gc.astype(_F32), c)
 
 
-def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes, keep_dtype=False):
+def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes, keep_dtype=False,
+              pad_slots=True):
   """The kernels' padded operands: noisy (q, k, v, g, beta) [B, V, Tp, ...], slot meta [B, Tp],
   clean context (k, v', G [B, NC, ...], h), and each slot's group (its seed's chunk) [B, T].
   Noisy q, k, v and clean k are fp32, or with keep_dtype in their own dtype (for kernels that
-  widen them as they load them: no convert pass, half the bytes for 16-bit inputs)."""
+  widen them as they load them: no convert pass, half the bytes for 16-bit inputs). Without
+  pad_slots the noisy inputs keep their T slots (for kernels that mask their reads past T: no
+  pad pass, which copies every noisy input)."""
   h, v_new, g_cum = ctx
   b, nv, _, hq, _ = noisy[0].shape
   hv = v_new.shape[2]
@@ -347,9 +350,10 @@ def _operands(kc, ctx, noisy, segment_ids, block_starts, z: _Sizes, keep_dtype=F
   meta, group = _slot_meta(segment_ids, block_starts, z.c, z.tpad)
   qn, kn, vn = (wide(a) for a in noisy[:3])
   gn, bn = (a.astype(_F32) for a in noisy[3:])
-  qn, kn = (_pad_to(x, (b, nv, z.tpad, hq, z.kp)) for x in (qn, kn))
-  vn = _pad_to(vn, (b, nv, z.tpad, hv, z.vdp))
-  gn, bn = (_pad_to(x, (b, nv, z.tpad, hv)) for x in (gn, bn))
+  slots = z.tpad if pad_slots else qn.shape[2]
+  qn, kn = (_pad_to(x, (b, nv, slots, hq, z.kp)) for x in (qn, kn))
+  vn = _pad_to(vn, (b, nv, slots, hv, z.vdp))
+  gn, bn = (_pad_to(x, (b, nv, slots, hv)) for x in (gn, bn))
   return (qn, kn, vn, gn, bn), meta, ctx, group
 
 
