@@ -226,7 +226,8 @@ if triton is not None:
                  IO_PREC: tl.constexpr):
     """Backward state pass: dh[n] = cotangent of the state leaving chunk n, dv2 = of v_new.
     HAS_EXT adds outside cotangents of the checkpoints (`chunk_checkpoints`): dh_ext
-    [B, N, HV, K, V] of the state entering each chunk and dvn_ext [B, TP, HV, V] of v_new (both fp32)."""
+    [B, N, HV, K, V] of the state entering each chunk and dvn_ext [B, TP, HV, V] of v_new (both
+    fp32)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
