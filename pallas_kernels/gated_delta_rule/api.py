@@ -140,7 +140,10 @@ def chunk_checkpoints(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
     from pallas_kernels.gated_delta_rule import triton as kernels  # pylint: disable=g-import-not-at-top
   _, pk, pv, pg, pb, segs = _padded(k, k, v, g, beta, segment_ids, chunk_size)
   h, v_new = kernels.chunk_checkpoints_padded(pk, pv, pg, pb, segs, chunk_size, interpret)
-  return _unpadded_checkpoints(h, v_new, k, v, chunk_size)
+  if family == 'pallas':  # its kernels keep h as [B, HV, N Kp, Vp]
+    b, hv, _, vp = h.shape
+    h = jnp.swapaxes(h.reshape(b, hv, -1, pk.shape[3], vp), 1, 2)
+  return _unpadded_checkpoints(h, v_new, k, v)
 
 
 def chunk_output_and_checkpoints(q: jax.Array, k: jax.Array, v: jax.Array, g: jax.Array,
@@ -167,7 +170,7 @@ def chunk_output_and_checkpoints(q: jax.Array, k: jax.Array, v: jax.Array, g: ja
   o, h, v_new = kernels.output_and_checkpoints_padded(pq, pk, pv, pg, pb, segs, float(scale),
                                                       chunk_size, interpret)
   t, vd = v.shape[1], v.shape[3]
-  return (o[:, :t, :, :vd],) + _unpadded_checkpoints(h, v_new, k, v, chunk_size)
+  return (o[:, :t, :, :vd],) + _unpadded_checkpoints(h, v_new, k, v)
 
 
 def _padded(q, k, v, g, beta, segment_ids, chunk_size):
@@ -180,15 +183,11 @@ def _padded(q, k, v, g, beta, segment_ids, chunk_size):
   return pq, pk, pv, pg, pb, segs
 
 
-def _unpadded_checkpoints(h, v_new, k, v, chunk_size):
-  """Kernel layouts h [B, HV, N Kp, Vp], v_new [B, Tp, HV, Vp] -> h [B, N, HV, K, V], v_new
+def _unpadded_checkpoints(h, v_new, k, v):
+  """Padded h [B, N, HV, Kp, Vp], v_new [B, Tp, HV, Vp] -> h [B, N, HV, K, V], v_new
   [B, T, HV, V]."""
-  b, t, _, kd = k.shape
-  hv, vd = v.shape[2:]
-  tp, vp = v_new.shape[1], v_new.shape[3]
-  n = tp // chunk_size
-  h = jnp.swapaxes(h.reshape(b, hv, n, -1, vp), 1, 2)[..., :kd, :vd]
-  return h, v_new[:, :t, :, :vd]
+  t, kd, vd = k.shape[1], k.shape[3], v.shape[3]
+  return h[..., :kd, :vd], v_new[:, :t, :, :vd]
 
 
 def _use_decode_kernel(implementation: str | None, why_not: str | None) -> bool:

@@ -104,10 +104,20 @@ if triton is not None:
     tl.store(u + (tok * HV + i_h)[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty))
 
   @triton.jit
-  def state_pass_kernel(k, w, u, gc, h0, carry, writes, h, vn, ht,
+  def _state_rows(i_b, i_h, n, NT: tl.constexpr, HV: tl.constexpr, K: tl.constexpr):
+    """Row offsets [K] of chunk n's [K, V] state of batch row i_b and value head i_h in the
+    chunk-major layout [B, NT, HV, K, V] of the chunk states h and their cotangents dh (the layout
+    the two-stream noisy op reads its checkpoints in: no transpose between them)."""
+    return ((i_b * NT + n) * HV + i_h).to(tl.int64) * K + tl.arange(0, K)
+
+  @triton.jit
+  def state_pass_kernel(k, w, u, gc, h0, carry, writes, h, vn, ht, h_lo, vn_lo,
                         TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
                         K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                        HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+                        HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr, LOW_COPIES: tl.constexpr):
+    """The serial pass over chunks: chunk states h (entering each chunk), corrected values vn and
+    the final state ht; with LOW_COPIES, h and vn also rounded to h_lo's dtype (the same
+    round-to-nearest-even as an XLA convert, without its pass over them)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
@@ -119,14 +129,18 @@ if triton is not None:
     st = (i_bh * K + o_k).to(tl.int64)[:, None] * V + o_v[None, :]
     b_s = tl.load(h0 + st)
     for n in range(NT):
-      hoff = ((i_bh * NT + n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      hoff = _state_rows(i_b, i_h, n, NT, HV, K)[:, None] * V + o_v[None, :]
       tl.store(h + hoff, b_s.to(h.dtype.element_ty))
+      if LOW_COPIES:
+        tl.store(h_lo + hoff, b_s.to(h_lo.dtype.element_ty))
       tok = (i_b * TP + n * C + o_c).to(tl.int64)
       b_w = tl.load(w + (tok * HV + i_h)[:, None] * K + o_k[None, :])
       p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
       b_vn = tl.load(u + p_v).to(tl.float32) - tl.dot(b_w, b_s.to(b_w.dtype),
                                                       input_precision=IO_PREC)
       tl.store(vn + p_v, b_vn.to(vn.dtype.element_ty))
+      if LOW_COPIES:
+        tl.store(vn_lo + p_v, b_vn.to(vn_lo.dtype.element_ty))
       b_gc = tl.load(gc + tok * HV + i_h)
       gl = tl.load(gc + (i_b * TP + n * C + C - 1).to(tl.int64) * HV + i_h)
       kdec = tl.exp(gl - b_gc)
@@ -157,7 +171,7 @@ if triton is not None:
     tok = (i_b * TP + i_n * C + o_c).to(tl.int64)
     b_q = tl.load(q + (tok * H + kh)[:, None] * K + o_k[None, :])
     b_kt = tl.load(k + (tok * H + kh)[None, :] * K + o_k[:, None])
-    b_h = tl.load(h + ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :])
+    b_h = tl.load(h + _state_rows(i_b, i_h, i_n, NT, HV, K)[:, None] * V + o_v[None, :])
     p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
     b_vn = tl.load(vn + p_v)
     b_gc = tl.load(gc + tok * HV + i_h)
@@ -211,8 +225,9 @@ if triton is not None:
                  SCALE: tl.constexpr, HAS_SEG: tl.constexpr, HAS_EXT: tl.constexpr,
                  IO_PREC: tl.constexpr):
     """Backward state pass: dh[n] = cotangent of the state leaving chunk n, dv2 = of v_new.
-    HAS_EXT adds outside cotangents of the checkpoints (`chunk_checkpoints`): dh_ext [B, HV, N K, V]
-    of the state entering each chunk and dvn_ext [B, TP, HV, V] of v_new (both fp32)."""
+    HAS_EXT adds outside cotangents of the checkpoints (`chunk_checkpoints`): dh_ext
+    [B, N, HV, K, V] of the state entering each chunk and dvn_ext [B, TP, HV, V] of v_new (both
+    fp32)."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
@@ -225,7 +240,7 @@ if triton is not None:
     b_ds = tl.load(dht + st)
     for i in range(NT):
       n = NT - 1 - i
-      hoff = ((i_bh * NT + n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      hoff = _state_rows(i_b, i_h, n, NT, HV, K)[:, None] * V + o_v[None, :]
       tl.store(dh + hoff, b_ds.to(dh.dtype.element_ty))
       tok = (i_b * TP + n * C + o_c).to(tl.int64)
       b_gc = tl.load(gc + tok * HV + i_h)
@@ -289,7 +304,7 @@ if triton is not None:
     for i_v in range(V // BV):
       o_v = i_v * BV + tl.arange(0, BV)
       p_v = (tok * HV + i_h)[:, None] * V + o_v[None, :]
-      p_st = ((i_bh * NT + i_n).to(tl.int64) * K + o_k)[:, None] * V + o_v[None, :]
+      p_st = _state_rows(i_b, i_h, i_n, NT, HV, K)[:, None] * V + o_v[None, :]
       b_h = tl.load(h + p_st)
       b_dh = tl.load(dh + p_st)
       b_vn = tl.load(vn + p_v)
@@ -409,8 +424,9 @@ def _segs3(segs):
 
 
 def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False, state_dtype=None):
-  """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None); h and v_new
-  in state_dtype (default: the inputs' dtype)."""
+  """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None, low copies);
+  h and v_new in state_dtype (default: the inputs' dtype); low copies: None, or with a
+  state_dtype other than the inputs', h and v_new also in the inputs' dtype."""
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(q, v, chunk_size)
@@ -427,19 +443,22 @@ def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False, s
       grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_chunk, num_stages=bs.num_stages_chunk,
       **d.meta(HAS_SEG=bool(segs), STORE_T=store_t, PREC=d.prec, IO_PREC=d.io_prec))
   bv = min(bs.bv, d.vd)
-  h, vn, ht = jt.triton_call(
+  sdt = jnp.dtype(state_dtype or cdt)
+  low = sdt != cdt
+  h_shape, vn_shape = (d.b, d.n, d.hv, d.kd, d.vd), (d.b, d.tp, d.hv, d.vd)
+  h, vn, ht, h_lo, vn_lo = jt.triton_call(
       k, w, u, gc, h0, carry, writes, kernel=kn['state_pass'],
-      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), state_dtype or cdt),
-                 jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), state_dtype or cdt),
-                 jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
+      out_shape=[jax.ShapeDtypeStruct(h_shape, sdt), jax.ShapeDtypeStruct(vn_shape, sdt),
+                 jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)]
+      + [jax.ShapeDtypeStruct(x if low else (1,), cdt) for x in (h_shape, vn_shape)],
       grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
-      **d.meta(NT=d.n, BV=bv, HAS_SEG=bool(segs), IO_PREC=d.io_prec))
-  return d, bs, w, gc, h, vn, ht, (tm if store_t else None)
+      **d.meta(NT=d.n, BV=bv, HAS_SEG=bool(segs), IO_PREC=d.io_prec, LOW_COPIES=low))
+  return d, bs, w, gc, h, vn, ht, (tm if store_t else None), ((h_lo, vn_lo) if low else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def chunk_checkpoints_padded(k, v, g, beta, segs, chunk_size, interpret=False):
-  """Padded inputs (zero initial state) -> fp32 (h [B, HV, N Kp, Vp] entering each chunk, v_new
+  """Padded inputs (zero initial state) -> fp32 (h [B, N, HV, Kp, Vp] entering each chunk, v_new
   [B, Tp, HV, Vp]): the forward's intra and state-pass kernels alone (`api.chunk_checkpoints`).
   Differentiable in k, v, g, beta by the backward kernels, with the checkpoints' cotangents
   entering the backward state pass (no output cotangent)."""
@@ -467,7 +486,7 @@ chunk_checkpoints_padded.defvjp(_checkpoints_fwd, _checkpoints_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def output_and_checkpoints_padded(q, k, v, g, beta, segs, scale, chunk_size, interpret=False):
   """Padded inputs (zero initial state) -> (o [B, Tp, HV, Vp] in v's dtype, fp32 checkpoints h
-  [B, HV, N Kp, Vp] and v_new [B, Tp, HV, Vp]): the chunked forward and `chunk_checkpoints_padded`
+  [B, N, HV, Kp, Vp] and v_new [B, Tp, HV, Vp]): the chunked forward and `chunk_checkpoints_padded`
   from one intra and one state pass. Its backward is one set of backward kernels, the output's
   and the checkpoints' cotangents entering together (the two-stream schedules' shared clean
   pass)."""
@@ -500,9 +519,10 @@ def _clean_pass_forward(q, k, v, g, beta, segs, chunk_size, interpret):
   cumsum, fp32 h and v_new (the ops' outputs), h and v_new in the inputs' dtype (what the output
   and backward kernels read), the UT matrices T)."""
   h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
-  d, bs, w, gc, h, vn, _, tm = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
-                                        store_t=True, state_dtype=_F32)
-  return d, bs, w, gc, h, vn, h.astype(k.dtype), vn.astype(k.dtype), tm
+  d, bs, w, gc, h, vn, _, tm, lows = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
+                                              store_t=True, state_dtype=_F32)
+  h_c, vn_c = lows or (h, vn)
+  return d, bs, w, gc, h, vn, h_c, vn_c, tm
 
 
 def _clean_pass_backward(q, k, v, beta, pdo, segs, w, gc, h, vn, tm, checkpoint_cts, *, scale,
@@ -550,8 +570,8 @@ def _gdr_outputs(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, for_b
   pallas.py's docstring)."""
   t, kd, vd = q.shape[1], q.shape[3], v.shape[3]
   pq, pk, pv, pg, pb, ph0 = configs.pad_inputs(q, k, v, g, beta, h0, chunk_size)
-  d, bs, w, gc, h, vn, ht, tm = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size, interpret,
-                                         store_t=for_backward)
+  d, bs, w, gc, h, vn, ht, tm, _ = _forward(pq, pk, pv, pg, pb, ph0, segs, chunk_size, interpret,
+                                            store_t=for_backward)
   o = _output(pq, pk, h, vn, gc, segs, d, bs, scale, v.dtype, interpret)
   res = (q, k, v, g, beta, h0, segs, w, gc, h, vn, tm) if for_backward else None
   return (o[:, :t, :, :vd], ht[:, :, :kd, :vd]), res
@@ -585,7 +605,7 @@ def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, 
   dh, dv2, dh0 = jt.triton_call(
       pq, pk, w, gc, pdo, dvl, pdht, carry, writes, *(ext or (_dummy(), _dummy())),
       kernel=kn['dhu'],
-      out_shape=[jax.ShapeDtypeStruct((d.b, d.hv, d.n * d.kd, d.vd), cdt),
+      out_shape=[jax.ShapeDtypeStruct((d.b, d.n, d.hv, d.kd, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
       grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,

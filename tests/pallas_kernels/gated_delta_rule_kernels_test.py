@@ -310,3 +310,21 @@ def test_gpu_output_and_checkpoints_match_xla(dtype):
     testing.assert_close(f'shared {name}', a, w, out_limit)
   for name, a, w in zip(GRAD_NAMES, got, want):
     testing.assert_close(f'shared {name}', a, w, LIMITS[name] if bf16 else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_state_pass_low_copies_equal_xla_converts():
+  """The Triton state pass's 16-bit copies of the fp32 checkpoints (what the output and backward
+  kernels read) equal XLA's converts of them bit for bit (round to nearest even both ways): the
+  state pass writes them in place of a convert pass over h and v_new."""
+  rng = np.random.default_rng(1)
+  _, k, v, g, beta, _ = _inputs(rng, 1, 256, 2, 4, 128, 128, with_state=False)
+  k, v = k.astype(jnp.bfloat16), v.astype(jnp.bfloat16)
+  # pylint: disable-next=protected-access
+  run = jax.jit(lambda *x: gdr_triton._clean_pass_forward(x[0], *x, (), 64, False)[4:8])
+  h, vn, h_lo, vn_lo = run(k, v, g, beta)
+  assert h.dtype == vn.dtype == jnp.float32 and h_lo.dtype == vn_lo.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(h_lo, np.float32),
+                                np.asarray(h.astype(jnp.bfloat16), np.float32))
+  np.testing.assert_array_equal(np.asarray(vn_lo, np.float32),
+                                np.asarray(vn.astype(jnp.bfloat16), np.float32))
