@@ -140,9 +140,6 @@ def chunk_checkpoints(k: jax.Array, v: jax.Array, g: jax.Array, beta: jax.Array,
     from pallas_kernels.gated_delta_rule import triton as kernels  # pylint: disable=g-import-not-at-top
   _, pk, pv, pg, pb, segs = _padded(k, k, v, g, beta, segment_ids, chunk_size)
   h, v_new = kernels.chunk_checkpoints_padded(pk, pv, pg, pb, segs, chunk_size, interpret)
-  if family == 'pallas':  # its kernels keep h as [B, HV, N Kp, Vp]
-    b, hv, _, vp = h.shape
-    h = jnp.swapaxes(h.reshape(b, hv, -1, pk.shape[3], vp), 1, 2)
   return _unpadded_checkpoints(h, v_new, k, v)
 
 

@@ -458,7 +458,7 @@ def _forward(q, k, v, g, beta, h0, segs, scale, chunk_size, interpret, store_t=F
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def chunk_checkpoints_padded(k, v, g, beta, segs, chunk_size, interpret=False):
-  """Padded inputs (zero initial state) -> fp32 (h [B, HV, N Kp, Vp] entering each chunk, v_new
+  """Padded inputs (zero initial state) -> fp32 (h [B, N, HV, Kp, Vp] entering each chunk, v_new
   [B, Tp, HV, Vp]): the forward's intra and state-pass kernels alone (`api.chunk_checkpoints`).
   Differentiable through XLA's checkpoints, recomputed (no Pallas kernel backs this pullback)."""
   return _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret)[0]
@@ -468,16 +468,17 @@ def _checkpoints_fwd(k, v, g, beta, segs, chunk_size, interpret):
   h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
   _, _, _, _, h, vn, _, _ = _forward(k, k, v, g, beta, h0, segs, None, chunk_size, interpret,
                                      state_dtype=_F32)
+  b, hv, _, vd = h.shape  # the kernels keep h as [B, HV, N Kp, Vp]; the op returns it chunk-major
+  h = jnp.swapaxes(h.reshape(b, hv, -1, k.shape[3], vd), 1, 2)
   return (h, vn), (k, v, g, beta, segs)
 
 
 def _xla_checkpoints(k, v, g, beta, segs, chunk_size):
-  """XLA's checkpoints of padded inputs, in the kernels' layout (segs[0] numbers the documents)."""
+  """XLA's checkpoints of padded inputs (segs[0] numbers the documents)."""
   seg_ids = segs[0].astype(jnp.int32) if segs else None
   h, vn, _ = xla.chunk_gated_delta_rule_fwd_h(k, k, v, g, beta, segment_ids=seg_ids,
                                               chunk_size=chunk_size)
-  b, n, hv, kd, vd = h.shape
-  return jnp.swapaxes(h, 1, 2).reshape(b, hv, n * kd, vd), vn
+  return h, vn
 
 
 def _checkpoints_bwd(chunk_size, interpret, res, cts):
