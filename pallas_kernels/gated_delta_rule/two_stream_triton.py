@@ -227,18 +227,35 @@ if triton is not None:
     return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
 
   @triton.jit
+  def _own_span(seed, mbase, n, T: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                N_TILES: tl.constexpr):
+    """(first slot, row tiles) of window n's walk: the slots of [0, T) whose seed lies in chunk n
+    lie in [nC, (n + 1)C + S) and span at most C + S - 1 (a block reaches max_block <= S slots
+    past its seed), so N_TILES tiles from the first cover them; with regular blocks C / S do
+    (the fixed walk from nC took N_TILES: its first rows belong to the previous window's
+    blocks). No tiles where the window owns no slot."""
+    o_w = n * C + tl.arange(0, 2 * C)  # C >= S, both powers of two
+    m = o_w < T
+    own = m & (tl.load(seed + mbase + o_w, mask=m, other=0) // C == n)
+    first = tl.min(tl.where(own, o_w, T), axis=0)
+    last = tl.max(tl.where(own, o_w, -1), axis=0)
+    return first, tl.minimum(tl.where(last >= first, (last - first + S) // S, 0), N_TILES)
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
                    SCALE: tl.constexpr, PREC: tl.constexpr):
-    """Window n of one (batch, value head, view, V tile): noisy outputs of slots
-    [nC, nC + N_TILES S), each stored by the window of its seed's chunk only, so every slot of
-    [0, T) is written once (layouts: see `_forward`; the noisy inputs hold T slots per view, the
-    slot metadata TPAD)."""
+    """Window n of one (batch, value head, view, V tile): noisy outputs of the slots whose seed
+    lies in clean chunk n, each stored by that window only, so every slot of [0, T) is written
+    once (layouts: see `_forward`; the noisy inputs hold T slots per view, the slot metadata
+    TPAD). The walk starts at the window's first own slot, a block start, and takes as many row
+    tiles as its own slots span (`_own_span`): at most N_TILES."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
     o_s = tl.arange(0, S)
     ipos = n * C + tl.arange(0, C)  # clean positions of chunk n
     row = o_s[:, None]
@@ -251,22 +268,25 @@ if triton is not None:
     g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
+    # A static loop with a uniform skip: Triton 3.6's interpreter cannot take a range over a
+    # tensor bound.
     for i in range(N_TILES):
-      slot = n * C + i * S + o_s
-      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
-          k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
-          PREC, T)
-      # Output rows: their seed states' part (prefix identity) and the in-block part.
-      qe = b_q * eg[:, None]
-      b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
-             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
-             + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
-      own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
-      orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
-      tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
-               mask=own[:, None])
-      k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
+      if i < n_tiles:
+        slot = first + i * S + o_s
+        b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
+            q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n,
+            ipos, k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K,
+            VDP, S, PREC, T)
+        # Output rows: their seed states' part (prefix identity) and the in-block part.
+        qe = b_q * eg[:, None]
+        b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
+               + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
+               + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
+        own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
+        orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
+        tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
+                 mask=own[:, None])
+        k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
 
 
 if triton is not None:
