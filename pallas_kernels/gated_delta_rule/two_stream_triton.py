@@ -2,10 +2,11 @@
 
 The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1), written against
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
-row tiles, solving each tile's blocks against itself and the carried previous tile, and rebuilds
-every block's seed state from the clean chunk checkpoint h_n and clean chunk n through the prefix
-identity, so no per-block state is ever formed; each slot's output is stored by its seed's window
-only, straight into the slot layout. The JAX side (clean pass, padding, slot metadata, the
+row tiles (the forward's from the first slot the window owns, the backward's from nC), solving
+each tile's blocks against itself and the carried previous tile, and rebuilds every block's seed
+state from the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no
+per-block state is ever formed; each slot's output is stored by its seed's window only, straight
+into the slot layout. The JAX side (clean pass, padding, slot metadata, the
 backward's window cotangents and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
