@@ -194,14 +194,26 @@ if triton is not None:
            + tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1))
     # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
     d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
-    d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
     a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
-    a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
     t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
     eg = tl.exp(gam)
-    w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
-    u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
-    return gam, d_ii, d_ip, eg, w, u, t_ii
+    rhs_w = b_k * (b_beta * eg)[:, None]
+    rhs_u = b_v * b_beta[:, None]
+    if _shares_blocks(b_bs, bs_p):
+      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+      a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
+      rhs_w -= _mm(a_ip, w_p, PREC)
+      rhs_u -= _mm(a_ip, u_p, PREC)
+    else:  # d_ip, a_ip are zeros: the same W, U bit for bit
+      d_ip = tl.zeros([S, S], dtype=tl.float32)
+    return gam, d_ii, d_ip, eg, _mm(t_ii, rhs_w, PREC), _mm(t_ii, rhs_u, PREC), t_ii
+
+  @triton.jit
+  def _shares_blocks(b_bs, bs_p):
+    """Whether a block of this row tile began in the previous one (block starts b_bs, bs_p [S]):
+    else every product against the previous tile is zero and is skipped (one uniform branch; with
+    blocks that divide the tile and a walk from a block start, never)."""
+    return tl.sum((b_bs[:, None] == bs_p[None, :]).to(tl.int32)) > 0
 
   @triton.jit
   def _seed_product(x, k_ctx, v_ctx, h_n, e, coef, PREC: tl.constexpr):
@@ -281,8 +293,9 @@ if triton is not None:
         # Output rows: their seed states' part (prefix identity) and the in-block part.
         qe = b_q * eg[:, None]
         b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
-               + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
-               + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
+               + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC))
+        if _shares_blocks(b_bs, bs_p):
+          b_o += _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC)
         own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
         orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
         tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
