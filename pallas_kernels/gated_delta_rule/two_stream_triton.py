@@ -281,26 +281,23 @@ if triton is not None:
     g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
-    # A static loop with a uniform skip: Triton 3.6's interpreter cannot take a range over a
-    # tensor bound.
-    for i in range(N_TILES):
-      if i < n_tiles:
-        slot = first + i * S + o_s
-        b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
-            q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n,
-            ipos, k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K,
-            VDP, S, PREC, T)
-        # Output rows: their seed states' part (prefix identity) and the in-block part.
-        qe = b_q * eg[:, None]
-        b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
-               + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC))
-        if _shares_blocks(b_bs, bs_p):
-          b_o += _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC)
-        own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
-        orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
-        tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
-                 mask=own[:, None])
-        k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
+    for i in range(n_tiles):
+      slot = first + i * S + o_s
+      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n,
+          ipos, k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K,
+          VDP, S, PREC, T)
+      # Output rows: their seed states' part (prefix identity) and the in-block part.
+      qe = b_q * eg[:, None]
+      b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
+             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC))
+      if _shares_blocks(b_bs, bs_p):
+        b_o += _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC)
+      own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
+      orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
+      tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
+               mask=own[:, None])
+      k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
 
 
 if triton is not None:
