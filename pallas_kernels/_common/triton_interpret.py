@@ -9,7 +9,8 @@ masks, pointer arithmetic), as Pallas's `interpret=True` is for the Pallas kerne
 Needs torch, and TRITON_INTERPRET=1 in the environment before the kernels' module is imported
 (Triton decides at `@triton.jit` time; tests/conftest.py sets it off GPU). Float32, int32 and
 bfloat16 buffers (the interpreter keeps bfloat16 as uint16 bits and widens it exactly; its products
-of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying).
+of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying). Loops may take
+a bound the kernel computes (`_patch_scalar_index`).
 """
 import threading
 
