@@ -31,6 +31,12 @@ as given (see below). The forward kernel reads the noisy inputs unpadded, maskin
 of the last window, where XLA used to copy each of them padded to Tp (H100, bf16, B = 1, T = 4096,
 two views, 16 heads of 128, block 4, back to back, 2026-12-06: the forward 0.99-1.00 ms against
 1.08-1.10 with the pads, 11 launches against 16, 0.125 against 0.189 GiB of temp memory).
+Each window's forward walk starts at its first own slot and takes only the tiles its own slots
+span (`_own_span`): 4 of 5 at block 4 (H100, same shape, back to back, alternating processes,
+2026-12-06, late: the two-stream forward 0.82-0.84 ms against 0.94-0.98 from nC; the noisy
+kernel 0.455 ms by the profiler, 0.590 before). Tried with it and dropped: skipping the products
+against the previous tile behind a uniform branch where no block crosses into the tile (exact,
+and the case at block 4): 1.13-1.14 ms, its branches costing more than the products they skip.
 """
 import functools
 
@@ -194,26 +200,14 @@ if triton is not None:
            + tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1))
     # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
     d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+    d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
     a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
+    a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
     t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
     eg = tl.exp(gam)
-    rhs_w = b_k * (b_beta * eg)[:, None]
-    rhs_u = b_v * b_beta[:, None]
-    if _shares_blocks(b_bs, bs_p):
-      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
-      a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
-      rhs_w -= _mm(a_ip, w_p, PREC)
-      rhs_u -= _mm(a_ip, u_p, PREC)
-    else:  # d_ip, a_ip are zeros: the same W, U bit for bit
-      d_ip = tl.zeros([S, S], dtype=tl.float32)
-    return gam, d_ii, d_ip, eg, _mm(t_ii, rhs_w, PREC), _mm(t_ii, rhs_u, PREC), t_ii
-
-  @triton.jit
-  def _shares_blocks(b_bs, bs_p):
-    """Whether a block of this row tile began in the previous one (block starts b_bs, bs_p [S]):
-    else every product against the previous tile is zero and is skipped (one uniform branch; with
-    blocks that divide the tile and a walk from a block start, never)."""
-    return tl.sum((b_bs[:, None] == bs_p[None, :]).to(tl.int32)) > 0
+    w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
+    u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
+    return gam, d_ii, d_ip, eg, w, u, t_ii
 
   @triton.jit
   def _seed_product(x, k_ctx, v_ctx, h_n, e, coef, PREC: tl.constexpr):
@@ -244,9 +238,10 @@ if triton is not None:
                 N_TILES: tl.constexpr):
     """(first slot, row tiles) of window n's walk: the slots of [0, T) whose seed lies in chunk n
     lie in [nC, (n + 1)C + S) and span at most C + S - 1 (a block reaches max_block <= S slots
-    past its seed), so N_TILES tiles from the first cover them; with regular blocks C / S do
-    (the fixed walk from nC took N_TILES: its first rows belong to the previous window's
-    blocks). No tiles where the window owns no slot."""
+    past its seed), so N_TILES tiles from the first cover them; with blocks that divide C, C / S
+    tiles do, where a walk from nC takes N_TILES = C / S + 1 (its first rows belong to blocks
+    seeded in chunk n - 1, its last tile mostly to the next window's). No tiles where the window
+    owns no slot; its first own slot starts a block, so the walk needs no carry into it."""
     o_w = n * C + tl.arange(0, 2 * C)  # C >= S, both powers of two
     m = o_w < T
     own = m & (tl.load(seed + mbase + o_w, mask=m, other=0) // C == n)
@@ -284,15 +279,14 @@ if triton is not None:
     for i in range(n_tiles):
       slot = first + i * S + o_s
       b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n,
-          ipos, k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K,
-          VDP, S, PREC, T)
+          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
+          k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
+          PREC, T)
       # Output rows: their seed states' part (prefix identity) and the in-block part.
       qe = b_q * eg[:, None]
       b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
-             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC))
-      if _shares_blocks(b_bs, bs_p):
-        b_o += _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC)
+             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
+             + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
       own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
       orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
       tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
