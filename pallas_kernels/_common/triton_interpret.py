@@ -9,7 +9,8 @@ masks, pointer arithmetic), as Pallas's `interpret=True` is for the Pallas kerne
 Needs torch, and TRITON_INTERPRET=1 in the environment before the kernels' module is imported
 (Triton decides at `@triton.jit` time; tests/conftest.py sets it off GPU). Float32, int32 and
 bfloat16 buffers (the interpreter keeps bfloat16 as uint16 bits and widens it exactly; its products
-of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying).
+of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying). Loops may take
+a bound the kernel computes (`_patch_scalar_index`).
 """
 import threading
 
@@ -39,6 +40,24 @@ def _numpy_array(t, dtype):
   return t.numpy()
 
 
+def _patch_scalar_index():
+  """Lets a loop take a tensor bound (`range(n)`, n computed in the kernel) in the interpreter.
+
+  The interpreter keeps scalars as one-element arrays of shape (1,) and indexes with
+  `int(data)`, which NumPy 2 refuses for arrays of rank 1; `data.item()` is the same number."""
+  from triton.runtime import interpreter  # pylint: disable=g-import-not-at-top
+  original = interpreter._patch_lang_tensor  # pylint: disable=protected-access
+  if getattr(original, 'scalar_index_patched', False):
+    return
+
+  def patched(tensor, scope):
+    original(tensor, scope)
+    scope.set_attr(tensor, '__index__', lambda self: int(np.asarray(self.handle.data).item()))
+
+  patched.scalar_index_patched = True
+  interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
+
+
 def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
   """jax_triton.triton_call's contract, run by Triton's interpreter (launch options ignored).
 
@@ -56,6 +75,8 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
     if np.dtype(x.dtype).name not in _DTYPES:
       raise ValueError(f'the Triton interpreter path takes {", ".join(_DTYPES)} buffers, got '
                        f'{x.dtype}')
+
+  _patch_scalar_index()
 
   def host(*arrays):
     import torch  # pylint: disable=g-import-not-at-top

@@ -2,10 +2,11 @@
 
 The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1), written against
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
-row tiles, solving each tile's blocks against itself and the carried previous tile, and rebuilds
-every block's seed state from the clean chunk checkpoint h_n and clean chunk n through the prefix
-identity, so no per-block state is ever formed; each slot's output is stored by its seed's window
-only, straight into the slot layout. The JAX side (clean pass, padding, slot metadata, the
+row tiles (the forward's from the first slot the window owns, the backward's from nC), solving
+each tile's blocks against itself and the carried previous tile, and rebuilds every block's seed
+state from the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no
+per-block state is ever formed; each slot's output is stored by its seed's window only, straight
+into the slot layout. The JAX side (clean pass, padding, slot metadata, the
 backward's window cotangents and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
@@ -30,6 +31,12 @@ as given (see below). The forward kernel reads the noisy inputs unpadded, maskin
 of the last window, where XLA used to copy each of them padded to Tp (H100, bf16, B = 1, T = 4096,
 two views, 16 heads of 128, block 4, back to back, 2026-12-06: the forward 0.99-1.00 ms against
 1.08-1.10 with the pads, 11 launches against 16, 0.125 against 0.189 GiB of temp memory).
+Each window's forward walk starts at its first own slot and takes only the tiles its own slots
+span (`_own_span`): 4 of 5 at block 4 (H100, same shape, back to back, alternating processes,
+2026-12-06, late: the two-stream forward 0.82-0.84 ms against 0.94-0.98 from nC; the noisy
+kernel 0.455 ms by the profiler, 0.590 before). Tried with it and dropped: skipping the products
+against the previous tile behind a uniform branch where no block crosses into the tile (exact,
+and the case at block 4): 1.13-1.14 ms, its branches costing more than the products they skip.
 """
 import functools
 
@@ -227,18 +234,36 @@ if triton is not None:
     return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
 
   @triton.jit
+  def _own_span(seed, mbase, n, T: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                N_TILES: tl.constexpr):
+    """(first slot, row tiles) of window n's walk: the slots of [0, T) whose seed lies in chunk n
+    lie in [nC, (n + 1)C + S) and span at most C + S - 1 (a block reaches max_block <= S slots
+    past its seed), so N_TILES tiles from the first cover them; with blocks that divide C, C / S
+    tiles do, where a walk from nC takes N_TILES = C / S + 1 (its first rows belong to blocks
+    seeded in chunk n - 1, its last tile mostly to the next window's). No tiles where the window
+    owns no slot; its first own slot starts a block, so the walk needs no carry into it."""
+    o_w = n * C + tl.arange(0, 2 * C)  # C >= S, both powers of two
+    m = o_w < T
+    own = m & (tl.load(seed + mbase + o_w, mask=m, other=0) // C == n)
+    first = tl.min(tl.where(own, o_w, T), axis=0)
+    last = tl.max(tl.where(own, o_w, -1), axis=0)
+    return first, tl.minimum(tl.where(last >= first, (last - first + S) // S, 0), N_TILES)
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
                    SCALE: tl.constexpr, PREC: tl.constexpr):
-    """Window n of one (batch, value head, view, V tile): noisy outputs of slots
-    [nC, nC + N_TILES S), each stored by the window of its seed's chunk only, so every slot of
-    [0, T) is written once (layouts: see `_forward`; the noisy inputs hold T slots per view, the
-    slot metadata TPAD)."""
+    """Window n of one (batch, value head, view, V tile): noisy outputs of the slots whose seed
+    lies in clean chunk n, each stored by that window only, so every slot of [0, T) is written
+    once (layouts: see `_forward`; the noisy inputs hold T slots per view, the slot metadata
+    TPAD). The walk starts at the window's first own slot, a block start, and takes as many row
+    tiles as its own slots span (`_own_span`): at most N_TILES."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
     o_s = tl.arange(0, S)
     ipos = n * C + tl.arange(0, C)  # clean positions of chunk n
     row = o_s[:, None]
@@ -251,8 +276,8 @@ if triton is not None:
     g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
-    for i in range(N_TILES):
-      slot = n * C + i * S + o_s
+    for i in range(n_tiles):
+      slot = first + i * S + o_s
       b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,

@@ -68,3 +68,26 @@ def test_bad_buffers_and_kernels_raise():
   with pytest.raises(ValueError, match='TRITON_INTERPRET'):
     triton_interpret.triton_call(jnp.zeros((3, 8)), kernel=lambda *a: None, grid=(3,),
                                  out_shape=shape)
+
+
+@triton.jit
+def _sum_leading_positives(x, s, N: tl.constexpr):
+  """s[row] = the sum of row's values up to its last positive one, by a loop whose bound the
+  kernel computes."""
+  row = tl.program_id(0)
+  o = tl.arange(0, N)
+  vals = tl.load(x + row * N + o)
+  count = tl.max(tl.where(vals > 0, o + 1, 0), axis=0)
+  total = 0.0
+  for i in range(count):
+    total += tl.load(x + row * N + i)
+  tl.store(s + row, total)
+
+
+def test_loop_over_a_tensor_bound():
+  """The interpreter keeps scalars as (1,) arrays; NumPy 2 cannot int() them unpatched."""
+  x = jnp.asarray([[1., 2., -1., 3., -5., -6., -7., -8.], [-1.] * 8, [4.] * 8], jnp.float32)
+  s = jax.jit(lambda x: triton_interpret.triton_call(
+      x, kernel=_sum_leading_positives, grid=(3,), N=8,
+      out_shape=jax.ShapeDtypeStruct((3,), jnp.float32)))(x)
+  np.testing.assert_array_equal(s, [5., 0., 32.])
