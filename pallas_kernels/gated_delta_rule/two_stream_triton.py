@@ -6,8 +6,8 @@ row tiles (the forward's from the first slot the window owns, the backward's fro
 each tile's blocks against itself and the carried previous tile, and rebuilds every block's seed
 state from the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no
 per-block state is ever formed; each slot's output is stored by its seed's window only, straight
-into the slot layout. The JAX side (clean pass, padding, slot metadata, the
-backward's window cotangents and sums) is `two_stream_pallas`'s.
+into the slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window
+cotangents and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
 stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; XLA GEMMs take
