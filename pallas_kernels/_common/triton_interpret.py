@@ -52,7 +52,7 @@ def _patch_scalar_index():
 
   def patched(tensor, scope):
     original(tensor, scope)
-    scope.set_attr(tensor, '__index__', lambda self: int(np.asarray(self.handle.data).item()))
+    scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data.item()))
 
   patched.scalar_index_patched = True
   interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access

@@ -234,6 +234,12 @@ if triton is not None:
     return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
 
   @triton.jit
+  def _owned(slot, slot_seed, n, T: tl.constexpr, C: tl.constexpr):
+    """Whether window n computes these slots' outputs: slots of [0, T) whose seed lies in clean
+    chunk n (each slot has exactly one such window)."""
+    return (slot < T) & (slot_seed // C == n)
+
+  @triton.jit
   def _own_span(seed, mbase, n, T: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                 N_TILES: tl.constexpr):
     """(first slot, row tiles) of window n's walk: the slots of [0, T) whose seed lies in chunk n
@@ -243,8 +249,7 @@ if triton is not None:
     seeded in chunk n - 1, its last tile mostly to the next window's). No tiles where the window
     owns no slot; its first own slot starts a block, so the walk needs no carry into it."""
     o_w = n * C + tl.arange(0, 2 * C)  # C >= S, both powers of two
-    m = o_w < T
-    own = m & (tl.load(seed + mbase + o_w, mask=m, other=0) // C == n)
+    own = _owned(o_w, tl.load(seed + mbase + o_w, mask=o_w < T, other=0), n, T, C)
     first = tl.min(tl.where(own, o_w, T), axis=0)
     last = tl.max(tl.where(own, o_w, -1), axis=0)
     return first, tl.minimum(tl.where(last >= first, (last - first + S) // S, 0), N_TILES)
@@ -287,7 +292,7 @@ if triton is not None:
       b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
              + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
              + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
-      own = (b_seed // C == n) & (slot < T)  # this window is the slot's seed's
+      own = _owned(slot, b_seed, n, T, C)
       orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
       tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
                mask=own[:, None])
