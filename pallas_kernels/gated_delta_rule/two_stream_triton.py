@@ -74,6 +74,10 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   return 32, 8, 4
 
 
+# (warps of `noisy_seed_rows_kernel`, V tile and warps of `noisy_seed_ctx_kernel`).
+SEED_BACKWARD_LAUNCH = (8, 64, 4)
+
+
 def forward_launch(dtype, max_block: int) -> tuple[int, int]:
   """(V tile, warps) of the fused forward. H200, T = 4096, H = 16, K = V = 128, bf16 (bf16
   products), V = 2, bench_schedules --schedules=triton --modes=fwd --noisy_block_v/--noisy_warps,
@@ -511,6 +515,121 @@ if triton is not None:
       c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
       nx_dgam, nx_bs = dgam, b_bs
 
+  @triton.jit
+  def _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, tok, lrow, wrow, kh, i_h, o_v,
+                     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                     SCALE: tl.constexpr):
+    """One row tile's two row sets x [S, K] whose seed products the output reads, each with the
+    cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U -
+    seed(W): dy = -dV')."""
+    o_k = tl.arange(0, K)
+    gam = tl.load(wy_gam + lrow)
+    xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
+    dyq = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+    xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
+    dyw = -tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
+    return xq * tl.exp(gam)[:, None], dyq, xw, dyw
+
+  @triton.jit
+  def _seed_row_grads(x, dy, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC: tl.constexpr):
+    """The backward of y = seed(x) = ((x Kc^T) * E) V' + coef (x h_n) over one row tile, in the
+    row-wise parts: dx [S, K], and this tile's terms of dKc [C, K] and dG [C] (the seed's G
+    enters E and coef, each clean G_i enters E):
+
+        sx = x Kc^T, z = (dy V'^T) * E, dx = z Kc + coef (dy h_n^T), dKc = z^T x,
+        dG_i = sum_r [i = seed_r] (sum_c (z * sx)_rc + coef_r x_r . (dy h_n^T)_r) - sum_r (z * sx)_ri.
+    """
+    sx = _mm(x, tl.trans(k_ctx), PREC)
+    ze = _mm(dy, tl.trans(v_ctx), PREC) * e
+    dyh = coef[:, None] * _mm(dy, tl.trans(h_n), PREC)
+    pe = ze * sx
+    dseed = tl.sum(pe, axis=1) + tl.sum(x * dyh, axis=1)
+    dg = tl.sum(tl.where(at_seed, dseed[:, None], 0.0), axis=0) - tl.sum(pe, axis=0)
+    return _mm(ze, k_ctx, PREC) + dyh, _mm(tl.trans(ze), x, PREC), dg
+
+  @triton.jit
+  def noisy_seed_rows_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
+                             dqe, dws, dkc, dgc,
+                             NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                             N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
+                             VDP: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                             N_TILES: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr):
+    """The seed products' backward, row-wise part, window n of one (batch, value head, view), all
+    V columns: the rows' cotangents of e^gam Q (dqe) and of W (dws) [B, N, HV, V, C + S, K], and
+    the window's terms of the clean k's dkc [B, V, N C, HV, 1, K] and G's dgc [B, V, N C, HV, 1]
+    (`_seed_row_grads`)."""
+    n = tl.program_id(0)
+    i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    o_c = tl.arange(0, C)
+    ipos = n * C + o_c
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    acc_dkc = tl.zeros([C, K], dtype=tl.float32)
+    acc_dg = tl.zeros([C], dtype=tl.float32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      mslot = (i_b * TPAD + slot).to(tl.int64)
+      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
+                                     tl.load(carry + mslot), n)
+      lrow = lbase + i * S + o_s
+      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot, lrow,
+                                        wbase + i * S + o_s, kh, i_h, o_v, HQ, HV, K, VDP, SCALE)
+      p_lk = lrow[:, None] * K + o_k[None, :]
+      dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+      tl.store(dqe + p_lk, dx)
+      dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+      tl.store(dws + p_lk, dx)
+      acc_dkc += dk_q + dk_w
+      acc_dg += dg_q + dg_w
+    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)  # [B, V, N C, HV]
+    tl.store(dkc + crow[:, None] * K + o_k[None, :], acc_dkc)
+    tl.store(dgc + crow, acc_dg)
+
+  @triton.jit
+  def noisy_seed_ctx_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
+                            dvc, dh,
+                            NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                            N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
+                            VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
+                            PREC: tl.constexpr):
+    """The seed products' backward, the parts that contract the rows, window n of one (batch,
+    value head, view, V tile): the clean v''s dvc [B, V, N C, HV, Vp] = sum over both row sets
+    of ((x Kc^T) * E)^T dy, and h_n's dh [B, V, N, HV, K, Vp] = sum of x^T (coef dy)."""
+    n = tl.program_id(0)
+    # (Triton drops the loads of v' and h_n, which this kernel does not read.)
+    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    o_c = tl.arange(0, C)
+    ipos = n * C + o_c
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
+    acc_dh = tl.zeros([K, BV], dtype=tl.float32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      mslot = (i_b * TPAD + slot).to(tl.int64)
+      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
+                                     tl.load(carry + mslot), n)
+      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot,
+                                        lbase + i * S + o_s, wbase + i * S + o_s, kh, i_h, o_v,
+                                        HQ, HV, K, VDP, SCALE)
+      acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
+                  + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
+      acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
+                 + _mm(tl.trans(xw), coef[:, None] * dyw, PREC))
+    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)
+    tl.store(dvc + crow[:, None] * VDP + o_v[None, :], acc_dvc)
+    hrow = (((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k
+    tl.store(dh + hrow[:, None] * VDP + o_v[None, :], acc_dh)
+
 
 # How the fused forward reads and multiplies 16-bit inputs, as measured on an H200 (bench_schedules,
 # clean + noisy forward, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, one run, 2026-12-02):
@@ -659,7 +778,22 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
       grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
-  dqe, dws, *ctx_grads = _seed_backward(ops, w, gam, dvn, scale)
+  seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
+  ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
+  seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'TPAD', 'K', 'VDP', 'C', 'S',
+                                      'N_TILES', 'SCALE', 'PREC')}
+  rows_warps, ctx_block_v, ctx_warps = SEED_BACKWARD_LAUNCH
+  dqe, dws, dkc, dgc = call(
+      *seed_ops, kernel=noisy_seed_rows_kernel,
+      out_shape=[stored(z.kp), stored(z.kp), ctx_v(1, z.kp), ctx_v(1)],
+      grid=(z.n, b * hv * nv), num_warps=rows_warps, num_stages=1, **seed_sizes)
+  ctx_block_v = min(ctx_block_v, z.vdp)
+  dvc, dh = call(
+      *seed_ops, kernel=noisy_seed_ctx_kernel,
+      out_shape=[ctx_v(z.vdp), jax.ShapeDtypeStruct((b, nv, z.n, hv, z.kp, z.vdp), _F32)],
+      grid=(z.n, b * hv * nv * (z.vdp // ctx_block_v)), num_warps=ctx_warps, num_stages=1,
+      BV=ctx_block_v, **seed_sizes)
+  ctx_grads = (dkc, dvc, dgc, dh)
   q, k, v, _, beta = ops.noisy
   outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
