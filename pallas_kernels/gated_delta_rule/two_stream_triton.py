@@ -74,8 +74,11 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   return 32, 8, 4
 
 
-# (warps of `noisy_seed_rows_kernel`, V tile and warps of `noisy_seed_ctx_kernel`).
-SEED_BACKWARD_LAUNCH = (8, 64, 4)
+def seed_backward_launch() -> tuple[int, int, int]:
+  """(V tile, warps of `noisy_seed_ctx_kernel`; warps of `noisy_seed_rows_kernel`). ptxas
+  (sm_90a, K = V = 128, bf16, block 4, launch.kernel_registers): the context kernel at (64, 4)
+  spills 24 B per thread, the rows kernel at 8 warps 52 B."""
+  return 64, 4, 8
 
 
 def forward_launch(dtype, max_block: int) -> tuple[int, int]:
@@ -782,7 +785,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
   seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'TPAD', 'K', 'VDP', 'C', 'S',
                                       'N_TILES', 'SCALE', 'PREC')}
-  rows_warps, ctx_block_v, ctx_warps = SEED_BACKWARD_LAUNCH
+  ctx_block_v, ctx_warps, rows_warps = seed_backward_launch()
   dqe, dws, dkc, dgc = call(
       *seed_ops, kernel=noisy_seed_rows_kernel,
       out_shape=[stored(z.kp), stored(z.kp), ctx_v(1, z.kp), ctx_v(1)],
