@@ -540,7 +540,8 @@ if triton is not None:
     enters E and coef, each clean G_i enters E):
 
         sx = x Kc^T, z = (dy V'^T) * E, dx = z Kc + coef (dy h_n^T), dKc = z^T x,
-        dG_i = sum_r [i = seed_r] (sum_c (z * sx)_rc + coef_r x_r . (dy h_n^T)_r) - sum_r (z * sx)_ri.
+        dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * sx)_ri,
+        dseed_r = sum_c (z * sx)_rc + coef_r x_r . (dy h_n^T)_r.
     """
     sx = _mm(x, tl.trans(k_ctx), PREC)
     ze = _mm(dy, tl.trans(v_ctx), PREC) * e
