@@ -58,14 +58,17 @@ def _patch_scalar_index():
   interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
 
 
-def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
-  """jax_triton.triton_call's contract, run by Triton's interpreter (launch options ignored).
+def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
+                zeroed_outputs=(), **meta):
+  """jax_triton.triton_call's contract, run by Triton's interpreter (launch options ignored;
+  zeroed_outputs too: every output starts at zero here).
 
   Raises:
     ValueError: a buffer dtype the interpreter path does not take, or a kernel not decorated in
       interpreter mode.
   """
   del num_warps, num_stages  # the interpreter runs programs one at a time
+  del zeroed_outputs  # `host` allocates every output as zeros
   if type(kernel).__name__ != 'InterpretedFunction':
     raise ValueError('the kernel was not built for the Triton interpreter: set TRITON_INTERPRET=1 '
                      'before importing its module')

@@ -2,12 +2,12 @@
 
 The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1), written against
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
-row tiles (the forward's from the first slot the window owns, the backward's from nC), solving
-each tile's blocks against itself and the carried previous tile, and rebuilds every block's seed
-state from the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no
-per-block state is ever formed; each slot's output is stored by its seed's window only, straight
-into the slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window
-cotangents and sums) is `two_stream_pallas`'s.
+row tiles from the first slot the window owns (forward and backward alike), solving each tile's
+blocks against itself and the carried previous tile, and rebuilds every block's seed state from
+the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no per-block
+state is ever formed; each slot's output is stored by its seed's window only, straight into the
+slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window cotangents
+and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
 stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; XLA GEMMs take
@@ -68,7 +68,9 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   cut the 16-row backward's spill to 920. H200, T = 4096, two views, fwd+bwd of the two-stream
   pass, back to back: block 4 at (128, 8, 4) 6.13 ms (5.26 with the stored inverses), at
   (64, 4, 4) 6.93 (an earlier version of the kernels); block 32 at (32, 4, 4) 30.6 ms, at
-  (32, 4, 8) 33.7, at (16, 4, 4) 51.5."""
+  (32, 4, 8) 33.7, at (16, 4, 4) 51.5 (walks from nC). Walking only the own tiles (`_own_span`)
+  took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920); not yet timed
+  on a GPU."""
   if jnp.dtype(dtype).itemsize == 2:
     return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
   return 32, 8, 4
@@ -332,19 +334,22 @@ if triton is not None:
   def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
                       wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                      TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                      C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                      SCALE: tl.constexpr, PREC: tl.constexpr,
-                      STORED_T: tl.constexpr):
+                      T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                      SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
     """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
     WY step again, storing every window row's W [K], U, V' [BV], gam (and, for row tiles up to
     STORED_INVERSE_MAX_TILE, its row of the tile's (I + A)^-1 [S]), and the cotangent of V'
     [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
     D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
-    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]."""
+    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]. The
+    forward's walk (`_own_span`): row r is slot nC + r, the walk starts at row r0 = first - nC; rows
+    it does not reach are left to `zeroed_outputs` (W, gam, dV'), rows past C + S are not stored."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
+    r0 = first - n * C
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     ipos = n * C + tl.arange(0, C)
@@ -360,39 +365,42 @@ if triton is not None:
     g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
-    for i in range(N_TILES):
-      slot = n * C + i * S + o_s
+    for i in range(n_tiles):
+      r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
+      slot = n * C + r
+      inw = r < C + S
       b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC)
-      wrow = wbase + i * S + o_s
-      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+      wrow = wbase + r
+      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :],
+                            mask=inw[:, None], other=0.0)
       dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
-      lrow = lbase + i * S + o_s
+      lrow = lbase + r
       p_v = lrow[:, None] * VDP + o_v[None, :]
-      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(slot >= n * C + S)[:, None])  # tile i - 1
-      first = (o_s >= 0) & (i_e == 0)
-      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
-      tl.store(wy_gam + lrow, gam, mask=first)
+      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(r >= r0 + S)[:, None])  # tile i - 1
+      lead = inw & (i_e == 0)
+      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=lead[:, None])
+      tl.store(wy_gam + lrow, gam, mask=lead)
       if STORED_T:
-        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=first[:, None])
-      tl.store(wy_u + p_v, u)
-      tl.store(wy_vn + p_v, vn)
+        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=lead[:, None])
+      tl.store(wy_u + p_v, u, mask=inw[:, None])
+      tl.store(wy_vn + p_v, vn, mask=inw[:, None])
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
       k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
-    lrow = lbase + (N_TILES - 1) * S + o_s
-    tl.store(wy_dvn + lrow[:, None] * VDP + o_v[None, :], dvn_p)
+    r = r0 + (n_tiles - 1) * S + o_s  # the last tile's rows (none without tiles)
+    tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :], dvn_p,
+             mask=((r < C + S) & (n_tiles > 0))[:, None])
 
   @triton.jit
-  def noisy_bwd_kernel(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in,
-                       dws_in,
+  def noisy_bwd_kernel(q, k, v, beta, bsl, seed, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do,
+                       dqe_in, dws_in,
                        dq, dk, dv, dg, db,
                        NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                       SCALE: tl.constexpr, PREC: tl.constexpr,
-                       STORED_T: tl.constexpr):
+                       T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                       BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                       SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
     """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
     backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
     W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
@@ -400,10 +408,14 @@ if triton is not None:
     previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
     Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
     partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
-    enter with the first V tile)."""
+    enter with the first V tile). The WY pass's tiles (`_own_span`) in reverse; rows it does not
+    reach are left to `zeroed_outputs`, rows past C + S read as zeros (gam as -1e30) and are not
+    stored."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
+    r0 = first - n * C
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     row = o_s[:, None]
@@ -420,9 +432,11 @@ if triton is not None:
     c_dgam = tl.zeros([S], dtype=tl.float32)
     nx_dgam = tl.zeros([S], dtype=tl.float32)
     nx_bs = tl.full([S], -1, dtype=tl.int32)
-    for j in range(N_TILES):
-      i = N_TILES - 1 - j
-      slot = n * C + i * S + o_s
+    for j in range(n_tiles):
+      i = n_tiles - 1 - j
+      r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
+      slot = n * C + r
+      inw = r < C + S
       tok = base + slot
       p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
       b_q = tl.load(q + p_qk).to(tl.float32)
@@ -430,22 +444,25 @@ if triton is not None:
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
       b_beta = tl.load(beta + tok * HV + i_h)
       b_bs = tl.load(bsl + (i_b * TPAD + slot).to(tl.int64))
-      wrow = wbase + i * S + o_s  # in the window layout [B, V, N, C + S, HV, ...]
-      lrow = lbase + i * S + o_s  # in the stored rows' layout [B, N, HV, V, C + S, ...]
+      wrow = wbase + r  # in the window layout [B, V, N, C + S, HV, ...]
+      lrow = lbase + r  # in the stored rows' layout [B, N, HV, V, C + S, ...]
       p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
       p_lv = lrow[:, None] * VDP + o_v[None, :]
       p_lk = lrow[:, None] * K + o_k[None, :]
-      w = tl.load(wy_w + p_lk)
-      u = tl.load(wy_u + p_lv)
-      vn = tl.load(wy_vn + p_lv)
-      gam = tl.load(wy_gam + lrow)
-      dvn = tl.load(wy_dvn + p_lv)
-      dqe = tl.load(dqe_in + p_lk, mask=lead[:, None], other=0.0)
-      dws = tl.load(dws_in + p_lk, mask=lead[:, None], other=0.0)
+      m_v = inw[:, None]
+      w = tl.load(wy_w + p_lk, mask=m_v, other=0.0)
+      u = tl.load(wy_u + p_lv, mask=m_v, other=0.0)
+      vn = tl.load(wy_vn + p_lv, mask=m_v, other=0.0)
+      # Rows past the window: cotangents 0, and decays 0 (not e^{-gam} of a real row: 0 * inf).
+      # (Their own block start, tl.where(inw, b_bs, -2), left ptxas 32 registers: 5.8 KB spilled.)
+      gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
+      dvn = tl.load(wy_dvn + p_lv, mask=m_v, other=0.0)
+      dqe = tl.load(dqe_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
+      dws = tl.load(dws_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
       k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
           k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, lrow - S, i > 0, kh,
           o_v, HQ, K, VDP)
-      dos = SCALE * tl.load(do + p_v)
+      dos = SCALE * tl.load(do + p_v, mask=m_v, other=0.0)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
       same = b_bs[:, None] == b_bs[None, :]
@@ -461,7 +478,7 @@ if triton is not None:
       a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
       a_ip = b_beta[:, None] * kkp * d_ip
       if STORED_T:
-        t_ii = tl.load(wy_t + lrow[:, None] * S + col)
+        t_ii = tl.load(wy_t + lrow[:, None] * S + col, mask=m_v, other=0.0)
       else:
         t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
@@ -510,11 +527,11 @@ if triton is not None:
 
       p_k = ((wrow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :]
       p_1 = (wrow * HV + i_h) * NVT + i_e
-      tl.store(dq + p_k, b_dq)
-      tl.store(dk + p_k, b_dk)
-      tl.store(dv + p_v, b_dv)
-      tl.store(dg + p_1, b_dg)
-      tl.store(db + p_1, b_db)
+      tl.store(dq + p_k, b_dq, mask=m_v)
+      tl.store(dk + p_k, b_dk, mask=m_v)
+      tl.store(dv + p_v, b_dv, mask=m_v)
+      tl.store(dg + p_1, b_dg, mask=inw)
+      tl.store(db + p_1, b_db, mask=inw)
       c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
       nx_dgam, nx_bs = dgam, b_bs
 
@@ -761,7 +778,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
   gradients through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
-  b, nv, _, hq, _ = noisy[0].shape
+  b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   block_v, num_warps, wy_warps = backward_launch(noisy[0].dtype, max_block)
@@ -773,15 +790,18 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   nvt, wd = z.vdp // z.bv, z.c + z.s
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
-  sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-               N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
+  sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
+               S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec,
+               STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
+  # The walks reach only each window's own tiles (`_own_span`): rows they skip read as zeros in
+  # `_seed_backward` (W, gam, dV') and `backward_sums` (every output of the backward kernel).
   w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
-      grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
+      grid=grid, num_warps=wy_warps, num_stages=1, zeroed_outputs=(0, 3, 4), **sizes)
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
   seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'TPAD', 'K', 'VDP', 'C', 'S',
@@ -799,10 +819,11 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
       BV=ctx_block_v, **seed_sizes)
   ctx_grads = (dkc, dvc, dgc, dh)
   q, k, v, _, beta = ops.noisy
-  outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
+  outs = call(q, k, v, beta, *ops.meta[:2], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
               out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
-              grid=grid, num_warps=num_warps, num_stages=1, **sizes)
+              grid=grid, num_warps=num_warps, num_stages=1, zeroed_outputs=(0, 1, 2, 3, 4),
+              **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 
