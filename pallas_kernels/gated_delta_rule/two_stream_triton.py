@@ -10,9 +10,10 @@ slot layout. The JAX side (clean pass, padding, slot metadata, the backward's wi
 and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
-stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; XLA GEMMs take
-the seed products' backward (`_seed_backward`: the clean context's gradients and the rows'
-cotangents of e^gam q and W); `noisy_bwd_kernel` walks every window backwards, one reverse-mode
+stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take
+the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and
+the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's);
+`noisy_bwd_kernel` walks every window backwards, one reverse-mode
 step of the tile recurrence per row tile, carrying cotangents to the previous tile. No per-block
 state is formed; the window rows (C + S per chunk of C slots) are stored in fp32. H200, bf16,
 B = 1, T = 4096, two views, 16 heads of 128, the whole two-stream pass's forward+backward (clean
@@ -45,7 +46,6 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
-from pallas_kernels.gated_delta_rule import two_stream_xla
 
 _F32 = jnp.float32
 # The backward kernels' products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs.
@@ -404,7 +404,7 @@ if triton is not None:
     """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
     backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
     W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
-    (dqe_in, dws_in [B, N, HV, V, C + S, K], `_seed_backward`), carrying cotangents to the
+    (dqe_in, dws_in [B, N, HV, V, C + S, K], `noisy_seed_rows_kernel`), carrying cotangents to the
     previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
     Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
     partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
@@ -704,78 +704,16 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return o[..., :vd]
 
 
-def _seed_backward(ops, w, gam, dvn, scale):
-  """The backward of the window rows' seed products x S(seed), x = e^gam q (cotangent dy =
-  scale dO) and x = W (V' = U - seed(W): dy = -dV'), as GEMMs batched over (batch, window, value
-  head) that contract the window's rows of every view:
-
-      sx = x Kc^T, z = (dy V'^T) * E;  dx = z Kc + coef (dy h^T);
-      dV' = (sx * E)^T dy;  dKc = z^T x;  dh = x^T (coef dy);
-      dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * sx)_ri,
-      dseed_r = sum_i (z * sx)_ri + coef_r x_r . (dy h^T)_r.
-
-  Args:
-    ops: the backward's operands (`two_stream_pallas.backward_operands`, no front tile).
-    w, gam, dvn: `noisy_wy_kernel`'s W [B, N, HV, V, C + S, Kp], gam [.., C + S], dV' [.., Vp].
-    scale: the output scale.
-
-  Returns:
-    (dx of e^gam q, dx of W, both [B, N, HV, V, C + S, Kp]; then backward_sums' dkc [B, 1, N C,
-    HV, 1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1], dh [B, 1, N, HV, Kp, Vp]).
-  """
-  z = ops.z
-  kc, vc, gc, h = ops.ctx
-  b, _, hq, kp = kc.shape
-  hv = vc.shape[2]
-  n, c, s = z.n, z.c, z.s
-  wd = c + s
-  # The rows and their cotangents in the layout [B, N, HV, V, C + S, ...].
-  q_rows = two_stream_xla.windows(ops.noisy[0], 2, n, c, s, wd)  # B V N W H Kp
-  q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
-  rows = ((q_rows.astype(_F32) * jnp.exp(gam)[..., None],
-           scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))), (w, -dvn))
-  # How each row reaches its seed state from its window: the Pallas kernels' rule, batched over
-  # (batch, window, value head).
-  seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, wd) for m in ops.meta[1:])  # B N W
-  g_ctx = jnp.swapaxes(gc.reshape(b, n, c, hv), 2, 3)  # B N HV C
-  ipos = jnp.broadcast_to(((jnp.arange(n) * c)[:, None] + jnp.arange(c))[:, None], (n, wd, c))
-  terms = jax.vmap(tsp.seed_terms, (0, None, None, None, None, None))  # over value heads
-  terms = jax.vmap(terms, (0, 0, 0, 0, 0, 0))  # over windows
-  terms = jax.vmap(terms, (0, None, 0, 0, 0, None))  # over batch rows
-  e, coef, at_seed = terms(g_ctx, ipos, seed, lo, carry, jnp.arange(n))  # B N HV W C, .. W, .. W C
-  e, coef = e[:, :, :, None], coef[:, :, :, None, :, None]  # B N HV 1 W C, B N HV 1 W 1
-  heads = lambda x: jnp.repeat(jnp.swapaxes(x.reshape(b, n, c, x.shape[2], -1), 2, 3),
-                               hv // x.shape[2], axis=2)  # [B, N C, H, X] -> [B, N, HV, C, X]
-  k_ctx, v_ctx = heads(kc).astype(_F32), heads(vc)
-  dxs, dkc, dvc, dh, pe_cols, dseed = [], 0.0, 0.0, 0.0, 0.0, 0.0
-  for x, dy in rows:
-    sx = jnp.einsum('bnhurk,bnhck->bnhurc', x, k_ctx)
-    ze = jnp.einsum('bnhurv,bnhcv->bnhurc', dy, v_ctx) * e
-    dyh = coef * jnp.einsum('bnhurv,bnhkv->bnhurk', dy, h)
-    dxs.append(jnp.einsum('bnhurc,bnhck->bnhurk', ze, k_ctx) + dyh)
-    dvc += jnp.einsum('bnhurc,bnhurv->bnhcv', sx * e, dy)
-    dkc += jnp.einsum('bnhurc,bnhurk->bnhck', ze, x)
-    dh += jnp.einsum('bnhurk,bnhurv->bnhkv', x, dy * coef)
-    pe = ze * sx
-    dseed += jnp.sum(pe, axis=-1) + jnp.sum(x * dyh, axis=-1)
-    pe_cols += jnp.sum(pe, axis=(3, 4))
-  dgc = jnp.einsum('bnhrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
-                   precision=jax.lax.Precision.HIGHEST) - pe_cols
-  slots = lambda x: jnp.swapaxes(x, 2, 3).reshape((b, 1, n * c, hv) + x.shape[4:])
-  return tuple(dxs) + (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None],
-                       dh[:, None])
-
-
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
               interpret):
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy).
 
   Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam and the cotangent of V'
-  from the intra-block output terms; `_seed_backward` (XLA GEMMs) takes the seed products'
-  backward: the clean context's gradients and the rows' cotangents of e^gam q and W;
-  `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs' gradients (per
-  window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
+  from the intra-block output terms; `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take
+  the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
+  gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
+  gradients (per window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
   gradients through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
   b, nv, t, hq, _ = noisy[0].shape
