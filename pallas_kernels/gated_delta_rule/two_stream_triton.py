@@ -734,7 +734,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
   # The walks reach only each window's own tiles (`_own_span`): rows they skip read as zeros in
-  # `_seed_backward` (W, gam, dV') and `backward_sums` (every output of the backward kernel).
+  # the seed kernels (W, gam, dV') and `backward_sums` (every output of the backward kernel).
   w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
