@@ -46,7 +46,7 @@ def test_records_the_fused_two_stream_launches():
   # with the checkpoints' pullback (no output cotangent: no dv_local).
   clean_fwd = ['intra_kernel', 'state_pass_kernel']
   clean_bwd = ['dhu_kernel', 'bwd_chunk_kernel']
-  noisy_bwd = ['noisy_wy_kernel', 'noisy_bwd_kernel']
+  noisy_bwd = ['noisy_wy_kernel', 'noisy_seed_rows_kernel', 'noisy_seed_ctx_kernel', 'noisy_bwd_kernel']
   launches = record(jnp.float32, 20)
   assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
   launch = launches[2]
