@@ -63,6 +63,9 @@ _NOISY_WARPS = flags.DEFINE_integer(
 _NOISY_BWD_LAUNCH = flags.DEFINE_string(
     'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' "
     "'V tile,warps,WY pass warps' (empty: two_stream_triton.backward_launch).")
+_SEED_BWD_LAUNCH = flags.DEFINE_string(
+    'seed_bwd_launch', '', "Sweep override: the jax-triton seed-backward kernels' 'context V "
+    "tile,context warps,rows warps' (empty: two_stream_triton.seed_backward_launch).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
@@ -121,13 +124,17 @@ def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps / --noisy_bwd_launch: replace the fused kernels' launch
-  defaults in this child process before anything is traced (a sweep, not a setting)."""
+  """--noisy_block_v / --noisy_warps / --noisy_bwd_launch / --seed_bwd_launch: replace the fused
+  kernels' launch defaults in this child process before anything is traced (a sweep, not a
+  setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   launch = schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
   if launch:
     two_stream_triton.backward_launch = lambda dtype, max_block: launch
+  seed_launch = schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
+  if seed_launch:
+    two_stream_triton.seed_backward_launch = lambda: seed_launch
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (
@@ -195,7 +202,9 @@ def main(argv):
   from flare_jax.model import two_stream_gdn  # pylint: disable=g-import-not-at-top
   schedule_cases.check_schedules(_SCHEDULES.value, two_stream_gdn.ALL_SCHEDULES)
   cases = schedule_cases.parse_cases(_CASES.value) or [None]
-  schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)  # a bad value fails here, not per child
+  # Bad values fail here, not per child.
+  schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
+  schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
   base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases', '--xla_variants'))]
   results = []
   for flags_text in bench_util.xla_variants(_XLA_VARIANTS.value) or [None]:

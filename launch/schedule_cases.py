@@ -33,9 +33,13 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
   return cases
 
 
-def parse_launch(text: str) -> tuple[int, int, int] | None:
-  """--noisy_bwd_launch: '' -> None; 'V tile,warps,WY pass warps' -> the three ints (a V tile
-  that is a power of two >= 16, warps 1..16 in powers of two)."""
+_LAUNCH_NAMES = {'--noisy_bwd_launch': 'V tile,warps,WY pass warps',
+                 '--seed_bwd_launch': 'context V tile,context warps,rows warps'}
+
+
+def parse_launch(text: str, flag: str = '--noisy_bwd_launch') -> tuple[int, int, int] | None:
+  """A launch override (`_LAUNCH_NAMES`): '' -> None; 'V tile,warps,warps' -> the three ints (a
+  V tile that is a power of two >= 16, warps 1..16 in powers of two)."""
   if not text:
     return None
   parts = text.split(',')
@@ -44,9 +48,8 @@ def parse_launch(text: str) -> tuple[int, int, int] | None:
     launch = tuple(int(p) for p in parts)
     if pow2(launch[0]) and launch[0] >= 16 and all(pow2(w) and w <= 16 for w in launch[1:]):
       return launch
-  raise app.UsageError(f"--noisy_bwd_launch wants 'V tile,warps,WY pass warps', e.g. 128,8,4 (a "
-                       'V tile that is a power of two >= 16; warps 1, 2, 4, 8 or 16), got '
-                       f'{text!r}')
+  raise app.UsageError(f"{flag} wants '{_LAUNCH_NAMES[flag]}', e.g. 128,8,4 (a V tile that is a "
+                       f'power of two >= 16; warps 1, 2, 4, 8 or 16), got {text!r}')
 
 
 def table(results: list[dict], baseline: str) -> str:

@@ -58,14 +58,19 @@ def _patch_scalar_index():
   interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
 
 
-def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None, **meta):
+def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
+                zeroed_outputs=(), **meta):
   """jax_triton.triton_call's contract, run by Triton's interpreter (launch options ignored).
+  Outputs start as jax_triton leaves them: zeros where listed in zeroed_outputs (indices into
+  out_shape), else unset, which here reads NaN (floats) or -1 (integers), so a kernel that leaves
+  an unlisted output's element unwritten fails its tests on the host too.
 
   Raises:
     ValueError: a buffer dtype the interpreter path does not take, or a kernel not decorated in
       interpreter mode.
   """
   del num_warps, num_stages  # the interpreter runs programs one at a time
+  zeroed = set(zeroed_outputs(meta) if callable(zeroed_outputs) else zeroed_outputs)
   if type(kernel).__name__ != 'InterpretedFunction':
     raise ValueError('the kernel was not built for the Triton interpreter: set TRITON_INTERPRET=1 '
                      'before importing its module')
@@ -80,7 +85,11 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
 
   def host(*arrays):
     import torch  # pylint: disable=g-import-not-at-top
-    outs = [torch.zeros(s.shape, dtype=getattr(torch, np.dtype(s.dtype).name)) for s in shapes]
+    outs = []
+    for i, s in enumerate(shapes):
+      dtype = getattr(torch, np.dtype(s.dtype).name)
+      unset = float('nan') if dtype.is_floating_point else -1
+      outs.append(torch.full(s.shape, 0 if i in zeroed else unset, dtype=dtype))
     with _LAUNCH_LOCK:
       kernel[tuple(grid)](*map(_host_array, arrays), *outs, **meta)
     return [_numpy_array(o, s.dtype) for o, s in zip(outs, shapes)]

@@ -2,17 +2,18 @@
 
 The same schedule as `two_stream_pallas` (see its docstring and kernels.md 6.1), written against
 Triton directly: one program per (window n, batch x value head x view x V tile) walks window n's
-row tiles (the forward's from the first slot the window owns, the backward's from nC), solving
-each tile's blocks against itself and the carried previous tile, and rebuilds every block's seed
-state from the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no
-per-block state is ever formed; each slot's output is stored by its seed's window only, straight
-into the slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window
-cotangents and sums) is `two_stream_pallas`'s.
+row tiles from the first slot the window owns (forward and backward alike), solving each tile's
+blocks against itself and the carried previous tile, and rebuilds every block's seed state from
+the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no per-block
+state is ever formed; each slot's output is stored by its seed's window only, straight into the
+slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window cotangents
+and sums) is `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
 kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
-stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; XLA GEMMs take
-the seed products' backward (`_seed_backward`: the clean context's gradients and the rows'
-cotangents of e^gam q and W); `noisy_bwd_kernel` walks every window backwards, one reverse-mode
+stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take
+the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and
+the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's);
+`noisy_bwd_kernel` walks every window backwards, one reverse-mode
 step of the tile recurrence per row tile, carrying cotangents to the previous tile. No per-block
 state is formed; the window rows (C + S per chunk of C slots) are stored in fp32. H200, bf16,
 B = 1, T = 4096, two views, 16 heads of 128, the whole two-stream pass's forward+backward (clean
@@ -45,7 +46,6 @@ import jax.numpy as jnp
 
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
-from pallas_kernels.gated_delta_rule import two_stream_xla
 
 _F32 = jnp.float32
 # The backward kernels' products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs.
@@ -68,10 +68,19 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   cut the 16-row backward's spill to 920. H200, T = 4096, two views, fwd+bwd of the two-stream
   pass, back to back: block 4 at (128, 8, 4) 6.13 ms (5.26 with the stored inverses), at
   (64, 4, 4) 6.93 (an earlier version of the kernels); block 32 at (32, 4, 4) 30.6 ms, at
-  (32, 4, 8) 33.7, at (16, 4, 4) 51.5."""
+  (32, 4, 8) 33.7, at (16, 4, 4) 51.5 (walks from nC). Walking only the own tiles (`_own_span`)
+  took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920); not yet timed
+  on a GPU."""
   if jnp.dtype(dtype).itemsize == 2:
     return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
   return 32, 8, 4
+
+
+def seed_backward_launch() -> tuple[int, int, int]:
+  """(V tile, warps of `noisy_seed_ctx_kernel`; warps of `noisy_seed_rows_kernel`). ptxas
+  (sm_90a, K = V = 128, bf16, block 4, launch.kernel_registers): the context kernel at (64, 4)
+  spills 24 B per thread, the rows kernel at 8 warps 52 B."""
+  return 64, 4, 8
 
 
 def forward_launch(dtype, max_block: int) -> tuple[int, int]:
@@ -325,19 +334,22 @@ if triton is not None:
   def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
                       wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                      TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                      C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                      SCALE: tl.constexpr, PREC: tl.constexpr,
-                      STORED_T: tl.constexpr):
+                      T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                      SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
     """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
     WY step again, storing every window row's W [K], U, V' [BV], gam (and, for row tiles up to
     STORED_INVERSE_MAX_TILE, its row of the tile's (I + A)^-1 [S]), and the cotangent of V'
     [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
     D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
-    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]."""
+    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]. The
+    forward's walk (`_own_span`): row r is slot nC + r, the walk starts at row r0 = first - nC; rows
+    it does not reach are left to `zeroed_outputs` (W, gam, dV'), rows past C + S are not stored."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
+    r0 = first - n * C
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     ipos = n * C + tl.arange(0, C)
@@ -353,50 +365,57 @@ if triton is not None:
     g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
-    for i in range(N_TILES):
-      slot = n * C + i * S + o_s
+    for i in range(n_tiles):
+      r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
+      slot = n * C + r
+      inw = r < C + S
       b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC)
-      wrow = wbase + i * S + o_s
-      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+      wrow = wbase + r
+      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :],
+                            mask=inw[:, None], other=0.0)
       dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
-      lrow = lbase + i * S + o_s
+      lrow = lbase + r
       p_v = lrow[:, None] * VDP + o_v[None, :]
-      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(slot >= n * C + S)[:, None])  # tile i - 1
-      first = (o_s >= 0) & (i_e == 0)
-      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=first[:, None])
-      tl.store(wy_gam + lrow, gam, mask=first)
+      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(r >= r0 + S)[:, None])  # tile i - 1
+      lead = inw & (i_e == 0)
+      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=lead[:, None])
+      tl.store(wy_gam + lrow, gam, mask=lead)
       if STORED_T:
-        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=first[:, None])
-      tl.store(wy_u + p_v, u)
-      tl.store(wy_vn + p_v, vn)
+        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=lead[:, None])
+      tl.store(wy_u + p_v, u, mask=inw[:, None])
+      tl.store(wy_vn + p_v, vn, mask=inw[:, None])
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
       k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
-    lrow = lbase + (N_TILES - 1) * S + o_s
-    tl.store(wy_dvn + lrow[:, None] * VDP + o_v[None, :], dvn_p)
+    r = r0 + (n_tiles - 1) * S + o_s  # the last tile's rows (none without tiles)
+    tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :], dvn_p,
+             mask=((r < C + S) & (n_tiles > 0))[:, None])
 
   @triton.jit
-  def noisy_bwd_kernel(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in,
-                       dws_in,
+  def noisy_bwd_kernel(q, k, v, beta, bsl, seed, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do,
+                       dqe_in, dws_in,
                        dq, dk, dv, dg, db,
                        NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                       TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr,
-                       C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                       SCALE: tl.constexpr, PREC: tl.constexpr,
-                       STORED_T: tl.constexpr):
+                       T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                       BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                       SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
     """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
     backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
     W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
-    (dqe_in, dws_in [B, N, HV, V, C + S, K], `_seed_backward`), carrying cotangents to the
+    (dqe_in, dws_in [B, N, HV, V, C + S, K], `noisy_seed_rows_kernel`), carrying cotangents to the
     previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
     Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
     partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
-    enter with the first V tile)."""
+    enter with the first V tile). The WY pass's tiles (`_own_span`) in reverse; rows it does not
+    reach are left to `zeroed_outputs`, rows past C + S read as zeros (gam as -1e30) and are not
+    stored."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
+    r0 = first - n * C
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     row = o_s[:, None]
@@ -413,9 +432,11 @@ if triton is not None:
     c_dgam = tl.zeros([S], dtype=tl.float32)
     nx_dgam = tl.zeros([S], dtype=tl.float32)
     nx_bs = tl.full([S], -1, dtype=tl.int32)
-    for j in range(N_TILES):
-      i = N_TILES - 1 - j
-      slot = n * C + i * S + o_s
+    for j in range(n_tiles):
+      i = n_tiles - 1 - j
+      r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
+      slot = n * C + r
+      inw = r < C + S
       tok = base + slot
       p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
       b_q = tl.load(q + p_qk).to(tl.float32)
@@ -423,22 +444,25 @@ if triton is not None:
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
       b_beta = tl.load(beta + tok * HV + i_h)
       b_bs = tl.load(bsl + (i_b * TPAD + slot).to(tl.int64))
-      wrow = wbase + i * S + o_s  # in the window layout [B, V, N, C + S, HV, ...]
-      lrow = lbase + i * S + o_s  # in the stored rows' layout [B, N, HV, V, C + S, ...]
+      wrow = wbase + r  # in the window layout [B, V, N, C + S, HV, ...]
+      lrow = lbase + r  # in the stored rows' layout [B, N, HV, V, C + S, ...]
       p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
       p_lv = lrow[:, None] * VDP + o_v[None, :]
       p_lk = lrow[:, None] * K + o_k[None, :]
-      w = tl.load(wy_w + p_lk)
-      u = tl.load(wy_u + p_lv)
-      vn = tl.load(wy_vn + p_lv)
-      gam = tl.load(wy_gam + lrow)
-      dvn = tl.load(wy_dvn + p_lv)
-      dqe = tl.load(dqe_in + p_lk, mask=lead[:, None], other=0.0)
-      dws = tl.load(dws_in + p_lk, mask=lead[:, None], other=0.0)
+      m_v = inw[:, None]
+      w = tl.load(wy_w + p_lk, mask=m_v, other=0.0)
+      u = tl.load(wy_u + p_lv, mask=m_v, other=0.0)
+      vn = tl.load(wy_vn + p_lv, mask=m_v, other=0.0)
+      # Rows past the window: cotangents 0, and decays 0 (not e^{-gam} of a real row: 0 * inf).
+      # (Their own block start, tl.where(inw, b_bs, -2), left ptxas 32 registers: 5.8 KB spilled.)
+      gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
+      dvn = tl.load(wy_dvn + p_lv, mask=m_v, other=0.0)
+      dqe = tl.load(dqe_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
+      dws = tl.load(dws_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
       k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
           k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, lrow - S, i > 0, kh,
           o_v, HQ, K, VDP)
-      dos = SCALE * tl.load(do + p_v)
+      dos = SCALE * tl.load(do + p_v, mask=m_v, other=0.0)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
       same = b_bs[:, None] == b_bs[None, :]
@@ -454,7 +478,7 @@ if triton is not None:
       a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
       a_ip = b_beta[:, None] * kkp * d_ip
       if STORED_T:
-        t_ii = tl.load(wy_t + lrow[:, None] * S + col)
+        t_ii = tl.load(wy_t + lrow[:, None] * S + col, mask=m_v, other=0.0)
       else:
         t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
       eg = tl.exp(gam)
@@ -503,13 +527,129 @@ if triton is not None:
 
       p_k = ((wrow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :]
       p_1 = (wrow * HV + i_h) * NVT + i_e
-      tl.store(dq + p_k, b_dq)
-      tl.store(dk + p_k, b_dk)
-      tl.store(dv + p_v, b_dv)
-      tl.store(dg + p_1, b_dg)
-      tl.store(db + p_1, b_db)
+      tl.store(dq + p_k, b_dq, mask=m_v)
+      tl.store(dk + p_k, b_dk, mask=m_v)
+      tl.store(dv + p_v, b_dv, mask=m_v)
+      tl.store(dg + p_1, b_dg, mask=inw)
+      tl.store(db + p_1, b_db, mask=inw)
       c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
       nx_dgam, nx_bs = dgam, b_bs
+
+  @triton.jit
+  def _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, tok, lrow, wrow, kh, i_h, o_v,
+                     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                     SCALE: tl.constexpr):
+    """One row tile's two row sets x [S, K] whose seed products the output reads, each with the
+    cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U -
+    seed(W): dy = -dV')."""
+    o_k = tl.arange(0, K)
+    gam = tl.load(wy_gam + lrow)
+    xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
+    dyq = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+    xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
+    dyw = -tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
+    return xq * tl.exp(gam)[:, None], dyq, xw, dyw
+
+  @triton.jit
+  def _seed_row_grads(x, dy, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC: tl.constexpr):
+    """The backward of y = seed(x) = ((x Kc^T) * E) V' + coef (x h_n) over one row tile, in the
+    row-wise parts: dx [S, K], and this tile's terms of dKc [C, K] and dG [C] (the seed's G
+    enters E and coef, each clean G_i enters E):
+
+        sx = x Kc^T, z = (dy V'^T) * E, dx = z Kc + coef (dy h_n^T), dKc = z^T x,
+        dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * sx)_ri,
+        dseed_r = sum_c (z * sx)_rc + coef_r x_r . (dy h_n^T)_r.
+    """
+    sx = _mm(x, tl.trans(k_ctx), PREC)
+    ze = _mm(dy, tl.trans(v_ctx), PREC) * e
+    dyh = coef[:, None] * _mm(dy, tl.trans(h_n), PREC)
+    pe = ze * sx
+    dseed = tl.sum(pe, axis=1) + tl.sum(x * dyh, axis=1)
+    dg = tl.sum(tl.where(at_seed, dseed[:, None], 0.0), axis=0) - tl.sum(pe, axis=0)
+    return _mm(ze, k_ctx, PREC) + dyh, _mm(tl.trans(ze), x, PREC), dg
+
+  @triton.jit
+  def noisy_seed_rows_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
+                             dqe, dws, dkc, dgc,
+                             NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                             N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
+                             VDP: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                             N_TILES: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr):
+    """The seed products' backward, row-wise part, window n of one (batch, value head, view), all
+    V columns: the rows' cotangents of e^gam Q (dqe) and of W (dws) [B, N, HV, V, C + S, K], and
+    the window's terms of the clean k's dkc [B, V, N C, HV, 1, K] and G's dgc [B, V, N C, HV, 1]
+    (`_seed_row_grads`)."""
+    n = tl.program_id(0)
+    i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    o_c = tl.arange(0, C)
+    ipos = n * C + o_c
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    acc_dkc = tl.zeros([C, K], dtype=tl.float32)
+    acc_dg = tl.zeros([C], dtype=tl.float32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      mslot = (i_b * TPAD + slot).to(tl.int64)
+      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
+                                     tl.load(carry + mslot), n)
+      lrow = lbase + i * S + o_s
+      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot, lrow,
+                                        wbase + i * S + o_s, kh, i_h, o_v, HQ, HV, K, VDP, SCALE)
+      p_lk = lrow[:, None] * K + o_k[None, :]
+      dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+      tl.store(dqe + p_lk, dx)
+      dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+      tl.store(dws + p_lk, dx)
+      acc_dkc += dk_q + dk_w
+      acc_dg += dg_q + dg_w
+    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)  # [B, V, N C, HV]
+    tl.store(dkc + crow[:, None] * K + o_k[None, :], acc_dkc)
+    tl.store(dgc + crow, acc_dg)
+
+  @triton.jit
+  def noisy_seed_ctx_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
+                            dvc, dh,
+                            NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
+                            N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
+                            VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
+                            PREC: tl.constexpr):
+    """The seed products' backward, the parts that contract the rows, window n of one (batch,
+    value head, view, V tile): the clean v''s dvc [B, V, N C, HV, Vp] = sum over both row sets
+    of ((x Kc^T) * E)^T dy, and h_n's dh [B, V, N, HV, K, Vp] = sum of x^T (coef dy)."""
+    n = tl.program_id(0)
+    # (Triton drops the loads of v' and h_n, which this kernel does not read.)
+    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    o_s = tl.arange(0, S)
+    o_k = tl.arange(0, K)
+    o_c = tl.arange(0, C)
+    ipos = n * C + o_c
+    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
+    acc_dh = tl.zeros([K, BV], dtype=tl.float32)
+    for i in range(N_TILES):
+      slot = n * C + i * S + o_s
+      mslot = (i_b * TPAD + slot).to(tl.int64)
+      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
+                                     tl.load(carry + mslot), n)
+      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot,
+                                        lbase + i * S + o_s, wbase + i * S + o_s, kh, i_h, o_v,
+                                        HQ, HV, K, VDP, SCALE)
+      acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
+                  + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
+      acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
+                 + _mm(tl.trans(xw), coef[:, None] * dyw, PREC))
+    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)
+    tl.store(dvc + crow[:, None] * VDP + o_v[None, :], acc_dvc)
+    hrow = (((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k
+    tl.store(dh + hrow[:, None] * VDP + o_v[None, :], acc_dh)
 
 
 # How the fused forward reads and multiplies 16-bit inputs, as measured on an H200 (bench_schedules,
@@ -564,81 +704,19 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   return o[..., :vd]
 
 
-def _seed_backward(ops, w, gam, dvn, scale):
-  """The backward of the window rows' seed products x S(seed), x = e^gam q (cotangent dy =
-  scale dO) and x = W (V' = U - seed(W): dy = -dV'), as GEMMs batched over (batch, window, value
-  head) that contract the window's rows of every view:
-
-      sx = x Kc^T, z = (dy V'^T) * E;  dx = z Kc + coef (dy h^T);
-      dV' = (sx * E)^T dy;  dKc = z^T x;  dh = x^T (coef dy);
-      dG_i = sum_r [i = seed_r] dseed_r - sum_r (z * sx)_ri,
-      dseed_r = sum_i (z * sx)_ri + coef_r x_r . (dy h^T)_r.
-
-  Args:
-    ops: the backward's operands (`two_stream_pallas.backward_operands`, no front tile).
-    w, gam, dvn: `noisy_wy_kernel`'s W [B, N, HV, V, C + S, Kp], gam [.., C + S], dV' [.., Vp].
-    scale: the output scale.
-
-  Returns:
-    (dx of e^gam q, dx of W, both [B, N, HV, V, C + S, Kp]; then backward_sums' dkc [B, 1, N C,
-    HV, 1, Kp], dvc [B, 1, N C, HV, Vp], dgc [B, 1, N C, HV, 1], dh [B, 1, N, HV, Kp, Vp]).
-  """
-  z = ops.z
-  kc, vc, gc, h = ops.ctx
-  b, _, hq, kp = kc.shape
-  hv = vc.shape[2]
-  n, c, s = z.n, z.c, z.s
-  wd = c + s
-  # The rows and their cotangents in the layout [B, N, HV, V, C + S, ...].
-  q_rows = two_stream_xla.windows(ops.noisy[0], 2, n, c, s, wd)  # B V N W H Kp
-  q_rows = jnp.repeat(jnp.transpose(q_rows, (0, 2, 4, 1, 3, 5)), hv // hq, axis=2)
-  rows = ((q_rows.astype(_F32) * jnp.exp(gam)[..., None],
-           scale * jnp.transpose(ops.do, (0, 2, 4, 1, 3, 5))), (w, -dvn))
-  # How each row reaches its seed state from its window: the Pallas kernels' rule, batched over
-  # (batch, window, value head).
-  seed, lo, carry = (two_stream_xla.windows(m, 1, n, c, s, wd) for m in ops.meta[1:])  # B N W
-  g_ctx = jnp.swapaxes(gc.reshape(b, n, c, hv), 2, 3)  # B N HV C
-  ipos = jnp.broadcast_to(((jnp.arange(n) * c)[:, None] + jnp.arange(c))[:, None], (n, wd, c))
-  terms = jax.vmap(tsp.seed_terms, (0, None, None, None, None, None))  # over value heads
-  terms = jax.vmap(terms, (0, 0, 0, 0, 0, 0))  # over windows
-  terms = jax.vmap(terms, (0, None, 0, 0, 0, None))  # over batch rows
-  e, coef, at_seed = terms(g_ctx, ipos, seed, lo, carry, jnp.arange(n))  # B N HV W C, .. W, .. W C
-  e, coef = e[:, :, :, None], coef[:, :, :, None, :, None]  # B N HV 1 W C, B N HV 1 W 1
-  heads = lambda x: jnp.repeat(jnp.swapaxes(x.reshape(b, n, c, x.shape[2], -1), 2, 3),
-                               hv // x.shape[2], axis=2)  # [B, N C, H, X] -> [B, N, HV, C, X]
-  k_ctx, v_ctx = heads(kc).astype(_F32), heads(vc)
-  dxs, dkc, dvc, dh, pe_cols, dseed = [], 0.0, 0.0, 0.0, 0.0, 0.0
-  for x, dy in rows:
-    sx = jnp.einsum('bnhurk,bnhck->bnhurc', x, k_ctx)
-    ze = jnp.einsum('bnhurv,bnhcv->bnhurc', dy, v_ctx) * e
-    dyh = coef * jnp.einsum('bnhurv,bnhkv->bnhurk', dy, h)
-    dxs.append(jnp.einsum('bnhurc,bnhck->bnhurk', ze, k_ctx) + dyh)
-    dvc += jnp.einsum('bnhurc,bnhurv->bnhcv', sx * e, dy)
-    dkc += jnp.einsum('bnhurc,bnhurk->bnhck', ze, x)
-    dh += jnp.einsum('bnhurk,bnhurv->bnhkv', x, dy * coef)
-    pe = ze * sx
-    dseed += jnp.sum(pe, axis=-1) + jnp.sum(x * dyh, axis=-1)
-    pe_cols += jnp.sum(pe, axis=(3, 4))
-  dgc = jnp.einsum('bnhrc,bnhur->bnhc', at_seed.astype(_F32), dseed,
-                   precision=jax.lax.Precision.HIGHEST) - pe_cols
-  slots = lambda x: jnp.swapaxes(x, 2, 3).reshape((b, 1, n * c, hv) + x.shape[4:])
-  return tuple(dxs) + (slots(dkc)[:, :, :, :, None], slots(dvc), slots(dgc)[..., None],
-                       dh[:, None])
-
-
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
               interpret):
   """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy).
 
   Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam and the cotangent of V'
-  from the intra-block output terms; `_seed_backward` (XLA GEMMs) takes the seed products'
-  backward: the clean context's gradients and the rows' cotangents of e^gam q and W;
-  `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs' gradients (per
-  window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
+  from the intra-block output terms; `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take
+  the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
+  gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
+  gradients (per window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
   gradients through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
-  b, nv, _, hq, _ = noisy[0].shape
+  b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   block_v, num_warps, wy_warps = backward_launch(noisy[0].dtype, max_block)
@@ -650,21 +728,40 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   nvt, wd = z.vdp // z.bv, z.c + z.s
   win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
-  sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-               N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
+  sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
+               S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec,
+               STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
+  # The walks reach only each window's own tiles (`_own_span`): rows they skip read as zeros in
+  # the seed kernels (W, gam, dV') and `backward_sums` (every output of the backward kernel).
   w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
-      grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
-  dqe, dws, *ctx_grads = _seed_backward(ops, w, gam, dvn, scale)
+      grid=grid, num_warps=wy_warps, num_stages=1, zeroed_outputs=(0, 3, 4), **sizes)
+  seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
+  ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
+  seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'TPAD', 'K', 'VDP', 'C', 'S',
+                                      'N_TILES', 'SCALE', 'PREC')}
+  ctx_block_v, ctx_warps, rows_warps = seed_backward_launch()
+  dqe, dws, dkc, dgc = call(
+      *seed_ops, kernel=noisy_seed_rows_kernel,
+      out_shape=[stored(z.kp), stored(z.kp), ctx_v(1, z.kp), ctx_v(1)],
+      grid=(z.n, b * hv * nv), num_warps=rows_warps, num_stages=1, **seed_sizes)
+  ctx_block_v = min(ctx_block_v, z.vdp)
+  dvc, dh = call(
+      *seed_ops, kernel=noisy_seed_ctx_kernel,
+      out_shape=[ctx_v(z.vdp), jax.ShapeDtypeStruct((b, nv, z.n, hv, z.kp, z.vdp), _F32)],
+      grid=(z.n, b * hv * nv * (z.vdp // ctx_block_v)), num_warps=ctx_warps, num_stages=1,
+      BV=ctx_block_v, **seed_sizes)
+  ctx_grads = (dkc, dvc, dgc, dh)
   q, k, v, _, beta = ops.noisy
-  outs = call(q, k, v, beta, ops.meta[0], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
+  outs = call(q, k, v, beta, *ops.meta[:2], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
               out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
-              grid=grid, num_warps=num_warps, num_stages=1, **sizes)
+              grid=grid, num_warps=num_warps, num_stages=1, zeroed_outputs=(0, 1, 2, 3, 4),
+              **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 

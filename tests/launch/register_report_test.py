@@ -46,7 +46,8 @@ def test_records_the_fused_two_stream_launches():
   # with the checkpoints' pullback (no output cotangent: no dv_local).
   clean_fwd = ['intra_kernel', 'state_pass_kernel']
   clean_bwd = ['dhu_kernel', 'bwd_chunk_kernel']
-  noisy_bwd = ['noisy_wy_kernel', 'noisy_bwd_kernel']
+  noisy_bwd = ['noisy_wy_kernel', 'noisy_seed_rows_kernel', 'noisy_seed_ctx_kernel',
+               'noisy_bwd_kernel']
   launches = record(jnp.float32, 20)
   assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
   launch = launches[2]
@@ -54,20 +55,24 @@ def test_records_the_fused_two_stream_launches():
   # windows of 64 over T = 100: two, for 1 row x 4 value heads x 2 views x 1 V tile.
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
-  assert launches[7]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
-  # The backward's two kernels share a grid: V tiles of 32 (two over V = 64), for every dtype.
+  assert launches[9]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
+  # The backward's WY pass and reverse walk share a grid: V tiles of 32 (two over V = 64), for
+  # every dtype; the seed kernels take one program per window, head and view (all of V; the
+  # context kernel: V tiles of 64).
   for dtype, max_block in ((jnp.float32, 20), (jnp.bfloat16, 20), (jnp.float32, 8)):
     launches = record(dtype, max_block)
     assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
-    assert [l['meta']['BV'] for l in launches[5:7]] == [32, 32]
-    assert launches[5]['grid'] == launches[6]['grid'] == (2, 16)
+    assert [launches[i]['meta']['BV'] for i in (5, 8)] == [32, 32]
+    assert launches[5]['grid'] == launches[8]['grid'] == (2, 16)
+    assert launches[6]['grid'] == launches[7]['grid'] == (2, 8)
   # 16-bit inputs at 16-row tiles: one V tile (all of V), the backward at eight warps; every
   # fused kernel reads noisy q, k, v as given and multiplies in bf16.
   launches = record(jnp.bfloat16, 8)
-  assert [l['meta']['BV'] for l in launches[5:7]] == [64, 64]
-  assert launches[6]['num_warps'] == 8 and launches[6]['grid'] == (2, 8)
-  for launch in launches[2:3] + launches[5:7]:
-    assert set(launch['dtypes'][:3]) == {'bfloat16'}, launch['kernel'].fn.__name__
+  assert [launches[i]['meta']['BV'] for i in (5, 8)] == [64, 64]
+  assert launches[8]['num_warps'] == 8 and launches[8]['grid'] == (2, 8)
+  for launch in launches[2:3] + launches[5:9]:
+    read_as_given = 1 if 'seed' in launch['kernel'].fn.__name__ else 3  # the seed kernels: q
+    assert set(launch['dtypes'][:read_as_given]) == {'bfloat16'}, launch['kernel'].fn.__name__
     assert launch['meta']['PREC'].startswith('bf16')
 
 

@@ -28,6 +28,9 @@ def test_parse_launch():
   for bad in ('128,8', '96,8,4', '8,4,4', '128,8,32', '128,x,4', '128,0,4'):
     with pytest.raises(app.UsageError, match='V tile,warps,WY pass warps'):
       schedule_cases.parse_launch(bad)
+  assert schedule_cases.parse_launch('64,4,8', '--seed_bwd_launch') == (64, 4, 8)
+  with pytest.raises(app.UsageError, match='context V tile,context warps,rows warps'):
+    schedule_cases.parse_launch('64,4', '--seed_bwd_launch')
 
 
 def test_table_ratios_stay_within_each_case():

@@ -91,3 +91,19 @@ def test_loop_over_a_tensor_bound():
       x, kernel=_sum_leading_positives, grid=(3,), N=8,
       out_shape=jax.ShapeDtypeStruct((3,), jnp.float32)))(x)
   np.testing.assert_array_equal(s, [5., 0., 32.])
+
+
+def test_unwritten_outputs_read_unset_unless_zeroed():
+  """jax_triton zeroes only the outputs zeroed_outputs lists; the others start unset (here NaN
+  and -1), so a kernel that skips elements of one must list it."""
+  x = jnp.arange(24, dtype=jnp.float32).reshape(3, 8)
+  call = lambda zeroed: jax.jit(lambda x: triton_interpret.triton_call(
+      x, kernel=_scale_and_sum_rows, grid=(2,), N=8, FACTOR=2.0, zeroed_outputs=zeroed,
+      out_shape=[jax.ShapeDtypeStruct((3, 8), jnp.float32),
+                 jax.ShapeDtypeStruct((3,), jnp.int32)]))(x)  # row 2 is never written
+  y, s = call(())
+  np.testing.assert_array_equal(y[:2], 2 * x[:2])
+  assert np.isnan(y[2]).all() and s[2] == -1
+  y, s = call((0, 1))
+  np.testing.assert_array_equal(y[2], 0)
+  np.testing.assert_array_equal(s, [28, 92, 0])
