@@ -43,21 +43,26 @@ def _interpret() -> bool:
   return jax.default_backend() != 'gpu'
 
 
-def resolve_schedule(schedule: str) -> str:
-  """'auto' -> 'triton' on GPU (fused forward, the chunked schedule's autodiff backward), else
-  'chunked'. H200, T = 4096, H = 16, K = V = 128, bf16, block 4, V = 2, clean and noisy outputs
-  together (bench_schedules both:triton, both:chunked): forward+backward 7.33-7.60 ms against
-  11.28-11.41, the same temp memory (2.26 / 2.27 GiB). Later, back to back (2026-12-03):
-  both:triton 5.37 ms, 1.74 GiB; with the backward kernels (both:triton_kernel_bwd) 6.13 ms,
-  1.41 GiB (30.6 against 9.13 ms at block 32); with the stored tile inverses 5.26 ms, 1.42 GiB
-  against both:triton's 5.39 in one run. The 0.8B flare train step (bench_train,
-  4 x 4096): 1,365 ms against 1,524 on chunked; with triton_kernel_bwd 1,128 ms and 37.9 GiB
-  against triton's 1,126 ms and 37.3 GiB (2026-12-03, separate runs; the GPU flare-step test
-  passes with either), so autodiff's backward stays. Other names pass through."""
+def resolve_schedule(schedule: str, dtype=None, max_block: int = 32) -> str:
+  """'auto' -> on GPU the fused Triton forward: with the backward kernels ('triton_kernel_bwd')
+  for 16-bit inputs (dtype, the noisy q's) at row tiles up to 16 slots (max_block <= 16), else
+  with the chunked schedule's autodiff ('triton'); off GPU 'chunked'. Other names pass through.
+
+  H100, bf16, T = 4096, H = 16, K = V = 128, block 4, V = 2, clean and noisy outputs together,
+  back to back (bench_schedules, 2026-12-06): both:triton_kernel_bwd 4.75 ms and 0.93 GiB of temp
+  memory against both:triton's 5.77-5.78 ms and 1.45 GiB; the GPU flare-step test passes with
+  either. At block 32 the backward kernels' 32-row tiles spill (H200, 2026-12-03: 30.6 against
+  9.13 ms), and for fp32 inputs their K = 128 kernels spill 12-56 KB per thread
+  (`two_stream_triton.backward_launch`): autodiff's backward there. Earlier (H200): both:triton
+  against both:chunked 7.33-7.60 ms against 11.28-11.41 (forward+backward), the same temp
+  memory."""
   if schedule != 'auto':
     return schedule
-  gpu = jax.default_backend() == 'gpu' and two_stream_triton.triton is not None
-  return 'triton' if gpu else 'chunked'
+  if jax.default_backend() != 'gpu' or two_stream_triton.triton is None:
+    return 'chunked'
+  fast_tiles = two_stream_pallas.row_tile(max_block) <= two_stream_triton.STORED_INVERSE_MAX_TILE
+  kernel_bwd = dtype is not None and jnp.dtype(dtype).itemsize == 2 and fast_tiles
+  return 'triton_kernel_bwd' if kernel_bwd else 'triton'
 
 
 def _gather_time(x, idx):
@@ -216,7 +221,7 @@ def noisy_delta_rule(clean, noisy, segment_ids, block_starts, *, scale, schedule
   """
   if schedule not in ALL_SCHEDULES:
     raise ValueError(f'unknown GDN schedule {schedule!r}; known: {ALL_SCHEDULES}')
-  schedule = resolve_schedule(schedule)
+  schedule = resolve_schedule(schedule, noisy[0].dtype, max_block)
   if schedule in KERNEL_SCHEDULES:
     kernel = (two_stream_pallas.noisy_delta_rule_pallas if schedule.startswith('pallas')
               else two_stream_triton.noisy_delta_rule_triton)

@@ -8,23 +8,25 @@ the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so
 state is ever formed; each slot's output is stored by its seed's window only, straight into the
 slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window cotangents
 and sums) is `two_stream_pallas`'s.
-Backward: `jax.vjp` of the pure-JAX chunked schedule (default, as the Pallas kernel's), or the
-kernels (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and
-stores its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take
-the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and
-the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's);
-`noisy_bwd_kernel` walks every window backwards, one reverse-mode
-step of the tile recurrence per row tile, carrying cotangents to the previous tile. No per-block
-state is formed; the window rows (C + S per chunk of C slots) are stored in fp32. H200, bf16,
-B = 1, T = 4096, two views, 16 heads of 128, the whole two-stream pass's forward+backward (clean
-stream included), back to back, 2026-12-03: at block 4, 6.13 ms and 1.41 GiB of temp memory
-against 5.37 ms and 1.74 GiB with autodiff's backward (backward kernel 2.21 ms, WY pass 0.61, the
-forward 0.57); at block 32 (32-row tiles, whose registers spill), 30.6 ms against 9.13. Since the
-WY pass also stores each 16-row tile's (I + A)^-1 (STORED_INVERSE_MAX_TILE), block 4 takes 5.26 ms
-and 1.42 GiB against autodiff's 5.39 and 1.74 GiB in one run (backward kernel 1.33 ms). Autodiff
-stays the default until a flare step on the GPU is checked with these kernels. (Before this
-design, the backward kernel rebuilt two row tiles per step with the clean context in registers:
-18.4-18.8 ms at block 4.)
+Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or the kernels
+(backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and stores
+its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take the
+seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and the
+clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's); and
+`noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence per
+row tile, carrying cotangents to the previous tile. No per-block state is formed; the window rows
+(C + S per chunk of C slots) are stored in fp32. H100, bf16, B = 1, T = 4096, two views, 16
+heads of 128, block 4, the whole two-stream pass's forward+backward (clean stream included),
+back to back, 2026-12-06: 4.75 ms and 0.93 GiB of temp memory against 5.62 ms and 1.42 GiB with
+the seed products' backward as XLA GEMMs and the walks from nC (4.96 ms with the seed kernels
+alone), and against autodiff's 5.76-5.78 ms and 1.45 GiB in the same runs; profiled with the
+seed kernels alone: backward kernel 1.33 ms, seed kernels 0.71 (rows) and 0.39 (context), WY
+pass 0.63. At
+block 32 (32-row tiles, whose registers spill) the backward kernels were 3.4x slower than
+autodiff's (H200, 2026-12-03: 30.6 against 9.13 ms), so 'auto' picks them for 16-bit inputs at
+row tiles up to 16 only (`two_stream_gdn.resolve_schedule`). (Earlier designs: a backward kernel
+that rebuilt two row tiles per step with the clean context in registers, 18.4-18.8 ms at block
+4 on an H200; the seed products' backward in XLA, 5.26 ms there.)
 
 `interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them
@@ -69,8 +71,8 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   pass, back to back: block 4 at (128, 8, 4) 6.13 ms (5.26 with the stored inverses), at
   (64, 4, 4) 6.93 (an earlier version of the kernels); block 32 at (32, 4, 4) 30.6 ms, at
   (32, 4, 8) 33.7, at (16, 4, 4) 51.5 (walks from nC). Walking only the own tiles (`_own_span`)
-  took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920); not yet timed
-  on a GPU."""
+  took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920), and the
+  kernel backward's fwd+bwd from 4.96 to 4.75 ms (H100, back to back, 2026-12-06)."""
   if jnp.dtype(dtype).itemsize == 2:
     return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
   return 32, 8, 4
@@ -79,7 +81,9 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
 def seed_backward_launch() -> tuple[int, int, int]:
   """(V tile, warps of `noisy_seed_ctx_kernel`; warps of `noisy_seed_rows_kernel`). ptxas
   (sm_90a, K = V = 128, bf16, block 4, launch.kernel_registers): the context kernel at (64, 4)
-  spills 24 B per thread, the rows kernel at 8 warps 52 B."""
+  spills 24 B per thread, the rows kernel at 8 warps 52 B (at 4 warps: 552). H100, the kernel
+  backward's fwd+bwd (block 4, back to back, 2026-12-06): 4.75 / 4.76 ms against 4.81 with the
+  context kernel at (128, 8) (84 B spilled)."""
   return 64, 4, 8
 
 
@@ -713,8 +717,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   from the intra-block output terms; `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take
   the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
   gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
-  gradients (per window row). Plain JAX then sums windows, V tiles, views and GQA heads and pulls the context
-  gradients through the clean pass (`backward_sums`)."""
+  gradients (per window row). Plain JAX then sums windows, V tiles, views and GQA heads and
+  pulls the context gradients through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
   b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]

@@ -163,11 +163,20 @@ def test_schedules_agree_inside_the_model_with_parameter_gradients(rng, schedule
       np.testing.assert_allclose(a, c, atol=2e-4, rtol=2e-4)
 
 
-def test_auto_schedule_is_the_fused_triton_forward_on_gpu_only():
-  want = 'triton' if jax.default_backend() == 'gpu' else 'chunked'
-  assert two_stream_gdn.resolve_schedule('auto') == want
-  assert two_stream_gdn.resolve_schedule('lean') == 'lean'
+def test_auto_schedule_is_the_fused_triton_forward_on_gpu_only(monkeypatch):
+  resolve = two_stream_gdn.resolve_schedule
+  gpu = jax.default_backend() == 'gpu'
+  assert resolve('auto') == ('triton' if gpu else 'chunked')
+  assert resolve('auto', jnp.bfloat16, 4) == ('triton_kernel_bwd' if gpu else 'chunked')
+  assert resolve('lean', jnp.bfloat16, 4) == 'lean'
   assert two_stream.ObjectiveConfig().gdn_schedule == 'auto'
+  if two_stream_gdn.two_stream_triton.triton is None:
+    return
+  # The GPU rule on any host: the backward kernels for 16-bit inputs at 16-row tiles only.
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert resolve('auto', jnp.bfloat16, 4) == resolve('auto', jnp.float16, 16) == 'triton_kernel_bwd'
+  assert resolve('auto', jnp.bfloat16, 17) == 'triton'  # 32-row tiles
+  assert resolve('auto', jnp.float32, 4) == resolve('auto') == 'triton'
 
 
 def test_triton_schedules_share_the_clean_pass_where_the_kernels_take_it():
