@@ -540,19 +540,29 @@ if triton is not None:
       nx_dgam, nx_bs = dgam, b_bs
 
   @triton.jit
-  def _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, tok, lrow, wrow, kh, i_h, o_v,
-                     HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
-                     SCALE: tl.constexpr):
-    """One row tile's two row sets x [S, K] whose seed products the output reads, each with the
-    cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U -
-    seed(W): dy = -dV')."""
+  def _seed_tile(q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v,
+                 g_ctx, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                 TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr,
+                 S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
+    """Row tile i of window n for the seed kernels: its rows' index in the stored layout lrow
+    [S], how they reach their seed state (`_seed_terms`: at_seed, E, coef), and the two row sets
+    x [S, K] whose seed products the output reads, each with the cotangent dy [S, len(o_v)] of
+    its product: x = e^gam Q (dy = scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
     o_k = tl.arange(0, K)
+    r = i * S + tl.arange(0, S)  # window rows
+    slot = n * C + r
+    mslot = (i_b * TPAD + slot).to(tl.int64)
+    at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, tl.load(seed + mslot),
+                                   tl.load(lo + mslot), tl.load(carry + mslot), n)
+    tok = ((i_b * NV + i_u) * TPAD).to(tl.int64) + slot
+    wrow = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64) + r  # window layout
+    lrow = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64) + r
     gam = tl.load(wy_gam + lrow)
     xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
     dyq = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
     xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
     dyw = -tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
-    return xq * tl.exp(gam)[:, None], dyq, xw, dyw
+    return lrow, at_seed, e, coef, xq * tl.exp(gam)[:, None], dyq, xw, dyw
 
   @triton.jit
   def _seed_row_grads(x, dy, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC: tl.constexpr):
@@ -586,23 +596,14 @@ if triton is not None:
     n = tl.program_id(0)
     i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
-    o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     o_c = tl.arange(0, C)
-    ipos = n * C + o_c
-    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
     acc_dkc = tl.zeros([C, K], dtype=tl.float32)
     acc_dg = tl.zeros([C], dtype=tl.float32)
     for i in range(N_TILES):
-      slot = n * C + i * S + o_s
-      mslot = (i_b * TPAD + slot).to(tl.int64)
-      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
-                                     tl.load(carry + mslot), n)
-      lrow = lbase + i * S + o_s
-      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot, lrow,
-                                        wbase + i * S + o_s, kh, i_h, o_v, HQ, HV, K, VDP, SCALE)
+      lrow, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
+          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v, g_ctx, NV,
+          HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
       p_lk = lrow[:, None] * K + o_k[None, :]
       dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
       tl.store(dqe + p_lk, dx)
@@ -629,23 +630,14 @@ if triton is not None:
     # (Triton drops the loads of v' and h_n, which this kernel does not read.)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
-    o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     o_c = tl.arange(0, C)
-    ipos = n * C + o_c
-    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
     acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
     acc_dh = tl.zeros([K, BV], dtype=tl.float32)
     for i in range(N_TILES):
-      slot = n * C + i * S + o_s
-      mslot = (i_b * TPAD + slot).to(tl.int64)
-      at_seed, e, coef = _seed_terms(ipos, g_ctx, tl.load(seed + mslot), tl.load(lo + mslot),
-                                     tl.load(carry + mslot), n)
-      xq, dyq, xw, dyw = _seed_row_sets(q, wy_w, wy_gam, wy_dvn, do, base + slot,
-                                        lbase + i * S + o_s, wbase + i * S + o_s, kh, i_h, o_v,
-                                        HQ, HV, K, VDP, SCALE)
+      _, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
+          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v, g_ctx, NV,
+          HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
       acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
                   + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
       acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
