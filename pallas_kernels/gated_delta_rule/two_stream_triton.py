@@ -21,12 +21,11 @@ back to back, 2026-12-06: 4.75 ms and 0.93 GiB of temp memory against 5.62 ms an
 the seed products' backward as XLA GEMMs and the walks from nC (4.96 ms with the seed kernels
 alone), and against autodiff's 5.76-5.78 ms and 1.45 GiB in the same runs; profiled with the
 seed kernels alone: backward kernel 1.33 ms, seed kernels 0.71 (rows) and 0.39 (context), WY
-pass 0.63. At
-block 32 (32-row tiles, whose registers spill) the backward kernels were 3.4x slower than
-autodiff's (H200, 2026-12-03: 30.6 against 9.13 ms), so 'auto' picks them for 16-bit inputs at
-row tiles up to 16 only (`two_stream_gdn.resolve_schedule`). (Earlier designs: a backward kernel
-that rebuilt two row tiles per step with the clean context in registers, 18.4-18.8 ms at block
-4 on an H200; the seed products' backward in XLA, 5.26 ms there.)
+pass 0.63. At block 32 (32-row tiles, whose registers spill) the backward kernels were 3.4x
+slower than autodiff's (H200, 2026-12-03: 30.6 against 9.13 ms), so 'auto' picks them for 16-bit
+inputs at row tiles up to 16 only (`two_stream_gdn.resolve_schedule`). (Earlier designs: a
+backward kernel that rebuilt two row tiles per step with the clean context in registers,
+18.4-18.8 ms at block 4 on an H200; the seed products' backward in XLA, 5.26 ms there.)
 
 `interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
 the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them
