@@ -42,8 +42,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.objective.logit_shift = True  # noisy slot p predicts token p+1, like the AR stream
   c.objective.noise = 'uniform'  # 'uniform' | 'all_masked' | 'position_dependent'
   c.objective.noise_eps = 1e-3  # t ~ U(eps, 1]
-  # GDN noisy blocks: 'auto' (the fused Triton forward on GPU, else 'chunked') | 'chunked' (all
-  # blocks at once, no token scan) | 'lean' | 'simple' (references) | a fused kernel schedule
+  # GDN noisy blocks: 'auto' (on GPU the fused Triton forward, with the backward kernels for bf16
+  # at blocks up to 16; else 'chunked') | 'chunked' (all blocks at once, no token scan) | 'lean' |
+  # 'simple' (references) | a fused kernel schedule (two_stream_gdn.KERNEL_SCHEDULES)
   c.objective.gdn_schedule = 'auto'
   # Cross-entropy sequence tile per row: fp32 logits of batch x loss_tile tokens at once; fewer,
   # larger tiles accumulate the LM-head gradient fewer times (0.8B step: 14 ms of fp32 [vocab, D]
