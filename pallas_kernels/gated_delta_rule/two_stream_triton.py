@@ -334,6 +334,25 @@ if triton is not None:
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
+  def _row_bases(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                 N_TILES: tl.constexpr, S: tl.constexpr):
+    """Where window n's rows (N_TILES * S = C + S) of one (batch, value head, view) start in the
+    backward's two row layouts: the window layout [B, V, N, C + S, HV, ...] (dO and the backward
+    kernel's outputs; the value head is the next index) and the stored rows' layout [B, N, HV, V,
+    C + S, ...] (the WY pass's outputs and the seed kernels' row cotangents)."""
+    rows = N_TILES * S
+    wbase = (((i_b * NV + i_u) * N + n) * rows).to(tl.int64)
+    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * rows).to(tl.int64)
+    return wbase, lbase
+
+  @triton.jit
+  def _context_rows(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                    C: tl.constexpr):
+    """Rows [C] of clean chunk n in the seed kernels' per-view context gradients [B, V, N C,
+    HV, ...]."""
+    return ((((i_b * NV + i_u) * N + n) * C + tl.arange(0, C)) * HV + i_h).to(tl.int64)
+
+  @triton.jit
   def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
                       wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
@@ -359,8 +378,7 @@ if triton is not None:
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     k_p = tl.zeros([S, K], dtype=tl.float32)
     w_p = tl.zeros([S, K], dtype=tl.float32)
     u_p = tl.zeros([S, BV], dtype=tl.float32)
@@ -425,8 +443,7 @@ if triton is not None:
     col = o_s[None, :]
     lead = (o_s >= 0) & (i_e == 0)
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     # Cotangents carried from tile i + 1 into tile i (of its U, W, k and gam), and tile i + 1's
     # gam cotangent and block starts (its rows' gam sum g of this tile's rows in their block).
     c_du = tl.zeros([S, BV], dtype=tl.float32)
@@ -554,8 +571,9 @@ if triton is not None:
     at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, tl.load(seed + mslot),
                                    tl.load(lo + mslot), tl.load(carry + mslot), n)
     tok = ((i_b * NV + i_u) * TPAD).to(tl.int64) + slot
-    wrow = (((i_b * NV + i_u) * N + n) * (N_TILES * S)).to(tl.int64) + r  # window layout
-    lrow = ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64) + r
+    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    wrow = wbase + r
+    lrow = lbase + r
     gam = tl.load(wy_gam + lrow)
     xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
     dyq = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
@@ -596,7 +614,6 @@ if triton is not None:
     i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
-    o_c = tl.arange(0, C)
     acc_dkc = tl.zeros([C, K], dtype=tl.float32)
     acc_dg = tl.zeros([C], dtype=tl.float32)
     for i in range(N_TILES):
@@ -610,7 +627,7 @@ if triton is not None:
       tl.store(dws + p_lk, dx)
       acc_dkc += dk_q + dk_w
       acc_dg += dg_q + dg_w
-    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)  # [B, V, N C, HV]
+    crow = _context_rows(i_b, i_h, i_u, n, NV, HV, N, C)
     tl.store(dkc + crow[:, None] * K + o_k[None, :], acc_dkc)
     tl.store(dgc + crow, acc_dg)
 
@@ -630,7 +647,6 @@ if triton is not None:
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
-    o_c = tl.arange(0, C)
     acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
     acc_dh = tl.zeros([K, BV], dtype=tl.float32)
     for i in range(N_TILES):
@@ -641,7 +657,7 @@ if triton is not None:
                   + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
       acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
                  + _mm(tl.trans(xw), coef[:, None] * dyw, PREC))
-    crow = ((((i_b * NV + i_u) * N + n) * C + o_c) * HV + i_h).to(tl.int64)
+    crow = _context_rows(i_b, i_h, i_u, n, NV, HV, N, C)
     tl.store(dvc + crow[:, None] * VDP + o_v[None, :], acc_dvc)
     hrow = (((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k
     tl.store(dh + hrow[:, None] * VDP + o_v[None, :], acc_dh)
