@@ -199,27 +199,34 @@ if triton is not None:
 
   @triton.jit
   def _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col,
-               S: tl.constexpr, PREC: tl.constexpr):
+               S: tl.constexpr, PREC: tl.constexpr, CROSS: tl.constexpr):
     """The blocks' WY step for one row tile, banded against the previous tile (`_p`; bs_p = -1
     where there is none): in-block cumulative log-decay gam [S], decays d_ii [S, S] (causal, same
     block) and d_ip [S, S] (against the previous tile), e^gam, and the rows of W [S, K], U [S, BV]
-    (kernels.md 6.1)."""
+    (kernels.md 6.1). CROSS = False: no block crosses into the tile (`_blocks_cross_tiles`), the
+    banded terms are zero and not computed (d_ip is then 0)."""
     same = b_bs[:, None] == b_bs[None, :]
     causal = same & (col <= row)
     strict = same & (col < row)
-    same_p = b_bs[:, None] == bs_p[None, :]
-    gam = (tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
-           + tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1))
+    gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
+    if CROSS:
+      same_p = b_bs[:, None] == bs_p[None, :]
+      gam += tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1)
     # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
     d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
-    d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
     a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
-    a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
     t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
     eg = tl.exp(gam)
-    w = _mm(t_ii, b_k * (b_beta * eg)[:, None] - _mm(a_ip, w_p, PREC), PREC)
-    u = _mm(t_ii, b_v * b_beta[:, None] - _mm(a_ip, u_p, PREC), PREC)
-    return gam, d_ii, d_ip, eg, w, u, t_ii
+    x_w = b_k * (b_beta * eg)[:, None]
+    x_u = b_v * b_beta[:, None]
+    if CROSS:
+      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+      a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
+      x_w -= _mm(a_ip, w_p, PREC)
+      x_u -= _mm(a_ip, u_p, PREC)
+    else:
+      d_ip = tl.zeros([S, S], dtype=tl.float32)
+    return gam, d_ii, d_ip, eg, _mm(t_ii, x_w, PREC), _mm(t_ii, x_u, PREC), t_ii
 
   @triton.jit
   def _seed_product(x, k_ctx, v_ctx, h_n, e, coef, PREC: tl.constexpr):
@@ -232,15 +239,17 @@ if triton is not None:
   def _walk_tile(q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, n, ipos,
                  k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col,
                  HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
-                 S: tl.constexpr, PREC: tl.constexpr, ROWS: tl.constexpr = 0):
+                 S: tl.constexpr, PREC: tl.constexpr, CROSS: tl.constexpr,
+                 ROWS: tl.constexpr = 0):
     """One row tile of a window's forward walk (the slots `slot`): its noisy q, k, g and block
     starts, its WY step against the previous tile (`_wy_step`: gam, d_ii, d_ip, e^gam, W, U), its
-    seed terms (E, coef) and corrected values V' = U - W S(seed). ROWS: as `_slot_rows`."""
+    seed terms (E, coef) and corrected values V' = U - W S(seed). ROWS: as `_slot_rows`; CROSS:
+    as `_wy_step`."""
     b_q, b_k, b_v, b_g, b_beta, b_bs, b_seed, b_lo, b_carry = _slot_rows(
         q, k, v, g, beta, bsl, seed, lo, carry, slot, base, mbase, kh, i_h, o_v, HQ, HV, K, VDP,
         ROWS)
     gam, d_ii, d_ip, eg, w, u, t_ii = _wy_step(b_k, b_v, b_g, b_beta, b_bs, k_p, g_p, gam_p,
-                                               bs_p, w_p, u_p, row, col, S, PREC)
+                                               bs_p, w_p, u_p, row, col, S, PREC, CROSS)
     _, e, coef = _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n)  # e [S, C]
     vn = u - _seed_product(w, k_ctx, v_ctx, h_n, e, coef, PREC)
     return b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii
@@ -267,6 +276,17 @@ if triton is not None:
     return first, tl.minimum(tl.where(last >= first, (last - first + S) // S, 0), N_TILES)
 
   @triton.jit
+  def _blocks_cross_tiles(bsl, mbase, first, n_tiles, n, T: tl.constexpr, C: tl.constexpr,
+                          S: tl.constexpr):
+    """Whether a block crosses into one of the walk's row tiles (rows first + iS, 0 < i <
+    n_tiles): whether some tile's first slot lies in a block started before it. The walk spans
+    fewer than 2C slots from nC (`_own_span`)."""
+    o_w = n * C + tl.arange(0, 2 * C)
+    at_tile = ((o_w - first) % S == 0) & (o_w > first) & (o_w < first + n_tiles * S) & (o_w < T)
+    bs = tl.load(bsl + mbase + o_w, mask=at_tile, other=0)
+    return tl.max(tl.where(at_tile & (bs < o_w), 1, 0), axis=0) > 0
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
@@ -286,6 +306,24 @@ if triton is not None:
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * T).to(tl.int64)  # this view's row of slots
+    args = (q, k, v, g, beta, bsl, seed, lo, carry, o, n, first, n_tiles, i_b, i_h, i_u, kh, o_v,
+            k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base)
+    # Where no block crosses into a tile of the walk, the walk without the banded terms.
+    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, True)
+    else:
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, False)
+
+  @triton.jit
+  def _forward_walk(q, k, v, g, beta, bsl, seed, lo, carry, o, n, first, n_tiles, i_b, i_h, i_u,
+                    kh, o_v, k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base, NV: tl.constexpr,
+                    HQ: tl.constexpr, HV: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr,
+                    K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    S: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+                    CROSS: tl.constexpr):
+    """`noisy_kernel`'s walk over its n_tiles row tiles from slot `first`; CROSS: as
+    `_wy_step` (without, nothing is carried from tile to tile)."""
+    o_s = tl.arange(0, S)
     k_p = tl.zeros([S, K], dtype=tl.float32)
     w_p = tl.zeros([S, K], dtype=tl.float32)
     u_p = tl.zeros([S, BV], dtype=tl.float32)
@@ -298,17 +336,19 @@ if triton is not None:
       b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
-          PREC, T)
+          PREC, CROSS, T)
       # Output rows: their seed states' part (prefix identity) and the in-block part.
       qe = b_q * eg[:, None]
       b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
-             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC)
-             + _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC))
+             + _mm(_mm(b_q, tl.trans(b_k), PREC) * d_ii, vn, PREC))
+      if CROSS:
+        b_o += _mm(_mm(b_q, tl.trans(k_p), PREC) * d_ip, vn_p, PREC)
       own = _owned(slot, b_seed, n, T, C)
       orow = ((i_b * NV + i_u) * T + slot).to(tl.int64)
       tl.store(o + (orow * HV + i_h)[:, None] * VDP + o_v[None, :], SCALE * b_o,
                mask=own[:, None])
-      k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
+      if CROSS:
+        k_p, g_p, gam_p, bs_p, w_p, u_p, vn_p = b_k, b_g, gam, b_bs, w, u, vn
 
 
 if triton is not None:
@@ -371,14 +411,31 @@ if triton is not None:
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
-    r0 = first - n * C
+    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    args = (q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
+            n, first - n * C, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n,
+            wbase, lbase)
+    # Where no block crosses into a tile of the walk, the walk without the banded terms.
+    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+    else:
+      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, False)
+
+  @triton.jit
+  def _wy_walk(q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn,
+               wy_t, n, r0, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n, wbase,
+               lbase, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, TPAD: tl.constexpr,
+               K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+               S: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+               STORED_T: tl.constexpr, CROSS: tl.constexpr):
+    """`noisy_wy_kernel`'s walk over its n_tiles row tiles from window row r0; CROSS: as
+    `_wy_step` (without, only dV' is carried, stored one tile late)."""
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
     ipos = n * C + tl.arange(0, C)
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     k_p = tl.zeros([S, K], dtype=tl.float32)
     w_p = tl.zeros([S, K], dtype=tl.float32)
     u_p = tl.zeros([S, BV], dtype=tl.float32)
@@ -393,11 +450,12 @@ if triton is not None:
       b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
-          PREC)
+          PREC, CROSS)
       wrow = wbase + r
       dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :],
                             mask=inw[:, None], other=0.0)
-      dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
+      if CROSS:
+        dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
       lrow = lbase + r
       p_v = lrow[:, None] * VDP + o_v[None, :]
       tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(r >= r0 + S)[:, None])  # tile i - 1
@@ -409,7 +467,8 @@ if triton is not None:
       tl.store(wy_u + p_v, u, mask=inw[:, None])
       tl.store(wy_vn + p_v, vn, mask=inw[:, None])
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
-      k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
+      if CROSS:
+        k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
     r = r0 + (n_tiles - 1) * S + o_s  # the last tile's rows (none without tiles)
     tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :], dvn_p,
              mask=((r < C + S) & (n_tiles > 0))[:, None])
@@ -444,6 +503,26 @@ if triton is not None:
     lead = (o_s >= 0) & (i_e == 0)
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
     wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    args = (q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in, dq,
+            dk, dv, dg, db, n, n_tiles, r0, i_h, i_e, kh, o_v, o_s, o_k, row, col, lead, base,
+            wbase, lbase, i_b * TPAD)
+    # Where no block crosses into a tile of the walk, no tile reads its predecessor: the walk
+    # without the banded terms, half the products and no carried cotangents.
+    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
+    else:
+      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, False)
+
+  @triton.jit
+  def _bwd_walk(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in,
+                dq, dk, dv, dg, db, n, n_tiles, r0, i_h, i_e, kh, o_v, o_s, o_k, row, col, lead,
+                base, wbase, lbase, mbase, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+                VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                NVT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+                STORED_T: tl.constexpr, CROSS: tl.constexpr):
+    """`noisy_bwd_kernel`'s walk over tiles i = n_tiles - 1 .. 0. CROSS: some block crosses into
+    a tile from its predecessor (`_blocks_cross_tiles`); without, every banded term with the
+    previous tile (A_ip, D_ip and the cotangents they carry) is zero and is not computed."""
     # Cotangents carried from tile i + 1 into tile i (of its U, W, k and gam), and tile i + 1's
     # gam cotangent and block starts (its rows' gam sum g of this tile's rows in their block).
     c_du = tl.zeros([S, BV], dtype=tl.float32)
@@ -463,7 +542,7 @@ if triton is not None:
       b_k = tl.load(k + p_qk).to(tl.float32)
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
       b_beta = tl.load(beta + tok * HV + i_h)
-      b_bs = tl.load(bsl + (i_b * TPAD + slot).to(tl.int64))
+      b_bs = tl.load(bsl + (mbase + slot).to(tl.int64))
       wrow = wbase + r  # in the window layout [B, V, N, C + S, HV, ...]
       lrow = lbase + r  # in the stored rows' layout [B, N, HV, V, C + S, ...]
       p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
@@ -479,24 +558,26 @@ if triton is not None:
       dvn = tl.load(wy_dvn + p_lv, mask=m_v, other=0.0)
       dqe = tl.load(dqe_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
       dws = tl.load(dws_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
-      k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
-          k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, i_b * TPAD, lrow - S, i > 0, kh,
-          o_v, HQ, K, VDP)
+      if CROSS:
+        k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
+            k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, mbase, lrow - S, i > 0, kh,
+            o_v, HQ, K, VDP)
       dos = SCALE * tl.load(do + p_v, mask=m_v, other=0.0)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
       same = b_bs[:, None] == b_bs[None, :]
       causal = same & (col <= row)
       strict = same & (col < row)
-      same_p = b_bs[:, None] == bs_p[None, :]
       d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
-      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
       kk = _mm(b_k, tl.trans(b_k), PREC)
-      kkp = _mm(b_k, tl.trans(k_p), PREC)
       qk = _mm(b_q, tl.trans(b_k), PREC)
-      qkp = _mm(b_q, tl.trans(k_p), PREC)
       a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
-      a_ip = b_beta[:, None] * kkp * d_ip
+      if CROSS:
+        same_p = b_bs[:, None] == bs_p[None, :]
+        d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+        kkp = _mm(b_k, tl.trans(k_p), PREC)
+        qkp = _mm(b_q, tl.trans(k_p), PREC)
+        a_ip = b_beta[:, None] * kkp * d_ip
       if STORED_T:
         t_ii = tl.load(wy_t + lrow[:, None] * S + col, mask=m_v, other=0.0)
       else:
@@ -505,45 +586,54 @@ if triton is not None:
 
       # O = scale [seed(e^gam Q) + (Q K^T * D_ii) V' + (Q K_p^T * D_ip) V'_p] (dV': stored).
       ds_ii = _mm(dos, tl.trans(vn), PREC) * d_ii
-      ds_ip = _mm(dos, tl.trans(vn_p), PREC) * d_ip
-      b_dq = _mm(ds_ii, b_k, PREC) + _mm(ds_ip, k_p, PREC) + dqe * eg[:, None]
-      b_dk = _mm(tl.trans(ds_ii), b_q, PREC) + c_dk
+      b_dq = _mm(ds_ii, b_k, PREC) + dqe * eg[:, None]
+      b_dk = _mm(tl.trans(ds_ii), b_q, PREC)
       m_ii = ds_ii * qk
-      m_ip = ds_ip * qkp
-      dgam = (tl.sum(m_ii, axis=1) - tl.sum(m_ii, axis=0) + tl.sum(m_ip, axis=1) + c_dgam
-              + tl.sum(dqe * b_q, axis=1) * eg)
-      n_dk = _mm(tl.trans(ds_ip), b_q, PREC)
-      n_dgam = -tl.sum(m_ip, axis=0)
+      dgam = tl.sum(m_ii, axis=1) - tl.sum(m_ii, axis=0) + tl.sum(dqe * b_q, axis=1) * eg
       # V' = U - seed(W): dU = dV', dW = the seed product's (dws) and the next tile's.
-      dw = c_dw + dws
-      du = dvn + c_du
+      dw = dws
+      du = dvn
+      if CROSS:
+        ds_ip = _mm(dos, tl.trans(vn_p), PREC) * d_ip
+        b_dq += _mm(ds_ip, k_p, PREC)
+        b_dk += c_dk
+        m_ip = ds_ip * qkp
+        dgam += tl.sum(m_ip, axis=1) + c_dgam
+        n_dk = _mm(tl.trans(ds_ip), b_q, PREC)
+        n_dgam = -tl.sum(m_ip, axis=0)
+        dw += c_dw
+        du += c_du
       # The WY step: W = T (diag(beta e^gam) K - A_ip W_p), U = T (diag(beta) V - A_ip U_p),
       # T = (I + A_ii)^-1: dA = -T^T dX X^T for each solved X.
       rw = _mm(tl.trans(t_ii), dw, PREC)
       ru = _mm(tl.trans(t_ii), du, PREC)
-      n_dw = -_mm(tl.trans(a_ip), rw, PREC)
-      n_du = -_mm(tl.trans(a_ip), ru, PREC)
       da_ii = tl.where(strict, -(_mm(rw, tl.trans(w), PREC) + _mm(ru, tl.trans(u), PREC)), 0.0)
-      da_ip = tl.where(same_p, -(_mm(rw, tl.trans(w_p), PREC) + _mm(ru, tl.trans(u_p), PREC)),
-                       0.0)
       dkk = da_ii * d_ii * b_beta[:, None]
       b_dk += _mm(dkk, b_k, PREC) + _mm(tl.trans(dkk), b_k, PREC)
-      dkkp = da_ip * d_ip * b_beta[:, None]
-      b_dk += _mm(dkkp, k_p, PREC)
-      n_dk += _mm(tl.trans(dkkp), b_k, PREC)
-      b_db = tl.sum(da_ii * d_ii * kk, axis=1) + tl.sum(da_ip * d_ip * kkp, axis=1)
+      b_db = tl.sum(da_ii * d_ii * kk, axis=1)
       p_ii = da_ii * a_ii
-      p_ip = da_ip * a_ip
-      dgam += tl.sum(p_ii, axis=1) - tl.sum(p_ii, axis=0) + tl.sum(p_ip, axis=1)
-      n_dgam -= tl.sum(p_ip, axis=0)
+      dgam += tl.sum(p_ii, axis=1) - tl.sum(p_ii, axis=0)
+      if CROSS:
+        n_dw = -_mm(tl.trans(a_ip), rw, PREC)
+        n_du = -_mm(tl.trans(a_ip), ru, PREC)
+        da_ip = tl.where(same_p,
+                         -(_mm(rw, tl.trans(w_p), PREC) + _mm(ru, tl.trans(u_p), PREC)), 0.0)
+        dkkp = da_ip * d_ip * b_beta[:, None]
+        b_dk += _mm(dkkp, k_p, PREC)
+        n_dk += _mm(tl.trans(dkkp), b_k, PREC)
+        b_db += tl.sum(da_ip * d_ip * kkp, axis=1)
+        p_ip = da_ip * a_ip
+        dgam += tl.sum(p_ip, axis=1)
+        n_dgam -= tl.sum(p_ip, axis=0)
       rk = tl.sum(rw * b_k, axis=1)
       b_dk += rw * (b_beta * eg)[:, None]
       b_db += rk * eg + tl.sum(ru * b_v, axis=1)
       dgam += rk * b_beta * eg
       b_dv = ru * b_beta[:, None]
       # gam_r sums g over its block up to r: this tile's and the next tile's rows of the block.
-      b_dg = (tl.sum(tl.where(causal, dgam[:, None], 0.0), axis=0)
-              + tl.sum(tl.where(nx_bs[:, None] == b_bs[None, :], nx_dgam[:, None], 0.0), axis=0))
+      b_dg = tl.sum(tl.where(causal, dgam[:, None], 0.0), axis=0)
+      if CROSS:
+        b_dg += tl.sum(tl.where(nx_bs[:, None] == b_bs[None, :], nx_dgam[:, None], 0.0), axis=0)
 
       p_k = ((wrow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :]
       p_1 = (wrow * HV + i_h) * NVT + i_e
@@ -552,20 +642,23 @@ if triton is not None:
       tl.store(dv + p_v, b_dv, mask=m_v)
       tl.store(dg + p_1, b_dg, mask=inw)
       tl.store(db + p_1, b_db, mask=inw)
-      c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
-      nx_dgam, nx_bs = dgam, b_bs
+      if CROSS:
+        c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
+        nx_dgam, nx_bs = dgam, b_bs
 
   @triton.jit
-  def _seed_tile(q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v,
+  def _seed_tile(q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v,
                  g_ctx, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                  TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr,
                  S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
-    """Row tile i of window n for the seed kernels: its rows' index in the stored layout lrow
-    [S], how they reach their seed state (`_seed_terms`: at_seed, E, coef), and the two row sets
-    x [S, K] whose seed products the output reads, each with the cotangent dy [S, len(o_v)] of
-    its product: x = e^gam Q (dy = scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
+    """Window rows r [S] of window n for the seed kernels (rows r >= C + S, past the window,
+    read as zeros): their index in the stored layout lrow [S] and whether they are in the window
+    inw [S], how they reach their seed state (`_seed_terms`: at_seed, E, coef), and the two row
+    sets x [S, K] whose seed products the output reads, each with the cotangent dy [S, len(o_v)]
+    of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
     o_k = tl.arange(0, K)
-    r = i * S + tl.arange(0, S)  # window rows
+    inw = r < C + S
+    r = tl.minimum(r, C + S - 1)
     slot = n * C + r
     mslot = (i_b * TPAD + slot).to(tl.int64)
     at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, tl.load(seed + mslot),
@@ -575,11 +668,12 @@ if triton is not None:
     wrow = wbase + r
     lrow = lbase + r
     gam = tl.load(wy_gam + lrow)
+    keep = tl.where(inw, 1.0, 0.0)[:, None]
     xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
-    dyq = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+    dyq = (SCALE * keep) * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
     xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
-    dyw = -tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
-    return lrow, at_seed, e, coef, xq * tl.exp(gam)[:, None], dyq, xw, dyw
+    dyw = -keep * tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
+    return lrow, inw, at_seed, e, coef, xq * tl.exp(gam)[:, None], dyq, xw, dyw
 
   @triton.jit
   def _seed_row_grads(x, dy, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC: tl.constexpr):
@@ -603,8 +697,8 @@ if triton is not None:
   def noisy_seed_rows_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
                              dqe, dws, dkc, dgc,
                              NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
-                             N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
-                             VDP: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                             N: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr,
+                             K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                              N_TILES: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr):
     """The seed products' backward, row-wise part, window n of one (batch, value head, view), all
     V columns: the rows' cotangents of e^gam Q (dqe) and of W (dws) [B, N, HV, V, C + S, K], and
@@ -614,17 +708,18 @@ if triton is not None:
     i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
     acc_dkc = tl.zeros([C, K], dtype=tl.float32)
     acc_dg = tl.zeros([C], dtype=tl.float32)
-    for i in range(N_TILES):
-      lrow, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
-          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v, g_ctx, NV,
-          HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
+    for i in range(n_tiles):
+      lrow, inw, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
+          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
+          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
       p_lk = lrow[:, None] * K + o_k[None, :]
       dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-      tl.store(dqe + p_lk, dx)
+      tl.store(dqe + p_lk, dx, mask=inw[:, None])
       dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-      tl.store(dws + p_lk, dx)
+      tl.store(dws + p_lk, dx, mask=inw[:, None])
       acc_dkc += dk_q + dk_w
       acc_dg += dg_q + dg_w
     crow = _context_rows(i_b, i_h, i_u, n, NV, HV, N, C)
@@ -635,8 +730,8 @@ if triton is not None:
   def noisy_seed_ctx_kernel(q, seed, lo, carry, kc, vc, gc, h, do, wy_w, wy_gam, wy_dvn,
                             dvc, dh,
                             NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr,
-                            N: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
-                            VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                            N: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr,
+                            K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                             S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
                             PREC: tl.constexpr):
     """The seed products' backward, the parts that contract the rows, window n of one (batch,
@@ -649,10 +744,11 @@ if triton is not None:
     o_k = tl.arange(0, K)
     acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
     acc_dh = tl.zeros([K, BV], dtype=tl.float32)
-    for i in range(N_TILES):
-      _, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
-          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, i, n, i_b, i_h, i_u, kh, o_v, g_ctx, NV,
-          HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
+    first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
+    for i in range(n_tiles):
+      _, _, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
+          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
+          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
       acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
                   + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
       acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
@@ -753,7 +849,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
       grid=grid, num_warps=wy_warps, num_stages=1, zeroed_outputs=(0, 3, 4), **sizes)
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
-  seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'TPAD', 'K', 'VDP', 'C', 'S',
+  seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'T', 'TPAD', 'K', 'VDP', 'C', 'S',
                                       'N_TILES', 'SCALE', 'PREC')}
   ctx_block_v, ctx_warps, rows_warps = seed_backward_launch()
   dqe, dws, dkc, dgc = call(

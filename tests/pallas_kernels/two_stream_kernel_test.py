@@ -165,13 +165,16 @@ def test_triton_forward_bf16_inputs_round_within_fla_limits(rng):
     assert 1e-4 < error <= 5e-3, (block, error)
 
 
-TRITON_GRAD_CASES = {  # t, max_block, chunk, views, h, hv, kd, vd
-    't37_b3_v2': (37, 3, 16, 2, 1, 2, 16, 16),
-    't100_b8_k20_v1': (100, 8, 16, 1, 1, 2, 20, 20),
-    't60_b16_vd40': (60, 16, 32, 2, 1, 2, 16, 40),  # V padded to 64: two backward V tiles
-    't50_b1_v1': (50, 1, 16, 1, 1, 1, 16, 16),  # one-slot blocks
+TRITON_GRAD_CASES = {  # t, max_block, chunk, views, h, hv, kd, vd, layout
+    't37_b3_v2': (37, 3, 16, 2, 1, 2, 16, 16, 'random'),
+    't100_b8_k20_v1': (100, 8, 16, 1, 1, 2, 20, 20, 'random'),
+    't60_b16_vd40': (60, 16, 32, 2, 1, 2, 16, 40, 'random'),  # V padded to 64: two V tiles
+    't50_b1_v1': (50, 1, 16, 1, 1, 1, 16, 16, 'random'),  # one-slot blocks
     # 32-row tiles (chunk raised to 32); one head (see test_bf16_backward_kernel_within_fla_limits)
-    't70_b20_v2': (70, 20, 16, 2, 1, 1, 16, 16),
+    't70_b20_v2': (70, 20, 16, 2, 1, 1, 16, 16, 'random'),
+    # Prompt + response documents: windows whose blocks all lie inside row tiles (the backward
+    # kernel's walk without banded terms) beside windows where a document's end shifts them.
+    't100_b4_real_v2': (100, 4, 16, 2, 1, 2, 16, 16, 'real'),
 }
 
 
@@ -182,8 +185,8 @@ def test_triton_kernel_gradients_equal_the_chunked_schedules(rng, case, backward
   two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
   if jax.default_backend() == 'gpu':
     pytest.skip('the interpreter path is for CPU runs')
-  t, block, chunk, views, h, hv, kd, vd = TRITON_GRAD_CASES[case]
-  seg, starts = _layout(rng, 'random', t, block)
+  t, block, chunk, views, h, hv, kd, vd, kind = TRITON_GRAD_CASES[case]
+  seg, starts = _layout(rng, kind, t, block)
   clean, noisy = _inputs(rng, 2, t, views, h, hv, kd, vd)
   kw = dict(scale=kd ** -0.5, chunk_size=chunk, max_block=block)
   kernel = lambda c, n: two_stream_triton.noisy_delta_rule_triton(
