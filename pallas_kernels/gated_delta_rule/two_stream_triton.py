@@ -36,9 +36,19 @@ two views, 16 heads of 128, block 4, back to back, 2026-12-06: the forward 0.99-
 Each window's forward walk starts at its first own slot and takes only the tiles its own slots
 span (`_own_span`): 4 of 5 at block 4 (H100, same shape, back to back, alternating processes,
 2026-12-06, late: the two-stream forward 0.82-0.84 ms against 0.94-0.98 from nC; the noisy
-kernel 0.455 ms by the profiler, 0.590 before). Tried with it and dropped: skipping the products
-against the previous tile behind a uniform branch where no block crosses into the tile (exact,
-and the case at block 4): 1.13-1.14 ms, its branches costing more than the products they skip.
+kernel 0.455 ms by the profiler, 0.590 before).
+Lean walks: where no block crosses into any row tile of a window's walk (`_blocks_cross_tiles`,
+one check per window: true only around a document end or a block that does not divide the row
+tile), every term against the previous tile (A_ip, D_ip and the cotangents they carry) is zero,
+and the forward, the WY pass and the backward kernel walk the window with a second copy of their
+loop compiled without them (`CROSS = False`): about half the backward kernel's products, and
+nothing carried between tiles but the WY pass's lagged dV'. H100, the shape above, kernel
+backward, back to back, 2026-12-07: fwd+bwd of the two-stream pass 4.10 / 4.07 ms against
+main's 4.73 in the same session (the seed kernels walking only their own tiles as well; ptxas,
+block 4: forward 608, WY pass 748, backward 1,652 B spilled per thread against 488 / 564 / 1,200,
+as the allocation covers both loops). Tried before and dropped: the same skip as a uniform branch
+per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its branches costing more than the
+products they skip.
 """
 import functools
 
@@ -71,7 +81,8 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   (64, 4, 4) 6.93 (an earlier version of the kernels); block 32 at (32, 4, 4) 30.6 ms, at
   (32, 4, 8) 33.7, at (16, 4, 4) 51.5 (walks from nC). Walking only the own tiles (`_own_span`)
   took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920), and the
-  kernel backward's fwd+bwd from 4.96 to 4.75 ms (H100, back to back, 2026-12-06)."""
+  kernel backward's fwd+bwd from 4.96 to 4.75 ms (H100, back to back, 2026-12-06); the lean
+  walks (module docstring) to 748 / 1,652 B and 4.07-4.10 ms (H100, 2026-12-07)."""
   if jnp.dtype(dtype).itemsize == 2:
     return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
   return 32, 8, 4
@@ -82,7 +93,9 @@ def seed_backward_launch() -> tuple[int, int, int]:
   (sm_90a, K = V = 128, bf16, block 4, launch.kernel_registers): the context kernel at (64, 4)
   spills 24 B per thread, the rows kernel at 8 warps 52 B (at 4 warps: 552). H100, the kernel
   backward's fwd+bwd (block 4, back to back, 2026-12-06): 4.75 / 4.76 ms against 4.81 with the
-  context kernel at (128, 8) (84 B spilled)."""
+  context kernel at (128, 8) (84 B spilled). Walking only the window's own tiles (masked rows
+  past C + S) took the spills to 88 B (rows) and 216 B (context), measured only together with
+  the lean walks (module docstring)."""
   return 64, 4, 8
 
 
