@@ -291,9 +291,10 @@ if triton is not None:
   @triton.jit
   def _blocks_cross_tiles(bsl, mbase, first, n_tiles, n, T: tl.constexpr, C: tl.constexpr,
                           S: tl.constexpr):
-    """Whether a block crosses into one of the walk's row tiles (rows first + iS, 0 < i <
-    n_tiles): whether some tile's first slot lies in a block started before it. The walk spans
-    fewer than 2C slots from nC (`_own_span`)."""
+    """Whether a block crosses into one of the walk's row tiles (those starting at slot first +
+    iS, 0 < i < n_tiles): whether some tile's first slot lies in a block started before it
+    (blocks are runs of slots, so no later slot of the tile can). The walk lies within 2C slots
+    of nC (`_own_span`)."""
     o_w = n * C + tl.arange(0, 2 * C)
     at_tile = ((o_w - first) % S == 0) & (o_w > first) & (o_w < first + n_tiles * S) & (o_w < T)
     bs = tl.load(bsl + mbase + o_w, mask=at_tile, other=0)
@@ -664,11 +665,13 @@ if triton is not None:
                  g_ctx, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                  TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr,
                  S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
-    """Window rows r [S] of window n for the seed kernels (rows r >= C + S, past the window,
-    read as zeros): their index in the stored layout lrow [S] and whether they are in the window
-    inw [S], how they reach their seed state (`_seed_terms`: at_seed, E, coef), and the two row
-    sets x [S, K] whose seed products the output reads, each with the cotangent dy [S, len(o_v)]
-    of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
+    """Window rows r [S] of window n for the seed kernels (rows r >= C + S, past the window, read
+    its last row with their cotangents dy zeroed, so they add nothing: ptxas spilled 480 / 208 B
+    with masked loads, 88 / 216 so): their index in the stored layout lrow [S] and whether they
+    are in the window inw [S], how they reach their seed state (`_seed_terms`: at_seed, E,
+    coef), and the two row sets x [S, K] whose seed products the output reads, each with the
+    cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U -
+    seed(W): dy = -dV')."""
     o_k = tl.arange(0, K)
     inw = r < C + S
     r = tl.minimum(r, C + S - 1)
