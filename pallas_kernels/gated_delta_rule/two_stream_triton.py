@@ -41,14 +41,14 @@ Lean walks: where no block crosses into any row tile of a window's walk (`_block
 one check per window: true only around a document end or a block that does not divide the row
 tile), every term against the previous tile (A_ip, D_ip and the cotangents they carry) is zero,
 and the forward, the WY pass and the backward kernel walk the window with a second copy of their
-loop compiled without them (`CROSS = False`): about half the backward kernel's products, and
-nothing carried between tiles but the WY pass's lagged dV'. H100, the shape above, kernel
-backward, back to back, 2026-12-07: fwd+bwd of the two-stream pass 4.10 / 4.07 ms against
-main's 4.73 in the same session (the seed kernels walking only their own tiles as well; ptxas,
-block 4: forward 608, WY pass 748, backward 1,652 B spilled per thread against 488 / 564 / 1,200,
-as the allocation covers both loops). Tried before and dropped: the same skip as a uniform branch
-per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its branches costing more than the
-products they skip.
+loop compiled without them (`CROSS = False`; row tiles up to LEAN_WALK_MAX_TILE): about half
+the backward kernel's products, and nothing carried between tiles but the WY pass's lagged dV'.
+H100, the shape above, kernel backward, back to back, 2026-12-07: fwd+bwd of the two-stream
+pass 4.10 / 4.07 ms against main's 4.73 in the same session (the seed kernels walking only their
+own tiles as well; ptxas, block 4: forward 608, WY pass 748, backward 1,652 B spilled per thread
+against 488 / 564 / 1,200, as the allocation covers both loops). Tried before and dropped: the
+same skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its
+branches costing more than the products they skip.
 """
 import functools
 
@@ -120,6 +120,10 @@ except ImportError:  # pragma: no cover
   triton = None
 
 if triton is not None:
+  # Row tiles up to this size have the lean walks (module docstring); 32-row tiles keep one walk
+  # with the banded terms, as the second copy of the loop raised their spills (ptxas, sm_90a,
+  # block 32: WY pass 2.7 -> 26 KB per thread at 32 registers, forward 1.0 -> 1.5 KB).
+  LEAN_WALK_MAX_TILE = tl.constexpr(16)
 
   @triton.jit
   def _round_to_bf16(x):
@@ -323,7 +327,9 @@ if triton is not None:
     args = (q, k, v, g, beta, bsl, seed, lo, carry, o, n, first, n_tiles, i_b, i_h, i_u, kh, o_v,
             k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base)
     # Where no block crosses into a tile of the walk, the walk without the banded terms.
-    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+    if S > LEAN_WALK_MAX_TILE:
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, True)
+    elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
       _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, True)
     else:
       _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, False)
@@ -430,7 +436,9 @@ if triton is not None:
             n, first - n * C, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n,
             wbase, lbase)
     # Where no block crosses into a tile of the walk, the walk without the banded terms.
-    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+    if S > LEAN_WALK_MAX_TILE:
+      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+    elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
       _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
     else:
       _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, False)
@@ -522,7 +530,9 @@ if triton is not None:
             wbase, lbase, i_b * TPAD)
     # Where no block crosses into a tile of the walk, no tile reads its predecessor: the walk
     # without the banded terms, half the products and no carried cotangents.
-    if _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
+    if S > LEAN_WALK_MAX_TILE:
+      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
+    elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
       _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
     else:
       _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, False)
