@@ -172,8 +172,8 @@ TRITON_GRAD_CASES = {  # t, max_block, chunk, views, h, hv, kd, vd, layout
     't50_b1_v1': (50, 1, 16, 1, 1, 1, 16, 16, 'random'),  # one-slot blocks
     # 32-row tiles (chunk raised to 32); one head (see test_bf16_backward_kernel_within_fla_limits)
     't70_b20_v2': (70, 20, 16, 2, 1, 1, 16, 16, 'random'),
-    # Prompt + response documents: windows whose blocks all lie inside row tiles (the backward
-    # kernel's walk without banded terms) beside windows where a document's end shifts them.
+    # Prompt + response documents: windows whose blocks all lie inside row tiles (the kernels'
+    # walks without banded terms) beside windows where a document's end shifts them.
     't100_b4_real_v2': (100, 4, 16, 2, 1, 2, 16, 16, 'real'),
 }
 
