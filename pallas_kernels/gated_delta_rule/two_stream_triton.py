@@ -46,9 +46,10 @@ the backward kernel's products, and nothing carried between tiles but the WY pas
 H100, the shape above, kernel backward, back to back, 2026-12-07: fwd+bwd of the two-stream
 pass 4.10 / 4.07 ms against main's 4.73 in the same session (the seed kernels walking only their
 own tiles as well; ptxas, block 4: forward 608, WY pass 748, backward 1,652 B spilled per thread
-against 488 / 564 / 1,200, as the allocation covers both loops). Tried before and dropped: the
-same skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its
-branches costing more than the products they skip.
+against 488 / 564 / 1,200, as the allocation covers both loops). Tried and dropped: the same
+skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its branches
+costing more than the products they skip; and each walk as its own kernel launch (the lean
+kernel spilling 8 / 204 / 80 B), 4.02 ms against 3.83 (H200, 2026-12-07; docs/benchmarks.md).
 """
 import functools
 
