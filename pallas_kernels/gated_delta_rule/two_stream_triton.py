@@ -49,7 +49,10 @@ own tiles as well; ptxas, block 4: forward 608, WY pass 748, backward 1,652 B sp
 against 488 / 564 / 1,200, as the allocation covers both loops). Tried and dropped: the same
 skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its branches
 costing more than the products they skip; and each walk as its own kernel launch (the lean
-kernel spilling 8 / 204 / 80 B), 4.02 ms against 3.83 (H200, 2026-12-07; docs/benchmarks.md).
+kernel spilling 8 / 204 / 80 B), 4.02 ms against 3.83 (H200, 2026-12-07; docs/benchmarks.md);
+the seed kernels' two row sets stacked into one 2S-row pass, 4.19 against 4.04 ms; software
+pipelining (num_stages 2) of the backward and seed kernels, or the tile inverse unrolled so that
+the forward and WY walks pipeline, no change (H100, 2026-12-07, docs/benchmarks.md).
 """
 import functools
 
@@ -427,7 +430,8 @@ if triton is not None:
     D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
     gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]. The
     forward's walk (`_own_span`): row r is slot nC + r, the walk starts at row r0 = first - nC; rows
-    it does not reach are left to `zeroed_outputs` (W, gam, dV'), rows past C + S are not stored."""
+    it does not reach are left unset (the later kernels walk the same rows), rows past C + S are
+    not stored."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
@@ -512,8 +516,8 @@ if triton is not None:
     Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
     partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
     enter with the first V tile). The WY pass's tiles (`_own_span`) in reverse; rows it does not
-    reach are left to `zeroed_outputs`, rows past C + S read as zeros (gam as -1e30) and are not
-    stored."""
+    reach get zeros (`_zero_unwalked_rows`), rows past C + S read as zeros (gam as -1e30) and are
+    not stored."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
@@ -537,6 +541,31 @@ if triton is not None:
       _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
     else:
       _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, False)
+    _zero_unwalked_rows(dq, dk, dv, dg, db, r0, n_tiles, wbase, i_h, i_e, o_s, o_k, o_v, HV, K,
+                        VDP, BV, NVT, S, N_TILES)
+
+  @triton.jit
+  def _zero_unwalked_rows(dq, dk, dv, dg, db, r0, n_tiles, wbase, i_h, i_e, o_s, o_k, o_v,
+                          HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                          BV: tl.constexpr, NVT: tl.constexpr, S: tl.constexpr,
+                          N_TILES: tl.constexpr):
+    """Zeros into the window rows [0, C + S) that the walk (rows r0 .. r0 + n_tiles S - 1) does
+    not reach, as `backward_sums` adds every row. They were memsets of the whole outputs before
+    the kernel (jax_triton's `zeroed_outputs`, with three of the WY pass's outputs, which no
+    kernel reads unwalked: 8 launches, 0.136 ms by an H100 profile at T = 4096, two views, 16
+    heads of 128, block 4)."""
+    for t in range(N_TILES):
+      r = t * S + o_s
+      skip = (r < r0) | (r >= r0 + n_tiles * S)
+      p_1 = ((wbase + r) * HV + i_h) * NVT + i_e
+      p_k = p_1[:, None] * K + o_k[None, :]
+      zeros_k = tl.zeros([S, K], dtype=tl.float32)
+      tl.store(dq + p_k, zeros_k, mask=skip[:, None])
+      tl.store(dk + p_k, zeros_k, mask=skip[:, None])
+      tl.store(dv + ((wbase + r) * HV + i_h)[:, None] * VDP + o_v[None, :],
+               tl.zeros([S, BV], dtype=tl.float32), mask=skip[:, None])
+      tl.store(dg + p_1, tl.zeros([S], dtype=tl.float32), mask=skip)
+      tl.store(db + p_1, tl.zeros([S], dtype=tl.float32), mask=skip)
 
   @triton.jit
   def _bwd_walk(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in,
@@ -867,13 +896,13 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
                STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
-  # The walks reach only each window's own tiles (`_own_span`): rows they skip read as zeros in
-  # the seed kernels (W, gam, dV') and `backward_sums` (every output of the backward kernel).
+  # Every kernel walks only each window's own tiles (`_own_span`); the backward kernel writes
+  # zeros into the rows it skips, as `backward_sums` adds every row.
   w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
-      grid=grid, num_warps=wy_warps, num_stages=1, zeroed_outputs=(0, 3, 4), **sizes)
+      grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
   seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'T', 'TPAD', 'K', 'VDP', 'C', 'S',
@@ -894,8 +923,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   outs = call(q, k, v, beta, *ops.meta[:2], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
               out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
-              grid=grid, num_warps=num_warps, num_stages=1, zeroed_outputs=(0, 1, 2, 3, 4),
-              **sizes)
+              grid=grid, num_warps=num_warps, num_stages=1, **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 
