@@ -12,6 +12,7 @@ bfloat16 buffers (the interpreter keeps bfloat16 as uint16 bits and widens it ex
 of bfloat16 tensors are wrong in Triton 3.6, so kernels widen before multiplying). Loops may take
 a bound the kernel computes (`_patch_scalar_index`).
 """
+import contextlib
 import threading
 
 import jax
@@ -58,6 +59,29 @@ def _patch_scalar_index():
   interpreter._patch_lang_tensor = patched  # pylint: disable=protected-access
 
 
+@contextlib.contextmanager
+def _programs_last_to_first():
+  """Within it, the interpreter runs a launch's programs from the last grid index to the first.
+
+  On a GPU programs run in no set order, so a program that writes elements another owns races
+  with it; run first to last, a window that writes into the next window's rows is overwritten
+  by that later owner and the bug stays hidden on the host. Run last to first, its write comes
+  after the owner's and fails the tests."""
+  from triton.runtime import interpreter  # pylint: disable=g-import-not-at-top
+  builder = interpreter.interpreter_builder
+  forward = builder.set_grid_idx
+
+  def backward(x, y, z):
+    gx, gy, gz = builder.grid_dim
+    forward(gx - 1 - x, gy - 1 - y, gz - 1 - z)
+
+  builder.set_grid_idx = backward
+  try:
+    yield
+  finally:
+    builder.set_grid_idx = forward
+
+
 def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
                 zeroed_outputs=(), **meta):
   """jax_triton.triton_call's contract, run by Triton's interpreter (launch options ignored).
@@ -90,7 +114,7 @@ def triton_call(*args, kernel, out_shape, grid, num_warps=None, num_stages=None,
       dtype = getattr(torch, np.dtype(s.dtype).name)
       unset = float('nan') if dtype.is_floating_point else -1
       outs.append(torch.full(s.shape, 0 if i in zeroed else unset, dtype=dtype))
-    with _LAUNCH_LOCK:
+    with _LAUNCH_LOCK, _programs_last_to_first():
       kernel[tuple(grid)](*map(_host_array, arrays), *outs, **meta)
     return [_numpy_array(o, s.dtype) for o, s in zip(outs, shapes)]
 

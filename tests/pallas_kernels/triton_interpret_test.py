@@ -107,3 +107,22 @@ def test_unwritten_outputs_read_unset_unless_zeroed():
   y, s = call((0, 1))
   np.testing.assert_array_equal(y[2], 0)
   np.testing.assert_array_equal(s, [28, 92, 0])
+
+
+@triton.jit
+def _write_own_and_next_row(y, N: tl.constexpr):
+  """Program i writes i into rows i and i + 1: a race on row i + 1 with program i + 1."""
+  row = tl.program_id(0)
+  o = tl.arange(0, N)
+  vals = tl.zeros([N], dtype=tl.float32) + row
+  tl.store(y + row * N + o, vals)
+  tl.store(y + (row + 1) * N + o, vals, mask=(row + 1 < tl.num_programs(0)) & (o >= 0))
+
+
+def test_programs_run_last_to_first_so_writes_into_a_later_programs_rows_show():
+  """Run first to last, every row would end as its own program's index; last to first, the
+  earlier program's write into the next row lands last and the race shows."""
+  y = jax.jit(lambda: triton_interpret.triton_call(
+      kernel=_write_own_and_next_row, grid=(4,), N=8,
+      out_shape=jax.ShapeDtypeStruct((4, 8), jnp.float32)))()
+  np.testing.assert_array_equal(np.asarray(y)[:, 0], [0, 0, 1, 2])
