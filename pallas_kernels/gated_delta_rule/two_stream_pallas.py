@@ -439,18 +439,21 @@ class BackwardOperands(NamedTuple):
   noisy: tuple  # q, k, v, g, beta [B, V, front + Tp, ...]
   meta: tuple  # block start, seed, lo, carry [B, front + Tp]
   ctx: tuple  # clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV], h [B, N, HV, Kp, Vp]
-  do: jax.Array  # window cotangents [B, V, N, front + C + S, HV, Vp]
+  do: jax.Array  # window cotangents [B, V, N, front + C + S, HV, Vp], or slots [B, V, T, HV, Vp]
   clean_vjp: object  # pullback of the clean pass
   front: int  # zero rows in front of every noisy row and window: S, or 0 (`backward_operands`)
+  slots: bool  # dO and the noisy gradients in the slot layout, not per window
 
 
 def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                       block_v, clean_family=None, interpret=False, *, front_tile=True,
-                      keep_dtype=False) -> BackwardOperands:
+                      keep_dtype=False, slot_do=False) -> BackwardOperands:
   """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
   `_clean_pass`'s family), padded operands (`_operands`, fp32 unless keep_dtype), and the window
-  cotangents (the transpose of the slot selection); with front_tile, a tile of zero rows in front
-  of every noisy row and window (the tile before the first)."""
+  cotangents (the transpose of the slot selection) or, with slot_do, dO as given, V padded (a
+  kernel that reads each slot's dO in its owner window and writes the noisy gradients per
+  slot); with front_tile, a tile of zero rows in front of every noisy row and window (the tile
+  before the first)."""
   b, nv, t, _, kd = noisy[0].shape
   vd = clean[2].shape[3]
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
@@ -460,11 +463,16 @@ def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, m
   noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z,
                                           keep_dtype)
   hv = clean[2].shape[2]
+  if slot_do:
+    if front_tile:
+      raise ValueError('slot_do takes no front tile')
+    do_s = jnp.pad(do, ((0, 0),) * 4 + ((0, z.vdp - vd),))
+    return BackwardOperands(z, noisy_p, meta, ctx_p, do_s, clean_vjp, 0, True)
   o_aval = jax.ShapeDtypeStruct((b, nv, z.n, wd, hv, z.vdp), _F32)
   (do_w,) = jax.linear_transpose(lambda o: _from_windows(o, group, c, t, vd), o_aval)(
       do.astype(_F32))
   if not front_tile:
-    return BackwardOperands(z, noisy_p, meta, ctx_p, do_w, clean_vjp, 0)
+    return BackwardOperands(z, noisy_p, meta, ctx_p, do_w, clean_vjp, 0, False)
 
   def front(x, axis, fill=0):
     return jnp.pad(x, [(s, 0) if a == axis else (0, 0) for a in range(x.ndim)],
@@ -472,7 +480,7 @@ def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, m
 
   return BackwardOperands(z, tuple(front(x, 2) for x in noisy_p),
                           tuple(front(x, 1, fill) for x, fill in zip(meta, (-1, 0, _FAR, -1))),
-                          ctx_p, front(do_w, 3), clean_vjp, s)
+                          ctx_p, front(do_w, 3), clean_vjp, s, False)
 
 
 def backward_shapes(ops: BackwardOperands, b, nv, hv):
@@ -490,15 +498,15 @@ def backward_shapes(ops: BackwardOperands, b, nv, hv):
 
 
 def backward_sums(ops: BackwardOperands, outs, clean, noisy):
-  """Stage 4: sums windows, V tiles, views and value heads sharing a key head; then through the
-  clean pass. Returns (d clean, d noisy) in the inputs' dtypes."""
+  """Stage 4: sums windows (unless `ops.slots`), V tiles, views and value heads sharing a key
+  head; then through the clean pass. Returns (d clean, d noisy) in the inputs' dtypes."""
   dq, dk, dv, dg, db, dkc, dvc, dgc, dh = outs
   t, hq, kd = noisy[0].shape[2:]
   vd = clean[2].shape[3]
   c = ops.z.c
-  add = lambda x: _overlap_add(x, c, t, ops.front)
-  d_noisy = (_key_heads(add(dq.sum(5)), hq)[..., :kd], _key_heads(add(dk.sum(5)), hq)[..., :kd],
-             add(dv)[..., :vd], add(dg.sum(5)), add(db.sum(5)))
+  add = (lambda x: x) if ops.slots else (lambda x: _overlap_add(x, c, t, ops.front))
+  d_noisy = (_key_heads(add(dq.sum(-2)), hq)[..., :kd], _key_heads(add(dk.sum(-2)), hq)[..., :kd],
+             add(dv)[..., :vd], add(dg.sum(-1)), add(db.sum(-1)))
   d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
   (d_clean,) = ops.clean_vjp(d_ctx)
   dkc = _key_heads(dkc.sum((1, 4)), hq)[:, :t, :, :kd]

@@ -398,16 +398,19 @@ if triton is not None:
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
-  def _row_bases(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                 N_TILES: tl.constexpr, S: tl.constexpr):
+  def _stored_row_base(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                       N_TILES: tl.constexpr, S: tl.constexpr):
     """Where window n's rows (N_TILES * S = C + S) of one (batch, value head, view) start in the
-    backward's two row layouts: the window layout [B, V, N, C + S, HV, ...] (dO and the backward
-    kernel's outputs; the value head is the next index) and the stored rows' layout [B, N, HV, V,
-    C + S, ...] (the WY pass's outputs and the seed kernels' row cotangents)."""
-    rows = N_TILES * S
-    wbase = (((i_b * NV + i_u) * N + n) * rows).to(tl.int64)
-    lbase = ((((i_b * N + n) * HV + i_h) * NV + i_u) * rows).to(tl.int64)
-    return wbase, lbase
+    stored rows' layout [B, N, HV, V, C + S, ...] (the WY pass's outputs and the seed kernels'
+    row cotangents)."""
+    return ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
+
+  @triton.jit
+  def _slot_rows_of(i_b, i_u, i_h, slot, NV: tl.constexpr, HV: tl.constexpr, T: tl.constexpr):
+    """Rows [R] of these slots of one (batch, view, value head) in the slot layout [B, V, T,
+    HV, ...] of dO and of the backward kernel's outputs (each slot's belong to its owner window,
+    `_owned`: zero dO in every other window)."""
+    return (((i_b * NV + i_u) * T + slot) * HV + i_h).to(tl.int64)
 
   @triton.jit
   def _context_rows(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
@@ -428,30 +431,31 @@ if triton is not None:
     STORED_INVERSE_MAX_TILE, its row of the tile's (I + A)^-1 [S]), and the cotangent of V'
     [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
     D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
-    gam by the first V tile. dO (`do`) is in the window layout [B, V, N, C + S, HV, Vp]. The
-    forward's walk (`_own_span`): row r is slot nC + r, the walk starts at row r0 = first - nC; rows
-    it does not reach are left unset (the later kernels walk the same rows), rows past C + S are
-    not stored."""
+    gam by the first V tile. dO (`do`, the slot layout [B, V, T, HV, Vp]) is read at the window's
+    own slots (`_owned`), zero at the others. The forward's walk (`_own_span`): row r is slot
+    nC + r, the walk starts at row r0 = first - nC; rows it does not reach are left unset (the
+    later kernels walk the same rows), rows past C + S are not stored."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
-    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     args = (q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
             n, first - n * C, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n,
-            wbase, lbase)
+            lbase)
     # Where no block crosses into a tile of the walk, the walk without the banded terms.
     if S > LEAN_WALK_MAX_TILE:
-      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
     elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
-      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
     else:
-      _wy_walk(*args, NV, HQ, HV, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, False)
+      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, False)
 
   @triton.jit
   def _wy_walk(q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn,
-               wy_t, n, r0, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n, wbase,
-               lbase, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, TPAD: tl.constexpr,
+               wy_t, n, r0, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n, lbase,
+               NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, T: tl.constexpr,
+               TPAD: tl.constexpr,
                K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                S: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
                STORED_T: tl.constexpr, CROSS: tl.constexpr):
@@ -474,13 +478,13 @@ if triton is not None:
       r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
       slot = n * C + r
       inw = r < C + S
-      b_q, b_k, b_g, b_bs, _, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
+      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC, CROSS)
-      wrow = wbase + r
-      dos = SCALE * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :],
-                            mask=inw[:, None], other=0.0)
+      own = _owned(slot, b_seed, n, T, C)
+      dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
+                            + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
       if CROSS:
         dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
       lrow = lbase + r
@@ -513,11 +517,11 @@ if triton is not None:
     W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
     (dqe_in, dws_in [B, N, HV, V, C + S, K], `noisy_seed_rows_kernel`), carrying cotangents to the
     previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
-    Writes per window row dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] (window layout;
-    partial sums over this V tile's columns where V is contracted; the seed terms, full sums,
-    enter with the first V tile). The WY pass's tiles (`_own_span`) in reverse; rows it does not
-    reach get zeros (`_zero_unwalked_rows`), rows past C + S read as zeros (gam as -1e30) and are
-    not stored."""
+    Reads dO and writes dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] at the window's own
+    slots (slot layout [B, V, T, HV, ...]; partial sums over this V tile's columns where V is
+    contracted; the seed terms, full sums, enter with the first V tile): every slot has one
+    owner, whose walk alone gives it nonzero gradients, as its dO is zero in every other window.
+    The WY pass's tiles (`_own_span`) in reverse; rows past C + S read as zeros (gam as -1e30)."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
@@ -529,50 +533,26 @@ if triton is not None:
     col = o_s[None, :]
     lead = (o_s >= 0) & (i_e == 0)
     base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
-    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
-    args = (q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in, dq,
-            dk, dv, dg, db, n, n_tiles, r0, i_h, i_e, kh, o_v, o_s, o_k, row, col, lead, base,
-            wbase, lbase, i_b * TPAD)
+    lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    args = (q, k, v, beta, bsl, seed, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in,
+            dq, dk, dv, dg, db, n, n_tiles, r0, i_b, i_h, i_u, i_e, kh, o_v, o_s, o_k, row, col,
+            lead, base, lbase, i_b * TPAD)
     # Where no block crosses into a tile of the walk, no tile reads its predecessor: the walk
     # without the banded terms, half the products and no carried cotangents.
     if S > LEAN_WALK_MAX_TILE:
-      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
+      _bwd_walk(*args, NV, HQ, HV, T, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
     elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
-      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
+      _bwd_walk(*args, NV, HQ, HV, T, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, True)
     else:
-      _bwd_walk(*args, HQ, HV, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, False)
-    _zero_unwalked_rows(dq, dk, dv, dg, db, r0, n_tiles, wbase, i_h, i_e, o_s, o_k, o_v, HV, K,
-                        VDP, BV, NVT, S, N_TILES)
+      _bwd_walk(*args, NV, HQ, HV, T, K, VDP, BV, C, S, NVT, SCALE, PREC, STORED_T, False)
 
   @triton.jit
-  def _zero_unwalked_rows(dq, dk, dv, dg, db, r0, n_tiles, wbase, i_h, i_e, o_s, o_k, o_v,
-                          HV: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
-                          BV: tl.constexpr, NVT: tl.constexpr, S: tl.constexpr,
-                          N_TILES: tl.constexpr):
-    """Zeros into the window rows [0, C + S) that the walk (rows r0 .. r0 + n_tiles S - 1) does
-    not reach, as `backward_sums` adds every row. They were memsets of the whole outputs before
-    the kernel (jax_triton's `zeroed_outputs`, with three of the WY pass's outputs, which no
-    kernel reads unwalked: 8 launches, 0.136 ms by an H100 profile at T = 4096, two views, 16
-    heads of 128, block 4)."""
-    for t in range(N_TILES):
-      r = t * S + o_s
-      skip = (r < r0) | (r >= r0 + n_tiles * S)
-      p_1 = ((wbase + r) * HV + i_h) * NVT + i_e
-      p_k = p_1[:, None] * K + o_k[None, :]
-      zeros_k = tl.zeros([S, K], dtype=tl.float32)
-      tl.store(dq + p_k, zeros_k, mask=skip[:, None])
-      tl.store(dk + p_k, zeros_k, mask=skip[:, None])
-      tl.store(dv + ((wbase + r) * HV + i_h)[:, None] * VDP + o_v[None, :],
-               tl.zeros([S, BV], dtype=tl.float32), mask=skip[:, None])
-      tl.store(dg + p_1, tl.zeros([S], dtype=tl.float32), mask=skip)
-      tl.store(db + p_1, tl.zeros([S], dtype=tl.float32), mask=skip)
-
-  @triton.jit
-  def _bwd_walk(q, k, v, beta, bsl, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in,
-                dq, dk, dv, dg, db, n, n_tiles, r0, i_h, i_e, kh, o_v, o_s, o_k, row, col, lead,
-                base, wbase, lbase, mbase, HQ: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
-                VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
-                NVT: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+  def _bwd_walk(q, k, v, beta, bsl, seed, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in,
+                dws_in, dq, dk, dv, dg, db, n, n_tiles, r0, i_b, i_h, i_u, i_e, kh, o_v, o_s, o_k,
+                row, col, lead, base, lbase, mbase, NV: tl.constexpr, HQ: tl.constexpr,
+                HV: tl.constexpr, T: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, NVT: tl.constexpr,
+                SCALE: tl.constexpr, PREC: tl.constexpr,
                 STORED_T: tl.constexpr, CROSS: tl.constexpr):
     """`noisy_bwd_kernel`'s walk over tiles i = n_tiles - 1 .. 0. CROSS: some block crosses into
     a tile from its predecessor (`_blocks_cross_tiles`); without, every banded term with the
@@ -597,9 +577,10 @@ if triton is not None:
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
       b_beta = tl.load(beta + tok * HV + i_h)
       b_bs = tl.load(bsl + (mbase + slot).to(tl.int64))
-      wrow = wbase + r  # in the window layout [B, V, N, C + S, HV, ...]
+      own = _owned(slot, tl.load(seed + (mbase + slot).to(tl.int64)), n, T, C)
+      orow = _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)
       lrow = lbase + r  # in the stored rows' layout [B, N, HV, V, C + S, ...]
-      p_v = (wrow * HV + i_h)[:, None] * VDP + o_v[None, :]
+      p_v = orow[:, None] * VDP + o_v[None, :]
       p_lv = lrow[:, None] * VDP + o_v[None, :]
       p_lk = lrow[:, None] * K + o_k[None, :]
       m_v = inw[:, None]
@@ -616,7 +597,7 @@ if triton is not None:
         k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
             k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, mbase, lrow - S, i > 0, kh,
             o_v, HQ, K, VDP)
-      dos = SCALE * tl.load(do + p_v, mask=m_v, other=0.0)
+      dos = SCALE * tl.load(do + p_v, mask=own[:, None], other=0.0).to(tl.float32)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
       same = b_bs[:, None] == b_bs[None, :]
@@ -689,13 +670,13 @@ if triton is not None:
       if CROSS:
         b_dg += tl.sum(tl.where(nx_bs[:, None] == b_bs[None, :], nx_dgam[:, None], 0.0), axis=0)
 
-      p_k = ((wrow * HV + i_h) * NVT + i_e)[:, None] * K + o_k[None, :]
-      p_1 = (wrow * HV + i_h) * NVT + i_e
-      tl.store(dq + p_k, b_dq, mask=m_v)
-      tl.store(dk + p_k, b_dk, mask=m_v)
-      tl.store(dv + p_v, b_dv, mask=m_v)
-      tl.store(dg + p_1, b_dg, mask=inw)
-      tl.store(db + p_1, b_db, mask=inw)
+      p_1 = orow * NVT + i_e
+      p_k = p_1[:, None] * K + o_k[None, :]
+      tl.store(dq + p_k, b_dq, mask=own[:, None])
+      tl.store(dk + p_k, b_dk, mask=own[:, None])
+      tl.store(dv + p_v, b_dv, mask=own[:, None])
+      tl.store(dg + p_1, b_dg, mask=own)
+      tl.store(db + p_1, b_db, mask=own)
       if CROSS:
         c_du, c_dw, c_dk, c_dgam = n_du, n_dw, n_dk, n_dgam
         nx_dgam, nx_bs = dgam, b_bs
@@ -703,30 +684,31 @@ if triton is not None:
   @triton.jit
   def _seed_tile(q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v,
                  g_ctx, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                 TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr,
-                 S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
+                 T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                 C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
     """Window rows r [S] of window n for the seed kernels (rows r >= C + S, past the window, read
-    its last row with their cotangents dy zeroed, so they add nothing: ptxas spilled 480 / 208 B
-    with masked loads, 88 / 216 so): their index in the stored layout lrow [S] and whether they
-    are in the window inw [S], how they reach their seed state (`_seed_terms`: at_seed, E,
-    coef), and the two row sets x [S, K] whose seed products the output reads, each with the
-    cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy = scale dO) and x = W (V' = U -
-    seed(W): dy = -dV')."""
+    its last row, and slots past T slot T - 1, with their cotangents dy zeroed, so they add
+    nothing: ptxas spilled 480 / 208 B with masked loads, 88 / 216 so; so do the rows of slots
+    the window does not own, whose dO is another window's): their index in the stored layout
+    lrow [S] and whether they are in the window inw [S], how they reach their seed state
+    (`_seed_terms`: at_seed, E, coef), and the two row sets x [S, K] whose seed products the
+    output reads, each with the cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy =
+    scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
     o_k = tl.arange(0, K)
     inw = r < C + S
     r = tl.minimum(r, C + S - 1)
     slot = n * C + r
     mslot = (i_b * TPAD + slot).to(tl.int64)
-    at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, tl.load(seed + mslot),
-                                   tl.load(lo + mslot), tl.load(carry + mslot), n)
+    b_seed = tl.load(seed + mslot)
+    at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, b_seed, tl.load(lo + mslot),
+                                   tl.load(carry + mslot), n)
     tok = ((i_b * NV + i_u) * TPAD).to(tl.int64) + slot
-    wbase, lbase = _row_bases(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
-    wrow = wbase + r
-    lrow = lbase + r
+    lrow = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S) + r
     gam = tl.load(wy_gam + lrow)
-    keep = tl.where(inw, 1.0, 0.0)[:, None]
+    keep = tl.where(inw & _owned(slot, b_seed, n, T, C), 1.0, 0.0)[:, None]
     xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
-    dyq = (SCALE * keep) * tl.load(do + (wrow * HV + i_h)[:, None] * VDP + o_v[None, :])
+    p_do = _slot_rows_of(i_b, i_u, i_h, tl.minimum(slot, T - 1), NV, HV, T)
+    dyq = (SCALE * keep) * tl.load(do + p_do[:, None] * VDP + o_v[None, :]).to(tl.float32)
     xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
     dyw = -keep * tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
     return lrow, inw, at_seed, e, coef, xq * tl.exp(gam)[:, None], dyq, xw, dyw
@@ -770,7 +752,7 @@ if triton is not None:
     for i in range(n_tiles):
       lrow, inw, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
           q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
-          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
+          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, T, TPAD, K, VDP, C, S, N_TILES, SCALE)
       p_lk = lrow[:, None] * K + o_k[None, :]
       dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
       tl.store(dqe + p_lk, dx, mask=inw[:, None])
@@ -804,7 +786,7 @@ if triton is not None:
     for i in range(n_tiles):
       _, _, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
           q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
-          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, TPAD, K, VDP, C, S, N_TILES, SCALE)
+          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, T, TPAD, K, VDP, C, S, N_TILES, SCALE)
       acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
                   + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
       acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
@@ -876,28 +858,29 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   from the intra-block output terms; `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take
   the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
   gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
-  gradients (per window row). Plain JAX then sums windows, V tiles, views and GQA heads and
-  pulls the context gradients through the clean pass (`backward_sums`)."""
+  gradients (at the slots each window owns, in the slot layout, as dO is read). Plain JAX then
+  sums V tiles, views and GQA heads and pulls the context gradients through the clean pass
+  (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
   b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
   block_v, num_warps, wy_warps = backward_launch(noisy[0].dtype, max_block)
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
-                              block_v, 'triton', interpret, front_tile=False, keep_dtype=True)
+                              block_v, 'triton', interpret, front_tile=False, keep_dtype=True,
+                              slot_do=True)
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   nvt, wd = z.vdp // z.bv, z.c + z.s
-  win = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n, wd, hv) + tail, _F32)
+  slots = lambda *tail: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, _F32)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
                S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec,
                STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
-  # Every kernel walks only each window's own tiles (`_own_span`); the backward kernel writes
-  # zeros into the rows it skips, as `backward_sums` adds every row.
+  # Every kernel walks only each window's own tiles (`_own_span`).
   w, u, vn, gam, dvn, t_rows = call(
       *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
       out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
@@ -922,7 +905,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   q, k, v, _, beta = ops.noisy
   outs = call(q, k, v, beta, *ops.meta[:2], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
-              out_shape=[win(nvt, z.kp), win(nvt, z.kp), win(z.vdp), win(nvt), win(nvt)],
+              out_shape=[slots(nvt, z.kp), slots(nvt, z.kp), slots(z.vdp), slots(nvt),
+                         slots(nvt)],
               grid=grid, num_warps=num_warps, num_stages=1, **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
