@@ -51,8 +51,10 @@ skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98
 costing more than the products they skip; and each walk as its own kernel launch (the lean
 kernel spilling 8 / 204 / 80 B), 4.02 ms against 3.83 (H200, 2026-12-07; docs/benchmarks.md);
 the seed kernels' two row sets stacked into one 2S-row pass, 4.19 against 4.04 ms; software
-pipelining (num_stages 2) of the backward and seed kernels, or the tile inverse unrolled so that
-the forward and WY walks pipeline, no change (H100, 2026-12-07, docs/benchmarks.md).
+pipelining (num_stages 2) of the seed kernels as well as the backward kernel (then writing the
+window layout), or the tile inverse unrolled so that the forward and WY walks pipeline, no change
+(H100, 2026-12-07, docs/benchmarks.md); the backward kernel alone at two stages pays
+(`backward_launch`).
 """
 import functools
 
@@ -71,8 +73,8 @@ _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
 STORED_INVERSE_MAX_TILE = 16
 
 
-def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
-  """(V tile, warps of `noisy_bwd_kernel`, warps of `noisy_wy_kernel`) for these inputs.
+def backward_launch(dtype, max_block: int) -> tuple[int, int, int, int]:
+  """(V tile, warps and pipeline stages of `noisy_bwd_kernel`, warps of `noisy_wy_kernel`).
 
   ptxas (sm_90a, K = V = 128, bf16, launch.kernel_registers), bytes spilled per thread by (WY
   pass, backward): 16-row tiles at V tile 128 with 4 / 8 warps, 216 / 1,396 (the backward at 4
@@ -86,10 +88,14 @@ def backward_launch(dtype, max_block: int) -> tuple[int, int, int]:
   (32, 4, 8) 33.7, at (16, 4, 4) 51.5 (walks from nC). Walking only the own tiles (`_own_span`)
   took block 4's spills to 564 (WY pass, from 196) and 1,200 (backward, from 920), and the
   kernel backward's fwd+bwd from 4.96 to 4.75 ms (H100, back to back, 2026-12-06); the lean
-  walks (module docstring) to 748 / 1,652 B and 4.07-4.10 ms (H100, 2026-12-07)."""
+  walks (module docstring) to 748 / 1,652 B and 4.07-4.10 ms (H100, 2026-12-07). Two pipeline
+  stages for the backward kernel (16-bit inputs): 3.71 ms against 3.87 / 3.85 with one (H100,
+  block 4, the slot layout, back to back, 2026-12-07; the kernel 0.571 against 0.734 ms by the
+  profiler); ptxas: 532 B spilled, 89 KiB of shared memory (block 4), 32-row tiles unchanged.
+  fp32 inputs keep one stage: two spill 26,968 B per thread against 20,032 (block 4)."""
   if jnp.dtype(dtype).itemsize == 2:
-    return (128, 8, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 4)
-  return 32, 8, 4
+    return (128, 8, 2, 4) if tsp.row_tile(max_block) <= 16 else (32, 4, 2, 4)
+  return 32, 8, 1, 4
 
 
 def seed_backward_launch() -> tuple[int, int, int]:
@@ -865,7 +871,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
-  block_v, num_warps, wy_warps = backward_launch(noisy[0].dtype, max_block)
+  block_v, num_warps, num_stages, wy_warps = backward_launch(noisy[0].dtype, max_block)
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               block_v, 'triton', interpret, front_tile=False, keep_dtype=True,
                               slot_do=True)
@@ -907,7 +913,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
               kernel=noisy_bwd_kernel,
               out_shape=[slots(nvt, z.kp), slots(nvt, z.kp), slots(z.vdp), slots(nvt),
                          slots(nvt)],
-              grid=grid, num_warps=num_warps, num_stages=1, **sizes)
+              grid=grid, num_warps=num_warps, num_stages=num_stages, **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 
