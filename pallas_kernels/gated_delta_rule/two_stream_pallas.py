@@ -563,13 +563,33 @@ def chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family, in
   return jax.vjp(fn, clean, noisy)[1](do)
 
 
-def check_arguments(clean, noisy, max_block: int) -> None:
-  """Raises ValueError for a max_block below 1 or HV not a multiple of H."""
+BACKWARDS = ('kernel', 'autodiff')
+# fp32 inputs keep fp32 operands in shared memory, so past head size 64 the backward kernels ask
+# for more than the 227 KiB a Hopper SM has (ptxas offline, sm_90a, launch.kernel_registers, K = V
+# = 128: Triton's seed rows kernel 344 KiB; the Pallas kernel 280 KiB at V tile 32 with fp32
+# operands, 2026-12-01; K = V = 64: Triton's largest 144 KiB).
+FP32_KERNEL_BACKWARD_MAX_HEAD = 64
+
+
+def check_arguments(clean, noisy, max_block: int, backward: str, interpret: bool) -> None:
+  """Raises ValueError for a max_block below 1, HV not a multiple of H, an unknown backward, or
+  backward='kernel' compiled for fp32 inputs whose padded K or V exceeds
+  FP32_KERNEL_BACKWARD_MAX_HEAD (the interpreters have no shared memory to run out of)."""
   if max_block < 1:
     raise ValueError(f'max_block must be >= 1, got {max_block}')
   hq, hv = noisy[0].shape[3], clean[2].shape[2]
   if hv % hq:
     raise ValueError(f'HV={hv} is not a multiple of H={hq}')
+  if backward not in BACKWARDS:
+    raise ValueError(f'unknown backward {backward!r}; known: {BACKWARDS}')
+  kd, vd = noisy[0].shape[-1], noisy[2].shape[-1]
+  heads = (backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16)))
+  if (backward == 'kernel' and not interpret and jnp.dtype(noisy[0].dtype) == _F32
+      and max(heads) > FP32_KERNEL_BACKWARD_MAX_HEAD):
+    raise ValueError(
+        f"backward='kernel' with fp32 inputs takes head sizes up to "
+        f'{FP32_KERNEL_BACKWARD_MAX_HEAD} (K = {kd}, V = {vd}: its kernels would need more '
+        f"shared memory than a GPU has); use backward='autodiff' or 16-bit inputs")
 
 
 def fused_noisy_op(forward, kernel_backward, clean_family=None):
@@ -609,8 +629,6 @@ def fused_noisy_op(forward, kernel_backward, clean_family=None):
 
 _noisy = fused_noisy_op(_forward, _backward)
 
-BACKWARDS = ('kernel', 'autodiff')
-
 
 def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],
                             segment_ids: jax.Array, block_starts: jax.Array, *, scale: float,
@@ -633,13 +651,11 @@ def noisy_delta_rule_pallas(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
     o [B, V, T, HV, V] fp32.
 
   Raises:
-    ValueError: max_block below 1, HV not a multiple of H, or an unknown backward.
+    ValueError: as `check_arguments`.
   """
-  check_arguments(clean, noisy, max_block)
-  if backward not in BACKWARDS:
-    raise ValueError(f'unknown backward {backward!r}; known: {BACKWARDS}')
   if interpret is None:
     interpret = backend.default_backend() != 'gpu'
+  check_arguments(clean, noisy, max_block, backward, interpret)
   return _noisy(tuple(clean), tuple(noisy), segment_ids, block_starts, float(scale),
                 int(chunk_size), int(max_block), forward_launch(noisy[0].dtype, max_block),
                 bool(interpret), backward)

@@ -926,16 +926,13 @@ def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array
                             interpret: bool = False, backward: str = 'autodiff') -> jax.Array:
   """Noisy-view outputs of the two-stream gated delta rule: the 'chunked' schedule's forward as one
   jax-triton kernel. Same contract as `two_stream_pallas.noisy_delta_rule_pallas`: backward
-  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`_backward`: two kernels and XLA
-  GEMMs); `interpret=True` runs Triton's interpreter on the host.
+  'autodiff' (of the pure-JAX chunked schedule) or 'kernel' (`_backward`: four kernels, then
+  plain JAX sums); `interpret=True` runs Triton's interpreter on the host.
 
   Raises:
-    ValueError: max_block below 1, HV not a multiple of H, an unknown backward, or (not
-      interpreting) no GPU.
+    ValueError: as `two_stream_pallas.check_arguments`, or (not interpreting) no GPU.
   """
-  tsp.check_arguments(clean, noisy, max_block)
-  if backward not in tsp.BACKWARDS:
-    raise ValueError(f'unknown backward {backward!r}; known: {tsp.BACKWARDS}')
+  tsp.check_arguments(clean, noisy, max_block, backward, interpret)
   if not interpret and jax.default_backend() != 'gpu':
     raise ValueError(f'the triton two-stream kernel needs a GPU (backend is '
                      f'{jax.default_backend()!r})')

@@ -343,6 +343,26 @@ def test_rejects_bad_arguments(rng):
                                               backward='xla')
 
 
+def test_fp32_kernel_backward_past_head_size_64_is_refused_before_compiling(rng):
+  """Compiled, its kernels would ask for more shared memory than a GPU has (an error only at
+  launch); the interpreters have no such limit, and 64 is allowed."""
+  seg, starts = _layout(rng, 'random', 20, 4)
+  # pylint: disable-next=g-import-not-at-top
+  from pallas_kernels.gated_delta_rule import two_stream_triton  # imports without triton too
+  for kd, vd in ((128, 16), (16, 72)):
+    clean, noisy = _inputs(rng, 1, 20, 1, 1, 1, kd, vd)
+    for fn in (two_stream_pallas.noisy_delta_rule_pallas, two_stream_triton.noisy_delta_rule_triton):
+      with pytest.raises(ValueError, match='fp32 inputs takes head sizes up to 64'):
+        fn(clean, noisy, seg[:1], starts[:1], scale=0.25, backward='kernel', interpret=False)
+  clean, noisy = _inputs(rng, 1, 20, 1, 1, 1, 64, 64)
+  two_stream_pallas.check_arguments(clean, noisy, 4, 'kernel', interpret=False)
+  half = lambda xs: tuple(x.astype(jnp.bfloat16) if i < 3 else x for i, x in enumerate(xs))
+  clean, noisy = _inputs(rng, 1, 20, 1, 1, 1, 128, 128)
+  two_stream_pallas.check_arguments(half(clean), half(noisy), 4, 'kernel', interpret=False)
+  two_stream_pallas.check_arguments(clean, noisy, 4, 'kernel', interpret=True)
+  two_stream_pallas.check_arguments(clean, noisy, 4, 'autodiff', interpret=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU (Triton): the benchmark shape in bf16 and an awkward fp32 shape with packed documents.
 # ---------------------------------------------------------------------------------------------
@@ -433,7 +453,8 @@ def test_gpu_backward_kernel_matches_chunked_schedule(impl, block):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize('impl', ['pallas', 'triton'])
-def test_gpu_fp32_backward_kernel_at_head_size_128(impl):
-  """fp32 inputs at K = 128 (Triton: TF32x3 products): the kernels must fit the GPU's shared
-  memory, not only compile, and keep fp32 accuracy."""
-  _check_backward_kernel(impl, 512, 4, 128, 4, dtype=jnp.float32)
+def test_gpu_fp32_backward_kernel_at_the_largest_head_size(impl):
+  """fp32 inputs at K = V = FP32_KERNEL_BACKWARD_MAX_HEAD (Triton: TF32x3 products): the kernels
+  must fit the GPU's shared memory, not only compile, and keep fp32 accuracy."""
+  kd = two_stream_pallas.FP32_KERNEL_BACKWARD_MAX_HEAD
+  _check_backward_kernel(impl, 512, 4, kd, 4, dtype=jnp.float32)
