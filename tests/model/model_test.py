@@ -196,15 +196,17 @@ def test_noisy_block_over_the_cache_matches_an_uncached_two_stream_forward(rng):
 def test_gdn_noisy_block_matches_the_recurrence_and_is_exact_for_one_token(rng):
   model, cfg = _model(layer_types=(L,))
   gdn = model.layers[0].linear_attn
+  call = nnx.jit(lambda m, x, seg, state: m(x, seg, state=state))  # jitted, as the sampler runs
+  noisy_block = nnx.jit(lambda m, x, seg, state: m.noisy_block(x, seg, state))
   state = cache_lib.init_cache(cfg, batch=2, max_len=8)[0]
   x0 = jnp.asarray(rng.standard_normal((2, 6, cfg.hidden_size)), jnp.float32)
-  _, state = gdn(x0, jnp.zeros((2, 6), jnp.int32), state=state)  # a non-trivial state and window
+  _, state = call(gdn, x0, jnp.zeros((2, 6), jnp.int32), state)  # a non-trivial state and window
   x = jnp.asarray(rng.standard_normal((2, 4, cfg.hidden_size)), jnp.float32)
   seg = jnp.zeros((2, 4), jnp.int32)
-  want, _ = gdn(x, seg, state=state)
-  np.testing.assert_allclose(gdn.noisy_block(x, seg, state), want, atol=2e-5, rtol=2e-5)
-  one, _ = gdn(x[:, :1], seg[:, :1], state=state)
-  np.testing.assert_array_equal(gdn.noisy_block(x[:, :1], seg[:, :1], state), one)
+  want, _ = call(gdn, x, seg, state)
+  np.testing.assert_allclose(noisy_block(gdn, x, seg, state), want, atol=2e-5, rtol=2e-5)
+  one, _ = call(gdn, x[:, :1], seg[:, :1], state)
+  np.testing.assert_array_equal(noisy_block(gdn, x[:, :1], seg[:, :1], state), one)
 
 
 def test_right_padded_prefill_continues_each_row_exactly(rng):
@@ -291,9 +293,10 @@ def test_params_carry_logical_axes_and_shard_on_a_mesh(cpu_mesh, rng):
     kernel = model.layers[0].mlp.gate_proj.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
     tokens = _tokens(rng, 4, 16)
-    sharded = nnx.jit(lambda m, t: m(t)[0])(model, tokens)
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    sharded = forward(model, tokens)
   single = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(sharded, single(tokens)[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(sharded, forward(single, tokens), atol=1e-5, rtol=1e-5)
   specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(single, nnx.Param)))
   assert len(specs) == len(jax.tree.leaves(nnx.state(single, nnx.Param)))
   for spec in specs:  # every axis name maps through the rules table

@@ -58,7 +58,7 @@ def test_model_kernel_calls_run_per_batch_shard_and_match_one_device(cpu_mesh, r
     sharded = nnx.jit(forward)(model, tokens)
   assert jaxpr.count('shard_map') == cfg.num_layers  # one GDN, one attention layer
   single = transformer.FlareLM(cfg, rngs=nnx.Rngs(0))
-  np.testing.assert_allclose(sharded, single(tokens)[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(sharded, nnx.jit(forward)(single, tokens), atol=1e-5, rtol=1e-5)
 
 
 def test_flare_loss_with_a_kernel_schedule_on_a_mesh_matches_one_device(cpu_mesh):
