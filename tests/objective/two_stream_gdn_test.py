@@ -99,8 +99,8 @@ def test_both_schedules_equal_a_brute_force_recurrence_per_block(rng, block, vie
   clean, noisy = _inputs(rng, b, t, views)
   want = _brute_force(clean, noisy, seg, starts)
   # The numpy recurrence follows the op's conventions: it reproduces the clean chunked op.
-  o_clean, _ = gdr.chunk_gated_delta_rule(*clean, scale=SCALE, segment_ids=jnp.asarray(seg),
-                                          chunk_size=CHUNK)
+  o_clean, _ = jax.jit(gdr.chunk_gated_delta_rule, static_argnames=('scale', 'chunk_size'))(
+      *clean, scale=SCALE, segment_ids=jnp.asarray(seg), chunk_size=CHUNK)
   np.testing.assert_allclose(o_clean[0, :23], _recurrence(*(
       np.repeat(np.asarray(x[0, :23]), HV // H, 1) if i < 2 else np.asarray(x[0, :23])
       for i, x in enumerate(clean))), atol=1e-5, rtol=1e-5)
@@ -271,7 +271,7 @@ def test_two_stream_conv_silu_backward_equals_autodiff(rng, views, dtype, tol):
   seg = jnp.asarray(seg)
   conv = lambda backward: lambda x_, w_: gated_deltanet.two_stream_conv_silu(
       x_, w_, seg, starts, views, backward=backward)
-  plain, manual = conv('autodiff'), conv('manual')
+  plain, manual = jax.jit(conv('autodiff')), jax.jit(conv('manual'))
   y, pull = jax.vjp(manual, x, w)
   y_ref, pull_ref = jax.vjp(plain, x, w)
   assert y.dtype == jnp.float32

@@ -357,9 +357,10 @@ def test_fp32_kernel_backward_past_head_size_64_is_refused_before_compiling(rng)
   seg, starts = _layout(rng, 'random', 20, 4)
   # pylint: disable-next=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # imports without triton too
+  ops = (two_stream_pallas.noisy_delta_rule_pallas, two_stream_triton.noisy_delta_rule_triton)
   for kd, vd in ((128, 16), (16, 72)):
     clean, noisy = _inputs(rng, 1, 20, 1, 1, 1, kd, vd)
-    for fn in (two_stream_pallas.noisy_delta_rule_pallas, two_stream_triton.noisy_delta_rule_triton):
+    for fn in ops:
       with pytest.raises(ValueError, match='fp32 inputs takes head sizes up to 64'):
         fn(clean, noisy, seg[:1], starts[:1], scale=0.25, backward='kernel', interpret=False)
   clean, noisy = _inputs(rng, 1, 20, 1, 1, 1, 64, 64)
