@@ -309,10 +309,15 @@ def chunk_length(chunk_size: int, max_block: int) -> int:
   return backend.next_pow2(max(chunk_size, row_tile(max_block)))
 
 
+def padded_heads(kd: int, vd: int) -> tuple[int, int]:
+  """(K, V) as the kernels hold them: powers of two, at least 16."""
+  return backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
+
+
 def _sizes(t, kd, vd, chunk_size, max_block, block_v) -> _Sizes:
   s = row_tile(max_block)
   c = chunk_length(chunk_size, max_block)
-  kp, vdp = backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16))
+  kp, vdp = padded_heads(kd, vd)
   n = -(-t // c)
   return _Sizes(s, c, kp, vdp, min(block_v, vdp), n, n * c + s)
 
@@ -583,9 +588,8 @@ def check_arguments(clean, noisy, max_block: int, backward: str, interpret: bool
   if backward not in BACKWARDS:
     raise ValueError(f'unknown backward {backward!r}; known: {BACKWARDS}')
   kd, vd = noisy[0].shape[-1], noisy[2].shape[-1]
-  heads = (backend.next_pow2(max(kd, 16)), backend.next_pow2(max(vd, 16)))
   if (backward == 'kernel' and not interpret and jnp.dtype(noisy[0].dtype) == _F32
-      and max(heads) > FP32_KERNEL_BACKWARD_MAX_HEAD):
+      and max(padded_heads(kd, vd)) > FP32_KERNEL_BACKWARD_MAX_HEAD):
     raise ValueError(
         f"backward='kernel' with fp32 inputs takes head sizes up to "
         f'{FP32_KERNEL_BACKWARD_MAX_HEAD} (K = {kd}, V = {vd}: its kernels would need more '
