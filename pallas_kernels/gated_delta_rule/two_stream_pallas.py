@@ -572,7 +572,9 @@ BACKWARDS = ('kernel', 'autodiff')
 # fp32 inputs keep fp32 operands in shared memory, so past head size 64 the backward kernels ask
 # for more than the 227 KiB a Hopper SM has (ptxas offline, sm_90a, launch.kernel_registers, K = V
 # = 128: Triton's seed rows kernel 344 KiB; the Pallas kernel 280 KiB at V tile 32 with fp32
-# operands, 2026-12-01; K = V = 64: Triton's largest 144 KiB).
+# operands, 2026-12-01; K = V = 64: Triton's largest 144 KiB). On an H100 with this limit lifted
+# (2026-12-07, K = V = 128), both families' backward failed at launch: Triton's asked for 352,256
+# B, Pallas's 266,240, of 232,448; at K = V = 64 both ran and matched the reference.
 FP32_KERNEL_BACKWARD_MAX_HEAD = 64
 
 

@@ -178,16 +178,8 @@ TRITON_GRAD_CASES = {  # t, max_block, chunk, views, h, hv, kd, vd, layout
 }
 
 
-# backward='autodiff' is `jax.vjp` of the chunked schedule, tested on its own; CI checks its
-# wiring on the layouts 'auto' gives it (32-row tiles) and one more, the other cases (~80 s on CI's
-# 2 cores) are slow.
-_AUTODIFF_IN_CI = ('t50_b1_v1', 't70_b20_v2')
-
-
 @pytest.mark.parametrize('case, backward', [
-    pytest.param(case, backward, marks=() if backward == 'kernel' or case in _AUTODIFF_IN_CI
-                 else pytest.mark.slow)
-    for case in TRITON_GRAD_CASES for backward in ('autodiff', 'kernel')])
+    (case, backward) for case in TRITON_GRAD_CASES for backward in ('autodiff', 'kernel')])
 def test_triton_kernel_gradients_equal_the_chunked_schedules(rng, case, backward):
   pytest.importorskip('torch')
   two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
