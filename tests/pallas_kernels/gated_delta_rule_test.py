@@ -91,7 +91,7 @@ def test_chunked_matches_recurrent_outputs_state_and_gradients(rng, t, h, hv, kd
 
   chunked = functools.partial(xla.chunk_gated_delta_rule_xla, chunk_size=chunk)
   args = (q, k, v, g, beta, h0)
-  # Jitted: one compile each, where op by op the case took 21 s on 2 cores (4 s so).
+  # Jitted: one compile each (a case took 21 s op by op on 2 cores, 4 s jitted).
   (o_ref, s_ref), vjp_ref = jax.vjp(
       jax.jit(functools.partial(run, reference.naive_recurrent_gated_delta_rule)), *args)
   (o, s), vjp = jax.vjp(jax.jit(functools.partial(run, chunked)), *args)
