@@ -452,13 +452,13 @@ class BackwardOperands(NamedTuple):
 
 def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                       block_v, clean_family=None, interpret=False, *, front_tile=True,
-                      keep_dtype=False, slot_do=False) -> BackwardOperands:
+                      keep_dtype=False, slot_do=False, pad_slots=True) -> BackwardOperands:
   """Stages 1-2 of the backward: the clean intermediates the kernel reads (with their pullback;
   `_clean_pass`'s family), padded operands (`_operands`, fp32 unless keep_dtype), and the window
   cotangents (the transpose of the slot selection) or, with slot_do, dO as given, V padded (a
   kernel that reads each slot's dO in its owner window and writes the noisy gradients per
   slot); with front_tile, a tile of zero rows in front of every noisy row and window (the tile
-  before the first)."""
+  before the first); without pad_slots, noisy inputs of T slots (`_operands`)."""
   b, nv, t, _, kd = noisy[0].shape
   vd = clean[2].shape[3]
   z = _sizes(t, kd, vd, chunk_size, max_block, block_v)
@@ -466,7 +466,7 @@ def backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, m
   ctx, clean_vjp = jax.vjp(lambda x: _clean_pass(x, segment_ids, c, clean_family, interpret),
                            clean)
   noisy_p, meta, ctx_p, group = _operands(clean[1], ctx, noisy, segment_ids, block_starts, z,
-                                          keep_dtype)
+                                          keep_dtype, pad_slots)
   hv = clean[2].shape[2]
   if slot_do:
     if front_tile:
@@ -502,6 +502,12 @@ def backward_shapes(ops: BackwardOperands, b, nv, hv):
           ctx_out(z.n * z.c, hv, nvt), ctx_out(z.n, hv, z.kp, z.vdp)]
 
 
+def _sum_tiles(x):
+  """Sums the V tiles' partial gradients x [..., NVT, K]; with one tile, x as it is (a kernel
+  may have written it in the output dtype already)."""
+  return x[..., 0, :] if x.shape[-2] == 1 else x.sum(-2)
+
+
 def backward_sums(ops: BackwardOperands, outs, clean, noisy):
   """Stage 4: sums windows (unless `ops.slots`), V tiles, views and value heads sharing a key
   head; then through the clean pass. Returns (d clean, d noisy) in the inputs' dtypes."""
@@ -510,7 +516,8 @@ def backward_sums(ops: BackwardOperands, outs, clean, noisy):
   vd = clean[2].shape[3]
   c = ops.z.c
   add = (lambda x: x) if ops.slots else (lambda x: _overlap_add(x, c, t, ops.front))
-  d_noisy = (_key_heads(add(dq.sum(-2)), hq)[..., :kd], _key_heads(add(dk.sum(-2)), hq)[..., :kd],
+  d_noisy = (_key_heads(add(_sum_tiles(dq)), hq)[..., :kd],
+             _key_heads(add(_sum_tiles(dk)), hq)[..., :kd],
              add(dv)[..., :vd], add(dg.sum(-1)), add(db.sum(-1)))
   d_ctx = (dh.sum(1)[..., :kd, :vd], dvc.sum(1)[:, :t, :, :vd], dgc.sum((1, 4))[:, :t])
   (d_clean,) = ops.clean_vjp(d_ctx)

@@ -12,7 +12,8 @@ Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or t
 (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and stores
 its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take the
 seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and the
-clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's); and
+clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's; each program
+sums the views, which share the slot metadata and so each row tile's seed terms); and
 `noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence per
 row tile, carrying cotangents to the previous tile. No per-block state is formed; the window rows
 (C + S per chunk of C slots) are stored in fp32. H100, bf16, B = 1, T = 4096, two views, 16
@@ -55,6 +56,15 @@ pipelining (num_stages 2) of the seed kernels as well as the backward kernel (th
 window layout), or the tile inverse unrolled so that the forward and WY walks pipeline, no change
 (H100, 2026-12-07, docs/benchmarks.md); the backward kernel alone at two stages pays
 (`backward_launch`).
+The backward reads the noisy inputs unpadded as the forward does (masked past T in the WY pass
+and the backward kernel, clamped to slot T - 1 with zero cotangents in the seed kernels), the
+seed kernels sum the two views (no per-view context gradients for XLA to sum), and the backward
+kernel stores dv, and dq and dk where nothing is summed after it, in the inputs' dtype (no fp32
+copies for XLA to convert). H100, the shape above, back to back, alternating processes, two runs
+each (2026-12-07, later): fwd+bwd 3.31 / 3.31 ms against main's 3.72 / 3.72, temp memory 0.542
+against 0.800 GiB; clean pass 0.69-0.70 ms, so 1.57x against 1.78x of (1 + V) x clean. Tried
+and not kept: the backward state pass (`triton.dhu_kernel`) loading its outside cotangents at
+the top of each chunk, or a chunk ahead: 3.85 / 3.96 ms against 3.71.
 """
 import functools
 
@@ -385,15 +395,15 @@ if triton is not None:
 
   @triton.jit
   def _prev_rows(k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot, base, mbase, lrow, has_prev, kh, o_v,
-                 HQ: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr):
-    """The previous row tile's noisy k [S, K] and block starts, and its stored W [S, K], U, V'
-    [S, BV] and gam [S]; zeros (block starts -1) where has_prev is false (the window's first
-    tile)."""
+                 HQ: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr, T: tl.constexpr):
+    """The previous row tile's noisy k [S, K] (zeros past T: the noisy inputs hold T slots per
+    view) and block starts, and its stored W [S, K], U, V' [S, BV] and gam [S]; zeros (block
+    starts -1) where has_prev is false (the window's first tile)."""
     o_k = tl.arange(0, K)
     tok = base + slot
     mslot = (mbase + slot).to(tl.int64)
     m = has_prev & (slot >= 0)
-    k_p = tl.load(k + (tok * HQ + kh)[:, None] * K + o_k[None, :], mask=m[:, None],
+    k_p = tl.load(k + (tok * HQ + kh)[:, None] * K + o_k[None, :], mask=(m & (slot < T))[:, None],
                   other=0.0).to(tl.float32)
     bs_p = tl.load(bsl + mslot, mask=m, other=-1)
     w_p = tl.load(wy_w + lrow[:, None] * K + o_k[None, :], mask=m[:, None], other=0.0)
@@ -472,7 +482,7 @@ if triton is not None:
     ipos = n * C + tl.arange(0, C)
     row = o_s[:, None]
     col = o_s[None, :]
-    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    base = ((i_b * NV + i_u) * T).to(tl.int64)  # this view's row of slots
     k_p = tl.zeros([S, K], dtype=tl.float32)
     w_p = tl.zeros([S, K], dtype=tl.float32)
     u_p = tl.zeros([S, BV], dtype=tl.float32)
@@ -487,7 +497,7 @@ if triton is not None:
       b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
-          PREC, CROSS)
+          PREC, CROSS, T)
       own = _owned(slot, b_seed, n, T, C)
       dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
                             + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
@@ -538,7 +548,7 @@ if triton is not None:
     row = o_s[:, None]
     col = o_s[None, :]
     lead = (o_s >= 0) & (i_e == 0)
-    base = ((i_b * NV + i_u) * TPAD).to(tl.int64)
+    base = ((i_b * NV + i_u) * T).to(tl.int64)  # this view's row of slots
     lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     args = (q, k, v, beta, bsl, seed, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t, do, dqe_in, dws_in,
             dq, dk, dv, dg, db, n, n_tiles, r0, i_b, i_h, i_u, i_e, kh, o_v, o_s, o_k, row, col,
@@ -578,10 +588,12 @@ if triton is not None:
       inw = r < C + S
       tok = base + slot
       p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
-      b_q = tl.load(q + p_qk).to(tl.float32)
-      b_k = tl.load(k + p_qk).to(tl.float32)
-      b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :]).to(tl.float32)
-      b_beta = tl.load(beta + tok * HV + i_h)
+      m_t = slot < T  # the noisy inputs hold T slots per view: zeros past them, as the WY pass
+      b_q = tl.load(q + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
+      b_k = tl.load(k + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
+      b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :], mask=m_t[:, None],
+                    other=0.0).to(tl.float32)
+      b_beta = tl.load(beta + tok * HV + i_h, mask=m_t, other=0.0)
       b_bs = tl.load(bsl + (mbase + slot).to(tl.int64))
       own = _owned(slot, tl.load(seed + (mbase + slot).to(tl.int64)), n, T, C)
       orow = _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)
@@ -602,7 +614,7 @@ if triton is not None:
       if CROSS:
         k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
             k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, mbase, lrow - S, i > 0, kh,
-            o_v, HQ, K, VDP)
+            o_v, HQ, K, VDP, T)
       dos = SCALE * tl.load(do + p_v, mask=own[:, None], other=0.0).to(tl.float32)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
@@ -678,9 +690,9 @@ if triton is not None:
 
       p_1 = orow * NVT + i_e
       p_k = p_1[:, None] * K + o_k[None, :]
-      tl.store(dq + p_k, b_dq, mask=own[:, None])
-      tl.store(dk + p_k, b_dk, mask=own[:, None])
-      tl.store(dv + p_v, b_dv, mask=own[:, None])
+      tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=own[:, None])
+      tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=own[:, None])
+      tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=own[:, None])
       tl.store(dg + p_1, b_dg, mask=own)
       tl.store(db + p_1, b_db, mask=own)
       if CROSS:
@@ -688,27 +700,36 @@ if triton is not None:
         nx_dgam, nx_bs = dgam, b_bs
 
   @triton.jit
-  def _seed_tile(q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v,
-                 g_ctx, NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                 T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
-                 C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr):
-    """Window rows r [S] of window n for the seed kernels (rows r >= C + S, past the window, read
-    its last row, and slots past T slot T - 1, with their cotangents dy zeroed, so they add
-    nothing: ptxas spilled 480 / 208 B with masked loads, 88 / 216 so; so do the rows of slots
-    the window does not own, whose dO is another window's): their index in the stored layout
-    lrow [S] and whether they are in the window inw [S], how they reach their seed state
-    (`_seed_terms`: at_seed, E, coef), and the two row sets x [S, K] whose seed products the
-    output reads, each with the cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy =
+  def _seed_tile_terms(seed, lo, carry, r, n, i_b, g_ctx, TPAD: tl.constexpr, C: tl.constexpr,
+                       S: tl.constexpr):
+    """What window rows r [S] of window n share across the views (the slot metadata): whether
+    they are in the window inw [S], and how they reach their seed state (`_seed_terms`: at_seed,
+    E, coef). Rows r >= C + S, past the window, read its last row (their cotangents are zeroed
+    by `_seed_tile_rows`)."""
+    inw = r < C + S
+    mslot = (i_b * TPAD + n * C + tl.minimum(r, C + S - 1)).to(tl.int64)
+    at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, tl.load(seed + mslot),
+                                   tl.load(lo + mslot), tl.load(carry + mslot), n)
+    return inw, at_seed, e, coef
+
+  @triton.jit
+  def _seed_tile_rows(q, seed, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v, inw,
+                      NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                      T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                      C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                      SCALE: tl.constexpr):
+    """Window rows r [S] of window n in view i_u for the seed kernels (rows past the window read
+    its last row, and slots past T the q and dO of slot T - 1, with their cotangents dy zeroed,
+    so they add nothing: ptxas spilled 480 / 208 B with masked loads, 88 / 216 so, one view per
+    program; so do the rows of slots the window does not own, whose dO is another window's):
+    their index in the stored layout lrow [S], and the two row sets x [S, K] whose seed products
+    the output reads, each with the cotangent dy [S, len(o_v)] of its product: x = e^gam Q (dy =
     scale dO) and x = W (V' = U - seed(W): dy = -dV')."""
     o_k = tl.arange(0, K)
-    inw = r < C + S
     r = tl.minimum(r, C + S - 1)
     slot = n * C + r
-    mslot = (i_b * TPAD + slot).to(tl.int64)
-    b_seed = tl.load(seed + mslot)
-    at_seed, e, coef = _seed_terms(n * C + tl.arange(0, C), g_ctx, b_seed, tl.load(lo + mslot),
-                                   tl.load(carry + mslot), n)
-    tok = ((i_b * NV + i_u) * TPAD).to(tl.int64) + slot
+    b_seed = tl.load(seed + (i_b * TPAD + slot).to(tl.int64))
+    tok = ((i_b * NV + i_u) * T).to(tl.int64) + tl.minimum(slot, T - 1)
     lrow = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S) + r
     gam = tl.load(wy_gam + lrow)
     keep = tl.where(inw & _owned(slot, b_seed, n, T, C), 1.0, 0.0)[:, None]
@@ -717,7 +738,7 @@ if triton is not None:
     dyq = (SCALE * keep) * tl.load(do + p_do[:, None] * VDP + o_v[None, :]).to(tl.float32)
     xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
     dyw = -keep * tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
-    return lrow, inw, at_seed, e, coef, xq * tl.exp(gam)[:, None], dyq, xw, dyw
+    return lrow, xq * tl.exp(gam)[:, None], dyq, xw, dyw
 
   @triton.jit
   def _seed_row_grads(x, dy, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC: tl.constexpr):
@@ -744,29 +765,33 @@ if triton is not None:
                              N: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr,
                              K: tl.constexpr, VDP: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
                              N_TILES: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr):
-    """The seed products' backward, row-wise part, window n of one (batch, value head, view), all
-    V columns: the rows' cotangents of e^gam Q (dqe) and of W (dws) [B, N, HV, V, C + S, K], and
-    the window's terms of the clean k's dkc [B, V, N C, HV, 1, K] and G's dgc [B, V, N C, HV, 1]
-    (`_seed_row_grads`)."""
+    """The seed products' backward, row-wise part, window n of one (batch, value head), every
+    view and all V columns: the rows' cotangents of e^gam Q (dqe) and of W (dws) [B, N, HV, V,
+    C + S, K], and the window's terms of the clean k's dkc [B, N C, HV, 1, K] and G's dgc
+    [B, N C, HV, 1], summed over the views (`_seed_row_grads`). The views share the slot
+    metadata, so each row tile's seed terms serve all of them."""
     n = tl.program_id(0)
-    i_b, i_h, i_u, _, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
+    i_b, i_h, _view, _tile, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, 1, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
     first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
     acc_dkc = tl.zeros([C, K], dtype=tl.float32)
     acc_dg = tl.zeros([C], dtype=tl.float32)
     for i in range(n_tiles):
-      lrow, inw, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
-          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
-          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, T, TPAD, K, VDP, C, S, N_TILES, SCALE)
-      p_lk = lrow[:, None] * K + o_k[None, :]
-      dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-      tl.store(dqe + p_lk, dx, mask=inw[:, None])
-      dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-      tl.store(dws + p_lk, dx, mask=inw[:, None])
-      acc_dkc += dk_q + dk_w
-      acc_dg += dg_q + dg_w
-    crow = _context_rows(i_b, i_h, i_u, n, NV, HV, N, C)
+      r = first - n * C + i * S + tl.arange(0, S)
+      inw, at_seed, e, coef = _seed_tile_terms(seed, lo, carry, r, n, i_b, g_ctx, TPAD, C, S)
+      for i_u in range(NV):
+        lrow, xq, dyq, xw, dyw = _seed_tile_rows(
+            q, seed, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v, inw, NV, HQ, HV, N,
+            T, TPAD, K, VDP, C, S, N_TILES, SCALE)
+        p_lk = lrow[:, None] * K + o_k[None, :]
+        dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+        tl.store(dqe + p_lk, dx, mask=inw[:, None])
+        dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
+        tl.store(dws + p_lk, dx, mask=inw[:, None])
+        acc_dkc += dk_q + dk_w
+        acc_dg += dg_q + dg_w
+    crow = _context_rows(i_b, i_h, 0, n, 1, HV, N, C)
     tl.store(dkc + crow[:, None] * K + o_k[None, :], acc_dkc)
     tl.store(dgc + crow, acc_dg)
 
@@ -779,27 +804,31 @@ if triton is not None:
                             S: tl.constexpr, N_TILES: tl.constexpr, SCALE: tl.constexpr,
                             PREC: tl.constexpr):
     """The seed products' backward, the parts that contract the rows, window n of one (batch,
-    value head, view, V tile): the clean v''s dvc [B, V, N C, HV, Vp] = sum over both row sets
-    of ((x Kc^T) * E)^T dy, and h_n's dh [B, V, N, HV, K, Vp] = sum of x^T (coef dy)."""
+    value head, V tile), summed over the views: the clean v''s dvc [B, N C, HV, Vp] = sum over
+    both row sets of ((x Kc^T) * E)^T dy, and h_n's dh [B, N, HV, K, Vp] = sum of x^T (coef
+    dy)."""
     n = tl.program_id(0)
     # (Triton drops the loads of v' and h_n, which this kernel does not read.)
-    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    i_b, i_h, _view, _tile, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
+        kc, vc, gc, h, n, 1, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
     acc_dvc = tl.zeros([C, BV], dtype=tl.float32)
     acc_dh = tl.zeros([K, BV], dtype=tl.float32)
     first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
     for i in range(n_tiles):
-      _, _, at_seed, e, coef, xq, dyq, xw, dyw = _seed_tile(
-          q, seed, lo, carry, do, wy_w, wy_gam, wy_dvn, first - n * C + i * S + tl.arange(0, S),
-          n, i_b, i_h, i_u, kh, o_v, g_ctx, NV, HQ, HV, N, T, TPAD, K, VDP, C, S, N_TILES, SCALE)
-      acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
-                  + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
-      acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
-                 + _mm(tl.trans(xw), coef[:, None] * dyw, PREC))
-    crow = _context_rows(i_b, i_h, i_u, n, NV, HV, N, C)
+      r = first - n * C + i * S + tl.arange(0, S)
+      inw, at_seed, e, coef = _seed_tile_terms(seed, lo, carry, r, n, i_b, g_ctx, TPAD, C, S)
+      for i_u in range(NV):
+        lrow, xq, dyq, xw, dyw = _seed_tile_rows(
+            q, seed, do, wy_w, wy_gam, wy_dvn, r, n, i_b, i_h, i_u, kh, o_v, inw, NV, HQ, HV, N,
+            T, TPAD, K, VDP, C, S, N_TILES, SCALE)
+        acc_dvc += (_mm(tl.trans(_mm(xq, tl.trans(k_ctx), PREC) * e), dyq, PREC)
+                    + _mm(tl.trans(_mm(xw, tl.trans(k_ctx), PREC) * e), dyw, PREC))
+        acc_dh += (_mm(tl.trans(xq), coef[:, None] * dyq, PREC)
+                   + _mm(tl.trans(xw), coef[:, None] * dyw, PREC))
+    crow = _context_rows(i_b, i_h, 0, n, 1, HV, N, C)
     tl.store(dvc + crow[:, None] * VDP + o_v[None, :], acc_dvc)
-    hrow = (((i_b * NV + i_u) * N + n) * HV + i_h).to(tl.int64) * K + o_k
+    hrow = ((i_b * N + n) * HV + i_h).to(tl.int64) * K + o_k
     tl.store(dh + hrow[:, None] * VDP + o_v[None, :], acc_dh)
 
 
@@ -874,12 +903,12 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   block_v, num_warps, num_stages, wy_warps = backward_launch(noisy[0].dtype, max_block)
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               block_v, 'triton', interpret, front_tile=False, keep_dtype=True,
-                              slot_do=True)
+                              slot_do=True, pad_slots=False)
   z = ops.z
   if prec == 'bf16' and not _compiled():
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   nvt, wd = z.vdp // z.bv, z.c + z.s
-  slots = lambda *tail: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, _F32)
+  slots = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, dtype)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
                S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec,
@@ -893,26 +922,30 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
                  stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
       grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
-  ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, nv, z.n * z.c, hv) + tail, _F32)
+  ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, z.n * z.c, hv) + tail, _F32)
   seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'T', 'TPAD', 'K', 'VDP', 'C', 'S',
                                       'N_TILES', 'SCALE', 'PREC')}
   ctx_block_v, ctx_warps, rows_warps = seed_backward_launch()
   dqe, dws, dkc, dgc = call(
       *seed_ops, kernel=noisy_seed_rows_kernel,
       out_shape=[stored(z.kp), stored(z.kp), ctx_v(1, z.kp), ctx_v(1)],
-      grid=(z.n, b * hv * nv), num_warps=rows_warps, num_stages=1, **seed_sizes)
+      grid=(z.n, b * hv), num_warps=rows_warps, num_stages=1, **seed_sizes)
   ctx_block_v = min(ctx_block_v, z.vdp)
   dvc, dh = call(
       *seed_ops, kernel=noisy_seed_ctx_kernel,
-      out_shape=[ctx_v(z.vdp), jax.ShapeDtypeStruct((b, nv, z.n, hv, z.kp, z.vdp), _F32)],
-      grid=(z.n, b * hv * nv * (z.vdp // ctx_block_v)), num_warps=ctx_warps, num_stages=1,
+      out_shape=[ctx_v(z.vdp), jax.ShapeDtypeStruct((b, z.n, hv, z.kp, z.vdp), _F32)],
+      grid=(z.n, b * hv * (z.vdp // ctx_block_v)), num_warps=ctx_warps, num_stages=1,
       BV=ctx_block_v, **seed_sizes)
-  ctx_grads = (dkc, dvc, dgc, dh)
+  # The seed kernels sum the views themselves: a views axis of one for `backward_sums`.
+  ctx_grads = tuple(x[:, None] for x in (dkc, dvc, dgc, dh))
   q, k, v, _, beta = ops.noisy
+  # dv in v's dtype; dq and dk in theirs where nothing is summed after the kernel (one V tile,
+  # a key head per value head): no fp32 copies for XLA to convert.
+  qk_dtype = noisy[0].dtype if nvt == 1 and hv == hq else _F32
   outs = call(q, k, v, beta, *ops.meta[:2], w, u, vn, gam, dvn, t_rows, ops.do, dqe, dws,
               kernel=noisy_bwd_kernel,
-              out_shape=[slots(nvt, z.kp), slots(nvt, z.kp), slots(z.vdp), slots(nvt),
-                         slots(nvt)],
+              out_shape=[slots(nvt, z.kp, dtype=qk_dtype), slots(nvt, z.kp, dtype=qk_dtype),
+                         slots(z.vdp, dtype=noisy[2].dtype), slots(nvt), slots(nvt)],
               grid=grid, num_warps=num_warps, num_stages=num_stages, **sizes)
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 

@@ -57,14 +57,14 @@ def test_records_the_fused_two_stream_launches():
   assert launch['grid'] == (2, 8)
   assert launches[9]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
   # The backward's WY pass and reverse walk share a grid: V tiles of 32 (two over V = 64), for
-  # every dtype; the seed kernels take one program per window, head and view (all of V; the
-  # context kernel: V tiles of 64).
+  # every dtype; the seed kernels take one program per window and head, each summing the views
+  # (all of V; the context kernel: V tiles of 64).
   for dtype, max_block in ((jnp.float32, 20), (jnp.bfloat16, 20), (jnp.float32, 8)):
     launches = record(dtype, max_block)
     assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
     assert [launches[i]['meta']['BV'] for i in (5, 8)] == [32, 32]
     assert launches[5]['grid'] == launches[8]['grid'] == (2, 16)
-    assert launches[6]['grid'] == launches[7]['grid'] == (2, 8)
+    assert launches[6]['grid'] == launches[7]['grid'] == (2, 4)
   # 16-bit inputs at 16-row tiles: one V tile (all of V), the backward at eight warps; every
   # fused kernel reads noisy q, k, v as given and multiplies in bf16.
   launches = record(jnp.bfloat16, 8)
