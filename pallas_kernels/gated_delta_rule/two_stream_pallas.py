@@ -402,7 +402,10 @@ def _overlap_add(x, c, t, front):
 
 
 def _key_heads(x, hq):
-  """[..., HV, X] -> [..., H, X]: sums the value heads that share a key head."""
+  """[..., HV, X] -> [..., H, X]: sums the value heads that share a key head (x itself where
+  each key head has one: no fp32 round trip of a 16-bit x)."""
+  if x.shape[-2] == hq:
+    return x
   return x.reshape(x.shape[:-2] + (hq, -1, x.shape[-1])).sum(-2)
 
 
