@@ -6,8 +6,8 @@ row tiles from the first slot the window owns (forward and backward alike), solv
 blocks against itself and the carried previous tile, and rebuilds every block's seed state from
 the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so no per-block
 state is ever formed; each slot's output is stored by its seed's window only, straight into the
-slot layout. The JAX side (clean pass, padding, slot metadata, the backward's window cotangents
-and sums) is `two_stream_pallas`'s.
+slot layout. The JAX side (clean pass, slot metadata, the backward's operands and sums) is
+`two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or the kernels
 (backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and stores
 its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take the
@@ -894,8 +894,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
   gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
   gradients (at the slots each window owns, in the slot layout, as dO is read). Plain JAX then
-  sums V tiles, views and GQA heads and pulls the context gradients through the clean pass
-  (`backward_sums`)."""
+  sums V tiles and GQA heads where there are several and pulls the context gradients (the
+  views already summed by the seed kernels) through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
   b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
