@@ -771,6 +771,7 @@ if triton is not None:
     [B, N C, HV, 1], summed over the views (`_seed_row_grads`). The views share the slot
     metadata, so each row tile's seed terms serve all of them."""
     n = tl.program_id(0)
+    # NV = 1 here and in _context_rows: no view in the program id, nor in the context gradients.
     i_b, i_h, _view, _tile, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, 1, HQ, HV, N, K, VDP, VDP, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
@@ -808,7 +809,8 @@ if triton is not None:
     both row sets of ((x Kc^T) * E)^T dy, and h_n's dh [B, N, HV, K, Vp] = sum of x^T (coef
     dy)."""
     n = tl.program_id(0)
-    # (Triton drops the loads of v' and h_n, which this kernel does not read.)
+    # (Triton drops the loads of v' and h_n, which this kernel does not read.) NV = 1: as in
+    # noisy_seed_rows_kernel.
     i_b, i_h, _view, _tile, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, 1, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
     o_k = tl.arange(0, K)
