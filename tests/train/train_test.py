@@ -44,7 +44,10 @@ def test_kill_and_resume_on_more_devices_matches_an_uninterrupted_run(tmp_path,
             '--config.train.log_every=1', '--config.train.eval_every=4',
             '--config.train.eval_batches=2', '--config.train.profile_steps=2:3')
   train = functools.partial(_train, one_cpu_device_env)
-  log = train(tmp_path / 'full', *common)
+  # JAX caches only compiles of a second or more by default, which the tiny model's step may
+  # take or not (the test's compile flags make it fast): cache every compile of this run.
+  log = _train(dict(one_cpu_device_env, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0'),
+               tmp_path / 'full', *common)
   assert 'profile of steps 2:3 written to' in log
   traces = list((tmp_path / 'full' / 'profile').glob('plugins/profile/*/*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().st_size > 0
