@@ -62,7 +62,8 @@ _NOISY_WARPS = flags.DEFINE_integer(
     'noisy_warps', 0, 'Sweep override: the fused forwards\' warps (0: forward_launch).')
 _NOISY_BWD_LAUNCH = flags.DEFINE_string(
     'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' "
-    "'V tile,warps,WY pass warps' (empty: two_stream_triton.backward_launch).")
+    "'V tile,warps,dV pass warps' (empty: two_stream_triton.backward_launch; its pipeline "
+    "stages stay).")
 _SEED_BWD_LAUNCH = flags.DEFINE_string(
     'seed_bwd_launch', '', "Sweep override: the jax-triton seed-backward kernels' 'context V "
     "tile,context warps,rows warps' (empty: two_stream_triton.seed_backward_launch).")
@@ -130,8 +131,10 @@ def _apply_kernel_overrides() -> None:
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   launch = schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
-  if launch:
-    two_stream_triton.backward_launch = lambda dtype, max_block: launch
+  if launch:  # backward_launch's pipeline stages stay
+    default_bwd = two_stream_triton.backward_launch
+    two_stream_triton.backward_launch = lambda dtype, max_block: (
+        launch[0], launch[1], default_bwd(dtype, max_block)[2], launch[2])
   seed_launch = schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
   if seed_launch:
     two_stream_triton.seed_backward_launch = lambda: seed_launch

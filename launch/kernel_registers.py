@@ -64,7 +64,8 @@ def main(argv):
   elif _TWO_STREAM.value:
     launches = register_report.record_two_stream_launches(
         _FAMILY.value, _B.value, _T.value, _VIEWS.value, _HEADS.value, _VALUE_HEADS.value,
-        _DK.value, _DV.value, jnp.dtype(_DTYPE.value), _TWO_STREAM.value)
+        _DK.value, _DV.value, jnp.dtype(_DTYPE.value), _TWO_STREAM.value,
+        device_kind=_KIND.value)
   else:
     launches = register_report.record_launches(
         _FAMILY.value, _B.value, _T.value, _HEADS.value, _VALUE_HEADS.value, _DK.value,

@@ -50,8 +50,8 @@ class _Recorder:
 def _block_sizes_of(device_kind):
   """BlockSizes defaults for `device_kind` (not this machine's backend) while tracing."""
   real = configs.block_sizes_for
-  configs.block_sizes_for = lambda vp, family, dt: configs.BlockSizes.get_default(
-      vp, device_kind, family, dt)
+  configs.block_sizes_for = lambda vp, family, dt, checkpoints=False: (
+      configs.BlockSizes.get_default(vp, device_kind, family, dt, checkpoints))
   try:
     yield
   finally:
@@ -113,10 +113,10 @@ def record_launches(family, b, t, h, hv, dk, dv, dtype, resets, device_kind):
 
 
 def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_block,
-                               chunk_size=64):
+                               chunk_size=64, device_kind=''):
   """The fused two-stream kernels' launches (two_stream_triton or two_stream_pallas) for one
   forward + backward of this problem: the kernel backward where it takes max_block, else
-  (autodiff) none."""
+  (autodiff) none. The clean passes' BlockSizes are those for `device_kind`."""
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   f32 = jnp.float32
   clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
@@ -134,7 +134,7 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
                                        chunk_size=chunk_size, max_block=max_block,
                                        interpret=interpret, backward='kernel'))(c, n)
 
-  return record(fwd_bwd, (clean, noisy, ids, ids), '')
+  return record(fwd_bwd, (clean, noisy, ids, ids), device_kind)
 
 
 def record_attention_launches(b, t, h, hkv, d, dtype, device_kind, options=()):

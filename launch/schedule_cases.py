@@ -33,7 +33,7 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
   return cases
 
 
-_LAUNCH_NAMES = {'--noisy_bwd_launch': 'V tile,warps,WY pass warps',
+_LAUNCH_NAMES = {'--noisy_bwd_launch': 'V tile,warps,dV pass warps',
                  '--seed_bwd_launch': 'context V tile,context warps,rows warps'}
 
 

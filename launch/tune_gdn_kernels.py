@@ -51,7 +51,7 @@ CANDIDATES = {
 
 def _time_ms(bs: configs.BlockSizes, args, do) -> float | None:
   """fwd+bwd median ms with `bs`, or None when the kernels fail with it."""
-  configs.block_sizes_for = lambda vp, family, dtype: bs
+  configs.block_sizes_for = lambda vp, family, dtype, checkpoints=False: bs
   jax.clear_caches()
   _, fwdbwd = gdn_cases.jitted_calls(_IMPL.value)
   try:

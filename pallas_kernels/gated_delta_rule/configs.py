@@ -47,7 +47,7 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, head_dim: int = 128, device_kind: str = '', family: str = 'triton',
-                  dtype=jnp.bfloat16) -> 'BlockSizes':
+                  dtype=jnp.bfloat16, checkpoints: bool = False) -> 'BlockSizes':
     """Defaults by value head size (padded to a power of two), device kind, kernel family and
     q/k/v dtype.
 
@@ -56,6 +56,9 @@ class BlockSizes:
       device_kind: `jax.devices()[0].device_kind`, e.g. 'NVIDIA H100 80GB HBM3'.
       family: 'triton' | 'pallas'.
       dtype: the q, k, v dtype.
+      checkpoints: for the two-stream pass's clean passes (`triton.chunk_checkpoints_padded`,
+        `output_and_checkpoints_padded`): fp32 checkpoints and their bf16 copies from the state
+        pass, the checkpoints' cotangents into the backward state pass.
     """
     bv = min(head_dim, 64)
     bv_out = min(head_dim, 128)
@@ -70,6 +73,15 @@ class BlockSizes:
       # spills 22 KB per thread there, against 272 B with four.)
       # Not for fp32 tiles (twice the bytes): with two warps ptxas gives the UT transform 32
       # registers and spills 90 KB per thread (launch.kernel_registers).
+      if checkpoints:
+        # H100, B = 1, T = 4096, two views, block 4, bf16, the two-stream fwd+bwd (bench_schedules
+        # both:triton_kernel_bwd, back to back, 2026-12-07): 3.18 / 3.21 ms at V tile 32, two
+        # stages, eight warps against 3.31 / 3.31 (the clean pass alone took 0.77 against 0.70
+        # with that setting, so it keeps the tuned one); later, this setting for these passes
+        # only: 3.21 against 3.33 ms, and 2.80 against 2.92 with the noisy rows stored by the
+        # forward (one run each). ptxas (sm_90a): the backward state pass with the checkpoints'
+        # cotangents spills 496 B per thread against 5,692 at the tuned setting.
+        return dataclasses.replace(base, num_warps_chunk=2, bv=32, num_stages=2, num_warps=8)
       return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
     return base
 
@@ -78,9 +90,9 @@ def _is_hopper(device_kind: str) -> bool:
   return any(name in device_kind for name in ('H100', 'H200', 'H800', 'H20', 'GH200'))
 
 
-def block_sizes_for(vp: int, family: str, dtype) -> BlockSizes:
+def block_sizes_for(vp: int, family: str, dtype, checkpoints: bool = False) -> BlockSizes:
   kind = '' if backend.default_backend() == 'cpu' else jax.devices()[0].device_kind
-  return BlockSizes.get_default(vp, kind, family, dtype)
+  return BlockSizes.get_default(vp, kind, family, dtype, checkpoints)
 
 
 def check_inputs(q, k, v, chunk_size: int, family: str) -> None:

@@ -427,14 +427,16 @@ def _segs3(segs):
   return tuple(segs) if segs else (_dummy(),) * 3
 
 
-def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False, state_dtype=None):
+def _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret, store_t=False, state_dtype=None,
+             checkpoints=False):
   """Padded inputs -> (dims, block sizes, w, gc, h, v_new, final state, T or None, low copies);
   h and v_new in state_dtype (default: the inputs' dtype); low copies: None, or with a
-  state_dtype other than the inputs', h and v_new also in the inputs' dtype."""
+  state_dtype other than the inputs', h and v_new also in the inputs' dtype. checkpoints: the
+  checkpoint ops' pass (`configs.BlockSizes.get_default`)."""
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(q, v, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'triton', q.dtype)
+  bs = configs.block_sizes_for(d.vd, 'triton', q.dtype, checkpoints)
   seg, carry, writes = _segs3(segs)
   cdt = k.dtype
   tshape = (d.b, d.tp, d.hv, d.c) if store_t else (1,)
@@ -524,7 +526,7 @@ def _clean_pass_forward(q, k, v, g, beta, segs, chunk_size, interpret):
   and backward kernels read), the UT matrices T)."""
   h0 = jnp.zeros((k.shape[0], v.shape[2], k.shape[3], v.shape[3]), _F32)
   d, bs, w, gc, h, vn, _, tm, lows = _forward(q, k, v, g, beta, h0, segs, chunk_size, interpret,
-                                              store_t=True, state_dtype=_F32)
+                                              store_t=True, state_dtype=_F32, checkpoints=True)
   h_c, vn_c = lows or (h, vn)
   return d, bs, w, gc, h, vn, h_c, vn_c, tm
 
@@ -590,7 +592,7 @@ def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, 
   jt = _jt(interpret)
   kn = _kernels()
   d = _Dims(pq, pv, chunk_size)
-  bs = configs.block_sizes_for(d.vd, 'triton', pq.dtype)
+  bs = configs.block_sizes_for(d.vd, 'triton', pq.dtype, checkpoints=bool(ext))
   seg, carry, writes = _segs3(segs)
   cdt = pq.dtype
   has_seg = bool(segs)

@@ -608,14 +608,17 @@ def check_arguments(clean, noisy, max_block: int, backward: str, interpret: bool
         f"shared memory than a GPU has); use backward='autodiff' or 16-bit inputs")
 
 
-def fused_noisy_op(forward, kernel_backward, clean_family=None):
+def fused_noisy_op(forward, kernel_backward, clean_family=None, stores_rows=False):
   """The differentiable op noisy(clean, noisy, segment_ids, block_starts, scale, chunk_size,
   max_block, launch, interpret, backward) of a fused forward kernel, shared by the Pallas and
   jax-triton kernels; launch is the family's `forward_launch` (V tile, warps). `forward` and
   `kernel_backward` take those arguments (the latter the residuals (clean, noisy, segment_ids,
   block_starts) and the cotangent first, and no backward); backward 'kernel' runs
   kernel_backward, 'autodiff' `chunked_schedule_vjp` with the clean pass of `clean_family`
-  (None: XLA). Both recompute the clean pass unless `clean` carries its checkpoints."""
+  (None: XLA). Both recompute the clean pass unless `clean` carries its checkpoints.
+  stores_rows: for backward 'kernel', the forward (called with store_rows=True) also returns the
+  window rows the kernel backward reads, kept as residuals and passed to it (rows=...), so that
+  the backward does not walk the forward again."""
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
   def noisy_op(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
@@ -626,14 +629,19 @@ def fused_noisy_op(forward, kernel_backward, clean_family=None):
 
   def fwd(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
           interpret, backward):
-    del backward
-    o = forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
-                interpret)
-    return o, (clean, noisy, segment_ids, block_starts)
+    args = (clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
+            interpret)
+    if stores_rows and backward == 'kernel':
+      o, rows = forward(*args, True)
+    else:
+      o, rows = forward(*args), None
+    return o, (clean, noisy, segment_ids, block_starts, rows)
 
   def bwd(scale, chunk_size, max_block, launch, interpret, backward, res, do):
+    *res, rows = res
     if backward == 'kernel':
-      grads = kernel_backward(*res, do, scale, chunk_size, max_block, launch, interpret)
+      extra = {} if rows is None else {'rows': rows}
+      grads = kernel_backward(*res, do, scale, chunk_size, max_block, launch, interpret, **extra)
     else:
       grads = chunked_schedule_vjp(res, do, scale, chunk_size, max_block, clean_family,
                                    interpret)

@@ -9,11 +9,15 @@ state is ever formed; each slot's output is stored by its seed's window only, st
 slot layout. The JAX side (clean pass, slot metadata, the backward's operands and sums) is
 `two_stream_pallas`'s.
 Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or the kernels
-(backward='kernel', `_backward`): `noisy_wy_kernel` walks every window forward again and stores
-its rows' W, U, V', gam and the intra-block output terms' cotangent of V'; two kernels take the
-seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and W and the
-clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's; each program
-sums the views, which share the slot metadata and so each row tile's seed terms); and
+(backward='kernel', `_backward`): the forward, differentiated, stores every window row's W, U,
+V', gam (and its row of the tile's (I + A)^-1) as it walks (`noisy_kernel` with STORE_ROWS),
+kept as residuals: 4 B x (K + 2 V + 1 + S) per window row (C + S rows per chunk of C slots),
+head and view, ~263 MB per call at B = 1, T = 4096, two views, 16 heads of 128, living from the
+forward to the backward (a block remat, as every shipped config sets, recomputes them in the
+backward); `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V'; two kernels
+take the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and
+W and the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's; each
+program sums the views, which share the slot metadata and so each row tile's seed terms); and
 `noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence per
 row tile, carrying cotangents to the previous tile. No per-block state is formed; the window rows
 (C + S per chunk of C slots) are stored in fp32. H100, bf16, B = 1, T = 4096, two views, 16
@@ -65,6 +69,17 @@ each (2026-12-07, later): fwd+bwd 3.31 / 3.31 ms against main's 3.72 / 3.72, tem
 against 0.800 GiB; clean pass 0.69-0.70 ms, so 1.57x against 1.78x of (1 + V) x clean. Tried
 and not kept: the backward state pass (`triton.dhu_kernel`) loading its outside cotangents at
 the top of each chunk, or a chunk ahead: 3.85 / 3.96 ms against 3.71.
+The rows stored by the differentiated forward (above) replaced a first backward pass that walked
+every window forward again to store them (`noisy_wy_kernel`, 0.49 ms by the profiler), and the
+two-stream pass's clean passes took their own launch setting (`BlockSizes.get_default`'s
+`checkpoints`). H100, the shape above, back to back, each tree in its own process, one run each
+in turn (2026-12-07, evening): fwd+bwd 2.80 ms with both against main's 3.33 (3.32 in a profiled
+run), 2.92 with the stored rows alone, 3.21 with the launch setting alone; clean pass 0.70-0.71
+ms, so 1.33x of (1 + V) x clean against 1.57x. The temp memory of the whole fwd+bwd stayed 0.542
+GiB, as the first pass wrote the same rows. ptxas (sm_90a): the storing forward spills 1,108 B
+per thread against 608; the dV' kernel none. Also measured in that run: the rows (W, U, V', dV')
+stored in bf16 by the first pass, 3.12 ms alone and 2.99 with the launch setting, not yet
+combined with the stored rows (docs/experiments).
 """
 import functools
 
@@ -77,14 +92,14 @@ from pallas_kernels.gated_delta_rule import two_stream_pallas as tsp
 _F32 = jnp.float32
 # The backward kernels' products: bf16 operands for 16-bit inputs, TF32x3 for fp32 inputs.
 _BWD_PRODUCTS = {'bfloat16': 'bf16', 'float16': 'bf16', 'float32': 'tf32x3'}
-# Row tiles up to this size have the WY pass store each tile's (I + A)^-1 for the backward kernel
+# Row tiles up to this size have the forward store each tile's (I + A)^-1 for the backward kernel
 # to load (H200, bf16, T = 4096, block 4: backward kernel 1.33 against 2.21 ms recomputing it);
 # 32-row tiles recompute it (storing leaves ptxas 32 registers and 17 KB of spills per thread).
 STORED_INVERSE_MAX_TILE = 16
 
 
 def backward_launch(dtype, max_block: int) -> tuple[int, int, int, int]:
-  """(V tile, warps and pipeline stages of `noisy_bwd_kernel`, warps of `noisy_wy_kernel`).
+  """(V tile, warps and pipeline stages of `noisy_bwd_kernel`, warps of `noisy_dvn_kernel`).
 
   ptxas (sm_90a, K = V = 128, bf16, launch.kernel_registers), bytes spilled per thread by (WY
   pass, backward): 16-row tiles at V tile 128 with 4 / 8 warps, 216 / 1,396 (the backward at 4
@@ -325,16 +340,34 @@ if triton is not None:
     return tl.max(tl.where(at_tile & (bs < o_w), 1, 0), axis=0) > 0
 
   @triton.jit
+  def _store_rows(wy_w, wy_u, wy_vn, wy_gam, wy_t, lrow, inw, i_e, o_v, w, u, vn, gam, t_ii,
+                  K: tl.constexpr, VDP: tl.constexpr, S: tl.constexpr, STORED_T: tl.constexpr):
+    """Stores one row tile's W, gam (and T) from the first V tile, and its U, V' columns, at
+    rows lrow of the stored rows' layout, those in the window (inw) only."""
+    lead = inw & (i_e == 0)
+    tl.store(wy_w + lrow[:, None] * K + tl.arange(0, K)[None, :], w, mask=lead[:, None])
+    tl.store(wy_gam + lrow, gam, mask=lead)
+    if STORED_T:
+      tl.store(wy_t + lrow[:, None] * S + tl.arange(0, S)[None, :], t_ii, mask=lead[:, None])
+    p_v = lrow[:, None] * VDP + o_v[None, :]
+    tl.store(wy_u + p_v, u, mask=inw[:, None])
+    tl.store(wy_vn + p_v, vn, mask=inw[:, None])
+
+  @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
+                   wy_w, wy_u, wy_vn, wy_gam, wy_t,
                    NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                    T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                   SCALE: tl.constexpr, PREC: tl.constexpr):
+                   SCALE: tl.constexpr, PREC: tl.constexpr, STORE_ROWS: tl.constexpr = False,
+                   STORED_T: tl.constexpr = False):
     """Window n of one (batch, value head, view, V tile): noisy outputs of the slots whose seed
     lies in clean chunk n, each stored by that window only, so every slot of [0, T) is written
     once (layouts: see `_forward`; the noisy inputs hold T slots per view, the slot metadata
     TPAD). The walk starts at the window's first own slot, a block start, and takes as many row
-    tiles as its own slots span (`_own_span`): at most N_TILES."""
+    tiles as its own slots span (`_own_span`): at most N_TILES. STORE_ROWS: also every walked
+    window row's W, U, V', gam (and with STORED_T its row of the tile's (I + A)^-1) for the
+    kernel backward (`_stored_rows`)."""
     n = tl.program_id(0)
     i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
         kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
@@ -344,23 +377,29 @@ if triton is not None:
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * T).to(tl.int64)  # this view's row of slots
-    args = (q, k, v, g, beta, bsl, seed, lo, carry, o, n, first, n_tiles, i_b, i_h, i_u, kh, o_v,
-            k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base)
+    lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
+    args = (q, k, v, g, beta, bsl, seed, lo, carry, o, wy_w, wy_u, wy_vn, wy_gam, wy_t, n, first,
+            n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base,
+            lbase)
     # Where no block crosses into a tile of the walk, the walk without the banded terms.
     if S > LEAN_WALK_MAX_TILE:
-      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, True)
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORE_ROWS,
+                    STORED_T, True)
     elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
-      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, True)
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORE_ROWS,
+                    STORED_T, True)
     else:
-      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, False)
+      _forward_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORE_ROWS,
+                    STORED_T, False)
 
   @triton.jit
-  def _forward_walk(q, k, v, g, beta, bsl, seed, lo, carry, o, n, first, n_tiles, i_b, i_h, i_u,
-                    kh, o_v, k_ctx, v_ctx, g_ctx, h_n, ipos, row, col, base, NV: tl.constexpr,
-                    HQ: tl.constexpr, HV: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr,
-                    K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                    S: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
-                    CROSS: tl.constexpr):
+  def _forward_walk(q, k, v, g, beta, bsl, seed, lo, carry, o, wy_w, wy_u, wy_vn, wy_gam, wy_t,
+                    n, first, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n,
+                    ipos, row, col, base, lbase, NV: tl.constexpr, HQ: tl.constexpr,
+                    HV: tl.constexpr, T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr,
+                    VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
+                    SCALE: tl.constexpr, PREC: tl.constexpr, STORE_ROWS: tl.constexpr,
+                    STORED_T: tl.constexpr, CROSS: tl.constexpr):
     """`noisy_kernel`'s walk over its n_tiles row tiles from slot `first`; CROSS: as
     `_wy_step` (without, nothing is carried from tile to tile)."""
     o_s = tl.arange(0, S)
@@ -373,10 +412,13 @@ if triton is not None:
     bs_p = tl.full([S], -1, dtype=tl.int32)
     for i in range(n_tiles):
       slot = first + i * S + o_s
-      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, _ = _walk_tile(
+      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, eg, e, coef, w, u, vn, t_ii = _walk_tile(
           q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
           k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
           PREC, CROSS, T)
+      if STORE_ROWS:
+        _store_rows(wy_w, wy_u, wy_vn, wy_gam, wy_t, lbase + slot - n * C, slot - n * C < C + S,
+                    i_e, o_v, w, u, vn, gam, t_ii, K, VDP, S, STORED_T)
       # Output rows: their seed states' part (prefix identity) and the in-block part.
       qe = b_q * eg[:, None]
       b_o = (_seed_product(qe, k_ctx, v_ctx, h_n, e, coef, PREC)
@@ -417,8 +459,8 @@ if triton is not None:
   def _stored_row_base(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                        N_TILES: tl.constexpr, S: tl.constexpr):
     """Where window n's rows (N_TILES * S = C + S) of one (batch, value head, view) start in the
-    stored rows' layout [B, N, HV, V, C + S, ...] (the WY pass's outputs and the seed kernels'
-    row cotangents)."""
+    stored rows' layout [B, N, HV, V, C + S, ...] (the differentiated forward's stored rows,
+    dV' and the seed kernels' row cotangents)."""
     return ((((i_b * N + n) * HV + i_h) * NV + i_u) * (N_TILES * S)).to(tl.int64)
 
   @triton.jit
@@ -436,86 +478,77 @@ if triton is not None:
     return ((((i_b * NV + i_u) * N + n) * C + tl.arange(0, C)) * HV + i_h).to(tl.int64)
 
   @triton.jit
-  def noisy_wy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, do,
-                      wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
-                      NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
-                      T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
-                      BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
-                      SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
-    """The backward's first pass, window n of one (batch, value head, view, V tile): the forward's
-    WY step again, storing every window row's W [K], U, V' [BV], gam (and, for row tiles up to
-    STORED_INVERSE_MAX_TILE, its row of the tile's (I + A)^-1 [S]), and the cotangent of V'
-    [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i + (Q_{i+1} K_i^T *
-    D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late). Layout [B, N, HV, V, C + S, ...]; W and
-    gam by the first V tile. dO (`do`, the slot layout [B, V, T, HV, Vp]) is read at the window's
-    own slots (`_owned`), zero at the others. The forward's walk (`_own_span`): row r is slot
-    nC + r, the walk starts at row r0 = first - nC; rows it does not reach are left unset (the
-    later kernels walk the same rows), rows past C + S are not stored."""
+  def noisy_dvn_kernel(q, k, bsl, seed, wy_gam, do, wy_dvn,
+                       NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                       T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                       BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                       SCALE: tl.constexpr, PREC: tl.constexpr):
+    """The backward's first pass, window n of one (batch, value head, view, V tile): the
+    cotangent of V' [BV] from the intra-block output terms, dV'_i = (Q_i K_i^T * D_ii)^T dO_i +
+    (Q_{i+1} K_i^T * D_{i+1,i})^T dO_{i+1} (scaled; stored one tile late), from noisy q, k, the
+    block starts and the gam the forward stored (`noisy_kernel` with STORE_ROWS). Layout of the
+    stored rows [B, N, HV, V, C + S, ...]. dO (`do`, the slot layout [B, V, T, HV, Vp]) is read
+    at the window's own slots (`_owned`), zero at the others. The forward's walk (`_own_span`):
+    row r is slot nC + r, the walk starts at row r0 = first - nC; rows it does not reach are left
+    unset (the later kernels walk the same rows), rows past C + S are not stored."""
     n = tl.program_id(0)
-    i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n = _window_context(
-        kc, vc, gc, h, n, NV, HQ, HV, N, K, VDP, BV, C, PREC == 'bf16')
+    i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
     first, n_tiles = _own_span(seed, i_b * TPAD, n, T, C, S, N_TILES)
-    lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
-    args = (q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn, wy_t,
-            n, first - n * C, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n,
-            lbase)
-    # Where no block crosses into a tile of the walk, the walk without the banded terms.
+    args = (q, k, bsl, seed, wy_gam, do, wy_dvn, n, first - n * C, n_tiles, i_b, i_h, i_u, kh,
+            o_v)
     if S > LEAN_WALK_MAX_TILE:
-      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+      _dvn_walk(*args, NV, HQ, HV, N, T, TPAD, K, VDP, BV, C, S, N_TILES, SCALE, PREC, True)
     elif _blocks_cross_tiles(bsl, i_b * TPAD, first, n_tiles, n, T, C, S):
-      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, True)
+      _dvn_walk(*args, NV, HQ, HV, N, T, TPAD, K, VDP, BV, C, S, N_TILES, SCALE, PREC, True)
     else:
-      _wy_walk(*args, NV, HQ, HV, T, TPAD, K, VDP, BV, C, S, SCALE, PREC, STORED_T, False)
+      _dvn_walk(*args, NV, HQ, HV, N, T, TPAD, K, VDP, BV, C, S, N_TILES, SCALE, PREC, False)
 
   @triton.jit
-  def _wy_walk(q, k, v, g, beta, bsl, seed, lo, carry, do, wy_w, wy_u, wy_vn, wy_gam, wy_dvn,
-               wy_t, n, r0, n_tiles, i_b, i_h, i_u, i_e, kh, o_v, k_ctx, v_ctx, g_ctx, h_n, lbase,
-               NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, T: tl.constexpr,
-               TPAD: tl.constexpr,
-               K: tl.constexpr, VDP: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-               S: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
-               STORED_T: tl.constexpr, CROSS: tl.constexpr):
-    """`noisy_wy_kernel`'s walk over its n_tiles row tiles from window row r0; CROSS: as
-    `_wy_step` (without, only dV' is carried, stored one tile late)."""
+  def _dvn_walk(q, k, bsl, seed, wy_gam, do, wy_dvn, n, r0, n_tiles, i_b, i_h, i_u, kh, o_v,
+                NV: tl.constexpr, HQ: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
+                T: tl.constexpr, TPAD: tl.constexpr, K: tl.constexpr, VDP: tl.constexpr,
+                BV: tl.constexpr, C: tl.constexpr, S: tl.constexpr, N_TILES: tl.constexpr,
+                SCALE: tl.constexpr, PREC: tl.constexpr, CROSS: tl.constexpr):
+    """`noisy_dvn_kernel`'s walk over its n_tiles row tiles from window row r0; CROSS: as
+    `_wy_step` (without, only dV' is carried). The decays come from the stored gam (rows past the
+    window: -1e30, so that they reach no row)."""
     o_s = tl.arange(0, S)
     o_k = tl.arange(0, K)
-    ipos = n * C + tl.arange(0, C)
     row = o_s[:, None]
     col = o_s[None, :]
-    base = ((i_b * NV + i_u) * T).to(tl.int64)  # this view's row of slots
+    base = ((i_b * NV + i_u) * T).to(tl.int64)
+    mbase = i_b * TPAD
+    lbase = _stored_row_base(i_b, i_h, i_u, n, NV, HV, N, N_TILES, S)
     k_p = tl.zeros([S, K], dtype=tl.float32)
-    w_p = tl.zeros([S, K], dtype=tl.float32)
-    u_p = tl.zeros([S, BV], dtype=tl.float32)
-    dvn_p = tl.zeros([S, BV], dtype=tl.float32)  # the previous tile's dV', less tile i's term
-    g_p = tl.zeros([S], dtype=tl.float32)
     gam_p = tl.zeros([S], dtype=tl.float32)
     bs_p = tl.full([S], -1, dtype=tl.int32)
+    dvn_p = tl.zeros([S, BV], dtype=tl.float32)  # the previous tile's dV', less tile i's term
     for i in range(n_tiles):
-      r = r0 + i * S + o_s  # window rows; r >= C + S only in the last tile, never own rows
+      r = r0 + i * S + o_s
       slot = n * C + r
       inw = r < C + S
-      b_q, b_k, b_g, b_bs, b_seed, gam, d_ii, d_ip, _, _, _, w, u, vn, t_ii = _walk_tile(
-          q, k, v, g, beta, bsl, seed, lo, carry, slot, base, i_b * TPAD, kh, i_h, o_v, n, ipos,
-          k_ctx, v_ctx, g_ctx, h_n, k_p, g_p, gam_p, bs_p, w_p, u_p, row, col, HQ, HV, K, VDP, S,
-          PREC, CROSS, T)
-      own = _owned(slot, b_seed, n, T, C)
+      m_t = (slot < T)[:, None]
+      p_qk = ((base + slot) * HQ + kh)[:, None] * K + o_k[None, :]
+      b_q = tl.load(q + p_qk, mask=m_t, other=0.0).to(tl.float32)
+      b_k = tl.load(k + p_qk, mask=m_t, other=0.0).to(tl.float32)
+      mslot = (mbase + slot).to(tl.int64)
+      b_bs = tl.load(bsl + mslot)
+      own = _owned(slot, tl.load(seed + mslot), n, T, C)
+      lrow = lbase + r
+      gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
       dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
                             + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
+      same = b_bs[:, None] == b_bs[None, :]
+      d_ii = tl.exp(tl.where(same & (col <= row), gam[:, None] - gam[None, :], float('-inf')))
       if CROSS:
+        same_p = b_bs[:, None] == bs_p[None, :]
+        d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
         dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
-      lrow = lbase + r
       p_v = lrow[:, None] * VDP + o_v[None, :]
       tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(r >= r0 + S)[:, None])  # tile i - 1
-      lead = inw & (i_e == 0)
-      tl.store(wy_w + lrow[:, None] * K + o_k[None, :], w, mask=lead[:, None])
-      tl.store(wy_gam + lrow, gam, mask=lead)
-      if STORED_T:
-        tl.store(wy_t + lrow[:, None] * S + o_s[None, :], t_ii, mask=lead[:, None])
-      tl.store(wy_u + p_v, u, mask=inw[:, None])
-      tl.store(wy_vn + p_v, vn, mask=inw[:, None])
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
       if CROSS:
-        k_p, g_p, gam_p, bs_p, w_p, u_p = b_k, b_g, gam, b_bs, w, u
+        k_p, gam_p, bs_p = b_k, gam, b_bs
     r = r0 + (n_tiles - 1) * S + o_s  # the last tile's rows (none without tiles)
     tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :], dvn_p,
              mask=((r < C + S) & (n_tiles > 0))[:, None])
@@ -530,14 +563,15 @@ if triton is not None:
                        SCALE: tl.constexpr, PREC: tl.constexpr, STORED_T: tl.constexpr):
     """Gradients of window n of one (batch, value head, view, V tile), walking its row tiles
     backwards: one reverse-mode step of the forward's tile recurrence per tile, from the stored
-    W, U, V', gam, dV' (`noisy_wy_kernel`) and the seed products' row cotangents of e^gam Q and W
-    (dqe_in, dws_in [B, N, HV, V, C + S, K], `noisy_seed_rows_kernel`), carrying cotangents to the
-    previous tile (of its W, U, k and gam, through the banded terms). No clean context is read.
-    Reads dO and writes dq, dk [.., NVT, K], dv [.., BV], dg, dbeta [.., NVT] at the window's own
-    slots (slot layout [B, V, T, HV, ...]; partial sums over this V tile's columns where V is
-    contracted; the seed terms, full sums, enter with the first V tile): every slot has one
-    owner, whose walk alone gives it nonzero gradients, as its dO is zero in every other window.
-    The WY pass's tiles (`_own_span`) in reverse; rows past C + S read as zeros (gam as -1e30)."""
+    W, U, V', gam (`noisy_kernel` with STORE_ROWS), dV' (`noisy_dvn_kernel`) and the seed
+    products' row cotangents of e^gam Q and W (dqe_in, dws_in [B, N, HV, V, C + S, K],
+    `noisy_seed_rows_kernel`), carrying cotangents to the previous tile (of its W, U, k and gam,
+    through the banded terms). No clean context is read. Reads dO and writes dq, dk [.., NVT,
+    K], dv [.., BV], dg, dbeta [.., NVT] at the window's own slots (slot layout [B, V, T, HV,
+    ...]; partial sums over this V tile's columns where V is contracted; the seed terms, full
+    sums, enter with the first V tile): every slot has one owner, whose walk alone gives it
+    nonzero gradients, as its dO is zero in every other window. The forward's tiles
+    (`_own_span`) in reverse; rows past C + S read as zeros (gam as -1e30)."""
     n = tl.program_id(0)
     NVT: tl.constexpr = VDP // BV
     i_b, i_h, i_u, i_e, kh, o_v = _program_ids(NV, HQ, HV, VDP, BV)
@@ -588,7 +622,7 @@ if triton is not None:
       inw = r < C + S
       tok = base + slot
       p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
-      m_t = slot < T  # the noisy inputs hold T slots per view: zeros past them, as the WY pass
+      m_t = slot < T  # the noisy inputs hold T slots per view: zeros past them, as the forward
       b_q = tl.load(q + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
       b_k = tl.load(k + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :], mask=m_t[:, None],
@@ -859,9 +893,11 @@ def _compiled() -> bool:
   return type(noisy_kernel).__name__ != 'InterpretedFunction'
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_block, launch,
-             interpret):
+             interpret, store_rows=False):
+  """Noisy outputs [B, V, T, HV, V] fp32; with store_rows also the window rows the kernel
+  backward reads (`_stored_rows`: W, U, V', gam, T), as the forward computes them."""
   b, nv, t, hq, kd = noisy[0].shape
   hv, vd = clean[2].shape[2:]
   block_v, num_warps = launch
@@ -876,33 +912,50 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   # slot meta [B, Tp] int32; clean k [B, N C, H, Kp], v' [B, N C, HV, Vp], G [B, N C, HV];
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = _forward_products(noisy[0].dtype)
-  o = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
+  none = jax.ShapeDtypeStruct((1,), _F32)
+  rows = _stored_rows(b, nv, hv, z) if store_rows else (none,) * 5
+  o, *rows = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
-      out_shape=jax.ShapeDtypeStruct((b, nv, t, hv, z.vdp), _F32),
+      out_shape=[jax.ShapeDtypeStruct((b, nv, t, hv, z.vdp), _F32)] + list(rows),
       grid=(z.n, b * hv * nv * (z.vdp // z.bv)), num_warps=num_warps,
       num_stages=2,
       NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c, S=z.s,
-      N_TILES=wd // z.s, SCALE=scale, PREC=prec)
-  return o[..., :vd]
+      N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORE_ROWS=store_rows,
+      STORED_T=_stores_inverse(z))
+  return (o[..., :vd], tuple(rows)) if store_rows else o[..., :vd]
+
+
+def _stores_inverse(z) -> bool:
+  return z.s <= STORED_INVERSE_MAX_TILE
+
+
+def _stored_rows(b, nv, hv, z):
+  """Avals of the window rows the kernel backward reads, [B, N, HV, V, C + S, ...] fp32: W [K],
+  U, V' [Vp], gam, and each 16-row tile's (I + A)^-1 row [S] (a stand-in where larger tiles
+  recompute it)."""
+  stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, z.c + z.s) + tail, _F32)
+  return (stored(z.kp), stored(z.vdp), stored(z.vdp), stored(),
+          stored(z.s) if _stores_inverse(z) else jax.ShapeDtypeStruct((1,), _F32))
 
 
 @functools.partial(jax.jit, static_argnums=(5, 6, 7, 8, 9))
 def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, max_block, launch,
-              interpret):
-  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy).
+              interpret, *, rows):
+  """Gradients of `_forward` for the cotangent do [B, V, T, HV, V]: (d clean, d noisy), given
+  the window rows the differentiated forward stored (`rows`, `_stored_rows`).
 
-  Three steps: `noisy_wy_kernel` stores every window row's W, U, V', gam and the cotangent of V'
-  from the intra-block output terms; `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take
-  the seed products' backward: the rows' cotangents of e^gam q and W, and the clean context's
-  gradients; `noisy_bwd_kernel` walks each window's tiles backwards into the noisy inputs'
-  gradients (at the slots each window owns, in the slot layout, as dO is read). Plain JAX then
+  Three steps: `noisy_dvn_kernel` takes the cotangent of V' from the intra-block output terms;
+  `noisy_seed_rows_kernel` and `noisy_seed_ctx_kernel` take the seed products' backward: the
+  rows' cotangents of e^gam q and W, and the clean context's gradients; `noisy_bwd_kernel`
+  walks each window's tiles backwards into the noisy inputs' gradients (at the slots each window
+  owns, in the slot layout, as dO is read). Plain JAX then
   sums V tiles and GQA heads where there are several and pulls the context gradients (the
   views already summed by the seed kernels) through the clean pass (`backward_sums`)."""
   del launch  # the forward's; the backward's is `backward_launch`
   b, nv, t, hq, _ = noisy[0].shape
   hv = clean[2].shape[2]
   prec = _BWD_PRODUCTS[jnp.dtype(noisy[0].dtype).name]
-  block_v, num_warps, num_stages, wy_warps = backward_launch(noisy[0].dtype, max_block)
+  block_v, num_warps, num_stages, dvn_warps = backward_launch(noisy[0].dtype, max_block)
   ops = tsp.backward_operands(clean, noisy, segment_ids, block_starts, do, chunk_size, max_block,
                               block_v, 'triton', interpret, front_tile=False, keep_dtype=True,
                               slot_do=True, pad_slots=False)
@@ -913,16 +966,14 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   slots = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, dtype)
   stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
-               S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec,
-               STORED_T=z.s <= STORED_INVERSE_MAX_TILE)
+               S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=_stores_inverse(z))
   grid = (z.n, b * hv * nv * nvt)
   call = gdr_triton._jt(interpret).triton_call  # pylint: disable=protected-access
   # Every kernel walks only each window's own tiles (`_own_span`).
-  w, u, vn, gam, dvn, t_rows = call(
-      *ops.noisy, *ops.meta, *ops.ctx, ops.do, kernel=noisy_wy_kernel,
-      out_shape=[stored(z.kp), stored(z.vdp), stored(z.vdp), stored(), stored(z.vdp),
-                 stored(z.s) if sizes['STORED_T'] else jax.ShapeDtypeStruct((1,), _F32)],
-      grid=grid, num_warps=wy_warps, num_stages=1, **sizes)
+  w, u, vn, gam, t_rows = rows
+  dvn = call(ops.noisy[0], ops.noisy[1], *ops.meta[:2], gam, ops.do, kernel=noisy_dvn_kernel,
+             out_shape=stored(z.vdp), grid=grid, num_warps=dvn_warps, num_stages=1,
+             **{k: v for k, v in sizes.items() if k != 'STORED_T'})
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, z.n * z.c, hv) + tail, _F32)
   seed_sizes = {k: sizes[k] for k in ('NV', 'HQ', 'HV', 'N', 'T', 'TPAD', 'K', 'VDP', 'C', 'S',
@@ -952,7 +1003,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   return tsp.backward_sums(ops, tuple(outs) + tuple(ctx_grads), clean, noisy)
 
 
-_noisy = tsp.fused_noisy_op(_forward, _backward, clean_family='triton')
+_noisy = tsp.fused_noisy_op(_forward, _backward, clean_family='triton', stores_rows=True)
 
 
 def noisy_delta_rule_triton(clean: tuple[jax.Array, ...], noisy: tuple[jax.Array, ...],

@@ -46,7 +46,8 @@ def test_records_the_fused_two_stream_launches():
   # with the checkpoints' pullback (no output cotangent: no dv_local).
   clean_fwd = ['intra_kernel', 'state_pass_kernel']
   clean_bwd = ['dhu_kernel', 'bwd_chunk_kernel']
-  noisy_bwd = ['noisy_wy_kernel', 'noisy_seed_rows_kernel', 'noisy_seed_ctx_kernel',
+  # The forward stores the window rows the backward reads, so the backward's first pass is dV'.
+  noisy_bwd = ['noisy_dvn_kernel', 'noisy_seed_rows_kernel', 'noisy_seed_ctx_kernel',
                'noisy_bwd_kernel']
   launches = record(jnp.float32, 20)
   assert names(launches) == clean_fwd + ['noisy_kernel'] + clean_fwd + noisy_bwd + clean_bwd
@@ -56,7 +57,7 @@ def test_records_the_fused_two_stream_launches():
   assert launch['num_warps'] == 8 and launch['meta']['S'] == 32 and launch['meta']['BV'] == 64
   assert launch['grid'] == (2, 8)
   assert launches[9]['meta']['HAS_EXT']  # dhu takes the checkpoints' cotangents
-  # The backward's WY pass and reverse walk share a grid: V tiles of 32 (two over V = 64), for
+  # The backward's dV' pass and reverse walk share a grid: V tiles of 32 (two over V = 64), for
   # every dtype; the seed kernels take one program per window and head, each summing the views
   # (all of V; the context kernel: V tiles of 64).
   for dtype, max_block in ((jnp.float32, 20), (jnp.bfloat16, 20), (jnp.float32, 8)):
@@ -71,10 +72,24 @@ def test_records_the_fused_two_stream_launches():
   assert [launches[i]['meta']['BV'] for i in (5, 8)] == [64, 64]
   assert launches[8]['num_warps'] == 8 and launches[8]['grid'] == (2, 8)
   for launch in launches[2:3] + launches[5:9]:
-    read_as_given = 1 if 'seed' in launch['kernel'].fn.__name__ else 3  # the seed kernels: q
-    assert set(launch['dtypes'][:read_as_given]) == {'bfloat16'}, launch['kernel'].fn.__name__
+    name = launch['kernel'].fn.__name__
+    read_as_given = 1 if 'seed' in name else 2 if 'dvn' in name else 3  # seed: q; dV': q, k
+    assert set(launch['dtypes'][:read_as_given]) == {'bfloat16'}, name
     assert launch['meta']['PREC'].startswith('bf16')
 
+
+
+def test_two_stream_clean_passes_take_the_device_kinds_checkpoint_launch():
+  kind = 'NVIDIA H100 80GB HBM3'
+  launches = register_report.record_two_stream_launches(
+      'triton', 1, 100, 2, 2, 2, 32, 128, jnp.bfloat16, max_block=4, device_kind=kind)
+  by_name = {l['kernel'].fn.__name__: l for l in launches}
+  bs = configs.BlockSizes.get_default(128, kind, 'triton', jnp.bfloat16, checkpoints=True)
+  assert bs != configs.BlockSizes.get_default(128, '', 'triton', jnp.bfloat16, checkpoints=True)
+  for name in ('state_pass_kernel', 'dhu_kernel'):
+    launch = by_name[name]
+    assert (launch['num_warps'], launch['num_stages']) == (bs.num_warps, bs.num_stages), name
+    assert launch['meta']['BV'] == bs.bv, name
 
 def test_pallas_launches_come_from_the_cuda_lowering():
   launches = register_report.record_launches('pallas', 1, 100, 2, 4, 32, 128, jnp.bfloat16, True,

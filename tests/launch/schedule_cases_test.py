@@ -26,7 +26,7 @@ def test_parse_launch():
   assert schedule_cases.parse_launch('') is None
   assert schedule_cases.parse_launch('128,8,4') == (128, 8, 4)
   for bad in ('128,8', '96,8,4', '8,4,4', '128,8,32', '128,x,4', '128,0,4'):
-    with pytest.raises(app.UsageError, match='V tile,warps,WY pass warps'):
+    with pytest.raises(app.UsageError, match='V tile,warps,dV pass warps'):
       schedule_cases.parse_launch(bad)
   assert schedule_cases.parse_launch('64,4,8', '--seed_bwd_launch') == (64, 4, 8)
   with pytest.raises(app.UsageError, match='context V tile,context warps,rows warps'):
