@@ -113,10 +113,11 @@ def record_launches(family, b, t, h, hv, dk, dv, dtype, resets, device_kind):
 
 
 def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_block,
-                               chunk_size=64, device_kind=''):
+                               chunk_size=64, device_kind='', remat=False):
   """The fused two-stream kernels' launches (two_stream_triton or two_stream_pallas) for one
   forward + backward of this problem: the kernel backward where it takes max_block, else
-  (autodiff) none. The clean passes' BlockSizes are those for `device_kind`."""
+  (autodiff) none. The clean passes' BlockSizes are those for `device_kind`; remat: the op under
+  `jax.checkpoint`, as a block remat runs it."""
   spec = lambda *s, dt=dtype: jax.ShapeDtypeStruct(s, dt)
   f32 = jnp.float32
   clean = (spec(b, t, h, dk), spec(b, t, h, dk), spec(b, t, hv, dv), spec(b, t, hv, dt=f32),
@@ -130,9 +131,9 @@ def record_two_stream_launches(family, b, t, views, h, hv, dk, dv, dtype, max_bl
     impl, record = two_stream_pallas.noisy_delta_rule_pallas, _recorded_pallas
 
   def fwd_bwd(c, n, seg, starts, interpret):
-    return _vjp_of(lambda c_, n_: impl(c_, n_, seg, starts, scale=dk ** -0.5,
-                                       chunk_size=chunk_size, max_block=max_block,
-                                       interpret=interpret, backward='kernel'))(c, n)
+    op = lambda c_, n_: impl(c_, n_, seg, starts, scale=dk ** -0.5, chunk_size=chunk_size,
+                             max_block=max_block, interpret=interpret, backward='kernel')
+    return _vjp_of(jax.checkpoint(op) if remat else op)(c, n)
 
   return record(fwd_bwd, (clean, noisy, ids, ids), device_kind)
 

@@ -13,8 +13,9 @@ Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or t
 V', gam (and its row of the tile's (I + A)^-1) as it walks (`noisy_kernel` with STORE_ROWS),
 kept as residuals: 4 B x (K + 2 V + 1 + S) per window row (C + S rows per chunk of C slots),
 head and view, ~263 MB per call at B = 1, T = 4096, two views, 16 heads of 128, living from the
-forward to the backward (a block remat, as every shipped config sets, recomputes them in the
-backward); `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V'; two kernels
+forward to the backward (under a block remat, as every shipped config sets, the outer forward
+runs the kernel without STORE_ROWS and the backward reruns it with, so none are kept across
+layers); `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V'; two kernels
 take the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and
 W and the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's; each
 program sums the views, which share the slot metadata and so each row tile's seed terms); and

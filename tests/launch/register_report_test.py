@@ -79,6 +79,16 @@ def test_records_the_fused_two_stream_launches():
 
 
 
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_only_the_differentiated_forward_stores_the_window_rows(remat):
+  launches = register_report.record_two_stream_launches(
+      'triton', 1, 100, 2, 2, 2, 32, 32, jnp.bfloat16, max_block=4, remat=remat)
+  stores = [l['meta']['STORE_ROWS'] for l in launches if l['kernel'].fn.__name__ == 'noisy_kernel']
+  # Under jax.checkpoint the forward runs the primal kernel, storing nothing, and the backward
+  # reruns it with the rows; without, the one forward stores them for the backward.
+  assert stores == ([False, True] if remat else [True])
+
 def test_two_stream_clean_passes_take_the_device_kinds_checkpoint_launch():
   kind = 'NVIDIA H100 80GB HBM3'
   launches = register_report.record_two_stream_launches(
