@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times patch stacks against main on the GPU machine, each tree in its own processes, in turn.
 #
-# Here:   bash docs/experiments/measure.sh build main bf16-rows bf16-rows+bf16-row-cotangents
+# Here:   bash docs/experiments/measure.sh build main PATCH PATCH+OTHER
 #         (trees under var_exp/, one per argument: 'main', or patches joined by '+', applied in
 #         order to HEAD); then carry [".whl", ".device", "var_exp"] to the device.
 # There:  source .device/env.sh && bash var_exp/measure.sh bench [--profile --profile_top=30]

@@ -11,8 +11,9 @@ slot layout. The JAX side (clean pass, slot metadata, the backward's operands an
 Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or the kernels
 (backward='kernel', `_backward`): the forward, differentiated, stores every window row's W, U,
 V', gam (and its row of the tile's (I + A)^-1) as it walks (`noisy_kernel` with STORE_ROWS),
-kept as residuals: 4 B x (K + 2 V + 1 + S) per window row (C + S rows per chunk of C slots),
-head and view, ~263 MB per call at B = 1, T = 4096, two views, 16 heads of 128, living from the
+kept as residuals: 2 B x (K + 2 V) + 4 B x (1 + S) per window row for 16-bit inputs (W, U, V'
+in bf16, `_row_dtype`; 4 B x (K + 2 V + 1 + S) for fp32), C + S rows per chunk of C slots, head
+and view, ~137 MB per call at B = 1, T = 4096, two views, 16 heads of 128, living from the
 forward to the backward (under a block remat, as every shipped config sets, the outer forward
 runs the kernel without STORE_ROWS and the backward reruns it with, so none are kept across
 layers); `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V'; two kernels
@@ -21,7 +22,9 @@ W and the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s a
 program sums the views, which share the slot metadata and so each row tile's seed terms); and
 `noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence per
 row tile, carrying cotangents to the previous tile. No per-block state is formed; the window rows
-(C + S per chunk of C slots) are stored in fp32. H100, bf16, B = 1, T = 4096, two views, 16
+(C + S per chunk of C slots) and the row cotangents passed between the backward's kernels (dV',
+the seed products' dqe, dws) are stored in bf16 for 16-bit inputs (fp32 for fp32), gam and the
+tile inverses in fp32. H100, bf16, B = 1, T = 4096, two views, 16
 heads of 128, block 4, the whole two-stream pass's forward+backward (clean stream included),
 back to back, 2026-12-06: 4.75 ms and 0.93 GiB of temp memory against 5.62 ms and 1.42 GiB with
 the seed products' backward as XLA GEMMs and the walks from nC (4.96 ms with the seed kernels
@@ -79,8 +82,18 @@ run), 2.92 with the stored rows alone, 3.21 with the launch setting alone; clean
 ms, so 1.33x of (1 + V) x clean against 1.57x. The temp memory of the whole fwd+bwd stayed 0.542
 GiB, as the first pass wrote the same rows. ptxas (sm_90a): the storing forward spills 1,108 B
 per thread against 608; the dV' kernel none. Also measured in that run: the rows (W, U, V', dV')
-stored in bf16 by the first pass, 3.12 ms alone and 2.99 with the launch setting, not yet
-combined with the stored rows (docs/experiments).
+stored in bf16 by the first pass, 3.12 ms alone and 2.99 with the launch setting.
+The rows W, U, V' and dV' in bf16 for 16-bit inputs (they enter only bf16 products, but for
+one elementwise term of the seed backward), and the seed kernels' row cotangents dqe, dws too
+(they enter gradients stored in bf16): H100, the shape above, each tree in its own process, in
+turn, two runs (2026-12-07, night): fwd+bwd 2.57 / 2.56 ms against main's 2.79 / 2.78, the rows
+alone 2.63 (one run); temp memory 0.363 GiB against 0.542 (0.385 with the rows alone); clean
+pass 0.70 ms, so 1.22-1.23x of (1 + V) x clean against 1.28-1.29x (clean 0.72 in main's runs).
+ptxas (sm_90a, block 4): forward 996 B spilled per thread (1,108), seed rows kernel 32 (132),
+context kernel 232 (392), backward kernel 1,024 (532) with 26 KiB of shared memory (89). The
+GPU tests of the flare step (8) and of the Triton backward (3) pass. Profile before (main, the
+same run): backward kernel 0.527 ms, seed rows 0.479, forward 0.439, seed context 0.292, the
+clean backward state pass 0.231, dV' pass 0.088.
 """
 import functools
 
@@ -346,13 +359,14 @@ if triton is not None:
     """Stores one row tile's W, gam (and T) from the first V tile, and its U, V' columns, at
     rows lrow of the stored rows' layout, those in the window (inw) only."""
     lead = inw & (i_e == 0)
-    tl.store(wy_w + lrow[:, None] * K + tl.arange(0, K)[None, :], w, mask=lead[:, None])
+    tl.store(wy_w + lrow[:, None] * K + tl.arange(0, K)[None, :], w.to(wy_w.dtype.element_ty),
+             mask=lead[:, None])
     tl.store(wy_gam + lrow, gam, mask=lead)
     if STORED_T:
       tl.store(wy_t + lrow[:, None] * S + tl.arange(0, S)[None, :], t_ii, mask=lead[:, None])
     p_v = lrow[:, None] * VDP + o_v[None, :]
-    tl.store(wy_u + p_v, u, mask=inw[:, None])
-    tl.store(wy_vn + p_v, vn, mask=inw[:, None])
+    tl.store(wy_u + p_v, u.to(wy_u.dtype.element_ty), mask=inw[:, None])
+    tl.store(wy_vn + p_v, vn.to(wy_vn.dtype.element_ty), mask=inw[:, None])
 
   @triton.jit
   def noisy_kernel(q, k, v, g, beta, bsl, seed, lo, carry, kc, vc, gc, h, o,
@@ -449,10 +463,11 @@ if triton is not None:
     k_p = tl.load(k + (tok * HQ + kh)[:, None] * K + o_k[None, :], mask=(m & (slot < T))[:, None],
                   other=0.0).to(tl.float32)
     bs_p = tl.load(bsl + mslot, mask=m, other=-1)
-    w_p = tl.load(wy_w + lrow[:, None] * K + o_k[None, :], mask=m[:, None], other=0.0)
+    w_p = tl.load(wy_w + lrow[:, None] * K + o_k[None, :], mask=m[:, None],
+                  other=0.0).to(tl.float32)
     p_v = lrow[:, None] * VDP + o_v[None, :]
-    u_p = tl.load(wy_u + p_v, mask=m[:, None], other=0.0)
-    vn_p = tl.load(wy_vn + p_v, mask=m[:, None], other=0.0)
+    u_p = tl.load(wy_u + p_v, mask=m[:, None], other=0.0).to(tl.float32)
+    vn_p = tl.load(wy_vn + p_v, mask=m[:, None], other=0.0).to(tl.float32)
     gam_p = tl.load(wy_gam + lrow, mask=m, other=0.0)
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
@@ -546,12 +561,14 @@ if triton is not None:
         d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
         dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
       p_v = lrow[:, None] * VDP + o_v[None, :]
-      tl.store(wy_dvn + p_v - S * VDP, dvn_p, mask=(r >= r0 + S)[:, None])  # tile i - 1
+      tl.store(wy_dvn + p_v - S * VDP, dvn_p.to(wy_dvn.dtype.element_ty),  # tile i - 1
+               mask=(r >= r0 + S)[:, None])
       dvn_p = _mm(tl.trans(_mm(b_q, tl.trans(b_k), PREC) * d_ii), dos, PREC)
       if CROSS:
         k_p, gam_p, bs_p = b_k, gam, b_bs
     r = r0 + (n_tiles - 1) * S + o_s  # the last tile's rows (none without tiles)
-    tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :], dvn_p,
+    tl.store(wy_dvn + (lbase + r)[:, None] * VDP + o_v[None, :],
+             dvn_p.to(wy_dvn.dtype.element_ty),
              mask=((r < C + S) & (n_tiles > 0))[:, None])
 
   @triton.jit
@@ -637,15 +654,15 @@ if triton is not None:
       p_lv = lrow[:, None] * VDP + o_v[None, :]
       p_lk = lrow[:, None] * K + o_k[None, :]
       m_v = inw[:, None]
-      w = tl.load(wy_w + p_lk, mask=m_v, other=0.0)
-      u = tl.load(wy_u + p_lv, mask=m_v, other=0.0)
-      vn = tl.load(wy_vn + p_lv, mask=m_v, other=0.0)
+      w = tl.load(wy_w + p_lk, mask=m_v, other=0.0).to(tl.float32)
+      u = tl.load(wy_u + p_lv, mask=m_v, other=0.0).to(tl.float32)
+      vn = tl.load(wy_vn + p_lv, mask=m_v, other=0.0).to(tl.float32)
       # Rows past the window: cotangents 0, and decays 0 (not e^{-gam} of a real row: 0 * inf).
       # (Their own block start, tl.where(inw, b_bs, -2), left ptxas 32 registers: 5.8 KB spilled.)
       gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
-      dvn = tl.load(wy_dvn + p_lv, mask=m_v, other=0.0)
-      dqe = tl.load(dqe_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
-      dws = tl.load(dws_in + p_lk, mask=(lead & inw)[:, None], other=0.0)
+      dvn = tl.load(wy_dvn + p_lv, mask=m_v, other=0.0).to(tl.float32)
+      dqe = tl.load(dqe_in + p_lk, mask=(lead & inw)[:, None], other=0.0).to(tl.float32)
+      dws = tl.load(dws_in + p_lk, mask=(lead & inw)[:, None], other=0.0).to(tl.float32)
       if CROSS:
         k_p, bs_p, w_p, u_p, vn_p, gam_p = _prev_rows(
             k, bsl, wy_w, wy_u, wy_vn, wy_gam, slot - S, base, mbase, lrow - S, i > 0, kh,
@@ -771,8 +788,8 @@ if triton is not None:
     xq = tl.load(q + (tok * HQ + kh)[:, None] * K + o_k[None, :]).to(tl.float32)
     p_do = _slot_rows_of(i_b, i_u, i_h, tl.minimum(slot, T - 1), NV, HV, T)
     dyq = (SCALE * keep) * tl.load(do + p_do[:, None] * VDP + o_v[None, :]).to(tl.float32)
-    xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :])
-    dyw = -keep * tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :])
+    xw = tl.load(wy_w + lrow[:, None] * K + o_k[None, :]).to(tl.float32)
+    dyw = -keep * tl.load(wy_dvn + lrow[:, None] * VDP + o_v[None, :]).to(tl.float32)
     return lrow, xq * tl.exp(gam)[:, None], dyq, xw, dyw
 
   @triton.jit
@@ -822,9 +839,9 @@ if triton is not None:
             T, TPAD, K, VDP, C, S, N_TILES, SCALE)
         p_lk = lrow[:, None] * K + o_k[None, :]
         dx, dk_q, dg_q = _seed_row_grads(xq, dyq, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-        tl.store(dqe + p_lk, dx, mask=inw[:, None])
+        tl.store(dqe + p_lk, dx.to(dqe.dtype.element_ty), mask=inw[:, None])
         dx, dk_w, dg_w = _seed_row_grads(xw, dyw, k_ctx, v_ctx, h_n, e, coef, at_seed, PREC)
-        tl.store(dws + p_lk, dx, mask=inw[:, None])
+        tl.store(dws + p_lk, dx.to(dws.dtype.element_ty), mask=inw[:, None])
         acc_dkc += dk_q + dk_w
         acc_dg += dg_q + dg_w
     crow = _context_rows(i_b, i_h, 0, n, 1, HV, N, C)
@@ -914,7 +931,7 @@ def _forward(clean, noisy, segment_ids, block_starts, scale, chunk_size, max_blo
   # h [B, N, HV, Kp, Vp]; out [B, V, T, HV, Vp] (slots: no window layout to pick from).
   prec = _forward_products(noisy[0].dtype)
   none = jax.ShapeDtypeStruct((1,), _F32)
-  rows = _stored_rows(b, nv, hv, z) if store_rows else (none,) * 5
+  rows = _stored_rows(b, nv, hv, z, noisy[0].dtype) if store_rows else (none,) * 5
   o, *rows = gdr_triton._jt(interpret).triton_call(  # pylint: disable=protected-access
       *noisy_p, *meta, *ctx, kernel=noisy_kernel,
       out_shape=[jax.ShapeDtypeStruct((b, nv, t, hv, z.vdp), _F32)] + list(rows),
@@ -930,12 +947,22 @@ def _stores_inverse(z) -> bool:
   return z.s <= STORED_INVERSE_MAX_TILE
 
 
-def _stored_rows(b, nv, hv, z):
-  """Avals of the window rows the kernel backward reads, [B, N, HV, V, C + S, ...] fp32: W [K],
-  U, V' [Vp], gam, and each 16-row tile's (I + A)^-1 row [S] (a stand-in where larger tiles
-  recompute it)."""
-  stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, z.c + z.s) + tail, _F32)
-  return (stored(z.kp), stored(z.vdp), stored(z.vdp), stored(),
+def _row_dtype(dtype):
+  """The stored rows' W, U, V', dV' and seed cotangents' dtype for q/k/v of `dtype`: bf16 for
+  16-bit inputs, whose backward kernels take the rows only into bf16 products (but for one
+  elementwise term of the seed backward) and the cotangents into gradients stored in bf16, fp32
+  otherwise."""
+  return jnp.bfloat16 if jnp.dtype(dtype).itemsize == 2 else _F32
+
+
+def _stored_rows(b, nv, hv, z, dtype):
+  """Avals of the window rows the kernel backward reads, [B, N, HV, V, C + S, ...]: W [K], U, V'
+  [Vp] (in `_row_dtype(dtype)`), gam and each 16-row tile's (I + A)^-1 row [S] (fp32; a
+  stand-in where larger tiles recompute it)."""
+  stored = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, z.n, hv, nv, z.c + z.s) + tail,
+                                                          dtype)
+  rows = _row_dtype(dtype)
+  return (stored(z.kp, dtype=rows), stored(z.vdp, dtype=rows), stored(z.vdp, dtype=rows), stored(),
           stored(z.s) if _stores_inverse(z) else jax.ShapeDtypeStruct((1,), _F32))
 
 
@@ -965,7 +992,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   nvt, wd = z.vdp // z.bv, z.c + z.s
   slots = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, dtype)
-  stored = lambda *tail: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, _F32)
+  stored = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, dtype)
+  rows_dtype = _row_dtype(noisy[0].dtype)  # of dV' and the seed kernels' row cotangents too
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
                S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=_stores_inverse(z))
   grid = (z.n, b * hv * nv * nvt)
@@ -973,7 +1001,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   # Every kernel walks only each window's own tiles (`_own_span`).
   w, u, vn, gam, t_rows = rows
   dvn = call(ops.noisy[0], ops.noisy[1], *ops.meta[:2], gam, ops.do, kernel=noisy_dvn_kernel,
-             out_shape=stored(z.vdp), grid=grid, num_warps=dvn_warps, num_stages=1,
+             out_shape=stored(z.vdp, dtype=rows_dtype), grid=grid,
+             num_warps=dvn_warps, num_stages=1,
              **{k: v for k, v in sizes.items() if k != 'STORED_T'})
   seed_ops = (ops.noisy[0],) + ops.meta[1:] + ops.ctx + (ops.do, w, gam, dvn)
   ctx_v = lambda *tail: jax.ShapeDtypeStruct((b, z.n * z.c, hv) + tail, _F32)
@@ -982,7 +1011,8 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
   ctx_block_v, ctx_warps, rows_warps = seed_backward_launch()
   dqe, dws, dkc, dgc = call(
       *seed_ops, kernel=noisy_seed_rows_kernel,
-      out_shape=[stored(z.kp), stored(z.kp), ctx_v(1, z.kp), ctx_v(1)],
+      out_shape=[stored(z.kp, dtype=rows_dtype), stored(z.kp, dtype=rows_dtype),
+                 ctx_v(1, z.kp), ctx_v(1)],
       grid=(z.n, b * hv), num_warps=rows_warps, num_stages=1, **seed_sizes)
   ctx_block_v = min(ctx_block_v, z.vdp)
   dvc, dh = call(
