@@ -252,6 +252,12 @@ if triton is not None:
             tl.load(carry + mslot))
 
   @triton.jit
+  def _decay(x_r, x_c, mask):
+    """[R, R'] e^{x_r - x_c} where mask, else 0. The exponent is masked, not the result:
+    e^{positive} outside the mask (across blocks) could overflow."""
+    return tl.exp(tl.where(mask, x_r[:, None] - x_c[None, :], float('-inf')))
+
+  @triton.jit
   def _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n):
     """How rows reach their seed state from window n (prefix identity; two_stream_pallas's
     `seed_terms`): the one-hot [R, C] of the seed, e [R, C] = e^{G_seed - G_i} on the seed's
@@ -259,7 +265,7 @@ if triton is not None:
     at_seed = ipos[None, :] == b_seed[:, None]
     g_seed = tl.sum(tl.where(at_seed, g_ctx[None, :], 0.0), axis=1)
     local = (ipos[None, :] >= b_lo[:, None]) & (ipos[None, :] <= b_seed[:, None])
-    e = tl.exp(tl.where(local, g_seed[:, None] - g_ctx[None, :], float('-inf')))
+    e = _decay(g_seed, g_ctx, local)
     coef = tl.where(b_carry == n, tl.exp(g_seed), 0.0)
     return at_seed, e, coef
 
@@ -278,15 +284,14 @@ if triton is not None:
     if CROSS:
       same_p = b_bs[:, None] == bs_p[None, :]
       gam += tl.sum(tl.where(same_p, g_p[None, :], 0.0), axis=1)
-    # Mask the exponent, not the result: e^{positive} outside the blocks could overflow.
-    d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+    d_ii = _decay(gam, gam, causal)
     a_ii = tl.where(strict, b_beta[:, None] * _mm(b_k, tl.trans(b_k), PREC) * d_ii, 0.0)
     t_ii = gdr_triton.ut_inverse(a_ii, S, 'tf32x3')
     eg = tl.exp(gam)
     x_w = b_k * (b_beta * eg)[:, None]
     x_u = b_v * b_beta[:, None]
     if CROSS:
-      d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+      d_ip = _decay(gam, gam_p, same_p)
       a_ip = b_beta[:, None] * _mm(b_k, tl.trans(k_p), PREC) * d_ip
       x_w -= _mm(a_ip, w_p, PREC)
       x_u -= _mm(a_ip, u_p, PREC)
@@ -472,6 +477,13 @@ if triton is not None:
     return k_p, bs_p, w_p, u_p, vn_p, gam_p
 
   @triton.jit
+  def _noisy_qk(q, k, tok, m, kh, HQ: tl.constexpr, K: tl.constexpr):
+    """Noisy q, k [R, K] of tokens tok [R] (key head kh) in fp32, zeros where m [R] is false."""
+    p_qk = (tok * HQ + kh)[:, None] * K + tl.arange(0, K)[None, :]
+    return (tl.load(q + p_qk, mask=m[:, None], other=0.0).to(tl.float32),
+            tl.load(k + p_qk, mask=m[:, None], other=0.0).to(tl.float32))
+
+  @triton.jit
   def _stored_row_base(i_b, i_h, i_u, n, NV: tl.constexpr, HV: tl.constexpr, N: tl.constexpr,
                        N_TILES: tl.constexpr, S: tl.constexpr):
     """Where window n's rows (N_TILES * S = C + S) of one (batch, value head, view) start in the
@@ -529,7 +541,6 @@ if triton is not None:
     `_wy_step` (without, only dV' is carried). The decays come from the stored gam (rows past the
     window: -1e30, so that they reach no row)."""
     o_s = tl.arange(0, S)
-    o_k = tl.arange(0, K)
     row = o_s[:, None]
     col = o_s[None, :]
     base = ((i_b * NV + i_u) * T).to(tl.int64)
@@ -543,10 +554,7 @@ if triton is not None:
       r = r0 + i * S + o_s
       slot = n * C + r
       inw = r < C + S
-      m_t = (slot < T)[:, None]
-      p_qk = ((base + slot) * HQ + kh)[:, None] * K + o_k[None, :]
-      b_q = tl.load(q + p_qk, mask=m_t, other=0.0).to(tl.float32)
-      b_k = tl.load(k + p_qk, mask=m_t, other=0.0).to(tl.float32)
+      b_q, b_k = _noisy_qk(q, k, base + slot, slot < T, kh, HQ, K)
       mslot = (mbase + slot).to(tl.int64)
       b_bs = tl.load(bsl + mslot)
       own = _owned(slot, tl.load(seed + mslot), n, T, C)
@@ -555,10 +563,10 @@ if triton is not None:
       dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
                             + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
       same = b_bs[:, None] == b_bs[None, :]
-      d_ii = tl.exp(tl.where(same & (col <= row), gam[:, None] - gam[None, :], float('-inf')))
+      d_ii = _decay(gam, gam, same & (col <= row))
       if CROSS:
         same_p = b_bs[:, None] == bs_p[None, :]
-        d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+        d_ip = _decay(gam, gam_p, same_p)
         dvn_p += _mm(tl.trans(_mm(b_q, tl.trans(k_p), PREC) * d_ip), dos, PREC)
       p_v = lrow[:, None] * VDP + o_v[None, :]
       tl.store(wy_dvn + p_v - S * VDP, dvn_p.to(wy_dvn.dtype.element_ty),  # tile i - 1
@@ -639,10 +647,8 @@ if triton is not None:
       slot = n * C + r
       inw = r < C + S
       tok = base + slot
-      p_qk = (tok * HQ + kh)[:, None] * K + o_k[None, :]
       m_t = slot < T  # the noisy inputs hold T slots per view: zeros past them, as the forward
-      b_q = tl.load(q + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
-      b_k = tl.load(k + p_qk, mask=m_t[:, None], other=0.0).to(tl.float32)
+      b_q, b_k = _noisy_qk(q, k, tok, m_t, kh, HQ, K)
       b_v = tl.load(v + (tok * HV + i_h)[:, None] * VDP + o_v[None, :], mask=m_t[:, None],
                     other=0.0).to(tl.float32)
       b_beta = tl.load(beta + tok * HV + i_h, mask=m_t, other=0.0)
@@ -673,13 +679,13 @@ if triton is not None:
       same = b_bs[:, None] == b_bs[None, :]
       causal = same & (col <= row)
       strict = same & (col < row)
-      d_ii = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float('-inf')))
+      d_ii = _decay(gam, gam, causal)
       kk = _mm(b_k, tl.trans(b_k), PREC)
       qk = _mm(b_q, tl.trans(b_k), PREC)
       a_ii = tl.where(strict, b_beta[:, None] * kk * d_ii, 0.0)
       if CROSS:
         same_p = b_bs[:, None] == bs_p[None, :]
-        d_ip = tl.exp(tl.where(same_p, gam[:, None] - gam_p[None, :], float('-inf')))
+        d_ip = _decay(gam, gam_p, same_p)
         kkp = _mm(b_k, tl.trans(k_p), PREC)
         qkp = _mm(b_q, tl.trans(k_p), PREC)
         a_ip = b_beta[:, None] * kkp * d_ip
