@@ -63,7 +63,10 @@ _NOISY_WARPS = flags.DEFINE_integer(
 _NOISY_BWD_LAUNCH = flags.DEFINE_string(
     'noisy_bwd_launch', '', "Sweep override: the jax-triton backward kernels' "
     "'V tile,warps,dV pass warps' (empty: two_stream_triton.backward_launch; its pipeline "
-    "stages stay).")
+    "stages stay: --noisy_bwd_stages).")
+_NOISY_BWD_STAGES = flags.DEFINE_integer(
+    'noisy_bwd_stages', 0, "Sweep override: `noisy_bwd_kernel`'s pipeline stages, 1 to 4 (0: "
+    'two_stream_triton.backward_launch).', lower_bound=0, upper_bound=4)
 _SEED_BWD_LAUNCH = flags.DEFINE_string(
     'seed_bwd_launch', '', "Sweep override: the jax-triton seed-backward kernels' 'context V "
     "tile,context warps,rows warps' (empty: two_stream_triton.seed_backward_launch).")
@@ -125,16 +128,22 @@ def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
 
 
 def _apply_kernel_overrides() -> None:
-  """--noisy_block_v / --noisy_warps / --noisy_bwd_launch / --seed_bwd_launch: replace the fused
-  kernels' launch defaults in this child process before anything is traced (a sweep, not a
-  setting)."""
+  """--noisy_block_v / --noisy_warps / --noisy_bwd_launch / --noisy_bwd_stages /
+  --seed_bwd_launch: replace the fused kernels' launch defaults in this child process before
+  anything is traced (a sweep, not a setting)."""
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   launch = schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
-  if launch:  # backward_launch's pipeline stages stay
+  if launch or _NOISY_BWD_STAGES.value:
     default_bwd = two_stream_triton.backward_launch
-    two_stream_triton.backward_launch = lambda dtype, max_block: (
-        launch[0], launch[1], default_bwd(dtype, max_block)[2], launch[2])
+
+    def backward_launch(dtype, max_block):
+      block_v, warps, stages, dvn_warps = default_bwd(dtype, max_block)
+      if launch:
+        block_v, warps, dvn_warps = launch
+      return block_v, warps, _NOISY_BWD_STAGES.value or stages, dvn_warps
+
+    two_stream_triton.backward_launch = backward_launch
   seed_launch = schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
   if seed_launch:
     two_stream_triton.seed_backward_launch = lambda: seed_launch
@@ -182,7 +191,9 @@ def _run_child(schedule: str) -> None:
   res = dict(schedule=schedule, device=str(jax.devices()[0].device_kind), B=b, T=t, V=views, H=h,
              HV=hv, K=d, block=_BLOCK_SIZE.value, max_block=kw['max_block'], chunk=_CHUNK.value,
              noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
-             noisy_bwd_launch=_NOISY_BWD_LAUNCH.value or None)
+             noisy_bwd_launch=_NOISY_BWD_LAUNCH.value or None,
+             noisy_bwd_stages=_NOISY_BWD_STAGES.value or None,
+             seed_bwd_launch=_SEED_BWD_LAUNCH.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()
