@@ -961,13 +961,17 @@ def _row_dtype(dtype):
   return jnp.bfloat16 if jnp.dtype(dtype).itemsize == 2 else _F32
 
 
-def _stored_rows(b, nv, hv, z, dtype):
-  """Avals of the window rows the kernel backward reads, [B, N, HV, V, C + S, ...]: W [K], U, V'
-  [Vp] (in `_row_dtype(dtype)`), gam and each 16-row tile's (I + A)^-1 row [S] (fp32; a
-  stand-in where larger tiles recompute it)."""
-  stored = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, z.n, hv, nv, z.c + z.s) + tail,
-                                                          dtype)
-  rows = _row_dtype(dtype)
+def _stored(b, nv, hv, z, *tail, dtype=_F32):
+  """The aval of per-window-row values in the stored rows' layout [B, N, HV, V, C + S, *tail]."""
+  return jax.ShapeDtypeStruct((b, z.n, hv, nv, z.c + z.s) + tail, dtype)
+
+
+def _stored_rows(b, nv, hv, z, input_dtype):
+  """Avals of the window rows the kernel backward reads (`_stored`): W [K], U, V' [Vp] (in
+  `_row_dtype(input_dtype)`), gam and each 16-row tile's (I + A)^-1 row [S] (fp32; a stand-in
+  where larger tiles recompute it)."""
+  stored = functools.partial(_stored, b, nv, hv, z)
+  rows = _row_dtype(input_dtype)
   return (stored(z.kp, dtype=rows), stored(z.vdp, dtype=rows), stored(z.vdp, dtype=rows), stored(),
           stored(z.s) if _stores_inverse(z) else jax.ShapeDtypeStruct((1,), _F32))
 
@@ -998,7 +1002,7 @@ def _backward(clean, noisy, segment_ids, block_starts, do, scale, chunk_size, ma
     prec = 'bf16_emulated'  # built for Triton's interpreter (TRITON_INTERPRET=1)
   nvt, wd = z.vdp // z.bv, z.c + z.s
   slots = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, nv, t, hv) + tail, dtype)
-  stored = lambda *tail, dtype=_F32: jax.ShapeDtypeStruct((b, z.n, hv, nv, wd) + tail, dtype)
+  stored = functools.partial(_stored, b, nv, hv, z)
   rows_dtype = _row_dtype(noisy[0].dtype)  # of dV' and the seed kernels' row cotangents too
   sizes = dict(NV=nv, HQ=hq, HV=hv, N=z.n, T=t, TPAD=z.tpad, K=z.kp, VDP=z.vdp, BV=z.bv, C=z.c,
                S=z.s, N_TILES=wd // z.s, SCALE=scale, PREC=prec, STORED_T=_stores_inverse(z))
