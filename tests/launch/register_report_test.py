@@ -78,8 +78,6 @@ def test_records_the_fused_two_stream_launches():
     assert launch['meta']['PREC'].startswith('bf16')
 
 
-
-
 @pytest.mark.parametrize('remat', [False, True])
 def test_only_the_differentiated_forward_stores_the_window_rows(remat):
   launches = register_report.record_two_stream_launches(
@@ -88,6 +86,7 @@ def test_only_the_differentiated_forward_stores_the_window_rows(remat):
   # Under jax.checkpoint the forward runs the primal kernel, storing nothing, and the backward
   # reruns it with the rows; without, the one forward stores them for the backward.
   assert stores == ([False, True] if remat else [True])
+
 
 def test_two_stream_clean_passes_take_the_device_kinds_checkpoint_launch():
   kind = 'NVIDIA H100 80GB HBM3'
