@@ -258,6 +258,13 @@ if triton is not None:
     return tl.exp(tl.where(mask, x_r[:, None] - x_c[None, :], float('-inf')))
 
   @triton.jit
+  def _block_masks(b_bs, row, col):
+    """[S, S] masks of a row tile's in-block pairs (block starts b_bs [S]; row, col: the tile's
+    [S, 1] and [1, S] indices): same block, causal (col <= row) and strict (col < row)."""
+    same = b_bs[:, None] == b_bs[None, :]
+    return same, same & (col <= row), same & (col < row)
+
+  @triton.jit
   def _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n):
     """How rows reach their seed state from window n (prefix identity; two_stream_pallas's
     `seed_terms`): the one-hot [R, C] of the seed, e [R, C] = e^{G_seed - G_i} on the seed's
@@ -277,9 +284,7 @@ if triton is not None:
     block) and d_ip [S, S] (against the previous tile), e^gam, and the rows of W [S, K], U [S, BV]
     (kernels.md 6.1). CROSS = False: no block crosses into the tile (`_blocks_cross_tiles`), the
     banded terms are zero and not computed (d_ip is then 0)."""
-    same = b_bs[:, None] == b_bs[None, :]
-    causal = same & (col <= row)
-    strict = same & (col < row)
+    _, causal, strict = _block_masks(b_bs, row, col)
     gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
     if CROSS:
       same_p = b_bs[:, None] == bs_p[None, :]
@@ -562,8 +567,8 @@ if triton is not None:
       gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
       dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
                             + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
-      same = b_bs[:, None] == b_bs[None, :]
-      d_ii = _decay(gam, gam, same & (col <= row))
+      _, causal, _ = _block_masks(b_bs, row, col)
+      d_ii = _decay(gam, gam, causal)
       if CROSS:
         same_p = b_bs[:, None] == bs_p[None, :]
         d_ip = _decay(gam, gam_p, same_p)
@@ -676,9 +681,7 @@ if triton is not None:
       dos = SCALE * tl.load(do + p_v, mask=own[:, None], other=0.0).to(tl.float32)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
-      same = b_bs[:, None] == b_bs[None, :]
-      causal = same & (col <= row)
-      strict = same & (col < row)
+      _, causal, strict = _block_masks(b_bs, row, col)
       d_ii = _decay(gam, gam, causal)
       kk = _mm(b_k, tl.trans(b_k), PREC)
       qk = _mm(b_q, tl.trans(b_k), PREC)
