@@ -200,6 +200,29 @@ def test_triton_kernel_gradients_equal_the_chunked_schedules(rng, case, backward
   _check_grads(got, grads)
 
 
+def test_triton_seed_context_kernel_v_tiles(rng, monkeypatch):
+  """The seed context kernel in V tiles of 16 (V = 40, padded to 64: four programs per window and
+  head; its default tile of 64 covers every V of the CPU tests at once): the gradients still
+  equal the chunked schedule's."""
+  pytest.importorskip('torch')
+  two_stream_triton = pytest.importorskip('pallas_kernels.gated_delta_rule.two_stream_triton')
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the interpreter path is for CPU runs')
+  _, _, rows_warps = two_stream_triton.seed_backward_launch()
+  monkeypatch.setattr(two_stream_triton, 'seed_backward_launch', lambda: (16, 4, rows_warps))
+  jax.clear_caches()  # `_backward` reads the launch while tracing
+  t, block, chunk, views, hv, kd, vd = 37, 3, 16, 2, 2, 16, 40
+  seg, starts = _layout(rng, 'random', t, block)
+  clean, noisy = _inputs(rng, 2, t, views, 1, hv, kd, vd)
+  kw = dict(scale=kd ** -0.5, chunk_size=chunk, max_block=block)
+  kernel = lambda c, n: two_stream_triton.noisy_delta_rule_triton(
+      c, n, seg, starts, interpret=True, backward='kernel', **kw)
+  want = lambda c, n: chunked.noisy_delta_rule_chunked(c, n, seg, starts, **kw)
+  cot = jnp.asarray(rng.normal(size=(2, views, t, hv, vd)), jnp.float32)
+  _check_grads(_vjp(kernel, clean, noisy, cot)[1], _vjp(want, clean, noisy, cot)[1])
+  jax.clear_caches()
+
+
 # triton + autodiff (~55 s on CI's 2 cores) is slow: the same forward as triton + kernel
 @pytest.mark.parametrize('family, backward', [
     pytest.param('triton', 'autodiff', marks=pytest.mark.slow), ('triton', 'kernel'),
