@@ -17,6 +17,7 @@ Ratios are schedule / --baseline, per case; with a 'clean' row, `two-stream / (1
 (clean + schedule) over (1 + V) x clean, the fused-kernel target's measure (<= 1.2).
 Defaults: on a GPU the shape above; without one a small CPU smoke shape (B=1, T=256, HV=2, K=V=32).
 """
+import dataclasses
 import sys
 
 from absl import app
@@ -70,6 +71,12 @@ _NOISY_BWD_STAGES = flags.DEFINE_integer(
 _SEED_BWD_LAUNCH = flags.DEFINE_string(
     'seed_bwd_launch', '', "Sweep override: the jax-triton seed-backward kernels' 'context V "
     "tile,context warps,rows warps' (empty: two_stream_triton.seed_backward_launch).")
+_CLEAN_STATE_LAUNCH = flags.DEFINE_string(
+    'clean_state_launch', '', "Sweep override: the two-stream pass's clean forward state pass "
+    "(the checkpoints' launch, `BlockSizes.get_default(checkpoints=True)`), 'V tile,warps,stages'.")
+_CLEAN_DH_LAUNCH = flags.DEFINE_string(
+    'clean_dh_launch', '', "Sweep override: the same for its backward state pass (which adds the "
+    "checkpoints' cotangents).")
 _PROFILE = flags.DEFINE_bool('profile', False,
                              'Also record the top GPU kernels of each timed mode (jax.profiler).')
 _PROFILE_TOP = flags.DEFINE_integer('profile_top', 15, 'Kernels listed per --profile table.')
@@ -129,8 +136,9 @@ def _convs(clean, noisy, seg, starts, backward: str, kernel_size=4):
 
 def _apply_kernel_overrides() -> None:
   """--noisy_block_v / --noisy_warps / --noisy_bwd_launch / --noisy_bwd_stages /
-  --seed_bwd_launch: replace the fused kernels' launch defaults in this child process before
-  anything is traced (a sweep, not a setting)."""
+  --seed_bwd_launch / --clean_state_launch / --clean_dh_launch: replace the fused kernels' launch
+  defaults in this child process before anything is traced (a sweep, not a setting)."""
+  from pallas_kernels.gated_delta_rule import configs  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_pallas  # pylint: disable=g-import-not-at-top
   from pallas_kernels.gated_delta_rule import two_stream_triton  # pylint: disable=g-import-not-at-top
   launch = schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
@@ -147,6 +155,21 @@ def _apply_kernel_overrides() -> None:
   seed_launch = schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
   if seed_launch:
     two_stream_triton.seed_backward_launch = lambda: seed_launch
+  state = schedule_cases.parse_launch(_CLEAN_STATE_LAUNCH.value, '--clean_state_launch')
+  dh = schedule_cases.parse_launch(_CLEAN_DH_LAUNCH.value, '--clean_dh_launch')
+  if state or dh:
+    default_sizes = configs.block_sizes_for
+
+    def block_sizes_for(vp, family, dtype, checkpoints=False):
+      bs = default_sizes(vp, family, dtype, checkpoints)
+      if not checkpoints:
+        return bs
+      bv_dh, warps_dh, stages_dh = dh or bs.dh_launch()
+      bv, warps, stages = state or (bs.bv, bs.num_warps, bs.num_stages)
+      return dataclasses.replace(bs, bv=bv, num_warps=warps, num_stages=stages, bv_dh=bv_dh,
+                                 num_warps_dh=warps_dh, num_stages_dh=stages_dh)
+
+    configs.block_sizes_for = block_sizes_for
   for module in (two_stream_pallas, two_stream_triton):
     default = module.forward_launch
     module.forward_launch = lambda dtype, max_block, default=default: (
@@ -193,7 +216,9 @@ def _run_child(schedule: str) -> None:
              noisy_block_v=_NOISY_BLOCK_V.value or None, noisy_warps=_NOISY_WARPS.value or None,
              noisy_bwd_launch=_NOISY_BWD_LAUNCH.value or None,
              noisy_bwd_stages=_NOISY_BWD_STAGES.value or None,
-             seed_bwd_launch=_SEED_BWD_LAUNCH.value or None)
+             seed_bwd_launch=_SEED_BWD_LAUNCH.value or None,
+             clean_state_launch=_CLEAN_STATE_LAUNCH.value or None,
+             clean_dh_launch=_CLEAN_DH_LAUNCH.value or None)
   for mode in _MODES.value:
     compiled = jax.jit(fns[mode]).lower(clean, noisy).compile()
     mem = compiled.memory_analysis()
@@ -219,6 +244,8 @@ def main(argv):
   # Bad values fail here, not per child.
   schedule_cases.parse_launch(_NOISY_BWD_LAUNCH.value)
   schedule_cases.parse_launch(_SEED_BWD_LAUNCH.value, '--seed_bwd_launch')
+  schedule_cases.parse_launch(_CLEAN_STATE_LAUNCH.value, '--clean_state_launch')
+  schedule_cases.parse_launch(_CLEAN_DH_LAUNCH.value, '--clean_dh_launch')
   base_args = [a for a in sys.argv[1:] if not a.startswith(('--out', '--cases', '--xla_variants'))]
   results = []
   for flags_text in bench_util.xla_variants(_XLA_VARIANTS.value) or [None]:

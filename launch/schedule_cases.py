@@ -34,22 +34,29 @@ def parse_cases(specs: list[str]) -> list[tuple[int, int, int]]:
 
 
 _LAUNCH_NAMES = {'--noisy_bwd_launch': 'V tile,warps,dV pass warps',
-                 '--seed_bwd_launch': 'context V tile,context warps,rows warps'}
+                 '--seed_bwd_launch': 'context V tile,context warps,rows warps',
+                 '--clean_state_launch': 'V tile,warps,stages',
+                 '--clean_dh_launch': 'V tile,warps,stages'}
 
 
 def parse_launch(text: str, flag: str = '--noisy_bwd_launch') -> tuple[int, int, int] | None:
-  """A launch override (`_LAUNCH_NAMES`): '' -> None; 'V tile,warps,warps' -> the three ints (a
-  V tile that is a power of two >= 16, warps 1..16 in powers of two)."""
+  """A launch override (`_LAUNCH_NAMES`): '' -> None; 'V tile,warps,warps' (or 'V tile,warps,
+  stages') -> the three ints (a V tile that is a power of two >= 16, warps 1..16 in powers of
+  two, stages 1..4)."""
   if not text:
     return None
   parts = text.split(',')
   pow2 = lambda n: n > 0 and n & (n - 1) == 0
+  staged = _LAUNCH_NAMES[flag].endswith('stages')
   if len(parts) == 3 and all(p.strip().isdigit() for p in parts):
     launch = tuple(int(p) for p in parts)
-    if pow2(launch[0]) and launch[0] >= 16 and all(pow2(w) and w <= 16 for w in launch[1:]):
+    warps = launch[1:2] if staged else launch[1:]
+    if (pow2(launch[0]) and launch[0] >= 16 and all(pow2(w) and w <= 16 for w in warps)
+        and (not staged or 1 <= launch[2] <= 4)):
       return launch
-  raise app.UsageError(f"{flag} wants '{_LAUNCH_NAMES[flag]}', e.g. 128,8,4 (a V tile that is a "
-                       f'power of two >= 16; warps 1, 2, 4, 8 or 16), got {text!r}')
+  example, last = ('64,4,3', '; stages 1 to 4') if staged else ('128,8,4', '')
+  raise app.UsageError(f"{flag} wants '{_LAUNCH_NAMES[flag]}', e.g. {example} (a V tile that is "
+                       f'a power of two >= 16; warps 1, 2, 4, 8 or 16{last}), got {text!r}')
 
 
 def table(results: list[dict], baseline: str) -> str:

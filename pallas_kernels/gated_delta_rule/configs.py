@@ -33,6 +33,8 @@ class BlockSizes:
       most live [C, K] / [C, V] / [K, V] tiles.
     bv_bwd: V tile the Triton per-chunk backward kernel walks its [K, V] states and [C, V] values
       in (the Pallas kernel takes whole tiles).
+    bv_dh, num_warps_dh, num_stages_dh: the backward state pass's own launch where it differs
+      from the forward's (0: bv, num_warps, num_stages); see `dh_launch`.
   """
 
   bv: int = 64
@@ -44,6 +46,14 @@ class BlockSizes:
   num_stages_chunk: int = 2
   num_warps_bwd: int = 8
   bv_bwd: int = 64
+  bv_dh: int = 0
+  num_warps_dh: int = 0
+  num_stages_dh: int = 0
+
+  def dh_launch(self) -> tuple[int, int, int]:
+    """(V tile, warps, pipeline stages) of the backward state pass."""
+    return (self.bv_dh or self.bv, self.num_warps_dh or self.num_warps,
+            self.num_stages_dh or self.num_stages)
 
   @classmethod
   def get_default(cls, head_dim: int = 128, device_kind: str = '', family: str = 'triton',

@@ -399,7 +399,8 @@ def _dv_local(q, k, gc, do, segs, d: _Dims, bs, *, scale, interpret):
 
 def _dhu(q, k, w, gc, do, dvl, dht, segs, d: _Dims, bs, *, scale, interpret):
   cdt = q.dtype
-  bv = min(bs.bv, d.vd)
+  bv, dh_warps, dh_stages = bs.dh_launch()
+  bv = min(bv, d.vd)
   seq = lambda x, hmap: pl.BlockSpec((None, d.tp, None, x), lambda b, h, j: (b, 0, hmap(h), 0))
   seqv = pl.BlockSpec((None, d.tp, None, bv), lambda b, h, j: (b, 0, h, j))
   key = lambda h: h // d.grp
@@ -416,7 +417,7 @@ def _dhu(q, k, w, gc, do, dvl, dht, segs, d: _Dims, bs, *, scale, interpret):
                              cdt=cdt)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(d.b, d.hv, d.vd // bv), in_specs=in_specs,
-      out_specs=out_specs, compiler_params=_params(interpret, bs.num_warps, bs.num_stages),
+      out_specs=out_specs, compiler_params=_params(interpret, dh_warps, dh_stages),
       interpret=interpret, name='gdr_dhu')(q, k, w, gc, do, dvl, dht, *segs[1:])
 
 

@@ -607,14 +607,15 @@ def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, 
         grid=(d.vd // bvo * d.n, d.b * d.hv), num_warps=bs.num_warps_out,
         num_stages=bs.num_stages_chunk,
         **d.meta(BV=bvo, SCALE=scale, HAS_SEG=has_seg, IO_PREC=d.io_prec))
-  bv = min(bs.bv, d.vd)
+  bv, dh_warps, dh_stages = bs.dh_launch()
+  bv = min(bv, d.vd)
   dh, dv2, dh0 = jt.triton_call(
       pq, pk, w, gc, pdo, dvl, pdht, carry, writes, *(ext or (_dummy(), _dummy())),
       kernel=kn['dhu'],
       out_shape=[jax.ShapeDtypeStruct((d.b, d.n, d.hv, d.kd, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv, d.vd), cdt),
                  jax.ShapeDtypeStruct((d.b, d.hv, d.kd, d.vd), _F32)],
-      grid=(d.vd // bv, d.b * d.hv), num_warps=bs.num_warps, num_stages=bs.num_stages,
+      grid=(d.vd // bv, d.b * d.hv), num_warps=dh_warps, num_stages=dh_stages,
       **d.meta(NT=d.n, BV=bv, SCALE=scale, HAS_SEG=has_seg, HAS_EXT=bool(ext),
                IO_PREC=d.io_prec))
   dq, dk, dv, db, dg = jt.triton_call(

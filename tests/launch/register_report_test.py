@@ -1,5 +1,7 @@
 """launch.register_report (behind launch.kernel_registers): the GDN kernels' recorded launches
 (jax-triton and Pallas) and ptxas reports."""
+import dataclasses
+
 import jax.numpy as jnp
 import pytest
 
@@ -25,6 +27,21 @@ def test_records_the_forward_and_backward_launches_with_their_block_sizes():
   assert by_name['bwd_chunk_kernel']['grid'] == (2, 4)
   assert by_name['bwd_chunk_kernel']['dtypes'][-5:] == ['float32'] * 2 + ['bfloat16'] + [
       'float32'] * 2
+
+
+def test_the_backward_state_pass_takes_its_own_launch(monkeypatch):
+  """`BlockSizes.dh_launch`: the backward state pass runs at bv_dh / num_warps_dh /
+  num_stages_dh where they are set, the forward's at bv / num_warps / num_stages."""
+  sizes = dataclasses.replace(configs.BlockSizes.get_default(128, 'NVIDIA H200', 'triton'), bv=64,
+                              num_warps=4, num_stages=3, bv_dh=16, num_warps_dh=2, num_stages_dh=1)
+  monkeypatch.setattr(configs.BlockSizes, 'get_default', classmethod(lambda cls, *a: sizes))
+  launches = register_report.record_launches('triton', 1, 100, 2, 2, 32, 128, jnp.bfloat16, False,
+                                              'NVIDIA H200')
+  by_name = {l['kernel'].fn.__name__: l for l in launches}
+  launch = lambda name: (by_name[name]['meta']['BV'], by_name[name]['num_warps'],
+                         by_name[name]['num_stages'], by_name[name]['grid'][0])
+  assert launch('state_pass_kernel') == (64, 4, 3, 2)
+  assert launch('dhu_kernel') == (16, 2, 1, 8)
 
 
 def test_ptxas_report_for_one_kernel():

@@ -31,6 +31,12 @@ def test_parse_launch():
   assert schedule_cases.parse_launch('64,4,8', '--seed_bwd_launch') == (64, 4, 8)
   with pytest.raises(app.UsageError, match='context V tile,context warps,rows warps'):
     schedule_cases.parse_launch('64,4', '--seed_bwd_launch')
+  # The clean state passes' launches end in pipeline stages (1 to 4), not warps.
+  for flag in ('--clean_state_launch', '--clean_dh_launch'):
+    assert schedule_cases.parse_launch('64,4,3', flag) == (64, 4, 3)
+    for bad in ('64,4,5', '64,4,0', '64,3,2', '8,4,2'):
+      with pytest.raises(app.UsageError, match='V tile,warps,stages'):
+        schedule_cases.parse_launch(bad, flag)
 
 
 def test_table_ratios_stay_within_each_case():
