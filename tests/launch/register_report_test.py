@@ -112,10 +112,11 @@ def test_two_stream_clean_passes_take_the_device_kinds_checkpoint_launch():
   by_name = {l['kernel'].fn.__name__: l for l in launches}
   bs = configs.BlockSizes.get_default(128, kind, 'triton', jnp.bfloat16, checkpoints=True)
   assert bs != configs.BlockSizes.get_default(128, '', 'triton', jnp.bfloat16, checkpoints=True)
-  for name in ('state_pass_kernel', 'dhu_kernel'):
+  for name, want in (('state_pass_kernel', (bs.bv, bs.num_warps, bs.num_stages)),
+                     ('dhu_kernel', bs.dh_launch())):
     launch = by_name[name]
-    assert (launch['num_warps'], launch['num_stages']) == (bs.num_warps, bs.num_stages), name
-    assert launch['meta']['BV'] == bs.bv, name
+    assert (launch['meta']['BV'], launch['num_warps'], launch['num_stages']) == want, name
+
 
 def test_pallas_launches_come_from_the_cuda_lowering():
   launches = register_report.record_launches('pallas', 1, 100, 2, 4, 32, 128, jnp.bfloat16, True,
