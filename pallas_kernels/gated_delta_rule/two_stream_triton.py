@@ -8,92 +8,50 @@ the clean chunk checkpoint h_n and clean chunk n through the prefix identity, so
 state is ever formed; each slot's output is stored by its seed's window only, straight into the
 slot layout. The JAX side (clean pass, slot metadata, the backward's operands and sums) is
 `two_stream_pallas`'s.
+
 Backward: `jax.vjp` of the pure-JAX chunked schedule (backward='autodiff'), or the kernels
-(backward='kernel', `_backward`): the forward, differentiated, stores every window row's W, U,
-V', gam (and its row of the tile's (I + A)^-1) as it walks (`noisy_kernel` with STORE_ROWS),
-kept as residuals: 2 B x (K + 2 V) + 4 B x (1 + S) per window row for 16-bit inputs (W, U, V'
-in bf16, `_row_dtype`; 4 B x (K + 2 V + 1 + S) for fp32), C + S rows per chunk of C slots, head
-and view, ~137 MB per call at B = 1, T = 4096, two views, 16 heads of 128, living from the
-forward to the backward (under a block remat, as every shipped config sets, the outer forward
-runs the kernel without STORE_ROWS and the backward reruns it with, so none are kept across
-layers); `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V'; two kernels
-take the seed products' backward (`noisy_seed_rows_kernel`: the rows' cotangents of e^gam q and
-W and the clean k's and G's gradients; `noisy_seed_ctx_kernel`: the clean v''s and h_n's; each
-program sums the views, which share the slot metadata and so each row tile's seed terms); and
-`noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence per
-row tile, carrying cotangents to the previous tile. No per-block state is formed; the window rows
-(C + S per chunk of C slots) and the row cotangents passed between the backward's kernels (dV',
-the seed products' dqe, dws) are stored in bf16 for 16-bit inputs (fp32 for fp32), gam and the
-tile inverses in fp32. H100, bf16, B = 1, T = 4096, two views, 16
-heads of 128, block 4, the whole two-stream pass's forward+backward (clean stream included),
-back to back, 2026-12-06: 4.75 ms and 0.93 GiB of temp memory against 5.62 ms and 1.42 GiB with
-the seed products' backward as XLA GEMMs and the walks from nC (4.96 ms with the seed kernels
-alone), and against autodiff's 5.76-5.78 ms and 1.45 GiB in the same runs; profiled with the
-seed kernels alone: backward kernel 1.33 ms, seed kernels 0.71 (rows) and 0.39 (context), WY
-pass 0.63. At block 32 (32-row tiles, whose registers spill) the backward kernels were 3.4x
-slower than autodiff's (H200, 2026-12-03: 30.6 against 9.13 ms), so 'auto' picks them for 16-bit
-inputs at row tiles up to 16 only (`two_stream_gdn.resolve_schedule`). (Earlier designs: a
-backward kernel that rebuilt two row tiles per step with the clean context in registers,
-18.4-18.8 ms at block 4 on an H200; the seed products' backward in XLA, 5.26 ms there.)
+(backward='kernel', `_backward`):
+- the forward, differentiated (`noisy_kernel` with STORE_ROWS), stores every window row's W, U,
+  V', gam and its row of the tile's (I + A)^-1 as residuals: 2 B x (K + 2 V) + 4 B x (1 + S)
+  per window row for 16-bit inputs (4 B x (K + 2 V + 1 + S) for fp32), C + S rows per chunk of
+  C slots, head and view (~137 MB per call at B = 1, T = 4096, two views, 16 heads of 128).
+  Under a block remat, as every shipped config sets, the outer forward runs without STORE_ROWS
+  and the backward reruns it with, so none are kept across layers;
+- `noisy_dvn_kernel` takes the intra-block output terms' cotangent of V';
+- `noisy_seed_rows_kernel` (the rows' cotangents of e^gam q and W, the clean k's and G's
+  gradients) and `noisy_seed_ctx_kernel` (the clean v''s and h_n's) take the seed products'
+  backward; each program sums the views, which share the slot metadata and so each row tile's
+  seed terms;
+- `noisy_bwd_kernel` walks every window backwards, one reverse-mode step of the tile recurrence
+  per row tile, carrying cotangents to the previous tile.
+The stored rows and the row cotangents passed between the kernels (dV', the seed products' dqe,
+dws) are bf16 for 16-bit inputs, fp32 for fp32 (`_row_dtype`); gam and the tile inverses fp32.
+At 32-row tiles (block 32), whose registers spill, the kernel backward is slower than autodiff's,
+so 'auto' picks it for 16-bit inputs at row tiles up to 16 only
+(`two_stream_gdn.resolve_schedule`).
+
+Inputs: the kernels read noisy q, k, v and clean k as given, widening them to fp32 as they load,
+and unpadded: slots past T of the last window are masked (the forward, the dV' pass and the
+backward kernel) or clamped to slot T - 1 with zero cotangents (the seed kernels). The backward
+kernel stores dv, and dq and dk where nothing is summed after it, in the inputs' dtype.
+
+Walks: each window's walk starts at its first own slot and takes only the tiles its own slots
+span (`_own_span`). Where no block crosses into any row tile of a window's walk
+(`_blocks_cross_tiles`, one check per window: true only around a document end or a block that
+does not divide the row tile), every term against the previous tile (A_ip, D_ip and the
+cotangents they carry) is zero, and the forward, the dV' pass and the backward kernel walk the
+window with a second copy of their loop compiled without them (`CROSS = False`, the lean walks;
+row tiles up to LEAN_WALK_MAX_TILE).
 
 `interpret=True` runs the kernels in Triton's interpreter on the host (`_common.triton_interpret`;
-the CPU tests). The kernels widen noisy q, k, v and clean k to fp32 as they load them, reading them
-as given (see below). The forward kernel reads the noisy inputs unpadded, masking the slots past T
-of the last window, where XLA used to copy each of them padded to Tp (H100, bf16, B = 1, T = 4096,
-two views, 16 heads of 128, block 4, back to back, 2026-12-06: the forward 0.99-1.00 ms against
-1.08-1.10 with the pads, 11 launches against 16, 0.125 against 0.189 GiB of temp memory).
-Each window's forward walk starts at its first own slot and takes only the tiles its own slots
-span (`_own_span`): 4 of 5 at block 4 (H100, same shape, back to back, alternating processes,
-2026-12-06, late: the two-stream forward 0.82-0.84 ms against 0.94-0.98 from nC; the noisy
-kernel 0.455 ms by the profiler, 0.590 before).
-Lean walks: where no block crosses into any row tile of a window's walk (`_blocks_cross_tiles`,
-one check per window: true only around a document end or a block that does not divide the row
-tile), every term against the previous tile (A_ip, D_ip and the cotangents they carry) is zero,
-and the forward, the WY pass and the backward kernel walk the window with a second copy of their
-loop compiled without them (`CROSS = False`; row tiles up to LEAN_WALK_MAX_TILE): about half
-the backward kernel's products, and nothing carried between tiles but the WY pass's lagged dV'.
-H100, the shape above, kernel backward, back to back, 2026-12-07: fwd+bwd of the two-stream
-pass 4.10 / 4.07 ms against main's 4.73 in the same session (the seed kernels walking only their
-own tiles as well; ptxas, block 4: forward 608, WY pass 748, backward 1,652 B spilled per thread
-against 488 / 564 / 1,200, as the allocation covers both loops). Tried and dropped: the same
-skip as a uniform branch per tile in the forward, 1.13-1.14 ms against 0.94-0.98, its branches
-costing more than the products they skip; and each walk as its own kernel launch (the lean
-kernel spilling 8 / 204 / 80 B), 4.02 ms against 3.83 (H200, 2026-12-07; docs/benchmarks.md);
-the seed kernels' two row sets stacked into one 2S-row pass, 4.19 against 4.04 ms; software
-pipelining (num_stages 2) of the seed kernels as well as the backward kernel (then writing the
-window layout), or the tile inverse unrolled so that the forward and WY walks pipeline, no change
-(H100, 2026-12-07, docs/benchmarks.md); the backward kernel alone at two stages pays
-(`backward_launch`).
-The backward reads the noisy inputs unpadded as the forward does (masked past T in the WY pass
-and the backward kernel, clamped to slot T - 1 with zero cotangents in the seed kernels), the
-seed kernels sum the two views (no per-view context gradients for XLA to sum), and the backward
-kernel stores dv, and dq and dk where nothing is summed after it, in the inputs' dtype (no fp32
-copies for XLA to convert). H100, the shape above, back to back, alternating processes, two runs
-each (2026-12-07, later): fwd+bwd 3.31 / 3.31 ms against main's 3.72 / 3.72, temp memory 0.542
-against 0.800 GiB; clean pass 0.69-0.70 ms, so 1.57x against 1.78x of (1 + V) x clean. Tried
-and not kept: the backward state pass (`triton.dhu_kernel`) loading its outside cotangents at
-the top of each chunk, or a chunk ahead: 3.85 / 3.96 ms against 3.71.
-The rows stored by the differentiated forward (above) replaced a first backward pass that walked
-every window forward again to store them (`noisy_wy_kernel`, 0.49 ms by the profiler), and the
-two-stream pass's clean passes took their own launch setting (`BlockSizes.get_default`'s
-`checkpoints`). H100, the shape above, back to back, each tree in its own process, one run each
-in turn (2026-12-07, evening): fwd+bwd 2.80 ms with both against main's 3.33 (3.32 in a profiled
-run), 2.92 with the stored rows alone, 3.21 with the launch setting alone; clean pass 0.70-0.71
-ms, so 1.33x of (1 + V) x clean against 1.57x. The temp memory of the whole fwd+bwd stayed 0.542
-GiB, as the first pass wrote the same rows. ptxas (sm_90a): the storing forward spills 1,108 B
-per thread against 608; the dV' kernel none. Also measured in that run: the rows (W, U, V', dV')
-stored in bf16 by the first pass, 3.12 ms alone and 2.99 with the launch setting.
-The rows W, U, V' and dV' in bf16 for 16-bit inputs (they enter only bf16 products, but for
-one elementwise term of the seed backward), and the seed kernels' row cotangents dqe, dws too
-(they enter gradients stored in bf16): H100, the shape above, each tree in its own process, in
-turn, two runs (2026-12-07, night): fwd+bwd 2.57 / 2.56 ms against main's 2.79 / 2.78, the rows
-alone 2.63 (one run); temp memory 0.363 GiB against 0.542 (0.385 with the rows alone); clean
-pass 0.70 ms, so 1.22-1.23x of (1 + V) x clean against 1.28-1.29x (clean 0.72 in main's runs).
-ptxas (sm_90a, block 4): forward 996 B spilled per thread (1,108), seed rows kernel 32 (132),
-context kernel 232 (392), backward kernel 1,024 (532) with 26 KiB of shared memory (89). The
-GPU tests of the flare step (8) and of the Triton backward (3) pass. Profile before (main, the
-same run): backward kernel 0.527 ms, seed rows 0.479, forward 0.439, seed context 0.292, the
-clean backward state pass 0.231, dV' pass 0.088.
+the CPU tests).
+
+H100, bf16, B = 1, T = 4096, two views, 16 heads of 128, block 4, the whole two-stream pass's
+forward+backward (clean stream included), back to back (2026-12-07/08): 2.56-2.58 ms against
+3 x 0.69-0.70 ms for the clean pass alone (1.22-1.23x); by the profiler, the backward kernel
+0.44 ms, the seed rows kernel 0.42, the forward 0.41, the seed context kernel 0.26, the dV' pass
+0.075. How each design step above measured, and what was tried and dropped: docs/benchmarks.md,
+"Two-stream GDN schedules" (the history this docstring used to carry is kept there as well).
 """
 import functools
 
