@@ -22,9 +22,10 @@ class BlockSizes:
   """Launch parameters shared by both kernel families.
 
   Attributes:
-    bv: V tile of the two sequential state passes (forward state pass and backward dS pass); each
-      program keeps a [K, bv] fp32 state in registers and walks every chunk of one (batch, head).
-    num_warps, num_stages: for the sequential state passes.
+    bv: V tile of the two sequential state passes (forward state pass and backward dS pass, unless
+      bv_dh); each program keeps a [K, bv] fp32 state in registers and walks every chunk of one
+      (batch, head).
+    num_warps, num_stages: for the sequential state passes (the backward's unless *_dh).
     bv_out: V tile of the output kernel and the intra-chunk dv kernel.
     num_warps_out: for those two kernels.
     num_warps_chunk: for the UT-transform kernel (parallel over chunks).
