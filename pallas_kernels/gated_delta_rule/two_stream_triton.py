@@ -218,9 +218,9 @@ if triton is not None:
   @triton.jit
   def _block_masks(b_bs, row, col):
     """[S, S] masks of a row tile's in-block pairs (block starts b_bs [S]; row, col: the tile's
-    [S, 1] and [1, S] indices): same block, causal (col <= row) and strict (col < row)."""
+    [S, 1] and [1, S] indices) within one block: causal (col <= row) and strict (col < row)."""
     same = b_bs[:, None] == b_bs[None, :]
-    return same, same & (col <= row), same & (col < row)
+    return same & (col <= row), same & (col < row)
 
   @triton.jit
   def _seed_terms(ipos, g_ctx, b_seed, b_lo, b_carry, n):
@@ -242,7 +242,7 @@ if triton is not None:
     block) and d_ip [S, S] (against the previous tile), e^gam, and the rows of W [S, K], U [S, BV]
     (kernels.md 6.1). CROSS = False: no block crosses into the tile (`_blocks_cross_tiles`), the
     banded terms are zero and not computed (d_ip is then 0)."""
-    _, causal, strict = _block_masks(b_bs, row, col)
+    causal, strict = _block_masks(b_bs, row, col)
     gam = tl.sum(tl.where(causal, b_g[None, :], 0.0), axis=1)
     if CROSS:
       same_p = b_bs[:, None] == bs_p[None, :]
@@ -525,7 +525,7 @@ if triton is not None:
       gam = tl.load(wy_gam + lrow, mask=inw, other=-1e30)
       dos = SCALE * tl.load(do + _slot_rows_of(i_b, i_u, i_h, slot, NV, HV, T)[:, None] * VDP
                             + o_v[None, :], mask=own[:, None], other=0.0).to(tl.float32)
-      _, causal, _ = _block_masks(b_bs, row, col)
+      causal, _ = _block_masks(b_bs, row, col)
       d_ii = _decay(gam, gam, causal)
       if CROSS:
         same_p = b_bs[:, None] == bs_p[None, :]
@@ -639,7 +639,7 @@ if triton is not None:
       dos = SCALE * tl.load(do + p_v, mask=own[:, None], other=0.0).to(tl.float32)
 
       # The tile's forward quantities again (the WY step, from the stored gam).
-      _, causal, strict = _block_masks(b_bs, row, col)
+      causal, strict = _block_masks(b_bs, row, col)
       d_ii = _decay(gam, gam, causal)
       kk = _mm(b_k, tl.trans(b_k), PREC)
       qk = _mm(b_q, tl.trans(b_k), PREC)
