@@ -5,7 +5,8 @@
 #         (trees under var_exp/, one per argument: 'main', or patches joined by '+', applied in
 #         order to HEAD); then carry [".whl", ".device", "var_exp"] to the device.
 # There:  source .device/env.sh && bash var_exp/measure.sh bench [--profile --profile_top=30]
-#         source .device/env.sh && bash var_exp/measure.sh test TREE   # the GPU tests, one tree
+#         source .device/env.sh && bash var_exp/measure.sh test TREE [K]  # the GPU tests, one tree
+#         (K: a pytest -k expression narrowing them, e.g. "triton and bfloat16")
 set -euo pipefail
 cmd=${1:?build | bench | test}; shift
 case "$cmd" in
@@ -31,6 +32,6 @@ case "$cmd" in
   test)
     cd "$(dirname "$0")/${1:?tree}"
     python -m pytest -q -m gpu -p no:cacheprovider tests/objective/gpu_flare_step_test.py \
-      tests/pallas_kernels/two_stream_kernel_test.py -k "flare or (backward and triton)";;
+      tests/pallas_kernels/two_stream_kernel_test.py -k "(flare or (backward and triton))${2:+ and ($2)}";;
   *) echo "unknown command $cmd: build | bench | test" >&2; exit 2;;
 esac
