@@ -58,7 +58,7 @@ def resolve_schedule(schedule: str, dtype=None, max_block: int = 32) -> str:
   memory."""
   if schedule != 'auto':
     return schedule
-  if jax.default_backend() != 'gpu' or two_stream_triton.triton is None:
+  if jax.default_backend() != 'gpu' or not two_stream_triton.available():
     return 'chunked'
   fast_tiles = two_stream_pallas.row_tile(max_block) <= two_stream_triton.STORED_INVERSE_MAX_TILE
   kernel_bwd = dtype is not None and jnp.dtype(dtype).itemsize == 2 and fast_tiles

@@ -170,7 +170,7 @@ def test_auto_schedule_is_the_fused_triton_forward_on_gpu_only(monkeypatch):
   assert resolve('auto', jnp.bfloat16, 4) == ('triton_kernel_bwd' if gpu else 'chunked')
   assert resolve('lean', jnp.bfloat16, 4) == 'lean'
   assert two_stream.ObjectiveConfig().gdn_schedule == 'auto'
-  if two_stream_gdn.two_stream_triton.triton is None:
+  if not two_stream_gdn.two_stream_triton.available():
     return
   # The GPU rule on any host: the backward kernels for 16-bit inputs at 16-row tiles only.
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
