@@ -5,6 +5,8 @@
 #         (trees under var_exp/, one per argument: 'main', or patches joined by '+', applied in
 #         order to HEAD); then carry [".whl", ".device", "var_exp"] to the device.
 # There:  source .device/env.sh && bash var_exp/measure.sh bench [--profile --profile_top=30]
+#         (more bench_schedules flags pass through, e.g. --cases=...; MEASURE_TIMEOUT: seconds per
+#         tree, 200 by default)
 #         source .device/env.sh && bash var_exp/measure.sh test TREE [K]  # the GPU tests, one tree
 #         (K: a pytest -k expression narrowing them, e.g. "triton and bfloat16")
 set -euo pipefail
@@ -25,7 +27,7 @@ case "$cmd" in
     nvidia-smi --query-gpu=name --format=csv,noheader || true
     for tree in $(ls "$(dirname "$0")" | grep -v measure.sh); do
       echo "=== $tree"
-      (cd "$(dirname "$0")/$tree" && timeout 200 python -m launch.bench_schedules \
+      (cd "$(dirname "$0")/$tree" && timeout "${MEASURE_TIMEOUT:-200}" python -m launch.bench_schedules \
         --back_to_back=10 --schedules=both:triton_kernel_bwd,clean --modes=fwdbwd "$@" 2>&1 \
         | grep -E '^\| [0-9]|^\| `|^GPU per call' || true)
     done;;
