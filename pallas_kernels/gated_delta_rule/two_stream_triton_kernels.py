@@ -19,8 +19,8 @@ except ImportError:  # pragma: no cover
 if triton is not None:
   # Row tiles up to this size have the lean walks (`two_stream_triton`'s docstring); 32-row
   # tiles keep one walk with the banded terms, as the second copy of the loop raised their spills
-  # (ptxas, sm_90a, block 32: WY pass 2.7 -> 26 KB per thread at 32 registers, forward 1.0 -> 1.5
-  # KB).
+  # (ptxas, sm_90a, block 32: WY pass 2.7 -> 26 KB per thread at 32 registers, forward 1.0 ->
+  # 1.5 KB).
   LEAN_WALK_MAX_TILE = tl.constexpr(16)
 
   @triton.jit

@@ -20,8 +20,8 @@ _TWO_STREAM = ['noisy_kernel', 'noisy_dvn_kernel', 'noisy_seed_rows_kernel',
 
 
 def _report(env, *flags):
-  """kernel_registers' table rows for `flags`: {kernel: [grid, warps, stages, V tile, registers,
-  spill stores, spill loads, shared KiB]} (the last launch of each kernel)."""
+  """kernel_registers' table for `flags`, a row per launch in launch order: (kernel, [grid,
+  warps, stages, V tile, registers, spill stores, spill loads, shared KiB])."""
   env = {k: v for k, v in env.items() if k != 'TRITON_INTERPRET'}
   run = subprocess.run([sys.executable, '-m', 'launch.kernel_registers', *flags],
                        capture_output=True, text=True, timeout=600, env=env)
