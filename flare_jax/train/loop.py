@@ -109,9 +109,16 @@ def _checked_setup(c: mlc.ConfigDict):
   """Checks the run's config, tokenizer and data and opens them: (model config, loss fn, batch
   validator, mesh, rules, optimizer, data iterator, held-out batches or None). Writes nothing."""
   model_cfg = state_lib.resolve_model_config(c)
-  # The objective's settings are checked here, before the data, model and optimizer are built.
+  # The objective's settings are checked here, before the data and model are built.
   loss_fn = objectives.make_loss_fn(c, model_cfg)
   validate = objectives.make_batch_validator(c, model_cfg)
+  # The optimizer's settings too (cheap), before the tokenizer and the data are opened.
+  tx = optim.make_optimizer(c.optim, c.train.num_steps)
+  warning = optim.schedule_warning(c.optim, c.train.num_steps)
+  if warning:
+    _log(f'warning: {warning}')
+  if c.train.eval_every > 0 and c.train.eval_batches < 1:
+    raise ValueError(f'train.eval_batches must be >= 1, got {c.train.eval_batches}')
   mesh = shd.make_mesh(dict(data=c.mesh.data, fsdp=c.mesh.fsdp, tensor=c.mesh.tensor))
   rules = tuple(tuple(r) for r in c.sharding_rules)
   _log(f'devices: {jax.device_count()} x {jax.devices()[0].device_kind}, '
@@ -132,18 +139,12 @@ def _checked_setup(c: mlc.ConfigDict):
   report = getattr(data_iter, 'report', None)
   if callable(report):
     _log(report())
-  tx = optim.make_optimizer(c.optim, c.train.num_steps)
-  warning = optim.schedule_warning(c.optim, c.train.num_steps)
-  if warning:
-    _log(f'warning: {warning}')
   if model_cfg.param_dtype != 'float32':
     _log(f'warning: model.param_dtype={model_cfg.param_dtype} keeps the master weights and '
          "AdamW's moments in it too: updates smaller than its rounding step are lost (float32 is "
          'the usual choice; model.dtype sets the compute dtype)')
   heldout = None
   if c.train.eval_every > 0:
-    if c.train.eval_batches < 1:
-      raise ValueError(f'train.eval_batches must be >= 1, got {c.train.eval_batches}')
     # The split repeats if it is short, so that every process gets eval_batches batches.
     heldout_cfg = c.data.copy_and_resolve_references()
     heldout_cfg.num_epochs = -1
