@@ -125,9 +125,11 @@ def _check_impls(impls: list[str]) -> None:
 
 def _block_sizes(d, dtype):
   """Default Pallas block sizes with the flag overrides applied (None: all defaults)."""
+  import jax  # pylint: disable=g-import-not-at-top
   from pallas_kernels._common import backend  # pylint: disable=g-import-not-at-top
   from pallas_kernels.attention import pallas  # pylint: disable=g-import-not-at-top
-  bs = pallas.BlockSizes.get_default(max(16, backend.next_pow2(d)), dtype)
+  bs = pallas.BlockSizes.get_default(max(16, backend.next_pow2(d)), dtype,
+                                     jax.devices()[0].device_kind)
   over = {k: v for k, v in (('block_q', _BLOCK_Q.value), ('block_k', _BLOCK_K.value),
                             ('num_warps', _NUM_WARPS.value), ('num_stages', _NUM_STAGES.value))
           if v}

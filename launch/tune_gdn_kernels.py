@@ -45,8 +45,10 @@ CANDIDATES = {
     'num_warps_chunk': (2, 4, 8),
     'num_stages_chunk': (1, 2, 3),
     'num_warps_bwd': (4, 8),
-    'bv_bwd': (32, 64, 128),
+    'bv_bwd': (16, 32, 64, 128),
+    'split_bwd_v_pass': (False, True),
 }
+TRITON_ONLY = ('bv_bwd', 'split_bwd_v_pass')  # fields the Pallas kernels do not read
 
 
 def _time_ms(bs: configs.BlockSizes, args, do) -> float | None:
@@ -79,7 +81,8 @@ def coordinate_descent(default: configs.BlockSizes, time_ms, *, candidates=None,
   for rnd in range(rounds):
     for field, values in candidates.items():
       for value in values:
-        if value == getattr(best, field) or (field in ('bv', 'bv_out') and value > max_tile):
+        if value == getattr(best, field) or (field in ('bv', 'bv_out', 'bv_bwd') and
+                                             value > max_tile):
           continue
         trial = dataclasses.replace(best, **{field: value})
         ms = time_ms(trial)
@@ -92,8 +95,11 @@ def coordinate_descent(default: configs.BlockSizes, time_ms, *, candidates=None,
 def tune_shape(b: int, t: int, default: configs.BlockSizes) -> dict:
   """Coordinate descent over CANDIDATES for one (B, T); returns default/best times and sizes."""
   args, do = gdn_cases.random_inputs(b, t, _HEADS.value, _DK.value, _DV.value, _DTYPE.value)
+  candidates = {field: values for field, values in CANDIDATES.items()
+                if _IMPL.value == 'triton' or field not in TRITON_ONLY}
   best, best_ms, default_ms = coordinate_descent(
-      default, lambda bs: _time_ms(bs, args, do), rounds=_ROUNDS.value, max_tile=_DV.value,
+      default, lambda bs: _time_ms(bs, args, do), candidates=candidates, rounds=_ROUNDS.value,
+      max_tile=_DV.value,
       log=lambda line: print(f'{b}x{t} {line}', flush=True))
   return dict(B=b, T=t, default_ms=default_ms, tuned_ms=best_ms,
               tuned=dataclasses.asdict(best), default=dataclasses.asdict(default))

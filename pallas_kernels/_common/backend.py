@@ -18,6 +18,25 @@ def default_backend() -> str:
   return jax.default_backend()
 
 
+# NVIDIA cards by `jax.Device.device_kind` name, in order (an A100 is no A10). Shared memory per
+# block: 227 KiB (sm_90), 163 KiB (sm_80), 99 KiB (sm_86 and sm_89).
+_GENERATIONS = (
+    ('hopper', ('H100', 'H200', 'H800', 'H20', 'GH200')),
+    ('sm80', ('A100', 'A800', 'A30')),
+    ('sm86', ('A10', 'A40', 'RTX A', 'RTX 30', 'L4', 'L40', 'RTX 40', 'Ada Generation')),
+)
+
+
+def gpu_generation(device_kind: str) -> str:
+  """'hopper', 'sm80' (A100 class), 'sm86' (sm_86 / sm_89 cards: A10, A40, L4, L40, RTX 30 / 40,
+  RTX A / Ada workstation cards; mma.sync like sm_80 but 99 KiB of shared memory per block), or
+  '' (the CPU, and cards whose defaults are not set apart: Blackwell, older ones)."""
+  for generation, names in _GENERATIONS:
+    if any(name in device_kind for name in names):
+      return generation
+  return ''
+
+
 def resolve_implementation(implementation: str | None, known: tuple[str, ...],
                            default_by_backend: dict[str, str], what: str) -> str:
   """`implementation`, or for None the backend's entry in `default_by_backend` (else 'xla').

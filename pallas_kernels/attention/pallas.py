@@ -177,18 +177,28 @@ class BlockSizes:
     warps; 1.23 / 1.29 with 128 / 32 query rows at 4 warps; 1.85 at 16 x 128; dq 0.54 against
     0.55 at 128 x 32, 8 warps).
 
+    Before Hopper (`backend.gpu_generation`; not timed, no such GPU lent: by ptxas, bf16 D = 256,
+    launch.kernel_registers --family=attention --arch=80 / 86): Triton's mma.sync code keeps
+    both operands of every product in registers, and at 128 query rows ptxas caps the forward at
+    128 registers and spills 6 KB per thread (0 B at 64 rows, 105 KiB of shared memory). An A100
+    (163 KiB of shared memory) takes the Hopper backward (137 / 102 KiB; 448 / 304 B spilled);
+    sm_86 / sm_89 cards have 99 KiB, in which the forward at 64 x 32 tiles (68 KiB, nothing
+    spilled), dq at 32 x 32 (66 KiB, nothing spilled) and dk/dv at 32 x 32 (67 KiB, 32 B) fit.
+
     Args:
       head_dim: padded head size (power of two >= 16).
       dtype: dtype of q, k, v.
-      device_kind: `jax.devices()[0].device_kind` (unused so far: one setting for Ampere/Hopper).
+      device_kind: `jax.devices()[0].device_kind`.
     """
-    del device_kind
     row_bytes = head_dim * jnp.dtype(dtype).itemsize
     warps = 4 if head_dim <= 64 else 8
     if row_bytes <= 256:  # bf16 D <= 128, fp32 D <= 64
       return cls(128, 64, warps, 64, 64, warps, 64, 64, warps)
     if row_bytes <= 512:  # bf16 D = 256, fp32 D = 128: best of sweeps on an H200 (causal, T=4096)
-      return cls(128, 64, 8, 64, 64, 4, 64, 32, 4)
+      generation = backend.gpu_generation(device_kind)
+      if generation == 'sm86':
+        return cls(64, 32, 8, 32, 32, 4, 32, 32, 4)
+      return cls(64 if generation == 'sm80' else 128, 64, 8, 64, 64, 4, 64, 32, 4)
     return cls(32, 32, 8, 32, 32, 8, 32, 32, 8)  # fp32 D = 256
 
   def tiles(self) -> tuple[int, ...]:

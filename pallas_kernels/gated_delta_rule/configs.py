@@ -36,6 +36,8 @@ class BlockSizes:
       in (the Pallas kernel takes whole tiles).
     bv_dh, num_warps_dh, num_stages_dh: the backward state pass's own launch where it differs
       from the forward's (0: bv, num_warps, num_stages); see `dh_launch`.
+    split_bwd_v_pass: the Triton per-chunk backward kernel walks its V tiles twice, the state
+      terms then the value terms, so that fewer accumulators take products at a time.
   """
 
   bv: int = 64
@@ -50,6 +52,7 @@ class BlockSizes:
   bv_dh: int = 0
   num_warps_dh: int = 0
   num_stages_dh: int = 0
+  split_bwd_v_pass: bool = False
 
   def dh_launch(self) -> tuple[int, int, int]:
     """(V tile, warps, pipeline stages) of the backward state pass."""
@@ -76,8 +79,10 @@ class BlockSizes:
     base = cls(bv=bv, bv_out=bv_out, num_warps=4, num_stages=2, num_warps_out=4, num_warps_chunk=4,
                num_stages_chunk=2, num_warps_bwd=8 if head_dim >= 128 else 4,
                bv_bwd=min(head_dim, 32))
-    if family == 'triton' and head_dim == 128 and _is_hopper(device_kind) and (
-        jnp.dtype(dtype) != jnp.float32):
+    if family != 'triton' or head_dim != 128 or jnp.dtype(dtype) == jnp.float32:
+      return base
+    generation = backend.gpu_generation(device_kind)
+    if generation == 'hopper':
       # launch.tune_gdn_kernels on an H200 (B x T = 8x4096 and 4x16384, H=16, bf16): two warps
       # for the UT transform and three stages for the state passes, 5-10% faster. (That tuning
       # also gave the output kernel two warps, when it shared the UT transform's field: ptxas then
@@ -94,11 +99,19 @@ class BlockSizes:
         # cotangents spills 496 B per thread against 5,692 at the tuned setting.
         return dataclasses.replace(base, num_warps_chunk=2, bv=32, num_stages=2, num_warps=8)
       return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
+    if generation in ('sm80', 'sm86'):
+      # Ampere / Ada cards. Not timed (no such GPU lent): chosen by ptxas for the mma.sync code
+      # Triton emits before Hopper (launch.kernel_registers --arch=80, K = V = 128, bf16; ptxas
+      # of CUDA 12.8 and 13.0 alike). At the settings above ptxas gives the output kernel and
+      # the per-chunk backward 32 registers and spills 11 and 20 KB per thread (every V tile and
+      # warp count of that backward: 12-42 KB), as it does the two-stream pass's checkpointing
+      # state passes (9 and 15 KB). Here the backward walks its V tiles twice (1.7 KB spilled;
+      # 1.9-2.2 KB at V tiles 32 / 64), and the output kernels at V tile 64, the state passes
+      # at V tile 32 with 8 warps and the UT transform at 8 warps spill nothing (but the
+      # checkpointing backward state pass, 308 B). `launch.tune_gdn_kernels` times them.
+      return dataclasses.replace(base, bv=32, num_warps=8, bv_out=64, num_warps_chunk=8,
+                                 bv_bwd=16, split_bwd_v_pass=True)
     return base
-
-
-def _is_hopper(device_kind: str) -> bool:
-  return any(name in device_kind for name in ('H100', 'H200', 'H800', 'H20', 'GH200'))
 
 
 def block_sizes_for(vp: int, family: str, dtype, checkpoints: bool = False) -> BlockSizes:

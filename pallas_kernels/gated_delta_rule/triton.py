@@ -275,14 +275,32 @@ if triton is not None:
     tl.store(dh0 + st, b_ds)
 
   @triton.jit
+  def _bwd_value_terms(b_vn, b_do, b_dv2, v, dv, p_v, b_tt, b_b, acc_ds, acc_dt, acc_db,
+                       IO_PREC: tl.constexpr):
+    """One V tile's terms of `bwd_chunk_kernel` that need no state, given its tiles of V_new, dO
+    and dU = dv2: the intra-chunk score gradient dO V_new^T, the UT transform's dT from dU,
+    dbeta's dv part; stores dv."""
+    acc_ds = tl.dot(b_do, tl.trans(b_vn), acc_ds, input_precision=IO_PREC)
+    b_v = tl.load(v + p_v)
+    acc_dt = tl.dot(b_dv2, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), acc_dt,
+                    input_precision=IO_PREC)
+    b_dvb = tl.dot(b_tt, b_dv2, input_precision=IO_PREC)
+    acc_db += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
+    tl.store(dv + p_v, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty))
+    return acc_ds, acc_dt, acc_db
+
+  @triton.jit
   def bwd_chunk_kernel(q, k, v, vn, do, dv2, h, dh, gc, beta, tm, seg, carry, writes,
                        dq, dk, dv, db, dg,
                        TP: tl.constexpr, NT: tl.constexpr, H: tl.constexpr, HV: tl.constexpr,
                        K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-                       SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr):
+                       SCALE: tl.constexpr, HAS_SEG: tl.constexpr, IO_PREC: tl.constexpr,
+                       SPLIT_V_PASS: tl.constexpr):
     """dq, dk, dv, dbeta, dg of one chunk. Every V-indexed operand (h, dh, vn, do, dv2, v) is
     walked in [*, BV] tiles that feed [C, K] / [C, C] accumulators, so only one V tile of the
-    [K, V] states is live at a time (fewer registers spilled)."""
+    [K, V] states is live at a time (fewer registers spilled). SPLIT_V_PASS walks the V tiles
+    twice, the state terms then the value terms (`_bwd_value_terms`), so that only three or two
+    of the five accumulators take products at a time (`BlockSizes.split_bwd_v_pass`)."""
     i_n = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // HV
@@ -319,13 +337,15 @@ if triton is not None:
       acc_dk = tl.dot(b_vn, tl.trans(b_dh).to(b_vn.dtype), acc_dk, input_precision=IO_PREC)
       acc_dw = tl.dot(b_dv2, b_ht, acc_dw, input_precision=IO_PREC)
       hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32))
-      acc_ds = tl.dot(b_do, tl.trans(b_vn), acc_ds, input_precision=IO_PREC)
-      b_v = tl.load(v + p_v)
-      acc_dt = tl.dot(b_dv2, tl.trans((b_v * b_b[:, None]).to(b_v.dtype)), acc_dt,
-                      input_precision=IO_PREC)
-      b_dvb = tl.dot(b_tt, b_dv2, input_precision=IO_PREC)
-      acc_db += tl.sum(b_dvb * b_v.to(tl.float32), axis=1)
-      tl.store(dv + p_v, (b_dvb * b_b[:, None]).to(dv.dtype.element_ty))
+      if not SPLIT_V_PASS:
+        acc_ds, acc_dt, acc_db = _bwd_value_terms(b_vn, b_do, b_dv2, v, dv, p_v, b_tt, b_b,
+                                                  acc_ds, acc_dt, acc_db, IO_PREC)
+    if SPLIT_V_PASS:
+      for i_v in range(V // BV):
+        p_v = (tok * HV + i_h)[:, None] * V + (i_v * BV + tl.arange(0, BV))[None, :]
+        acc_ds, acc_dt, acc_db = _bwd_value_terms(
+            tl.load(vn + p_v), tl.load(do + p_v), tl.load(dv2 + p_v), v, dv, p_v, b_tt, b_b,
+            acc_ds, acc_dt, acc_db, IO_PREC)
     gl = tl.load(gc + (i_b * TP + i_n * C + C - 1).to(tl.int64) * HV + i_h)
     causal = o_c[:, None] >= o_c[None, :]
     strict = o_c[:, None] > o_c[None, :]
@@ -627,7 +647,7 @@ def _backward_passes(pq, pk, pv, pb, pdo, pdht, segs, w, gc, h, vn, tm, ext, *, 
                  jax.ShapeDtypeStruct((d.b, d.tp, d.hv), _F32)],
       grid=(d.n, d.b * d.hv), num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_chunk,
       **d.meta(NT=d.n, BV=min(bs.bv_bwd, d.vd), SCALE=scale, HAS_SEG=has_seg,
-               IO_PREC=d.io_prec))
+               IO_PREC=d.io_prec, SPLIT_V_PASS=bs.split_bwd_v_pass))
   return dq, dk, dv, db, dg, dh0
 
 

@@ -41,6 +41,35 @@ def test_chunked_kernels_compile_with_a_ptxas_report(one_cpu_device_env):
   assert 16 < int(registers) < 255 and int(spill_stores) == 0 and float(shared_kib) > 0
 
 
+def test_ampere_defaults_keep_ptxas_out_of_its_32_register_mode(one_cpu_device_env):
+  """At the Hopper launch, sm_80 code (mma.sync) of the output kernel and the per-chunk backward
+  makes ptxas fall back to 32 registers and spill 11-20 KB per thread; the Ampere / Ada
+  defaults (`configs.BlockSizes.get_default`) must not (K = V = 128, bf16, as Qwen3.5's GDN)."""
+  rows = _report(one_cpu_device_env, '--arch=80', '--t=128', '--heads=1', '--value_heads=1',
+                 '--device_kind=NVIDIA A100-SXM4-80GB')
+  assert {name for name, _ in rows} == {'intra_kernel', 'state_pass_kernel', 'output_kernel',
+                                        'dv_local_kernel', 'dhu_kernel', 'bwd_chunk_kernel'}
+  for name, cols in rows:
+    registers, spill_stores = int(cols[4]), int(cols[5])
+    assert registers > 32 and spill_stores <= 2048, (name, cols)
+
+
+@pytest.mark.parametrize('arch, kind, shared_kib', [(80, 'NVIDIA A100-SXM4-80GB', 163),
+                                                     (89, 'NVIDIA L40S', 99)])
+def test_attention_defaults_before_hopper_fit_and_do_not_spill_much(one_cpu_device_env, arch,
+                                                                      kind, shared_kib):
+  """Qwen3.5's softmax layers (bf16, D = 256): every attention kernel at the card's defaults
+  fits its shared memory per block, and ptxas does not fall back to a register cap below 255
+  with kilobytes of spills (the forward at the Hopper tiles on sm_80: 128 registers, 6 KB)."""
+  rows = _report(one_cpu_device_env, '--family=attention', f'--arch={arch}',
+                 f'--device_kind={kind}', '--b=1', '--t=256')
+  assert [name for name, _ in rows] == ['flash_attention_fwd', 'flash_attention_dq',
+                                        'flash_attention_dkdv']
+  for name, cols in rows:
+    spill_stores, kib = int(cols[5]), float(cols[7])
+    assert spill_stores <= 512 and kib <= shared_kib, (name, cols)
+
+
 # bf16 at 16-row tiles takes the lean walks beside the banded ones; fp32 at block 20, 32-row tiles
 # (banded walks only) and the fp32 products.
 @pytest.mark.parametrize('dtype, block', [('bfloat16', 4), ('float32', 20)])

@@ -516,7 +516,10 @@ def test_gpu_two_stream_model_shape(b, impl):
 @pytest.mark.gpu
 @pytest.mark.parametrize('impl', ['pallas', 'pallas+dkdv_per_q_head', 'pallas+lazy_rescale=0',
                                   'pallas+split_dkdv+block_k_dkv=128+block_q_dkv=32'
-                                  '+num_warps_dkv=8'])
+                                  '+num_warps_dkv=8',
+                                  # the sm_86 / sm_89 defaults (BlockSizes.get_default)
+                                  'pallas+block_q=64+block_k=32+block_q_dq=32+block_k_dq=32'
+                                  '+block_q_dkv=32'])
 def test_gpu_causal_model_shape(impl):
   rng = np.random.default_rng(1)
   meta = _clean(2, 4096, cuts=(1000,))

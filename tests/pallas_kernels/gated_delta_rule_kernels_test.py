@@ -100,6 +100,36 @@ def test_interpret_matches_recurrent_oracle(rng, impl, b, t, h, hv, kd, vd, chun
     np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4, err_msg=name)
 
 
+@pytest.fixture
+def ampere_launch(monkeypatch, request):
+  """Every Triton-family kernel at the Ampere / Ada defaults, whatever the device: the per-chunk
+  backward's two V-tile walks (`BlockSizes.split_bwd_v_pass`) over 16-column V tiles."""
+  ampere = configs.BlockSizes.get_default(128, 'NVIDIA A100-SXM4-80GB', 'triton', jnp.bfloat16)
+  assert ampere.split_bwd_v_pass and ampere.bv_bwd == 16
+  monkeypatch.setattr(configs, 'block_sizes_for', lambda *_, **__: ampere)
+  jax.clear_caches()  # launches are read at trace time: no cached trace with other sizes
+  request.addfinalizer(jax.clear_caches)
+
+
+@pytest.mark.parametrize('case', ['t100_k60_gva_reset', 'v100'])
+def test_triton_ampere_launch_matches_recurrent_oracle(rng, ampere_launch, case):
+  """The Triton family at its Ampere / Ada launch (`ampere_launch`), in Triton's interpreter."""
+  del ampere_launch
+  pytest.importorskip('triton')
+  pytest.importorskip('torch')
+  b, t, h, hv, kd, vd, chunk, cuts, with_state = CASES[IDS.index(case)]
+  args = _inputs(rng, b, t, h, hv, kd, vd, with_state=with_state)
+  seg = _segments(b, t, cuts)
+  kern = functools.partial(gdr_triton.chunk_gated_delta_rule_triton, chunk_size=chunk,
+                           interpret=True)
+  (o, s), grads = _vjp(kern, args, seg, 1)
+  (o_ref, s_ref), grads_ref = _vjp(reference.naive_recurrent_gated_delta_rule, args, seg, 1)
+  np.testing.assert_allclose(o, o_ref, atol=2e-5, rtol=1e-4, err_msg='o')
+  np.testing.assert_allclose(s, s_ref, atol=2e-5, rtol=1e-4, err_msg='final state')
+  for name, a, b_ in zip(GRAD_NAMES, grads, grads_ref):
+    np.testing.assert_allclose(a, b_, atol=5e-5, rtol=1e-4, err_msg=name)
+
+
 @pytest.mark.parametrize('impl', sorted(INTERPRETED))
 @pytest.mark.parametrize('b, t, h, hv, kd, vd, chunk, cuts', [
     (2, 100, 2, 4, 60, 24, 64, [37]),  # K = 60, GVA, a document starting mid-chunk
@@ -273,6 +303,24 @@ def test_gpu_fp32_awkward_shapes_with_resets(impl):
   names = ('o', 'final state') + GRAD_NAMES
   for name, a, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
     testing.assert_close(f'{impl} {name}', a, w, 1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_gpu_triton_ampere_launch_matches_the_reference(ampere_launch, dtype):
+  """The Triton family at its Ampere / Ada launch (`ampere_launch`), compiled for this GPU: bf16
+  at T = 4096, K = V = 128 within fla's limits; fp32 at awkward shapes with resets within 1e-4."""
+  del ampere_launch
+  rng = np.random.default_rng(0)
+  bf16 = dtype == 'bfloat16'
+  args32 = _inputs(rng, *((1, 4096, 16, 16, 128, 128) if bf16 else (2, 1000, 2, 4, 60, 100)))
+  args = tuple(x.astype(jnp.bfloat16) if bf16 and i < 3 else x for i, x in enumerate(args32))
+  seg = None if bf16 else _segments(2, 1000, [1, 64, 300, 301, 777])
+  got = jax.jit(lambda *a: _vjp(IMPLS['triton'], a, seg, 5))(*args)
+  want = _fp32_reference(args32, seg, 5)
+  names = ('o', 'final state') + GRAD_NAMES
+  for name, a, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want)):
+    testing.assert_close(f'triton {name}', a, w, LIMITS[name] if bf16 else 1e-4)
 
 
 @pytest.mark.gpu
