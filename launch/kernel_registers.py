@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the GDN and attention kernels for a GPU, without a GPU.
 
-python -m launch.kernel_registers --arch=90 --device_kind="NVIDIA H200" --b=1 --t=4096
+python -m launch.kernel_registers --device_kind="NVIDIA H200" --b=1 --t=4096
+python -m launch.kernel_registers --device_kind="NVIDIA A100-SXM4-80GB"   # sm_80, its defaults
 python -m launch.kernel_registers --family=pallas
 python -m launch.kernel_registers --two_stream_block=4 --views=2   # the fused two-stream kernel
 python -m launch.kernel_registers --family=attention --b=4 --t=12288   # flash attention (Pallas)
@@ -14,9 +15,10 @@ the lowered module (needs jaxlib <= 0.10.2, which leaves Triton compilation to X
 on the GPU jaxlib's own Triton build compiles it, so its figures are estimates: the two-stream
 backward's shared memory came out 252 KiB here against 280 KiB on an H200).
 
-Each launch is compiled by the installed Triton for `--arch` and assembled by the ptxas Triton
-ships, whose report gives registers per thread and spill bytes: a register- and shared-memory
-check for kernel changes on a machine without a GPU (CPU-only Triton works). Timing still needs
+Each launch is compiled by the installed Triton for `--arch` (by default the device kind's) and
+assembled by the ptxas Triton ships, whose report gives registers per thread and spill bytes: a
+register- and shared-memory check for kernel changes on a machine without a GPU (CPU-only Triton
+works); shared memory past what the device kind's blocks may use is marked. Timing still needs
 the GPU (launch.bench_kernels).
 """
 from absl import app
@@ -25,9 +27,11 @@ import jax.numpy as jnp
 
 from launch import register_report
 from launch import runtime
+from pallas_kernels._common import backend
 from pallas_kernels.gated_delta_rule import triton as gdr_triton
 
-_ARCH = flags.DEFINE_integer('arch', 90, 'CUDA compute capability x10 (80 A100, 90 H100/H200).')
+_ARCH = flags.DEFINE_integer('arch', None, 'CUDA compute capability x10 (80 A100, 86 A10 / L40, '
+                             '90 H100 / H200; default: that of --device_kind, else 90).')
 _KIND = flags.DEFINE_string('device_kind', 'NVIDIA H200',
                             'Device kind whose BlockSizes defaults to compile with.')
 _B = flags.DEFINE_integer('b', 1, 'Batch.')
@@ -75,16 +79,21 @@ def main(argv):
   else:
     problem = (f'HV={_VALUE_HEADS.value} K={_DK.value} V={_DV.value}'
                f'{" with resets" if _RESETS.value else ""}')
-  print(f'{_FAMILY.value} family, sm_{_ARCH.value}, BlockSizes for {_KIND.value!r}: '
+  generation = backend.gpu_generation(_KIND.value)
+  arch = _ARCH.value or backend.ARCH.get(generation, 90)
+  shared_kib = backend.SHARED_KIB.get(generation)
+  print(f'{_FAMILY.value} family, sm_{arch}, BlockSizes for {_KIND.value!r}: '
         f'B={_B.value} T={_T.value} H={_HEADS.value} {problem} {_DTYPE.value}')
   print('| kernel | grid | warps | stages | V tile | registers | spill stores B | spill loads B | '
         'shared KiB |')
   print('|---|---|---|---|---|---|---|---|---|')
   for launch in launches:
-    rep = register_report.compile_report(launch, _ARCH.value)
+    rep = register_report.compile_report(launch, arch)
+    over = shared_kib is not None and rep['shared_kib'] > shared_kib
     print(f"| {launch['name']} | {tuple(launch['grid'])} | {launch['num_warps']} | "
           f"{launch['num_stages']} | {launch['v_tile'] or '-'} | {rep['registers']} | "
-          f"{rep['spill_stores']} | {rep['spill_loads']} | {rep['shared_kib']:.0f} |", flush=True)
+          f"{rep['spill_stores']} | {rep['spill_loads']} | {rep['shared_kib']:.0f}"
+          f"{f' (over its {shared_kib} KiB)' if over else ''} |", flush=True)
 
 
 if __name__ == '__main__':

@@ -18,13 +18,18 @@ def default_backend() -> str:
   return jax.default_backend()
 
 
-# NVIDIA cards by `jax.Device.device_kind` name, in order (an A100 is no A10). Shared memory per
-# block: 227 KiB (sm_90), 163 KiB (sm_80), 99 KiB (sm_86 and sm_89).
+# NVIDIA cards by `jax.Device.device_kind` name, in order (an A100 is no A10).
 _GENERATIONS = (
     ('hopper', ('H100', 'H200', 'H800', 'H20', 'GH200')),
     ('sm80', ('A100', 'A800', 'A30')),
     ('sm86', ('A10', 'A40', 'RTX A', 'RTX 30', 'L4', 'L40', 'RTX 40', 'Ada Generation')),
 )
+
+
+# Per generation: the compute capability its kernels are reported for (launch.kernel_registers)
+# and the shared memory a block may use, KiB.
+ARCH = {'hopper': 90, 'sm80': 80, 'sm86': 86}
+SHARED_KIB = {'hopper': 227, 'sm80': 163, 'sm86': 99}
 
 
 def gpu_generation(device_kind: str) -> str:
