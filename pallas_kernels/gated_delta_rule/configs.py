@@ -102,13 +102,14 @@ class BlockSizes:
     if generation in ('sm80', 'sm86'):
       # Ampere / Ada cards. Not timed (no such GPU lent): chosen by ptxas for the mma.sync code
       # Triton emits before Hopper (launch.kernel_registers --arch=80, K = V = 128, bf16; ptxas
-      # of CUDA 12.8 and 13.0 alike). At the settings above ptxas gives the output kernel and
-      # the per-chunk backward 32 registers and spills 11 and 20 KB per thread (every V tile and
-      # warp count of that backward: 12-42 KB), as it does the two-stream pass's checkpointing
-      # state passes (9 and 15 KB). Here the backward walks its V tiles twice (1.7 KB spilled;
-      # 1.9-2.2 KB at V tiles 32 / 64), and the output kernels at V tile 64, the state passes
-      # at V tile 32 with 8 warps and the UT transform at 8 warps spill nothing (but the
-      # checkpointing backward state pass, 308 B). `launch.tune_gdn_kernels` times them.
+      # of CUDA 12.8 and 13.0 alike). At the generic defaults (`base`) ptxas gives the output
+      # kernel and the per-chunk backward 32 registers and spills 11 and 20 KB per thread
+      # (every V tile and warp count of that backward: 12-42 KB), as it does the two-stream
+      # pass's checkpointing state passes (9 and 15 KB). Here the backward walks its V tiles
+      # twice (1.7 KB spilled; 1.9-2.2 KB at V tiles 32 / 64), and the output kernels at V tile
+      # 64, the state passes at V tile 32 with 8 warps and the UT transform at 8 warps spill
+      # nothing (but the checkpointing backward state pass, 308 B). `launch.tune_gdn_kernels`
+      # times them.
       return dataclasses.replace(base, bv=32, num_warps=8, bv_out=64, num_warps_chunk=8,
                                  bv_bwd=16, split_bwd_v_pass=True)
     return base
