@@ -5,9 +5,12 @@ import time
 
 from flare_jax.model import config as config_lib
 
-# Dense bf16 peak FLOP/s per device, by substring of `device_kind` (vendor datasheets).
-_PEAK_FLOPS = (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12),
-               ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12))
+# Dense bf16 peak FLOP/s per device, by substring of `device_kind` (vendor datasheets), first
+# match wins: a name that contains another comes before it (H200 / H20, L40S / L40 / L4).
+_PEAK_FLOPS = (('B200', 2250e12), ('GH200', 989e12), ('H200', 989e12), ('H20', 148e12),
+               ('H100 PCIe', 756e12), ('H100', 989e12), ('H800', 989e12), ('A100', 312e12),
+               ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12), ('L4', 121e12),
+               ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12))
 
 
 def peak_flops_per_device(device_kind: str, override: float = -1.0) -> float | None:
