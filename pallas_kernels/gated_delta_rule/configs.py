@@ -97,7 +97,15 @@ class BlockSizes:
         # only: 3.21 against 3.33 ms, and 2.80 against 2.92 with the noisy rows stored by the
         # forward (one run each). ptxas (sm_90a): the backward state pass with the checkpoints'
         # cotangents spills 496 B per thread against 5,692 at the tuned setting.
-        return dataclasses.replace(base, num_warps_chunk=2, bv=32, num_stages=2, num_warps=8)
+        # Then each state pass apart (bench_schedules --clean_state_launch / --clean_dh_launch,
+        # H100, same shape, one run each, 2026-12-08): the forward state pass at V tile 16,
+        # 4 warps, 2 stages 0.123 ms against 0.172 at (32, 8, 2) (fwd+bwd 2.50 against 2.58 ms;
+        # at (64, 8, 2) 0.235 and 2.62), and the backward one at (16, 8, 2) as well 0.211
+        # against 0.232 (fwd+bwd 2.49). ptxas: 0 B spilled (forward), 288 B against 496. Again
+        # later that day, each tree in its own process: 2.50 ms against main's 2.59 (1.18x
+        # against 1.23x of (1 + V) x the clean pass's 0.70-0.71 ms).
+        return dataclasses.replace(base, num_warps_chunk=2, bv=16, num_warps=4, num_stages=2,
+                                   bv_dh=16, num_warps_dh=8, num_stages_dh=2)
       return dataclasses.replace(base, num_warps_chunk=2, num_stages=3)
     if generation in ('sm80', 'sm86'):
       # Ampere / Ada cards. Not timed (no such GPU lent): chosen by ptxas for the mma.sync code

@@ -47,10 +47,10 @@ row tiles up to LEAN_WALK_MAX_TILE).
 the CPU tests).
 
 H100, bf16, B = 1, T = 4096, two views, 16 heads of 128, block 4, the whole two-stream pass's
-forward+backward (clean stream included), back to back (2026-12-07/08): 2.56-2.58 ms against
-3 x 0.69-0.70 ms for the clean pass alone (1.22-1.23x); by the profiler, the backward kernel
-0.44 ms, the seed rows kernel 0.42, the forward 0.41, the seed context kernel 0.26, the dV' pass
-0.075. How each design step above measured, and what was tried and dropped: docs/benchmarks.md,
+forward+backward (clean stream included), back to back (2026-12-08): 2.50 ms against 3 x 0.71
+ms for the clean pass alone (1.18x); by the profiler, the backward kernel 0.44 ms, the seed rows
+kernel 0.42, the forward 0.41, the seed context kernel 0.27, the clean pass's backward state
+pass 0.21 and per-chunk backward 0.20, the dV' pass 0.075. How each design step above measured, and what was tried and dropped: docs/benchmarks.md,
 "Two-stream GDN schedules" (the history this docstring used to carry is kept there as well).
 """
 import functools
